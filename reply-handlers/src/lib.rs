@@ -1,1 +1,199 @@
-//! placeholder
+//! Reply handlers: what turns a finished upload into a reply (upload-reply sessions).
+//!
+//! A handler implements [`ReplyHandler`]; any `Fn(Upload) -> impl Future<Output = Result<Reply,
+//! HandlerError>>` closure already does. The server calls it once the last byte of an
+//! upload-reply session is durable, stores the [`Reply`] crash-safely, and answers the final
+//! fragment with `BITS-Reply-URL`. A [`HandlerError`] becomes the final Ack's error with
+//! context `0x7`, as a failing IIS backend would (§9.5), and the client re-sends the final
+//! fragment later, which runs the handler again.
+//!
+//! ```
+//! use bitsd_reply_handlers::{Reply, ReplyHandler, Upload, HandlerError};
+//!
+//! // A closure is a handler: reply with the upload's size.
+//! let handler = |upload: Upload| async move {
+//!     Ok::<_, HandlerError>(Reply::bytes(format!("{} bytes", upload.len)))
+//! };
+//! fn assert_handler(_: &impl ReplyHandler) {}
+//! assert_handler(&handler);
+//! ```
+
+mod echo;
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use bitsd_protocol::{BitsError, SessionId};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use tokio::io::AsyncReadExt;
+
+pub use echo::EchoHandler;
+
+/// A finished upload, as a handler sees it.
+#[derive(Clone, Debug)]
+pub struct Upload {
+    /// The session id.
+    pub session_id: SessionId,
+    /// The job's remote URL, absolute, with its query string.
+    pub original_url: String,
+    /// The client's `Content-Name`, if it sent one.
+    pub content_name: Option<String>,
+    /// Size of the upload in bytes.
+    pub len: u64,
+    /// The file holding the upload. Read it; do not modify or move it.
+    pub path: PathBuf,
+}
+
+impl Upload {
+    /// Opens the upload for reading.
+    pub async fn open(&self) -> io::Result<tokio::io::Take<tokio::fs::File>> {
+        Ok(tokio::fs::File::open(&self.path).await?.take(self.len))
+    }
+
+    /// Reads the whole upload into memory, refusing uploads over `limit` bytes.
+    pub async fn read_to_vec(&self, limit: u64) -> io::Result<Vec<u8>> {
+        if self.len > limit {
+            return Err(io::Error::other(format!("upload of {} bytes is over the {limit}-byte limit", self.len)));
+        }
+        let mut out = Vec::with_capacity(self.len as usize);
+        self.open().await?.read_to_end(&mut out).await?;
+        Ok(out)
+    }
+}
+
+/// Where a reply's bytes come from.
+pub enum ReplyBody {
+    /// No reply (an empty reply is still served, §10).
+    Empty,
+    /// Bytes in memory.
+    Bytes(Bytes),
+    /// A file, copied into the session's reply.
+    File(PathBuf),
+    /// A stream of exactly `len` bytes.
+    Stream {
+        /// The exact number of bytes the stream yields.
+        len: u64,
+        /// The bytes.
+        stream: BoxStream<'static, io::Result<Bytes>>,
+    },
+    /// An existing absolute URL: `BITS-Reply-URL` points there and nothing is stored (§9.2).
+    StaticUrl(String),
+}
+
+impl std::fmt::Debug for ReplyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyBody::Empty => f.write_str("Empty"),
+            ReplyBody::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            ReplyBody::File(p) => write!(f, "File({})", p.display()),
+            ReplyBody::Stream { len, .. } => write!(f, "Stream({len} bytes)"),
+            ReplyBody::StaticUrl(u) => write!(f, "StaticUrl({u})"),
+        }
+    }
+}
+
+/// What a handler returns.
+#[derive(Debug)]
+pub struct Reply {
+    /// The reply's bytes.
+    pub body: ReplyBody,
+    /// Also commit the upload to the route's destination (`BITS-Copy-File-To-Destination`, §6.1).
+    pub commit_upload: bool,
+}
+
+impl Reply {
+    fn of(body: ReplyBody) -> Self {
+        Reply { body, commit_upload: false }
+    }
+
+    /// An empty reply.
+    pub fn empty() -> Self {
+        Self::of(ReplyBody::Empty)
+    }
+
+    /// A reply held in memory.
+    pub fn bytes(bytes: impl Into<Bytes>) -> Self {
+        Self::of(ReplyBody::Bytes(bytes.into()))
+    }
+
+    /// A reply copied from a file.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self::of(ReplyBody::File(path.into()))
+    }
+
+    /// A reply streamed from `stream`, which must yield exactly `len` bytes.
+    pub fn stream(len: u64, stream: BoxStream<'static, io::Result<Bytes>>) -> Self {
+        Self::of(ReplyBody::Stream { len, stream })
+    }
+
+    /// A reply that lives at an existing absolute URL.
+    pub fn static_url(url: impl Into<String>) -> Self {
+        Self::of(ReplyBody::StaticUrl(url.into()))
+    }
+
+    /// Also commit the upload to its destination.
+    pub fn with_commit_upload(mut self) -> Self {
+        self.commit_upload = true;
+        self
+    }
+}
+
+/// Why a handler failed; the client sees it as a server-application error (context `0x7`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// The handler (or backend) answered with this HTTP status.
+    #[error("reply handler failed with status {status}: {message}")]
+    Status {
+        /// The status the client should see (relayed per §9.5; 413 becomes 500).
+        status: u16,
+        /// What went wrong, for the log.
+        message: String,
+    },
+    /// The backend could not be reached or did not answer in time (504, transient).
+    #[error("reply handler unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl HandlerError {
+    /// A failure with the given status.
+    pub fn status(status: u16, message: impl Into<String>) -> Self {
+        HandlerError::Status { status, message: message.into() }
+    }
+
+    /// An internal failure (500).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::status(500, message)
+    }
+}
+
+impl From<HandlerError> for BitsError {
+    fn from(e: HandlerError) -> Self {
+        match e {
+            HandlerError::Status { status, .. } => BitsError::backend_status(status),
+            HandlerError::Unreachable(why) => BitsError::backend_unreachable(why),
+        }
+    }
+}
+
+/// The future a handler returns.
+pub type ReplyFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
+
+/// Turns a finished upload into a reply.
+pub trait ReplyHandler: Send + Sync + 'static {
+    /// Produces the reply for `upload`. Called once per completion attempt; a re-sent final
+    /// fragment after a success does not call it again.
+    fn reply(&self, upload: Upload) -> ReplyFuture;
+}
+
+impl<F, Fut> ReplyHandler for F
+where
+    F: Fn(Upload) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
+{
+    fn reply(&self, upload: Upload) -> ReplyFuture {
+        Box::pin(self(upload))
+    }
+}

@@ -1,1 +1,30 @@
-//! placeholder
+//! Durable session storage for bitsd.
+//!
+//! Two places hold a session: a [`MetaStore`] (sled by default, [`SledMetaStore`]) keeps the
+//! session records and the fragment index, and plain per-session files keep the bytes
+//! (`<data>/sessions/<id>/upload` and `…/reply`). [`SessionStore`] ties them together and
+//! enforces the order that makes every Ack safe: bytes are written and `sync_data`'d first,
+//! then the new offset is committed to the meta store and flushed, and only then may the
+//! server acknowledge. On open, the meta store is authoritative: file bytes past the recorded
+//! length are cut off and every open session resumes where its last Ack left it.
+//!
+//! ```text
+//! <data>/meta/                 sled: session records, fragment index, tombstones
+//! <data>/sessions/<id>/upload  upload bytes, written at their offsets
+//! <data>/sessions/<id>/reply   reply bytes (when the reply is stored here)
+//! <data>/files/<path>          committed plain uploads
+//! ```
+
+mod error;
+mod meta;
+mod record;
+mod reply_progress;
+mod session_store;
+mod sled_meta;
+
+pub use error::StorageError;
+pub use meta::MetaStore;
+pub use record::{now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode};
+pub use reply_progress::ByteRanges;
+pub use session_store::{CommitOutcome, FragmentWriter, ReplyWriter, SessionStore};
+pub use sled_meta::SledMetaStore;

@@ -1,0 +1,56 @@
+//! Storage errors.
+
+use std::io;
+use std::path::PathBuf;
+
+/// A storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A file system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The meta store failed (the backend's own error, as text).
+    #[error("meta store: {0}")]
+    Meta(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record {key}: {why}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// A background task panicked or was cancelled.
+    #[error("storage task failed: {0}")]
+    Task(String),
+}
+
+impl StorageError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StorageError {
+        let path = path.into();
+        move |source| StorageError::Io { op, path, source }
+    }
+
+    /// The OS error behind this error, if it is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            StorageError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// Whether the disk is full (or over quota).
+    pub fn is_disk_full(&self) -> bool {
+        self.io_error().is_some_and(|e| {
+            e.kind() == io::ErrorKind::StorageFull || e.kind() == io::ErrorKind::QuotaExceeded
+        })
+    }
+}

@@ -1,0 +1,35 @@
+//! The `MetaStore` trait: where session records and the fragment index live.
+
+use bitsd_protocol::SessionId;
+
+use crate::{FragmentEntry, SessionRecord, StorageError};
+
+/// Session records and the fragment index. Implementations are blocking; [`crate::SessionStore`]
+/// calls them off the async runtime. "Durable" means the change survives a crash of the process
+/// and of the machine once the call returns.
+pub trait MetaStore: Send + Sync + 'static {
+    /// The record of `id`, if there is one (live or tombstone).
+    fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError>;
+    /// Stores `record` durably.
+    fn save(&self, record: &SessionRecord) -> Result<(), StorageError>;
+    /// Stores `record` without waiting for it to be durable (progress counters and the like).
+    fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError>;
+    /// Stores `record` and one fragment-index entry atomically and durably.
+    fn save_with_fragment(
+        &self,
+        record: &SessionRecord,
+        fragment: &FragmentEntry,
+    ) -> Result<(), StorageError>;
+    /// Removes the record of `id` and its fragment index, durably.
+    fn remove(&self, id: &SessionId) -> Result<(), StorageError>;
+    /// Removes the fragment index of `id` (the record stays), without waiting for durability.
+    fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError>;
+    /// Every record.
+    fn list(&self) -> Result<Vec<SessionRecord>, StorageError>;
+    /// The fragment index of `id`, in offset order.
+    fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentEntry>, StorageError>;
+    /// Makes every earlier change durable.
+    fn flush(&self) -> Result<(), StorageError>;
+    /// Bytes the store takes on disk, if it can tell.
+    fn size_on_disk(&self) -> Option<u64>;
+}

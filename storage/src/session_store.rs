@@ -1,0 +1,508 @@
+//! [`SessionStore`]: session records plus per-session files, in crash-safe order.
+
+use std::fs;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use bitsd_protocol::SessionId;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use crate::{FragmentEntry, MetaStore, SessionRecord, SessionState, SledMetaStore, StorageError};
+
+const UPLOAD_FILE: &str = "upload";
+const REPLY_FILE: &str = "reply";
+const REPLY_TEMP: &str = "reply.tmp";
+
+/// What happened when a plain upload was committed to its destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The file is at its destination.
+    Committed,
+    /// The destination exists and overwrites are off (§6.3).
+    DestinationExists,
+    /// The destination is a directory, or its path crosses a symlink or a non-directory.
+    DestinationInvalid,
+}
+
+/// Sessions on disk: the meta store for records and index, files for bytes.
+#[derive(Clone)]
+pub struct SessionStore {
+    meta: Arc<dyn MetaStore>,
+    sessions_dir: PathBuf,
+    files_dir: PathBuf,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore").field("sessions_dir", &self.sessions_dir).finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StorageError::Task(e.to_string()))?
+}
+
+/// fsyncs a directory so that entries created or renamed in it survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(StorageError::io("fsync directory", dir))
+}
+
+fn create_dir_synced(dir: &Path) -> Result<(), StorageError> {
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StorageError::io("create directory", dir)(e)),
+    }
+}
+
+fn remove_dir_all_if_exists(dir: &Path) -> Result<(), StorageError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::io("remove directory", dir)(e)),
+    }
+}
+
+fn crc_of_file(path: &Path) -> Result<(u64, u32), StorageError> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).map_err(StorageError::io("open", path))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut len, mut crc) = (0u64, 0u32);
+    loop {
+        let n = f.read(&mut buf).map_err(StorageError::io("read", path))?;
+        if n == 0 {
+            return Ok((len, crc));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        len += n as u64;
+    }
+}
+
+impl SessionStore {
+    /// Opens the store under `data_dir` with sled in `<data_dir>/meta`, creating what is missing,
+    /// and recovers every session (see [`SessionStore::recover`]).
+    pub async fn open(data_dir: &Path) -> Result<Self, StorageError> {
+        let dir = data_dir.to_owned();
+        let meta = blocking(move || {
+            fs::create_dir_all(&dir).map_err(StorageError::io("create data directory", &dir))?;
+            SledMetaStore::open(&dir.join("meta"))
+        })
+        .await?;
+        Self::with_meta(data_dir, Arc::new(meta)).await
+    }
+
+    /// Opens the store under `data_dir` with a meta store the caller supplies.
+    pub async fn with_meta(data_dir: &Path, meta: Arc<dyn MetaStore>) -> Result<Self, StorageError> {
+        let store = SessionStore {
+            meta,
+            sessions_dir: data_dir.join("sessions"),
+            files_dir: data_dir.join("files"),
+        };
+        let (s, f) = (store.sessions_dir.clone(), store.files_dir.clone());
+        blocking(move || {
+            fs::create_dir_all(&s).map_err(StorageError::io("create directory", &s))?;
+            fs::create_dir_all(&f).map_err(StorageError::io("create directory", &f))?;
+            Ok(())
+        })
+        .await?;
+        store.recover().await?;
+        Ok(store)
+    }
+
+    /// Brings the files in line with the meta store, which is authoritative: upload bytes past
+    /// the acknowledged offset are cut off, half-written replies are dropped, files of sessions
+    /// with no record and leftovers of tombstoned sessions are removed.
+    pub async fn recover(&self) -> Result<(), StorageError> {
+        let store = self.clone();
+        blocking(move || store.recover_blocking()).await
+    }
+
+    fn recover_blocking(&self) -> Result<(), StorageError> {
+        let records = self.meta.list()?;
+        let mut known = std::collections::HashSet::new();
+        for mut record in records {
+            known.insert(record.id.simple());
+            let dir = self.session_dir(&record.id);
+            if record.state.is_terminal() {
+                remove_dir_all_if_exists(&dir)?;
+                continue;
+            }
+            let _ = fs::remove_file(dir.join(REPLY_TEMP));
+            let mut changed = false;
+            let upload = dir.join(UPLOAD_FILE);
+            if let Ok(meta) = fs::metadata(&upload) {
+                if meta.len() > record.received {
+                    let f = fs::OpenOptions::new().write(true).open(&upload).map_err(StorageError::io("open", &upload))?;
+                    f.set_len(record.received).map_err(StorageError::io("truncate", &upload))?;
+                    f.sync_all().map_err(StorageError::io("fsync", &upload))?;
+                    tracing::debug!(session = %record.id, len = meta.len(), received = record.received, "cut unacknowledged upload bytes");
+                } else if meta.len() < record.received && !record.committed {
+                    tracing::warn!(session = %record.id, len = meta.len(), received = record.received, "upload file shorter than acknowledged; resuming from the file length");
+                    record.received = meta.len();
+                    if record.state == SessionState::Complete {
+                        record.state = SessionState::Receiving;
+                    }
+                    changed = true;
+                }
+            } else if record.received > 0 && !record.committed && record.state == SessionState::Receiving {
+                tracing::warn!(session = %record.id, received = record.received, "upload file missing; session restarts at 0");
+                record.received = 0;
+                changed = true;
+            }
+            if let Some(reply) = &record.reply {
+                if let Some(len) = reply.len() {
+                    let ok = fs::metadata(dir.join(REPLY_FILE)).map(|m| m.len() == len).unwrap_or(false);
+                    if !ok {
+                        tracing::warn!(session = %record.id, "reply file missing or wrong size; the reply will be produced again");
+                        record.reply = None;
+                        record.state = SessionState::Complete;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                self.meta.save_lazy(&record)?;
+            }
+        }
+        let entries = fs::read_dir(&self.sessions_dir).map_err(StorageError::io("read directory", &self.sessions_dir))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                tracing::debug!(dir = %entry.path().display(), "removing files of a session with no record");
+                let path = entry.path();
+                if path.is_dir() {
+                    remove_dir_all_if_exists(&path)?;
+                } else {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        self.meta.flush()
+    }
+
+    /// The meta store.
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
+    }
+
+    /// Root under which plain uploads are committed.
+    pub fn files_dir(&self) -> &Path {
+        &self.files_dir
+    }
+
+    fn session_dir(&self, id: &SessionId) -> PathBuf {
+        self.sessions_dir.join(id.simple())
+    }
+
+    /// Path of a session's upload bytes (`BITS-Sessions/{id}/request` in IIS terms).
+    pub fn upload_path(&self, id: &SessionId) -> PathBuf {
+        self.session_dir(id).join(UPLOAD_FILE)
+    }
+
+    /// Path of a session's stored reply.
+    pub fn reply_path(&self, id: &SessionId) -> PathBuf {
+        self.session_dir(id).join(REPLY_FILE)
+    }
+
+    /// The record of `id`.
+    pub async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
+        let (meta, id) = (self.meta.clone(), *id);
+        blocking(move || meta.load(&id)).await
+    }
+
+    /// Every record, tombstones included.
+    pub async fn list(&self) -> Result<Vec<SessionRecord>, StorageError> {
+        let meta = self.meta.clone();
+        blocking(move || meta.list()).await
+    }
+
+    /// Creates a new session: its directory (fsynced into place), then its record, durably.
+    pub async fn create(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        let (meta, record, dir) = (self.meta.clone(), record.clone(), self.session_dir(&record.id));
+        blocking(move || {
+            create_dir_synced(&dir)?;
+            meta.save(&record)
+        })
+        .await
+    }
+
+    /// Stores a record durably.
+    pub async fn save(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        let (meta, record) = (self.meta.clone(), record.clone());
+        blocking(move || meta.save(&record)).await
+    }
+
+    /// Stores a record without waiting for durability.
+    pub async fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        let (meta, record) = (self.meta.clone(), record.clone());
+        blocking(move || meta.save_lazy(&record)).await
+    }
+
+    /// Opens the session's upload file for new bytes starting at `write_at`.
+    pub async fn fragment_writer(&self, id: &SessionId, write_at: u64) -> Result<FragmentWriter, StorageError> {
+        let dir = self.session_dir(id);
+        let path = dir.join(UPLOAD_FILE);
+        let created = !tokio::fs::try_exists(&path).await.unwrap_or(false);
+        if created {
+            let d = dir.clone();
+            blocking(move || create_dir_synced(&d)).await?;
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .await
+            .map_err(StorageError::io("open upload", &path))?;
+        file.seek(io::SeekFrom::Start(write_at)).await.map_err(StorageError::io("seek upload", &path))?;
+        Ok(FragmentWriter { file, path, dir, created, offset: write_at, written: 0, crc32c: 0 })
+    }
+
+    /// Makes a fragment's bytes durable and then commits `record` (which must already carry the
+    /// new `received`) with the fragment's index entry. Only after this returns may the server Ack.
+    pub async fn commit_fragment(&self, writer: FragmentWriter, record: &SessionRecord) -> Result<(), StorageError> {
+        let entry = writer.finish().await?;
+        let (meta, record) = (self.meta.clone(), record.clone());
+        blocking(move || meta.save_with_fragment(&record, &entry)).await
+    }
+
+    /// Opens a temporary reply file for the session.
+    pub async fn reply_writer(&self, id: &SessionId) -> Result<ReplyWriter, StorageError> {
+        let dir = self.session_dir(id);
+        let d = dir.clone();
+        blocking(move || create_dir_synced(&d)).await?;
+        let temp = dir.join(REPLY_TEMP);
+        let file = tokio::fs::File::create(&temp).await.map_err(StorageError::io("create reply", &temp))?;
+        Ok(ReplyWriter { file, temp, dir, len: 0, crc32c: 0 })
+    }
+
+    /// Copies a file (e.g. the upload, for the echo handler) into the session's reply, crash-safely.
+    /// Returns the reply's length and CRC-32C.
+    pub async fn copy_into_reply(&self, id: &SessionId, src: &Path) -> Result<(u64, u32), StorageError> {
+        let dir = self.session_dir(id);
+        let src = src.to_owned();
+        blocking(move || {
+            create_dir_synced(&dir)?;
+            let temp = dir.join(REPLY_TEMP);
+            fs::copy(&src, &temp).map_err(StorageError::io("copy into reply", &src))?;
+            let f = fs::OpenOptions::new().write(true).open(&temp).map_err(StorageError::io("open", &temp))?;
+            f.sync_data().map_err(StorageError::io("fsync reply", &temp))?;
+            let (len, crc) = crc_of_file(&temp)?;
+            let dst = dir.join(REPLY_FILE);
+            fs::rename(&temp, &dst).map_err(StorageError::io("rename reply", &dst))?;
+            sync_dir(&dir)?;
+            Ok((len, crc))
+        })
+        .await
+    }
+
+    /// Commits a complete upload to `destination` (relative to the files root, made only of
+    /// normal components) atomically. Without overwrites the file is hard-linked into place, so
+    /// an existing file is never replaced; with overwrites it is linked to a temporary name and
+    /// renamed over the destination. Then the directories are fsynced. With `keep_source` the
+    /// session keeps its upload file (upload-reply sessions still serve it to their handler).
+    pub async fn commit_upload(
+        &self,
+        id: &SessionId,
+        destination: &str,
+        allow_overwrite: bool,
+        keep_source: bool,
+    ) -> Result<CommitOutcome, StorageError> {
+        let rel = PathBuf::from(destination);
+        if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Ok(CommitOutcome::DestinationInvalid);
+        }
+        let (files, dir, simple) = (self.files_dir.clone(), self.session_dir(id), id.simple());
+        blocking(move || {
+            let src = dir.join(UPLOAD_FILE);
+            let dst = files.join(&rel);
+            if !safe_parent(&files, &rel)? {
+                return Ok(CommitOutcome::DestinationInvalid);
+            }
+            if fs::symlink_metadata(&src).is_err() {
+                // A zero-byte upload never wrote a file.
+                create_dir_synced(&dir)?;
+                let f = fs::File::create(&src).map_err(StorageError::io("create upload", &src))?;
+                f.sync_all().map_err(StorageError::io("fsync upload", &src))?;
+            }
+            let parent = dst.parent().unwrap_or(&files).to_owned();
+            fs::create_dir_all(&parent).map_err(StorageError::io("create directory", &parent))?;
+            if let Ok(m) = fs::symlink_metadata(&dst) {
+                if !m.is_file() {
+                    return Ok(CommitOutcome::DestinationInvalid);
+                }
+                if !allow_overwrite {
+                    return Ok(CommitOutcome::DestinationExists);
+                }
+            }
+            if allow_overwrite {
+                let temp = parent.join(format!(".bitsd-commit-{simple}.tmp"));
+                let _ = fs::remove_file(&temp);
+                fs::hard_link(&src, &temp).map_err(StorageError::io("link upload", &temp))?;
+                fs::rename(&temp, &dst).map_err(StorageError::io("commit upload", &dst))?;
+            } else {
+                match fs::hard_link(&src, &dst) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return Ok(CommitOutcome::DestinationExists)
+                    }
+                    Err(e) => return Err(StorageError::io("commit upload", &dst)(e)),
+                }
+            }
+            sync_dir(&parent)?;
+            if !keep_source {
+                fs::remove_file(&src).map_err(StorageError::io("remove upload", &src))?;
+                sync_dir(&dir)?;
+            }
+            Ok(CommitOutcome::Committed)
+        })
+        .await
+    }
+
+    /// Whether a destination (relative to the files root) exists already.
+    pub async fn destination_exists(&self, destination: &str) -> bool {
+        tokio::fs::symlink_metadata(self.files_dir.join(destination)).await.is_ok()
+    }
+
+    /// Ends a session: deletes its upload and reply files and keeps the record as a tombstone in
+    /// `state` (Closed or Cancelled), durably.
+    pub async fn end_session(&self, record: &mut SessionRecord, state: SessionState) -> Result<(), StorageError> {
+        record.state = state;
+        record.touch();
+        let (meta, rec, dir) = (self.meta.clone(), record.clone(), self.session_dir(&record.id));
+        blocking(move || {
+            meta.save(&rec)?;
+            remove_dir_all_if_exists(&dir)?;
+            meta.remove_fragments(&rec.id)
+        })
+        .await
+    }
+
+    /// Removes every trace of a session: files, record, index (timeouts, cleanup).
+    pub async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
+        let (meta, id, dir) = (self.meta.clone(), *id, self.session_dir(id));
+        blocking(move || {
+            remove_dir_all_if_exists(&dir)?;
+            meta.remove(&id)
+        })
+        .await
+    }
+
+    /// Makes every earlier meta change durable (shutdown).
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        let meta = self.meta.clone();
+        blocking(move || meta.flush()).await
+    }
+}
+
+/// Every existing ancestor of `rel` under `root` is a real directory, not a symlink or a file.
+fn safe_parent(root: &Path, rel: &Path) -> Result<bool, StorageError> {
+    let mut at = root.to_owned();
+    let comps: Vec<_> = rel.components().collect();
+    for c in comps.iter().take(comps.len().saturating_sub(1)) {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(StorageError::io("inspect", &at)(e)),
+        }
+    }
+    Ok(true)
+}
+
+/// New bytes of one fragment on their way to the upload file.
+#[derive(Debug)]
+pub struct FragmentWriter {
+    file: tokio::fs::File,
+    path: PathBuf,
+    dir: PathBuf,
+    created: bool,
+    offset: u64,
+    written: u64,
+    crc32c: u32,
+}
+
+impl FragmentWriter {
+    /// Writes the next bytes (at the current offset).
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        self.file.write_all(bytes).await.map_err(StorageError::io("write upload", &self.path))?;
+        self.crc32c = crc32c::crc32c_append(self.crc32c, bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    async fn finish(mut self) -> Result<FragmentEntry, StorageError> {
+        self.file.flush().await.map_err(StorageError::io("write upload", &self.path))?;
+        let end = self.offset + self.written;
+        let len = self.file.metadata().await.map_err(StorageError::io("stat upload", &self.path))?.len();
+        if len > end {
+            // Bytes of an earlier, unacknowledged attempt past the new end.
+            self.file.set_len(end).await.map_err(StorageError::io("truncate upload", &self.path))?;
+        }
+        self.file.sync_data().await.map_err(StorageError::io("fsync upload", &self.path))?;
+        if self.created {
+            let dir = self.dir.clone();
+            blocking(move || sync_dir(&dir)).await?;
+        }
+        Ok(FragmentEntry { offset: self.offset, len: self.written, crc32c: self.crc32c })
+    }
+}
+
+/// A reply on its way to the session's reply file (temp name, `sync_data`, rename, fsync dir).
+#[derive(Debug)]
+pub struct ReplyWriter {
+    file: tokio::fs::File,
+    temp: PathBuf,
+    dir: PathBuf,
+    len: u64,
+    crc32c: u32,
+}
+
+impl ReplyWriter {
+    /// Appends reply bytes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        self.file.write_all(bytes).await.map_err(StorageError::io("write reply", &self.temp))?;
+        self.crc32c = crc32c::crc32c_append(self.crc32c, bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes the reply durable under its final name; returns its length and CRC-32C.
+    pub async fn finish(mut self) -> Result<(u64, u32), StorageError> {
+        self.file.flush().await.map_err(StorageError::io("write reply", &self.temp))?;
+        self.file.sync_data().await.map_err(StorageError::io("fsync reply", &self.temp))?;
+        drop(self.file);
+        let (temp, dir) = (self.temp, self.dir);
+        blocking(move || {
+            let dst = dir.join(REPLY_FILE);
+            fs::rename(&temp, &dst).map_err(StorageError::io("rename reply", &dst))?;
+            sync_dir(&dir)
+        })
+        .await?;
+        Ok((self.len, self.crc32c))
+    }
+}

@@ -1,0 +1,145 @@
+//! The default [`MetaStore`]: sled.
+
+use std::path::Path;
+
+use bitsd_protocol::SessionId;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::{FragmentEntry, MetaStore, SessionRecord, StorageError};
+
+/// Session records and fragment index in a sled database: tree `sessions` (id → JSON record)
+/// and tree `fragments` (id ‖ offset → len ‖ crc32c).
+#[derive(Clone, Debug)]
+pub struct SledMetaStore {
+    db: sled::Db,
+    sessions: sled::Tree,
+    fragments: sled::Tree,
+}
+
+fn meta_err(e: sled::Error) -> StorageError {
+    StorageError::Meta(e.to_string())
+}
+
+fn fragment_key(id: &SessionId, offset: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(id.as_uuid().as_bytes());
+    k[16..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn fragment_value(f: &FragmentEntry) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..8].copy_from_slice(&f.len.to_be_bytes());
+    v[8..].copy_from_slice(&f.crc32c.to_be_bytes());
+    v
+}
+
+fn encode(record: &SessionRecord) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(record).map_err(|e| StorageError::Corrupt { key: record.id.to_string(), why: e.to_string() })
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<SessionRecord, StorageError> {
+    serde_json::from_slice(value).map_err(|e| StorageError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why: e.to_string(),
+    })
+}
+
+impl SledMetaStore {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        let db = sled::Config::new().path(dir).open().map_err(meta_err)?;
+        Self::from_db(db)
+    }
+
+    /// Uses a database the host application already opened.
+    pub fn from_db(db: sled::Db) -> Result<Self, StorageError> {
+        let sessions = db.open_tree("sessions").map_err(meta_err)?;
+        let fragments = db.open_tree("fragments").map_err(meta_err)?;
+        Ok(SledMetaStore { db, sessions, fragments })
+    }
+}
+
+impl MetaStore for SledMetaStore {
+    fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
+        let key = id.as_uuid().as_bytes();
+        match self.sessions.get(key).map_err(meta_err)? {
+            None => Ok(None),
+            Some(v) => decode(key, &v).map(Some),
+        }
+    }
+
+    fn save(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        self.save_lazy(record)?;
+        self.flush()
+    }
+
+    fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        self.sessions.insert(record.id.as_uuid().as_bytes(), encode(record)?).map_err(meta_err)?;
+        Ok(())
+    }
+
+    fn save_with_fragment(&self, record: &SessionRecord, fragment: &FragmentEntry) -> Result<(), StorageError> {
+        let value = encode(record)?;
+        let key = record.id.as_uuid().as_bytes().to_vec();
+        let fkey = fragment_key(&record.id, fragment.offset);
+        let fval = fragment_value(fragment);
+        (&self.sessions, &self.fragments)
+            .transaction(|(s, f)| {
+                s.insert(key.as_slice(), value.as_slice())?;
+                f.insert(&fkey[..], &fval[..])?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => meta_err(e),
+                TransactionError::Abort(()) => StorageError::Meta("transaction aborted".into()),
+            })?;
+        self.flush()
+    }
+
+    fn remove(&self, id: &SessionId) -> Result<(), StorageError> {
+        self.remove_fragments(id)?;
+        self.sessions.remove(id.as_uuid().as_bytes()).map_err(meta_err)?;
+        self.flush()
+    }
+
+    fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError> {
+        for key in self.fragments.scan_prefix(id.as_uuid().as_bytes()).keys() {
+            self.fragments.remove(key.map_err(meta_err)?).map_err(meta_err)?;
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<SessionRecord>, StorageError> {
+        self.sessions
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(meta_err)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentEntry>, StorageError> {
+        self.fragments
+            .scan_prefix(id.as_uuid().as_bytes())
+            .map(|kv| {
+                let (k, v) = kv.map_err(meta_err)?;
+                let bad = || StorageError::Corrupt { key: id.to_string(), why: "fragment entry".into() };
+                let offset = u64::from_be_bytes(k.get(16..24).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
+                let len = u64::from_be_bytes(v.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
+                let crc32c = u32::from_be_bytes(v.get(8..12).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
+                Ok(FragmentEntry { offset, len, crc32c })
+            })
+            .collect()
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush().map(|_| ()).map_err(meta_err)
+    }
+
+    fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
+}
