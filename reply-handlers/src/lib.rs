@@ -56,7 +56,10 @@ impl Upload {
     /// Reads the whole upload into memory, refusing uploads over `limit` bytes.
     pub async fn read_to_vec(&self, limit: u64) -> io::Result<Vec<u8>> {
         if self.len > limit {
-            return Err(io::Error::other(format!("upload of {} bytes is over the {limit}-byte limit", self.len)));
+            return Err(io::Error::other(format!(
+                "upload of {} bytes is over the {limit}-byte limit",
+                self.len
+            )));
         }
         let mut out = Vec::with_capacity(self.len as usize);
         self.open().await?.read_to_end(&mut out).await?;
@@ -106,7 +109,10 @@ pub struct Reply {
 
 impl Reply {
     fn of(body: ReplyBody) -> Self {
-        Reply { body, commit_upload: false }
+        Reply {
+            body,
+            commit_upload: false,
+        }
     }
 
     /// An empty reply.
@@ -160,7 +166,10 @@ pub enum HandlerError {
 impl HandlerError {
     /// A failure with the given status.
     pub fn status(status: u16, message: impl Into<String>) -> Self {
-        HandlerError::Status { status, message: message.into() }
+        HandlerError::Status {
+            status,
+            message: message.into(),
+        }
     }
 
     /// An internal failure (500).

@@ -1,1 +1,36 @@
-//! placeholder
+//! bitsd: a durable, embeddable server for the Microsoft BITS upload and upload-reply protocol.
+//!
+//! [`BitsService`] is the protocol as a service: a `hyper::service::Service` and a
+//! `tower::Service` for any request body, which never fails (every problem becomes a BITS Ack
+//! or an HTTP status). Routes map URL prefixes to plain upload or upload-reply with a
+//! [`ReplyHandler`]. [`start`] runs a complete server with its admin listener.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = bitsd::start(bitsd::ServerConfig::default()).await?;
+//! println!("BITS on {}", server.addr());
+//! server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod body;
+mod destination;
+mod packets;
+mod reply_download;
+mod request_url;
+mod routes;
+mod server;
+mod service;
+mod session_locks;
+
+pub use admin::handle_admin;
+pub use bitsd_protocol as protocol;
+pub use bitsd_reply_handlers::{EchoHandler, HandlerError, Reply, ReplyBody, ReplyHandler, Upload};
+pub use bitsd_storage::{SessionStore, StorageError, UploadMode};
+pub use body::ResponseBody;
+pub use routes::Route;
+pub use server::{start, RunningServer, ServerConfig, ServerError};
+pub use service::{
+    BitsService, BitsServiceBuilder, BuildError, ReplyBytes, SessionProgress, UploadBytes,
+};

@@ -24,7 +24,9 @@ mod sled_meta;
 
 pub use error::StorageError;
 pub use meta::MetaStore;
-pub use record::{now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode};
+pub use record::{
+    now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode,
+};
 pub use reply_progress::ByteRanges;
 pub use session_store::{CommitOutcome, FragmentWriter, ReplyWriter, SessionStore};
 pub use sled_meta::SledMetaStore;

@@ -9,7 +9,10 @@ use crate::ByteRanges;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What a session's route does with a finished upload.
@@ -169,7 +172,10 @@ impl SessionRecord {
 
     /// The upload progress for the protocol state machine.
     pub fn progress(&self) -> UploadProgress {
-        UploadProgress { received: self.received, total: self.total }
+        UploadProgress {
+            received: self.received,
+            total: self.total,
+        }
     }
 
     /// Marks the record as touched now.

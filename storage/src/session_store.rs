@@ -35,19 +35,25 @@ pub struct SessionStore {
 
 impl std::fmt::Debug for SessionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionStore").field("sessions_dir", &self.sessions_dir).finish_non_exhaustive()
+        f.debug_struct("SessionStore")
+            .field("sessions_dir", &self.sessions_dir)
+            .finish_non_exhaustive()
     }
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| StorageError::Task(e.to_string()))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?
 }
 
 /// fsyncs a directory so that entries created or renamed in it survive a crash.
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(StorageError::io("fsync directory", dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StorageError::io("fsync directory", dir))
 }
 
 fn create_dir_synced(dir: &Path) -> Result<(), StorageError> {
@@ -100,7 +106,10 @@ impl SessionStore {
     }
 
     /// Opens the store under `data_dir` with a meta store the caller supplies.
-    pub async fn with_meta(data_dir: &Path, meta: Arc<dyn MetaStore>) -> Result<Self, StorageError> {
+    pub async fn with_meta(
+        data_dir: &Path,
+        meta: Arc<dyn MetaStore>,
+    ) -> Result<Self, StorageError> {
         let store = SessionStore {
             meta,
             sessions_dir: data_dir.join("sessions"),
@@ -140,8 +149,12 @@ impl SessionStore {
             let upload = dir.join(UPLOAD_FILE);
             if let Ok(meta) = fs::metadata(&upload) {
                 if meta.len() > record.received {
-                    let f = fs::OpenOptions::new().write(true).open(&upload).map_err(StorageError::io("open", &upload))?;
-                    f.set_len(record.received).map_err(StorageError::io("truncate", &upload))?;
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&upload)
+                        .map_err(StorageError::io("open", &upload))?;
+                    f.set_len(record.received)
+                        .map_err(StorageError::io("truncate", &upload))?;
                     f.sync_all().map_err(StorageError::io("fsync", &upload))?;
                     tracing::debug!(session = %record.id, len = meta.len(), received = record.received, "cut unacknowledged upload bytes");
                 } else if meta.len() < record.received && !record.committed {
@@ -152,14 +165,19 @@ impl SessionStore {
                     }
                     changed = true;
                 }
-            } else if record.received > 0 && !record.committed && record.state == SessionState::Receiving {
+            } else if record.received > 0
+                && !record.committed
+                && record.state == SessionState::Receiving
+            {
                 tracing::warn!(session = %record.id, received = record.received, "upload file missing; session restarts at 0");
                 record.received = 0;
                 changed = true;
             }
             if let Some(reply) = &record.reply {
                 if let Some(len) = reply.len() {
-                    let ok = fs::metadata(dir.join(REPLY_FILE)).map(|m| m.len() == len).unwrap_or(false);
+                    let ok = fs::metadata(dir.join(REPLY_FILE))
+                        .map(|m| m.len() == len)
+                        .unwrap_or(false);
                     if !ok {
                         tracing::warn!(session = %record.id, "reply file missing or wrong size; the reply will be produced again");
                         record.reply = None;
@@ -172,7 +190,8 @@ impl SessionStore {
                 self.meta.save_lazy(&record)?;
             }
         }
-        let entries = fs::read_dir(&self.sessions_dir).map_err(StorageError::io("read directory", &self.sessions_dir))?;
+        let entries = fs::read_dir(&self.sessions_dir)
+            .map_err(StorageError::io("read directory", &self.sessions_dir))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {
@@ -226,7 +245,11 @@ impl SessionStore {
 
     /// Creates a new session: its directory (fsynced into place), then its record, durably.
     pub async fn create(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        let (meta, record, dir) = (self.meta.clone(), record.clone(), self.session_dir(&record.id));
+        let (meta, record, dir) = (
+            self.meta.clone(),
+            record.clone(),
+            self.session_dir(&record.id),
+        );
         blocking(move || {
             create_dir_synced(&dir)?;
             meta.save(&record)
@@ -247,7 +270,11 @@ impl SessionStore {
     }
 
     /// Opens the session's upload file for new bytes starting at `write_at`.
-    pub async fn fragment_writer(&self, id: &SessionId, write_at: u64) -> Result<FragmentWriter, StorageError> {
+    pub async fn fragment_writer(
+        &self,
+        id: &SessionId,
+        write_at: u64,
+    ) -> Result<FragmentWriter, StorageError> {
         let dir = self.session_dir(id);
         let path = dir.join(UPLOAD_FILE);
         let created = !tokio::fs::try_exists(&path).await.unwrap_or(false);
@@ -262,13 +289,27 @@ impl SessionStore {
             .open(&path)
             .await
             .map_err(StorageError::io("open upload", &path))?;
-        file.seek(io::SeekFrom::Start(write_at)).await.map_err(StorageError::io("seek upload", &path))?;
-        Ok(FragmentWriter { file, path, dir, created, offset: write_at, written: 0, crc32c: 0 })
+        file.seek(io::SeekFrom::Start(write_at))
+            .await
+            .map_err(StorageError::io("seek upload", &path))?;
+        Ok(FragmentWriter {
+            file,
+            path,
+            dir,
+            created,
+            offset: write_at,
+            written: 0,
+            crc32c: 0,
+        })
     }
 
     /// Makes a fragment's bytes durable and then commits `record` (which must already carry the
     /// new `received`) with the fragment's index entry. Only after this returns may the server Ack.
-    pub async fn commit_fragment(&self, writer: FragmentWriter, record: &SessionRecord) -> Result<(), StorageError> {
+    pub async fn commit_fragment(
+        &self,
+        writer: FragmentWriter,
+        record: &SessionRecord,
+    ) -> Result<(), StorageError> {
         let entry = writer.finish().await?;
         let (meta, record) = (self.meta.clone(), record.clone());
         blocking(move || meta.save_with_fragment(&record, &entry)).await
@@ -280,21 +321,37 @@ impl SessionStore {
         let d = dir.clone();
         blocking(move || create_dir_synced(&d)).await?;
         let temp = dir.join(REPLY_TEMP);
-        let file = tokio::fs::File::create(&temp).await.map_err(StorageError::io("create reply", &temp))?;
-        Ok(ReplyWriter { file, temp, dir, len: 0, crc32c: 0 })
+        let file = tokio::fs::File::create(&temp)
+            .await
+            .map_err(StorageError::io("create reply", &temp))?;
+        Ok(ReplyWriter {
+            file,
+            temp,
+            dir,
+            len: 0,
+            crc32c: 0,
+        })
     }
 
     /// Copies a file (e.g. the upload, for the echo handler) into the session's reply, crash-safely.
     /// Returns the reply's length and CRC-32C.
-    pub async fn copy_into_reply(&self, id: &SessionId, src: &Path) -> Result<(u64, u32), StorageError> {
+    pub async fn copy_into_reply(
+        &self,
+        id: &SessionId,
+        src: &Path,
+    ) -> Result<(u64, u32), StorageError> {
         let dir = self.session_dir(id);
         let src = src.to_owned();
         blocking(move || {
             create_dir_synced(&dir)?;
             let temp = dir.join(REPLY_TEMP);
             fs::copy(&src, &temp).map_err(StorageError::io("copy into reply", &src))?;
-            let f = fs::OpenOptions::new().write(true).open(&temp).map_err(StorageError::io("open", &temp))?;
-            f.sync_data().map_err(StorageError::io("fsync reply", &temp))?;
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&temp)
+                .map_err(StorageError::io("open", &temp))?;
+            f.sync_data()
+                .map_err(StorageError::io("fsync reply", &temp))?;
             let (len, crc) = crc_of_file(&temp)?;
             let dst = dir.join(REPLY_FILE);
             fs::rename(&temp, &dst).map_err(StorageError::io("rename reply", &dst))?;
@@ -307,17 +364,19 @@ impl SessionStore {
     /// Commits a complete upload to `destination` (relative to the files root, made only of
     /// normal components) atomically. Without overwrites the file is hard-linked into place, so
     /// an existing file is never replaced; with overwrites it is linked to a temporary name and
-    /// renamed over the destination. Then the directories are fsynced. With `keep_source` the
-    /// session keeps its upload file (upload-reply sessions still serve it to their handler).
+    /// renamed over the destination. Then the directory is fsynced. The session keeps its upload
+    /// file (a second name of the same inode, so no extra space) until it ends, which makes a
+    /// retry after a crash idempotent: a destination that already is this inode counts as done.
     pub async fn commit_upload(
         &self,
         id: &SessionId,
         destination: &str,
         allow_overwrite: bool,
-        keep_source: bool,
     ) -> Result<CommitOutcome, StorageError> {
         let rel = PathBuf::from(destination);
-        if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
             return Ok(CommitOutcome::DestinationInvalid);
         }
         let (files, dir, simple) = (self.files_dir.clone(), self.session_dir(id), id.simple());
@@ -331,11 +390,15 @@ impl SessionStore {
                 // A zero-byte upload never wrote a file.
                 create_dir_synced(&dir)?;
                 let f = fs::File::create(&src).map_err(StorageError::io("create upload", &src))?;
-                f.sync_all().map_err(StorageError::io("fsync upload", &src))?;
+                f.sync_all()
+                    .map_err(StorageError::io("fsync upload", &src))?;
             }
             let parent = dst.parent().unwrap_or(&files).to_owned();
             fs::create_dir_all(&parent).map_err(StorageError::io("create directory", &parent))?;
             if let Ok(m) = fs::symlink_metadata(&dst) {
+                if same_inode(&src, &m) {
+                    return Ok(CommitOutcome::Committed);
+                }
                 if !m.is_file() {
                     return Ok(CommitOutcome::DestinationInvalid);
                 }
@@ -358,10 +421,6 @@ impl SessionStore {
                 }
             }
             sync_dir(&parent)?;
-            if !keep_source {
-                fs::remove_file(&src).map_err(StorageError::io("remove upload", &src))?;
-                sync_dir(&dir)?;
-            }
             Ok(CommitOutcome::Committed)
         })
         .await
@@ -369,15 +428,25 @@ impl SessionStore {
 
     /// Whether a destination (relative to the files root) exists already.
     pub async fn destination_exists(&self, destination: &str) -> bool {
-        tokio::fs::symlink_metadata(self.files_dir.join(destination)).await.is_ok()
+        tokio::fs::symlink_metadata(self.files_dir.join(destination))
+            .await
+            .is_ok()
     }
 
     /// Ends a session: deletes its upload and reply files and keeps the record as a tombstone in
     /// `state` (Closed or Cancelled), durably.
-    pub async fn end_session(&self, record: &mut SessionRecord, state: SessionState) -> Result<(), StorageError> {
+    pub async fn end_session(
+        &self,
+        record: &mut SessionRecord,
+        state: SessionState,
+    ) -> Result<(), StorageError> {
         record.state = state;
         record.touch();
-        let (meta, rec, dir) = (self.meta.clone(), record.clone(), self.session_dir(&record.id));
+        let (meta, rec, dir) = (
+            self.meta.clone(),
+            record.clone(),
+            self.session_dir(&record.id),
+        );
         blocking(move || {
             meta.save(&rec)?;
             remove_dir_all_if_exists(&dir)?;
@@ -401,6 +470,17 @@ impl SessionStore {
         let meta = self.meta.clone();
         blocking(move || meta.flush()).await
     }
+}
+
+#[cfg(unix)]
+fn same_inode(src: &Path, dst: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(src).is_ok_and(|m| m.ino() == dst.ino() && m.dev() == dst.dev())
+}
+
+#[cfg(not(unix))]
+fn same_inode(_src: &Path, _dst: &fs::Metadata) -> bool {
+    false
 }
 
 /// Every existing ancestor of `rel` under `root` is a real directory, not a symlink or a file.
@@ -434,7 +514,10 @@ pub struct FragmentWriter {
 impl FragmentWriter {
     /// Writes the next bytes (at the current offset).
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        self.file.write_all(bytes).await.map_err(StorageError::io("write upload", &self.path))?;
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(StorageError::io("write upload", &self.path))?;
         self.crc32c = crc32c::crc32c_append(self.crc32c, bytes);
         self.written += bytes.len() as u64;
         Ok(())
@@ -446,19 +529,37 @@ impl FragmentWriter {
     }
 
     async fn finish(mut self) -> Result<FragmentEntry, StorageError> {
-        self.file.flush().await.map_err(StorageError::io("write upload", &self.path))?;
+        self.file
+            .flush()
+            .await
+            .map_err(StorageError::io("write upload", &self.path))?;
         let end = self.offset + self.written;
-        let len = self.file.metadata().await.map_err(StorageError::io("stat upload", &self.path))?.len();
+        let len = self
+            .file
+            .metadata()
+            .await
+            .map_err(StorageError::io("stat upload", &self.path))?
+            .len();
         if len > end {
             // Bytes of an earlier, unacknowledged attempt past the new end.
-            self.file.set_len(end).await.map_err(StorageError::io("truncate upload", &self.path))?;
+            self.file
+                .set_len(end)
+                .await
+                .map_err(StorageError::io("truncate upload", &self.path))?;
         }
-        self.file.sync_data().await.map_err(StorageError::io("fsync upload", &self.path))?;
+        self.file
+            .sync_data()
+            .await
+            .map_err(StorageError::io("fsync upload", &self.path))?;
         if self.created {
             let dir = self.dir.clone();
             blocking(move || sync_dir(&dir)).await?;
         }
-        Ok(FragmentEntry { offset: self.offset, len: self.written, crc32c: self.crc32c })
+        Ok(FragmentEntry {
+            offset: self.offset,
+            len: self.written,
+            crc32c: self.crc32c,
+        })
     }
 }
 
@@ -475,7 +576,10 @@ pub struct ReplyWriter {
 impl ReplyWriter {
     /// Appends reply bytes.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        self.file.write_all(bytes).await.map_err(StorageError::io("write reply", &self.temp))?;
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(StorageError::io("write reply", &self.temp))?;
         self.crc32c = crc32c::crc32c_append(self.crc32c, bytes);
         self.len += bytes.len() as u64;
         Ok(())
@@ -493,8 +597,14 @@ impl ReplyWriter {
 
     /// Makes the reply durable under its final name; returns its length and CRC-32C.
     pub async fn finish(mut self) -> Result<(u64, u32), StorageError> {
-        self.file.flush().await.map_err(StorageError::io("write reply", &self.temp))?;
-        self.file.sync_data().await.map_err(StorageError::io("fsync reply", &self.temp))?;
+        self.file
+            .flush()
+            .await
+            .map_err(StorageError::io("write reply", &self.temp))?;
+        self.file
+            .sync_data()
+            .await
+            .map_err(StorageError::io("fsync reply", &self.temp))?;
         drop(self.file);
         let (temp, dir) = (self.temp, self.dir);
         blocking(move || {

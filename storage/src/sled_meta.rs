@@ -36,7 +36,10 @@ fn fragment_value(f: &FragmentEntry) -> [u8; 12] {
 }
 
 fn encode(record: &SessionRecord) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(record).map_err(|e| StorageError::Corrupt { key: record.id.to_string(), why: e.to_string() })
+    serde_json::to_vec(record).map_err(|e| StorageError::Corrupt {
+        key: record.id.to_string(),
+        why: e.to_string(),
+    })
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<SessionRecord, StorageError> {
@@ -57,7 +60,11 @@ impl SledMetaStore {
     pub fn from_db(db: sled::Db) -> Result<Self, StorageError> {
         let sessions = db.open_tree("sessions").map_err(meta_err)?;
         let fragments = db.open_tree("fragments").map_err(meta_err)?;
-        Ok(SledMetaStore { db, sessions, fragments })
+        Ok(SledMetaStore {
+            db,
+            sessions,
+            fragments,
+        })
     }
 }
 
@@ -76,11 +83,17 @@ impl MetaStore for SledMetaStore {
     }
 
     fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        self.sessions.insert(record.id.as_uuid().as_bytes(), encode(record)?).map_err(meta_err)?;
+        self.sessions
+            .insert(record.id.as_uuid().as_bytes(), encode(record)?)
+            .map_err(meta_err)?;
         Ok(())
     }
 
-    fn save_with_fragment(&self, record: &SessionRecord, fragment: &FragmentEntry) -> Result<(), StorageError> {
+    fn save_with_fragment(
+        &self,
+        record: &SessionRecord,
+        fragment: &FragmentEntry,
+    ) -> Result<(), StorageError> {
         let value = encode(record)?;
         let key = record.id.as_uuid().as_bytes().to_vec();
         let fkey = fragment_key(&record.id, fragment.offset);
@@ -100,13 +113,17 @@ impl MetaStore for SledMetaStore {
 
     fn remove(&self, id: &SessionId) -> Result<(), StorageError> {
         self.remove_fragments(id)?;
-        self.sessions.remove(id.as_uuid().as_bytes()).map_err(meta_err)?;
+        self.sessions
+            .remove(id.as_uuid().as_bytes())
+            .map_err(meta_err)?;
         self.flush()
     }
 
     fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError> {
         for key in self.fragments.scan_prefix(id.as_uuid().as_bytes()).keys() {
-            self.fragments.remove(key.map_err(meta_err)?).map_err(meta_err)?;
+            self.fragments
+                .remove(key.map_err(meta_err)?)
+                .map_err(meta_err)?;
         }
         Ok(())
     }
@@ -126,11 +143,27 @@ impl MetaStore for SledMetaStore {
             .scan_prefix(id.as_uuid().as_bytes())
             .map(|kv| {
                 let (k, v) = kv.map_err(meta_err)?;
-                let bad = || StorageError::Corrupt { key: id.to_string(), why: "fragment entry".into() };
-                let offset = u64::from_be_bytes(k.get(16..24).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
-                let len = u64::from_be_bytes(v.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
-                let crc32c = u32::from_be_bytes(v.get(8..12).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
-                Ok(FragmentEntry { offset, len, crc32c })
+                let bad = || StorageError::Corrupt {
+                    key: id.to_string(),
+                    why: "fragment entry".into(),
+                };
+                let offset = u64::from_be_bytes(
+                    k.get(16..24)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(bad)?,
+                );
+                let len =
+                    u64::from_be_bytes(v.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
+                let crc32c = u32::from_be_bytes(
+                    v.get(8..12)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(bad)?,
+                );
+                Ok(FragmentEntry {
+                    offset,
+                    len,
+                    crc32c,
+                })
             })
             .collect()
     }

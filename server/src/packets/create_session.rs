@@ -1,0 +1,54 @@
+//! Create-Session (§4.2): a new session with a fresh random id.
+
+use bitsd_protocol::{Ack, BitsError, SessionId};
+use bitsd_storage::{SessionRecord, UploadMode};
+use http::request::Parts;
+use uuid::Uuid;
+
+use crate::destination::destination_for;
+use crate::request_url::RequestOrigin;
+use crate::routes::Route;
+use crate::service::{storage_failure, Shared};
+
+pub(super) async fn handle(
+    shared: &Shared,
+    route: &Route,
+    parts: &Parts,
+    protocol: &Uuid,
+) -> Result<Ack, BitsError> {
+    let destination = destination_for(route.prefix(), parts.uri.path())?;
+    if route.mode() == UploadMode::Upload {
+        let Some(dest) = &destination else {
+            return Err(BitsError::access_denied(
+                "the URL names a directory, not a file",
+            ));
+        };
+        // Settled again at commit time; refusing early spares the client a useless upload.
+        if !route.overwrites_allowed() && shared.store.destination_exists(dest).await {
+            return Err(BitsError::access_denied(format!(
+                "{dest} exists and overwrites are off"
+            )));
+        }
+    }
+    let id = SessionId::random();
+    tracing::Span::current().record("session", tracing::field::display(id));
+    let origin = RequestOrigin::of(parts);
+    let mut record = SessionRecord::new(
+        id,
+        route.prefix().to_owned(),
+        route.mode(),
+        origin.url_of(parts),
+    );
+    record.destination = destination;
+    shared
+        .store
+        .create(&record)
+        .await
+        .map_err(storage_failure)?;
+    tracing::info!(url = %record.remote_url, "session created");
+    let mut ack = Ack::session_created(&id, protocol);
+    if let Some((host, fallback)) = &shared.host_id {
+        ack = ack.host_id(host.clone(), *fallback);
+    }
+    Ok(ack)
+}

@@ -1,0 +1,431 @@
+//! Fragment (§4.3, §5): the body goes to the session's upload file as it arrives, then the
+//! new offset is committed, then the Ack. The last byte runs the completion step (§6).
+
+use std::pin::pin;
+
+use bitsd_protocol::{decide_fragment, Ack, BitsError, FragmentDecision, FragmentPacket};
+use bitsd_reply_handlers::{ReplyBody, Upload};
+use bitsd_storage::{
+    now_millis, ByteRanges, CommitOutcome, FragmentWriter, ReplyKind, ReplyRecord, SessionRecord,
+    SessionState, UploadMode,
+};
+use bytes::Buf;
+use futures_util::StreamExt;
+use http::request::Parts;
+use http::HeaderValue;
+use http_body_util::BodyExt;
+
+use crate::request_url::RequestOrigin;
+use crate::routes::Route;
+use crate::service::{error_ack, storage_failure, BoxError, Shared};
+
+/// A failed fragment: the error and, when it is known, the offset to report with it.
+struct Failure {
+    error: BitsError,
+    received: Option<u64>,
+}
+
+impl From<BitsError> for Failure {
+    fn from(error: BitsError) -> Self {
+        Failure {
+            error,
+            received: None,
+        }
+    }
+}
+
+pub(super) async fn handle<B>(
+    shared: &Shared,
+    route: &Route,
+    parts: &Parts,
+    packet: FragmentPacket,
+    body: B,
+) -> Ack
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let id = packet.session_id;
+    match process(shared, route, parts, packet, body).await {
+        Ok(ack) => ack,
+        Err(f) => error_ack(&f.error, None, f.received).session(&id),
+    }
+}
+
+async fn process<B>(
+    shared: &Shared,
+    route: &Route,
+    parts: &Parts,
+    packet: FragmentPacket,
+    body: B,
+) -> Result<Ack, Failure>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let id = packet.session_id;
+    let _guard = shared.locks.lock(id).await;
+    let mut record = shared
+        .store
+        .load(&id)
+        .await
+        .map_err(storage_failure)?
+        .filter(|r| !r.state.is_terminal() && r.route == route.prefix())
+        .ok_or_else(BitsError::session_not_found)?;
+    let decision =
+        decide_fragment(&record.progress(), &packet.range, &shared.limits).map_err(|error| {
+            Failure {
+                error,
+                received: Some(record.received),
+            }
+        })?;
+    match decision {
+        FragmentDecision::Gap { received } => {
+            tracing::info!(
+                first = packet.range.first,
+                received,
+                "fragment past the held bytes"
+            );
+            Ok(Ack::gap(&id, received))
+        }
+        FragmentDecision::AlreadyHeld {
+            received,
+            final_resend,
+        } => {
+            drain(body, packet.range.len).await?;
+            record.touch();
+            if final_resend {
+                tracing::info!("re-sent final fragment");
+                return complete(shared, route, parts, &mut record).await;
+            }
+            shared
+                .store
+                .save_lazy(&record)
+                .await
+                .map_err(storage_failure)?;
+            Ok(Ack::ok().session(&id).received(received))
+        }
+        FragmentDecision::Write(write) => {
+            let mut writer = shared
+                .store
+                .fragment_writer(&id, write.write_at)
+                .await
+                .map_err(storage_failure)?;
+            stream_body(body, packet.range.len, write.skip, write.len, &mut writer)
+                .await
+                .map_err(|error| Failure {
+                    error,
+                    received: Some(record.received),
+                })?;
+            record.received = write.received_after;
+            record.total = Some(write.total);
+            if record.content_name.is_none() {
+                record.content_name = packet.content_name.clone();
+            }
+            if write.completes {
+                record.state = SessionState::Complete;
+            }
+            record.touch();
+            shared
+                .store
+                .commit_fragment(writer, &record)
+                .await
+                .map_err(|e| Failure {
+                    error: storage_failure(e),
+                    received: None,
+                })?;
+            tracing::debug!(
+                received = record.received,
+                total = write.total,
+                "fragment stored"
+            );
+            if write.completes {
+                tracing::info!(total = write.total, "upload complete");
+                return complete(shared, route, parts, &mut record).await;
+            }
+            Ok(Ack::ok().session(&id).received(record.received))
+        }
+    }
+}
+
+/// Reads the body, discards the first `skip` bytes, writes the next `len` bytes; the body must
+/// be exactly `expected` bytes long. Memory use is one body frame at a time.
+async fn stream_body<B>(
+    body: B,
+    expected: u64,
+    skip: u64,
+    len: u64,
+    writer: &mut FragmentWriter,
+) -> Result<(), BitsError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut seen = 0u64;
+    while let Some(frame) = next_frame(&mut body).await {
+        let frame = frame.map_err(|e| body_error(e, seen, expected))?;
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            let n = chunk.len() as u64;
+            let (start, end) = (seen, seen + n);
+            if end > expected {
+                return Err(BitsError::invalid_arg(format!(
+                    "body longer than its Content-Length {expected}"
+                )));
+            }
+            // The part of [start, end) that falls in [skip, skip + len).
+            let from = skip.clamp(start, end);
+            let to = (skip + len).clamp(start, end);
+            if from < to {
+                writer
+                    .write(&chunk[(from - start) as usize..(to - start) as usize])
+                    .await
+                    .map_err(storage_failure)?;
+            }
+            seen = end;
+            data.advance(n as usize);
+        }
+    }
+    if seen != expected {
+        return Err(BitsError::invalid_arg(format!(
+            "body ended after {seen} of {expected} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The next frame, with the body's error already boxed (so no non-`Send` error is held).
+async fn next_frame<B>(
+    body: &mut std::pin::Pin<&mut B>,
+) -> Option<Result<http_body::Frame<B::Data>, BoxError>>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    body.frame().await.map(|r| r.map_err(Into::into))
+}
+
+fn body_error(e: BoxError, seen: u64, expected: u64) -> BitsError {
+    BitsError::invalid_arg(format!(
+        "body read failed after {seen} of {expected} bytes: {e}"
+    ))
+}
+
+/// Reads and discards a body of `expected` bytes (a fragment the server already holds).
+async fn drain<B>(body: B, expected: u64) -> Result<(), BitsError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut seen = 0u64;
+    while let Some(frame) = next_frame(&mut body).await {
+        let frame = frame.map_err(|e| body_error(e, seen, expected))?;
+        if let Ok(data) = frame.into_data() {
+            seen += data.remaining() as u64;
+        }
+        if seen > expected {
+            return Err(BitsError::invalid_arg(format!(
+                "body longer than its Content-Length {expected}"
+            )));
+        }
+    }
+    if seen != expected {
+        return Err(BitsError::invalid_arg(format!(
+            "body ended after {seen} of {expected} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The completion step, idempotent (§6.2): commit a plain upload, or produce and store the
+/// reply of an upload-reply session once, then Ack with the total (and the reply URL).
+async fn complete(
+    shared: &Shared,
+    route: &Route,
+    parts: &Parts,
+    record: &mut SessionRecord,
+) -> Result<Ack, Failure> {
+    let id = record.id;
+    let total = record.received;
+    let at_total = |error: BitsError| Failure {
+        error,
+        received: Some(total),
+    };
+    match route.mode() {
+        UploadMode::Upload => {
+            commit(shared, route, record).await.map_err(at_total)?;
+            Ok(Ack::ok().session(&id).received(total))
+        }
+        UploadMode::UploadReply => {
+            if record.reply.is_none() {
+                produce_reply(shared, route, parts, record)
+                    .await
+                    .map_err(at_total)?;
+            }
+            let url = record
+                .reply
+                .as_ref()
+                .map(|r| r.url.as_str())
+                .unwrap_or_default();
+            let url = HeaderValue::from_str(url).map_err(|_| {
+                at_total(BitsError::internal(
+                    bitsd_protocol::HResult::E_FAIL,
+                    "reply URL is not a header value",
+                ))
+            })?;
+            Ok(Ack::ok().session(&id).received(total).reply_url(url))
+        }
+    }
+}
+
+/// Commits the upload to its destination unless that is done already.
+async fn commit(
+    shared: &Shared,
+    route: &Route,
+    record: &mut SessionRecord,
+) -> Result<(), BitsError> {
+    if record.committed {
+        return Ok(());
+    }
+    let Some(dest) = record.destination.clone() else {
+        return Err(BitsError::access_denied(
+            "the URL names a directory, not a file",
+        ));
+    };
+    let outcome = shared
+        .store
+        .commit_upload(&record.id, &dest, route.overwrites_allowed())
+        .await
+        .map_err(storage_failure)?;
+    match outcome {
+        CommitOutcome::Committed => {
+            record.committed = true;
+            record.touch();
+            shared.store.save(record).await.map_err(storage_failure)?;
+            tracing::info!(destination = %dest, "upload committed");
+            Ok(())
+        }
+        CommitOutcome::DestinationExists => Err(BitsError::access_denied(format!(
+            "{dest} exists and overwrites are off"
+        ))),
+        CommitOutcome::DestinationInvalid => Err(BitsError::access_denied(format!(
+            "{dest} is not a file that can be written"
+        ))),
+    }
+}
+
+/// Runs the route's reply handler and stores its reply durably before recording it.
+async fn produce_reply(
+    shared: &Shared,
+    route: &Route,
+    parts: &Parts,
+    record: &mut SessionRecord,
+) -> Result<(), BitsError> {
+    let handler = route.handler().ok_or_else(|| {
+        BitsError::internal(
+            bitsd_protocol::HResult::E_FAIL,
+            "upload-reply route without handler",
+        )
+    })?;
+    let upload = Upload {
+        session_id: record.id,
+        original_url: record.remote_url.clone(),
+        content_name: record.content_name.clone(),
+        len: record.received,
+        path: shared.store.upload_path(&record.id),
+    };
+    let started = std::time::Instant::now();
+    let reply = handler.reply(upload).await.map_err(|e| {
+        tracing::warn!(error = %e, "reply handler failed");
+        BitsError::from(e)
+    })?;
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, body = ?reply.body, "reply handler answered");
+    if reply.commit_upload {
+        commit(shared, route, record).await?;
+    }
+    let id = record.id;
+    let store = &shared.store;
+    let kind = match reply.body {
+        ReplyBody::StaticUrl(url) => {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || HeaderValue::from_str(&url).is_err()
+            {
+                return Err(BitsError::backend_status(500));
+            }
+            record.reply = Some(ReplyRecord {
+                url,
+                kind: ReplyKind::Static,
+                created_ms: now_millis(),
+                delivered: ByteRanges::new(),
+            });
+            None
+        }
+        ReplyBody::File(path) => {
+            let (len, crc32c) = store
+                .copy_into_reply(&id, &path)
+                .await
+                .map_err(storage_failure)?;
+            Some(ReplyKind::Stored { len, crc32c })
+        }
+        ReplyBody::Empty => {
+            let (len, crc32c) = store
+                .reply_writer(&id)
+                .await
+                .map_err(storage_failure)?
+                .finish()
+                .await
+                .map_err(storage_failure)?;
+            Some(ReplyKind::Stored { len, crc32c })
+        }
+        ReplyBody::Bytes(bytes) => {
+            let mut w = store.reply_writer(&id).await.map_err(storage_failure)?;
+            w.write(&bytes).await.map_err(storage_failure)?;
+            let (len, crc32c) = w.finish().await.map_err(storage_failure)?;
+            Some(ReplyKind::Stored { len, crc32c })
+        }
+        ReplyBody::Stream { len, mut stream } => {
+            let mut w = store.reply_writer(&id).await.map_err(storage_failure)?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    tracing::warn!(error = %e, "reply stream failed");
+                    BitsError::backend_status(500)
+                })?;
+                w.write(&chunk).await.map_err(storage_failure)?;
+            }
+            if w.len() != len {
+                tracing::warn!(
+                    promised = len,
+                    got = w.len(),
+                    "reply stream length differs from its promise"
+                );
+                return Err(BitsError::backend_status(500));
+            }
+            let (len, crc32c) = w.finish().await.map_err(storage_failure)?;
+            Some(ReplyKind::Stored { len, crc32c })
+        }
+    };
+    if let Some(kind) = kind {
+        let base = match &shared.public_base_url {
+            Some(base) => base.clone(),
+            None => RequestOrigin::of(parts).base(),
+        };
+        let url = format!("{base}{}", route.reply_path(&id.simple()));
+        record.reply = Some(ReplyRecord {
+            url,
+            kind,
+            created_ms: now_millis(),
+            delivered: ByteRanges::new(),
+        });
+    }
+    record.state = SessionState::ReplyReady;
+    record.touch();
+    store.save(record).await.map_err(storage_failure)?;
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The reply download (§10): GET and HEAD on `{prefix}BITS-Sessions/{id}/response`, with
+//! single byte ranges, a stable `ETag` and `Last-Modified`, and reply progress counting.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bitsd_protocol::SessionId;
+use bitsd_storage::{ReplyKind, SessionState};
+use http::header::{
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED,
+    RANGE,
+};
+use http::request::Parts;
+use http::{HeaderValue, Method, Response, StatusCode};
+use tokio::io::AsyncSeekExt;
+
+use crate::body::ResponseBody;
+use crate::routes::Route;
+use crate::service::{plain, Shared};
+
+/// What a `Range` header asks of a reply of known length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RangeRequest {
+    /// The whole reply (no `Range`, an unparsable one, or a stale `If-Range`).
+    Full,
+    /// Bytes `start..=end`.
+    Partial {
+        /// First byte.
+        start: u64,
+        /// Last byte (inclusive).
+        end: u64,
+    },
+    /// Nothing of it lies inside the reply: 416.
+    Unsatisfiable,
+}
+
+/// Parses a `Range` value against a length. Only the first range of a multi-range request is
+/// served (a BITS client never asks for more; §10 advises against multipart answers).
+pub(crate) fn parse_range(value: &str, len: u64) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
+    let first = spec.split(',').next().unwrap_or("").trim();
+    let Some((a, b)) = first.split_once('-') else {
+        return RangeRequest::Full;
+    };
+    let num = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (a.trim().is_empty(), num(a), num(b)) {
+        // bytes=-n: the last n bytes
+        (true, _, Some(n)) => {
+            if n == 0 || len == 0 {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Partial {
+                    start: len.saturating_sub(n),
+                    end: len - 1,
+                }
+            }
+        }
+        (false, Some(start), None) if b.trim().is_empty() => {
+            if start >= len {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Partial {
+                    start,
+                    end: len - 1,
+                }
+            }
+        }
+        (false, Some(start), Some(end)) if start <= end => {
+            if start >= len {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Partial {
+                    start,
+                    end: end.min(len - 1),
+                }
+            }
+        }
+        _ => RangeRequest::Full,
+    }
+}
+
+/// Serves the reply if `req` addresses one on `route`; `None` if the path is not a reply path.
+pub(crate) async fn handle(
+    shared: &Arc<Shared>,
+    route: &Route,
+    req: &Parts,
+) -> Option<Response<ResponseBody>> {
+    let rest = req
+        .uri
+        .path()
+        .strip_prefix(route.prefix())?
+        .strip_prefix("BITS-Sessions/")?;
+    let id_text = rest.strip_suffix("/response")?;
+    Some(serve(shared, route, req, id_text).await)
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    route: &Route,
+    req: &Parts,
+    id_text: &str,
+) -> Response<ResponseBody> {
+    let not_found = || plain(StatusCode::NOT_FOUND, "no such reply\n");
+    let Ok(id) = id_text.parse::<SessionId>() else {
+        return not_found();
+    };
+    tracing::Span::current().record("session", tracing::field::display(id));
+    let record = match shared.store.load(&id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return not_found(),
+        Err(e) => {
+            tracing::error!(error = %e, "reply lookup failed");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n");
+        }
+    };
+    if record.state != SessionState::ReplyReady || record.route != route.prefix() {
+        return not_found();
+    }
+    let Some(reply) = record.reply else {
+        return not_found();
+    };
+    let ReplyKind::Stored { len, crc32c } = reply.kind else {
+        return not_found();
+    };
+    let etag = format!("\"{}-{crc32c:08x}-{len}\"", id.simple());
+    let modified = UNIX_EPOCH + Duration::from_millis(reply.created_ms);
+    let mut range = match req.headers.get(RANGE).and_then(|v| v.to_str().ok()) {
+        Some(v) => parse_range(v, len),
+        None => RangeRequest::Full,
+    };
+    if let Some(cond) = req.headers.get(IF_RANGE).and_then(|v| v.to_str().ok()) {
+        if cond.trim() != etag && cond.trim() != httpdate::fmt_http_date(modified) {
+            range = RangeRequest::Full;
+        }
+    }
+    let mut res = Response::new(ResponseBody::empty());
+    let h = res.headers_mut();
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(modified)) {
+        h.insert(LAST_MODIFIED, v);
+    }
+    let (status, start, count) = match range {
+        RangeRequest::Full => (StatusCode::OK, 0, len),
+        RangeRequest::Partial { start, end } => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+                h.insert(CONTENT_RANGE, v);
+            }
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeRequest::Unsatisfiable => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                h.insert(CONTENT_RANGE, v);
+            }
+            h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+            *res.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            return res;
+        }
+    };
+    h.insert(CONTENT_LENGTH, HeaderValue::from(count));
+    *res.status_mut() = status;
+    if req.method == Method::HEAD || count == 0 {
+        return res;
+    }
+    let path = shared.store.reply_path(&id);
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, path = %path.display(), "reply file unreadable");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
+        }
+    };
+    if let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await {
+        tracing::error!(error = %e, "reply seek failed");
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
+    }
+    let shared = shared.clone();
+    let created_ms = reply.created_ms;
+    let report = Box::new(move |taken: u64| {
+        if taken == 0 {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(record_delivery(
+            shared,
+            id,
+            created_ms,
+            start,
+            start + taken,
+        ));
+    });
+    *res.body_mut() = ResponseBody::file(file, count, report);
+    res
+}
+
+/// Adds `[start, end)` to the reply's delivered ranges (progress; not flushed on its own).
+async fn record_delivery(
+    shared: Arc<Shared>,
+    id: SessionId,
+    created_ms: u64,
+    start: u64,
+    end: u64,
+) {
+    let _guard = shared.locks.lock(id).await;
+    let Ok(Some(mut record)) = shared.store.load(&id).await else {
+        return;
+    };
+    let Some(reply) = record.reply.as_mut() else {
+        return;
+    };
+    if reply.created_ms != created_ms {
+        return;
+    }
+    reply.delivered.insert(start, end);
+    tracing::debug!(session = %id, start, end, transferred = reply.delivered.covered(), "reply bytes delivered");
+    if let Err(e) = shared.store.save_lazy(&record).await {
+        tracing::warn!(error = %e, "could not record reply progress");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(
+            parse_range("bytes=0-36", 37),
+            RangeRequest::Partial { start: 0, end: 36 }
+        );
+        assert_eq!(
+            parse_range("bytes=10-", 37),
+            RangeRequest::Partial { start: 10, end: 36 }
+        );
+        assert_eq!(
+            parse_range("bytes=-5", 37),
+            RangeRequest::Partial { start: 32, end: 36 }
+        );
+        assert_eq!(
+            parse_range("bytes=0-100", 37),
+            RangeRequest::Partial { start: 0, end: 36 }
+        );
+        assert_eq!(parse_range("bytes=50-60", 37), RangeRequest::Unsatisfiable);
+        assert_eq!(
+            parse_range("bytes=0-1,5-6", 37),
+            RangeRequest::Partial { start: 0, end: 1 }
+        );
+        assert_eq!(parse_range("bytes=5-1", 37), RangeRequest::Full);
+        assert_eq!(parse_range("items=0-1", 37), RangeRequest::Full);
+        assert_eq!(parse_range("bytes=0-0", 0), RangeRequest::Unsatisfiable);
+    }
+}

@@ -1,0 +1,350 @@
+//! [`BitsService`]: the hyper and tower service that speaks the BITS upload protocol.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bitsd_protocol::{header, Ack, BitsError, SessionId, UploadLimits};
+use bitsd_storage::{SessionRecord, SessionStore, StorageError};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use tracing::Instrument;
+
+use crate::body::ResponseBody;
+use crate::routes::{Route, RouteTable};
+use crate::session_locks::SessionLocks;
+use crate::{packets, reply_download};
+
+/// Errors a request body may fail with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the server shares between requests.
+pub(crate) struct Shared {
+    pub(crate) store: SessionStore,
+    pub(crate) routes: RouteTable,
+    pub(crate) locks: SessionLocks,
+    pub(crate) limits: UploadLimits,
+    pub(crate) public_base_url: Option<String>,
+    pub(crate) host_id: Option<(HeaderValue, Option<u32>)>,
+}
+
+/// The BITS upload / upload-reply service. Cheap to clone; every clone serves the same
+/// sessions. It is a `hyper::service::Service` and a `tower::Service` for any request body,
+/// and never fails: every problem becomes a BITS Ack or an HTTP status.
+#[derive(Clone)]
+pub struct BitsService {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for BitsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BitsService")
+            .field("routes", &self.shared.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`BitsService`].
+#[derive(Debug)]
+pub struct BitsServiceBuilder {
+    store: SessionStore,
+    routes: Vec<Route>,
+    limits: UploadLimits,
+    public_base_url: Option<String>,
+    host_id: Option<String>,
+    host_id_fallback_timeout: Option<u32>,
+}
+
+/// A builder setting was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The host id cannot be sent as a header value.
+    #[error("host id {0:?} is not a valid header value")]
+    HostId(String),
+    /// Two routes share a prefix.
+    #[error("two routes have the prefix {0}")]
+    DuplicateRoute(String),
+    /// An upload-reply route has no handler.
+    #[error("upload-reply route {0} has no reply handler")]
+    MissingHandler(String),
+}
+
+impl BitsServiceBuilder {
+    /// Adds a route.
+    pub fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// Sets the upload and fragment size limits.
+    pub fn limits(mut self, limits: UploadLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Reply URLs start with this base (`https://bits.example.com`) instead of the request's
+    /// scheme and `Host`; for servers behind a reverse proxy.
+    pub fn public_base_url(mut self, url: Option<String>) -> Self {
+        self.public_base_url = url.map(|u| u.trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// Sends `BITS-Host-Id` (and the fallback timeout) on every Create-Session Ack (§8).
+    pub fn host_id(mut self, host_id: Option<String>, fallback_timeout_secs: Option<u32>) -> Self {
+        self.host_id = host_id;
+        self.host_id_fallback_timeout = fallback_timeout_secs;
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> Result<BitsService, BuildError> {
+        let host_id = match self.host_id {
+            None => None,
+            Some(h) => Some((
+                HeaderValue::from_str(&h).map_err(|_| BuildError::HostId(h.clone()))?,
+                self.host_id_fallback_timeout,
+            )),
+        };
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.routes {
+            if !seen.insert(r.prefix().to_owned()) {
+                return Err(BuildError::DuplicateRoute(r.prefix().to_owned()));
+            }
+            if r.mode() == bitsd_storage::UploadMode::UploadReply && r.handler().is_none() {
+                return Err(BuildError::MissingHandler(r.prefix().to_owned()));
+            }
+        }
+        Ok(BitsService {
+            shared: Arc::new(Shared {
+                store: self.store,
+                routes: RouteTable::new(self.routes),
+                locks: SessionLocks::default(),
+                limits: self.limits,
+                public_base_url: self.public_base_url,
+                host_id,
+            }),
+        })
+    }
+}
+
+/// Upload and reply progress of one session: the numbers behind the client's
+/// `BG_JOB_PROGRESS` and `BG_JOB_REPLY_PROGRESS`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SessionProgress {
+    /// The session id (braced).
+    pub id: String,
+    /// `receiving`, `complete`, `reply-ready`, `closed` or `cancelled`.
+    pub state: &'static str,
+    /// The job's remote URL.
+    pub url: String,
+    /// Upload bytes.
+    pub upload: UploadBytes,
+    /// Reply bytes.
+    pub reply: ReplyBytes,
+}
+
+/// Upload side of [`SessionProgress`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct UploadBytes {
+    /// Bytes held contiguously (the last acknowledged offset).
+    pub bytes_received: u64,
+    /// Size of the upload, once known.
+    pub bytes_total: Option<u64>,
+}
+
+/// Reply side of [`SessionProgress`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReplyBytes {
+    /// Size of the stored reply, once there is one.
+    pub bytes_total: Option<u64>,
+    /// Distinct reply bytes fully handed to clients (re-downloads count once).
+    pub bytes_transferred: Option<u64>,
+}
+
+impl SessionProgress {
+    pub(crate) fn of(record: &SessionRecord) -> Self {
+        let reply = record.reply.as_ref();
+        SessionProgress {
+            id: record.id.to_string(),
+            state: record.state.as_str(),
+            url: record.remote_url.clone(),
+            upload: UploadBytes {
+                bytes_received: record.received,
+                bytes_total: record.total,
+            },
+            reply: ReplyBytes {
+                bytes_total: reply.and_then(|r| r.len()),
+                bytes_transferred: reply.and_then(|r| r.len().map(|_| r.delivered.covered())),
+            },
+        }
+    }
+}
+
+impl BitsService {
+    /// Starts building a service over `store`.
+    pub fn builder(store: SessionStore) -> BitsServiceBuilder {
+        BitsServiceBuilder {
+            store,
+            routes: Vec::new(),
+            limits: UploadLimits::default(),
+            public_base_url: None,
+            host_id: None,
+            host_id_fallback_timeout: None,
+        }
+    }
+
+    /// The session store.
+    pub fn store(&self) -> &SessionStore {
+        &self.shared.store
+    }
+
+    /// Upload and reply progress of a session (also of closed ones while their tombstone lasts).
+    pub async fn progress(&self, id: &SessionId) -> Result<Option<SessionProgress>, StorageError> {
+        Ok(self
+            .shared
+            .store
+            .load(id)
+            .await?
+            .as_ref()
+            .map(SessionProgress::of))
+    }
+
+    /// Progress of every session the store holds.
+    pub async fn all_progress(&self) -> Result<Vec<SessionProgress>, StorageError> {
+        let mut records = self.shared.store.list().await?;
+        records.sort_by_key(|r| r.created_ms);
+        Ok(records.iter().map(SessionProgress::of).collect())
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let span = tracing::info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            packet = tracing::field::Empty,
+            session = tracing::field::Empty,
+        );
+        let shared = self.shared.clone();
+        async move {
+            let route = shared.routes.find(req.uri().path()).cloned();
+            let (parts, body) = req.into_parts();
+            let method = parts.method.clone();
+            if method.as_str() == "BITS_POST" {
+                return packets::handle(&shared, route.as_ref(), parts, body).await;
+            }
+            drop(body);
+            let Some(route) = route else {
+                return plain(StatusCode::NOT_FOUND, "not found\n");
+            };
+            if method == Method::GET || method == Method::HEAD {
+                if let Some(res) = reply_download::handle(&shared, &route, &parts).await {
+                    return res;
+                }
+            }
+            let mut res = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            res.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("BITS_POST, GET, HEAD"),
+            );
+            res
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A small plain-text response.
+pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut res = Response::new(ResponseBody::full(Bytes::from_static(text.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    res
+}
+
+/// The Ack of a failed packet, echoing the request's session id, logged by severity.
+pub(crate) fn error_ack(
+    err: &BitsError,
+    raw_session: Option<&HeaderValue>,
+    received: Option<u64>,
+) -> Ack {
+    if err.status().is_server_error() {
+        tracing::warn!(status = err.status().as_u16(), code = %err.code(), reason = err.reason(), "packet failed");
+    } else {
+        tracing::info!(status = err.status().as_u16(), code = %err.code(), reason = err.reason(), "packet refused");
+    }
+    let mut ack = Ack::error(err);
+    if let Some(raw) = raw_session {
+        ack = ack.echo_session(raw);
+    }
+    if let Some(n) = received {
+        ack = ack.received(n);
+    }
+    ack
+}
+
+/// A storage failure as the client sees it: 500 with the OS error's HRESULT where it is known.
+pub(crate) fn storage_failure(e: StorageError) -> BitsError {
+    tracing::error!(error = %e, "storage failure");
+    let code = if e.is_disk_full() {
+        bitsd_protocol::HResult::E_DISK_FULL
+    } else {
+        bitsd_protocol::HResult::E_FAIL
+    };
+    BitsError::internal(code, e.to_string())
+}
+
+/// The session id header of a request, for echoing.
+pub(crate) fn raw_session(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    headers.get(header::BITS_SESSION_ID).cloned()
+}
+
+type ServiceFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+impl<B> hyper::service::Service<Request<B>> for BitsService
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = ServiceFuture;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move { Ok(svc.handle(req).await) })
+    }
+}
+
+impl<B> tower_service::Service<Request<B>> for BitsService
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = ServiceFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        hyper::service::Service::call(&*self, req)
+    }
+}
