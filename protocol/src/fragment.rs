@@ -76,8 +76,11 @@ pub enum FragmentDecision {
     /// Store new bytes, then Ack 200 with `received_after`.
     Write(FragmentWrite),
     /// Every byte is already held (a resend after a lost Ack): drain the body, store nothing,
-    /// Ack 200 with `received`. `final_resend` is set when the upload is complete and this
-    /// fragment ends it: the completion step runs again, idempotently (§5.4, §6.2).
+    /// Ack 200 with `received`. `final_resend` is set when the upload is already complete: the
+    /// completion step runs again, idempotently (§5.4, §6.2), so that the Ack that tells the
+    /// client it is done always carries what the final Ack carries (the reply URL). Usually
+    /// this is a re-sent final fragment; a client that re-sends with other fragment boundaries
+    /// (after a 413) gets the same answer.
     AlreadyHeld {
         /// The unchanged `received`.
         received: u64,
@@ -128,7 +131,7 @@ pub fn decide_fragment(
     if end <= received && progress.total.is_some() {
         return Ok(FragmentDecision::AlreadyHeld {
             received,
-            final_resend: progress.is_complete() && range.is_final(),
+            final_resend: progress.is_complete(),
         });
     }
     Ok(FragmentDecision::Write(FragmentWrite {

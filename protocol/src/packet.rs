@@ -211,7 +211,7 @@ impl Packet {
 /// commas, braces optional, compared case-insensitively; the first one the server speaks wins.
 pub fn negotiate_protocol(offered: &str) -> Result<Uuid, BitsError> {
     offered
-        .split(|c: char| c == ' ' || c == ',' || c == '\t')
+        .split([' ', ',', '\t'])
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .filter_map(|t| {
@@ -340,7 +340,8 @@ mod tests {
         assert_eq!(f.range.len, 4096);
         assert_eq!(f.content_name.as_deref(), Some("report.bin"));
 
-        let cases: &[(&[(&str, &str)], StatusCode, HResult)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], StatusCode, HResult);
+        let cases: &[Case] = &[
             (
                 &[
                     ("BITS-Packet-Type", "Fragment"),

@@ -79,9 +79,7 @@ impl FromStr for ContentRange {
         let malformed = || ContentRangeError::Malformed(value.to_owned());
         let out = || ContentRangeError::OutOfBounds(value.to_owned());
         let v = value.trim();
-        let (unit, spec) = v
-            .split_once(|c: char| c == ' ' || c == '\t')
-            .ok_or_else(malformed)?;
+        let (unit, spec) = v.split_once([' ', '\t']).ok_or_else(malformed)?;
         if !unit.eq_ignore_ascii_case("bytes") {
             return Err(malformed());
         }

@@ -100,7 +100,7 @@ pub(crate) struct RouteTable {
 
 impl RouteTable {
     pub(crate) fn new(mut routes: Vec<Route>) -> Self {
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         RouteTable { routes }
     }
 

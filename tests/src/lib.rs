@@ -1,1 +1,401 @@
-//! placeholder
+//! Test harness for bitsd's end-to-end tests: a real server on an ephemeral loopback port
+//! with its data in a temporary directory, and a raw HTTP/1.1 client that sends exact bytes
+//! and parses exact responses.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bitsd::{RunningServer, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The BITS 1.5 upload protocol GUID.
+pub const PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";
+
+/// Path of the repository's `fixtures/` directory.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("fixtures")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so payloads need no files.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A bitsd server on `127.0.0.1:0` over a temporary data directory.
+pub struct TestServer {
+    server: Option<RunningServer>,
+    data: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with the default routes (`/upload/`, `/echo/`) on a fresh data directory.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server on a fresh data directory after `adjust` has changed the config.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        Self::start_in(data, adjust).await
+    }
+
+    /// Starts a server on an existing data directory (a restart).
+    pub async fn start_in(data: tempfile::TempDir, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        let mut config = ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            data_dir: data.path().to_owned(),
+            shutdown_grace: Duration::from_secs(5),
+            ..ServerConfig::default()
+        };
+        adjust(&mut config);
+        // The previous server of a restart may still be releasing the sled lock.
+        let mut tries = 0;
+        let server = loop {
+            match bitsd::start(config.clone()).await {
+                Ok(s) => break s,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("server failed to start: {e}"),
+            }
+        };
+        TestServer {
+            server: Some(server),
+            data,
+        }
+    }
+
+    /// The BITS listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.as_ref().unwrap().addr()
+    }
+
+    /// The admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.server.as_ref().unwrap().admin_addr().unwrap()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// The running server.
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().unwrap()
+    }
+
+    /// Stops the server gracefully and hands back its data directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        let server = self.server.take().unwrap();
+        server.shutdown().await.unwrap();
+        // `self.data` moves out; Drop of TestServer does nothing else.
+        std::mem::replace(&mut self.data, tempfile::tempdir().unwrap())
+    }
+
+    /// A raw client connection to the BITS listener.
+    pub async fn connect(&self) -> RawClient {
+        RawClient::connect(self.addr()).await
+    }
+
+    /// `GET` on the admin listener; the parsed JSON body and the status.
+    pub async fn admin_get(&self, path: &str) -> (u16, serde_json::Value) {
+        let mut c = RawClient::connect(self.admin_addr()).await;
+        let res = c
+            .send(&format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").into_bytes())
+            .await;
+        let json = serde_json::from_slice(&res.body).unwrap_or(serde_json::Value::Null);
+        (res.status, json)
+    }
+}
+
+/// One parsed HTTP/1.1 response.
+#[derive(Clone, Debug)]
+pub struct RawResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header names (lower case) and values, in wire order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The value of a header (case-insensitive name), if present exactly once or first.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts the BITS Ack invariants: `BITS-Packet-Type: Ack`, `Content-Length: 0`, no body.
+    pub fn assert_ack(&self) {
+        assert_eq!(
+            self.header("bits-packet-type"),
+            Some("Ack"),
+            "not an Ack: {self:?}"
+        );
+        assert_eq!(
+            self.header("content-length"),
+            Some("0"),
+            "Ack without Content-Length: 0: {self:?}"
+        );
+        assert!(self.body.is_empty());
+        assert!(self.header("transfer-encoding").is_none());
+    }
+
+    /// Asserts an error Ack with this status, `BITS-Error-Code` and context `0x5`.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        self.assert_ack();
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.header("bits-error-code"), Some(code), "{self:?}");
+        assert_eq!(self.header("bits-error-context"), Some("0x5"), "{self:?}");
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection that writes exact request bytes.
+pub struct RawClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connects.
+    pub async fn connect(addr: SocketAddr) -> Self {
+        RawClient {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Writes `request` and reads one response (no body expected for HEAD requests).
+    pub async fn send(&mut self, request: &[u8]) -> RawResponse {
+        self.stream.write_all(request).await.unwrap();
+        let head_only = request.starts_with(b"HEAD ");
+        self.read_response(head_only).await
+    }
+
+    /// Writes bytes without reading (for partial requests).
+    pub async fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one response.
+    pub async fn read_response(&mut self, head_only: bool) -> RawResponse {
+        let deadline = Duration::from_secs(30);
+        tokio::time::timeout(deadline, self.read_response_inner(head_only))
+            .await
+            .expect("response timed out")
+    }
+
+    async fn read_response_inner(&mut self, head_only: bool) -> RawResponse {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut res = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head_len) = res.parse(&self.buf).unwrap() {
+                let status = res.code.unwrap();
+                let headers: Vec<(String, String)> = res
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let len: usize = if head_only {
+                    0
+                } else {
+                    headers
+                        .iter()
+                        .find(|(n, _)| n == "content-length")
+                        .map(|(_, v)| v.parse().unwrap())
+                        .unwrap_or(0)
+                };
+                while self.buf.len() < head_len + len {
+                    self.fill().await;
+                }
+                let body = self.buf[head_len..head_len + len].to_vec();
+                self.buf.drain(..head_len + len);
+                return RawResponse {
+                    status,
+                    headers,
+                    body,
+                };
+            }
+            self.fill().await;
+        }
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let n = self.stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a full response");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Whether the server closed the connection (reads EOF within a short time).
+    pub async fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.stream.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// Sends a `BITS_POST` with the given headers and body to `path`.
+    pub async fn bits_post(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> RawResponse {
+        let mut req = format!("BITS_POST {path} HTTP/1.1\r\nHost: bits.example.test\r\n");
+        let mut has_len = false;
+        for (k, v) in headers {
+            has_len |= k.eq_ignore_ascii_case("content-length")
+                || k.eq_ignore_ascii_case("transfer-encoding");
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !has_len {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.send(&bytes).await
+    }
+
+    /// Create-Session on `path`; returns the new session id.
+    pub async fn create_session(&mut self, path: &str) -> String {
+        let res = self
+            .bits_post(
+                path,
+                &[
+                    ("BITS-Packet-Type", "Create-Session"),
+                    ("BITS-Supported-Protocols", PROTOCOL),
+                ],
+                b"",
+            )
+            .await;
+        res.assert_ack();
+        assert_eq!(res.status, 200, "{res:?}");
+        res.header("bits-session-id").unwrap().to_owned()
+    }
+
+    /// A Fragment carrying `data[first..first+len]` of an upload of `data.len()` bytes.
+    pub async fn fragment(
+        &mut self,
+        path: &str,
+        sid: &str,
+        data: &[u8],
+        first: usize,
+        len: usize,
+    ) -> RawResponse {
+        let total = data.len();
+        let range = if total == 0 {
+            "bytes */0".to_owned()
+        } else {
+            format!("bytes {}-{}/{}", first, first + len - 1, total)
+        };
+        self.bits_post(
+            path,
+            &[
+                ("BITS-Packet-Type", "Fragment"),
+                ("BITS-Session-Id", sid),
+                ("Content-Range", &range),
+            ],
+            &data[first..first + len],
+        )
+        .await
+    }
+
+    /// Close-Session.
+    pub async fn close_session(&mut self, path: &str, sid: &str) -> RawResponse {
+        self.bits_post(
+            path,
+            &[
+                ("BITS-Packet-Type", "Close-Session"),
+                ("BITS-Session-Id", sid),
+            ],
+            b"",
+        )
+        .await
+    }
+
+    /// Cancel-Session.
+    pub async fn cancel_session(&mut self, path: &str, sid: &str) -> RawResponse {
+        self.bits_post(
+            path,
+            &[
+                ("BITS-Packet-Type", "Cancel-Session"),
+                ("BITS-Session-Id", sid),
+            ],
+            b"",
+        )
+        .await
+    }
+
+    /// `GET` (or `HEAD`) of a path with extra headers.
+    pub async fn get(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: bits.example.test\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.send(req.as_bytes()).await
+    }
+
+    /// Uploads `data` in fragments of `fragment` bytes to a new session; returns the session id
+    /// and the final Ack.
+    pub async fn upload(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        fragment: usize,
+    ) -> (String, RawResponse) {
+        let sid = self.create_session(path).await;
+        let mut at = 0;
+        loop {
+            let len = fragment.min(data.len() - at);
+            let res = self.fragment(path, &sid, data, at, len).await;
+            res.assert_ack();
+            assert_eq!(res.status, 200, "{res:?}");
+            at += len;
+            assert_eq!(
+                res.header("bits-received-content-range"),
+                Some(at.to_string().as_str())
+            );
+            if at == data.len() {
+                return (sid, res);
+            }
+        }
+    }
+}
+
+/// The path part of an absolute reply URL.
+pub fn url_path(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.find('/')
+        .map(|i| rest[i..].to_owned())
+        .unwrap_or_else(|| "/".to_owned())
+}

@@ -1,0 +1,248 @@
+//! The reply download (§10) and reply progress, over real TCP against a real server.
+#![allow(clippy::unwrap_used)]
+
+use bitsd_tests::{pattern, url_path, TestServer};
+
+async fn finished_echo(server: &TestServer, data: &[u8]) -> (String, String) {
+    let mut c = server.connect().await;
+    let (sid, fin) = c.upload("/echo/report.bin", data, 4096).await;
+    let url = fin
+        .header("bits-reply-url")
+        .expect("final Ack carries BITS-Reply-URL")
+        .to_owned();
+    (sid, url_path(&url))
+}
+
+async fn progress(server: &TestServer, sid: &str) -> serde_json::Value {
+    // Delivery is recorded by a task spawned when the response body ends; give it a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, json) = server.admin_get(&format!("/sessions/{sid}")).await;
+    assert_eq!(status, 200);
+    json
+}
+
+#[tokio::test]
+async fn head_full_ranged_resumed_and_past_end() {
+    let server = TestServer::start().await;
+    let data = pattern(100_000, 7);
+    let (sid, path) = finished_echo(&server, &data).await;
+    assert!(path.starts_with("/echo/BITS-Sessions/"), "{path}");
+    assert!(path.ends_with("/response"));
+    let mut c = server.connect().await;
+
+    let head = c.get("HEAD", &path, &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("100000"));
+    assert_eq!(head.header("accept-ranges"), Some("bytes"));
+    let etag = head.header("etag").unwrap().to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'));
+    assert!(head.header("last-modified").is_some());
+    assert!(head.body.is_empty());
+
+    let full = c.get("GET", &path, &[]).await;
+    assert_eq!(full.status, 200);
+    assert_eq!(full.header("content-length"), Some("100000"));
+    assert_eq!(full.header("etag"), Some(etag.as_str()), "ETag is stable");
+    assert_eq!(full.body, data);
+
+    let part = c.get("GET", &path, &[("Range", "bytes=0-36")]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.header("content-range"), Some("bytes 0-36/100000"));
+    assert_eq!(part.header("content-length"), Some("37"));
+    assert_eq!(part.body, &data[..37]);
+
+    // A resumed download: the client had 60000 bytes and asks for the rest.
+    let rest = c.get("GET", &path, &[("Range", "bytes=60000-")]).await;
+    assert_eq!(rest.status, 206);
+    assert_eq!(
+        rest.header("content-range"),
+        Some("bytes 60000-99999/100000")
+    );
+    assert_eq!(rest.body, &data[60000..]);
+
+    let suffix = c.get("GET", &path, &[("Range", "bytes=-10")]).await;
+    assert_eq!(suffix.status, 206);
+    assert_eq!(suffix.body, &data[99990..]);
+
+    let past = c
+        .get("GET", &path, &[("Range", "bytes=100000-100010")])
+        .await;
+    assert_eq!(past.status, 416);
+    assert_eq!(past.header("content-range"), Some("bytes */100000"));
+
+    // A stale If-Range gets the whole reply.
+    let stale = c
+        .get(
+            "GET",
+            &path,
+            &[("Range", "bytes=0-9"), ("If-Range", "\"other\"")],
+        )
+        .await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.body.len(), 100_000);
+
+    // Close frees the reply; the URL is gone, a repeated Close still answers 200.
+    let close = c.close_session("/echo/report.bin", &sid).await;
+    close.assert_ack();
+    assert_eq!(close.status, 200);
+    assert_eq!(c.get("GET", &path, &[]).await.status, 404);
+    assert_eq!(c.get("HEAD", &path, &[]).await.status, 404);
+    let again = c.close_session("/echo/report.bin", &sid).await;
+    again.assert_ack();
+    assert_eq!(again.status, 200);
+}
+
+#[tokio::test]
+async fn reply_progress_counts_distinct_bytes() {
+    let server = TestServer::start().await;
+    let data = pattern(50_000, 3);
+    let (sid, path) = finished_echo(&server, &data).await;
+    let p = progress(&server, &sid).await;
+    assert_eq!(p["state"], "reply-ready");
+    assert_eq!(p["upload"]["bytes_received"], 50_000);
+    assert_eq!(p["upload"]["bytes_total"], 50_000);
+    assert_eq!(p["reply"]["bytes_total"], 50_000);
+    assert_eq!(p["reply"]["bytes_transferred"], 0);
+
+    let mut c = server.connect().await;
+    assert_eq!(
+        c.get("GET", &path, &[("Range", "bytes=0-999")])
+            .await
+            .status,
+        206
+    );
+    assert_eq!(
+        progress(&server, &sid).await["reply"]["bytes_transferred"],
+        1000
+    );
+    // Overlapping range: only the new 500 bytes count.
+    assert_eq!(
+        c.get("GET", &path, &[("Range", "bytes=500-1499")])
+            .await
+            .status,
+        206
+    );
+    assert_eq!(
+        progress(&server, &sid).await["reply"]["bytes_transferred"],
+        1500
+    );
+    // HEAD transfers nothing.
+    c.get("HEAD", &path, &[]).await;
+    assert_eq!(
+        progress(&server, &sid).await["reply"]["bytes_transferred"],
+        1500
+    );
+    // Two full downloads count once.
+    assert_eq!(c.get("GET", &path, &[]).await.body, data);
+    assert_eq!(c.get("GET", &path, &[]).await.body, data);
+    assert_eq!(
+        progress(&server, &sid).await["reply"]["bytes_transferred"],
+        50_000
+    );
+
+    // The library API agrees with the admin listener.
+    let id = sid.parse().unwrap();
+    let p = server
+        .server()
+        .service()
+        .progress(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.reply.bytes_transferred, Some(50_000));
+    assert_eq!(p.reply.bytes_total, Some(50_000));
+
+    // The listing has the session; unknown ids are 404.
+    let (status, all) = server.admin_get("/sessions").await;
+    assert_eq!(status, 200);
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["id"] == sid.as_str()));
+    let (status, _) = server
+        .admin_get("/sessions/{deadbeef-0000-0000-0000-000000000000}")
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn reply_progress_survives_restart() {
+    let server = TestServer::start().await;
+    let data = pattern(20_000, 5);
+    let (sid, path) = finished_echo(&server, &data).await;
+    let mut c = server.connect().await;
+    assert_eq!(
+        c.get("GET", &path, &[("Range", "bytes=0-4999")])
+            .await
+            .status,
+        206
+    );
+    assert_eq!(
+        progress(&server, &sid).await["reply"]["bytes_transferred"],
+        5000
+    );
+    drop(c);
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, |_| {}).await;
+    assert_eq!(
+        progress(&server, &sid).await["reply"]["bytes_transferred"],
+        5000
+    );
+    let mut c = server.connect().await;
+    let rest = c.get("GET", &path, &[("Range", "bytes=5000-")]).await;
+    assert_eq!(rest.body, &data[5000..]);
+    assert_eq!(
+        progress(&server, &sid).await["reply"]["bytes_transferred"],
+        20_000
+    );
+}
+
+#[tokio::test]
+async fn empty_reply_is_served_with_zero_length() {
+    let server = TestServer::start().await;
+    let mut c = server.connect().await;
+    let sid = c.create_session("/echo/empty.bin").await;
+    let fin = c.fragment("/echo/empty.bin", &sid, &[], 0, 0).await;
+    fin.assert_ack();
+    assert_eq!(fin.status, 200);
+    assert_eq!(fin.header("bits-received-content-range"), Some("0"));
+    let path = url_path(fin.header("bits-reply-url").unwrap());
+    let head = c.get("HEAD", &path, &[]).await;
+    assert_eq!(
+        (head.status, head.header("content-length")),
+        (200, Some("0"))
+    );
+    let get = c.get("GET", &path, &[]).await;
+    assert_eq!((get.status, get.header("content-length")), (200, Some("0")));
+}
+
+#[tokio::test]
+async fn reply_urls_are_not_guessable_across_routes_or_ids() {
+    let server = TestServer::start().await;
+    let data = pattern(1000, 9);
+    let (_sid, path) = finished_echo(&server, &data).await;
+    let mut c = server.connect().await;
+    // The same id under another route, a bogus id, and a POST are refused.
+    let other = path.replacen("/echo/", "/upload/", 1);
+    assert_eq!(c.get("GET", &other, &[]).await.status, 404);
+    assert_eq!(
+        c.get("GET", "/echo/BITS-Sessions/not-an-id/response", &[])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        c.get(
+            "GET",
+            "/echo/BITS-Sessions/00000000-0000-4000-8000-000000000000/response",
+            &[]
+        )
+        .await
+        .status,
+        404
+    );
+    let post = c.get("PUT", &path, &[("Content-Length", "0")]).await;
+    assert_eq!(post.status, 405);
+    assert!(post.header("allow").unwrap().contains("BITS_POST"));
+}
