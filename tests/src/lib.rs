@@ -399,3 +399,102 @@ pub fn url_path(url: &str) -> String {
         .map(|i| rest[i..].to_owned())
         .unwrap_or_else(|| "/".to_owned())
 }
+
+/// The `bitsd` binary of this build: next to the test executable's `deps/` directory, built
+/// on demand when this test crate runs alone.
+pub fn bitsd_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    let bin = profile_dir.join(format!("bitsd{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--locked", "-p", "bitsd", "--bin", "bitsd"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building bitsd failed");
+    }
+    bin
+}
+
+/// A `bitsd` process on ephemeral loopback ports.
+pub struct BitsdProcess {
+    child: std::process::Child,
+    /// The BITS listener.
+    pub addr: SocketAddr,
+    /// The admin listener.
+    pub admin_addr: SocketAddr,
+}
+
+impl BitsdProcess {
+    /// Starts `bitsd --data-dir DIR` on ephemeral ports plus `extra` arguments, and waits
+    /// until it prints its addresses.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bitsd_binary())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut addr = None;
+        let mut admin_addr = None;
+        while addr.is_none() || admin_addr.is_none() {
+            let line = lines
+                .next()
+                .expect("bitsd exited before printing its addresses")
+                .unwrap();
+            let grab = |l: &str, marker: &str| -> Option<SocketAddr> {
+                let rest = l.split(marker).nth(1)?;
+                rest.split('/').next()?.parse().ok()
+            };
+            if line.contains("BITS uploads on") {
+                addr = grab(&line, "http://");
+            } else if line.contains("session progress on") {
+                admin_addr = grab(&line, "http://");
+            }
+        }
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        BitsdProcess {
+            child,
+            addr: addr.unwrap(),
+            admin_addr: admin_addr.unwrap(),
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    #[cfg(unix)]
+    pub fn terminate(mut self) -> bool {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for BitsdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
