@@ -39,8 +39,9 @@ async fn malformed_packets_get_spec_errors_and_leave_other_sessions_alone() {
         h.extend(extra.iter().cloned());
         h
     };
-    // (headers, body, status, code, session echoed)
-    let cases: Vec<(Vec<(&str, String)>, Vec<u8>, u16, &str)> = vec![
+    // (headers, body, status, code)
+    type Case = (Vec<(&'static str, String)>, Vec<u8>, u16, &'static str);
+    let cases: Vec<Case> = vec![
         (vec![], vec![], 400, "0x80070057"),
         (
             vec![("BITS-Packet-Type", "FAILURE-MESSAGE".into())],
