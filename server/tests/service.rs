@@ -1,0 +1,171 @@
+//! In-process tests of `BitsService` through `tower::ServiceExt::oneshot`, with a body type
+//! other than hyper's `Incoming`.
+
+use bitsd::protocol::SessionId;
+use bitsd::{BitsService, EchoHandler, HandlerError, Reply, Route, SessionStore, Upload};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::ServiceExt;
+
+async fn service(dir: &std::path::Path) -> BitsService {
+    let store = SessionStore::open(dir).await.unwrap();
+    BitsService::builder(store)
+        .route(Route::upload_reply("/echo/", EchoHandler))
+        .route(Route::upload_reply("/size/", |u: Upload| async move {
+            Ok::<_, HandlerError>(Reply::bytes(format!("{} bytes", u.len)))
+        }))
+        .route(Route::upload_reply("/fail/", |_u: Upload| async move {
+            Err::<Reply, _>(HandlerError::status(409, "busy"))
+        }))
+        .public_base_url(Some("https://bits.example.com/base/".into()))
+        .build()
+        .unwrap()
+}
+
+fn bits(path: &str, headers: &[(&str, &str)], body: &'static [u8]) -> Request<Full<Bytes>> {
+    let mut req = Request::builder().method("BITS_POST").uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.header("content-length", body.len())
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap()
+}
+
+async fn call(svc: &BitsService, req: Request<Full<Bytes>>) -> Response<bitsd::ResponseBody> {
+    svc.clone().oneshot(req).await.unwrap()
+}
+
+async fn create(svc: &BitsService, path: &str) -> String {
+    let res = call(
+        svc,
+        bits(
+            path,
+            &[
+                ("BITS-Packet-Type", "create-session"),
+                (
+                    "BITS-Supported-Protocols",
+                    "{7DF0354D-249B-430F-820D-3D2A9BEF4931}",
+                ),
+            ],
+            b"",
+        ),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["bits-protocol"],
+        "{7df0354d-249b-430f-820d-3d2a9bef4931}"
+    );
+    res.headers()["bits-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn oneshot_upload_reply_with_public_base_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let sid = create(&svc, "/echo/a.txt").await;
+    let res = call(
+        &svc,
+        bits(
+            "/echo/a.txt",
+            &[
+                ("BITS-Packet-Type", "Fragment"),
+                ("BITS-Session-Id", &sid),
+                ("Content-Range", "bytes 0-4/5"),
+            ],
+            b"hello",
+        ),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-length"], "0");
+    let id: SessionId = sid.parse().unwrap();
+    let url = res.headers()["bits-reply-url"].to_str().unwrap();
+    assert_eq!(
+        url,
+        format!(
+            "https://bits.example.com/base/echo/BITS-Sessions/{}/response",
+            id.simple()
+        )
+    );
+
+    let get = Request::get(format!("/echo/BITS-Sessions/{}/response", id.simple()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = svc.clone().oneshot(get).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from_static(b"hello")
+    );
+    let p = svc.progress(&id).await.unwrap().unwrap();
+    assert_eq!(p.upload.bytes_received, 5);
+}
+
+#[tokio::test]
+async fn closure_handlers_and_handler_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let sid = create(&svc, "/size/x").await;
+    let res = call(
+        &svc,
+        bits(
+            "/size/x",
+            &[
+                ("BITS-Packet-Type", "Fragment"),
+                ("BITS-Session-Id", &sid),
+                ("Content-Range", "bytes 0-2/3"),
+            ],
+            b"abc",
+        ),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let id: SessionId = sid.parse().unwrap();
+    let get = Request::get(format!("/size/BITS-Sessions/{}/response", id.simple()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let body = svc
+        .clone()
+        .oneshot(get)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, Bytes::from_static(b"3 bytes"));
+
+    // A failing handler: status relayed, 0x80190000 + status, context 0x7, offset = total.
+    let sid = create(&svc, "/fail/x").await;
+    let frag = || {
+        bits(
+            "/fail/x",
+            &[
+                ("BITS-Packet-Type", "Fragment"),
+                ("BITS-Session-Id", &sid),
+                ("Content-Range", "bytes 0-2/3"),
+            ],
+            b"abc",
+        )
+    };
+    for _ in 0..2 {
+        let res = call(&svc, frag()).await;
+        assert_eq!(res.status(), 409);
+        assert_eq!(res.headers()["bits-error-code"], "0x80190199");
+        assert_eq!(res.headers()["bits-error-context"], "0x7");
+        assert_eq!(res.headers()["bits-received-content-range"], "3");
+        assert!(res.headers().get("bits-reply-url").is_none());
+    }
+    let p = svc.progress(&sid.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(
+        p.state, "complete",
+        "the upload is kept for the next attempt"
+    );
+}
