@@ -1,5 +1,6 @@
 //! In-process tests of `BitsService` through `tower::ServiceExt::oneshot`, with a body type
 //! other than hyper's `Incoming`.
+#![allow(clippy::unwrap_used)]
 
 use bitsd::protocol::SessionId;
 use bitsd::{BitsService, EchoHandler, HandlerError, Reply, Route, SessionStore, Upload};
