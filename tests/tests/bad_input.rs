@@ -350,3 +350,26 @@ async fn methods_routes_and_limits() {
         );
     }
 }
+
+#[tokio::test]
+async fn refused_bodies_are_read_so_the_connection_survives() {
+    // The client writes the whole fragment before reading; the server must take it all in,
+    // or the kernel resets the connection and the client never sees the 413 / 416.
+    let server = TestServer::start_with(|cfg| cfg.limits.max_fragment_size = 1024 * 1024).await;
+    let mut c = server.connect().await;
+    let sid = c.create_session("/echo/keep.bin").await;
+    let big = pattern(3 * 1024 * 1024, 5);
+    let res = c.fragment("/echo/keep.bin", &sid, &big, 0, big.len()).await;
+    res.assert_error(413, "0x80200020");
+    let gap = c
+        .fragment("/echo/keep.bin", &sid, &big, 512 * 1024, 512 * 1024)
+        .await;
+    assert_eq!(gap.status, 416);
+    assert_eq!(gap.header("bits-received-content-range"), Some("0"));
+    // Same connection, still usable.
+    let ok = c
+        .fragment("/echo/keep.bin", &sid, &big, 0, 512 * 1024)
+        .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("bits-received-content-range"), Some("524288"));
+}

@@ -34,12 +34,14 @@ impl From<BitsError> for Failure {
     }
 }
 
+/// Handles a Fragment. The body is taken out of `body` only when it is read; an error answered
+/// before that leaves it for the caller to discard.
 pub(super) async fn handle<B>(
     shared: &Shared,
     route: &Route,
     parts: &Parts,
     packet: FragmentPacket,
-    body: B,
+    body: &mut Option<B>,
 ) -> Ack
 where
     B: http_body::Body + Send + 'static,
@@ -58,7 +60,7 @@ async fn process<B>(
     route: &Route,
     parts: &Parts,
     packet: FragmentPacket,
-    body: B,
+    body: &mut Option<B>,
 ) -> Result<Ack, Failure>
 where
     B: http_body::Body + Send + 'static,
@@ -94,6 +96,9 @@ where
             received,
             final_resend,
         } => {
+            let body = body
+                .take()
+                .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
             drain(body, packet.range.len).await?;
             record.touch();
             if final_resend {
@@ -113,6 +118,9 @@ where
                 .fragment_writer(&id, write.write_at)
                 .await
                 .map_err(storage_failure)?;
+            let body = body
+                .take()
+                .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
             stream_body(body, packet.range.len, write.skip, write.len, &mut writer)
                 .await
                 .map_err(|error| Failure {

@@ -26,12 +26,73 @@ where
     B::Error: Into<BoxError>,
 {
     let raw_sid = raw_session(&parts.headers);
+    let mut body = Some(body);
+    let ack = dispatch(shared, route, &parts, raw_sid.as_ref(), &mut body).await;
+    if let Some(unread) = body.take() {
+        discard_unread(unread).await;
+    }
+    tracing::debug!(status = ack.status().as_u16(), "ack");
+    ack.into_response()
+}
+
+/// How much of an unread request body is read and thrown away before an error Ack goes out.
+const DISCARD_MAX_BYTES: u64 = 128 * 1024 * 1024;
+/// How long that may take.
+const DISCARD_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what the client is still sending (bounded in bytes and time). Answering
+/// while the client still writes makes the kernel reset the connection, and a reset client
+/// may never see the Ack: a 413 it never sees is a fragment size it never shrinks.
+async fn discard_unread<B>(body: B)
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    use bytes::Buf;
+    use http_body_util::BodyExt;
+    let work = async {
+        let mut body = std::pin::pin!(body);
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body
+            .frame()
+            .await
+            .map(|r| r.map_err(Into::<BoxError>::into))
+        {
+            if let Ok(data) = frame.into_data() {
+                seen += data.remaining() as u64;
+            }
+            if seen > DISCARD_MAX_BYTES {
+                break;
+            }
+        }
+        seen
+    };
+    match tokio::time::timeout(DISCARD_MAX_TIME, work).await {
+        Ok(seen) if seen > 0 => tracing::debug!(bytes = seen, "discarded an unread request body"),
+        Ok(_) => {}
+        Err(_) => tracing::debug!("gave up discarding a slow request body"),
+    }
+}
+
+async fn dispatch<B>(
+    shared: &Shared,
+    route: Option<&Route>,
+    parts: &Parts,
+    raw_sid: Option<&http::HeaderValue>,
+    body: &mut Option<B>,
+) -> Ack
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let Some(route) = route else {
-        return error_ack(&BitsError::uploads_disabled(), raw_sid.as_ref(), None).into_response();
+        return error_ack(&BitsError::uploads_disabled(), raw_sid, None);
     };
     let packet = match Packet::parse(&parts.method, &parts.headers) {
         Ok(p) => p,
-        Err(e) => return error_ack(&e, raw_sid.as_ref(), None).into_response(),
+        Err(e) => return error_ack(&e, raw_sid, None),
     };
     let span = tracing::Span::current();
     span.record("packet", packet.packet_type().as_str());
@@ -41,11 +102,11 @@ where
     let ack: Ack = match packet {
         Packet::Ping => Ack::ok(),
         Packet::CreateSession { protocol } => {
-            create_session::handle(shared, route, &parts, &protocol)
+            create_session::handle(shared, route, parts, &protocol)
                 .await
                 .unwrap_or_else(|e| error_ack(&e, None, None))
         }
-        Packet::Fragment(f) => fragment::handle(shared, route, &parts, f, body).await,
+        Packet::Fragment(f) => fragment::handle(shared, route, parts, f, body).await,
         Packet::CloseSession { session_id } => {
             end_session::handle(shared, &session_id, SessionState::Closed).await
         }
@@ -53,7 +114,7 @@ where
             end_session::handle(shared, &session_id, SessionState::Cancelled).await
         }
     };
-    let ack = if ack.status().is_success()
+    if ack.status().is_success()
         || ack
             .headers()
             .contains_key(bitsd_protocol::header::BITS_SESSION_ID)
@@ -61,10 +122,8 @@ where
         ack
     } else {
         match raw_sid {
-            Some(raw) => ack.echo_session(&raw),
+            Some(raw) => ack.echo_session(raw),
             None => ack,
         }
-    };
-    tracing::debug!(status = ack.status().as_u16(), "ack");
-    ack.into_response()
+    }
 }
