@@ -15,6 +15,7 @@
 
 mod admin;
 mod body;
+pub mod config;
 mod destination;
 mod packets;
 mod reply_download;

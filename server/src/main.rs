@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use bitsd::config::{parse_admin, ConfigFile};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// A server for the Microsoft BITS upload and upload-reply protocol.
@@ -13,38 +14,78 @@ use tracing_subscriber::EnvFilter;
 /// uploads under /upload/ (files land in bitsd-data/files/) and upload-reply jobs under /echo/
 /// (the reply is the upload), and serves session progress as JSON on 127.0.0.1:8081.
 #[derive(Debug, Parser)]
-#[command(name = "bitsd", version)]
-struct Args {
-    /// Address of the BITS listener.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "BITSD_LISTEN")]
-    listen: SocketAddr,
-    /// Data directory (sessions, replies, committed uploads).
-    #[arg(long, default_value = "bitsd-data", env = "BITSD_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Address of the admin listener (session progress JSON); keep it private.
-    #[arg(long, default_value = "127.0.0.1:8081", env = "BITSD_ADMIN_LISTEN")]
-    admin_listen: SocketAddr,
+#[command(name = "bitsd", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration file and explain what is wrong, with its line.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+/// Serving options; each overrides the configuration file.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML configuration file (see README); flags override it.
+    #[arg(long, env = "BITSD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the BITS listener [default: 127.0.0.1:8080].
+    #[arg(long, env = "BITSD_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory (sessions, replies, committed uploads) [default: ./bitsd-data].
+    #[arg(long, env = "BITSD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the admin listener (session progress JSON), or "off"; keep it private
+    /// [default: 127.0.0.1:8081].
+    #[arg(long, env = "BITSD_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
     /// Do not start the admin listener.
     #[arg(long)]
     no_admin: bool,
     /// Base of reply URLs (e.g. https://bits.example.com) when clients reach bitsd through a proxy.
     #[arg(long, env = "BITSD_PUBLIC_URL")]
     public_url: Option<String>,
-    /// Largest accepted upload in bytes (BITSMaximumUploadSize); unlimited by default.
+    /// Largest accepted upload in bytes (BITSMaximumUploadSize) [default: unlimited].
     #[arg(long)]
     max_upload_size: Option<u64>,
-    /// Largest accepted fragment in bytes; larger ones get 413 and the client shrinks them.
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
-    max_fragment_size: u64,
+    /// Largest accepted fragment in bytes; larger ones get 413 and the client shrinks them
+    /// [default: 67108864].
+    #[arg(long)]
+    max_fragment_size: Option<u64>,
+    /// Seconds without progress before a session is removed (BITSSessionTimeout)
+    /// [default: 1209600, 14 days].
+    #[arg(long)]
+    session_timeout: Option<u64>,
+    /// Seconds between sweeps for expired sessions [default: 3600].
+    #[arg(long)]
+    cleanup_interval: Option<u64>,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return check_config(file);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    let config = match server_config(&cli.serve) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bitsd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,7 +96,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bitsd: {e}");
@@ -64,24 +105,81 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = bitsd::ServerConfig {
-        listen: args.listen,
-        admin_listen: (!args.no_admin).then_some(args.admin_listen),
-        data_dir: args.data_dir,
-        public_base_url: args.public_url,
-        ..Default::default()
-    };
-    config.limits.max_fragment_size = args.max_fragment_size;
-    if let Some(max) = args.max_upload_size {
-        config.limits.max_upload_size = max;
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let mut config = bitsd::ServerConfig::default();
+    let name = file.display().to_string();
+    let result =
+        ConfigFile::load(file).and_then(|(parsed, text)| parsed.apply(&text, &name, &mut config));
+    match result {
+        Ok(()) => {
+            println!("{name}: OK");
+            println!("  listen        {}", config.listen);
+            println!(
+                "  admin         {}",
+                config
+                    .admin_listen
+                    .map_or("off".to_owned(), |a| a.to_string())
+            );
+            println!("  data_dir      {}", config.data_dir.display());
+            for r in &config.routes {
+                println!("  route         {} ({:?})", r.prefix(), r.mode());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::error::Error>> {
+    let mut config = bitsd::ServerConfig::default();
+    if let Some(path) = &args.config {
+        let (parsed, text) = ConfigFile::load(path)?;
+        parsed.apply(&text, &path.display().to_string(), &mut config)?;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(a) = &args.admin_listen {
+        config.admin_listen = parse_admin(a)?;
+    }
+    if args.no_admin {
+        config.admin_listen = None;
+    }
+    if let Some(u) = &args.public_url {
+        config.public_base_url = Some(u.clone());
+    }
+    if let Some(n) = args.max_upload_size {
+        config.limits.max_upload_size = n;
+    }
+    if let Some(n) = args.max_fragment_size {
+        config.limits.max_fragment_size = n.max(1);
+    }
+    if let Some(s) = args.session_timeout {
+        config.session_timeout = std::time::Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = args.cleanup_interval {
+        config.cleanup_interval = std::time::Duration::from_secs(s.max(1));
+    }
+    Ok(config)
+}
+
+async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Error>> {
     let server = bitsd::start(config).await?;
-    println!(
-        "bitsd: BITS uploads on http://{}/upload/ and upload-reply on http://{}/echo/",
-        server.addr(),
-        server.addr()
-    );
+    for route in server.routes() {
+        println!(
+            "bitsd: {:?} on http://{}{}",
+            route.mode(),
+            server.addr(),
+            route.prefix()
+        );
+    }
+    println!("bitsd: BITS uploads on http://{}/", server.addr());
     if let Some(admin) = server.admin_addr() {
         println!("bitsd: session progress on http://{admin}/sessions");
     }

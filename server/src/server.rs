@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Sessions idle longer than this are removed with their data (BITSSessionTimeout).
+    pub session_timeout: Duration,
+    /// How often the sweeper looks for expired sessions.
+    pub cleanup_interval: Duration,
 }
 
 impl ServerConfig {
@@ -68,6 +72,8 @@ impl Default for ServerConfig {
             routes: Self::default_routes(),
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(14 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -104,6 +110,7 @@ pub struct RunningServer {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     service: BitsService,
+    routes: Vec<Route>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -135,6 +142,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         source,
     })?;
     let (shutdown, rx) = watch::channel(false);
+    let rx2 = rx.clone();
     let mut tasks = Vec::new();
     let svc = service.clone();
     tasks.push(tokio::spawn(accept_loop(
@@ -168,11 +176,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             },
         )));
     }
+    tasks.push(tokio::spawn(sweep_loop(
+        service.clone(),
+        config.session_timeout,
+        config.cleanup_interval,
+        rx2,
+    )));
     tracing::info!(%addr, admin = ?admin_addr, data_dir = %config.data_dir.display(), "bitsd listening");
     Ok(RunningServer {
         addr,
         admin_addr,
         service,
+        routes: config.routes.clone(),
         shutdown,
         tasks,
     })
@@ -228,7 +243,32 @@ async fn accept_loop<S, F>(
     }
 }
 
+/// Removes expired sessions every `interval` until shutdown.
+async fn sweep_loop(
+    service: BitsService,
+    timeout: Duration,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        match service.remove_expired(timeout).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "expired sessions removed"),
+            Err(e) => tracing::error!(error = %e, "session sweep failed"),
+        }
+    }
+}
+
 impl RunningServer {
+    /// The routes being served.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
     /// Address of the BITS listener.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -218,6 +218,32 @@ impl BitsService {
         Ok(records.iter().map(SessionProgress::of).collect())
     }
 
+    /// Removes every session (live or tombstone) idle for longer than `idle`, with its upload,
+    /// reply and record (BITSSessionTimeout, §7). Later packets of such a session get 500
+    /// `BG_E_SESSION_NOT_FOUND`. Returns how many were removed.
+    pub async fn remove_expired(&self, idle: std::time::Duration) -> Result<usize, StorageError> {
+        let now = bitsd_storage::now_millis();
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let expired = |updated_ms: u64| now.saturating_sub(updated_ms) > idle_ms;
+        let mut removed = 0;
+        for record in self.shared.store.list().await? {
+            if !expired(record.updated_ms) {
+                continue;
+            }
+            let _guard = self.shared.locks.lock(record.id).await;
+            // Re-check under the lock: a packet may have arrived meanwhile.
+            match self.shared.store.load(&record.id).await? {
+                Some(current) if expired(current.updated_ms) => {
+                    self.shared.store.purge(&record.id).await?;
+                    tracing::info!(session = %record.id, state = current.state.as_str(), "session expired and removed");
+                    removed += 1;
+                }
+                _ => {}
+            }
+        }
+        Ok(removed)
+    }
+
     /// Handles one request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
     where

@@ -1,0 +1,390 @@
+//! The TOML configuration file (`bitsd --config FILE`). Every key is optional; what is absent
+//! keeps the default of [`ServerConfig::default`], and command-line flags override the file.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//! data_dir = "./bitsd-data"
+//!
+//! [[route]]
+//! prefix = "/echo/"
+//! mode = "upload-reply"
+//! handler = { kind = "echo" }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitsd_reply_handlers::{EchoHandler, ReplyHandler};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::routes::Route;
+use crate::ServerConfig;
+
+/// A configuration file was refused: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// 1-based line (0 when the error is not tied to a place).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Address of the BITS listener.
+    pub listen: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Address of the admin listener, or `"off"`.
+    pub admin_listen: Option<String>,
+    /// Base of reply URLs (`https://bits.example.com`).
+    pub public_url: Option<String>,
+    /// BITSMaximumUploadSize in bytes.
+    pub max_upload_size: Option<u64>,
+    /// Largest fragment in bytes (413 above it).
+    pub max_fragment_size: Option<u64>,
+    /// BITSAllowOverwrites, the default of every route.
+    pub allow_overwrites: Option<bool>,
+    /// BITSHostId.
+    pub host_id: Option<String>,
+    /// BITSHostIdFallbackTimeout in seconds.
+    pub host_id_fallback_timeout: Option<u32>,
+    /// BITSSessionTimeout in seconds.
+    pub session_timeout_secs: Option<u64>,
+    /// How often expired sessions are removed, in seconds.
+    pub cleanup_interval_secs: Option<u64>,
+    /// Seconds a client may take to send a request head.
+    pub header_read_timeout_secs: Option<u64>,
+    /// The routes; when there are none, the default `/upload/` and `/echo/` routes apply.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Spanned<RouteEntry>>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    /// URL prefix, e.g. `/app/`.
+    pub prefix: String,
+    /// `upload` or `upload-reply`.
+    pub mode: RouteMode,
+    /// The reply handler (upload-reply routes).
+    pub handler: Option<HandlerSpec>,
+    /// BITSAllowOverwrites for this route.
+    pub allow_overwrites: Option<bool>,
+}
+
+/// A route's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteMode {
+    /// Plain upload, committed under `files/`.
+    Upload,
+    /// Upload-reply, answered by the route's handler.
+    UploadReply,
+}
+
+/// How a notification backend gets the upload (BITSServerNotificationType).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotificationMode {
+    /// Type 2: the upload is the request body.
+    ByValue,
+    /// Type 1: the request names the upload and reply files.
+    ByReference,
+}
+
+/// A reply handler as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum HandlerSpec {
+    /// The reply is the upload.
+    Echo,
+    /// The reply is a JSON receipt (size, SHA-256, session id, time).
+    Digest,
+    /// Every client gets the same file or URL.
+    Static {
+        /// A file served as every reply.
+        file: Option<PathBuf>,
+        /// An absolute URL handed out as every reply URL.
+        url: Option<String>,
+    },
+    /// A program: upload on stdin, reply on stdout.
+    Command {
+        /// The program.
+        program: String,
+        /// Its arguments.
+        #[serde(default)]
+        args: Vec<String>,
+        /// Seconds before the process group is killed (default 300).
+        timeout_secs: Option<u64>,
+        /// Status the client sees when the program exits non-zero (default 500).
+        failure_status: Option<u16>,
+        /// Extra environment variables.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+    },
+    /// IIS-compatible backend notification (BITSServerNotificationURL).
+    Http {
+        /// The notification URL (absolute, or relative to the job's remote URL).
+        url: String,
+        /// `by-value` (default) or `by-reference`.
+        notification: Option<NotificationMode>,
+        /// Seconds to wait for the backend (default 300).
+        timeout_secs: Option<u64>,
+        /// Also send the `BITS-*-DataEntity-Name` header spellings (by reference).
+        #[serde(default)]
+        data_entity_headers: bool,
+    },
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+impl ConfigFile {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<(ConfigFile, String), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        let file = Self::parse(&text, &path.display().to_string())?;
+        Ok((file, text))
+    }
+
+    /// Parses configuration text; `name` is used in errors.
+    pub fn parse(text: &str, name: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+            ConfigError {
+                file: name.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })
+    }
+
+    /// Applies the file to `config` (the defaults, before command-line flags).
+    pub fn apply(
+        self,
+        text: &str,
+        name: &str,
+        config: &mut ServerConfig,
+    ) -> Result<(), ConfigError> {
+        let err = |offset: usize, message: String| {
+            let (line, column) = line_col(text, offset);
+            ConfigError {
+                file: name.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let at_key = |key: &str| text.find(&format!("\n{key}")).map_or(0, |i| i + 1);
+        if let Some(l) = &self.listen {
+            config.listen = l
+                .parse()
+                .map_err(|e| err(at_key("listen"), format!("listen: {e}: {l:?}")))?;
+        }
+        if let Some(d) = self.data_dir {
+            config.data_dir = d;
+        }
+        if let Some(a) = &self.admin_listen {
+            config.admin_listen = parse_admin(a).map_err(|m| err(at_key("admin_listen"), m))?;
+        }
+        if let Some(u) = self.public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(err(
+                    at_key("public_url"),
+                    format!("public_url must start with http:// or https://: {u:?}"),
+                ));
+            }
+            config.public_base_url = Some(u);
+        }
+        if let Some(n) = self.max_upload_size {
+            config.limits.max_upload_size = n;
+        }
+        if let Some(n) = self.max_fragment_size {
+            if n == 0 {
+                return Err(err(
+                    at_key("max_fragment_size"),
+                    "max_fragment_size must be at least 1".into(),
+                ));
+            }
+            config.limits.max_fragment_size = n;
+        }
+        config.host_id = self.host_id.or(config.host_id.take());
+        if let Some(t) = self.host_id_fallback_timeout {
+            config.host_id_fallback_timeout = Some(t);
+        }
+        if let Some(s) = self.session_timeout_secs {
+            if s == 0 {
+                return Err(err(
+                    at_key("session_timeout_secs"),
+                    "session_timeout_secs must be positive".into(),
+                ));
+            }
+            config.session_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = self.cleanup_interval_secs {
+            if s == 0 {
+                return Err(err(
+                    at_key("cleanup_interval_secs"),
+                    "cleanup_interval_secs must be positive".into(),
+                ));
+            }
+            config.cleanup_interval = Duration::from_secs(s);
+        }
+        if let Some(s) = self.header_read_timeout_secs {
+            config.header_read_timeout = Duration::from_secs(s.max(1));
+        }
+        let default_overwrites = self.allow_overwrites.unwrap_or(false);
+        if !self.routes.is_empty() {
+            let mut routes = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for spanned in self.routes {
+                let offset = spanned.span().start;
+                let entry = spanned.into_inner();
+                let route = build_route(&entry, default_overwrites).map_err(|m| err(offset, m))?;
+                if !seen.insert(route.prefix().to_owned()) {
+                    return Err(err(
+                        offset,
+                        format!("two routes have the prefix {}", route.prefix()),
+                    ));
+                }
+                routes.push(route);
+            }
+            config.routes = routes;
+        } else if default_overwrites {
+            config.routes = std::mem::take(&mut config.routes)
+                .into_iter()
+                .map(|r| r.allow_overwrites(true))
+                .collect();
+        }
+        Ok(())
+    }
+}
+
+/// Parses an admin listener value: an address, or `off` / `none` / empty for no listener.
+pub fn parse_admin(value: &str) -> Result<Option<SocketAddr>, String> {
+    match value.trim() {
+        "" | "off" | "none" | "false" => Ok(None),
+        v => v
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("admin_listen: {e}: {v:?}")),
+    }
+}
+
+fn build_route(entry: &RouteEntry, default_overwrites: bool) -> Result<Route, String> {
+    if !entry.prefix.starts_with('/') {
+        return Err(format!(
+            "route prefix must start with '/': {:?}",
+            entry.prefix
+        ));
+    }
+    if entry.prefix.split('/').any(|s| s == ".." || s == ".")
+        || entry.prefix.contains(['\\', '%', '?', '#'])
+    {
+        return Err(format!(
+            "route prefix must be a plain path: {:?}",
+            entry.prefix
+        ));
+    }
+    let overwrites = entry.allow_overwrites.unwrap_or(default_overwrites);
+    let route = match (entry.mode, &entry.handler) {
+        (RouteMode::Upload, None) => Route::upload(&entry.prefix),
+        (RouteMode::Upload, Some(_)) => {
+            return Err(format!(
+                "route {}: a handler needs mode = \"upload-reply\" (plain uploads are committed under files/)",
+                entry.prefix
+            ))
+        }
+        (RouteMode::UploadReply, None) => {
+            return Err(format!("route {}: mode = \"upload-reply\" needs a handler", entry.prefix))
+        }
+        (RouteMode::UploadReply, Some(spec)) => Route::upload_reply_shared(&entry.prefix, build_handler(spec)?),
+    };
+    Ok(route.allow_overwrites(overwrites))
+}
+
+/// Builds the reply handler a spec describes.
+pub fn build_handler(spec: &HandlerSpec) -> Result<Arc<dyn ReplyHandler>, String> {
+    match spec {
+        HandlerSpec::Echo => Ok(Arc::new(EchoHandler)),
+        other => Err(format!(
+            "handler kind {other:?} is not available in this build"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(text: &str) -> Result<ServerConfig, ConfigError> {
+        let mut config = ServerConfig::default();
+        ConfigFile::parse(text, "test.toml")?.apply(text, "test.toml", &mut config)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn empty_file_keeps_defaults() {
+        let c = apply("").unwrap();
+        assert_eq!(c.listen, ServerConfig::default().listen);
+        assert_eq!(c.routes.len(), 2);
+    }
+
+    #[test]
+    fn keys_and_routes() {
+        let c = apply(
+            "listen = \"127.0.0.1:9999\"\ndata_dir = \"/tmp/x\"\nadmin_listen = \"off\"\nmax_upload_size = 10\n\
+             [[route]]\nprefix = \"/drop/\"\nmode = \"upload\"\nallow_overwrites = true\n\
+             [[route]]\nprefix = \"/e/\"\nmode = \"upload-reply\"\nhandler = { kind = \"echo\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.limits.max_upload_size, 10);
+        assert_eq!(c.routes.len(), 2);
+        assert!(c.routes[0].overwrites_allowed());
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = apply("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
+        assert_eq!((e.file.as_str(), e.line), ("test.toml", 2), "{e}");
+        assert!(e.message.contains("bogus"), "{e}");
+        let e = apply("\n\n[[route]]\nprefix = \"/a/\"\nmode = \"upload-reply\"\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("needs a handler"), "{e}");
+        let e = apply("[[route]]\nprefix = \"/a/\"\nmode = \"sideways\"\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        let e = apply("listen = \"nope\"\n").unwrap_err();
+        assert_eq!(e.line, 1, "{e}");
+        let e = apply("[[route]]\nprefix = \"/a/\"\nmode = \"upload\"\n[[route]]\nprefix = \"/a\"\nmode = \"upload\"\n").unwrap_err();
+        assert!(e.message.contains("two routes"), "{e}");
+        assert_eq!(e.line, 4, "{e}");
+    }
+}

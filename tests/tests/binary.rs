@@ -1,0 +1,99 @@
+//! The real `bitsd` binary with a generated configuration file.
+#![allow(clippy::unwrap_used)]
+
+use bitsd_tests::{bitsd_binary, pattern, url_path, BitsdProcess, RawClient};
+
+#[tokio::test]
+async fn config_file_routes_and_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("bitsd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:1\"\ndata_dir = {:?}\nmax_fragment_size = 65536\n\n\
+             [[route]]\nprefix = \"/drop/\"\nmode = \"upload\"\n\n\
+             [[route]]\nprefix = \"/mirror/\"\nmode = \"upload-reply\"\nhandler = {{ kind = \"echo\" }}\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    // --listen and --admin-listen (given by BitsdProcess) override the file's listen.
+    let proc = BitsdProcess::start(&data, &["--config", config.to_str().unwrap()]);
+    let mut c = RawClient::connect(proc.addr).await;
+    let payload = pattern(200_000, 9);
+    c.upload("/drop/in/x.bin", &payload, 65536).await;
+    assert_eq!(std::fs::read(data.join("files/in/x.bin")).unwrap(), payload);
+    let (_, fin) = c.upload("/mirror/y.bin", &payload, 65536).await;
+    let reply = c
+        .get("GET", &url_path(fin.header("bits-reply-url").unwrap()), &[])
+        .await;
+    assert_eq!(reply.body, payload);
+    // The default routes are replaced by the file's.
+    let res = c
+        .bits_post("/upload/z.bin", &[("BITS-Packet-Type", "Ping")], b"")
+        .await;
+    res.assert_error(501, "0x80070005");
+    // The file's fragment limit applies.
+    let sid = c.create_session("/mirror/big.bin").await;
+    let big = pattern(100_000, 1);
+    c.fragment("/mirror/big.bin", &sid, &big, 0, 100_000)
+        .await
+        .assert_error(413, "0x80200020");
+}
+
+#[test]
+fn check_config_reports_file_line_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:8080\"\n\n[[route]]\nprefix = \"/app/\"\nmode = \"upload-reply\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bitsd_binary())
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:"), "{err}");
+    assert!(err.contains("needs a handler"), "{err}");
+
+    std::fs::write(&bad, "listen = \"127.0.0.1:8080\"\nlisten_typo = 1\n").unwrap();
+    let out = std::process::Command::new(bitsd_binary())
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:2:") && err.contains("listen_typo"),
+        "{err}"
+    );
+
+    // Starting with a bad file is refused the same way.
+    let out = std::process::Command::new(bitsd_binary())
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:2:"));
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[[route]]\nprefix = \"/drop/\"\nmode = \"upload\"\n").unwrap();
+    let out = std::process::Command::new(bitsd_binary())
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/drop/"));
+}
