@@ -21,7 +21,8 @@ impl Ack {
         Self::with_status(StatusCode::OK)
     }
 
-    fn with_status(status: StatusCode) -> Self {
+    /// An Ack with any status and no error headers (e.g. 401 with an authentication challenge).
+    pub fn with_status(status: StatusCode) -> Self {
         let mut headers = HeaderMap::with_capacity(8);
         headers.insert(header::BITS_PACKET_TYPE, HeaderValue::from_static("Ack"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));

@@ -66,9 +66,37 @@ pub struct ConfigFile {
     pub cleanup_interval_secs: Option<u64>,
     /// Seconds a client may take to send a request head.
     pub header_read_timeout_secs: Option<u64>,
+    /// Seconds a request body may stall before the request is abandoned.
+    pub body_idle_timeout_secs: Option<u64>,
+    /// Live sessions in total (0: unlimited).
+    pub max_sessions: Option<usize>,
+    /// Live sessions per authenticated user (BITSNumberOfSessionsLimit; 0: unlimited).
+    pub max_sessions_per_user: Option<usize>,
+    /// Free bytes the data directory's file system keeps in reserve.
+    pub min_free_disk: Option<u64>,
+    /// Connections served at once.
+    pub max_connections: Option<usize>,
+    /// PEM certificate chain: serve HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Authentication (off when absent).
+    pub auth: Option<AuthEntry>,
     /// The routes; when there are none, the default `/upload/` and `/echo/` routes apply.
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteEntry>>,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthEntry {
+    /// `user:$argon2id$…` lines (`bitsd hash-password`).
+    pub users_file: Option<PathBuf>,
+    /// `user:<sha256 hex of the token>` lines.
+    pub tokens_file: Option<PathBuf>,
+    /// The realm of the challenge (default `bitsd`).
+    pub realm: Option<String>,
 }
 
 /// One `[[route]]`.
@@ -259,6 +287,35 @@ impl ConfigFile {
         if let Some(s) = self.header_read_timeout_secs {
             config.header_read_timeout = Duration::from_secs(s.max(1));
         }
+        if let Some(s) = self.body_idle_timeout_secs {
+            config.session_limits.body_idle_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(n) = self.max_sessions {
+            config.session_limits.max_sessions = (n > 0).then_some(n);
+        }
+        if let Some(n) = self.max_sessions_per_user {
+            config.session_limits.max_sessions_per_user = (n > 0).then_some(n);
+        }
+        if let Some(n) = self.min_free_disk {
+            config.session_limits.min_free_disk = n;
+        }
+        if let Some(n) = self.max_connections {
+            config.max_connections = n.max(1);
+        }
+        match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => config.tls = Some(crate::TlsFiles { cert, key }),
+            (None, None) => {}
+            _ => {
+                return Err(err(
+                    at_key("tls_"),
+                    "tls_cert and tls_key go together".into(),
+                ))
+            }
+        }
+        if let Some(auth) = self.auth {
+            let a = build_auth(&auth).map_err(|m| err(at_key("[auth]"), m))?;
+            config.auth = Some(crate::SharedAuthenticator(Arc::new(a)));
+        }
         let default_overwrites = self.allow_overwrites.unwrap_or(false);
         if !self.routes.is_empty() {
             let mut routes = Vec::new();
@@ -284,6 +341,21 @@ impl ConfigFile {
         }
         Ok(())
     }
+}
+
+/// Builds the credentials authenticator of an `[auth]` table.
+pub fn build_auth(entry: &AuthEntry) -> Result<crate::CredentialsAuthenticator, String> {
+    if entry.users_file.is_none() && entry.tokens_file.is_none() {
+        return Err("[auth] needs users_file and/or tokens_file".into());
+    }
+    let mut auth = crate::CredentialsAuthenticator::new(entry.realm.as_deref().unwrap_or("bitsd"));
+    if let Some(f) = &entry.users_file {
+        auth = auth.with_users_file(f).map_err(|e| e.to_string())?;
+    }
+    if let Some(f) = &entry.tokens_file {
+        auth = auth.with_tokens_file(f).map_err(|e| e.to_string())?;
+    }
+    Ok(auth)
 }
 
 /// Parses an admin listener value: an address, or `off` / `none` / empty for no listener.

@@ -14,6 +14,7 @@
 //! ```
 
 mod admin;
+pub mod auth;
 mod body;
 pub mod config;
 mod destination;
@@ -23,15 +24,18 @@ mod request_url;
 mod routes;
 mod server;
 mod service;
+mod session_limits;
 mod session_locks;
 
 pub use admin::handle_admin;
+pub use auth::{AuthChallenge, Authenticator, CredentialsAuthenticator};
 pub use bitsd_protocol as protocol;
 pub use bitsd_reply_handlers::{EchoHandler, HandlerError, Reply, ReplyBody, ReplyHandler, Upload};
 pub use bitsd_storage::{SessionStore, StorageError, UploadMode};
 pub use body::ResponseBody;
 pub use routes::Route;
-pub use server::{start, RunningServer, ServerConfig, ServerError};
+pub use server::{start, RunningServer, ServerConfig, ServerError, SharedAuthenticator, TlsFiles};
 pub use service::{
     BitsService, BitsServiceBuilder, BuildError, ReplyBytes, SessionProgress, UploadBytes,
 };
+pub use session_limits::{SessionLimits, E_TOO_MANY_SESSIONS};

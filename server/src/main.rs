@@ -29,6 +29,8 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
+    /// Read a password on standard input and print its argon2 hash for a users file.
+    HashPassword,
 }
 
 /// Serving options; each overrides the configuration file.
@@ -67,12 +69,26 @@ struct ServeArgs {
     /// Seconds between sweeps for expired sessions [default: 3600].
     #[arg(long)]
     cleanup_interval: Option<u64>,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require HTTP Basic authentication against this users file (`user:$argon2id$…` lines).
+    #[arg(long)]
+    users_file: Option<PathBuf>,
+    /// Accept bearer tokens listed in this file (`user:<sha256 hex of the token>` lines).
+    #[arg(long)]
+    tokens_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::CheckConfig { file }) = &cli.command {
-        return check_config(file);
+    match &cli.command {
+        Some(Command::CheckConfig { file }) => return check_config(file),
+        Some(Command::HashPassword) => return hash_password(),
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -133,6 +149,26 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     }
 }
 
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err()
+        || line.trim_end_matches(['\r', '\n']).is_empty()
+    {
+        eprintln!("bitsd: give the password on standard input");
+        return ExitCode::FAILURE;
+    }
+    match bitsd::auth::hash_password(line.trim_end_matches(['\r', '\n'])) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bitsd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::error::Error>> {
     let mut config = bitsd::ServerConfig::default();
     if let Some(path) = &args.config {
@@ -165,6 +201,21 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
     }
     if let Some(s) = args.cleanup_interval {
         config.cleanup_interval = std::time::Duration::from_secs(s.max(1));
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(bitsd::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    if args.users_file.is_some() || args.tokens_file.is_some() {
+        let entry = bitsd::config::AuthEntry {
+            users_file: args.users_file.clone(),
+            tokens_file: args.tokens_file.clone(),
+            realm: None,
+        };
+        let auth = bitsd::config::build_auth(&entry)?;
+        config.auth = Some(bitsd::SharedAuthenticator(std::sync::Arc::new(auth)));
     }
     Ok(config)
 }

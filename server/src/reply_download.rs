@@ -90,6 +90,7 @@ pub(crate) fn parse_range(value: &str, len: u64) -> RangeRequest {
 pub(crate) async fn handle(
     shared: &Arc<Shared>,
     route: &Route,
+    user: Option<&str>,
     req: &Parts,
 ) -> Option<Response<ResponseBody>> {
     let rest = req
@@ -98,12 +99,13 @@ pub(crate) async fn handle(
         .strip_prefix(route.prefix())?
         .strip_prefix("BITS-Sessions/")?;
     let id_text = rest.strip_suffix("/response")?;
-    Some(serve(shared, route, req, id_text).await)
+    Some(serve(shared, route, user, req, id_text).await)
 }
 
 async fn serve(
     shared: &Arc<Shared>,
     route: &Route,
+    user: Option<&str>,
     req: &Parts,
     id_text: &str,
 ) -> Response<ResponseBody> {
@@ -120,7 +122,11 @@ async fn serve(
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n");
         }
     };
-    if record.state != SessionState::ReplyReady || record.route != route.prefix() {
+    // Only the session's owner sees its reply; to anyone else it does not exist.
+    if record.state != SessionState::ReplyReady
+        || record.route != route.prefix()
+        || record.owner.as_deref() != user
+    {
         return not_found();
     }
     let Some(reply) = record.reply else {

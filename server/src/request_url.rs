@@ -18,9 +18,10 @@ fn valid_authority(a: &str) -> bool {
 
 impl RequestOrigin {
     /// From the absolute-form URI if there is one, else the `Host` header; `localhost` when
-    /// neither is usable. The scheme is the URI's, else `http`.
-    pub(crate) fn of(parts: &Parts) -> Self {
-        let scheme = parts.uri.scheme_str().unwrap_or("http").to_owned();
+    /// neither is usable. The scheme is the URI's, else `https` on a TLS listener, else `http`.
+    pub(crate) fn of(parts: &Parts, https: bool) -> Self {
+        let default_scheme = if https { "https" } else { "http" };
+        let scheme = parts.uri.scheme_str().unwrap_or(default_scheme).to_owned();
         let authority = parts
             .uri
             .authority()

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bitsd_protocol::UploadLimits;
@@ -15,9 +16,30 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::Authenticator;
 use crate::routes::Route;
 use crate::service::BuildError;
+use crate::session_limits::SessionLimits;
 use crate::{admin, BitsService};
+
+/// An [`Authenticator`] shared by the server's requests.
+#[derive(Clone)]
+pub struct SharedAuthenticator(pub Arc<dyn Authenticator>);
+
+impl std::fmt::Debug for SharedAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedAuthenticator")
+    }
+}
+
+/// Certificate chain and private key (PEM files) for the BITS listener.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
 
 /// Everything needed to run a bitsd server.
 #[derive(Clone, Debug)]
@@ -46,6 +68,14 @@ pub struct ServerConfig {
     pub session_timeout: Duration,
     /// How often the sweeper looks for expired sessions.
     pub cleanup_interval: Duration,
+    /// Session count, disk reserve and body idle limits.
+    pub session_limits: SessionLimits,
+    /// Authentication of every request on the upload routes (`None`: anonymous, the default).
+    pub auth: Option<SharedAuthenticator>,
+    /// TLS for the BITS listener.
+    pub tls: Option<TlsFiles>,
+    /// Connections served at once on the BITS listener; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -74,6 +104,10 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             session_timeout: Duration::from_secs(14 * 24 * 3600),
             cleanup_interval: Duration::from_secs(3600),
+            session_limits: SessionLimits::default(),
+            auth: None,
+            tls: None,
+            max_connections: 10_000,
         }
     }
 }
@@ -102,6 +136,43 @@ pub enum ServerError {
     /// The configuration is inconsistent.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "{}: no certificate",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", files.key.display())))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How one listener treats its connections.
+#[derive(Clone)]
+struct ListenerOptions {
+    header_timeout: Duration,
+    grace: Duration,
+    max_connections: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// A running server.
@@ -111,6 +182,7 @@ pub struct RunningServer {
     admin_addr: Option<SocketAddr>,
     service: BitsService,
     routes: Vec<Route>,
+    https: bool,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -123,8 +195,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             path: config.data_dir.clone(),
             source,
         })?;
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let mut builder = BitsService::builder(store)
         .limits(config.limits)
+        .session_limits(config.session_limits)
+        .authenticator(config.auth.as_ref().map(|a| a.0.clone()))
+        .https(tls.is_some())
         .public_base_url(config.public_base_url.clone())
         .host_id(config.host_id.clone(), config.host_id_fallback_timeout);
     for r in config.routes.iter().cloned() {
@@ -145,11 +221,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let rx2 = rx.clone();
     let mut tasks = Vec::new();
     let svc = service.clone();
+    let options = ListenerOptions {
+        header_timeout: config.header_read_timeout,
+        grace: config.shutdown_grace,
+        max_connections: config.max_connections.max(1),
+        tls,
+    };
     tasks.push(tokio::spawn(accept_loop(
         listener,
         rx.clone(),
-        config.header_read_timeout,
-        config.shutdown_grace,
+        options.clone(),
         move || svc.clone(),
     )));
     let mut admin_addr = None;
@@ -163,11 +244,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 .map_err(|source| ServerError::Bind { addr: a, source })?,
         );
         let svc = service.clone();
+        let admin_options = ListenerOptions {
+            tls: None,
+            max_connections: 64,
+            ..options
+        };
         tasks.push(tokio::spawn(accept_loop(
             admin,
             rx,
-            config.header_read_timeout,
-            config.shutdown_grace,
+            admin_options,
             move || {
                 let svc = svc.clone();
                 hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -188,6 +273,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         admin_addr,
         service,
         routes: config.routes.clone(),
+        https: config.tls.is_some(),
         shutdown,
         tasks,
     })
@@ -196,8 +282,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 async fn accept_loop<S, F>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
-    header_timeout: Duration,
-    grace: Duration,
+    options: ListenerOptions,
     make_service: F,
 ) where
     F: Fn() -> S,
@@ -210,7 +295,14 @@ async fn accept_loop<S, F>(
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
     loop {
+        // Wait for a free connection slot before accepting: a flood queues in the kernel
+        // backlog instead of exhausting memory or file descriptors.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -222,13 +314,35 @@ async fn accept_loop<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), make_service());
-                let conn = graceful.watch(conn);
+                let mut http = http1::Builder::new();
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(options.header_timeout)
+                    .max_buf_size(64 * 1024);
+                let service = make_service();
+                let watcher = graceful.watcher();
+                let tls = options.tls.clone();
+                let handshake_timeout = options.header_timeout;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let _permit = permit;
+                    let result = match tls {
+                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls_stream)) => {
+                                    watcher.watch(http.serve_connection(TokioIo::new(tls_stream), service)).await
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -239,7 +353,7 @@ async fn accept_loop<S, F>(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => tracing::warn!("shutdown deadline passed with requests in flight"),
+        _ = tokio::time::sleep(options.grace) => tracing::warn!("shutdown deadline passed with requests in flight"),
     }
 }
 
@@ -264,6 +378,15 @@ async fn sweep_loop(
 }
 
 impl RunningServer {
+    /// `https` when the BITS listener terminates TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// The routes being served.
     pub fn routes(&self) -> &[Route] {
         &self.routes

@@ -12,8 +12,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tracing::Instrument;
 
+use crate::auth::Authenticator;
 use crate::body::ResponseBody;
 use crate::routes::{Route, RouteTable};
+use crate::session_limits::{SessionCounts, SessionLimits};
 use crate::session_locks::SessionLocks;
 use crate::{packets, reply_download};
 
@@ -28,6 +30,22 @@ pub(crate) struct Shared {
     pub(crate) limits: UploadLimits,
     pub(crate) public_base_url: Option<String>,
     pub(crate) host_id: Option<(HeaderValue, Option<u32>)>,
+    pub(crate) auth: Option<Arc<dyn Authenticator>>,
+    pub(crate) session_limits: SessionLimits,
+    pub(crate) counts: tokio::sync::OnceCell<SessionCounts>,
+    pub(crate) https: bool,
+}
+
+impl Shared {
+    /// The live-session counts, built from the store on first use.
+    pub(crate) async fn counts(&self) -> Result<&SessionCounts, StorageError> {
+        self.counts
+            .get_or_try_init(|| async {
+                let records = self.store.list().await?;
+                Ok(SessionCounts::from_records(&records))
+            })
+            .await
+    }
 }
 
 /// The BITS upload / upload-reply service. Cheap to clone; every clone serves the same
@@ -47,7 +65,6 @@ impl std::fmt::Debug for BitsService {
 }
 
 /// Builds a [`BitsService`].
-#[derive(Debug)]
 pub struct BitsServiceBuilder {
     store: SessionStore,
     routes: Vec<Route>,
@@ -55,6 +72,20 @@ pub struct BitsServiceBuilder {
     public_base_url: Option<String>,
     host_id: Option<String>,
     host_id_fallback_timeout: Option<u32>,
+    auth: Option<Arc<dyn Authenticator>>,
+    session_limits: SessionLimits,
+    https: bool,
+}
+
+impl std::fmt::Debug for BitsServiceBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BitsServiceBuilder")
+            .field("routes", &self.routes)
+            .field("limits", &self.limits)
+            .field("session_limits", &self.session_limits)
+            .field("authenticated", &self.auth.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A builder setting was refused.
@@ -98,6 +129,25 @@ impl BitsServiceBuilder {
         self
     }
 
+    /// Requires every request to authenticate through `auth`; sessions then belong to the
+    /// user who created them.
+    pub fn authenticator(mut self, auth: Option<Arc<dyn Authenticator>>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Sets the session, disk and body-timeout limits.
+    pub fn session_limits(mut self, limits: SessionLimits) -> Self {
+        self.session_limits = limits;
+        self
+    }
+
+    /// Reply URLs use `https` when no public base URL is set (the listener terminates TLS).
+    pub fn https(mut self, https: bool) -> Self {
+        self.https = https;
+        self
+    }
+
     /// The service.
     pub fn build(self) -> Result<BitsService, BuildError> {
         let host_id = match self.host_id {
@@ -124,6 +174,10 @@ impl BitsServiceBuilder {
                 limits: self.limits,
                 public_base_url: self.public_base_url,
                 host_id,
+                auth: self.auth,
+                session_limits: self.session_limits,
+                counts: tokio::sync::OnceCell::new(),
+                https: self.https,
             }),
         })
     }
@@ -192,6 +246,9 @@ impl BitsService {
             public_base_url: None,
             host_id: None,
             host_id_fallback_timeout: None,
+            auth: None,
+            session_limits: SessionLimits::default(),
+            https: false,
         }
     }
 
@@ -235,6 +292,12 @@ impl BitsService {
             match self.shared.store.load(&record.id).await? {
                 Some(current) if expired(current.updated_ms) => {
                     self.shared.store.purge(&record.id).await?;
+                    if !current.state.is_terminal() {
+                        self.shared
+                            .counts()
+                            .await?
+                            .release(current.owner.as_deref());
+                    }
                     tracing::info!(session = %record.id, state = current.state.as_str(), "session expired and removed");
                     removed += 1;
                 }
@@ -257,21 +320,48 @@ impl BitsService {
             path = %req.uri().path(),
             packet = tracing::field::Empty,
             session = tracing::field::Empty,
+            user = tracing::field::Empty,
         );
         let shared = self.shared.clone();
         async move {
             let route = shared.routes.find(req.uri().path()).cloned();
             let (parts, body) = req.into_parts();
             let method = parts.method.clone();
-            if method.as_str() == "BITS_POST" {
-                return packets::handle(&shared, route.as_ref(), parts, body).await;
+            let is_bits = method.as_str() == "BITS_POST";
+            // Authentication applies to the upload routes; other paths answer 404 / 501 as is.
+            let mut user = None;
+            if let (Some(auth), Some(_)) = (&shared.auth, &route) {
+                match auth.authenticate(&parts) {
+                    Ok(u) => {
+                        tracing::Span::current().record("user", u.as_str());
+                        user = Some(u);
+                    }
+                    Err(challenge) => {
+                        tracing::info!("request without valid credentials: 401");
+                        let mut res = if is_bits {
+                            Ack::with_status(StatusCode::UNAUTHORIZED).into_response()
+                        } else {
+                            plain(StatusCode::UNAUTHORIZED, "authentication required\n")
+                        };
+                        for v in challenge.www_authenticate {
+                            res.headers_mut().append(http::header::WWW_AUTHENTICATE, v);
+                        }
+                        return res;
+                    }
+                }
+            }
+            if is_bits {
+                return packets::handle(&shared, route.as_ref(), user.as_deref(), parts, body)
+                    .await;
             }
             drop(body);
             let Some(route) = route else {
                 return plain(StatusCode::NOT_FOUND, "not found\n");
             };
             if method == Method::GET || method == Method::HEAD {
-                if let Some(res) = reply_download::handle(&shared, &route, &parts).await {
+                if let Some(res) =
+                    reply_download::handle(&shared, &route, user.as_deref(), &parts).await
+                {
                     return res;
                 }
             }

@@ -253,13 +253,17 @@ impl RawClient {
         self.buf.extend_from_slice(&chunk[..n]);
     }
 
-    /// Whether the server closed the connection (reads EOF within a short time).
+    /// Whether the server closes the connection within 3 s (whatever it writes before).
     pub async fn is_closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), self.stream.read(&mut b)).await,
-            Ok(Ok(0)) | Ok(Err(_))
-        )
+        let mut b = vec![0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Sends a `BITS_POST` with the given headers and body to `path`.
@@ -461,9 +465,9 @@ impl BitsdProcess {
                 rest.split('/').next()?.parse().ok()
             };
             if line.contains("BITS uploads on") {
-                addr = grab(&line, "http://");
+                addr = grab(&line, "://");
             } else if line.contains("session progress on") {
-                admin_addr = grab(&line, "http://");
+                admin_addr = grab(&line, "://");
             }
         }
         // Keep draining stdout so the process never blocks on a full pipe.

@@ -97,3 +97,52 @@ fn check_config_reports_file_line_and_problem() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("/drop/"));
 }
+
+#[tokio::test]
+async fn hash_password_and_users_file() {
+    use base64::Engine;
+    use std::io::Write;
+    let mut child = std::process::Command::new(bitsd_binary())
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"correct horse\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(&users, format!("# bitsd users\nwin-client:{hash}\n")).unwrap();
+    let proc = BitsdProcess::start(
+        &dir.path().join("data"),
+        &["--users-file", users.to_str().unwrap()],
+    );
+    let mut c = RawClient::connect(proc.addr).await;
+    let res = c
+        .bits_post("/echo/x", &[("BITS-Packet-Type", "Ping")], b"")
+        .await;
+    res.assert_ack();
+    assert_eq!(res.status, 401);
+    assert!(res.header("www-authenticate").is_some());
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("win-client:correct horse")
+    );
+    let res = c
+        .bits_post(
+            "/echo/x",
+            &[("BITS-Packet-Type", "Ping"), ("Authorization", &good)],
+            b"",
+        )
+        .await;
+    assert_eq!(res.status, 200);
+}

@@ -9,13 +9,16 @@ use crate::destination::destination_for;
 use crate::request_url::RequestOrigin;
 use crate::routes::Route;
 use crate::service::{storage_failure, Shared};
+use crate::session_limits::check_disk;
 
 pub(super) async fn handle(
     shared: &Shared,
     route: &Route,
+    user: Option<&str>,
     parts: &Parts,
     protocol: &Uuid,
 ) -> Result<Ack, BitsError> {
+    check_disk(shared.store.files_dir(), 0, &shared.session_limits)?;
     let destination = destination_for(route.prefix(), parts.uri.path())?;
     if route.mode() == UploadMode::Upload {
         let Some(dest) = &destination else {
@@ -32,7 +35,7 @@ pub(super) async fn handle(
     }
     let id = SessionId::random();
     tracing::Span::current().record("session", tracing::field::display(id));
-    let origin = RequestOrigin::of(parts);
+    let origin = RequestOrigin::of(parts, shared.https);
     let mut record = SessionRecord::new(
         id,
         route.prefix().to_owned(),
@@ -40,11 +43,13 @@ pub(super) async fn handle(
         origin.url_of(parts),
     );
     record.destination = destination;
-    shared
-        .store
-        .create(&record)
-        .await
-        .map_err(storage_failure)?;
+    record.owner = user.map(str::to_owned);
+    let counts = shared.counts().await.map_err(storage_failure)?;
+    counts.reserve(user, &shared.session_limits)?;
+    if let Err(e) = shared.store.create(&record).await {
+        counts.release(user);
+        return Err(storage_failure(e));
+    }
     tracing::info!(url = %record.remote_url, "session created");
     let mut ack = Ack::session_created(&id, protocol);
     if let Some((host, fallback)) = &shared.host_id {

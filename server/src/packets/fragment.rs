@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use crate::request_url::RequestOrigin;
 use crate::routes::Route;
 use crate::service::{error_ack, storage_failure, BoxError, Shared};
+use crate::session_limits::check_disk;
 
 /// A failed fragment: the error and, when it is known, the offset to report with it.
 struct Failure {
@@ -39,6 +40,7 @@ impl From<BitsError> for Failure {
 pub(super) async fn handle<B>(
     shared: &Shared,
     route: &Route,
+    user: Option<&str>,
     parts: &Parts,
     packet: FragmentPacket,
     body: &mut Option<B>,
@@ -49,7 +51,7 @@ where
     B::Error: Into<BoxError>,
 {
     let id = packet.session_id;
-    match process(shared, route, parts, packet, body).await {
+    match process(shared, route, user, parts, packet, body).await {
         Ok(ack) => ack,
         Err(f) => error_ack(&f.error, None, f.received).session(&id),
     }
@@ -58,6 +60,7 @@ where
 async fn process<B>(
     shared: &Shared,
     route: &Route,
+    user: Option<&str>,
     parts: &Parts,
     packet: FragmentPacket,
     body: &mut Option<B>,
@@ -74,7 +77,9 @@ where
         .load(&id)
         .await
         .map_err(storage_failure)?
-        .filter(|r| !r.state.is_terminal() && r.route == route.prefix())
+        .filter(|r| {
+            !r.state.is_terminal() && r.route == route.prefix() && r.owner.as_deref() == user
+        })
         .ok_or_else(BitsError::session_not_found)?;
     let decision =
         decide_fragment(&record.progress(), &packet.range, &shared.limits).map_err(|error| {
@@ -83,6 +88,7 @@ where
                 received: Some(record.received),
             }
         })?;
+    let idle = shared.session_limits.body_idle_timeout;
     match decision {
         FragmentDecision::Gap { received } => {
             tracing::info!(
@@ -99,7 +105,7 @@ where
             let body = body
                 .take()
                 .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
-            drain(body, packet.range.len).await?;
+            drain(body, packet.range.len, idle).await?;
             record.touch();
             if final_resend {
                 tracing::info!("re-sent final fragment");
@@ -113,6 +119,12 @@ where
             Ok(Ack::ok().session(&id).received(received))
         }
         FragmentDecision::Write(write) => {
+            check_disk(shared.store.files_dir(), write.len, &shared.session_limits).map_err(
+                |error| Failure {
+                    error,
+                    received: Some(record.received),
+                },
+            )?;
             let mut writer = shared
                 .store
                 .fragment_writer(&id, write.write_at)
@@ -121,12 +133,19 @@ where
             let body = body
                 .take()
                 .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
-            stream_body(body, packet.range.len, write.skip, write.len, &mut writer)
-                .await
-                .map_err(|error| Failure {
-                    error,
-                    received: Some(record.received),
-                })?;
+            stream_body(
+                body,
+                packet.range.len,
+                write.skip,
+                write.len,
+                idle,
+                &mut writer,
+            )
+            .await
+            .map_err(|error| Failure {
+                error,
+                received: Some(record.received),
+            })?;
             record.received = write.received_after;
             record.total = Some(write.total);
             if record.content_name.is_none() {
@@ -165,6 +184,7 @@ async fn stream_body<B>(
     expected: u64,
     skip: u64,
     len: u64,
+    idle: std::time::Duration,
     writer: &mut FragmentWriter,
 ) -> Result<(), BitsError>
 where
@@ -173,7 +193,7 @@ where
 {
     let mut body = pin!(body);
     let mut seen = 0u64;
-    while let Some(frame) = next_frame(&mut body).await {
+    while let Some(frame) = next_frame(&mut body, idle).await? {
         let frame = frame.map_err(|e| body_error(e, seen, expected))?;
         let Ok(mut data) = frame.into_data() else {
             continue;
@@ -208,15 +228,23 @@ where
     Ok(())
 }
 
-/// The next frame, with the body's error already boxed (so no non-`Send` error is held).
+/// The next frame, with the body's error already boxed (so no non-`Send` error is held);
+/// a body that sends nothing for `idle` is abandoned (500, transient for the client).
 async fn next_frame<B>(
     body: &mut std::pin::Pin<&mut B>,
-) -> Option<Result<http_body::Frame<B::Data>, BoxError>>
+    idle: std::time::Duration,
+) -> Result<Option<Result<http_body::Frame<B::Data>, BoxError>>, BitsError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    body.frame().await.map(|r| r.map_err(Into::into))
+    match tokio::time::timeout(idle, body.frame()).await {
+        Ok(next) => Ok(next.map(|r| r.map_err(Into::into))),
+        Err(_) => Err(BitsError::internal(
+            bitsd_protocol::HResult::E_FAIL,
+            format!("request body idle for {} s", idle.as_secs()),
+        )),
+    }
 }
 
 fn body_error(e: BoxError, seen: u64, expected: u64) -> BitsError {
@@ -226,14 +254,14 @@ fn body_error(e: BoxError, seen: u64, expected: u64) -> BitsError {
 }
 
 /// Reads and discards a body of `expected` bytes (a fragment the server already holds).
-async fn drain<B>(body: B, expected: u64) -> Result<(), BitsError>
+async fn drain<B>(body: B, expected: u64, idle: std::time::Duration) -> Result<(), BitsError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
     let mut seen = 0u64;
-    while let Some(frame) = next_frame(&mut body).await {
+    while let Some(frame) = next_frame(&mut body, idle).await? {
         let frame = frame.map_err(|e| body_error(e, seen, expected))?;
         if let Ok(data) = frame.into_data() {
             seen += data.remaining() as u64;
@@ -350,10 +378,18 @@ async fn produce_reply(
         path: shared.store.upload_path(&record.id),
     };
     let started = std::time::Instant::now();
-    let reply = handler.reply(upload).await.map_err(|e| {
-        tracing::warn!(error = %e, "reply handler failed");
-        BitsError::from(e)
-    })?;
+    // The handler runs in its own task: a panic there fails this attempt, not the server.
+    let reply = match tokio::spawn(handler.reply(upload)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reply handler failed");
+            return Err(BitsError::from(e));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reply handler panicked or was cancelled");
+            return Err(BitsError::backend_status(500));
+        }
+    };
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, body = ?reply.body, "reply handler answered");
     if reply.commit_upload {
         commit(shared, route, record).await?;
@@ -422,7 +458,7 @@ async fn produce_reply(
     if let Some(kind) = kind {
         let base = match &shared.public_base_url {
             Some(base) => base.clone(),
-            None => RequestOrigin::of(parts).base(),
+            None => RequestOrigin::of(parts, shared.https).base(),
         };
         let url = format!("{base}{}", route.reply_path(&id.simple()));
         record.reply = Some(ReplyRecord {

@@ -17,6 +17,7 @@ use crate::service::{error_ack, raw_session, BoxError, Shared};
 pub(crate) async fn handle<B>(
     shared: &Shared,
     route: Option<&Route>,
+    user: Option<&str>,
     parts: Parts,
     body: B,
 ) -> Response<ResponseBody>
@@ -27,7 +28,7 @@ where
 {
     let raw_sid = raw_session(&parts.headers);
     let mut body = Some(body);
-    let ack = dispatch(shared, route, &parts, raw_sid.as_ref(), &mut body).await;
+    let ack = dispatch(shared, route, user, &parts, raw_sid.as_ref(), &mut body).await;
     if let Some(unread) = body.take() {
         discard_unread(unread).await;
     }
@@ -78,6 +79,7 @@ where
 async fn dispatch<B>(
     shared: &Shared,
     route: Option<&Route>,
+    user: Option<&str>,
     parts: &Parts,
     raw_sid: Option<&http::HeaderValue>,
     body: &mut Option<B>,
@@ -102,16 +104,16 @@ where
     let ack: Ack = match packet {
         Packet::Ping => Ack::ok(),
         Packet::CreateSession { protocol } => {
-            create_session::handle(shared, route, parts, &protocol)
+            create_session::handle(shared, route, user, parts, &protocol)
                 .await
                 .unwrap_or_else(|e| error_ack(&e, None, None))
         }
-        Packet::Fragment(f) => fragment::handle(shared, route, parts, f, body).await,
+        Packet::Fragment(f) => fragment::handle(shared, route, user, parts, f, body).await,
         Packet::CloseSession { session_id } => {
-            end_session::handle(shared, &session_id, SessionState::Closed).await
+            end_session::handle(shared, user, &session_id, SessionState::Closed).await
         }
         Packet::CancelSession { session_id } => {
-            end_session::handle(shared, &session_id, SessionState::Cancelled).await
+            end_session::handle(shared, user, &session_id, SessionState::Cancelled).await
         }
     };
     if ack.status().is_success()

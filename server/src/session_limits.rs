@@ -1,0 +1,155 @@
+//! Limits on sessions and disk use: how many live sessions in total and per user, how much
+//! free disk space must remain, how long a body may stall.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bitsd_protocol::{BitsError, HResult};
+use bitsd_storage::SessionRecord;
+use http::StatusCode;
+
+/// `HRESULT_FROM_WIN32(ERROR_TOO_MANY_SESS)`: sent with 503 when a session limit is reached.
+pub const E_TOO_MANY_SESSIONS: HResult = HResult(0x8007_0045);
+
+/// Limits that protect the server (all configurable; see the README's table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Live (not closed, not cancelled) sessions in total; `None`: unlimited.
+    pub max_sessions: Option<usize>,
+    /// Live sessions of one authenticated user (BITSNumberOfSessionsLimit, IIS default 50);
+    /// anonymous sessions count only toward the total.
+    pub max_sessions_per_user: Option<usize>,
+    /// Create-Session and Fragment are refused while free space on the data directory's
+    /// file system would fall below this many bytes.
+    pub min_free_disk: u64,
+    /// How long a request body may send nothing before the request is abandoned (and the
+    /// session lock released).
+    pub body_idle_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    /// 100,000 sessions, 50 per user, 64 MiB disk reserve, 60 s body idle timeout.
+    fn default() -> Self {
+        SessionLimits {
+            max_sessions: Some(100_000),
+            max_sessions_per_user: Some(50),
+            min_free_disk: 64 * 1024 * 1024,
+            body_idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Live session counts, kept in memory (rebuilt from the store at start).
+#[derive(Debug, Default)]
+pub(crate) struct SessionCounts {
+    inner: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    per_user: HashMap<String, usize>,
+}
+
+impl SessionCounts {
+    pub(crate) fn from_records(records: &[SessionRecord]) -> Self {
+        let mut c = Counts::default();
+        for r in records.iter().filter(|r| !r.state.is_terminal()) {
+            c.total += 1;
+            if let Some(owner) = &r.owner {
+                *c.per_user.entry(owner.clone()).or_default() += 1;
+            }
+        }
+        SessionCounts {
+            inner: Mutex::new(c),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot for a new session of `owner`, or refuses with 503.
+    pub(crate) fn reserve(
+        &self,
+        owner: Option<&str>,
+        limits: &SessionLimits,
+    ) -> Result<(), BitsError> {
+        let mut c = self.lock();
+        if limits.max_sessions.is_some_and(|max| c.total >= max) {
+            return Err(BitsError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                E_TOO_MANY_SESSIONS,
+                bitsd_protocol::ErrorContext::Server,
+                format!("the server holds its maximum of {} live sessions", c.total),
+            ));
+        }
+        if let (Some(owner), Some(max)) = (owner, limits.max_sessions_per_user) {
+            let n = c.per_user.get(owner).copied().unwrap_or(0);
+            if n >= max {
+                return Err(BitsError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    E_TOO_MANY_SESSIONS,
+                    bitsd_protocol::ErrorContext::Server,
+                    format!("user {owner} holds its maximum of {max} live sessions"),
+                ));
+            }
+        }
+        c.total += 1;
+        if let Some(owner) = owner {
+            *c.per_user.entry(owner.to_owned()).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Gives a live session's slot back (ended, expired, or never created).
+    pub(crate) fn release(&self, owner: Option<&str>) {
+        let mut c = self.lock();
+        c.total = c.total.saturating_sub(1);
+        if let Some(owner) = owner {
+            if let Some(n) = c.per_user.get_mut(owner) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.per_user.remove(owner);
+                }
+            }
+        }
+    }
+}
+
+/// Refuses with 500 `E_DISK_FULL` when writing `extra` bytes would leave less than the reserve.
+pub(crate) fn check_disk(
+    data_dir: &Path,
+    extra: u64,
+    limits: &SessionLimits,
+) -> Result<(), BitsError> {
+    if limits.min_free_disk == 0 {
+        return Ok(());
+    }
+    let free = match nix::sys::statvfs::statvfs(data_dir) {
+        #[allow(clippy::useless_conversion)] // c_ulong and fsblkcnt_t are u64 only on some targets
+        Ok(s) => u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read free disk space");
+            return Ok(());
+        }
+    };
+    if free < limits.min_free_disk.saturating_add(extra) {
+        tracing::warn!(
+            free,
+            reserve = limits.min_free_disk,
+            extra,
+            "disk below the reserve"
+        );
+        return Err(BitsError::internal(
+            HResult::E_DISK_FULL,
+            format!(
+                "{free} bytes free on disk, below the reserve of {} plus {extra}",
+                limits.min_free_disk
+            ),
+        ));
+    }
+    Ok(())
+}
