@@ -186,11 +186,90 @@ impl RawClient {
         }
     }
 
+    /// Connects, or says why not.
+    pub async fn try_connect(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(RawClient {
+            stream: TcpStream::connect(addr).await?,
+            buf: Vec::new(),
+        })
+    }
+
     /// Writes `request` and reads one response (no body expected for HEAD requests).
     pub async fn send(&mut self, request: &[u8]) -> RawResponse {
         self.stream.write_all(request).await.unwrap();
         let head_only = request.starts_with(b"HEAD ");
         self.read_response(head_only).await
+    }
+
+    /// Like [`RawClient::send`], but a dropped connection is an error, not a panic.
+    pub async fn try_send(&mut self, request: &[u8]) -> std::io::Result<RawResponse> {
+        self.stream.write_all(request).await?;
+        let head_only = request.starts_with(b"HEAD ");
+        let read = self.try_read_response(head_only);
+        match tokio::time::timeout(Duration::from_secs(30), read).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "response timed out",
+            )),
+        }
+    }
+
+    async fn try_read_response(&mut self, head_only: bool) -> std::io::Result<RawResponse> {
+        use std::io::{Error, ErrorKind};
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut res = httparse::Response::new(&mut headers);
+            let parsed = res
+                .parse(&self.buf)
+                .map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
+            if let httparse::Status::Complete(head_len) = parsed {
+                let status = res.code.unwrap_or(0);
+                let headers: Vec<(String, String)> = res
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let len: usize = if head_only {
+                    0
+                } else {
+                    headers
+                        .iter()
+                        .find(|(n, _)| n == "content-length")
+                        .and_then(|(_, v)| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                while self.buf.len() < head_len + len {
+                    self.try_fill().await?;
+                }
+                let body = self.buf[head_len..head_len + len].to_vec();
+                self.buf.drain(..head_len + len);
+                return Ok(RawResponse {
+                    status,
+                    headers,
+                    body,
+                });
+            }
+            self.try_fill().await?;
+        }
+    }
+
+    async fn try_fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
     }
 
     /// Writes bytes without reading (for partial requests).
@@ -427,35 +506,54 @@ pub struct BitsdProcess {
     child: std::process::Child,
     /// The BITS listener.
     pub addr: SocketAddr,
-    /// The admin listener.
-    pub admin_addr: SocketAddr,
+    /// The admin listener (`None` with `--admin-listen off`).
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl BitsdProcess {
     /// Starts `bitsd --data-dir DIR` on ephemeral ports plus `extra` arguments, and waits
     /// until it prints its addresses.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_logging(data_dir, extra, None)
+    }
+
+    /// Like [`BitsdProcess::start`], with the process's stderr (its log) appended to `log`.
+    pub fn start_logging(data_dir: &Path, extra: &[&str], log: Option<&Path>) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(bitsd_binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+        let stderr = match log {
+            Some(path) => std::process::Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            None => std::process::Stdio::inherit(),
+        };
+        let mut command = std::process::Command::new(bitsd_binary());
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--admin-listen") {
+            command.args(["--admin-listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
+            .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut lines = std::io::BufReader::new(stdout).lines();
         let mut addr = None;
         let mut admin_addr = None;
-        while addr.is_none() || admin_addr.is_none() {
+        let want_admin = !extra
+            .windows(2)
+            .any(|w| w[0] == "--admin-listen" && w[1] == "off");
+        while addr.is_none() || (want_admin && admin_addr.is_none()) {
             let line = lines
                 .next()
                 .expect("bitsd exited before printing its addresses")
@@ -475,7 +573,7 @@ impl BitsdProcess {
         BitsdProcess {
             child,
             addr: addr.unwrap(),
-            admin_addr: admin_addr.unwrap(),
+            admin_addr,
         }
     }
 
