@@ -28,6 +28,7 @@ mod tests {
             content_name: None,
             len: 5,
             path: path.clone(),
+            session_dir: dir.path().to_path_buf(),
         };
         assert_eq!(upload.read_to_vec(10).await.unwrap(), b"hello");
         let reply = EchoHandler.reply(upload).await.unwrap();

@@ -7,6 +7,22 @@
 //! context `0x7`, as a failing IIS backend would (§9.5), and the client re-sends the final
 //! fragment later, which runs the handler again.
 //!
+//! Built-in handlers:
+//!
+//! | handler | reply |
+//! |---|---|
+//! | [`EchoHandler`] | the upload itself, byte for byte |
+//! | [`DigestHandler`] | a small JSON receipt with the upload's size and SHA-256 ([`DigestReceipt`]) |
+//! | [`StaticHandler`] | the same configured file, or the same absolute URL, for every client |
+//! | [`CommandHandler`] | the stdout of a program that reads the upload on stdin ([`CommandConfig`]) |
+//! | [`HttpNotifyHandler`] | what an HTTP backend answers to the IIS-compatible notification of §9 ([`HttpNotifyConfig`]) |
+//!
+//! Handlers that produce a reply larger than memory write it to a file in
+//! [`Upload::session_dir`] and return [`Reply::file`]. The file names they use there are
+//! [`COMMAND_REPLY_FILE`] ([`CommandHandler`]), [`NOTIFICATION_REPLY_FILE`] and
+//! [`RESPONSE_FILE`] ([`HttpNotifyHandler`]); the server must not use these names for its
+//! own files in that directory.
+//!
 //! ```
 //! use bitsd_reply_handlers::{Reply, ReplyHandler, Upload, HandlerError};
 //!
@@ -18,7 +34,11 @@
 //! assert_handler(&handler);
 //! ```
 
+mod command;
+mod digest;
 mod echo;
+mod http_notify;
+mod static_reply;
 
 use std::future::Future;
 use std::io;
@@ -30,7 +50,13 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use tokio::io::AsyncReadExt;
 
+pub use command::{CommandConfig, CommandHandler, COMMAND_REPLY_FILE};
+pub use digest::{DigestHandler, DigestReceipt};
 pub use echo::EchoHandler;
+pub use http_notify::{
+    HttpNotifyConfig, HttpNotifyHandler, Notification, NOTIFICATION_REPLY_FILE, RESPONSE_FILE,
+};
+pub use static_reply::StaticHandler;
 
 /// A finished upload, as a handler sees it.
 #[derive(Clone, Debug)]
@@ -45,10 +71,19 @@ pub struct Upload {
     pub len: u64,
     /// The file holding the upload. Read it; do not modify or move it.
     pub path: PathBuf,
+    /// A private directory of this session (it exists and is writable) where the handler may
+    /// create files, e.g. a reply too large for memory, or the response file of a
+    /// by-reference notification (§9.1). The server removes it with the session.
+    pub session_dir: PathBuf,
 }
 
 impl Upload {
-    /// Opens the upload for reading.
+    /// The path of a file named `name` in [`Upload::session_dir`].
+    pub fn session_file(&self, name: &str) -> PathBuf {
+        self.session_dir.join(name)
+    }
+
+    /// Opens the upload for reading: exactly [`Upload::len`] bytes at most.
     pub async fn open(&self) -> io::Result<tokio::io::Take<tokio::fs::File>> {
         Ok(tokio::fs::File::open(&self.path).await?.take(self.len))
     }
@@ -185,6 +220,26 @@ impl From<HandlerError> for BitsError {
             HandlerError::Unreachable(why) => BitsError::backend_unreachable(why),
         }
     }
+}
+
+/// A handler's configuration cannot work; returned by the handlers' constructors.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerConfigError {
+    /// A URL that does not parse, or is not of the kind required.
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as configured.
+        url: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// An `https` notification URL: BITSServerNotificationURL is HTTP only (§7).
+    #[error("notification URL {0:?} uses https; backend notifications are HTTP only")]
+    HttpsNotification(String),
+    /// Another setting that cannot work (an empty program, a zero timeout, …).
+    #[error("invalid handler configuration: {0}")]
+    Invalid(String),
 }
 
 /// The future a handler returns.

@@ -403,12 +403,61 @@ fn build_route(entry: &RouteEntry, default_overwrites: bool) -> Result<Route, St
 
 /// Builds the reply handler a spec describes.
 pub fn build_handler(spec: &HandlerSpec) -> Result<Arc<dyn ReplyHandler>, String> {
-    match spec {
-        HandlerSpec::Echo => Ok(Arc::new(EchoHandler)),
-        other => Err(format!(
-            "handler kind {other:?} is not available in this build"
-        )),
-    }
+    use bitsd_reply_handlers::{
+        CommandConfig, CommandHandler, DigestHandler, HttpNotifyConfig, HttpNotifyHandler,
+        Notification, StaticHandler,
+    };
+    Ok(match spec {
+        HandlerSpec::Echo => Arc::new(EchoHandler),
+        HandlerSpec::Digest => Arc::new(DigestHandler::new()),
+        HandlerSpec::Static {
+            file: Some(file),
+            url: None,
+        } => Arc::new(StaticHandler::file(file.clone())),
+        HandlerSpec::Static {
+            file: None,
+            url: Some(url),
+        } => Arc::new(StaticHandler::url(url.clone()).map_err(|e| format!("static handler: {e}"))?),
+        HandlerSpec::Static { .. } => {
+            return Err("static handler: give exactly one of file or url".into())
+        }
+        HandlerSpec::Command {
+            program,
+            args,
+            timeout_secs,
+            failure_status,
+            env,
+        } => {
+            let mut config = CommandConfig::new(program.clone()).args(args.iter().cloned());
+            for (k, v) in env {
+                config = config.env(k.clone(), v.clone());
+            }
+            if let Some(t) = timeout_secs {
+                config = config.timeout(Duration::from_secs((*t).max(1)));
+            }
+            if let Some(s) = failure_status {
+                config = config.failure_status(*s);
+            }
+            Arc::new(CommandHandler::new(config).map_err(|e| format!("command handler: {e}"))?)
+        }
+        HandlerSpec::Http {
+            url,
+            notification,
+            timeout_secs,
+            data_entity_headers,
+        } => {
+            let mode = match notification.unwrap_or(NotificationMode::ByValue) {
+                NotificationMode::ByValue => Notification::ByValue,
+                NotificationMode::ByReference => Notification::ByReference,
+            };
+            let mut config = HttpNotifyConfig::new(url.clone(), mode)
+                .also_send_data_entity_headers(*data_entity_headers);
+            if let Some(t) = timeout_secs {
+                config = config.timeout(Duration::from_secs((*t).max(1)));
+            }
+            Arc::new(HttpNotifyHandler::new(config).map_err(|e| format!("http handler: {e}"))?)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -441,6 +490,37 @@ mod tests {
         assert_eq!(c.limits.max_upload_size, 10);
         assert_eq!(c.routes.len(), 2);
         assert!(c.routes[0].overwrites_allowed());
+    }
+
+    #[test]
+    fn the_issue_example_works_as_written() {
+        let c = apply(
+            r#"listen = "127.0.0.1:8080"
+data_dir = "./bitsd-data"
+
+[[route]]
+prefix = "/app/"
+mode = "upload-reply"
+handler = { kind = "http", url = "http://127.0.0.1:9000/handle", notification = "by-value", timeout_secs = 300 }
+
+[[route]]
+prefix = "/sum/"
+mode = "upload-reply"
+handler = { kind = "command", program = "sha256sum", args = [] }
+
+[[route]]
+prefix = "/drop/"
+mode = "upload"
+"#,
+        )
+        .unwrap();
+        let prefixes: Vec<_> = c.routes.iter().map(|r| r.prefix().to_owned()).collect();
+        assert_eq!(prefixes, ["/app/", "/sum/", "/drop/"]);
+        let e = apply("[[route]]\nprefix = \"/a/\"\nmode = \"upload-reply\"\nhandler = { kind = \"http\", url = \"https://x/\" }\n").unwrap_err();
+        assert_eq!(e.line, 1, "{e}");
+        assert!(e.message.contains("http"), "{e}");
+        let e = apply("[[route]]\nprefix = \"/a/\"\nmode = \"upload-reply\"\nhandler = { kind = \"static\" }\n").unwrap_err();
+        assert!(e.message.contains("exactly one"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,8 @@ enum Command {
     },
     /// Read a password on standard input and print its argon2 hash for a users file.
     HashPassword,
+    /// Upload a file to a BITS server as a Windows BITS client would (upload or upload-reply).
+    Upload(bitsd_client::UploadArgs),
 }
 
 /// Serving options; each overrides the configuration file.
@@ -88,7 +90,10 @@ fn main() -> ExitCode {
     match &cli.command {
         Some(Command::CheckConfig { file }) => return check_config(file),
         Some(Command::HashPassword) => return hash_password(),
-        None => {}
+        Some(Command::Upload(_)) | None => {}
+    }
+    if let Some(Command::Upload(args)) = cli.command {
+        return upload(args);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -146,6 +151,30 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             eprintln!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn upload(args: bitsd_client::UploadArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bitsd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // run_upload_cli prints the outcome (or the BITS error by name and code) itself.
+    match runtime.block_on(bitsd_client::run_upload_cli(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

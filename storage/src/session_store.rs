@@ -217,7 +217,8 @@ impl SessionStore {
         &self.files_dir
     }
 
-    fn session_dir(&self, id: &SessionId) -> PathBuf {
+    /// A session's private directory (upload, reply, and files its reply handler makes).
+    pub fn session_dir(&self, id: &SessionId) -> PathBuf {
         self.sessions_dir.join(id.simple())
     }
 

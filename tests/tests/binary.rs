@@ -146,3 +146,44 @@ async fn hash_password_and_users_file() {
         .await;
     assert_eq!(res.status, 200);
 }
+
+#[tokio::test]
+async fn upload_subcommand_uploads_and_fetches_the_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc = BitsdProcess::start(&dir.path().join("data"), &[]);
+    let file = dir.path().join("in.bin");
+    let payload = pattern(300_000, 12);
+    std::fs::write(&file, &payload).unwrap();
+    let reply = dir.path().join("reply.bin");
+    let url = format!("http://{}/echo/in.bin", proc.addr);
+    let out = std::process::Command::new(bitsd_binary())
+        .args(["upload", &url])
+        .arg(&file)
+        .arg("--reply-file")
+        .arg(&reply)
+        .args(["--fragment-size", "64K", "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&reply).unwrap(), payload);
+
+    // A fatal BITS error is reported by name and code, with a failing exit status.
+    let url = format!("http://{}/upload/once.bin", proc.addr);
+    let run = || {
+        std::process::Command::new(bitsd_binary())
+            .args(["upload", &url])
+            .arg(&file)
+            .arg("--no-progress")
+            .output()
+            .unwrap()
+    };
+    assert!(run().status.success());
+    let second = run();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("E_ACCESSDENIED (0x80070005)"), "{err}");
+}

@@ -376,6 +376,7 @@ async fn produce_reply(
         content_name: record.content_name.clone(),
         len: record.received,
         path: shared.store.upload_path(&record.id),
+        session_dir: shared.store.session_dir(&record.id),
     };
     let started = std::time::Instant::now();
     // The handler runs in its own task: a panic there fails this attempt, not the server.

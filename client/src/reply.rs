@@ -1,0 +1,425 @@
+//! The reply download of an upload-reply job, done the way a BITS download job does it (§10):
+//! HEAD for the size, ranged GETs, resume from the bytes held after an interruption.
+
+use std::path::PathBuf;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_LENGTH, RANGE};
+use http::Method;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::error::{hresult, BitsFailure, ClientError, ErrorContext, HResult, Request};
+use crate::progress::{JobEvent, JobState};
+use crate::target::Target;
+use crate::uploader::{with_cancel, ReplyDestination, ReplyOutcome, Run};
+
+enum Sink {
+    File {
+        tmp: PathBuf,
+        path: PathBuf,
+        file: tokio::fs::File,
+    },
+    Memory(BytesMut),
+    Writer(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+impl Sink {
+    async fn open(dest: ReplyDestination) -> Result<Sink, ClientError> {
+        Ok(match dest {
+            ReplyDestination::File(path) => {
+                let mut name = path.file_name().unwrap_or_default().to_os_string();
+                name.push(".part");
+                let tmp = path.with_file_name(name);
+                let file = tokio::fs::File::create(&tmp).await.map_err(|source| {
+                    ClientError::LocalFile {
+                        path: tmp.clone(),
+                        source,
+                    }
+                })?;
+                Sink::File { tmp, path, file }
+            }
+            ReplyDestination::Memory => Sink::Memory(BytesMut::new()),
+            ReplyDestination::Writer(w) => Sink::Writer(w),
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        match self {
+            Sink::File { tmp, .. } => tmp.clone(),
+            _ => PathBuf::from("<reply output>"),
+        }
+    }
+
+    async fn write(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        let r = match self {
+            Sink::File { file, .. } => file.write_all(data).await,
+            Sink::Memory(buf) => {
+                buf.extend_from_slice(data);
+                Ok(())
+            }
+            Sink::Writer(w) => w.write_all(data).await,
+        };
+        r.map_err(|source| ClientError::LocalFile {
+            path: self.path(),
+            source,
+        })
+    }
+
+    async fn finish(self) -> Result<(Option<Bytes>, Option<PathBuf>), ClientError> {
+        match self {
+            Sink::File {
+                tmp,
+                path,
+                mut file,
+            } => {
+                let io = |source| ClientError::LocalFile {
+                    path: tmp.clone(),
+                    source,
+                };
+                file.flush().await.map_err(io)?;
+                file.sync_all().await.map_err(io)?;
+                drop(file);
+                tokio::fs::rename(&tmp, &path)
+                    .await
+                    .map_err(|source| ClientError::LocalFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok((None, Some(path)))
+            }
+            Sink::Memory(buf) => Ok((Some(buf.freeze()), None)),
+            Sink::Writer(mut w) => {
+                w.flush().await.map_err(|source| ClientError::LocalFile {
+                    path: PathBuf::from("<reply output>"),
+                    source,
+                })?;
+                Ok((None, None))
+            }
+        }
+    }
+
+    async fn abandon(self) {
+        if let Sink::File { tmp, file, .. } = self {
+            drop(file);
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+    }
+}
+
+fn range_error(request: Request, status: u16, detail: impl Into<String>) -> ClientError {
+    BitsFailure::fatal(
+        hresult::BG_E_INSUFFICIENT_RANGE_SUPPORT,
+        ErrorContext::RemoteFile,
+        Some(request),
+    )
+    .with_status(status)
+    .with_detail(detail)
+    .into()
+}
+
+fn missing_size(request: Request, status: u16, detail: impl Into<String>) -> ClientError {
+    BitsFailure::fatal(
+        hresult::BG_E_MISSING_FILE_SIZE,
+        ErrorContext::RemoteFile,
+        Some(request),
+    )
+    .with_status(status)
+    .with_detail(detail)
+    .into()
+}
+
+fn http_failure(request: Request, status: u16) -> ClientError {
+    BitsFailure::from_response(
+        request,
+        status,
+        HResult::http_error(status),
+        ErrorContext::RemoteFile,
+    )
+    .into()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
+    headers.get(CONTENT_LENGTH).map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or(())
+    })
+}
+
+/// `Content-Range: bytes a-b/total` of a 206.
+fn content_range(headers: &HeaderMap) -> Option<(u64, u64, u64)> {
+    let v = headers
+        .get(http::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (unit, spec) = v.split_once(' ')?;
+    if !unit.eq_ignore_ascii_case("bytes") {
+        return None;
+    }
+    let (range, total) = spec.trim().split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let a = a.trim().parse().ok()?;
+    let b = b.trim().parse().ok()?;
+    let total = total.trim().parse().ok()?;
+    (a <= b && b < total).then_some((a, b, total))
+}
+
+fn base_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(ACCEPT, HeaderValue::from_static("*/*"));
+    h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    h
+}
+
+async fn head(run: &mut Run, target: &Target) -> Result<u64, ClientError> {
+    let req = Request::ReplyHead;
+    let parts = run
+        .http
+        .send_ack(req, Method::HEAD, target, base_headers(), Bytes::new())
+        .await?;
+    let status = parts.status.as_u16();
+    if status != 200 {
+        return Err(http_failure(req, status));
+    }
+    match content_length(&parts.headers) {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(())) => Err(missing_size(req, status, "unparsable Content-Length")),
+        None => Err(missing_size(
+            req,
+            status,
+            "the reply URL answers HEAD without Content-Length",
+        )),
+    }
+}
+
+/// Outcome of one GET.
+enum Got {
+    /// The body ended as announced.
+    Done,
+    /// The transfer broke off (transient); bytes written so far are kept.
+    Interrupted(ClientError),
+}
+
+async fn get(
+    run: &mut Run,
+    target: &Target,
+    sink: &mut Sink,
+    held: &mut u64,
+    size: u64,
+) -> Result<Got, ClientError> {
+    let req = Request::ReplyGet;
+    let end = match run.cfg.reply_chunk_size {
+        Some(n) => size.min(held.saturating_add(n)) - 1,
+        None => size - 1,
+    };
+    let mut headers = base_headers();
+    headers.insert(
+        RANGE,
+        HeaderValue::from_str(&format!("bytes={}-{end}", *held)).map_err(|e| {
+            ClientError::InvalidUrl {
+                url: target.to_string(),
+                reason: e.to_string(),
+            }
+        })?,
+    );
+    let resp = match run
+        .http
+        .send(req, Method::GET, target, headers, Bytes::new())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.is_transient() => return Ok(Got::Interrupted(e)),
+        Err(e) => return Err(e),
+    };
+    let status = resp.status().as_u16();
+    let expect = match status {
+        206 => {
+            let Some((a, b, total)) = content_range(resp.headers()) else {
+                run.http.reset();
+                return Err(range_error(
+                    req,
+                    status,
+                    "206 without a usable Content-Range",
+                ));
+            };
+            if a != *held || b > end || total != size {
+                run.http.reset();
+                return Err(range_error(
+                    req,
+                    status,
+                    format!(
+                        "asked for bytes {}-{end}/{size}, got Content-Range bytes {a}-{b}/{total}",
+                        *held
+                    ),
+                ));
+            }
+            let expect = b - a + 1;
+            if let Some(cl) = content_length(resp.headers()) {
+                if cl != Ok(expect) {
+                    run.http.reset();
+                    return Err(range_error(
+                        req,
+                        status,
+                        "Content-Length does not match Content-Range",
+                    ));
+                }
+            }
+            expect
+        }
+        200 => {
+            if *held != 0 {
+                run.http.reset();
+                return Err(range_error(
+                    req,
+                    status,
+                    format!(
+                        "asked to resume at byte {}, got the whole reply (200)",
+                        *held
+                    ),
+                ));
+            }
+            match content_length(resp.headers()) {
+                Some(Ok(n)) if n == size => size,
+                Some(Ok(n)) => {
+                    run.http.reset();
+                    return Err(range_error(
+                        req,
+                        status,
+                        format!("HEAD said {size} bytes, GET sends {n}"),
+                    ));
+                }
+                _ => {
+                    run.http.reset();
+                    return Err(missing_size(req, status, "200 without Content-Length"));
+                }
+            }
+        }
+        _ => {
+            run.http.reset();
+            let e = http_failure(req, status);
+            return if e.is_transient() {
+                Ok(Got::Interrupted(e))
+            } else {
+                Err(e)
+            };
+        }
+    };
+    let timeout = run.http.request_timeout();
+    let url = target.to_string();
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => {
+                run.http.reset();
+                return Ok(Got::Interrupted(ClientError::timeout(req, &url, timeout)));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                run.http.reset();
+                return Ok(Got::Interrupted(ClientError::transport(req, &url, e)));
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if got + data.len() as u64 > expect {
+            run.http.reset();
+            return Err(range_error(
+                req,
+                status,
+                "more bytes than the range announced",
+            ));
+        }
+        sink.write(&data).await?;
+        got += data.len() as u64;
+        *held += data.len() as u64;
+        run.failures = 0;
+        run.progress.reply.bytes_transferred = *held;
+        run.report();
+    }
+    if got < expect {
+        run.http.reset();
+        return Ok(Got::Interrupted(ClientError::transport(
+            req,
+            &url,
+            format!("body ended after {got} of {expect} bytes"),
+        )));
+    }
+    Ok(Got::Done)
+}
+
+/// Downloads the reply at `url` (relative URLs resolve against `base`) into `dest`.
+pub(crate) async fn download(
+    run: &mut Run,
+    base: &Target,
+    url: &str,
+    dest: ReplyDestination,
+) -> Result<ReplyOutcome, ClientError> {
+    let target = base.resolve(url)?;
+    let token = run.cancel_token();
+    run.set_state(JobState::Transferring);
+    let size = loop {
+        match with_cancel(&token, head(run, &target)).await {
+            Ok(n) => break n,
+            Err(e) => run.recover(e).await?,
+        }
+    };
+    run.failures = 0;
+    run.progress.reply.bytes_total = size;
+    run.progress.reply.bytes_transferred = 0;
+    run.report();
+    run.event(JobEvent::ReplyStarted {
+        url: target.to_string(),
+        size,
+    });
+    let mut sink = Sink::open(dest).await?;
+    let result = fetch(run, &target, &mut sink, size).await;
+    match result {
+        Ok(()) => {
+            let (bytes, path) = sink.finish().await?;
+            Ok(ReplyOutcome {
+                url: target.to_string(),
+                size,
+                bytes,
+                path,
+            })
+        }
+        Err(e) => {
+            sink.abandon().await;
+            Err(e)
+        }
+    }
+}
+
+async fn fetch(
+    run: &mut Run,
+    target: &Target,
+    sink: &mut Sink,
+    size: u64,
+) -> Result<(), ClientError> {
+    let token = run.cancel_token();
+    let mut held = 0u64;
+    let mut interrupted = false;
+    while held < size {
+        if interrupted {
+            run.event(JobEvent::ReplyResumed { offset: held });
+        }
+        run.set_state(JobState::Transferring);
+        match with_cancel(&token, get(run, target, sink, &mut held, size)).await? {
+            Got::Done => interrupted = false,
+            Got::Interrupted(e) => {
+                interrupted = true;
+                run.recover(e).await?;
+            }
+        }
+    }
+    Ok(())
+}

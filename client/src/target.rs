@@ -1,0 +1,177 @@
+//! Where requests go: an `http://` URL split into what the connection and the request head need.
+
+use std::fmt;
+
+use http::uri::{Authority, Uri};
+
+use crate::error::ClientError;
+
+/// A parsed absolute `http://` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    /// Host as written in a URL (IPv6 literals keep their brackets).
+    host: String,
+    /// TCP port (80 when the URL names none).
+    port: u16,
+    /// Whether the URL named the port (decides the `Host` header form).
+    explicit_port: bool,
+    /// Path and query, origin form (`/upload/a.bin?x=1`).
+    path: String,
+}
+
+impl Target {
+    /// Parses an absolute `http://` URL. `https://` is refused with
+    /// [`ClientError::UnsupportedScheme`].
+    pub(crate) fn parse(url: &str) -> Result<Target, ClientError> {
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = url
+            .trim()
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+        match uri.scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("http") => {}
+            Some(s) if s.eq_ignore_ascii_case("https") => {
+                return Err(ClientError::UnsupportedScheme {
+                    url: url.to_owned(),
+                })
+            }
+            Some(_) => return Err(invalid("only http:// URLs are supported")),
+            None => return Err(invalid("not an absolute URL (http://host/path)")),
+        }
+        let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid(
+                "credentials in the URL are not supported; pass them separately",
+            ));
+        }
+        if authority.host().is_empty() {
+            return Err(invalid("no host"));
+        }
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "/".to_owned());
+        Ok(Target {
+            host: authority.host().to_owned(),
+            port: authority.port_u16().unwrap_or(80),
+            explicit_port: authority.port_u16().is_some(),
+            path,
+        })
+    }
+
+    /// Resolves a URL the server sent (a reply URL): absolute, or a path on this target's host.
+    pub(crate) fn resolve(&self, url: &str) -> Result<Target, ClientError> {
+        if url.starts_with('/') && !url.starts_with("//") {
+            let mut t = self.clone();
+            t.path = url.to_owned();
+            Ok(t)
+        } else {
+            Target::parse(url)
+        }
+    }
+
+    /// This URL with its host replaced by a `BITS-Host-Id` value (§8). The Host-Id is a server
+    /// name or IP address; if it also names a port (`node7:8080`), the port is replaced too.
+    pub(crate) fn with_host_id(&self, host_id: &str) -> Result<Target, ClientError> {
+        let host_id = host_id.trim();
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: host_id.to_owned(),
+            reason: format!("unusable BITS-Host-Id: {reason}"),
+        };
+        if host_id.is_empty() {
+            return Err(invalid("empty"));
+        }
+        // A bare IPv6 address: bracket it.
+        let candidate = if host_id.matches(':').count() > 1 && !host_id.starts_with('[') {
+            format!("[{host_id}]")
+        } else {
+            host_id.to_owned()
+        };
+        let authority: Authority = candidate
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+        if authority.as_str().contains('@') || authority.host().is_empty() {
+            return Err(invalid("not a host name"));
+        }
+        let mut t = self.clone();
+        t.host = authority.host().to_owned();
+        if let Some(port) = authority.port_u16() {
+            t.port = port;
+            t.explicit_port = true;
+        }
+        Ok(t)
+    }
+
+    /// Host and port to connect to (IPv6 without brackets).
+    pub(crate) fn connect_addr(&self) -> (&str, u16) {
+        let h = self.host.trim_start_matches('[').trim_end_matches(']');
+        (h, self.port)
+    }
+
+    /// `host:port`, the key for connection reuse.
+    pub(crate) fn authority_key(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The `Host` header value.
+    pub(crate) fn host_header(&self) -> String {
+        if self.explicit_port && self.port != 80 {
+            format!("{}:{}", self.host, self.port)
+        } else {
+            self.host.clone()
+        }
+    }
+
+    /// The request target (origin form).
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.host_header(), self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_rewrite() {
+        let t = Target::parse("http://bits.example.test:8080/upload/a.bin?x=1").expect("url");
+        assert_eq!(t.connect_addr(), ("bits.example.test", 8080));
+        assert_eq!(t.path(), "/upload/a.bin?x=1");
+        assert_eq!(t.host_header(), "bits.example.test:8080");
+        let n = t.with_host_id("node7.bits.example.test").expect("host id");
+        assert_eq!(
+            n.to_string(),
+            "http://node7.bits.example.test:8080/upload/a.bin?x=1"
+        );
+        let n = t.with_host_id("10.0.0.7:9000").expect("host id");
+        assert_eq!(n.connect_addr(), ("10.0.0.7", 9000));
+        let n = t.with_host_id("::1").expect("host id");
+        assert_eq!(n.connect_addr(), ("::1", 8080));
+        assert_eq!(n.host_header(), "[::1]:8080");
+        let d = Target::parse("http://h/x").expect("url");
+        assert_eq!((d.port, d.host_header().as_str()), (80, "h"));
+        assert!(matches!(
+            Target::parse("https://h/x"),
+            Err(ClientError::UnsupportedScheme { .. })
+        ));
+        assert!(Target::parse("/relative").is_err());
+        assert!(Target::parse("ftp://h/x").is_err());
+        let r = t
+            .resolve("/echo/BITS-Sessions/1/response")
+            .expect("resolve");
+        assert_eq!(
+            r.to_string(),
+            "http://bits.example.test:8080/echo/BITS-Sessions/1/response"
+        );
+    }
+}
