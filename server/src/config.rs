@@ -50,6 +50,8 @@ pub struct ConfigFile {
     pub admin_listen: Option<String>,
     /// Base of reply URLs (`https://bits.example.com`).
     pub public_url: Option<String>,
+    /// Believe `X-Forwarded-Proto` / `X-Forwarded-Host` (only behind a proxy that sets them).
+    pub trust_forwarded_headers: Option<bool>,
     /// BITSMaximumUploadSize in bytes.
     pub max_upload_size: Option<u64>,
     /// Largest fragment in bytes (413 above it).
@@ -249,6 +251,9 @@ impl ConfigFile {
                 ));
             }
             config.public_base_url = Some(u);
+        }
+        if let Some(t) = self.trust_forwarded_headers {
+            config.trust_forwarded_headers = t;
         }
         if let Some(n) = self.max_upload_size {
             config.limits.max_upload_size = n;

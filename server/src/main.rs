@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Base of reply URLs (e.g. https://bits.example.com) when clients reach bitsd through a proxy.
     #[arg(long, env = "BITSD_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Build reply URLs from X-Forwarded-Proto / X-Forwarded-Host (only behind a proxy that sets them).
+    #[arg(long)]
+    trust_forwarded_headers: bool,
     /// Largest accepted upload in bytes (BITSMaximumUploadSize) [default: unlimited].
     #[arg(long)]
     max_upload_size: Option<u64>,
@@ -218,6 +221,9 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
     }
     if let Some(u) = &args.public_url {
         config.public_base_url = Some(u.clone());
+    }
+    if args.trust_forwarded_headers {
+        config.trust_forwarded_headers = true;
     }
     if let Some(n) = args.max_upload_size {
         config.limits.max_upload_size = n;

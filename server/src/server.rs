@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Base of reply URLs, when clients reach the server under another name.
     pub public_base_url: Option<String>,
+    /// Believe `X-Forwarded-Proto` / `X-Forwarded-Host` (behind a proxy that sets them).
+    pub trust_forwarded_headers: bool,
     /// Upload and fragment size limits.
     pub limits: UploadLimits,
     /// `BITS-Host-Id` for server farms.
@@ -96,6 +98,7 @@ impl Default for ServerConfig {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
             data_dir: PathBuf::from("bitsd-data"),
             public_base_url: None,
+            trust_forwarded_headers: false,
             limits: UploadLimits::default(),
             host_id: None,
             host_id_fallback_timeout: None,
@@ -202,6 +205,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .authenticator(config.auth.as_ref().map(|a| a.0.clone()))
         .https(tls.is_some())
         .public_base_url(config.public_base_url.clone())
+        .trust_forwarded_headers(config.trust_forwarded_headers)
         .host_id(config.host_id.clone(), config.host_id_fallback_timeout);
     for r in config.routes.iter().cloned() {
         builder = builder.route(r);

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::body::ResponseBody;
+use crate::request_url::UrlPolicy;
 use crate::routes::{Route, RouteTable};
 use crate::session_limits::{SessionCounts, SessionLimits};
 use crate::session_locks::SessionLocks;
@@ -28,12 +29,11 @@ pub(crate) struct Shared {
     pub(crate) routes: RouteTable,
     pub(crate) locks: SessionLocks,
     pub(crate) limits: UploadLimits,
-    pub(crate) public_base_url: Option<String>,
+    pub(crate) urls: UrlPolicy,
     pub(crate) host_id: Option<(HeaderValue, Option<u32>)>,
     pub(crate) auth: Option<Arc<dyn Authenticator>>,
     pub(crate) session_limits: SessionLimits,
     pub(crate) counts: tokio::sync::OnceCell<SessionCounts>,
-    pub(crate) https: bool,
 }
 
 impl Shared {
@@ -69,12 +69,11 @@ pub struct BitsServiceBuilder {
     store: SessionStore,
     routes: Vec<Route>,
     limits: UploadLimits,
-    public_base_url: Option<String>,
+    urls: UrlPolicy,
     host_id: Option<String>,
     host_id_fallback_timeout: Option<u32>,
     auth: Option<Arc<dyn Authenticator>>,
     session_limits: SessionLimits,
-    https: bool,
 }
 
 impl std::fmt::Debug for BitsServiceBuilder {
@@ -118,7 +117,27 @@ impl BitsServiceBuilder {
     /// Reply URLs start with this base (`https://bits.example.com`) instead of the request's
     /// scheme and `Host`; for servers behind a reverse proxy.
     pub fn public_base_url(mut self, url: Option<String>) -> Self {
-        self.public_base_url = url.map(|u| u.trim_end_matches('/').to_owned());
+        self.urls.public_base_url = url.map(|u| u.trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// The path under which a host application mounts this service (e.g. axum's
+    /// `Router::nest_service("/bits", svc)`, which strips it from requests): reply URLs and
+    /// remote URLs get it back.
+    pub fn mount_path(mut self, path: &str) -> Self {
+        let trimmed = path.trim_matches('/');
+        self.urls.mount_path = if trimmed.is_empty() {
+            String::new()
+        } else {
+            format!("/{trimmed}")
+        };
+        self
+    }
+
+    /// Believe `X-Forwarded-Proto` and `X-Forwarded-Host` when building URLs. Turn it on only
+    /// behind a reverse proxy that sets (and overwrites) them.
+    pub fn trust_forwarded_headers(mut self, trust: bool) -> Self {
+        self.urls.trust_forwarded = trust;
         self
     }
 
@@ -144,7 +163,7 @@ impl BitsServiceBuilder {
 
     /// Reply URLs use `https` when no public base URL is set (the listener terminates TLS).
     pub fn https(mut self, https: bool) -> Self {
-        self.https = https;
+        self.urls.https = https;
         self
     }
 
@@ -172,12 +191,11 @@ impl BitsServiceBuilder {
                 routes: RouteTable::new(self.routes),
                 locks: SessionLocks::default(),
                 limits: self.limits,
-                public_base_url: self.public_base_url,
+                urls: self.urls,
                 host_id,
                 auth: self.auth,
                 session_limits: self.session_limits,
                 counts: tokio::sync::OnceCell::new(),
-                https: self.https,
             }),
         })
     }
@@ -243,12 +261,11 @@ impl BitsService {
             store,
             routes: Vec::new(),
             limits: UploadLimits::default(),
-            public_base_url: None,
+            urls: UrlPolicy::default(),
             host_id: None,
             host_id_fallback_timeout: None,
             auth: None,
             session_limits: SessionLimits::default(),
-            https: false,
         }
     }
 

@@ -170,3 +170,61 @@ async fn closure_handlers_and_handler_errors() {
         "the upload is kept for the next attempt"
     );
 }
+
+#[tokio::test]
+async fn mount_path_and_forwarded_headers_shape_reply_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SessionStore::open(dir.path()).await.unwrap();
+    let svc = BitsService::builder(store)
+        .route(Route::upload_reply("/echo/", EchoHandler))
+        .mount_path("/bits/")
+        .trust_forwarded_headers(true)
+        .build()
+        .unwrap();
+    let create = bits(
+        "/echo/a",
+        &[
+            ("BITS-Packet-Type", "Create-Session"),
+            (
+                "BITS-Supported-Protocols",
+                "{7df0354d-249b-430f-820d-3d2a9bef4931}",
+            ),
+            ("Host", "internal:8080"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "bits.example.com"),
+        ],
+        b"",
+    );
+    let res = call(&svc, create).await;
+    let sid = res.headers()["bits-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let res = call(
+        &svc,
+        bits(
+            "/echo/a",
+            &[
+                ("BITS-Packet-Type", "Fragment"),
+                ("BITS-Session-Id", &sid),
+                ("Content-Range", "bytes 0-1/2"),
+                ("Host", "internal:8080"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "bits.example.com"),
+            ],
+            b"hi",
+        ),
+    )
+    .await;
+    let id: SessionId = sid.parse().unwrap();
+    assert_eq!(
+        res.headers()["bits-reply-url"],
+        format!(
+            "https://bits.example.com/bits/echo/BITS-Sessions/{}/response",
+            id.simple()
+        )
+        .as_str()
+    );
+    let p = svc.progress(&id).await.unwrap().unwrap();
+    assert_eq!(p.url, "https://bits.example.com/bits/echo/a");
+}

@@ -35,7 +35,7 @@ pub(super) async fn handle(
     }
     let id = SessionId::random();
     tracing::Span::current().record("session", tracing::field::display(id));
-    let origin = RequestOrigin::of(parts, shared.https);
+    let origin = RequestOrigin::of(parts, &shared.urls);
     let mut record = SessionRecord::new(
         id,
         route.prefix().to_owned(),

@@ -457,10 +457,7 @@ async fn produce_reply(
         }
     };
     if let Some(kind) = kind {
-        let base = match &shared.public_base_url {
-            Some(base) => base.clone(),
-            None => RequestOrigin::of(parts, shared.https).base(),
-        };
+        let base = RequestOrigin::of(parts, &shared.urls).reply_base(&shared.urls);
         let url = format!("{base}{}", route.reply_path(&id.simple()));
         record.reply = Some(ReplyRecord {
             url,
