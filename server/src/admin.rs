@@ -1,4 +1,5 @@
-//! The admin listener: session progress as JSON (`GET /sessions`, `GET /sessions/{id}`).
+//! The admin listener: session progress as JSON (`GET /sessions`, `GET /sessions/{id}`),
+//! Prometheus metrics (`GET /metrics`), liveness (`GET /healthz`) and readiness (`GET /readyz`).
 //! It binds to loopback by default and must not be exposed to clients.
 
 use std::convert::Infallible;
@@ -42,7 +43,35 @@ pub async fn handle_admin<B>(
         ));
     }
     let path = req.uri().path().trim_end_matches('/');
-    let res = if path == "/sessions" {
+    let res = if path == "/healthz" {
+        plain(StatusCode::OK, "ok\n")
+    } else if path == "/readyz" {
+        if bits.ready().await {
+            plain(StatusCode::OK, "ready\n")
+        } else {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "store not ready\n")
+        }
+    } else if path == "/metrics" {
+        match bits.metrics_text().await {
+            Ok(text) => {
+                let len = text.len();
+                let mut res = Response::new(ResponseBody::full(Bytes::from(text)));
+                res.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                res.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+                res
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin: metrics failed");
+                plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
+            }
+        }
+    } else if path == "/sessions" {
         match bits.all_progress().await {
             Ok(all) => json(StatusCode::OK, &all),
             Err(e) => {

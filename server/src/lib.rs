@@ -18,6 +18,7 @@ pub mod auth;
 mod body;
 pub mod config;
 mod destination;
+mod metrics;
 mod packets;
 mod reply_download;
 mod request_url;

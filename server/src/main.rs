@@ -22,6 +22,15 @@ struct Cli {
     serve: ServeArgs,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line, with the request span's fields (packet, session, user).
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate a configuration file and explain what is wrong, with its line.
@@ -38,6 +47,9 @@ enum Command {
 /// Serving options; each overrides the configuration file.
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value = "text", env = "BITSD_LOG_FORMAT")]
+    log_format: LogFormat,
     /// TOML configuration file (see README); flags override it.
     #[arg(long, env = "BITSD_CONFIG")]
     config: Option<PathBuf>,
@@ -98,11 +110,20 @@ fn main() -> ExitCode {
     if let Some(Command::Upload(args)) = cli.command {
         return upload(args);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match cli.serve.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .init(),
+    }
     let config = match server_config(&cli.serve) {
         Ok(c) => c,
         Err(e) => {

@@ -232,6 +232,7 @@ async fn record_delivery(
     if reply.created_ms != created_ms {
         return;
     }
+    shared.metrics.reply_served(end - start);
     reply.delivered.insert(start, end);
     tracing::debug!(session = %id, start, end, transferred = reply.delivered.covered(), "reply bytes delivered");
     if let Err(e) = shared.store.save_lazy(&record).await {

@@ -34,6 +34,7 @@ pub(crate) struct Shared {
     pub(crate) auth: Option<Arc<dyn Authenticator>>,
     pub(crate) session_limits: SessionLimits,
     pub(crate) counts: tokio::sync::OnceCell<SessionCounts>,
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -196,6 +197,7 @@ impl BitsServiceBuilder {
                 auth: self.auth,
                 session_limits: self.session_limits,
                 counts: tokio::sync::OnceCell::new(),
+                metrics: crate::metrics::Metrics::new(),
             }),
         })
     }
@@ -290,6 +292,38 @@ impl BitsService {
         let mut records = self.shared.store.list().await?;
         records.sort_by_key(|r| r.created_ms);
         Ok(records.iter().map(SessionProgress::of).collect())
+    }
+
+    /// Prometheus text exposition of the server's metrics (sessions by state, bytes, fragments
+    /// by outcome, errors by `BITS-Error-Code`, reply bytes, handler latency, sled size).
+    pub async fn metrics_text(&self) -> Result<String, StorageError> {
+        let records = self.shared.store.list().await?;
+        let states = [
+            bitsd_storage::SessionState::Receiving,
+            bitsd_storage::SessionState::Complete,
+            bitsd_storage::SessionState::ReplyReady,
+            bitsd_storage::SessionState::Closed,
+            bitsd_storage::SessionState::Cancelled,
+        ]
+        .map(|st| {
+            (
+                st.as_str(),
+                records.iter().filter(|r| r.state == st).count() as i64,
+            )
+        });
+        Ok(self
+            .shared
+            .metrics
+            .render(&states, self.shared.store.meta().size_on_disk()))
+    }
+
+    /// Whether the store answers (for `/readyz`).
+    pub async fn ready(&self) -> bool {
+        self.shared
+            .store
+            .load(&SessionId::from_uuid(uuid::Uuid::nil()))
+            .await
+            .is_ok()
     }
 
     /// Removes every session (live or tombstone) idle for longer than `idle`, with its upload,

@@ -15,6 +15,7 @@ use http::request::Parts;
 use http::HeaderValue;
 use http_body_util::BodyExt;
 
+use crate::metrics::FragmentOutcome;
 use crate::request_url::RequestOrigin;
 use crate::routes::Route;
 use crate::service::{error_ack, storage_failure, BoxError, Shared};
@@ -53,7 +54,10 @@ where
     let id = packet.session_id;
     match process(shared, route, user, parts, packet, body).await {
         Ok(ack) => ack,
-        Err(f) => error_ack(&f.error, None, f.received).session(&id),
+        Err(f) => {
+            shared.metrics.fragment(FragmentOutcome::Failed, 0);
+            error_ack(&f.error, None, f.received).session(&id)
+        }
     }
 }
 
@@ -91,6 +95,7 @@ where
     let idle = shared.session_limits.body_idle_timeout;
     match decision {
         FragmentDecision::Gap { received } => {
+            shared.metrics.fragment(FragmentOutcome::Gap, 0);
             tracing::info!(
                 first = packet.range.first,
                 received,
@@ -106,6 +111,7 @@ where
                 .take()
                 .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
             drain(body, packet.range.len, idle).await?;
+            shared.metrics.fragment(FragmentOutcome::AlreadyHeld, 0);
             record.touch();
             if final_resend {
                 tracing::info!("re-sent final fragment");
@@ -163,6 +169,7 @@ where
                     error: storage_failure(e),
                     received: None,
                 })?;
+            shared.metrics.fragment(FragmentOutcome::Stored, write.len);
             tracing::debug!(
                 received = record.received,
                 total = write.total,
@@ -391,6 +398,7 @@ async fn produce_reply(
             return Err(BitsError::backend_status(500));
         }
     };
+    shared.metrics.handler_latency(started.elapsed());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, body = ?reply.body, "reply handler answered");
     if reply.commit_upload {
         commit(shared, route, record).await?;

@@ -33,6 +33,17 @@ where
         discard_unread(unread).await;
     }
     tracing::debug!(status = ack.status().as_u16(), "ack");
+    let kind = parts
+        .headers
+        .get(bitsd_protocol::header::BITS_PACKET_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<bitsd_protocol::PacketType>().ok())
+        .map_or("invalid", |t| t.as_str());
+    let code = ack
+        .headers()
+        .get(bitsd_protocol::header::BITS_ERROR_CODE)
+        .and_then(|v| v.to_str().ok());
+    shared.metrics.packet(kind, ack.status().as_u16(), code);
     ack.into_response()
 }
 

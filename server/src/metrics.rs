@@ -1,0 +1,170 @@
+//! Prometheus metrics, served as text on the admin listener's `/metrics`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    packet: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// What a fragment did.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum FragmentOutcome {
+    /// New bytes stored.
+    Stored,
+    /// Every byte was held already (a resend).
+    AlreadyHeld,
+    /// 416: the fragment started past what is held.
+    Gap,
+    /// Refused or failed.
+    Failed,
+}
+
+/// The server's counters.
+pub(crate) struct Metrics {
+    registry: Registry,
+    packets: Family<PacketLabels, Counter>,
+    errors: Family<CodeLabels, Counter>,
+    fragments: Family<OutcomeLabels, Counter>,
+    upload_bytes: Counter,
+    reply_bytes: Counter,
+    handler_seconds: Histogram,
+    sessions: Family<StateLabels, Gauge>,
+    meta_bytes: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("bitsd");
+        let packets = Family::<PacketLabels, Counter>::default();
+        registry.register(
+            "packets",
+            "BITS_POST packets answered, by packet type and status",
+            packets.clone(),
+        );
+        let errors = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "errors",
+            "Error Acks sent, by BITS-Error-Code",
+            errors.clone(),
+        );
+        let fragments = Family::<OutcomeLabels, Counter>::default();
+        registry.register("fragments", "Fragments, by outcome", fragments.clone());
+        let upload_bytes = Counter::default();
+        registry.register(
+            "upload_bytes_received",
+            "Upload bytes stored and acknowledged",
+            upload_bytes.clone(),
+        );
+        let reply_bytes = Counter::default();
+        registry.register(
+            "reply_bytes_served",
+            "Reply bytes handed to clients",
+            reply_bytes.clone(),
+        );
+        let handler_seconds = Histogram::new(exponential_buckets(0.001, 4.0, 10));
+        registry.register(
+            "reply_handler_seconds",
+            "Reply handler latency",
+            handler_seconds.clone(),
+        );
+        let sessions = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "sessions",
+            "Sessions in the store, by state",
+            sessions.clone(),
+        );
+        let meta_bytes = Gauge::default();
+        registry.register(
+            "meta_store_bytes",
+            "Size of the meta store (sled) on disk",
+            meta_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            packets,
+            errors,
+            fragments,
+            upload_bytes,
+            reply_bytes,
+            handler_seconds,
+            sessions,
+            meta_bytes,
+        }
+    }
+
+    pub(crate) fn packet(&self, packet: &str, status: u16, error_code: Option<&str>) {
+        self.packets
+            .get_or_create(&PacketLabels {
+                packet: packet.to_owned(),
+                status,
+            })
+            .inc();
+        if let Some(code) = error_code {
+            self.errors
+                .get_or_create(&CodeLabels {
+                    code: code.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    pub(crate) fn fragment(&self, outcome: FragmentOutcome, stored_bytes: u64) {
+        let outcome = match outcome {
+            FragmentOutcome::Stored => "stored",
+            FragmentOutcome::AlreadyHeld => "already_held",
+            FragmentOutcome::Gap => "gap",
+            FragmentOutcome::Failed => "failed",
+        };
+        self.fragments
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.upload_bytes.inc_by(stored_bytes);
+    }
+
+    pub(crate) fn reply_served(&self, bytes: u64) {
+        self.reply_bytes.inc_by(bytes);
+    }
+
+    pub(crate) fn handler_latency(&self, elapsed: Duration) {
+        self.handler_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition, after setting the gauges from `states` and `meta_bytes`.
+    pub(crate) fn render(&self, states: &[(&'static str, i64)], meta_bytes: Option<u64>) -> String {
+        for (state, n) in states {
+            self.sessions.get_or_create(&StateLabels { state }).set(*n);
+        }
+        if let Some(b) = meta_bytes {
+            self.meta_bytes.set(i64::try_from(b).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
