@@ -31,7 +31,12 @@ mod session_locks;
 pub use admin::handle_admin;
 pub use auth::{AuthChallenge, Authenticator, CredentialsAuthenticator};
 pub use bitsd_protocol as protocol;
-pub use bitsd_reply_handlers::{EchoHandler, HandlerError, Reply, ReplyBody, ReplyHandler, Upload};
+pub use bitsd_reply_handlers as reply_handlers;
+pub use bitsd_reply_handlers::{
+    CommandConfig, CommandHandler, DigestHandler, EchoHandler, HandlerError, HttpNotifyConfig,
+    HttpNotifyHandler, Notification, Reply, ReplyBody, ReplyHandler, StaticHandler, Upload,
+};
+pub use bitsd_storage as storage;
 pub use bitsd_storage::{SessionStore, StorageError, UploadMode};
 pub use body::ResponseBody;
 pub use routes::Route;

@@ -258,6 +258,25 @@ impl SessionProgress {
 
 impl BitsService {
     /// Starts building a service over `store`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let store = bitsd::SessionStore::open(dir.path()).await?;
+    /// let service = bitsd::BitsService::builder(store)
+    ///     .route(bitsd::Route::upload("/upload/"))
+    ///     // Any async closure from Upload to Result<Reply, HandlerError> is a reply handler.
+    ///     .route(bitsd::Route::upload_reply("/size/", |u: bitsd::Upload| async move {
+    ///         Ok::<_, bitsd::HandlerError>(bitsd::Reply::bytes(format!("{} bytes", u.len)))
+    ///     }))
+    ///     .mount_path("/bits")
+    ///     .build()?;
+    /// // `service` is a hyper and a tower Service: serve it, layer it, or nest it in axum.
+    /// # drop(service);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder(store: SessionStore) -> BitsServiceBuilder {
         BitsServiceBuilder {
             store,
