@@ -187,3 +187,31 @@ async fn upload_subcommand_uploads_and_fetches_the_reply() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("E_ACCESSDENIED (0x80070005)"), "{err}");
 }
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = bitsd_tests::fixtures_dir()
+        .join("..")
+        .join("bitsd.example.toml");
+    let out = std::process::Command::new(bitsd_binary())
+        .arg("check-config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for prefix in [
+        "/upload/",
+        "/echo/",
+        "/receipt/",
+        "/sum/",
+        "/app/",
+        "/update/",
+    ] {
+        assert!(text.contains(prefix), "{text}");
+    }
+}
