@@ -215,3 +215,48 @@ fn the_shipped_example_config_is_valid() {
         assert!(text.contains(prefix), "{text}");
     }
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_lets_the_in_flight_fragment_finish_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let proc = BitsdProcess::start(&data_dir, &[]);
+    let addr = proc.addr;
+    let mut c = RawClient::connect(addr).await;
+    let sid = c.create_session("/echo/t.bin").await;
+    let data = pattern(100_000, 3);
+    let head = format!(
+        "BITS_POST /echo/t.bin HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\nBITS-Session-Id: {sid}\r\n\
+         Content-Range: bytes 0-99999/100000\r\nContent-Length: 100000\r\n\r\n"
+    );
+    c.write(head.as_bytes()).await;
+    c.write(&data[..50_000]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let exit = tokio::task::spawn_blocking(move || proc.terminate());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // New connections are no longer accepted...
+    assert!(
+        RawClient::try_connect(addr).await.is_err(),
+        "listener closed after SIGTERM"
+    );
+    // ...but the fragment in flight completes and is acknowledged.
+    c.write(&data[50_000..]).await;
+    let res = c.read_response(false).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.header("bits-reply-url").is_some());
+    assert!(exit.await.unwrap(), "exit status 0");
+    // The data directory opens cleanly and holds the completed session.
+    let proc = BitsdProcess::start(&data_dir, &[]);
+    let mut c = RawClient::connect(proc.addr).await;
+    let again = c.fragment("/echo/t.bin", &sid, &data, 99_000, 1000).await;
+    assert_eq!(again.status, 200);
+    let reply = c
+        .get(
+            "GET",
+            &url_path(again.header("bits-reply-url").unwrap()),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.body, data);
+}

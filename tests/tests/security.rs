@@ -303,3 +303,26 @@ async fn slowloris_headers_are_cut_off() {
     );
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_their_turn() {
+    let server = TestServer::start_with(|cfg| cfg.max_connections = 2).await;
+    let mut first = server.connect().await;
+    let second = server.connect().await;
+    // Both slots are taken (the first connection is served: make sure it was accepted).
+    let ping = b"BITS_POST /echo/x HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Ping\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(first.send(ping).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = server.connect().await;
+    third.write(ping).await;
+    let waited = tokio::time::timeout(Duration::from_millis(700), third.read_response(false)).await;
+    assert!(
+        waited.is_err(),
+        "a third connection is not served while two are open"
+    );
+    drop(second);
+    let res = tokio::time::timeout(Duration::from_secs(5), third.read_response(false))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "served once a slot frees up");
+}
