@@ -387,7 +387,10 @@ async fn produce_reply(
     };
     let started = std::time::Instant::now();
     // The handler runs in its own task: a panic there fails this attempt, not the server.
-    let reply = match tokio::spawn(handler.reply(upload)).await {
+    // `reply` itself is called inside the task too, so a panic before the handler returns
+    // its future is caught as well.
+    let handler = handler.clone();
+    let reply = match tokio::spawn(async move { handler.reply(upload).await }).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "reply handler failed");
