@@ -10,11 +10,72 @@ use crate::{FragmentEntry, MetaStore, SessionRecord, StorageError};
 
 /// Session records and fragment index in a sled database: tree `sessions` (id → JSON record)
 /// and tree `fragments` (id ‖ offset → len ‖ crc32c).
+///
+/// Durable writes are group-committed: concurrent callers that need a flush share one sled
+/// flush (one fsync) instead of queueing one each.
 #[derive(Clone, Debug)]
 pub struct SledMetaStore {
     db: sled::Db,
     sessions: sled::Tree,
     fragments: sled::Tree,
+    flusher: std::sync::Arc<GroupFlush>,
+}
+
+/// Group commit: a ticket per durable write; one flush covers every ticket taken before it
+/// started.
+#[derive(Debug, Default)]
+struct GroupFlush {
+    state: std::sync::Mutex<FlushState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct FlushState {
+    /// Tickets handed out.
+    requested: u64,
+    /// Every ticket up to this one is durable.
+    flushed: u64,
+    /// A flush is running.
+    running: bool,
+    /// The last flush failed (its error, for the tickets it covered).
+    failed: Option<(u64, String)>,
+}
+
+impl GroupFlush {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn flush(&self, db: &sled::Db) -> Result<(), StorageError> {
+        let mut st = self.lock();
+        st.requested += 1;
+        let ticket = st.requested;
+        loop {
+            if st.flushed >= ticket {
+                return Ok(());
+            }
+            if let Some((upto, why)) = &st.failed {
+                if *upto >= ticket {
+                    return Err(StorageError::Meta(why.clone()));
+                }
+            }
+            if !st.running {
+                st.running = true;
+                let target = st.requested;
+                drop(st);
+                let result = db.flush();
+                st = self.lock();
+                st.running = false;
+                match result {
+                    Ok(_) => st.flushed = st.flushed.max(target),
+                    Err(e) => st.failed = Some((target, e.to_string())),
+                }
+                self.done.notify_all();
+            } else {
+                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
 }
 
 fn meta_err(e: sled::Error) -> StorageError {
@@ -64,6 +125,7 @@ impl SledMetaStore {
             db,
             sessions,
             fragments,
+            flusher: Default::default(),
         })
     }
 }
@@ -169,7 +231,7 @@ impl MetaStore for SledMetaStore {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush().map(|_| ()).map_err(meta_err)
+        self.flusher.flush(&self.db)
     }
 
     fn size_on_disk(&self) -> Option<u64> {

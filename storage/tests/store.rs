@@ -1,0 +1,176 @@
+//! SessionStore and SledMetaStore against a real sled database and real files in a temp dir.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use bitsd_protocol::SessionId;
+use bitsd_storage::{
+    CommitOutcome, MetaStore, SessionRecord, SessionState, SessionStore, SledMetaStore, UploadMode,
+};
+
+fn record(mode: UploadMode) -> SessionRecord {
+    SessionRecord::new(
+        SessionId::random(),
+        "/r/".into(),
+        mode,
+        "http://h/r/x".into(),
+    )
+}
+
+async fn write_fragment(
+    store: &SessionStore,
+    rec: &mut SessionRecord,
+    at: u64,
+    bytes: &[u8],
+    total: u64,
+) {
+    let mut w = store.fragment_writer(&rec.id, at).await.unwrap();
+    w.write(bytes).await.unwrap();
+    rec.received = at + bytes.len() as u64;
+    rec.total = Some(total);
+    store.commit_fragment(w, rec).await.unwrap();
+}
+
+#[tokio::test]
+async fn reopen_cuts_unacknowledged_bytes_and_keeps_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rec = record(UploadMode::Upload);
+    {
+        let store = SessionStore::open(dir.path()).await.unwrap();
+        store.create(&rec).await.unwrap();
+        write_fragment(&store, &mut rec, 0, b"hello ", 11).await;
+        // Bytes that reached the file but whose commit never happened.
+        let mut w = store.fragment_writer(&rec.id, 6).await.unwrap();
+        w.write(b"wor").await.unwrap();
+        drop(w);
+        store.flush().await.unwrap();
+    }
+    let store = SessionStore::open(dir.path()).await.unwrap();
+    let upload = store.upload_path(&rec.id);
+    assert_eq!(std::fs::read(&upload).unwrap(), b"hello ");
+    let loaded = store.load(&rec.id).await.unwrap().unwrap();
+    assert_eq!(loaded.received, 6);
+    let index = store.meta().fragments(&rec.id).unwrap();
+    assert_eq!(index.len(), 1);
+    assert_eq!((index[0].offset, index[0].len), (0, 6));
+    assert_eq!(index[0].crc32c, crc32c::crc32c(b"hello "));
+}
+
+#[tokio::test]
+async fn files_without_a_record_are_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SessionStore::open(dir.path()).await.unwrap());
+    let stray = dir
+        .path()
+        .join("sessions")
+        .join(SessionId::random().simple());
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("upload"), b"junk").unwrap();
+    drop(SessionStore::open(dir.path()).await.unwrap());
+    assert!(!stray.exists());
+}
+
+#[tokio::test]
+async fn commit_never_replaces_without_overwrites_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SessionStore::open(dir.path()).await.unwrap();
+    let mut a = record(UploadMode::Upload);
+    store.create(&a).await.unwrap();
+    write_fragment(&store, &mut a, 0, b"first", 5).await;
+    assert_eq!(
+        store.commit_upload(&a.id, "d/x.bin", false).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    // A retry after a crash between link and record: same inode, still committed.
+    assert_eq!(
+        store.commit_upload(&a.id, "d/x.bin", false).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    let mut b = record(UploadMode::Upload);
+    store.create(&b).await.unwrap();
+    write_fragment(&store, &mut b, 0, b"second", 6).await;
+    assert_eq!(
+        store.commit_upload(&b.id, "d/x.bin", false).await.unwrap(),
+        CommitOutcome::DestinationExists
+    );
+    assert_eq!(
+        std::fs::read(store.files_dir().join("d/x.bin")).unwrap(),
+        b"first"
+    );
+    assert_eq!(
+        store.commit_upload(&b.id, "d/x.bin", true).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        std::fs::read(store.files_dir().join("d/x.bin")).unwrap(),
+        b"second"
+    );
+    assert_eq!(
+        store.commit_upload(&b.id, "d", false).await.unwrap(),
+        CommitOutcome::DestinationInvalid
+    );
+    assert_eq!(
+        store
+            .commit_upload(&b.id, "../escape", false)
+            .await
+            .unwrap(),
+        CommitOutcome::DestinationInvalid
+    );
+}
+
+#[tokio::test]
+async fn end_keeps_a_tombstone_and_purge_removes_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SessionStore::open(dir.path()).await.unwrap();
+    let mut rec = record(UploadMode::UploadReply);
+    store.create(&rec).await.unwrap();
+    write_fragment(&store, &mut rec, 0, b"abc", 3).await;
+    let (len, crc) = store
+        .copy_into_reply(&rec.id, &store.upload_path(&rec.id))
+        .await
+        .unwrap();
+    assert_eq!((len, crc), (3, crc32c::crc32c(b"abc")));
+    store
+        .end_session(&mut rec, SessionState::Closed)
+        .await
+        .unwrap();
+    assert!(!store.session_dir(&rec.id).exists());
+    assert_eq!(
+        store.load(&rec.id).await.unwrap().unwrap().state,
+        SessionState::Closed
+    );
+    assert!(store.meta().fragments(&rec.id).unwrap().is_empty());
+    store.purge(&rec.id).await.unwrap();
+    assert!(store.load(&rec.id).await.unwrap().is_none());
+}
+
+#[test]
+fn concurrent_durable_saves_share_flushes_and_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<SessionId> = {
+        let meta = Arc::new(SledMetaStore::open(&dir.path().join("meta")).unwrap());
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let meta = meta.clone();
+                std::thread::spawn(move || {
+                    let mut ids = Vec::new();
+                    for _ in 0..50 {
+                        let r = record(UploadMode::Upload);
+                        meta.save(&r).unwrap();
+                        ids.push(r.id);
+                    }
+                    ids
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    };
+    let meta = SledMetaStore::open(&dir.path().join("meta")).unwrap();
+    assert_eq!(meta.list().unwrap().len(), 800);
+    for id in ids {
+        assert!(meta.load(&id).unwrap().is_some());
+    }
+}
