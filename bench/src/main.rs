@@ -1,0 +1,328 @@
+//! `bitsd-bench`: the benchmark of issue 5.
+//!
+//! In one run on one machine it starts (a) a minimal hyper sink that discards request bodies
+//! and serves a file, (b) a plain file writer with the same fragment size and fsync policy,
+//! and (c) bitsd in-process on a temporary data directory (plus the real `bitsd` binary as a
+//! child process for the memory and process-startup figures), drives them with the same raw
+//! HTTP/1.1 client, and prints absolute figures, ratios against the baselines measured in the
+//! same run, and the issue's targets with PASS/MISS.
+//!
+//! ```sh
+//! CARGO_TARGET_DIR=target cargo build --release -p bitsd -p bitsd-bench
+//! target/release/bitsd-bench            # the issue's sizes (several minutes)
+//! target/release/bitsd-bench --quick    # small sizes, about 30 s
+//! target/release/bitsd-bench --only jobs,download --json
+//! ```
+
+mod child;
+mod client;
+mod download;
+mod file_baseline;
+mod jobs;
+mod report;
+mod sink;
+mod startup;
+mod upload;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+
+use crate::client::Result;
+use crate::report::Report;
+use crate::util::{pattern, size_label, MIB};
+
+/// Benchmark bitsd against a hyper sink and a plain file writer, in one run.
+#[derive(Debug, Parser)]
+#[command(name = "bitsd-bench", version)]
+struct Args {
+    /// Small sizes and short runs (about 30 s in all); same as --scale 0.0625 plus shorter
+    /// job runs, fewer RSS sessions and 10,000 startup sessions.
+    #[arg(long)]
+    quick: bool,
+    /// Multiplies every upload and reply size (1 = the issue's sizes: 1 GiB single upload,
+    /// 64 MiB per concurrent upload, 256 MiB reply).
+    #[arg(long)]
+    scale: Option<f64>,
+    /// Run only these scenarios (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Scenario>,
+    /// Print the results as JSON instead of markdown tables.
+    #[arg(long)]
+    json: bool,
+    /// The bitsd binary for the child-process scenarios [default: `bitsd` next to this
+    /// executable].
+    #[arg(long)]
+    bitsd: Option<PathBuf>,
+    /// Where the temporary data directories go (the same file system as production data, ideally)
+    /// [default: the system temporary directory].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Seconds each small-job measurement runs.
+    #[arg(long)]
+    job_secs: Option<f64>,
+    /// Idle sessions in the store for the startup scenario.
+    #[arg(long)]
+    startup_sessions: Option<usize>,
+    /// Concurrent sessions of the peak-RSS scenario.
+    #[arg(long)]
+    rss_sessions: Option<usize>,
+    /// Fragment sizes of the upload scenario, in KiB (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "64,1024,16384")]
+    fragment_kib: Vec<usize>,
+    /// Concurrent upload counts of the upload scenario (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    uploads: Vec<usize>,
+}
+
+/// The parts of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// 1. Upload throughput (64 KiB, 1 MiB, 16 MiB fragments; 1, 8, 64 uploads).
+    Upload,
+    /// 2. Small upload-reply jobs per second and per-packet latency.
+    Jobs,
+    /// 3. Reply download throughput.
+    Download,
+    /// 4. Peak RSS of the bitsd process (child process).
+    Rss,
+    /// 5a. Startup time with many idle sessions.
+    Startup,
+    /// 5b. Data directory size against the bytes it holds.
+    Disk,
+}
+
+/// Sizes and counts of one run.
+#[derive(Debug)]
+pub struct Plan {
+    /// The single upload's size.
+    pub single: u64,
+    /// Each concurrent upload's size.
+    pub each: u64,
+    /// Fragment sizes.
+    pub fragments: Vec<usize>,
+    /// Upload concurrency levels.
+    pub concurrency: Vec<usize>,
+    /// Seconds per job measurement.
+    pub job_secs: f64,
+    /// Job client counts.
+    pub job_clients: Vec<usize>,
+    /// Reply size.
+    pub reply: u64,
+    /// GETs per connection in the download scenario.
+    pub download_repeats: usize,
+    /// Connection counts of the download scenario.
+    pub download_clients: Vec<usize>,
+    /// Sessions of the RSS scenario.
+    pub rss_sessions: usize,
+    /// Fragment size of the RSS scenario.
+    pub rss_fragment: usize,
+    /// Fragments per session of the RSS scenario.
+    pub rss_fragments_each: usize,
+    /// Idle sessions of the startup scenario.
+    pub startup_sessions: usize,
+    /// Complete (and as many partial) uploads of the disk scenario.
+    pub disk_sessions: usize,
+    /// Size of each of them.
+    pub disk_each: u64,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Self {
+        let scale = args
+            .scale
+            .unwrap_or(if args.quick { 1.0 / 16.0 } else { 1.0 })
+            .max(1e-6);
+        // Whole 64 KiB units, at least one.
+        let sized = |mib: u64| {
+            let unit = 64 * 1024;
+            (((mib * MIB) as f64 * scale / unit as f64).round() as u64).max(1) * unit
+        };
+        Plan {
+            single: sized(1024),
+            each: sized(64),
+            fragments: args.fragment_kib.iter().map(|k| k.max(&1) * 1024).collect(),
+            concurrency: args.uploads.iter().map(|&n| n.max(1)).collect(),
+            job_secs: args.job_secs.unwrap_or(if args.quick { 1.5 } else { 5.0 }),
+            job_clients: vec![1, 32, 256],
+            reply: sized(256),
+            download_repeats: if args.quick { 3 } else { 5 },
+            download_clients: vec![1, 4],
+            rss_sessions: args
+                .rss_sessions
+                .unwrap_or(if args.quick { 64 } else { 256 }),
+            rss_fragment: 16 * MIB as usize,
+            rss_fragments_each: 1,
+            startup_sessions: args.startup_sessions.unwrap_or(if args.quick {
+                10_000
+            } else {
+                100_000
+            }),
+            disk_sessions: 8,
+            disk_each: sized(64).max(2 * MIB),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "single upload {}, concurrent uploads {} each, reply {}, jobs {} s per point, \
+             RSS {} sessions, startup {} sessions",
+            size_label(self.single),
+            size_label(self.each),
+            size_label(self.reply),
+            self.job_secs,
+            self.rss_sessions,
+            self.startup_sessions
+        )
+    }
+}
+
+fn machine() -> Vec<(String, String)> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .map(|l| l["MemTotal:".len()..].trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    vec![(
+        "machine".into(),
+        format!("{cores} cores, {cpu}, {mem} RAM, Linux {kernel}"),
+    )]
+}
+
+async fn run(args: Args) -> Result<Report> {
+    let plan = Plan::new(&args);
+    let wants = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
+    let base = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base)?;
+    let work = tempfile::Builder::new()
+        .prefix("bitsd-bench-")
+        .tempdir_in(&base)?;
+    let max_fragment = plan
+        .fragments
+        .iter()
+        .copied()
+        .chain([plan.rss_fragment])
+        .max()
+        .unwrap_or(MIB as usize);
+    let payload = Bytes::from(pattern(max_fragment, 1));
+    let mut report = Report {
+        context: machine(),
+        ..Report::default()
+    };
+    report
+        .context
+        .push(("work dir".into(), base.display().to_string()));
+    report.context.push(("plan".into(), plan.describe()));
+    report.context.push((
+        "fsync".into(),
+        "bitsd default (per fragment); file baseline: sync_data after every fragment".into(),
+    ));
+    let bin = if wants(Scenario::Rss) || wants(Scenario::Startup) {
+        child::find_bitsd(args.bitsd.as_deref())
+    } else {
+        Err("not needed".into())
+    };
+    macro_rules! scenario {
+        ($s:expr, $name:literal, $run:expr) => {
+            if wants($s) {
+                if let Err(e) = $run.await {
+                    eprintln!("bench: {} failed: {e}", $name);
+                    report.skipped.push(format!("{}: {e}", $name));
+                }
+            }
+        };
+    }
+    scenario!(
+        Scenario::Upload,
+        "upload",
+        upload::run(&plan, work.path(), &payload, &mut report)
+    );
+    scenario!(
+        Scenario::Jobs,
+        "jobs",
+        jobs::run(&plan, work.path(), &mut report)
+    );
+    scenario!(
+        Scenario::Download,
+        "download",
+        download::run(&plan, work.path(), &payload, &mut report)
+    );
+    if wants(Scenario::Rss) {
+        match &bin {
+            Ok(bin) => {
+                scenario!(
+                    Scenario::Rss,
+                    "rss",
+                    child::run_rss(&plan, bin, work.path(), &payload, &mut report)
+                );
+            }
+            Err(e) => report.skipped.push(format!("rss: {e}")),
+        }
+    }
+    if wants(Scenario::Startup) && bin.is_err() {
+        report.context.push((
+            "note".into(),
+            "no bitsd binary: the startup scenario skips its child-process part".into(),
+        ));
+    }
+    scenario!(
+        Scenario::Startup,
+        "startup",
+        startup::run_startup(&plan, bin.as_deref().ok(), work.path(), &mut report)
+    );
+    scenario!(
+        Scenario::Disk,
+        "disk",
+        startup::run_disk(&plan, work.path(), &payload, &mut report)
+    );
+    Ok(report)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let json = args.json;
+    match run(args).await {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("bitsd-bench: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.markdown());
+            }
+            if report.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("bitsd-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
