@@ -65,7 +65,7 @@ impl ResponseBody {
     pub(crate) fn file(file: tokio::fs::File, len: u64, report: DeliveryReport) -> Self {
         use tokio::io::AsyncReadExt;
         ResponseBody(Inner::File(FileBody {
-            stream: tokio_util::io::ReaderStream::with_capacity(file.take(len), 64 * 1024),
+            stream: tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024),
             remaining: len,
             taken: 0,
             pending: 0,

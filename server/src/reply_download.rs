@@ -132,10 +132,11 @@ async fn serve(
     let Some(reply) = record.reply else {
         return not_found();
     };
-    let ReplyKind::Stored { len, crc32c } = reply.kind else {
+    let ReplyKind::Stored { len, .. } = reply.kind else {
         return not_found();
     };
-    let etag = format!("\"{}-{crc32c:08x}-{len}\"", id.simple());
+    // Stable for the reply's whole life: it never changes once stored (§10).
+    let etag = format!("\"{}-{:x}-{len}\"", id.simple(), reply.created_ms);
     let modified = UNIX_EPOCH + Duration::from_millis(reply.created_ms);
     let mut range = match req.headers.get(RANGE).and_then(|v| v.to_str().ok()) {
         Some(v) => parse_range(v, len),

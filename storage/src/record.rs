@@ -67,8 +67,9 @@ pub enum ReplyKind {
     Stored {
         /// Size in bytes.
         len: u64,
-        /// CRC-32C of the bytes.
-        crc32c: u32,
+        /// CRC-32C of the bytes, when it was computed while they were written.
+        #[serde(default)]
+        crc32c: Option<u32>,
     },
     /// Somewhere else: the reply URL points at it and nothing is stored (§9.2).
     Static,

@@ -77,21 +77,6 @@ fn remove_dir_all_if_exists(dir: &Path) -> Result<(), StorageError> {
     }
 }
 
-fn crc_of_file(path: &Path) -> Result<(u64, u32), StorageError> {
-    use std::io::Read;
-    let mut f = fs::File::open(path).map_err(StorageError::io("open", path))?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let (mut len, mut crc) = (0u64, 0u32);
-    loop {
-        let n = f.read(&mut buf).map_err(StorageError::io("read", path))?;
-        if n == 0 {
-            return Ok((len, crc));
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-        len += n as u64;
-    }
-}
-
 impl SessionStore {
     /// Opens the store under `data_dir` with sled in `<data_dir>/meta`, creating what is missing,
     /// and recovers every session (see [`SessionStore::recover`]).
@@ -244,18 +229,11 @@ impl SessionStore {
         blocking(move || meta.list()).await
     }
 
-    /// Creates a new session: its directory (fsynced into place), then its record, durably.
+    /// Creates a new session: its record, durably. Its directory is made when its first bytes
+    /// arrive (an idle session costs no directory).
     pub async fn create(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        let (meta, record, dir) = (
-            self.meta.clone(),
-            record.clone(),
-            self.session_dir(&record.id),
-        );
-        blocking(move || {
-            create_dir_synced(&dir)?;
-            meta.save(&record)
-        })
-        .await
+        let (meta, record) = (self.meta.clone(), record.clone());
+        blocking(move || meta.save(&record)).await
     }
 
     /// Stores a record durably.
@@ -334,30 +312,34 @@ impl SessionStore {
         })
     }
 
-    /// Copies a file (e.g. the upload, for the echo handler) into the session's reply, crash-safely.
-    /// Returns the reply's length and CRC-32C.
-    pub async fn copy_into_reply(
-        &self,
-        id: &SessionId,
-        src: &Path,
-    ) -> Result<(u64, u32), StorageError> {
+    /// Makes a file (e.g. the upload, for the echo handler) the session's reply, crash-safely:
+    /// a hard link when the file is on the same file system and will not change (the upload,
+    /// which is complete), else a copy that is synced. Returns the reply's length.
+    pub async fn copy_into_reply(&self, id: &SessionId, src: &Path) -> Result<u64, StorageError> {
         let dir = self.session_dir(id);
+        let upload = dir.join(UPLOAD_FILE);
         let src = src.to_owned();
         blocking(move || {
             create_dir_synced(&dir)?;
             let temp = dir.join(REPLY_TEMP);
-            fs::copy(&src, &temp).map_err(StorageError::io("copy into reply", &src))?;
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(&temp)
-                .map_err(StorageError::io("open", &temp))?;
-            f.sync_data()
-                .map_err(StorageError::io("fsync reply", &temp))?;
-            let (len, crc) = crc_of_file(&temp)?;
+            let _ = fs::remove_file(&temp);
+            let linked = src == upload && fs::hard_link(&src, &temp).is_ok();
+            if !linked {
+                fs::copy(&src, &temp).map_err(StorageError::io("copy into reply", &src))?;
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&temp)
+                    .map_err(StorageError::io("open", &temp))?;
+                f.sync_data()
+                    .map_err(StorageError::io("fsync reply", &temp))?;
+            }
+            let len = fs::metadata(&temp)
+                .map_err(StorageError::io("stat reply", &temp))?
+                .len();
             let dst = dir.join(REPLY_FILE);
             fs::rename(&temp, &dst).map_err(StorageError::io("rename reply", &dst))?;
             sync_dir(&dir)?;
-            Ok((len, crc))
+            Ok(len)
         })
         .await
     }
@@ -435,7 +417,7 @@ impl SessionStore {
     }
 
     /// Ends a session: deletes its upload and reply files and keeps the record as a tombstone in
-    /// `state` (Closed or Cancelled), durably.
+    /// `state` (Closed or Cancelled).
     pub async fn end_session(
         &self,
         record: &mut SessionRecord,
@@ -448,8 +430,10 @@ impl SessionStore {
             record.clone(),
             self.session_dir(&record.id),
         );
+        // Not flushed: if a crash loses the tombstone, the record still says the session was
+        // live, a repeated Close finds it and ends it again; nothing acknowledged is lost.
         blocking(move || {
-            meta.save(&rec)?;
+            meta.save_lazy(&rec)?;
             remove_dir_all_if_exists(&dir)?;
             meta.remove_fragments(&rec.id)
         })
@@ -527,6 +511,14 @@ impl FragmentWriter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// Hands the written bytes to the OS (not durable: that is what committing does).
+    pub async fn flush(&mut self) -> Result<(), StorageError> {
+        self.file
+            .flush()
+            .await
+            .map_err(StorageError::io("write upload", &self.path))
     }
 
     async fn finish(mut self) -> Result<FragmentEntry, StorageError> {

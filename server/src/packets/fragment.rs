@@ -205,27 +205,25 @@ where
         let Ok(mut data) = frame.into_data() else {
             continue;
         };
-        while data.has_remaining() {
-            let chunk = data.chunk();
-            let n = chunk.len() as u64;
-            let (start, end) = (seen, seen + n);
-            if end > expected {
-                return Err(BitsError::invalid_arg(format!(
-                    "body longer than its Content-Length {expected}"
-                )));
-            }
-            // The part of [start, end) that falls in [skip, skip + len).
-            let from = skip.clamp(start, end);
-            let to = (skip + len).clamp(start, end);
-            if from < to {
-                writer
-                    .write(&chunk[(from - start) as usize..(to - start) as usize])
-                    .await
-                    .map_err(storage_failure)?;
-            }
-            seen = end;
-            data.advance(n as usize);
+        // Zero-copy for hyper's own body type (its frames are `Bytes`).
+        let chunk = data.copy_to_bytes(data.remaining());
+        let n = chunk.len() as u64;
+        let (start, end) = (seen, seen + n);
+        if end > expected {
+            return Err(BitsError::invalid_arg(format!(
+                "body longer than its Content-Length {expected}"
+            )));
         }
+        // The part of [start, end) that falls in [skip, skip + len).
+        let from = skip.clamp(start, end);
+        let to = (skip + len).clamp(start, end);
+        if from < to {
+            writer
+                .write(&chunk[(from - start) as usize..(to - start) as usize])
+                .await
+                .map_err(storage_failure)?;
+        }
+        seen = end;
     }
     if seen != expected {
         return Err(BitsError::invalid_arg(format!(
@@ -424,11 +422,11 @@ async fn produce_reply(
             None
         }
         ReplyBody::File(path) => {
-            let (len, crc32c) = store
+            let len = store
                 .copy_into_reply(&id, &path)
                 .await
                 .map_err(storage_failure)?;
-            Some(ReplyKind::Stored { len, crc32c })
+            Some(ReplyKind::Stored { len, crc32c: None })
         }
         ReplyBody::Empty => {
             let (len, crc32c) = store
@@ -438,13 +436,19 @@ async fn produce_reply(
                 .finish()
                 .await
                 .map_err(storage_failure)?;
-            Some(ReplyKind::Stored { len, crc32c })
+            Some(ReplyKind::Stored {
+                len,
+                crc32c: Some(crc32c),
+            })
         }
         ReplyBody::Bytes(bytes) => {
             let mut w = store.reply_writer(&id).await.map_err(storage_failure)?;
             w.write(&bytes).await.map_err(storage_failure)?;
             let (len, crc32c) = w.finish().await.map_err(storage_failure)?;
-            Some(ReplyKind::Stored { len, crc32c })
+            Some(ReplyKind::Stored {
+                len,
+                crc32c: Some(crc32c),
+            })
         }
         ReplyBody::Stream { len, mut stream } => {
             let mut w = store.reply_writer(&id).await.map_err(storage_failure)?;
@@ -464,7 +468,10 @@ async fn produce_reply(
                 return Err(BitsError::backend_status(500));
             }
             let (len, crc32c) = w.finish().await.map_err(storage_failure)?;
-            Some(ReplyKind::Stored { len, crc32c })
+            Some(ReplyKind::Stored {
+                len,
+                crc32c: Some(crc32c),
+            })
         }
     };
     if let Some(kind) = kind {
