@@ -14,11 +14,12 @@ pub trait MetaStore: Send + Sync + 'static {
     fn save(&self, record: &SessionRecord) -> Result<(), StorageError>;
     /// Stores `record` without waiting for it to be durable (progress counters and the like).
     fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError>;
-    /// Stores `record` and one fragment-index entry atomically and durably.
+    /// Stores `record` and one fragment-index entry atomically; durably when `durable`.
     fn save_with_fragment(
         &self,
         record: &SessionRecord,
         fragment: &FragmentEntry,
+        durable: bool,
     ) -> Result<(), StorageError>;
     /// Removes the record of `id` and its fragment index, durably.
     fn remove(&self, id: &SessionId) -> Result<(), StorageError>;

@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::{FragmentEntry, MetaStore, SessionRecord, SessionState, SledMetaStore, StorageError};
 
@@ -218,9 +218,11 @@ impl SessionStore {
     }
 
     /// The record of `id`.
+    ///
+    /// Read on the calling task: the meta store answers reads from its cache, and a thread
+    /// hand-off would cost more than the read.
     pub async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
-        let (meta, id) = (self.meta.clone(), *id);
-        blocking(move || meta.load(&id)).await
+        self.meta.load(id)
     }
 
     /// Every record, tombstones included.
@@ -229,11 +231,13 @@ impl SessionStore {
         blocking(move || meta.list()).await
     }
 
-    /// Creates a new session: its record, durably. Its directory is made when its first bytes
-    /// arrive (an idle session costs no directory).
+    /// Creates a new session: its record, not flushed. A crash that loses it only makes the
+    /// client's next packet get session-not-found, and the client starts over with a new
+    /// Create-Session (§4.2, B3); the first fragment's commit makes it durable. Its directory
+    /// is made when its first bytes arrive (an idle session costs no directory).
     pub async fn create(&self, record: &SessionRecord) -> Result<(), StorageError> {
         let (meta, record) = (self.meta.clone(), record.clone());
-        blocking(move || meta.save(&record)).await
+        blocking(move || meta.save_lazy(&record)).await
     }
 
     /// Stores a record durably.
@@ -249,6 +253,10 @@ impl SessionStore {
     }
 
     /// Opens the session's upload file for new bytes starting at `write_at`.
+    ///
+    /// Bytes are written into the page cache right on the calling task (a memory copy, no
+    /// thread hand-off per body frame); the one slow step, making them durable, runs off the
+    /// runtime in [`SessionStore::commit_fragment`], together with the meta commit.
     pub async fn fragment_writer(
         &self,
         id: &SessionId,
@@ -256,23 +264,19 @@ impl SessionStore {
     ) -> Result<FragmentWriter, StorageError> {
         let dir = self.session_dir(id);
         let path = dir.join(UPLOAD_FILE);
-        let created = !tokio::fs::try_exists(&path).await.unwrap_or(false);
+        let created = fs::symlink_metadata(&path).is_err();
         if created {
             let d = dir.clone();
             blocking(move || create_dir_synced(&d)).await?;
         }
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
-            .await
             .map_err(StorageError::io("open upload", &path))?;
-        file.seek(io::SeekFrom::Start(write_at))
-            .await
-            .map_err(StorageError::io("seek upload", &path))?;
         Ok(FragmentWriter {
-            file,
+            file: Some(file),
             path,
             dir,
             created,
@@ -283,15 +287,47 @@ impl SessionStore {
     }
 
     /// Makes a fragment's bytes durable and then commits `record` (which must already carry the
-    /// new `received`) with the fragment's index entry. Only after this returns may the server Ack.
+    /// new `received`) with the fragment's index entry, in one trip off the runtime. With
+    /// `durable`, only after this returns may the server Ack; without it, the caller makes a
+    /// later change durable (or calls [`SessionStore::flush`]) before it answers: the completing
+    /// fragment, whose Ack waits for the reply anyway, saves one flush that way.
     pub async fn commit_fragment(
         &self,
-        writer: FragmentWriter,
+        mut writer: FragmentWriter,
         record: &SessionRecord,
+        durable: bool,
     ) -> Result<(), StorageError> {
-        let entry = writer.finish().await?;
-        let (meta, record) = (self.meta.clone(), record.clone());
-        blocking(move || meta.save_with_fragment(&record, &entry)).await
+        let meta = self.meta.clone();
+        let record = record.clone();
+        let file = writer
+            .file
+            .take()
+            .ok_or_else(|| StorageError::Task("fragment already committed".into()))?;
+        let entry = FragmentEntry {
+            offset: writer.offset,
+            len: writer.written,
+            crc32c: writer.crc32c,
+        };
+        let (path, dir, created) = (writer.path.clone(), writer.dir.clone(), writer.created);
+        blocking(move || {
+            let end = entry.offset + entry.len;
+            let len = file
+                .metadata()
+                .map_err(StorageError::io("stat upload", &path))?
+                .len();
+            if len > end {
+                // Bytes of an earlier, unacknowledged attempt past the new end.
+                file.set_len(end)
+                    .map_err(StorageError::io("truncate upload", &path))?;
+            }
+            file.sync_data()
+                .map_err(StorageError::io("fsync upload", &path))?;
+            if created {
+                sync_dir(&dir)?;
+            }
+            meta.save_with_fragment(&record, &entry, durable)
+        })
+        .await
     }
 
     /// Opens a temporary reply file for the session.
@@ -487,7 +523,7 @@ fn safe_parent(root: &Path, rel: &Path) -> Result<bool, StorageError> {
 /// New bytes of one fragment on their way to the upload file.
 #[derive(Debug)]
 pub struct FragmentWriter {
-    file: tokio::fs::File,
+    file: Option<fs::File>,
     path: PathBuf,
     dir: PathBuf,
     created: bool,
@@ -497,11 +533,14 @@ pub struct FragmentWriter {
 }
 
 impl FragmentWriter {
-    /// Writes the next bytes (at the current offset).
+    /// Writes the next bytes (at the current offset) into the page cache.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        self.file
-            .write_all(bytes)
-            .await
+        use std::os::unix::fs::FileExt;
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| StorageError::Task("fragment already committed".into()))?;
+        file.write_all_at(bytes, self.offset + self.written)
             .map_err(StorageError::io("write upload", &self.path))?;
         self.crc32c = crc32c::crc32c_append(self.crc32c, bytes);
         self.written += bytes.len() as u64;
@@ -513,46 +552,9 @@ impl FragmentWriter {
         self.written
     }
 
-    /// Hands the written bytes to the OS (not durable: that is what committing does).
+    /// Nothing to do: writes go straight to the OS (durability is what committing adds).
     pub async fn flush(&mut self) -> Result<(), StorageError> {
-        self.file
-            .flush()
-            .await
-            .map_err(StorageError::io("write upload", &self.path))
-    }
-
-    async fn finish(mut self) -> Result<FragmentEntry, StorageError> {
-        self.file
-            .flush()
-            .await
-            .map_err(StorageError::io("write upload", &self.path))?;
-        let end = self.offset + self.written;
-        let len = self
-            .file
-            .metadata()
-            .await
-            .map_err(StorageError::io("stat upload", &self.path))?
-            .len();
-        if len > end {
-            // Bytes of an earlier, unacknowledged attempt past the new end.
-            self.file
-                .set_len(end)
-                .await
-                .map_err(StorageError::io("truncate upload", &self.path))?;
-        }
-        self.file
-            .sync_data()
-            .await
-            .map_err(StorageError::io("fsync upload", &self.path))?;
-        if self.created {
-            let dir = self.dir.clone();
-            blocking(move || sync_dir(&dir)).await?;
-        }
-        Ok(FragmentEntry {
-            offset: self.offset,
-            len: self.written,
-            crc32c: self.crc32c,
-        })
+        Ok(())
     }
 }
 

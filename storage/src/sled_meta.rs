@@ -155,6 +155,7 @@ impl MetaStore for SledMetaStore {
         &self,
         record: &SessionRecord,
         fragment: &FragmentEntry,
+        durable: bool,
     ) -> Result<(), StorageError> {
         let value = encode(record)?;
         let key = record.id.as_uuid().as_bytes().to_vec();
@@ -170,7 +171,11 @@ impl MetaStore for SledMetaStore {
                 TransactionError::Storage(e) => meta_err(e),
                 TransactionError::Abort(()) => StorageError::Meta("transaction aborted".into()),
             })?;
-        self.flush()
+        if durable {
+            self.flush()
+        } else {
+            Ok(())
+        }
     }
 
     fn remove(&self, id: &SessionId) -> Result<(), StorageError> {

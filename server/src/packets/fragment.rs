@@ -161,9 +161,11 @@ where
                 record.state = SessionState::Complete;
             }
             record.touch();
+            // The completing fragment is flushed with the completion's own durable save (or
+            // explicitly below when completion fails): its Ack waits for that anyway.
             shared
                 .store
-                .commit_fragment(writer, &record)
+                .commit_fragment(writer, &record, !write.completes)
                 .await
                 .map_err(|e| Failure {
                     error: storage_failure(e),
@@ -177,7 +179,15 @@ where
             );
             if write.completes {
                 tracing::info!(total = write.total, "upload complete");
-                return complete(shared, route, parts, &mut record).await;
+                let result = complete(shared, route, parts, &mut record).await;
+                if result.is_err() {
+                    // The error Ack reports the whole upload as held: make that durable first.
+                    shared.store.flush().await.map_err(|e| Failure {
+                        error: storage_failure(e),
+                        received: None,
+                    })?;
+                }
+                return result;
             }
             Ok(Ack::ok().session(&id).received(record.received))
         }
