@@ -1,5 +1,6 @@
 //! The admin listener: session progress as JSON (`GET /sessions`, `GET /sessions/{id}`),
-//! Prometheus metrics (`GET /metrics`), liveness (`GET /healthz`) and readiness (`GET /readyz`).
+//! Prometheus metrics (`GET /metrics`), liveness (`GET /healthz`), readiness (`GET /readyz`)
+//! and, in the test server mode, the transcript (`GET /transcript`).
 //! It binds to loopback by default and must not be exposed to clients.
 
 use std::convert::Infallible;
@@ -10,6 +11,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::body::ResponseBody;
 use crate::service::plain;
+use crate::transcript::Transcript;
 use crate::BitsService;
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ResponseBody> {
@@ -34,6 +36,16 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ResponseB
 /// Answers one admin request.
 pub async fn handle_admin<B>(
     bits: BitsService,
+    req: Request<B>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    handle_admin_with(bits, None, req).await
+}
+
+/// Answers one admin request; with a transcript, `GET /transcript` serves its lines so far
+/// (`application/x-ndjson`), otherwise it is 404.
+pub async fn handle_admin_with<B>(
+    bits: BitsService,
+    transcript: Option<Transcript>,
     req: Request<B>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     if req.method() != Method::GET {
@@ -70,6 +82,25 @@ pub async fn handle_admin<B>(
                 tracing::error!(error = %e, "admin: metrics failed");
                 plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
             }
+        }
+    } else if path == "/transcript" {
+        match &transcript {
+            Some(t) => {
+                let text = t.ndjson();
+                let len = text.len();
+                let mut res = Response::new(ResponseBody::full(Bytes::from(text)));
+                res.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-ndjson"),
+                );
+                res.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+                res
+            }
+            None => plain(
+                StatusCode::NOT_FOUND,
+                "no transcript: start bitsd with --transcript FILE\n",
+            ),
         }
     } else if path == "/sessions" {
         match bits.all_progress().await {

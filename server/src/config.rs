@@ -84,6 +84,10 @@ pub struct ConfigFile {
     pub tls_key: Option<PathBuf>,
     /// Authentication (off when absent).
     pub auth: Option<AuthEntry>,
+    /// Test server mode: a fault plan file (TOML) whose faults the server injects.
+    pub fault_plan: Option<PathBuf>,
+    /// Test server mode: a file for the JSON-lines transcript of every request and answer.
+    pub transcript: Option<PathBuf>,
     /// The routes; when there are none, the default `/upload/` and `/echo/` routes apply.
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteEntry>>,
@@ -317,6 +321,12 @@ impl ConfigFile {
                 ))
             }
         }
+        if let Some(path) = self.fault_plan {
+            config.fault_plan = Some(crate::FaultPlan::load(&path)?);
+        }
+        if let Some(file) = self.transcript {
+            config.transcript = Some(crate::TranscriptOptions { file: Some(file) });
+        }
         if let Some(auth) = self.auth {
             let a = build_auth(&auth).map_err(|m| err(at_key("[auth]"), m))?;
             config.auth = Some(crate::SharedAuthenticator(Arc::new(a)));
@@ -526,6 +536,39 @@ mode = "upload"
         assert!(e.message.contains("http"), "{e}");
         let e = apply("[[route]]\nprefix = \"/a/\"\nmode = \"upload-reply\"\nhandler = { kind = \"static\" }\n").unwrap_err();
         assert!(e.message.contains("exactly one"), "{e}");
+    }
+
+    #[test]
+    fn test_mode_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = dir.path().join("faults.toml");
+        std::fs::write(
+            &plan,
+            "seed = 7\n[[rule]]\npacket = \"Fragment\"\nnth = 2\naction = \"lose-ack\"\n",
+        )
+        .unwrap();
+        let c = apply(&format!(
+            "fault_plan = {:?}\ntranscript = \"t.jsonl\"\n",
+            plan.display().to_string()
+        ))
+        .unwrap();
+        let p = c.fault_plan.unwrap();
+        assert_eq!(p.seed, 7);
+        assert_eq!(p.rules[0].to_string(), "Fragment#2:lose-ack");
+        assert_eq!(
+            c.transcript.unwrap().file.as_deref(),
+            Some(Path::new("t.jsonl"))
+        );
+        // A bad plan is reported with the plan's own file and line.
+        std::fs::write(
+            &plan,
+            "[[rule]]\npacket = \"GET\"\naction = \"resync\"\noffset = 1\n",
+        )
+        .unwrap();
+        let e = apply(&format!("fault_plan = {:?}\n", plan.display().to_string())).unwrap_err();
+        assert!(e.file.ends_with("faults.toml"), "{e}");
+        assert_eq!(e.line, 1, "{e}");
+        assert!(e.message.contains("only to Fragment"), "{e}");
     }
 
     #[test]

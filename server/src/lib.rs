@@ -18,6 +18,7 @@ pub mod auth;
 mod body;
 pub mod config;
 mod destination;
+pub mod fault;
 mod metrics;
 mod packets;
 mod reply_download;
@@ -27,8 +28,9 @@ mod server;
 mod service;
 mod session_limits;
 mod session_locks;
+pub mod transcript;
 
-pub use admin::handle_admin;
+pub use admin::{handle_admin, handle_admin_with};
 pub use auth::{AuthChallenge, Authenticator, CredentialsAuthenticator};
 pub use bitsd_protocol as protocol;
 pub use bitsd_reply_handlers as reply_handlers;
@@ -39,9 +41,14 @@ pub use bitsd_reply_handlers::{
 pub use bitsd_storage as storage;
 pub use bitsd_storage::{SessionStore, StorageError, UploadMode};
 pub use body::ResponseBody;
+pub use fault::{
+    ConnectionDropped, FaultAction, FaultInjectingService, FaultPacket, FaultPlan, FaultPlanError,
+    FaultResponseBody, FaultRule,
+};
 pub use routes::Route;
 pub use server::{start, RunningServer, ServerConfig, ServerError, SharedAuthenticator, TlsFiles};
 pub use service::{
     BitsService, BitsServiceBuilder, BuildError, ReplyBytes, SessionProgress, UploadBytes,
 };
 pub use session_limits::{SessionLimits, E_TOO_MANY_SESSIONS};
+pub use transcript::{Transcript, TranscriptEntry, TranscriptOptions};

@@ -98,6 +98,22 @@ struct ServeArgs {
     /// Accept bearer tokens listed in this file (`user:<sha256 hex of the token>` lines).
     #[arg(long)]
     tokens_file: Option<PathBuf>,
+    /// Test server mode: inject the faults of this plan (TOML; see README "Testing your BITS
+    /// client"). Never on a production server.
+    #[arg(long, value_name = "FILE")]
+    fault_plan: Option<PathBuf>,
+    /// Test server mode: one more fault rule, PACKET[#NTH]:ACTION[=VALUE][,KEY=VALUE]...,
+    /// e.g. "Fragment#3:drop-after=1000" or "GET#1:truncate=4096"; repeatable, added after the
+    /// plan's rules.
+    #[arg(long = "fault", value_name = "SPEC")]
+    faults: Vec<String>,
+    /// Seed of the fault plan's probability draws (overrides the plan's `seed`).
+    #[arg(long, value_name = "N")]
+    fault_seed: Option<u64>,
+    /// Test server mode: write a JSON-lines transcript of every request and answer to FILE
+    /// (also served on the admin listener at /transcript).
+    #[arg(long, value_name = "FILE")]
+    transcript: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -168,6 +184,19 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             println!("  data_dir      {}", config.data_dir.display());
             for r in &config.routes {
                 println!("  route         {} ({:?})", r.prefix(), r.mode());
+            }
+            if let Some(plan) = &config.fault_plan {
+                println!(
+                    "  fault plan    {} rule(s), seed {}",
+                    plan.rules.len(),
+                    plan.seed
+                );
+                for rule in &plan.rules {
+                    println!("    {rule}");
+                }
+            }
+            if let Some(file) = config.transcript.as_ref().and_then(|t| t.file.as_ref()) {
+                println!("  transcript    {}", file.display());
             }
             ExitCode::SUCCESS
         }
@@ -264,6 +293,28 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
             key: key.clone(),
         });
     }
+    if let Some(path) = &args.fault_plan {
+        config.fault_plan = Some(bitsd::FaultPlan::load(path)?);
+    }
+    for spec in &args.faults {
+        let rule: bitsd::FaultRule = spec.parse().map_err(|e| format!("--fault {spec:?}: {e}"))?;
+        config
+            .fault_plan
+            .get_or_insert_with(bitsd::FaultPlan::default)
+            .rules
+            .push(rule);
+    }
+    if let Some(seed) = args.fault_seed {
+        config
+            .fault_plan
+            .get_or_insert_with(bitsd::FaultPlan::default)
+            .seed = seed;
+    }
+    if let Some(file) = &args.transcript {
+        config.transcript = Some(bitsd::TranscriptOptions {
+            file: Some(file.clone()),
+        });
+    }
     if args.users_file.is_some() || args.tokens_file.is_some() {
         let entry = bitsd::config::AuthEntry {
             users_file: args.users_file.clone(),
@@ -277,6 +328,7 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
 }
 
 async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Error>> {
+    let fault_plan = config.fault_plan.clone();
     let server = bitsd::start(config).await?;
     for route in server.routes() {
         println!(
@@ -289,6 +341,25 @@ async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Erro
     println!("bitsd: BITS uploads on http://{}/", server.addr());
     if let Some(admin) = server.admin_addr() {
         println!("bitsd: session progress on http://{admin}/sessions");
+    }
+    if let Some(plan) = &fault_plan {
+        println!(
+            "bitsd: TEST SERVER MODE: {} fault rule(s), seed {}",
+            plan.rules.len(),
+            plan.seed
+        );
+        for rule in &plan.rules {
+            println!("bitsd:   fault {rule}");
+        }
+    }
+    if let Some(t) = server.transcript() {
+        let file = t
+            .file()
+            .map_or("memory only".to_owned(), |f| f.display().to_string());
+        match server.admin_addr() {
+            Some(admin) => println!("bitsd: transcript to {file} and http://{admin}/transcript"),
+            None => println!("bitsd: transcript to {file}"),
+        }
     }
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -17,9 +17,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
+use crate::fault::{FaultInjectingService, FaultPlan, FaultPlanError};
 use crate::routes::Route;
 use crate::service::BuildError;
 use crate::session_limits::SessionLimits;
+use crate::transcript::{Transcript, TranscriptOptions};
 use crate::{admin, BitsService};
 
 /// An [`Authenticator`] shared by the server's requests.
@@ -78,6 +80,12 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Connections served at once on the BITS listener; more wait to be accepted.
     pub max_connections: usize,
+    /// Test server mode: faults to inject into the BITS listener's answers (`None`: none).
+    pub fault_plan: Option<FaultPlan>,
+    /// Test server mode: record a transcript of every request and answer of the BITS listener
+    /// (served on the admin listener at `GET /transcript`, and written to the file if one is
+    /// given). `None`: no transcript.
+    pub transcript: Option<TranscriptOptions>,
 }
 
 impl ServerConfig {
@@ -111,6 +119,8 @@ impl Default for ServerConfig {
             auth: None,
             tls: None,
             max_connections: 10_000,
+            fault_plan: None,
+            transcript: None,
         }
     }
 }
@@ -142,6 +152,18 @@ pub enum ServerError {
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The fault plan does not fit together.
+    #[error("fault plan: {0}")]
+    FaultPlan(#[from] FaultPlanError),
+    /// The transcript file could not be created.
+    #[error("transcript {path}: {source}")]
+    Transcript {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
@@ -186,6 +208,7 @@ pub struct RunningServer {
     service: BitsService,
     routes: Vec<Route>,
     https: bool,
+    transcript: Option<Transcript>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -211,6 +234,35 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         builder = builder.route(r);
     }
     let service = builder.build()?;
+    let transcript = match &config.transcript {
+        Some(options) => {
+            Some(
+                Transcript::open(options).map_err(|source| ServerError::Transcript {
+                    path: options.file.clone().unwrap_or_default(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    // The test server mode wraps the service; a normal server serves it as is.
+    let faulty = if config.fault_plan.is_some() || transcript.is_some() {
+        let plan = config.fault_plan.clone().unwrap_or_default();
+        if !plan.is_empty() {
+            tracing::warn!(
+                rules = plan.rules.len(),
+                seed = plan.seed,
+                "test server mode: the fault plan makes this server misbehave on purpose"
+            );
+        }
+        Some(FaultInjectingService::new(
+            service.clone(),
+            plan,
+            transcript.clone(),
+        )?)
+    } else {
+        None
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -224,19 +276,29 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (shutdown, rx) = watch::channel(false);
     let rx2 = rx.clone();
     let mut tasks = Vec::new();
-    let svc = service.clone();
     let options = ListenerOptions {
         header_timeout: config.header_read_timeout,
         grace: config.shutdown_grace,
         max_connections: config.max_connections.max(1),
         tls,
     };
-    tasks.push(tokio::spawn(accept_loop(
-        listener,
-        rx.clone(),
-        options.clone(),
-        move || svc.clone(),
-    )));
+    match faulty {
+        Some(svc) => tasks.push(tokio::spawn(accept_loop(
+            listener,
+            rx.clone(),
+            options.clone(),
+            move || svc.clone(),
+        ))),
+        None => {
+            let svc = service.clone();
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                rx.clone(),
+                options.clone(),
+                move || svc.clone(),
+            )));
+        }
+    }
     let mut admin_addr = None;
     if let Some(a) = config.admin_listen {
         let admin = TcpListener::bind(a)
@@ -248,6 +310,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 .map_err(|source| ServerError::Bind { addr: a, source })?,
         );
         let svc = service.clone();
+        let admin_transcript = transcript.clone();
         let admin_options = ListenerOptions {
             tls: None,
             max_connections: 64,
@@ -259,8 +322,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             admin_options,
             move || {
                 let svc = svc.clone();
+                let transcript = admin_transcript.clone();
                 hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    admin::handle_admin(svc.clone(), req)
+                    admin::handle_admin_with(svc.clone(), transcript.clone(), req)
                 })
             },
         )));
@@ -278,25 +342,27 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         service,
         routes: config.routes.clone(),
         https: config.tls.is_some(),
+        transcript,
         shutdown,
         tasks,
     })
 }
 
-async fn accept_loop<S, F>(
+async fn accept_loop<S, F, RB>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
     options: ListenerOptions,
     make_service: F,
 ) where
     F: Fn() -> S,
-    S: hyper::service::Service<
-            http::Request<Incoming>,
-            Response = http::Response<crate::ResponseBody>,
-        > + Send
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<RB>>
+        + Send
         + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    RB: http_body::Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
@@ -409,6 +475,11 @@ impl RunningServer {
     /// The service (for progress queries).
     pub fn service(&self) -> &BitsService {
         &self.service
+    }
+
+    /// The transcript of the test server mode, when one is recorded.
+    pub fn transcript(&self) -> Option<&Transcript> {
+        self.transcript.as_ref()
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the grace period), flushes the

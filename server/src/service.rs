@@ -361,13 +361,7 @@ impl BitsService {
             // Re-check under the lock: a packet may have arrived meanwhile.
             match self.shared.store.load(&record.id).await? {
                 Some(current) if expired(current.updated_ms) => {
-                    self.shared.store.purge(&record.id).await?;
-                    if !current.state.is_terminal() {
-                        self.shared
-                            .counts()
-                            .await?
-                            .release(current.owner.as_deref());
-                    }
+                    self.purge_locked(&current).await?;
                     tracing::info!(session = %record.id, state = current.state.as_str(), "session expired and removed");
                     removed += 1;
                 }
@@ -375,6 +369,34 @@ impl BitsService {
             }
         }
         Ok(removed)
+    }
+
+    /// Removes one session now, exactly as the session timeout does: its upload, reply, record
+    /// and tombstone, and its place in the session limits. Later packets of the session get 500
+    /// `BG_E_SESSION_NOT_FOUND` and its reply URL 404. Returns whether the session existed.
+    /// (The test server mode's `expire-session` and `forget-session` faults use it.)
+    pub async fn remove_session(&self, id: &SessionId) -> Result<bool, StorageError> {
+        let _guard = self.shared.locks.lock(*id).await;
+        match self.shared.store.load(id).await? {
+            Some(current) => {
+                self.purge_locked(&current).await?;
+                tracing::info!(session = %id, state = current.state.as_str(), "session removed");
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Purges a session whose lock the caller holds and releases its live-session count.
+    async fn purge_locked(&self, current: &SessionRecord) -> Result<(), StorageError> {
+        self.shared.store.purge(&current.id).await?;
+        if !current.state.is_terminal() {
+            self.shared
+                .counts()
+                .await?
+                .release(current.owner.as_deref());
+        }
+        Ok(())
     }
 
     /// Handles one request.
