@@ -31,6 +31,7 @@
 //! Determinism: with the same seed and the same sequence of requests the same faults fire.
 //! Every rule draws from its own generator, and only when everything else about it matched.
 
+use crate::config::line_col;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -704,16 +705,6 @@ struct PlanFile {
     seed: Option<u64>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RuleSpec>>,
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |i| before.len() - i - 1)
-        + 1;
-    (line, column)
 }
 
 impl FaultPlan {

@@ -286,50 +286,9 @@ impl RawClient {
     }
 
     async fn read_response_inner(&mut self, head_only: bool) -> RawResponse {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut res = httparse::Response::new(&mut headers);
-            if let httparse::Status::Complete(head_len) = res.parse(&self.buf).unwrap() {
-                let status = res.code.unwrap();
-                let headers: Vec<(String, String)> = res
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                let len: usize = if head_only {
-                    0
-                } else {
-                    headers
-                        .iter()
-                        .find(|(n, _)| n == "content-length")
-                        .map(|(_, v)| v.parse().unwrap())
-                        .unwrap_or(0)
-                };
-                while self.buf.len() < head_len + len {
-                    self.fill().await;
-                }
-                let body = self.buf[head_len..head_len + len].to_vec();
-                self.buf.drain(..head_len + len);
-                return RawResponse {
-                    status,
-                    headers,
-                    body,
-                };
-            }
-            self.fill().await;
-        }
-    }
-
-    async fn fill(&mut self) {
-        let mut chunk = vec![0u8; 64 * 1024];
-        let n = self.stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed before a full response");
-        self.buf.extend_from_slice(&chunk[..n]);
+        self.try_read_response(head_only)
+            .await
+            .expect("connection closed before a full response")
     }
 
     /// Whether the server closes the connection within 3 s (whatever it writes before).
