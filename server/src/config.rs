@@ -78,6 +78,8 @@ pub struct ConfigFile {
     pub min_free_disk: Option<u64>,
     /// Connections served at once.
     pub max_connections: Option<usize>,
+    /// `per-fragment` (default), `on-close` or `never`.
+    pub fsync: Option<crate::FsyncPolicy>,
     /// PEM certificate chain: serve HTTPS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
@@ -309,6 +311,9 @@ impl ConfigFile {
         if let Some(n) = self.min_free_disk {
             config.session_limits.min_free_disk = n;
         }
+        if let Some(p) = self.fsync {
+            config.fsync = p;
+        }
         if let Some(n) = self.max_connections {
             config.max_connections = n.max(1);
         }
@@ -506,6 +511,9 @@ mod tests {
         assert_eq!(c.limits.max_upload_size, 10);
         assert_eq!(c.routes.len(), 2);
         assert!(c.routes[0].overwrites_allowed());
+        let c = apply("fsync = \"on-close\"\n").unwrap();
+        assert_eq!(c.fsync, crate::FsyncPolicy::OnClose);
+        assert!(apply("fsync = \"sometimes\"\n").is_err());
     }
 
     #[test]

@@ -50,5 +50,5 @@ pub use server::{start, RunningServer, ServerConfig, ServerError, SharedAuthenti
 pub use service::{
     BitsService, BitsServiceBuilder, BuildError, ReplyBytes, SessionProgress, UploadBytes,
 };
-pub use session_limits::{SessionLimits, E_TOO_MANY_SESSIONS};
+pub use session_limits::{FsyncPolicy, SessionLimits, E_TOO_MANY_SESSIONS};
 pub use transcript::{Transcript, TranscriptEntry, TranscriptOptions};

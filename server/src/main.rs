@@ -86,6 +86,9 @@ struct ServeArgs {
     /// Seconds between sweeps for expired sessions [default: 3600].
     #[arg(long)]
     cleanup_interval: Option<u64>,
+    /// When fragment bytes are synced: per-fragment, on-close or never [default: per-fragment].
+    #[arg(long)]
+    fsync: Option<bitsd::FsyncPolicy>,
     /// PEM certificate chain: serve HTTPS (with --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -281,6 +284,9 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
     }
     if let Some(s) = args.session_timeout {
         config.session_timeout = std::time::Duration::from_secs(s.max(1));
+    }
+    if let Some(p) = args.fsync {
+        config.fsync = p;
     }
     if let Some(s) = args.cleanup_interval {
         config.cleanup_interval = std::time::Duration::from_secs(s.max(1));

@@ -74,6 +74,8 @@ pub struct ServerConfig {
     pub cleanup_interval: Duration,
     /// Session count, disk reserve and body idle limits.
     pub session_limits: SessionLimits,
+    /// When fragment bytes are synced (default: per fragment).
+    pub fsync: crate::session_limits::FsyncPolicy,
     /// Authentication of every request on the upload routes (`None`: anonymous, the default).
     pub auth: Option<SharedAuthenticator>,
     /// TLS for the BITS listener.
@@ -116,6 +118,7 @@ impl Default for ServerConfig {
             session_timeout: Duration::from_secs(14 * 24 * 3600),
             cleanup_interval: Duration::from_secs(3600),
             session_limits: SessionLimits::default(),
+            fsync: crate::session_limits::FsyncPolicy::default(),
             auth: None,
             tls: None,
             max_connections: 10_000,
@@ -225,6 +228,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut builder = BitsService::builder(store)
         .limits(config.limits)
         .session_limits(config.session_limits)
+        .fsync(config.fsync)
         .authenticator(config.auth.as_ref().map(|a| a.0.clone()))
         .https(tls.is_some())
         .public_base_url(config.public_base_url.clone())

@@ -35,6 +35,7 @@ pub(crate) struct Shared {
     pub(crate) session_limits: SessionLimits,
     pub(crate) counts: tokio::sync::OnceCell<SessionCounts>,
     pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) fsync: crate::session_limits::FsyncPolicy,
 }
 
 impl Shared {
@@ -75,6 +76,7 @@ pub struct BitsServiceBuilder {
     host_id_fallback_timeout: Option<u32>,
     auth: Option<Arc<dyn Authenticator>>,
     session_limits: SessionLimits,
+    fsync: crate::session_limits::FsyncPolicy,
 }
 
 impl std::fmt::Debug for BitsServiceBuilder {
@@ -162,6 +164,12 @@ impl BitsServiceBuilder {
         self
     }
 
+    /// When fragment bytes are synced (default: per fragment).
+    pub fn fsync(mut self, policy: crate::session_limits::FsyncPolicy) -> Self {
+        self.fsync = policy;
+        self
+    }
+
     /// Reply URLs use `https` when no public base URL is set (the listener terminates TLS).
     pub fn https(mut self, https: bool) -> Self {
         self.urls.https = https;
@@ -198,6 +206,7 @@ impl BitsServiceBuilder {
                 session_limits: self.session_limits,
                 counts: tokio::sync::OnceCell::new(),
                 metrics: crate::metrics::Metrics::new(),
+                fsync: self.fsync,
             }),
         })
     }
@@ -287,6 +296,7 @@ impl BitsService {
             host_id_fallback_timeout: None,
             auth: None,
             session_limits: SessionLimits::default(),
+            fsync: crate::session_limits::FsyncPolicy::default(),
         }
     }
 

@@ -13,6 +13,36 @@ use http::StatusCode;
 /// `HRESULT_FROM_WIN32(ERROR_TOO_MANY_SESS)`: sent with 503 when a session limit is reached.
 pub const E_TOO_MANY_SESSIONS: HResult = HResult(0x8007_0045);
 
+/// When fragment bytes are synced to disk (`fsync` in the configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncPolicy {
+    /// Every fragment's bytes and offset are durable before its Ack (the default; what the
+    /// protocol's resume logic assumes).
+    #[default]
+    PerFragment,
+    /// Fragments are synced once, when the upload completes (before the final Ack). A crash
+    /// mid-upload can lose acknowledged bytes; the client then resends from what is held.
+    OnClose,
+    /// Never sync fragment bytes (tests, throwaway data).
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "per-fragment" => Ok(FsyncPolicy::PerFragment),
+            "on-close" => Ok(FsyncPolicy::OnClose),
+            "never" => Ok(FsyncPolicy::Never),
+            other => Err(format!(
+                "fsync must be per-fragment, on-close or never, not {other:?}"
+            )),
+        }
+    }
+}
+
 /// Limits that protect the server (all configurable; see the README's table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionLimits {

@@ -28,5 +28,7 @@ pub use record::{
     now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode,
 };
 pub use reply_progress::ByteRanges;
-pub use session_store::{CommitOutcome, FragmentWriter, ReplyWriter, SessionStore};
+pub use session_store::{
+    CommitOutcome, FragmentDurability, FragmentWriter, ReplyWriter, SessionStore,
+};
 pub use sled_meta::SledMetaStore;

@@ -14,6 +14,20 @@ const UPLOAD_FILE: &str = "upload";
 const REPLY_FILE: &str = "reply";
 const REPLY_TEMP: &str = "reply.tmp";
 
+/// How durable a fragment is when [`SessionStore::commit_fragment`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FragmentDurability {
+    /// Bytes synced, then offset and index committed and flushed: the Ack may go out.
+    Durable,
+    /// Bytes (and every earlier byte of the file) synced; offset committed but not flushed:
+    /// the caller flushes before it answers (the completing fragment, whose Ack waits for the
+    /// completion step's own durable save).
+    BytesDurable,
+    /// Nothing synced (an fsync policy other than per-fragment): a crash may lose the bytes
+    /// and the offset, and the client resends from an earlier offset.
+    Deferred,
+}
+
 /// What happened when a plain upload was committed to its destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -295,7 +309,7 @@ impl SessionStore {
         &self,
         mut writer: FragmentWriter,
         record: &SessionRecord,
-        durable: bool,
+        durability: FragmentDurability,
     ) -> Result<(), StorageError> {
         let meta = self.meta.clone();
         let record = record.clone();
@@ -320,12 +334,24 @@ impl SessionStore {
                 file.set_len(end)
                     .map_err(StorageError::io("truncate upload", &path))?;
             }
-            file.sync_data()
-                .map_err(StorageError::io("fsync upload", &path))?;
-            if created {
-                sync_dir(&dir)?;
+            match durability {
+                FragmentDurability::Deferred => {}
+                FragmentDurability::Durable => {
+                    file.sync_data()
+                        .map_err(StorageError::io("fsync upload", &path))?;
+                    if created {
+                        sync_dir(&dir)?;
+                    }
+                }
+                FragmentDurability::BytesDurable => {
+                    // Also covers earlier deferred fragments and a file created by one.
+                    file.sync_data()
+                        .map_err(StorageError::io("fsync upload", &path))?;
+                    sync_dir(&dir)?;
+                }
             }
-            meta.save_with_fragment(&record, &entry, durable)
+            let flush = durability == FragmentDurability::Durable;
+            meta.save_with_fragment(&record, &entry, flush)
         })
         .await
     }

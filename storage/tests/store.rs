@@ -28,7 +28,10 @@ async fn write_fragment(
     w.write(bytes).await.unwrap();
     rec.received = at + bytes.len() as u64;
     rec.total = Some(total);
-    store.commit_fragment(w, rec, true).await.unwrap();
+    store
+        .commit_fragment(w, rec, bitsd_storage::FragmentDurability::Durable)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -174,3 +174,35 @@ async fn cancel_after_completion_keeps_committed_file_and_drops_reply() {
     assert_eq!(status, 200);
     assert_eq!(json["state"], "cancelled");
 }
+
+#[tokio::test]
+async fn fsync_policies_still_deliver_every_byte() {
+    for policy in [bitsd::FsyncPolicy::OnClose, bitsd::FsyncPolicy::Never] {
+        let server = TestServer::start_with(|cfg| cfg.fsync = policy).await;
+        let data = pattern(300_000, 40);
+        let mut c = server.connect().await;
+        let (sid, fin) = c.upload("/echo/f.bin", &data, 65536).await;
+        let reply = c
+            .get("GET", &url_path(fin.header("bits-reply-url").unwrap()), &[])
+            .await;
+        assert_eq!(reply.body, data, "{policy:?}");
+        drop(c);
+        // A graceful restart keeps the completed session and its reply.
+        let server = TestServer::start_in(server.stop().await, |cfg| cfg.fsync = policy).await;
+        let mut c = server.connect().await;
+        let again = c
+            .fragment("/echo/f.bin", &sid, &data, 262_144, 300_000 - 262_144)
+            .await;
+        assert_eq!(again.status, 200, "{policy:?}");
+        assert_eq!(
+            c.get(
+                "GET",
+                &url_path(again.header("bits-reply-url").unwrap()),
+                &[]
+            )
+            .await
+            .body,
+            data
+        );
+    }
+}

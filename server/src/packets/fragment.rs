@@ -19,7 +19,8 @@ use crate::metrics::FragmentOutcome;
 use crate::request_url::RequestOrigin;
 use crate::routes::Route;
 use crate::service::{error_ack, storage_failure, BoxError, Shared};
-use crate::session_limits::check_disk;
+use crate::session_limits::{check_disk, FsyncPolicy};
+use bitsd_storage::FragmentDurability;
 
 /// A failed fragment: the error and, when it is known, the offset to report with it.
 struct Failure {
@@ -165,7 +166,7 @@ where
             // explicitly below when completion fails): its Ack waits for that anyway.
             shared
                 .store
-                .commit_fragment(writer, &record, !write.completes)
+                .commit_fragment(writer, &record, durability(shared.fsync, write.completes))
                 .await
                 .map_err(|e| Failure {
                     error: storage_failure(e),
@@ -191,6 +192,15 @@ where
             }
             Ok(Ack::ok().session(&id).received(record.received))
         }
+    }
+}
+
+/// How durable a fragment must be before its Ack under the fsync policy.
+fn durability(policy: FsyncPolicy, completes: bool) -> FragmentDurability {
+    match (policy, completes) {
+        (FsyncPolicy::PerFragment, false) => FragmentDurability::Durable,
+        (FsyncPolicy::PerFragment | FsyncPolicy::OnClose, true) => FragmentDurability::BytesDurable,
+        (FsyncPolicy::OnClose, false) | (FsyncPolicy::Never, _) => FragmentDurability::Deferred,
     }
 }
 
