@@ -8,6 +8,21 @@ use bitsd_storage::{
     CommitOutcome, MetaStore, SessionRecord, SessionState, SessionStore, SledMetaStore, UploadMode,
 };
 
+/// Opens the store, waiting for a previous instance in this process to release sled's lock
+/// (sled lets go of it from a background thread after the last handle is dropped).
+async fn open(dir: &std::path::Path) -> SessionStore {
+    for _ in 0..100 {
+        match SessionStore::open(dir).await {
+            Ok(store) => return store,
+            Err(e) if e.to_string().contains("lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("sled lock never released");
+}
+
 fn record(mode: UploadMode) -> SessionRecord {
     SessionRecord::new(
         SessionId::random(),
@@ -39,7 +54,7 @@ async fn reopen_cuts_unacknowledged_bytes_and_keeps_the_index() {
     let dir = tempfile::tempdir().unwrap();
     let mut rec = record(UploadMode::Upload);
     {
-        let store = SessionStore::open(dir.path()).await.unwrap();
+        let store = open(dir.path()).await;
         store.create(&rec).await.unwrap();
         write_fragment(&store, &mut rec, 0, b"hello ", 11).await;
         // Bytes that reached the file but whose commit never happened.
@@ -49,7 +64,7 @@ async fn reopen_cuts_unacknowledged_bytes_and_keeps_the_index() {
         drop(w);
         store.flush().await.unwrap();
     }
-    let store = SessionStore::open(dir.path()).await.unwrap();
+    let store = open(dir.path()).await;
     let upload = store.upload_path(&rec.id);
     assert_eq!(std::fs::read(&upload).unwrap(), b"hello ");
     let loaded = store.load(&rec.id).await.unwrap().unwrap();
@@ -63,21 +78,21 @@ async fn reopen_cuts_unacknowledged_bytes_and_keeps_the_index() {
 #[tokio::test]
 async fn files_without_a_record_are_removed_on_open() {
     let dir = tempfile::tempdir().unwrap();
-    drop(SessionStore::open(dir.path()).await.unwrap());
+    drop(open(dir.path()).await);
     let stray = dir
         .path()
         .join("sessions")
         .join(SessionId::random().simple());
     std::fs::create_dir_all(&stray).unwrap();
     std::fs::write(stray.join("upload"), b"junk").unwrap();
-    drop(SessionStore::open(dir.path()).await.unwrap());
+    drop(open(dir.path()).await);
     assert!(!stray.exists());
 }
 
 #[tokio::test]
 async fn commit_never_replaces_without_overwrites_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SessionStore::open(dir.path()).await.unwrap();
+    let store = open(dir.path()).await;
     let mut a = record(UploadMode::Upload);
     store.create(&a).await.unwrap();
     write_fragment(&store, &mut a, 0, b"first", 5).await;
@@ -125,7 +140,7 @@ async fn commit_never_replaces_without_overwrites_and_is_idempotent() {
 #[tokio::test]
 async fn end_keeps_a_tombstone_and_purge_removes_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SessionStore::open(dir.path()).await.unwrap();
+    let store = open(dir.path()).await;
     let mut rec = record(UploadMode::UploadReply);
     store.create(&rec).await.unwrap();
     write_fragment(&store, &mut rec, 0, b"abc", 3).await;
@@ -173,7 +188,16 @@ fn concurrent_durable_saves_share_flushes_and_all_land() {
             .flat_map(|t| t.join().unwrap())
             .collect()
     };
-    let meta = SledMetaStore::open(&dir.path().join("meta")).unwrap();
+    let meta = (0..100)
+        .find_map(|_| {
+            SledMetaStore::open(&dir.path().join("meta"))
+                .ok()
+                .or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    None
+                })
+        })
+        .expect("sled lock released");
     assert_eq!(meta.list().unwrap().len(), 800);
     for id in ids {
         assert!(meta.load(&id).unwrap().is_some());
