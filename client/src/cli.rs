@@ -31,9 +31,12 @@ pub struct UploadArgs {
     /// Password for HTTP Basic authentication (or the BITSD_PASSWORD environment variable).
     #[arg(long, value_name = "P", env = "BITSD_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
-    /// Do not verify TLS certificates (accepted for future use; https is not supported yet).
+    /// https: do not verify the server's certificate (self-signed test servers).
     #[arg(long)]
     pub insecure: bool,
+    /// https: also trust the CA certificate(s) in this PEM file.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// No progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -180,6 +183,27 @@ pub async fn run_upload_cli(args: UploadArgs) -> Result<(), ClientError> {
                 args.password.as_deref().unwrap_or(""),
             )
             .ping_first(true);
+    }
+    builder = builder.tls_insecure(args.insecure);
+    if let Some(path) = &args.ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::LocalFile {
+                path: path.clone(),
+                source: std::io::Error::other(format!("not a PEM certificate file: {e}")),
+            });
+        match certs {
+            Ok(certs) => {
+                for c in certs {
+                    builder = builder.add_root_certificate(c.to_vec());
+                }
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return Err(e);
+            }
+        }
     }
     let uploader = builder.build();
     let cancel = CancelHandle::new();

@@ -362,19 +362,13 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The URL is not an absolute `http://` URL the client can use.
+    /// The URL is not an absolute `http://` or `https://` URL the client can use.
     #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL as given.
         url: String,
         /// Why it was refused.
         reason: String,
-    },
-    /// `https://` URLs are not supported yet (no TLS in this client).
-    #[error("{url}: https is not supported yet (TLS is not implemented); use an http:// URL")]
-    UnsupportedScheme {
-        /// The URL as given.
-        url: String,
     },
     /// The job was cancelled through its [`CancelHandle`](crate::CancelHandle).
     #[error("cancelled")]

@@ -25,14 +25,116 @@ struct Conn {
 /// The transport of one job: at most one open connection, one request at a time.
 pub(crate) struct Http {
     conn: Option<Conn>,
+    tls: Option<tokio_rustls::TlsConnector>,
     connect_timeout: Duration,
     request_timeout: Duration,
     authorization: Option<HeaderValue>,
     user_agent: HeaderValue,
 }
 
+/// HTTP/1.1 over any connection; the connection task runs on its own.
+async fn handshake<T>(io: T) -> Result<SendRequest<Full<Bytes>>, hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// TLS settings of a client: the web PKI roots plus any extra roots, or no verification.
+pub(crate) fn tls_connector(
+    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+    insecure: bool,
+) -> Option<tokio_rustls::TlsConnector> {
+    use tokio_rustls::rustls;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?;
+    let config = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(NoVerification(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in extra_roots {
+            if let Err(e) = roots.add(cert.clone()) {
+                tracing::warn!(error = %e, "ignoring an unusable root certificate");
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
+}
+
+/// `--insecure`: accept any certificate (signatures are still checked for the handshake).
+#[derive(Debug)]
+struct NoVerification(std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
+    {
+        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 impl Http {
     pub(crate) fn new(
+        tls: Option<tokio_rustls::TlsConnector>,
         connect_timeout: Duration,
         request_timeout: Duration,
         authorization: Option<HeaderValue>,
@@ -40,6 +142,7 @@ impl Http {
     ) -> Self {
         Http {
             conn: None,
+            tls,
             connect_timeout,
             request_timeout,
             authorization,
@@ -71,14 +174,25 @@ impl Http {
             })?
             .map_err(|e| ClientError::transport(request, &url, format!("connect failed: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::transport(request, &url, e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-        });
+        let sender = if target.is_tls() {
+            let connector = self
+                .tls
+                .as_ref()
+                .ok_or_else(|| ClientError::transport(request, &url, "TLS is unavailable"))?;
+            let name = rustls_pki_types::ServerName::try_from(target.tls_name().to_owned())
+                .map_err(|e| ClientError::transport(request, &url, format!("TLS name: {e}")))?;
+            let stream =
+                tokio::time::timeout(self.connect_timeout, connector.connect(name, stream))
+                    .await
+                    .map_err(|_| ClientError::transport(request, &url, "TLS handshake timed out"))?
+                    .map_err(|e| {
+                        ClientError::transport(request, &url, format!("TLS handshake failed: {e}"))
+                    })?;
+            handshake(TokioIo::new(stream)).await
+        } else {
+            handshake(TokioIo::new(stream)).await
+        }
+        .map_err(|e| ClientError::transport(request, &url, e))?;
         Ok(Conn {
             key: target.authority_key(),
             sender,

@@ -1,4 +1,5 @@
-//! Where requests go: an `http://` URL split into what the connection and the request head need.
+//! Where requests go: an `http://` or `https://` URL split into what the connection and the
+//! request head need.
 
 use std::fmt;
 
@@ -6,12 +7,14 @@ use http::uri::{Authority, Uri};
 
 use crate::error::ClientError;
 
-/// A parsed absolute `http://` URL.
+/// A parsed absolute `http://` or `https://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Target {
+    /// `https`: the connection speaks TLS.
+    tls: bool,
     /// Host as written in a URL (IPv6 literals keep their brackets).
     host: String,
-    /// TCP port (80 when the URL names none).
+    /// TCP port (80 or 443 when the URL names none).
     port: u16,
     /// Whether the URL named the port (decides the `Host` header form).
     explicit_port: bool,
@@ -20,8 +23,7 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    /// Parses an absolute `http://` URL. `https://` is refused with
-    /// [`ClientError::UnsupportedScheme`].
+    /// Parses an absolute `http://` or `https://` URL.
     pub(crate) fn parse(url: &str) -> Result<Target, ClientError> {
         let invalid = |reason: &str| ClientError::InvalidUrl {
             url: url.to_owned(),
@@ -31,16 +33,12 @@ impl Target {
             .trim()
             .parse()
             .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
-        match uri.scheme_str() {
-            Some(s) if s.eq_ignore_ascii_case("http") => {}
-            Some(s) if s.eq_ignore_ascii_case("https") => {
-                return Err(ClientError::UnsupportedScheme {
-                    url: url.to_owned(),
-                })
-            }
-            Some(_) => return Err(invalid("only http:// URLs are supported")),
+        let tls = match uri.scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("http") => false,
+            Some(s) if s.eq_ignore_ascii_case("https") => true,
+            Some(_) => return Err(invalid("only http:// and https:// URLs are supported")),
             None => return Err(invalid("not an absolute URL (http://host/path)")),
-        }
+        };
         let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid(
@@ -56,8 +54,9 @@ impl Target {
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| "/".to_owned());
         Ok(Target {
+            tls,
             host: authority.host().to_owned(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             explicit_port: authority.port_u16().is_some(),
             path,
         })
@@ -112,14 +111,25 @@ impl Target {
         (h, self.port)
     }
 
-    /// `host:port`, the key for connection reuse.
+    /// Scheme, host and port: the key for connection reuse.
     pub(crate) fn authority_key(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        format!("{}:{}:{}", self.tls, self.host, self.port)
+    }
+
+    /// Whether the connection speaks TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The host name for TLS (SNI and certificate check), without IPv6 brackets.
+    pub(crate) fn tls_name(&self) -> &str {
+        self.host.trim_start_matches('[').trim_end_matches(']')
     }
 
     /// The `Host` header value.
     pub(crate) fn host_header(&self) -> String {
-        if self.explicit_port && self.port != 80 {
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.explicit_port && self.port != default_port {
             format!("{}:{}", self.host, self.port)
         } else {
             self.host.clone()
@@ -134,7 +144,8 @@ impl Target {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.host_header(), self.path)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.host_header(), self.path)
     }
 }
 
@@ -160,10 +171,14 @@ mod tests {
         assert_eq!(n.host_header(), "[::1]:8080");
         let d = Target::parse("http://h/x").expect("url");
         assert_eq!((d.port, d.host_header().as_str()), (80, "h"));
-        assert!(matches!(
-            Target::parse("https://h/x"),
-            Err(ClientError::UnsupportedScheme { .. })
-        ));
+        let s = Target::parse("https://h/x").expect("https url");
+        assert!(s.is_tls());
+        assert_eq!((s.port, s.host_header().as_str()), (443, "h"));
+        assert_eq!(s.to_string(), "https://h/x");
+        assert_eq!(
+            s.with_host_id("n:8443").expect("host id").to_string(),
+            "https://n:8443/x"
+        );
         assert!(Target::parse("/relative").is_err());
         assert!(Target::parse("ftp://h/x").is_err());
         let r = t

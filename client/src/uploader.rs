@@ -197,6 +197,9 @@ pub(crate) struct Config {
     pub(crate) cancel_on_error: bool,
     pub(crate) reply_chunk_size: Option<u64>,
     pub(crate) observer: Option<Arc<dyn ProgressObserver>>,
+    pub(crate) tls_insecure: bool,
+    pub(crate) tls_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub(crate) tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Builds a [`BitsUploader`].
@@ -234,6 +237,9 @@ impl Default for BitsUploaderBuilder {
                 cancel_on_error: true,
                 reply_chunk_size: None,
                 observer: None,
+                tls_insecure: false,
+                tls_roots: Vec::new(),
+                tls: None,
             },
         }
     }
@@ -305,8 +311,23 @@ impl BitsUploaderBuilder {
         self
     }
 
+    /// `https`: accept any server certificate (self-signed test servers). Off by default.
+    pub fn tls_insecure(mut self, insecure: bool) -> Self {
+        self.cfg.tls_insecure = insecure;
+        self
+    }
+
+    /// `https`: also trust this root certificate (DER), next to the web PKI roots.
+    pub fn add_root_certificate(mut self, der: Vec<u8>) -> Self {
+        self.cfg
+            .tls_roots
+            .push(rustls_pki_types::CertificateDer::from(der));
+        self
+    }
+
     /// The uploader.
-    pub fn build(self) -> BitsUploader {
+    pub fn build(mut self) -> BitsUploader {
+        self.cfg.tls = crate::http::tls_connector(&self.cfg.tls_roots, self.cfg.tls_insecure);
         BitsUploader {
             cfg: Arc::new(self.cfg),
         }
@@ -617,6 +638,7 @@ pub(crate) struct Run {
 impl Run {
     fn new(cfg: Arc<Config>, cancel: CancellationToken) -> Self {
         let http = Http::new(
+            cfg.tls.clone(),
             cfg.connect_timeout,
             cfg.request_timeout,
             cfg.authorization.clone(),

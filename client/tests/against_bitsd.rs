@@ -404,15 +404,80 @@ async fn cancel_mid_upload_sends_cancel_session() {
 }
 
 #[tokio::test]
-async fn https_is_refused_clearly() {
-    let (b, _) = quick_uploader();
-    let err = b
-        .build()
-        .upload("https://127.0.0.1:1/upload/a", "/nonexistent")
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ClientError::UnsupportedScheme { .. }));
-    assert!(err.to_string().contains("https is not supported"));
+async fn upload_reply_over_https_with_a_trusted_ca_or_insecure() {
+    bounded(async {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let cert_path = keys.path().join("cert.pem");
+        let key_path = keys.path().join("key.pem");
+        std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+        std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+        let data_dir = tempfile::tempdir().unwrap();
+        let server = start_server(data_dir.path(), 0, |c| {
+            c.tls = Some(bitsd::TlsFiles {
+                cert: cert_path.clone(),
+                key: key_path.clone(),
+            });
+        })
+        .await;
+        let url = format!("https://localhost:{}/echo/t.bin", server.addr().port());
+        let files = tempfile::tempdir().unwrap();
+        let data = pattern(150_000, 21);
+        let file = write_temp(files.path(), "t.bin", &data);
+
+        // Not trusted: the handshake fails (a transport error, retried, then reported).
+        let (b, _) = quick_uploader();
+        let err = b
+            .retry_policy(bitsd_client::RetryPolicy {
+                initial_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(10),
+                max_retries: 1,
+            })
+            .build()
+            .upload_reply(&url, &file, ReplyDestination::Memory)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+
+        // Trusted through the test CA: the reply URL is https too.
+        let (b, _) = quick_uploader();
+        let done = b
+            .add_root_certificate(cert.cert.der().to_vec())
+            .build()
+            .upload_reply(&url, &file, ReplyDestination::Memory)
+            .await
+            .unwrap();
+        let reply = done.reply.unwrap();
+        assert!(reply.url.starts_with("https://localhost:"), "{}", reply.url);
+        assert_eq!(reply.bytes.unwrap().as_ref(), data.as_slice());
+
+        // --insecure: any certificate.
+        let (b, _) = quick_uploader();
+        let done = b
+            .tls_insecure(true)
+            .build()
+            .upload_reply(&url, &file, ReplyDestination::Memory)
+            .await
+            .unwrap();
+        assert_eq!(done.reply.unwrap().bytes.unwrap().as_ref(), data.as_slice());
+
+        // The CLI with --ca-file.
+        let args = bitsd_client::UploadArgs {
+            url: url.clone(),
+            file: file.clone(),
+            reply_file: Some(files.path().join("out.bin")),
+            fragment_size: 64 * 1024,
+            user: None,
+            password: None,
+            insecure: false,
+            ca_file: Some(cert_path.clone()),
+            no_progress: true,
+        };
+        bitsd_client::run_upload_cli(args).await.unwrap();
+        assert_eq!(std::fs::read(files.path().join("out.bin")).unwrap(), data);
+        server.shutdown().await.unwrap();
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -432,6 +497,7 @@ async fn cli_entry_point_uploads_and_writes_the_reply_file() {
             user: None,
             password: None,
             insecure: false,
+            ca_file: None,
             no_progress: true,
         };
         bitsd_client::run_upload_cli(args.clone()).await.unwrap();
@@ -451,13 +517,6 @@ async fn cli_entry_point_uploads_and_writes_the_reply_file() {
         let err = bitsd_client::run_upload_cli(plain).await.unwrap_err();
         assert_eq!(err.hresult(), Some(hresult::E_ACCESSDENIED));
 
-        let https = bitsd_client::UploadArgs {
-            url: "https://127.0.0.1:1/upload/x".into(),
-            insecure: true,
-            ..args
-        };
-        let err = bitsd_client::run_upload_cli(https).await.unwrap_err();
-        assert!(matches!(err, ClientError::UnsupportedScheme { .. }));
         server.shutdown().await.unwrap();
     })
     .await;
