@@ -498,7 +498,8 @@ pub(crate) fn error_ack(
     raw_session: Option<&HeaderValue>,
     received: Option<u64>,
 ) -> Ack {
-    if err.status().is_server_error() {
+    // 501 (no uploads on this URL) is the client's mistake, not a server failure.
+    if err.status().is_server_error() && err.status() != StatusCode::NOT_IMPLEMENTED {
         tracing::warn!(status = err.status().as_u16(), code = %err.code(), reason = err.reason(), "packet failed");
     } else {
         tracing::info!(status = err.status().as_u16(), code = %err.code(), reason = err.reason(), "packet refused");
