@@ -32,6 +32,7 @@
 //! Every rule draws from its own generator, and only when everything else about it matched.
 
 use crate::config::line_col;
+use crate::packets::discard_unread;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -61,10 +62,6 @@ use crate::BitsService;
 /// How long a truncated answer waits, after its last byte went out, before the connection is
 /// closed: enough for the connection to flush those bytes to the client.
 const CUT_FLUSH_DELAY: Duration = Duration::from_millis(100);
-/// How much of an unanswered request body is read before a fault's answer (as the server does).
-const DRAIN_MAX_BYTES: u64 = 128 * 1024 * 1024;
-/// How long that may take.
-const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
 
 /// What a fault rule matches: a `BITS_POST` packet type or a reply download request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -1139,7 +1136,7 @@ impl FaultInjectingService {
                 code,
                 context,
             } => {
-                drain(req.into_body()).await;
+                discard_unread(req.into_body()).await;
                 let status_code =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 let res = if matches!(rec.facts.packet, Some(FaultPacket::Get | FaultPacket::Head))
@@ -1157,7 +1154,7 @@ impl FaultInjectingService {
                 Ok(rec.answer(res, Some("answered without processing the request".into())))
             }
             FaultAction::TooLarge { above } => {
-                drain(req.into_body()).await;
+                discard_unread(req.into_body()).await;
                 let len = rec.facts.fragment.map_or(0, |r| r.len);
                 let ack = Ack::error(&BitsError::fragment_too_large(len, above));
                 let res = echo(ack, &rec.facts).into_response();
@@ -1169,7 +1166,7 @@ impl FaultInjectingService {
                 ))
             }
             FaultAction::Resync { offset } => {
-                drain(req.into_body()).await;
+                discard_unread(req.into_body()).await;
                 let ack = Ack::with_status(StatusCode::RANGE_NOT_SATISFIABLE)
                     .header(header::BITS_ERROR_CODE, HeaderValue::from_static("0x0"))
                     .header(header::BITS_ERROR_CONTEXT, HeaderValue::from_static("0x5"))
@@ -1183,7 +1180,7 @@ impl FaultInjectingService {
                 ))
             }
             FaultAction::ForgetSession => {
-                drain(req.into_body()).await;
+                discard_unread(req.into_body()).await;
                 let removed = self.remove(&rec.facts).await;
                 let ack = Ack::error(&BitsError::session_not_found());
                 let res = echo(ack, &rec.facts).into_response();
@@ -1386,28 +1383,6 @@ fn empty_response(status: StatusCode) -> Response<ResponseBody> {
     res.headers_mut()
         .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     res
-}
-
-/// Reads and drops a request body the fault answers without the server (bounded in bytes
-/// and time), so the client sees the answer instead of a reset.
-async fn drain<B>(body: B)
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    let work = async {
-        let mut body = std::pin::pin!(body);
-        let mut seen = 0u64;
-        while let Some(Ok(frame)) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            if let Ok(data) = frame.into_data() {
-                seen += data.remaining() as u64;
-            }
-            if seen > DRAIN_MAX_BYTES {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_MAX_TIME, work).await;
 }
 
 /// A request body that ends with an error after `limit` bytes (`drop-after`).

@@ -111,7 +111,7 @@ where
             let body = body
                 .take()
                 .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
-            drain(body, packet.range.len, idle).await?;
+            stream_body(body, packet.range.len, 0, 0, idle, None).await?;
             shared.metrics.fragment(FragmentOutcome::AlreadyHeld, 0);
             record.touch();
             if final_resend {
@@ -146,7 +146,7 @@ where
                 write.skip,
                 write.len,
                 idle,
-                &mut writer,
+                Some(&mut writer),
             )
             .await
             .map_err(|error| Failure {
@@ -204,15 +204,16 @@ fn durability(policy: FsyncPolicy, completes: bool) -> FragmentDurability {
     }
 }
 
-/// Reads the body, discards the first `skip` bytes, writes the next `len` bytes; the body must
-/// be exactly `expected` bytes long. Memory use is one body frame at a time.
+/// Reads the body, discards the first `skip` bytes, writes the next `len` bytes (to `writer`;
+/// with none, the whole body is read and dropped: a fragment the server already holds); the
+/// body must be exactly `expected` bytes long. Memory use is one body frame at a time.
 async fn stream_body<B>(
     body: B,
     expected: u64,
     skip: u64,
     len: u64,
     idle: std::time::Duration,
-    writer: &mut FragmentWriter,
+    mut writer: Option<&mut FragmentWriter>,
 ) -> Result<(), BitsError>
 where
     B: http_body::Body,
@@ -237,9 +238,8 @@ where
         // The part of [start, end) that falls in [skip, skip + len).
         let from = skip.clamp(start, end);
         let to = (skip + len).clamp(start, end);
-        if from < to {
-            writer
-                .write(&chunk[(from - start) as usize..(to - start) as usize])
+        if let (Some(w), true) = (writer.as_deref_mut(), from < to) {
+            w.write(&chunk[(from - start) as usize..(to - start) as usize])
                 .await
                 .map_err(storage_failure)?;
         }
@@ -276,33 +276,6 @@ fn body_error(e: BoxError, seen: u64, expected: u64) -> BitsError {
     BitsError::invalid_arg(format!(
         "body read failed after {seen} of {expected} bytes: {e}"
     ))
-}
-
-/// Reads and discards a body of `expected` bytes (a fragment the server already holds).
-async fn drain<B>(body: B, expected: u64, idle: std::time::Duration) -> Result<(), BitsError>
-where
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
-{
-    let mut body = pin!(body);
-    let mut seen = 0u64;
-    while let Some(frame) = next_frame(&mut body, idle).await? {
-        let frame = frame.map_err(|e| body_error(e, seen, expected))?;
-        if let Ok(data) = frame.into_data() {
-            seen += data.remaining() as u64;
-        }
-        if seen > expected {
-            return Err(BitsError::invalid_arg(format!(
-                "body longer than its Content-Length {expected}"
-            )));
-        }
-    }
-    if seen != expected {
-        return Err(BitsError::invalid_arg(format!(
-            "body ended after {seen} of {expected} bytes"
-        )));
-    }
-    Ok(())
 }
 
 /// The completion step, idempotent (§6.2): commit a plain upload, or produce and store the

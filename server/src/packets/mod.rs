@@ -55,7 +55,7 @@ const DISCARD_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// Reads and drops what the client is still sending (bounded in bytes and time). Answering
 /// while the client still writes makes the kernel reset the connection, and a reset client
 /// may never see the Ack: a 413 it never sees is a fragment size it never shrinks.
-async fn discard_unread<B>(body: B)
+pub(crate) async fn discard_unread<B>(body: B)
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
