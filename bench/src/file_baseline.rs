@@ -1,7 +1,8 @@
 //! The storage baseline: plain files written directly, no HTTP. Each upload is one file; each
 //! fragment is written at its offset (`pwrite`) and `sync_data`'d before the next one (the
-//! same chunk size and fsync policy as bitsd's per-fragment durability); the directory is
-//! fsynced once when the file is created.
+//! same chunk size and fsync policy as bitsd's per-fragment durability; with `--fsync
+//! on-close` once after the last fragment, with `never` not at all); the directory is fsynced
+//! once when the file is created.
 
 use std::fs;
 use std::io;
@@ -19,12 +20,18 @@ fn write_one(path: &Path, total: u64, fragment: usize, payload: &[u8]) -> io::Re
     if let Some(dir) = path.parent() {
         fs::File::open(dir)?.sync_all()?;
     }
+    let policy = crate::util::fsync();
     let mut at = 0u64;
     while at < total {
         let len = (fragment as u64).min(total - at) as usize;
         file.write_all_at(&payload[..len], at)?;
-        file.sync_data()?;
+        if policy == bitsd::FsyncPolicy::PerFragment {
+            file.sync_data()?;
+        }
         at += len as u64;
+    }
+    if policy == bitsd::FsyncPolicy::OnClose {
+        file.sync_data()?;
     }
     Ok(())
 }

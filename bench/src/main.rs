@@ -76,6 +76,10 @@ struct Args {
     /// Concurrent upload counts of the upload scenario (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     uploads: Vec<usize>,
+    /// bitsd's fsync policy (per-fragment, on-close, never); the file baseline syncs the same
+    /// way (after every fragment, once at the end, never).
+    #[arg(long, default_value = "per-fragment")]
+    fsync: bitsd::FsyncPolicy,
 }
 
 /// The parts of the benchmark.
@@ -232,9 +236,19 @@ async fn run(args: Args) -> Result<Report> {
         .context
         .push(("work dir".into(), base.display().to_string()));
     report.context.push(("plan".into(), plan.describe()));
+    util::set_fsync(args.fsync);
     report.context.push((
         "fsync".into(),
-        "bitsd default (per fragment); file baseline: sync_data after every fragment".into(),
+        match args.fsync {
+            bitsd::FsyncPolicy::PerFragment => {
+                "per-fragment (bitsd default); file baseline: sync_data after every fragment"
+            }
+            bitsd::FsyncPolicy::OnClose => {
+                "on-close; file baseline: sync_data once, after the last fragment"
+            }
+            bitsd::FsyncPolicy::Never => "never; file baseline: no sync_data",
+        }
+        .into(),
     ));
     let bin = if wants(Scenario::Rss) || wants(Scenario::Startup) {
         child::find_bitsd(args.bitsd.as_deref())

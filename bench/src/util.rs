@@ -24,6 +24,18 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+static FSYNC: std::sync::OnceLock<bitsd::FsyncPolicy> = std::sync::OnceLock::new();
+
+/// Sets the fsync policy of every bitsd this run starts (and of the file baseline).
+pub fn set_fsync(policy: bitsd::FsyncPolicy) {
+    let _ = FSYNC.set(policy);
+}
+
+/// The fsync policy of this run.
+pub fn fsync() -> bitsd::FsyncPolicy {
+    FSYNC.get().copied().unwrap_or_default()
+}
+
 /// The bitsd configuration the in-process scenarios use: ephemeral loopback port, no admin
 /// listener, the default routes (`/upload/`, `/echo/`) and every other default.
 pub fn bitsd_config(data_dir: &Path) -> bitsd::ServerConfig {
@@ -32,6 +44,7 @@ pub fn bitsd_config(data_dir: &Path) -> bitsd::ServerConfig {
         admin_listen: None,
         data_dir: data_dir.to_owned(),
         shutdown_grace: Duration::from_secs(5),
+        fsync: fsync(),
         ..Default::default()
     }
 }

@@ -14,7 +14,10 @@ pub trait MetaStore: Send + Sync + 'static {
     fn save(&self, record: &SessionRecord) -> Result<(), StorageError>;
     /// Stores `record` without waiting for it to be durable (progress counters and the like).
     fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError>;
-    /// Stores `record` and one fragment-index entry atomically; durably when `durable`.
+    /// Stores one fragment-index entry and `record` (durably when `durable`) such that a
+    /// durable record implies a durable entry: atomically, or entry first on a store that
+    /// recovers a prefix of its writes (sled). An entry may thus outlive a lost record update;
+    /// it then lies at or past the record's `received` (see [`MetaStore::fragments`]).
     fn save_with_fragment(
         &self,
         record: &SessionRecord,
@@ -27,8 +30,16 @@ pub trait MetaStore: Send + Sync + 'static {
     fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError>;
     /// Every record.
     fn list(&self) -> Result<Vec<SessionRecord>, StorageError>;
-    /// The fragment index of `id`, in offset order.
+    /// Removes the entries of `id` at or past `offset` (recovery: leftovers of a fragment that
+    /// was never acknowledged), without waiting for durability.
+    fn remove_fragments_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError>;
+    /// The fragment index of `id`, in offset order. Entries at or past the record's
+    /// `received` are leftovers of an unacknowledged fragment (recovery removes them).
     fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentEntry>, StorageError>;
+    /// The last entry of the fragment index of `id` (recovery checks its bytes).
+    fn last_fragment(&self, id: &SessionId) -> Result<Option<FragmentEntry>, StorageError> {
+        Ok(self.fragments(id)?.pop())
+    }
     /// Makes every earlier change durable.
     fn flush(&self) -> Result<(), StorageError>;
     /// Bytes the store takes on disk, if it can tell.

@@ -83,6 +83,43 @@ fn create_dir_synced(dir: &Path) -> Result<(), StorageError> {
     }
 }
 
+/// Cuts bytes of an earlier, unacknowledged attempt that lie past `end`.
+fn cut_past(file: &fs::File, end: u64, path: &Path) -> Result<(), StorageError> {
+    let len = file
+        .metadata()
+        .map_err(StorageError::io("stat upload", path))?
+        .len();
+    if len > end {
+        file.set_len(end)
+            .map_err(StorageError::io("truncate upload", path))?;
+    }
+    Ok(())
+}
+
+/// Whether `path` holds `entry`'s bytes: its range is there and its CRC-32C matches.
+fn fragment_on_disk(path: &Path, entry: &FragmentEntry) -> Result<bool, StorageError> {
+    use std::os::unix::fs::FileExt;
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(StorageError::io("open upload", path)(e)),
+    };
+    let mut buf = vec![0u8; entry.len.min(1 << 20) as usize];
+    let (mut at, end, mut crc) = (entry.offset, entry.offset + entry.len, 0u32);
+    while at < end {
+        let want = ((end - at) as usize).min(buf.len());
+        let n = file
+            .read_at(&mut buf[..want], at)
+            .map_err(StorageError::io("read upload", path))?;
+        if n == 0 {
+            return Ok(false);
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        at += n as u64;
+    }
+    Ok(crc == entry.crc32c)
+}
+
 fn remove_dir_all_if_exists(dir: &Path) -> Result<(), StorageError> {
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
@@ -146,6 +183,20 @@ impl SessionStore {
             let _ = fs::remove_file(dir.join(REPLY_TEMP));
             let mut changed = false;
             let upload = dir.join(UPLOAD_FILE);
+            if record.state == SessionState::Receiving && record.received > 0 && !record.committed {
+                // The last fragment's offset may have become durable before its bytes did
+                // (see `commit_fragment`): keep it only if its bytes are there.
+                if let Some(last) = self.meta.last_fragment(&record.id)? {
+                    if last.offset + last.len == record.received
+                        && !fragment_on_disk(&upload, &last)?
+                    {
+                        tracing::warn!(session = %record.id, offset = last.offset, len = last.len, "last fragment not on disk (a crash before its Ack); the session resumes before it");
+                        record.received = last.offset;
+                        self.meta.remove_fragments_from(&record.id, last.offset)?;
+                        changed = true;
+                    }
+                }
+            }
             if let Ok(meta) = fs::metadata(&upload) {
                 if meta.len() > record.received {
                     let f = fs::OpenOptions::new()
@@ -156,9 +207,13 @@ impl SessionStore {
                         .map_err(StorageError::io("truncate", &upload))?;
                     f.sync_all().map_err(StorageError::io("fsync", &upload))?;
                     tracing::debug!(session = %record.id, len = meta.len(), received = record.received, "cut unacknowledged upload bytes");
+                    self.meta
+                        .remove_fragments_from(&record.id, record.received)?;
                 } else if meta.len() < record.received && !record.committed {
                     tracing::warn!(session = %record.id, len = meta.len(), received = record.received, "upload file shorter than acknowledged; resuming from the file length");
                     record.received = meta.len();
+                    self.meta
+                        .remove_fragments_from(&record.id, record.received)?;
                     if record.state == SessionState::Complete {
                         record.state = SessionState::Receiving;
                     }
@@ -300,19 +355,25 @@ impl SessionStore {
         })
     }
 
-    /// Makes a fragment's bytes durable and then commits `record` (which must already carry the
-    /// new `received`) with the fragment's index entry, in one trip off the runtime. With
-    /// `durable`, only after this returns may the server Ack; without it, the caller makes a
-    /// later change durable (or calls [`SessionStore::flush`]) before it answers: the completing
-    /// fragment, whose Ack waits for the reply anyway, saves one flush that way.
+    /// Commits a written fragment: `record` (which must already carry the new `received`)
+    /// and the fragment's index entry go to the meta store, and, as `durability` asks, the
+    /// bytes and the meta store are made durable. With [`FragmentDurability::Durable`] the
+    /// server may Ack once this returns; with [`FragmentDurability::BytesDurable`] the caller
+    /// makes a later change durable (or calls [`SessionStore::flush`]) before it answers: the
+    /// completing fragment, whose Ack waits for the reply anyway, saves one flush that way.
+    ///
+    /// With `Durable`, the bytes' `sync_data` and the meta store's flush run at the same time
+    /// (one device round trip instead of two in a row; the Ack waits for both). A crash
+    /// between the two can leave a durable offset over bytes that never reached the disk:
+    /// only for the session's last fragment (a session's fragments are serialized and each
+    /// waits for its sync), and [`SessionStore::recover`] checks exactly that fragment against
+    /// its CRC-32C in the index and cuts it off if the bytes are not there.
     pub async fn commit_fragment(
         &self,
         mut writer: FragmentWriter,
         record: &SessionRecord,
         durability: FragmentDurability,
     ) -> Result<(), StorageError> {
-        let meta = self.meta.clone();
-        let record = record.clone();
         let file = writer
             .file
             .take()
@@ -322,38 +383,42 @@ impl SessionStore {
             len: writer.written,
             crc32c: writer.crc32c,
         };
+        let end = entry.offset + entry.len;
         let (path, dir, created) = (writer.path.clone(), writer.dir.clone(), writer.created);
-        blocking(move || {
-            let end = entry.offset + entry.len;
-            let len = file
-                .metadata()
-                .map_err(StorageError::io("stat upload", &path))?
-                .len();
-            if len > end {
-                // Bytes of an earlier, unacknowledged attempt past the new end.
-                file.set_len(end)
-                    .map_err(StorageError::io("truncate upload", &path))?;
+        match durability {
+            FragmentDurability::Deferred => {
+                // Nothing to wait for: all of it is memory work and a stat, done right here.
+                cut_past(&file, end, &path)?;
+                self.meta.save_with_fragment(record, &entry, false)
             }
-            match durability {
-                FragmentDurability::Deferred => {}
-                FragmentDurability::Durable => {
+            FragmentDurability::Durable => {
+                self.meta.save_with_fragment(record, &entry, false)?;
+                let data = blocking(move || {
+                    cut_past(&file, end, &path)?;
                     file.sync_data()
                         .map_err(StorageError::io("fsync upload", &path))?;
                     if created {
                         sync_dir(&dir)?;
                     }
-                }
-                FragmentDurability::BytesDurable => {
+                    Ok(())
+                });
+                let meta = self.meta.clone();
+                let flush = blocking(move || meta.flush());
+                let (data, flush) = tokio::join!(data, flush);
+                data.and(flush)
+            }
+            FragmentDurability::BytesDurable => {
+                blocking(move || {
+                    cut_past(&file, end, &path)?;
                     // Also covers earlier deferred fragments and a file created by one.
                     file.sync_data()
                         .map_err(StorageError::io("fsync upload", &path))?;
-                    sync_dir(&dir)?;
-                }
+                    sync_dir(&dir)
+                })
+                .await?;
+                self.meta.save_with_fragment(record, &entry, false)
             }
-            let flush = durability == FragmentDurability::Durable;
-            meta.save_with_fragment(&record, &entry, flush)
-        })
-        .await
+        }
     }
 
     /// Opens a temporary reply file for the session.

@@ -3,8 +3,6 @@
 use std::path::Path;
 
 use bitsd_protocol::SessionId;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use crate::{FragmentEntry, MetaStore, SessionRecord, StorageError};
 
@@ -96,6 +94,29 @@ fn fragment_value(f: &FragmentEntry) -> [u8; 12] {
     v
 }
 
+fn decode_fragment(id: &SessionId, k: &[u8], v: &[u8]) -> Result<FragmentEntry, StorageError> {
+    let bad = || StorageError::Corrupt {
+        key: id.to_string(),
+        why: "fragment entry".into(),
+    };
+    let offset = u64::from_be_bytes(
+        k.get(16..24)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(bad)?,
+    );
+    let len = u64::from_be_bytes(v.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
+    let crc32c = u32::from_be_bytes(
+        v.get(8..12)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(bad)?,
+    );
+    Ok(FragmentEntry {
+        offset,
+        len,
+        crc32c,
+    })
+}
+
 fn encode(record: &SessionRecord) -> Result<Vec<u8>, StorageError> {
     serde_json::to_vec(record).map_err(|e| StorageError::Corrupt {
         key: record.id.to_string(),
@@ -157,20 +178,23 @@ impl MetaStore for SledMetaStore {
         fragment: &FragmentEntry,
         durable: bool,
     ) -> Result<(), StorageError> {
+        // Two plain inserts, index entry first. Not a sled transaction: a transaction (or
+        // batch) rolls sled's log buffer twice, i.e. two log writes each waited for with
+        // `sync_file_range`, on every fragment even when nothing asks for durability. Plain
+        // inserts stay in the log buffer until the next flush. sled recovers a prefix of its
+        // log, so a durable record implies a durable index entry; an entry whose record was
+        // lost (a crash between the two) lies at or past the recorded offset and is
+        // overwritten when the client sends those bytes again.
         let value = encode(record)?;
-        let key = record.id.as_uuid().as_bytes().to_vec();
-        let fkey = fragment_key(&record.id, fragment.offset);
-        let fval = fragment_value(fragment);
-        (&self.sessions, &self.fragments)
-            .transaction(|(s, f)| {
-                s.insert(key.as_slice(), value.as_slice())?;
-                f.insert(&fkey[..], &fval[..])?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => meta_err(e),
-                TransactionError::Abort(()) => StorageError::Meta("transaction aborted".into()),
-            })?;
+        self.fragments
+            .insert(
+                &fragment_key(&record.id, fragment.offset)[..],
+                &fragment_value(fragment)[..],
+            )
+            .map_err(meta_err)?;
+        self.sessions
+            .insert(record.id.as_uuid().as_bytes(), value)
+            .map_err(meta_err)?;
         if durable {
             self.flush()
         } else {
@@ -195,6 +219,16 @@ impl MetaStore for SledMetaStore {
         Ok(())
     }
 
+    fn remove_fragments_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError> {
+        let end = fragment_key(id, u64::MAX);
+        for key in self.fragments.range(fragment_key(id, offset)..=end).keys() {
+            self.fragments
+                .remove(key.map_err(meta_err)?)
+                .map_err(meta_err)?;
+        }
+        Ok(())
+    }
+
     fn list(&self) -> Result<Vec<SessionRecord>, StorageError> {
         self.sessions
             .iter()
@@ -210,29 +244,23 @@ impl MetaStore for SledMetaStore {
             .scan_prefix(id.as_uuid().as_bytes())
             .map(|kv| {
                 let (k, v) = kv.map_err(meta_err)?;
-                let bad = || StorageError::Corrupt {
-                    key: id.to_string(),
-                    why: "fragment entry".into(),
-                };
-                let offset = u64::from_be_bytes(
-                    k.get(16..24)
-                        .and_then(|s| s.try_into().ok())
-                        .ok_or_else(bad)?,
-                );
-                let len =
-                    u64::from_be_bytes(v.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
-                let crc32c = u32::from_be_bytes(
-                    v.get(8..12)
-                        .and_then(|s| s.try_into().ok())
-                        .ok_or_else(bad)?,
-                );
-                Ok(FragmentEntry {
-                    offset,
-                    len,
-                    crc32c,
-                })
+                decode_fragment(id, &k, &v)
             })
             .collect()
+    }
+
+    fn last_fragment(&self, id: &SessionId) -> Result<Option<FragmentEntry>, StorageError> {
+        match self
+            .fragments
+            .scan_prefix(id.as_uuid().as_bytes())
+            .next_back()
+        {
+            None => Ok(None),
+            Some(kv) => {
+                let (k, v) = kv.map_err(meta_err)?;
+                decode_fragment(id, &k, &v).map(Some)
+            }
+        }
     }
 
     fn flush(&self) -> Result<(), StorageError> {

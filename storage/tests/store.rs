@@ -62,6 +62,21 @@ async fn reopen_cuts_unacknowledged_bytes_and_keeps_the_index() {
         w.write(b"wor").await.unwrap();
         w.flush().await.unwrap();
         drop(w);
+        // A crash between the index entry and the record update (two ordered inserts): the
+        // entry of the unacknowledged bytes is there, the record still says 6.
+        store
+            .meta()
+            .save_with_fragment(
+                &rec,
+                &bitsd_storage::FragmentEntry {
+                    offset: 6,
+                    len: 3,
+                    crc32c: crc32c::crc32c(b"wor"),
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(store.meta().fragments(&rec.id).unwrap().len(), 2);
         store.flush().await.unwrap();
     }
     let store = open(dir.path()).await;
@@ -73,6 +88,57 @@ async fn reopen_cuts_unacknowledged_bytes_and_keeps_the_index() {
     assert_eq!(index.len(), 1);
     assert_eq!((index[0].offset, index[0].len), (0, 6));
     assert_eq!(index[0].crc32c, crc32c::crc32c(b"hello "));
+}
+
+/// `commit_fragment` flushes the meta store while the bytes are synced, so a crash can leave a
+/// durable offset whose last fragment never reached the disk: reopening checks that fragment
+/// against its CRC-32C and resumes before it; a fragment whose bytes are there is kept.
+#[tokio::test]
+async fn reopen_drops_a_last_fragment_whose_bytes_are_not_on_disk() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lost = record(UploadMode::Upload);
+    let mut torn = record(UploadMode::Upload);
+    let mut kept = record(UploadMode::Upload);
+    {
+        let store = open(dir.path()).await;
+        for (rec, tail) in [
+            (&mut lost, None),
+            (&mut torn, Some(&b"wXrld"[..])),
+            (&mut kept, Some(&b"world"[..])),
+        ] {
+            store.create(rec).await.unwrap();
+            write_fragment(&store, rec, 0, b"hello ", 11).await;
+            // The offset and index entry of "world" are durable; its bytes are missing,
+            // damaged, or there.
+            if let Some(tail) = tail {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(store.upload_path(&rec.id))
+                    .unwrap();
+                f.write_all_at(tail, 6).unwrap();
+            }
+            rec.received = 11;
+            let entry = bitsd_storage::FragmentEntry {
+                offset: 6,
+                len: 5,
+                crc32c: crc32c::crc32c(b"world"),
+            };
+            store.meta().save_with_fragment(rec, &entry, true).unwrap();
+        }
+    }
+    let store = open(dir.path()).await;
+    for (rec, received, bytes) in [
+        (&lost, 6, &b"hello "[..]),
+        (&torn, 6, &b"hello "[..]),
+        (&kept, 11, &b"hello world"[..]),
+    ] {
+        let loaded = store.load(&rec.id).await.unwrap().unwrap();
+        assert_eq!(loaded.received, received);
+        assert_eq!(std::fs::read(store.upload_path(&rec.id)).unwrap(), bytes);
+        let index = store.meta().fragments(&rec.id).unwrap();
+        assert_eq!(index.iter().map(|e| e.offset + e.len).max(), Some(received));
+    }
 }
 
 #[tokio::test]
