@@ -102,7 +102,7 @@ pub async fn run(plan: &Plan, work: &Path, payload: &Bytes, report: &mut Report)
             report.rows.push(
                 Row::new(
                     "download",
-                    format!("{label}; sink reading 64 KiB chunks like bitsd"),
+                    format!("{label}; sink reading 64 KiB chunks"),
                     bitsd,
                 )
                 .baseline("sink 64 KiB", Value::MibPerSec(mib_per_sec(s64b, s64t))),

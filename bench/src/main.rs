@@ -80,6 +80,14 @@ struct Args {
     /// way (after every fragment, once at the end, never).
     #[arg(long, default_value = "per-fragment")]
     fsync: bitsd::FsyncPolicy,
+    /// Client counts of the small-job scenario (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
+    job_clients: Vec<usize>,
+    /// Runs of every upload case (file baseline, sink and bitsd each); the best of each counts.
+    /// The first run of a file write on a fresh VM also pays for the guest's first touch of its
+    /// page-cache memory, which a second run does not [default: 2, with --quick 1].
+    #[arg(long)]
+    repeat: Option<usize>,
 }
 
 /// The parts of the benchmark.
@@ -108,6 +116,8 @@ pub struct Plan {
     pub each: u64,
     /// Fragment sizes.
     pub fragments: Vec<usize>,
+    /// Runs of each upload case (best counts).
+    pub upload_repeats: usize,
     /// Upload concurrency levels.
     pub concurrency: Vec<usize>,
     /// Seconds per job measurement.
@@ -149,9 +159,10 @@ impl Plan {
             single: sized(1024),
             each: sized(64),
             fragments: args.fragment_kib.iter().map(|k| k.max(&1) * 1024).collect(),
+            upload_repeats: args.repeat.unwrap_or(if args.quick { 1 } else { 2 }).max(1),
             concurrency: args.uploads.iter().map(|&n| n.max(1)).collect(),
             job_secs: args.job_secs.unwrap_or(if args.quick { 1.5 } else { 5.0 }),
-            job_clients: vec![1, 32, 256],
+            job_clients: args.job_clients.iter().map(|&n| n.max(1)).collect(),
             reply: sized(256),
             download_repeats: if args.quick { 3 } else { 5 },
             download_clients: vec![1, 4],

@@ -56,36 +56,43 @@ pub async fn run(plan: &Plan, work: &Path, payload: &Bytes, report: &mut Report)
                     size_label(fragment as u64)
                 );
                 eprintln!("bench: {label}");
-                settle().await;
-                let file_time = {
-                    let (dir, payload) = (file_dir.clone(), payload.clone());
-                    tokio::task::spawn_blocking(move || {
-                        file_baseline::write_uploads(&dir, uploads, each, fragment, &payload)
-                    })
-                    .await??
-                };
-                let sink_time = http_uploads(
-                    sink.addr(),
-                    "/upload/sink/",
-                    uploads,
-                    each,
-                    fragment,
-                    payload,
-                )
-                .await?;
-                settle().await;
-                let tag = format!("f{}-c{uploads}-", fragment / 1024);
-                let bitsd_time = http_uploads(
-                    server.addr(),
-                    &format!("/upload/bench/{tag}"),
-                    uploads,
-                    each,
-                    fragment,
-                    payload,
-                )
-                .await?;
-                // Committed uploads stay in files/ (plain-upload semantics); free the space.
-                let _ = std::fs::remove_dir_all(bitsd_dir.join("files").join("bench"));
+                let (mut file_time, mut sink_time, mut bitsd_time) =
+                    (Duration::MAX, Duration::MAX, Duration::MAX);
+                for run in 0..plan.upload_repeats {
+                    settle().await;
+                    let t = {
+                        let (dir, payload) = (file_dir.clone(), payload.clone());
+                        tokio::task::spawn_blocking(move || {
+                            file_baseline::write_uploads(&dir, uploads, each, fragment, &payload)
+                        })
+                        .await??
+                    };
+                    file_time = file_time.min(t);
+                    let t = http_uploads(
+                        sink.addr(),
+                        "/upload/sink/",
+                        uploads,
+                        each,
+                        fragment,
+                        payload,
+                    )
+                    .await?;
+                    sink_time = sink_time.min(t);
+                    settle().await;
+                    let tag = format!("f{}-c{uploads}-r{run}-", fragment / 1024);
+                    let t = http_uploads(
+                        server.addr(),
+                        &format!("/upload/bench/{tag}"),
+                        uploads,
+                        each,
+                        fragment,
+                        payload,
+                    )
+                    .await?;
+                    bitsd_time = bitsd_time.min(t);
+                    // Committed uploads stay in files/ (plain-upload semantics); free the space.
+                    let _ = std::fs::remove_dir_all(bitsd_dir.join("files").join("bench"));
+                }
                 let mut row = Row::new(
                     "upload",
                     label,

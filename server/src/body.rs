@@ -1,13 +1,15 @@
 //! The response body of every bitsd response: empty (Acks), small in-memory (admin JSON,
 //! errors), or a reply file streamed from disk.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::Stream;
 use http_body::{Body, Frame, SizeHint};
+use tokio::task::JoinHandle;
 
 /// Called with the number of bytes of a streamed reply range that the connection took.
 pub(crate) type DeliveryReport = Box<dyn FnOnce(u64) + Send + Sync>;
@@ -21,8 +23,23 @@ enum Inner {
     File(FileBody),
 }
 
+/// Bytes per read of a streamed reply.
+pub(crate) const FILE_CHUNK: usize = 256 * 1024;
+
+/// A reply range streamed from its file: each chunk is read off the runtime, and the next read
+/// starts as soon as a chunk is handed to the connection, so reading the file overlaps with
+/// writing the socket (at most two chunks in memory: one being sent, one read ahead).
 struct FileBody {
-    stream: tokio_util::io::ReaderStream<tokio::io::Take<tokio::fs::File>>,
+    file: Arc<std::fs::File>,
+    /// File offset of the next read to start.
+    read_at: u64,
+    /// Bytes not yet read.
+    unread: u64,
+    /// A chunk read ahead and not yet handed out.
+    ready: Option<Bytes>,
+    /// The read in flight.
+    reading: Option<JoinHandle<io::Result<Bytes>>>,
+    /// Bytes not yet handed out.
     remaining: u64,
     /// Bytes of chunks the connection has taken (counted when it asks for the next one).
     taken: u64,
@@ -30,10 +47,65 @@ struct FileBody {
     report: Option<DeliveryReport>,
 }
 
+/// Reads `len` bytes at `at` (a short file is an error: the record promised more).
+pub(crate) fn read_chunk(file: &std::fs::File, at: u64, len: usize) -> io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], at + filled as u64) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "reply file shorter than recorded",
+                ))
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
 impl FileBody {
     fn report(&mut self) {
         if let Some(report) = self.report.take() {
             report(self.taken);
+        }
+    }
+
+    /// Starts reading the next chunk, if any bytes are left to read.
+    fn read_ahead(&mut self) {
+        if self.unread == 0 || self.reading.is_some() {
+            return;
+        }
+        let len = (self.unread as usize).min(FILE_CHUNK);
+        let (file, at) = (self.file.clone(), self.read_at);
+        self.read_at += len as u64;
+        self.unread -= len as u64;
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            read_chunk(&file, at, len)
+        }));
+    }
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if let Some(chunk) = self.ready.take() {
+            return Poll::Ready(Ok(chunk));
+        }
+        self.read_ahead();
+        let Some(reading) = self.reading.as_mut() else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "reply file shorter than recorded",
+            )));
+        };
+        match Pin::new(reading).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                self.reading = None;
+                Poll::Ready(result.unwrap_or_else(|e| Err(io::Error::other(e))))
+            }
         }
     }
 }
@@ -60,12 +132,23 @@ impl ResponseBody {
         ResponseBody(Inner::Full(Some(bytes.into())))
     }
 
-    /// `len` bytes of `file` from its current position, in chunks. `report` learns how many of
-    /// them the connection took, when the body ends or is dropped.
-    pub(crate) fn file(file: tokio::fs::File, len: u64, report: DeliveryReport) -> Self {
-        use tokio::io::AsyncReadExt;
+    /// `len` bytes of `file` from offset `at`, of which `first` (the first chunk, read when
+    /// the file was opened) is already in memory. `report` learns how many of them the
+    /// connection took, when the body ends or is dropped.
+    pub(crate) fn file(
+        file: std::fs::File,
+        at: u64,
+        len: u64,
+        first: Bytes,
+        report: DeliveryReport,
+    ) -> Self {
+        let read = (first.len() as u64).min(len);
         ResponseBody(Inner::File(FileBody {
-            stream: tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024),
+            file: Arc::new(file),
+            read_at: at + read,
+            unread: len - read,
+            ready: Some(first),
+            reading: None,
             remaining: len,
             taken: 0,
             pending: 0,
@@ -112,24 +195,19 @@ impl Body for ResponseBody {
                     f.report();
                     return Poll::Ready(None);
                 }
-                match Pin::new(&mut f.stream).poll_next(cx) {
+                match f.poll_chunk(cx) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(Some(Ok(chunk))) => {
+                    Poll::Ready(Ok(chunk)) => {
                         let n = (chunk.len() as u64).min(f.remaining);
                         f.remaining -= n;
                         f.pending = n;
+                        // The next chunk is read while the connection writes this one.
+                        f.read_ahead();
                         Poll::Ready(Some(Ok(Frame::data(chunk))))
                     }
-                    Poll::Ready(Some(Err(e))) => {
+                    Poll::Ready(Err(e)) => {
                         f.report();
                         Poll::Ready(Some(Err(e)))
-                    }
-                    Poll::Ready(None) => {
-                        f.report();
-                        Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "reply file shorter than recorded",
-                        ))))
                     }
                 }
             }

@@ -12,7 +12,6 @@ use http::header::{
 };
 use http::request::Parts;
 use http::{HeaderValue, Method, Response, StatusCode};
-use tokio::io::AsyncSeekExt;
 
 use crate::body::ResponseBody;
 use crate::routes::Route;
@@ -182,18 +181,29 @@ async fn serve(
     if req.method == Method::HEAD || count == 0 {
         return res;
     }
-    let path = shared.store.reply_path(&id);
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
+    // One trip off the runtime opens the file and reads the first chunk (for a small reply,
+    // all of it); later chunks are read ahead while the connection sends (see `ResponseBody`).
+    let path = shared.store.reply_file(&id, &reply.kind);
+    let first_len = count.min(crate::body::FILE_CHUNK as u64) as usize;
+    let opened = tokio::task::spawn_blocking(move || {
+        let file =
+            std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let first = crate::body::read_chunk(&file, start, first_len)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Ok::<_, String>((file, first))
+    })
+    .await;
+    let (file, first) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reply file unreadable");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
+        }
         Err(e) => {
-            tracing::error!(error = %e, path = %path.display(), "reply file unreadable");
+            tracing::error!(error = %e, "reply read task failed");
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
         }
     };
-    if let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await {
-        tracing::error!(error = %e, "reply seek failed");
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
-    }
     let shared = shared.clone();
     let created_ms = reply.created_ms;
     let report = Box::new(move |taken: u64| {
@@ -211,7 +221,7 @@ async fn serve(
             start + taken,
         ));
     });
-    *res.body_mut() = ResponseBody::file(file, count, report);
+    *res.body_mut() = ResponseBody::file(file, start, count, first, report);
     res
 }
 

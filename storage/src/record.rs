@@ -63,13 +63,18 @@ impl SessionState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum ReplyKind {
-    /// In the session's reply file.
+    /// In the session's reply file (or its upload file, with `in_upload`).
     Stored {
         /// Size in bytes.
         len: u64,
         /// CRC-32C of the bytes, when it was computed while they were written.
         #[serde(default)]
         crc32c: Option<u32>,
+        /// The reply is the session's upload file itself (an echo: the upload is complete and
+        /// never changes again, so it needs no second file); see
+        /// [`crate::SessionStore::reply_file`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        in_upload: bool,
     },
     /// Somewhere else: the reply URL points at it and nothing is stored (§9.2).
     Static,

@@ -229,7 +229,7 @@ impl SessionStore {
             }
             if let Some(reply) = &record.reply {
                 if let Some(len) = reply.len() {
-                    let ok = fs::metadata(dir.join(REPLY_FILE))
+                    let ok = fs::metadata(self.reply_file(&record.id, &reply.kind))
                         .map(|m| m.len() == len)
                         .unwrap_or(false);
                     if !ok {
@@ -286,6 +286,17 @@ impl SessionStore {
         self.session_dir(id).join(REPLY_FILE)
     }
 
+    /// The file that holds a stored reply: the reply file, or the upload file for a reply
+    /// that is the upload itself (`in_upload`).
+    pub fn reply_file(&self, id: &SessionId, kind: &crate::ReplyKind) -> PathBuf {
+        match kind {
+            crate::ReplyKind::Stored {
+                in_upload: true, ..
+            } => self.upload_path(id),
+            _ => self.reply_path(id),
+        }
+    }
+
     /// The record of `id`.
     ///
     /// Read on the calling task: the meta store answers reads from its cache, and a thread
@@ -304,21 +315,21 @@ impl SessionStore {
     /// client's next packet get session-not-found, and the client starts over with a new
     /// Create-Session (§4.2, B3); the first fragment's commit makes it durable. Its directory
     /// is made when its first bytes arrive (an idle session costs no directory).
+    ///
+    /// An unflushed save is memory work in the meta store, done on the calling task.
     pub async fn create(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        let (meta, record) = (self.meta.clone(), record.clone());
-        blocking(move || meta.save_lazy(&record)).await
+        self.meta.save_lazy(record)
     }
 
-    /// Stores a record durably.
+    /// Stores a record durably: saved on the calling task, flushed off the runtime.
     pub async fn save(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        let (meta, record) = (self.meta.clone(), record.clone());
-        blocking(move || meta.save(&record)).await
+        self.meta.save_lazy(record)?;
+        self.flush().await
     }
 
-    /// Stores a record without waiting for durability.
+    /// Stores a record without waiting for durability (memory work, on the calling task).
     pub async fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        let (meta, record) = (self.meta.clone(), record.clone());
-        blocking(move || meta.save_lazy(&record)).await
+        self.meta.save_lazy(record)
     }
 
     /// Opens the session's upload file for new bytes starting at `write_at`.
@@ -334,10 +345,14 @@ impl SessionStore {
         let dir = self.session_dir(id);
         let path = dir.join(UPLOAD_FILE);
         let created = fs::symlink_metadata(&path).is_err();
-        if created {
-            let d = dir.clone();
-            blocking(move || create_dir_synced(&d)).await?;
-        }
+        // A new directory is made here (metadata in memory, quick) and fsynced into its parent
+        // by the commit, with the bytes: one trip off the runtime instead of two.
+        let created_dir = created
+            && match fs::create_dir(&dir) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(StorageError::io("create directory", &dir)(e)),
+            };
         let file = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -349,6 +364,7 @@ impl SessionStore {
             path,
             dir,
             created,
+            created_dir,
             offset: write_at,
             written: 0,
             crc32c: 0,
@@ -384,7 +400,23 @@ impl SessionStore {
             crc32c: writer.crc32c,
         };
         let end = entry.offset + entry.len;
-        let (path, dir, created) = (writer.path.clone(), writer.dir.clone(), writer.created);
+        let (path, dir, created, created_dir) = (
+            writer.path.clone(),
+            writer.dir.clone(),
+            writer.created,
+            writer.created_dir,
+        );
+        let sessions_dir = self.sessions_dir.clone();
+        // `all`: also entries an earlier (deferred) fragment may have created unsynced.
+        let sync_entries = move |all: bool| -> Result<(), StorageError> {
+            if created || all {
+                sync_dir(&dir)?;
+            }
+            if created_dir || all {
+                sync_dir(&sessions_dir)?;
+            }
+            Ok(())
+        };
         match durability {
             FragmentDurability::Deferred => {
                 // Nothing to wait for: all of it is memory work and a stat, done right here.
@@ -397,10 +429,7 @@ impl SessionStore {
                     cut_past(&file, end, &path)?;
                     file.sync_data()
                         .map_err(StorageError::io("fsync upload", &path))?;
-                    if created {
-                        sync_dir(&dir)?;
-                    }
-                    Ok(())
+                    sync_entries(false)
                 });
                 let meta = self.meta.clone();
                 let flush = blocking(move || meta.flush());
@@ -413,7 +442,7 @@ impl SessionStore {
                     // Also covers earlier deferred fragments and a file created by one.
                     file.sync_data()
                         .map_err(StorageError::io("fsync upload", &path))?;
-                    sync_dir(&dir)
+                    sync_entries(true)
                 })
                 .await?;
                 self.meta.save_with_fragment(record, &entry, false)
@@ -559,12 +588,9 @@ impl SessionStore {
         );
         // Not flushed: if a crash loses the tombstone, the record still says the session was
         // live, a repeated Close finds it and ends it again; nothing acknowledged is lost.
-        blocking(move || {
-            meta.save_lazy(&rec)?;
-            remove_dir_all_if_exists(&dir)?;
-            meta.remove_fragments(&rec.id)
-        })
-        .await
+        meta.save_lazy(&rec)?;
+        meta.remove_fragments(&rec.id)?;
+        blocking(move || remove_dir_all_if_exists(&dir)).await
     }
 
     /// Removes every trace of a session: files, record, index (timeouts, cleanup).
@@ -617,7 +643,10 @@ pub struct FragmentWriter {
     file: Option<fs::File>,
     path: PathBuf,
     dir: PathBuf,
+    /// The upload file is new: its directory entry needs an fsync of `dir`.
     created: bool,
+    /// `dir` is new too: its entry needs an fsync of the sessions directory.
+    created_dir: bool,
     offset: u64,
     written: u64,
     crc32c: u32,

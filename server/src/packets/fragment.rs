@@ -414,12 +414,28 @@ async fn produce_reply(
             });
             None
         }
+        // The upload itself (echo): complete, synced by its completing fragment, and never
+        // written again, so the reply is served from it (no link, rename or fsync).
+        ReplyBody::File(path)
+            if path == store.upload_path(&id)
+                && std::fs::metadata(&path).is_ok_and(|m| m.len() == record.received) =>
+        {
+            Some(ReplyKind::Stored {
+                len: record.received,
+                crc32c: None,
+                in_upload: true,
+            })
+        }
         ReplyBody::File(path) => {
             let len = store
                 .copy_into_reply(&id, &path)
                 .await
                 .map_err(storage_failure)?;
-            Some(ReplyKind::Stored { len, crc32c: None })
+            Some(ReplyKind::Stored {
+                len,
+                crc32c: None,
+                in_upload: false,
+            })
         }
         ReplyBody::Empty => {
             let (len, crc32c) = store
@@ -432,6 +448,7 @@ async fn produce_reply(
             Some(ReplyKind::Stored {
                 len,
                 crc32c: Some(crc32c),
+                in_upload: false,
             })
         }
         ReplyBody::Bytes(bytes) => {
@@ -441,6 +458,7 @@ async fn produce_reply(
             Some(ReplyKind::Stored {
                 len,
                 crc32c: Some(crc32c),
+                in_upload: false,
             })
         }
         ReplyBody::Stream { len, mut stream } => {
@@ -464,6 +482,7 @@ async fn produce_reply(
             Some(ReplyKind::Stored {
                 len,
                 crc32c: Some(crc32c),
+                in_upload: false,
             })
         }
     };
