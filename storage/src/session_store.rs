@@ -360,7 +360,7 @@ impl SessionStore {
             .open(&path)
             .map_err(StorageError::io("open upload", &path))?;
         Ok(FragmentWriter {
-            file: Some(file),
+            file: Some(Arc::new(file)),
             path,
             dir,
             created,
@@ -368,6 +368,8 @@ impl SessionStore {
             offset: write_at,
             written: 0,
             crc32c: 0,
+            writeback_every: None,
+            kicked_to: write_at,
         })
     }
 
@@ -640,7 +642,7 @@ fn safe_parent(root: &Path, rel: &Path) -> Result<bool, StorageError> {
 /// New bytes of one fragment on their way to the upload file.
 #[derive(Debug)]
 pub struct FragmentWriter {
-    file: Option<fs::File>,
+    file: Option<Arc<fs::File>>,
     path: PathBuf,
     dir: PathBuf,
     /// The upload file is new: its directory entry needs an fsync of `dir`.
@@ -650,9 +652,55 @@ pub struct FragmentWriter {
     offset: u64,
     written: u64,
     crc32c: u32,
+    /// Start writeback after every this many new bytes (see `start_writeback_every`).
+    writeback_every: Option<u64>,
+    /// File offset up to which writeback was started.
+    kicked_to: u64,
 }
 
 impl FragmentWriter {
+    /// Asks the kernel to start writing the bytes back to disk every `bytes` bytes, while the
+    /// rest of the body is still arriving (`posix_fadvise(DONTNEED)` starts writeback of
+    /// dirty pages without waiting for it). The `sync_data` at commit then only waits for the
+    /// tail: the disk works while the network does. For writers whose bytes will be synced.
+    pub fn start_writeback_every(&mut self, bytes: u64) {
+        self.writeback_every = Some(bytes.max(1));
+    }
+
+    fn kick_writeback(&mut self) {
+        let Some(every) = self.writeback_every else {
+            return;
+        };
+        let end = self.offset + self.written;
+        if end - self.kicked_to < every {
+            return;
+        }
+        if let Some(file) = &self.file {
+            // Submitting writeback costs block allocation and a device notification: done on
+            // a blocking thread, so the runtime thread goes on receiving meanwhile.
+            let (file, path) = (file.clone(), self.path.clone());
+            let (from, len) = (self.kicked_to, end - self.kicked_to);
+            drop(tokio::task::spawn_blocking(move || {
+                use std::os::unix::io::AsRawFd;
+                let advised = match (i64::try_from(from), i64::try_from(len)) {
+                    (Ok(from), Ok(len)) => nix::fcntl::posix_fadvise(
+                        file.as_raw_fd(),
+                        from,
+                        len,
+                        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                    )
+                    .map_err(|e| e.to_string()),
+                    _ => Err("range out of bounds".to_owned()),
+                };
+                if let Err(e) = advised {
+                    // Only a hint: the commit's sync_data writes the bytes either way.
+                    tracing::debug!(error = %e, path = %path.display(), "writeback hint refused");
+                }
+            }));
+        }
+        self.kicked_to = end;
+    }
+
     /// Writes the next bytes (at the current offset) into the page cache.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         use std::os::unix::fs::FileExt;
@@ -664,6 +712,7 @@ impl FragmentWriter {
             .map_err(StorageError::io("write upload", &self.path))?;
         self.crc32c = crc32c::crc32c_append(self.crc32c, bytes);
         self.written += bytes.len() as u64;
+        self.kick_writeback();
         Ok(())
     }
 
