@@ -83,7 +83,8 @@ struct Args {
     /// Client counts of the small-job scenario (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
     job_clients: Vec<usize>,
-    /// Runs of every upload case (file baseline, sink and bitsd each); the best of each counts.
+    /// Runs of every upload case and download measurement (file baseline or sink, and bitsd,
+    /// each); the best of each counts.
     /// The first run of a file write on a fresh VM also pays for the guest's first touch of its
     /// page-cache memory, which a second run does not [default: 2, with --quick 1].
     #[arg(long)]
@@ -116,7 +117,7 @@ pub struct Plan {
     pub each: u64,
     /// Fragment sizes.
     pub fragments: Vec<usize>,
-    /// Runs of each upload case (best counts).
+    /// Runs of each upload case and download measurement (best counts).
     pub upload_repeats: usize,
     /// Upload concurrency levels.
     pub concurrency: Vec<usize>,
