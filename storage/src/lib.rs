@@ -23,7 +23,7 @@ mod session_store;
 mod sled_meta;
 
 pub use error::StorageError;
-pub use meta::MetaStore;
+pub use meta::{FlushTicket, MetaStore};
 pub use record::{
     now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode,
 };

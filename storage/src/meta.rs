@@ -42,6 +42,34 @@ pub trait MetaStore: Send + Sync + 'static {
     }
     /// Makes every earlier change durable.
     fn flush(&self) -> Result<(), StorageError>;
+    /// Starts making every earlier change durable and returns at once, with a ticket to wait
+    /// for that with [`MetaStore::wait_flush`] (the caller can sync its own files meanwhile).
+    /// The default starts nothing: its `wait_flush` flushes.
+    fn request_flush(&self) -> FlushTicket {
+        FlushTicket::default()
+    }
+    /// Waits until every change made before `ticket` was taken is durable.
+    fn wait_flush(&self, ticket: FlushTicket) -> Result<(), StorageError> {
+        let _ = ticket;
+        self.flush()
+    }
     /// Bytes the store takes on disk, if it can tell.
     fn size_on_disk(&self) -> Option<u64>;
+}
+
+/// A flush request of a [`MetaStore`]: changes made before it was taken are durable once
+/// [`MetaStore::wait_flush`] returns for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlushTicket(u64);
+
+impl FlushTicket {
+    /// A ticket with a store-defined number (the n-th request, say).
+    pub fn new(n: u64) -> Self {
+        FlushTicket(n)
+    }
+
+    /// The ticket's number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
 }

@@ -427,16 +427,18 @@ impl SessionStore {
             }
             FragmentDurability::Durable => {
                 self.meta.save_with_fragment(record, &entry, false)?;
-                let data = blocking(move || {
+                // The meta store's flush starts now (its flusher thread, shared with
+                // concurrent sessions) and runs while this trip syncs the bytes.
+                let ticket = self.meta.request_flush();
+                let meta = self.meta.clone();
+                blocking(move || {
                     cut_past(&file, end, &path)?;
                     file.sync_data()
                         .map_err(StorageError::io("fsync upload", &path))?;
-                    sync_entries(false)
-                });
-                let meta = self.meta.clone();
-                let flush = blocking(move || meta.flush());
-                let (data, flush) = tokio::join!(data, flush);
-                data.and(flush)
+                    sync_entries(false)?;
+                    meta.wait_flush(ticket)
+                })
+                .await
             }
             FragmentDurability::BytesDurable => {
                 blocking(move || {

@@ -1,30 +1,36 @@
 //! The default [`MetaStore`]: sled.
 
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bitsd_protocol::SessionId;
 
-use crate::{FragmentEntry, MetaStore, SessionRecord, StorageError};
+use crate::{FlushTicket, FragmentEntry, MetaStore, SessionRecord, StorageError};
 
 /// Session records and fragment index in a sled database: tree `sessions` (id → JSON record)
 /// and tree `fragments` (id ‖ offset → len ‖ crc32c).
 ///
-/// Durable writes are group-committed: concurrent callers that need a flush share one sled
-/// flush (one fsync) instead of queueing one each.
+/// Durable writes are group-committed: a flusher thread runs one sled flush for every request
+/// made before it started, so concurrent callers share flushes, and a caller can start a flush
+/// ([`MetaStore::request_flush`]), do other work (sync its file) and only then wait for it.
+/// The thread ends when the last clone of the store is dropped.
 #[derive(Clone, Debug)]
 pub struct SledMetaStore {
     db: sled::Db,
     sessions: sled::Tree,
     fragments: sled::Tree,
-    flusher: std::sync::Arc<GroupFlush>,
+    flusher: Arc<Flusher>,
 }
 
-/// Group commit: a ticket per durable write; one flush covers every ticket taken before it
-/// started.
+/// Group commit state: a ticket per flush request; one flush covers every ticket taken
+/// before it started.
 #[derive(Debug, Default)]
 struct GroupFlush {
-    state: std::sync::Mutex<FlushState>,
-    done: std::sync::Condvar,
+    state: Mutex<FlushState>,
+    /// Signalled when tickets are requested or the store closes (the flusher waits on it).
+    work: Condvar,
+    /// Signalled when a flush ends (waiters wait on it).
+    done: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -33,21 +39,35 @@ struct FlushState {
     requested: u64,
     /// Every ticket up to this one is durable.
     flushed: u64,
-    /// A flush is running.
-    running: bool,
-    /// The last flush failed (its error, for the tickets it covered).
+    /// The last failed flush: the tickets it covered and its error.
     failed: Option<(u64, String)>,
+    /// The store is closing: the flusher finishes what was requested and ends.
+    closing: bool,
+}
+
+impl FlushState {
+    /// Every ticket up to this one has an outcome.
+    fn settled(&self) -> u64 {
+        self.flushed
+            .max(self.failed.as_ref().map_or(0, |(upto, _)| *upto))
+    }
 }
 
 impl GroupFlush {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FlushState> {
+    fn lock(&self) -> MutexGuard<'_, FlushState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn flush(&self, db: &sled::Db) -> Result<(), StorageError> {
+    fn request(&self) -> FlushTicket {
         let mut st = self.lock();
         st.requested += 1;
-        let ticket = st.requested;
+        self.work.notify_one();
+        FlushTicket::new(st.requested)
+    }
+
+    fn wait(&self, ticket: FlushTicket) -> Result<(), StorageError> {
+        let ticket = ticket.get();
+        let mut st = self.lock();
         loop {
             if st.flushed >= ticket {
                 return Ok(());
@@ -57,21 +77,67 @@ impl GroupFlush {
                     return Err(StorageError::Meta(why.clone()));
                 }
             }
-            if !st.running {
-                st.running = true;
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The flusher thread: flushes whenever tickets are waiting, until the store closes.
+    fn run(&self, db: &sled::Db) {
+        let mut st = self.lock();
+        loop {
+            if st.requested > st.settled() {
                 let target = st.requested;
                 drop(st);
                 let result = db.flush();
                 st = self.lock();
-                st.running = false;
                 match result {
                     Ok(_) => st.flushed = st.flushed.max(target),
                     Err(e) => st.failed = Some((target, e.to_string())),
                 }
                 self.done.notify_all();
+            } else if st.closing {
+                return;
             } else {
-                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
             }
+        }
+    }
+}
+
+/// Owns the flusher thread; dropped with the last clone of the store, it lets the thread
+/// finish the requested flushes and waits for it (so sled's lock is released afterwards).
+#[derive(Debug)]
+struct Flusher {
+    group: Arc<GroupFlush>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Flusher {
+    fn start(db: sled::Db) -> Result<Self, StorageError> {
+        let group = Arc::new(GroupFlush::default());
+        let g = group.clone();
+        let thread = std::thread::Builder::new()
+            .name("bitsd-meta-flush".into())
+            .spawn(move || g.run(&db))
+            .map_err(|e| StorageError::Meta(format!("starting the flusher thread: {e}")))?;
+        Ok(Flusher {
+            group,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.group.lock().closing = true;
+        self.group.work.notify_all();
+        let thread = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
         }
     }
 }
@@ -142,11 +208,12 @@ impl SledMetaStore {
     pub fn from_db(db: sled::Db) -> Result<Self, StorageError> {
         let sessions = db.open_tree("sessions").map_err(meta_err)?;
         let fragments = db.open_tree("fragments").map_err(meta_err)?;
+        let flusher = Arc::new(Flusher::start(db.clone())?);
         Ok(SledMetaStore {
             db,
             sessions,
             fragments,
-            flusher: Default::default(),
+            flusher,
         })
     }
 }
@@ -264,7 +331,15 @@ impl MetaStore for SledMetaStore {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.flusher.flush(&self.db)
+        self.flusher.group.wait(self.flusher.group.request())
+    }
+
+    fn request_flush(&self) -> FlushTicket {
+        self.flusher.group.request()
+    }
+
+    fn wait_flush(&self, ticket: FlushTicket) -> Result<(), StorageError> {
+        self.flusher.group.wait(ticket)
     }
 
     fn size_on_disk(&self) -> Option<u64> {

@@ -300,3 +300,34 @@ async fn early_writeback_keeps_every_byte() {
     assert_eq!(index.len(), 1);
     assert_eq!(index[0].crc32c, crc32c::crc32c(&bytes));
 }
+
+/// A flush requested before other work is waited for later; tickets are ordered, each wait
+/// returns once its changes are durable, and the flusher thread ends with the last handle
+/// (the database opens again in this process and holds the record).
+#[test]
+fn flush_tickets_wait_for_their_changes_and_the_flusher_ends_with_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta");
+    let rec = record(UploadMode::UploadReply);
+    {
+        let meta = SledMetaStore::open(&path).unwrap();
+        meta.save_lazy(&rec).unwrap();
+        let first = meta.request_flush();
+        let second = meta.clone().request_flush();
+        assert!(second > first);
+        meta.wait_flush(second).unwrap();
+        meta.wait_flush(first).unwrap();
+    }
+    let mut reopened = None;
+    for _ in 0..100 {
+        match SledMetaStore::open(&path) {
+            Ok(m) => {
+                reopened = Some(m);
+                break;
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+    let meta = reopened.expect("sled lock released after the last handle");
+    assert_eq!(meta.load(&rec.id).unwrap(), Some(rec));
+}
