@@ -228,3 +228,69 @@ async fn mount_path_and_forwarded_headers_shape_reply_urls() {
     let p = svc.progress(&id).await.unwrap().unwrap();
     assert_eq!(p.url, "https://bits.example.com/bits/echo/a");
 }
+
+/// A reply of several read chunks comes back byte-exact, whole and by ranges that cross chunk
+/// boundaries (the body reads ahead while the connection sends); a reply file cut short on
+/// disk ends the body with an error instead of hanging or inventing bytes.
+#[tokio::test]
+async fn multi_chunk_replies_stream_exactly_and_a_short_file_fails_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().to_owned();
+    let svc = service(&store_dir).await;
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i * 31 % 253) as u8).collect();
+    let sid = create(&svc, "/echo/big.bin").await;
+    let req = Request::builder()
+        .method("BITS_POST")
+        .uri("/echo/big.bin")
+        .header("BITS-Packet-Type", "Fragment")
+        .header("BITS-Session-Id", &sid)
+        .header(
+            "Content-Range",
+            format!("bytes 0-{}/{}", data.len() - 1, data.len()),
+        )
+        .header("content-length", data.len())
+        .body(Full::new(Bytes::from(data.clone())))
+        .unwrap();
+    let res = call(&svc, req).await;
+    assert_eq!(res.status(), 200);
+    let id: SessionId = sid.parse().unwrap();
+    let path = format!("/echo/BITS-Sessions/{}/response", id.simple());
+    let get = |range: Option<String>| {
+        let mut req = Request::builder().method("GET").uri(&path);
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        req.body(Full::new(Bytes::new())).unwrap()
+    };
+    let whole = call(&svc, get(None)).await;
+    assert_eq!(whole.status(), 200);
+    let body = whole.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], &data[..]);
+    for (start, end) in [
+        (0, 262_143),
+        (262_000, 524_400),
+        (100, 699_999),
+        (699_990, 699_999),
+    ] {
+        let res = call(&svc, get(Some(format!("bytes={start}-{end}")))).await;
+        assert_eq!(res.status(), 206);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], &data[start..=end], "range {start}-{end}");
+    }
+    // The reply is the upload file itself (echo): cut it on disk.
+    let upload = store_dir.join("sessions").join(id.simple()).join("upload");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&upload)
+        .unwrap();
+    f.set_len(300_000).unwrap();
+    let res = call(&svc, get(None)).await;
+    assert_eq!(res.status(), 200);
+    let collected = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        res.into_body().collect(),
+    )
+    .await
+    .expect("the body ends");
+    assert!(collected.is_err(), "a short reply file fails the body");
+}

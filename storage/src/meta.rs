@@ -4,9 +4,14 @@ use bitsd_protocol::SessionId;
 
 use crate::{FragmentEntry, SessionRecord, StorageError};
 
-/// Session records and the fragment index. Implementations are blocking; [`crate::SessionStore`]
-/// calls them off the async runtime. "Durable" means the change survives a crash of the process
-/// and of the machine once the call returns.
+/// Session records and the fragment index. "Durable" means the change survives a crash of the
+/// process and of the machine once the call returns.
+///
+/// The calls that wait for the disk (`save`, `flush`, `wait_flush`, `remove`, a durable
+/// `save_with_fragment`) and recovery (`list`, `last_fragment`, ...) are made off the async
+/// runtime by [`crate::SessionStore`]; the others (`load`, `save_lazy`, a non-durable
+/// `save_with_fragment`, `remove_fragments`, `request_flush`) are made on the request's task
+/// and must not wait for the disk (sled answers them from memory).
 pub trait MetaStore: Send + Sync + 'static {
     /// The record of `id`, if there is one (live or tombstone).
     fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError>;
