@@ -8,7 +8,9 @@ use std::sync::Arc;
 use bitsd_protocol::SessionId;
 use tokio::io::AsyncWriteExt;
 
-use crate::{FragmentEntry, MetaStore, SessionRecord, SessionState, SledMetaStore, StorageError};
+use crate::{
+    FragmentEntry, MetaStore, ReplyKind, SessionRecord, SessionState, SledMetaStore, StorageError,
+};
 
 const UPLOAD_FILE: &str = "upload";
 const REPLY_FILE: &str = "reply";
@@ -182,6 +184,9 @@ impl SessionStore {
             }
             let _ = fs::remove_file(dir.join(REPLY_TEMP));
             let mut changed = false;
+            let acknowledged = record.received;
+            // Upload bytes past the recorded offset were cut: their index entries go too.
+            let mut cut = false;
             let upload = dir.join(UPLOAD_FILE);
             if record.state == SessionState::Receiving && record.received > 0 && !record.committed {
                 // The last fragment's offset may have become durable before its bytes did
@@ -192,7 +197,6 @@ impl SessionStore {
                     {
                         tracing::warn!(session = %record.id, offset = last.offset, len = last.len, "last fragment not on disk (a crash before its Ack); the session resumes before it");
                         record.received = last.offset;
-                        self.meta.remove_fragments_from(&record.id, last.offset)?;
                         changed = true;
                     }
                 }
@@ -207,13 +211,10 @@ impl SessionStore {
                         .map_err(StorageError::io("truncate", &upload))?;
                     f.sync_all().map_err(StorageError::io("fsync", &upload))?;
                     tracing::debug!(session = %record.id, len = meta.len(), received = record.received, "cut unacknowledged upload bytes");
-                    self.meta
-                        .remove_fragments_from(&record.id, record.received)?;
+                    cut = true;
                 } else if meta.len() < record.received && !record.committed {
                     tracing::warn!(session = %record.id, len = meta.len(), received = record.received, "upload file shorter than acknowledged; resuming from the file length");
                     record.received = meta.len();
-                    self.meta
-                        .remove_fragments_from(&record.id, record.received)?;
                     if record.state == SessionState::Complete {
                         record.state = SessionState::Receiving;
                     }
@@ -226,6 +227,10 @@ impl SessionStore {
                 tracing::warn!(session = %record.id, received = record.received, "upload file missing; session restarts at 0");
                 record.received = 0;
                 changed = true;
+            }
+            if cut || record.received < acknowledged {
+                self.meta
+                    .remove_fragments_from(&record.id, record.received)?;
             }
             if let Some(reply) = &record.reply {
                 if let Some(len) = reply.len() {
@@ -288,9 +293,9 @@ impl SessionStore {
 
     /// The file that holds a stored reply: the reply file, or the upload file for a reply
     /// that is the upload itself (`in_upload`).
-    pub fn reply_file(&self, id: &SessionId, kind: &crate::ReplyKind) -> PathBuf {
+    pub fn reply_file(&self, id: &SessionId, kind: &ReplyKind) -> PathBuf {
         match kind {
-            crate::ReplyKind::Stored {
+            ReplyKind::Stored {
                 in_upload: true, ..
             } => self.upload_path(id),
             _ => self.reply_path(id),
@@ -472,34 +477,50 @@ impl SessionStore {
         })
     }
 
-    /// Makes a file (e.g. the upload, for the echo handler) the session's reply, crash-safely:
-    /// a hard link when the file is on the same file system and will not change (the upload,
-    /// which is complete), else a copy that is synced. Returns the reply's length.
-    pub async fn copy_into_reply(&self, id: &SessionId, src: &Path) -> Result<u64, StorageError> {
+    /// Makes a file a reply handler produced the session's reply, crash-safely, and says how
+    /// it is held. The session's own upload (the echo handler) is complete and never written
+    /// again, and its completing fragment synced its bytes and its name: the reply is served
+    /// from it, with no file work at all (`in_upload`). Any other file is copied under a
+    /// temporary name, synced, renamed into place, and the directory is fsynced.
+    pub async fn reply_from_file(
+        &self,
+        id: &SessionId,
+        src: &Path,
+    ) -> Result<ReplyKind, StorageError> {
         let dir = self.session_dir(id);
-        let upload = dir.join(UPLOAD_FILE);
+        if src == dir.join(UPLOAD_FILE) {
+            let len = fs::metadata(src)
+                .map_err(StorageError::io("stat upload", src))?
+                .len();
+            return Ok(ReplyKind::Stored {
+                len,
+                crc32c: None,
+                in_upload: true,
+            });
+        }
         let src = src.to_owned();
         blocking(move || {
             create_dir_synced(&dir)?;
             let temp = dir.join(REPLY_TEMP);
             let _ = fs::remove_file(&temp);
-            let linked = src == upload && fs::hard_link(&src, &temp).is_ok();
-            if !linked {
-                fs::copy(&src, &temp).map_err(StorageError::io("copy into reply", &src))?;
-                let f = fs::OpenOptions::new()
-                    .write(true)
-                    .open(&temp)
-                    .map_err(StorageError::io("open", &temp))?;
-                f.sync_data()
-                    .map_err(StorageError::io("fsync reply", &temp))?;
-            }
+            fs::copy(&src, &temp).map_err(StorageError::io("copy into reply", &src))?;
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&temp)
+                .map_err(StorageError::io("open", &temp))?;
+            f.sync_data()
+                .map_err(StorageError::io("fsync reply", &temp))?;
             let len = fs::metadata(&temp)
                 .map_err(StorageError::io("stat reply", &temp))?
                 .len();
             let dst = dir.join(REPLY_FILE);
             fs::rename(&temp, &dst).map_err(StorageError::io("rename reply", &dst))?;
             sync_dir(&dir)?;
-            Ok(len)
+            Ok(ReplyKind::Stored {
+                len,
+                crc32c: None,
+                in_upload: false,
+            })
         })
         .await
     }

@@ -109,7 +109,7 @@ impl GroupFlush {
 #[derive(Debug)]
 struct Flusher {
     group: Arc<GroupFlush>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Flusher {
@@ -122,7 +122,7 @@ impl Flusher {
             .map_err(|e| StorageError::Meta(format!("starting the flusher thread: {e}")))?;
         Ok(Flusher {
             group,
-            thread: Mutex::new(Some(thread)),
+            thread: Some(thread),
         })
     }
 }
@@ -131,12 +131,7 @@ impl Drop for Flusher {
     fn drop(&mut self) {
         self.group.lock().closing = true;
         self.group.work.notify_all();
-        let thread = self
-            .thread
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(thread) = thread {
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }

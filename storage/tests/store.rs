@@ -210,12 +210,38 @@ async fn end_keeps_a_tombstone_and_purge_removes_everything() {
     let mut rec = record(UploadMode::UploadReply);
     store.create(&rec).await.unwrap();
     write_fragment(&store, &mut rec, 0, b"abc", 3).await;
-    let len = store
-        .copy_into_reply(&rec.id, &store.upload_path(&rec.id))
+    let kind = store
+        .reply_from_file(&rec.id, &store.upload_path(&rec.id))
         .await
         .unwrap();
-    assert_eq!(len, 3);
-    assert_eq!(std::fs::read(store.reply_path(&rec.id)).unwrap(), b"abc");
+    assert_eq!(
+        kind,
+        bitsd_storage::ReplyKind::Stored {
+            len: 3,
+            crc32c: None,
+            in_upload: true
+        }
+    );
+    assert_eq!(
+        std::fs::read(store.reply_file(&rec.id, &kind)).unwrap(),
+        b"abc"
+    );
+    // Any other file is copied into the session's reply file.
+    let elsewhere = dir.path().join("made-by-handler");
+    std::fs::write(&elsewhere, b"reply bytes").unwrap();
+    let kind = store.reply_from_file(&rec.id, &elsewhere).await.unwrap();
+    assert_eq!(
+        kind,
+        bitsd_storage::ReplyKind::Stored {
+            len: 11,
+            crc32c: None,
+            in_upload: false
+        }
+    );
+    assert_eq!(
+        std::fs::read(store.reply_path(&rec.id)).unwrap(),
+        b"reply bytes"
+    );
     store
         .end_session(&mut rec, SessionState::Closed)
         .await

@@ -423,29 +423,12 @@ async fn produce_reply(
             });
             None
         }
-        // The upload itself (echo): complete, synced by its completing fragment, and never
-        // written again, so the reply is served from it (no link, rename or fsync).
-        ReplyBody::File(path)
-            if path == store.upload_path(&id)
-                && std::fs::metadata(&path).is_ok_and(|m| m.len() == record.received) =>
-        {
-            Some(ReplyKind::Stored {
-                len: record.received,
-                crc32c: None,
-                in_upload: true,
-            })
-        }
-        ReplyBody::File(path) => {
-            let len = store
-                .copy_into_reply(&id, &path)
+        ReplyBody::File(path) => Some(
+            store
+                .reply_from_file(&id, &path)
                 .await
-                .map_err(storage_failure)?;
-            Some(ReplyKind::Stored {
-                len,
-                crc32c: None,
-                in_upload: false,
-            })
-        }
+                .map_err(storage_failure)?,
+        ),
         ReplyBody::Empty => {
             let (len, crc32c) = store
                 .reply_writer(&id)
