@@ -29,6 +29,6 @@ pub use record::{
 };
 pub use reply_progress::ByteRanges;
 pub use session_store::{
-    CommitOutcome, FragmentDurability, FragmentWriter, ReplyWriter, SessionStore,
+    CommitOutcome, FragmentDurability, FragmentWriter, ReplyWriter, SessionStore, GATHER_BYTES,
 };
 pub use sled_meta::SledMetaStore;

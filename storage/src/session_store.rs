@@ -6,6 +6,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
+use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::{
@@ -372,6 +373,8 @@ impl SessionStore {
             created_dir,
             offset: write_at,
             written: 0,
+            pending: Vec::new(),
+            pending_len: 0,
             crc32c: 0,
             writeback_every: None,
             kicked_to: write_at,
@@ -397,6 +400,7 @@ impl SessionStore {
         record: &SessionRecord,
         durability: FragmentDurability,
     ) -> Result<(), StorageError> {
+        writer.write_pending()?;
         let file = writer
             .file
             .take()
@@ -662,7 +666,25 @@ fn safe_parent(root: &Path, rel: &Path) -> Result<bool, StorageError> {
     Ok(true)
 }
 
+/// Body bytes a [`FragmentWriter`] holds before it writes them with one `pwritev`.
+///
+/// An HTTP body arrives in frames of whatever size the socket reads gave (often not a multiple
+/// of the page size), and a page-cache write costs per call and per partly written page as well
+/// as per byte: on the benchmark machine (README, Performance) writing the same bytes as they
+/// arrived cost 0.38 ms per MiB, gathered into writes of 256 KiB 0.21 ms, the same as writing
+/// whole 1 MiB buffers (0.16–0.19 ms). The frames are held as they are (`Bytes`, no copy), so a
+/// connection holds at most this much plus the HTTP read buffer its frames were cut from.
+pub const GATHER_BYTES: usize = 256 * 1024;
+
+/// Frames a [`FragmentWriter`] holds at most before it writes them, whatever their size (a
+/// body that trickles in byte by byte is written every this many frames, well under `IOV_MAX`).
+const GATHER_FRAMES: usize = 64;
+
 /// New bytes of one fragment on their way to the upload file.
+///
+/// Bytes handed over with [`FragmentWriter::write_bytes`] are gathered up to [`GATHER_BYTES`]
+/// and written into the page cache with one vectored write; [`SessionStore::commit_fragment`]
+/// writes what is still held before it makes anything durable.
 #[derive(Debug)]
 pub struct FragmentWriter {
     file: Option<Arc<fs::File>>,
@@ -673,7 +695,12 @@ pub struct FragmentWriter {
     /// `dir` is new too: its entry needs an fsync of the sessions directory.
     created_dir: bool,
     offset: u64,
+    /// Bytes written to the file so far (not counting `pending`).
     written: u64,
+    /// Frames accepted but not written yet, in order; they go at `offset + written`.
+    pending: Vec<Bytes>,
+    /// Total length of `pending`.
+    pending_len: usize,
     crc32c: u32,
     /// Start writeback after every this many new bytes (see `start_writeback_every`).
     writeback_every: Option<u64>,
@@ -724,9 +751,10 @@ impl FragmentWriter {
         self.kicked_to = end;
     }
 
-    /// Writes the next bytes (at the current offset) into the page cache.
+    /// Writes the next bytes (after every byte accepted so far) into the page cache now.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         use std::os::unix::fs::FileExt;
+        self.write_pending()?;
         let file = self
             .file
             .as_ref()
@@ -739,14 +767,73 @@ impl FragmentWriter {
         Ok(())
     }
 
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
+    /// Accepts the next bytes (after every byte accepted so far) without copying them: they
+    /// are held until [`GATHER_BYTES`] are pending, then written with one vectored write.
+    pub async fn write_bytes(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if self.file.is_none() {
+            return Err(StorageError::Task("fragment already committed".into()));
+        }
+        self.crc32c = crc32c::crc32c_append(self.crc32c, &bytes);
+        self.pending_len += bytes.len();
+        self.pending.push(bytes);
+        if self.pending_len >= GATHER_BYTES || self.pending.len() >= GATHER_FRAMES {
+            self.write_pending()?;
+        }
+        Ok(())
     }
 
-    /// Nothing to do: writes go straight to the OS (durability is what committing adds).
-    pub async fn flush(&mut self) -> Result<(), StorageError> {
+    /// Writes the held frames with vectored writes (a short write goes on where it stopped).
+    fn write_pending(&mut self) -> Result<(), StorageError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| StorageError::Task("fragment already committed".into()))?;
+        let mut slices: Vec<io::IoSlice<'_>> =
+            self.pending.iter().map(|b| io::IoSlice::new(b)).collect();
+        let mut left = &mut slices[..];
+        let mut at = self.offset + self.written;
+        while !left.is_empty() {
+            let offset = i64::try_from(at).map_err(|_| {
+                StorageError::io("write upload", &self.path)(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "offset out of range",
+                ))
+            })?;
+            match nix::sys::uio::pwritev(&**file, left, offset) {
+                Ok(0) => {
+                    return Err(StorageError::io("write upload", &self.path)(
+                        io::ErrorKind::WriteZero.into(),
+                    ))
+                }
+                Ok(n) => {
+                    at += n as u64;
+                    io::IoSlice::advance_slices(&mut left, n);
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(StorageError::io("write upload", &self.path)(e.into())),
+            }
+        }
+        self.written += self.pending_len as u64;
+        self.pending.clear();
+        self.pending_len = 0;
+        self.kick_writeback();
         Ok(())
+    }
+
+    /// Bytes accepted so far (written or held).
+    pub fn written(&self) -> u64 {
+        self.written + self.pending_len as u64
+    }
+
+    /// Writes the held bytes into the page cache (durability is what committing adds).
+    pub async fn flush(&mut self) -> Result<(), StorageError> {
+        self.write_pending()
     }
 }
 

@@ -327,6 +327,66 @@ async fn early_writeback_keeps_every_byte() {
     assert_eq!(index[0].crc32c, crc32c::crc32c(&bytes));
 }
 
+/// Frames handed over without copying are gathered into vectored writes: odd frame sizes, more
+/// frames than one gather holds, more bytes than one gather holds, a plain write in between
+/// (which writes what is held first) and a tail still held at commit all land in order, and
+/// the index entry covers every byte. Bytes still held when a writer is dropped without its
+/// commit never reach the file.
+#[tokio::test]
+async fn gathered_frames_land_in_order_and_only_with_their_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rec = record(UploadMode::Upload);
+    let bytes: Vec<u8> = (0..700 * 1024u32).map(|i| (i * 13 % 253) as u8).collect();
+    let store = open(dir.path()).await;
+    store.create(&rec).await.unwrap();
+    let mut w = store.fragment_writer(&rec.id, 0).await.unwrap();
+    let whole = bytes::Bytes::from(bytes.clone());
+    let mut at = 0;
+    // 100 one-byte frames (more than one gather's frame limit), then frames of 4099 bytes up
+    // to past GATHER_BYTES, a plain write, then 4099-byte frames to the end.
+    for _ in 0..100 {
+        w.write_bytes(whole.slice(at..at + 1)).await.unwrap();
+        at += 1;
+    }
+    while at < bitsd_storage::GATHER_BYTES + 10_000 {
+        w.write_bytes(whole.slice(at..at + 4099)).await.unwrap();
+        at += 4099;
+    }
+    w.write(&bytes[at..at + 777]).await.unwrap();
+    at += 777;
+    while at < bytes.len() {
+        let end = (at + 4099).min(bytes.len());
+        w.write_bytes(whole.slice(at..end)).await.unwrap();
+        at = end;
+    }
+    assert_eq!(w.written(), bytes.len() as u64);
+    rec.received = bytes.len() as u64;
+    rec.total = Some(bytes.len() as u64 + 10);
+    store
+        .commit_fragment(w, &rec, bitsd_storage::FragmentDurability::Durable)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(store.upload_path(&rec.id)).unwrap(), bytes);
+    let index = store.meta().fragments(&rec.id).unwrap();
+    assert_eq!(index.len(), 1);
+    assert_eq!(index[0].len, bytes.len() as u64);
+    assert_eq!(index[0].crc32c, crc32c::crc32c(&bytes));
+
+    // A fragment whose body fails part way: its writer is dropped, nothing held is written.
+    let mut w = store
+        .fragment_writer(&rec.id, bytes.len() as u64)
+        .await
+        .unwrap();
+    w.write_bytes(bytes::Bytes::from_static(b"0123456789"))
+        .await
+        .unwrap();
+    drop(w);
+    assert_eq!(
+        std::fs::metadata(store.upload_path(&rec.id)).unwrap().len(),
+        bytes.len() as u64
+    );
+}
+
 /// A flush requested before other work is waited for later; tickets are ordered, each wait
 /// returns once its changes are durable, and the flusher thread ends with the last handle
 /// (the database opens again in this process and holds the record).
