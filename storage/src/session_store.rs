@@ -751,20 +751,18 @@ impl FragmentWriter {
         self.kicked_to = end;
     }
 
-    /// Writes the next bytes (after every byte accepted so far) into the page cache now.
+    /// Writes the next bytes (after every byte accepted so far) into the page cache now,
+    /// together with any bytes still held.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        use std::os::unix::fs::FileExt;
-        self.write_pending()?;
-        let file = self
-            .file
+        self.write_bytes(Bytes::copy_from_slice(bytes)).await?;
+        self.write_pending()
+    }
+
+    /// The upload file, until the fragment is committed.
+    fn file(&self) -> Result<&Arc<fs::File>, StorageError> {
+        self.file
             .as_ref()
-            .ok_or_else(|| StorageError::Task("fragment already committed".into()))?;
-        file.write_all_at(bytes, self.offset + self.written)
-            .map_err(StorageError::io("write upload", &self.path))?;
-        self.crc32c = crc32c::crc32c_append(self.crc32c, bytes);
-        self.written += bytes.len() as u64;
-        self.kick_writeback();
-        Ok(())
+            .ok_or_else(|| StorageError::Task("fragment already committed".into()))
     }
 
     /// Accepts the next bytes (after every byte accepted so far) without copying them: they
@@ -773,9 +771,7 @@ impl FragmentWriter {
         if bytes.is_empty() {
             return Ok(());
         }
-        if self.file.is_none() {
-            return Err(StorageError::Task("fragment already committed".into()));
-        }
+        self.file()?;
         self.crc32c = crc32c::crc32c_append(self.crc32c, &bytes);
         self.pending_len += bytes.len();
         self.pending.push(bytes);
@@ -790,10 +786,7 @@ impl FragmentWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let file = self
-            .file
-            .as_ref()
-            .ok_or_else(|| StorageError::Task("fragment already committed".into()))?;
+        let file = self.file()?;
         let mut slices: Vec<io::IoSlice<'_>> =
             self.pending.iter().map(|b| io::IoSlice::new(b)).collect();
         let mut left = &mut slices[..];
