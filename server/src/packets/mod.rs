@@ -1,5 +1,6 @@
 //! `BITS_POST` dispatch: parse the packet, then hand it to its module.
 
+mod completion;
 mod create_session;
 mod end_session;
 mod fragment;
