@@ -2,6 +2,7 @@
 //! new offset is committed, then the Ack. The last byte runs the completion step (§6).
 
 use std::pin::pin;
+use std::sync::Arc;
 
 use bitsd_protocol::{decide_fragment, Ack, BitsError, FragmentDecision, FragmentPacket};
 use bitsd_storage::{FragmentWriter, SessionState};
@@ -17,6 +18,7 @@ use crate::session_limits::{check_disk, FsyncPolicy};
 use bitsd_storage::FragmentDurability;
 
 /// A failed fragment: the error and, when it is known, the offset to report with it.
+#[derive(Clone)]
 pub(super) struct Failure {
     pub(super) error: BitsError,
     pub(super) received: Option<u64>,
@@ -34,7 +36,7 @@ impl From<BitsError> for Failure {
 /// Handles a Fragment. The body is taken out of `body` only when it is read; an error answered
 /// before that leaves it for the caller to discard.
 pub(super) async fn handle<B>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     route: &Route,
     user: Option<&str>,
     parts: &Parts,
@@ -57,7 +59,7 @@ where
 }
 
 async fn process<B>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     route: &Route,
     user: Option<&str>,
     parts: &Parts,
@@ -70,7 +72,18 @@ where
     B::Error: Into<BoxError>,
 {
     let id = packet.session_id;
-    let _guard = shared.locks.lock(id).await;
+    let idle = shared.session_limits.body_idle_timeout;
+    let (unread, len) = (&mut *body, packet.range.len);
+    let read_held = move || async move {
+        let body = unread
+            .take()
+            .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
+        stream_body(body, len, 0, 0, idle, None).await
+    };
+    if let Some(outcome) = completion::join(shared, route, user, &packet, read_held).await {
+        return outcome;
+    }
+    let guard = shared.locks.lock(id).await;
     let mut record = shared
         .store
         .load(&id)
@@ -87,7 +100,6 @@ where
                 received: Some(record.received),
             }
         })?;
-    let idle = shared.session_limits.body_idle_timeout;
     match decision {
         FragmentDecision::Gap { received } => {
             shared.metrics.fragment(FragmentOutcome::Gap, 0);
@@ -110,7 +122,8 @@ where
             record.touch();
             if final_resend {
                 tracing::info!("re-sent final fragment");
-                return completion::complete(shared, route, parts, &mut record).await;
+                return completion::complete_detached(shared, route, parts, record, guard, false)
+                    .await;
             }
             shared
                 .store
@@ -177,15 +190,10 @@ where
             );
             if write.completes {
                 tracing::info!(total = write.total, "upload complete");
-                let result = completion::complete(shared, route, parts, &mut record).await;
-                if result.is_err() {
-                    // The error Ack reports the whole upload as held: make that durable first.
-                    shared.store.flush().await.map_err(|e| Failure {
-                        error: storage_failure(e),
-                        received: None,
-                    })?;
-                }
-                return result;
+                // A failed completion's Ack reports the whole upload as held: the completion
+                // makes that durable first (`flush_on_error`).
+                return completion::complete_detached(shared, route, parts, record, guard, true)
+                    .await;
             }
             Ok(Ack::ok().session(&id).received(record.received))
         }
