@@ -352,6 +352,13 @@ impl BitsService {
             .render(&states, self.shared.store.meta().size_on_disk()))
     }
 
+    /// Waits until no completion step runs. A completion (the reply handler's run, the storing
+    /// of its reply, the commit of a plain upload) goes on after its client hangs up; call this
+    /// after the listeners have stopped, before the runtime goes away, so that none is cut off.
+    pub async fn completions_finished(&self) {
+        self.shared.completions.idle().await;
+    }
+
     /// Whether the store answers (for `/readyz`).
     pub async fn ready(&self) -> bool {
         self.shared

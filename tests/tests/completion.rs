@@ -126,6 +126,56 @@ async fn hangup_and_resends_during_completion_run_the_handler_once() {
 }
 
 #[tokio::test]
+async fn sigterm_lets_a_running_completion_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs_file = dir.path().join("runs");
+    let script = dir.path().join("slow-echo.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo run >> '{}'\nhead -c 30000 \"$BITS_UPLOAD_PATH\"\nsleep 1\n\
+             tail -c +30001 \"$BITS_UPLOAD_PATH\"\n",
+            runs_file.display()
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("bitsd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[route]]\nprefix = \"/slow/\"\nmode = \"upload-reply\"\n\
+             handler = {{ kind = \"command\", program = \"sh\", args = [{:?}] }}\n",
+            script.display().to_string()
+        ),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data");
+    let args = ["--config", config.to_str().unwrap()];
+    let proc = BitsdProcess::start(&data_dir, &args);
+    let path = "/slow/report.bin";
+    let data = pattern(40_000, 74);
+    let mut c = RawClient::connect(proc.addr).await;
+    let sid = c.create_session(path).await;
+    let last = fragment_request(path, &sid, &data, 0, data.len());
+    c.write(&last).await;
+    wait_for_runs(&runs_file, 1).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Stopped while the handler runs for a client that is gone: the run still ends and its
+    // reply is stored, so the client's re-send after the restart needs no second run.
+    assert!(proc.terminate());
+    let proc = BitsdProcess::start(&data_dir, &args);
+    let mut c = RawClient::connect(proc.addr).await;
+    let fin = c.send(&last).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    let reply = c
+        .get("GET", &url_path(fin.header("bits-reply-url").unwrap()), &[])
+        .await;
+    assert!(reply.body == data);
+    assert_eq!(runs(&runs_file), 1);
+}
+
+#[tokio::test]
 async fn close_during_a_completion_waits_for_it() {
     let tmp = tempfile::tempdir().unwrap();
     let runs_file = tmp.path().join("runs");

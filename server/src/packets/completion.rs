@@ -51,6 +51,22 @@ impl Completions {
     fn get(&self, id: &SessionId) -> Option<watch::Receiver<Option<Outcome>>> {
         self.table().get(id).cloned()
     }
+
+    /// Waits until no completion runs (those that start meanwhile included).
+    pub(crate) async fn idle(&self) {
+        loop {
+            let running: Vec<_> = self.table().values().cloned().collect();
+            if running.is_empty() {
+                return;
+            }
+            for mut rx in running {
+                // An error means the task is gone without an outcome: it is not running either.
+                let _ = rx.wait_for(Option::is_some).await;
+            }
+            // The entry goes just after the outcome is sent.
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// Removes a completion's entry when its task ends, however it ends (a panic included).
