@@ -12,7 +12,8 @@ use tokio::process::{ChildStderr, ChildStdin, ChildStdout};
 
 use crate::{HandlerConfigError, HandlerError, Reply, ReplyFuture, ReplyHandler, Upload};
 
-/// The file in [`Upload::session_dir`] that the program's stdout is streamed to.
+/// The name the program's stdout is streamed to in [`Upload::session_dir`], made unique per
+/// run by [`Upload::unique_session_file`] (`command-reply.<unique>.tmp`).
 pub const COMMAND_REPLY_FILE: &str = "command-reply.tmp";
 
 /// Size of the buffer the upload is fed to the program through.
@@ -108,8 +109,9 @@ impl Default for CommandConfig {
 ///   (bytes), on top of the server's environment and [`CommandConfig::env`],
 /// * its own process group, so that a timeout kills everything it started.
 ///
-/// Its **stdout** is streamed to [`COMMAND_REPLY_FILE`] in [`Upload::session_dir`] (never
-/// held in memory) and becomes the reply. Each **stderr** line is logged with `tracing` at
+/// Its **stdout** is streamed to a file of its own run in [`Upload::session_dir`]
+/// (`command-reply.<unique>.tmp`, see [`COMMAND_REPLY_FILE`]; never held in memory, removed
+/// again when the run fails) and becomes the reply. Each **stderr** line is logged with `tracing` at
 /// warn level, with the session id. Exit status 0 is success; anything else fails with
 /// [`CommandConfig::failure_status`]. A program that cannot be spawned fails with 500; a
 /// program still running at [`CommandConfig::timeout`] is killed with its process group
@@ -160,7 +162,14 @@ impl CommandHandler {
 impl ReplyHandler for CommandHandler {
     fn reply(&self, upload: Upload) -> ReplyFuture {
         let config = Arc::clone(&self.config);
-        Box::pin(async move { run(&config, &upload).await })
+        Box::pin(async move {
+            let reply_path = upload.unique_session_file(COMMAND_REPLY_FILE);
+            let result = run(&config, &upload, &reply_path).await;
+            if result.is_err() {
+                let _ = tokio::fs::remove_file(&reply_path).await;
+            }
+            result
+        })
     }
 }
 
@@ -193,14 +202,20 @@ struct Outcome {
     status: std::io::Result<ExitStatus>,
 }
 
-async fn run(config: &CommandConfig, upload: &Upload) -> Result<Reply, HandlerError> {
+async fn run(
+    config: &CommandConfig,
+    upload: &Upload,
+    reply_path: &std::path::Path,
+) -> Result<Reply, HandlerError> {
     let program = config.program.display().to_string();
     let session = upload.session_id.to_string();
     let input = upload.open().await.map_err(|e| {
         HandlerError::internal(format!("opening upload {}: {e}", upload.path.display()))
     })?;
-    let reply_path = upload.session_file(COMMAND_REPLY_FILE);
-    let out_file = tokio::fs::File::create(&reply_path)
+    let out_file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(reply_path)
         .await
         .map_err(|e| HandlerError::internal(format!("creating {}: {e}", reply_path.display())))?;
     let upload_path = std::path::absolute(&upload.path).unwrap_or_else(|_| upload.path.clone());

@@ -32,7 +32,9 @@ use crate::{HandlerConfigError, HandlerError, Reply, ReplyFuture, ReplyHandler, 
 /// where the backend may write the reply.
 pub const RESPONSE_FILE: &str = "response";
 
-/// The file in [`Upload::session_dir`] that the backend's response body is streamed to.
+/// The name the backend's response body is streamed to in [`Upload::session_dir`], made
+/// unique per notification by [`Upload::unique_session_file`]
+/// (`notification-reply.<unique>.tmp`).
 pub const NOTIFICATION_REPLY_FILE: &str = "notification-reply.tmp";
 
 /// The longest notification URL IIS accepts (BITSServerNotificationURL, §7).
@@ -175,8 +177,9 @@ type HttpClient = Client<HttpConnector, UploadBody>;
 /// * 200 otherwise: by value the response body is the reply; by reference a non-empty
 ///   response body is the reply, else the file the backend wrote at
 ///   `BITS-Response-DataFile-Name` if it exists, else the reply is empty (the REC of §9.2).
-///   The body is streamed to [`NOTIFICATION_REPLY_FILE`] in the session directory, never
-///   held in memory;
+///   The body is streamed to a file of this notification's own in the session directory
+///   (`notification-reply.<unique>.tmp`, see [`NOTIFICATION_REPLY_FILE`]), never held in
+///   memory;
 /// * `BITS-Copy-File-To-Destination` (any value) on a 200 → [`Reply::with_commit_upload`].
 #[derive(Clone, Debug)]
 pub struct HttpNotifyHandler {
@@ -395,8 +398,15 @@ impl HttpNotifyHandler {
             return Ok(with_commit(Reply::static_url(static_url)));
         }
 
-        let body_path = upload.session_file(NOTIFICATION_REPLY_FILE);
-        let body_len = store_body(response.into_body(), &body_path, self.config.timeout).await?;
+        let body_path = upload.unique_session_file(NOTIFICATION_REPLY_FILE);
+        let body_len = match store_body(response.into_body(), &body_path, self.config.timeout).await
+        {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&body_path).await;
+                return Err(e);
+            }
+        };
         let reply = if body_len > 0 {
             Reply::file(body_path)
         } else {

@@ -18,10 +18,12 @@
 //! | [`HttpNotifyHandler`] | what an HTTP backend answers to the IIS-compatible notification of §9 ([`HttpNotifyConfig`]) |
 //!
 //! Handlers that produce a reply larger than memory write it to a file in
-//! [`Upload::session_dir`] and return [`Reply::file`]. The file names they use there are
-//! [`COMMAND_REPLY_FILE`] ([`CommandHandler`]), [`NOTIFICATION_REPLY_FILE`] and
-//! [`RESPONSE_FILE`] ([`HttpNotifyHandler`]); the server must not use these names for its
-//! own files in that directory.
+//! [`Upload::session_dir`] and return [`Reply::file`]. Each run writes a file of its own there
+//! ([`Upload::unique_session_file`]): `command-reply.<unique>.tmp` ([`COMMAND_REPLY_FILE`],
+//! [`CommandHandler`]) and `notification-reply.<unique>.tmp` ([`NOTIFICATION_REPLY_FILE`],
+//! [`HttpNotifyHandler`]); the backend of a by-reference notification writes
+//! [`RESPONSE_FILE`]. The server must not use names of these forms for its own files in that
+//! directory.
 //!
 //! ```
 //! use bitsd_reply_handlers::{Reply, ReplyHandler, Upload, HandlerError};
@@ -44,6 +46,7 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bitsd_protocol::{BitsError, SessionId};
 use bytes::Bytes;
@@ -81,6 +84,24 @@ impl Upload {
     /// The path of a file named `name` in [`Upload::session_dir`].
     pub fn session_file(&self, name: &str) -> PathBuf {
         self.session_dir.join(name)
+    }
+
+    /// A path in [`Upload::session_dir`] that no other call returns, even in another process:
+    /// `name` with a unique part inserted before its extension (`command-reply.tmp` becomes
+    /// `command-reply.<unique>.tmp`). Two runs of a handler for the same session (a retry
+    /// while an abandoned run still writes) then never write the same file.
+    pub fn unique_session_file(&self, name: &str) -> PathBuf {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let unique = format!("{:x}-{nanos:x}-{n}", std::process::id());
+        let file = match name.rsplit_once('.') {
+            Some((stem, ext)) if !stem.is_empty() => format!("{stem}.{unique}.{ext}"),
+            _ => format!("{name}.{unique}"),
+        };
+        self.session_dir.join(file)
     }
 
     /// Opens the upload for reading: exactly [`Upload::len`] bytes at most.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bitsd_reply_handlers::{
     CommandConfig, CommandHandler, HandlerError, ReplyHandler, COMMAND_REPLY_FILE,
 };
-use common::{pattern, reply_bytes, reply_file, upload, LogCapture};
+use common::{is_run_file, pattern, reply_bytes, reply_file, upload, LogCapture};
 
 fn sh(script: &str) -> CommandHandler {
     CommandHandler::new(CommandConfig::new("sh").args(["-c", script])).unwrap()
@@ -23,10 +23,11 @@ async fn stdout_is_the_reply_and_stdin_is_the_upload() {
         .await
         .unwrap();
     assert_eq!(reply_bytes(&reply), b"5\nhello");
-    assert_eq!(
-        reply_file(&reply),
-        fx.session_dir().join(COMMAND_REPLY_FILE)
-    );
+    assert!(is_run_file(
+        &reply_file(&reply),
+        fx.session_dir(),
+        COMMAND_REPLY_FILE
+    ));
     assert!(!reply.commit_upload);
 }
 
@@ -36,10 +37,11 @@ async fn cat_streams_a_large_upload_through() {
     let fx = upload(&data, "http://h/cmd/x", None);
     let handler = CommandHandler::new(CommandConfig::new("cat")).unwrap();
     let reply = handler.reply(fx.upload.clone()).await.unwrap();
-    assert_eq!(
-        reply_file(&reply),
-        fx.session_dir().join(COMMAND_REPLY_FILE)
-    );
+    assert!(is_run_file(
+        &reply_file(&reply),
+        fx.session_dir(),
+        COMMAND_REPLY_FILE
+    ));
     assert!(
         reply_bytes(&reply) == data,
         "cat's reply differs from the upload"
@@ -126,6 +128,44 @@ async fn non_zero_exit_fails_with_the_failure_status() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn two_runs_for_one_session_write_files_of_their_own() {
+    let fx = upload(b"data", "http://h/cmd/x", None);
+    // Each run writes its pid, pauses, then writes it again: a shared file would mix them.
+    let handler = sh(r#"printf '%s-' $$; sleep 0.3; printf '%s' $$"#);
+    let (a, b) = tokio::join!(handler.reply(fx.upload.clone()), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        handler.reply(fx.upload.clone()).await
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(reply_file(&a), reply_file(&b));
+    for reply in [&a, &b] {
+        assert!(is_run_file(
+            &reply_file(reply),
+            fx.session_dir(),
+            COMMAND_REPLY_FILE
+        ));
+        let text = String::from_utf8(reply_bytes(reply)).unwrap();
+        let (first, second) = text.split_once('-').unwrap();
+        assert_eq!(first, second, "a reply mixed from two runs: {text:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_run_leaves_no_file_behind() {
+    let fx = upload(b"data", "http://h/cmd/x", None);
+    let err = sh("echo partial; exit 3")
+        .reply(fx.upload.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HandlerError::Status { .. }), "{err:?}");
+    let left: Vec<_> = std::fs::read_dir(fx.session_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test]

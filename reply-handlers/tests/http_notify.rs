@@ -14,7 +14,7 @@ use bitsd_reply_handlers::{
     ReplyHandler, NOTIFICATION_REPLY_FILE, RESPONSE_FILE,
 };
 use bytes::Bytes;
-use common::{pattern, reply_bytes, reply_file, upload};
+use common::{is_run_file, pattern, reply_bytes, reply_file, upload};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -232,12 +232,36 @@ async fn by_value_posts_the_upload_and_the_response_body_is_the_reply() {
     assert_eq!(seen.header("bits-request-datafile-name"), None);
     assert_eq!(seen.header("bits-response-datafile-name"), None);
 
-    assert_eq!(
-        reply_file(&reply),
-        fx.session_dir().join(NOTIFICATION_REPLY_FILE)
-    );
+    assert!(is_run_file(
+        &reply_file(&reply),
+        fx.session_dir(),
+        NOTIFICATION_REPLY_FILE
+    ));
     assert!(reply_bytes(&reply) == answer, "the reply differs");
     assert!(!reply.commit_upload);
+}
+
+#[tokio::test]
+async fn two_notifications_for_one_session_store_bodies_of_their_own() {
+    let backend = Backend::start(Answer {
+        body: pattern(200_000),
+        delay: Duration::from_millis(200),
+        ..Answer::default()
+    })
+    .await;
+    let fx = upload(b"u", REMOTE, None);
+    let h = handler(&backend.url("/n"), Notification::ByValue);
+    let (a, b) = tokio::join!(h.reply(fx.upload.clone()), h.reply(fx.upload.clone()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(reply_file(&a), reply_file(&b));
+    for reply in [&a, &b] {
+        assert!(is_run_file(
+            &reply_file(reply),
+            fx.session_dir(),
+            NOTIFICATION_REPLY_FILE
+        ));
+        assert!(reply_bytes(reply) == pattern(200_000));
+    }
 }
 
 #[tokio::test]
@@ -381,10 +405,11 @@ async fn by_reference_a_response_body_wins_over_the_file() {
         .reply(fx.upload.clone())
         .await
         .unwrap();
-    assert_eq!(
-        reply_file(&reply),
-        fx.session_dir().join(NOTIFICATION_REPLY_FILE)
-    );
+    assert!(is_run_file(
+        &reply_file(&reply),
+        fx.session_dir(),
+        NOTIFICATION_REPLY_FILE
+    ));
     assert_eq!(reply_bytes(&reply), b"from the body");
 }
 

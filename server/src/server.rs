@@ -214,6 +214,7 @@ pub struct RunningServer {
     transcript: Option<Transcript>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
 }
 
 /// Opens the data directory, binds the listeners and starts serving.
@@ -349,6 +350,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         transcript,
         shutdown,
         tasks,
+        grace: config.shutdown_grace,
     })
 }
 
@@ -492,6 +494,11 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Completions whose clients hung up still run: let them end within the grace.
+        let finished = self.service.completions_finished();
+        if tokio::time::timeout(self.grace, finished).await.is_err() {
+            tracing::warn!("completion steps still running at shutdown are cut off; their clients re-send the final fragment");
         }
         let result = self.service.store().flush().await;
         tracing::info!("bitsd stopped");

@@ -28,25 +28,22 @@ pub(crate) struct Shared {
     pub(crate) store: SessionStore,
     pub(crate) routes: RouteTable,
     pub(crate) locks: SessionLocks,
+    pub(crate) completions: packets::Completions,
     pub(crate) limits: UploadLimits,
     pub(crate) urls: UrlPolicy,
     pub(crate) host_id: Option<(HeaderValue, Option<u32>)>,
     pub(crate) auth: Option<Arc<dyn Authenticator>>,
     pub(crate) session_limits: SessionLimits,
-    pub(crate) counts: tokio::sync::OnceCell<SessionCounts>,
+    pub(crate) counts: SessionCounts,
     pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) fsync: crate::session_limits::FsyncPolicy,
 }
 
 impl Shared {
-    /// The live-session counts, built from the store on first use.
-    pub(crate) async fn counts(&self) -> Result<&SessionCounts, StorageError> {
-        self.counts
-            .get_or_try_init(|| async {
-                let records = self.store.list().await?;
-                Ok(SessionCounts::from_records(&records))
-            })
-            .await
+    /// The live-session counts: counted from the store when the service is built, then kept
+    /// in step with every change of a session's liveness.
+    pub(crate) fn counts(&self) -> &SessionCounts {
+        &self.counts
     }
 }
 
@@ -102,6 +99,9 @@ pub enum BuildError {
     /// An upload-reply route has no handler.
     #[error("upload-reply route {0} has no reply handler")]
     MissingHandler(String),
+    /// The store's sessions could not be read to count the live ones.
+    #[error("cannot count the sessions in the store: {0}")]
+    Store(#[source] StorageError),
 }
 
 impl BitsServiceBuilder {
@@ -194,17 +194,23 @@ impl BitsServiceBuilder {
                 return Err(BuildError::MissingHandler(r.prefix().to_owned()));
             }
         }
+        // Counted now, before any packet can change the store: a count taken later (after a
+        // Close or a purge already removed a session) would miss that session and then give
+        // its slot back a second time.
+        let records = self.store.meta().list().map_err(BuildError::Store)?;
+        let counts = SessionCounts::from_records(&records);
         Ok(BitsService {
             shared: Arc::new(Shared {
                 store: self.store,
                 routes: RouteTable::new(self.routes),
                 locks: SessionLocks::default(),
+                completions: packets::Completions::default(),
                 limits: self.limits,
                 urls: self.urls,
                 host_id,
                 auth: self.auth,
                 session_limits: self.session_limits,
-                counts: tokio::sync::OnceCell::new(),
+                counts,
                 metrics: crate::metrics::Metrics::new(),
                 fsync: self.fsync,
             }),
@@ -346,6 +352,13 @@ impl BitsService {
             .render(&states, self.shared.store.meta().size_on_disk()))
     }
 
+    /// Waits until no completion step runs. A completion (the reply handler's run, the storing
+    /// of its reply, the commit of a plain upload) goes on after its client hangs up; call this
+    /// after the listeners have stopped, before the runtime goes away, so that none is cut off.
+    pub async fn completions_finished(&self) {
+        self.shared.completions.idle().await;
+    }
+
     /// Whether the store answers (for `/readyz`).
     pub async fn ready(&self) -> bool {
         self.shared
@@ -401,10 +414,7 @@ impl BitsService {
     async fn purge_locked(&self, current: &SessionRecord) -> Result<(), StorageError> {
         self.shared.store.purge(&current.id).await?;
         if !current.state.is_terminal() {
-            self.shared
-                .counts()
-                .await?
-                .release(current.owner.as_deref());
+            self.shared.counts().release(current.owner.as_deref());
         }
         Ok(())
     }

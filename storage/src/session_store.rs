@@ -15,7 +15,31 @@ use crate::{
 
 const UPLOAD_FILE: &str = "upload";
 const REPLY_FILE: &str = "reply";
-const REPLY_TEMP: &str = "reply.tmp";
+/// Temporary reply files are `reply.<unique>.tmp`: each completion attempt writes its own.
+const REPLY_TEMP_PREFIX: &str = "reply.";
+const REPLY_TEMP_SUFFIX: &str = ".tmp";
+
+/// A temporary reply file name no other attempt uses.
+fn reply_temp_name() -> String {
+    format!(
+        "{REPLY_TEMP_PREFIX}{}{REPLY_TEMP_SUFFIX}",
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Removes the temporary reply files of unfinished attempts in a session directory.
+fn remove_reply_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(REPLY_TEMP_PREFIX) && name.ends_with(REPLY_TEMP_SUFFIX) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
 
 /// How durable a fragment is when [`SessionStore::commit_fragment`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,7 +207,7 @@ impl SessionStore {
                 remove_dir_all_if_exists(&dir)?;
                 continue;
             }
-            let _ = fs::remove_file(dir.join(REPLY_TEMP));
+            remove_reply_temps(&dir);
             let mut changed = false;
             let acknowledged = record.received;
             // Upload bytes past the recorded offset were cut: their index entries go too.
@@ -468,8 +492,11 @@ impl SessionStore {
         let dir = self.session_dir(id);
         let d = dir.clone();
         blocking(move || create_dir_synced(&d)).await?;
-        let temp = dir.join(REPLY_TEMP);
-        let file = tokio::fs::File::create(&temp)
+        let temp = dir.join(reply_temp_name());
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
             .await
             .map_err(StorageError::io("create reply", &temp))?;
         Ok(ReplyWriter {
@@ -505,9 +532,11 @@ impl SessionStore {
         let src = src.to_owned();
         blocking(move || {
             create_dir_synced(&dir)?;
-            let temp = dir.join(REPLY_TEMP);
-            let _ = fs::remove_file(&temp);
-            fs::copy(&src, &temp).map_err(StorageError::io("copy into reply", &src))?;
+            let temp = dir.join(reply_temp_name());
+            if let Err(e) = fs::copy(&src, &temp) {
+                let _ = fs::remove_file(&temp);
+                return Err(StorageError::io("copy into reply", &src)(e));
+            }
             let f = fs::OpenOptions::new()
                 .write(true)
                 .open(&temp)

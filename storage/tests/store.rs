@@ -417,3 +417,38 @@ fn flush_tickets_wait_for_their_changes_and_the_flusher_ends_with_the_store() {
     let meta = reopened.expect("sled lock released after the last handle");
     assert_eq!(meta.load(&rec.id).unwrap(), Some(rec));
 }
+
+#[tokio::test]
+async fn two_reply_writers_of_one_session_never_share_a_temp_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let rec = record(UploadMode::UploadReply);
+    store.create(&rec).await.unwrap();
+    // Interleaved, as two completion attempts would be: a shared temp file mixes them.
+    let mut a = store.reply_writer(&rec.id).await.unwrap();
+    a.write(&[b'a'; 1000]).await.unwrap();
+    let mut b = store.reply_writer(&rec.id).await.unwrap();
+    b.write(&[b'b'; 10]).await.unwrap();
+    a.write(&[b'a'; 1000]).await.unwrap();
+    assert_eq!(a.finish().await.unwrap().0, 2000);
+    assert_eq!(
+        std::fs::read(store.reply_path(&rec.id)).unwrap(),
+        vec![b'a'; 2000]
+    );
+    assert_eq!(b.finish().await.unwrap().0, 10);
+    assert_eq!(
+        std::fs::read(store.reply_path(&rec.id)).unwrap(),
+        vec![b'b'; 10]
+    );
+    // An unfinished attempt's temp file is removed when the store is opened again.
+    let mut c = store.reply_writer(&rec.id).await.unwrap();
+    c.write(b"never finished").await.unwrap();
+    drop(c);
+    drop(store);
+    let store = open(dir.path()).await;
+    let names: Vec<_> = std::fs::read_dir(store.session_dir(&rec.id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["reply"]);
+}

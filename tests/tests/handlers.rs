@@ -957,6 +957,47 @@ async fn successful_notification_is_not_repeated_even_across_a_restart() {
     assert_eq!(backend.count(), 1);
 }
 
+#[tokio::test]
+async fn hangup_during_a_notification_does_not_notify_again() {
+    let backend = Backend::start(|seen| {
+        Answer::Slow(
+            Duration::from_millis(1500),
+            Box::new(Answer::ok(Sha256::digest(&seen.body).to_vec())),
+        )
+    })
+    .await;
+    let server = start(vec![http_route(
+        "/app/",
+        backend.url("/handle"),
+        NotificationMode::ByValue,
+        10,
+    )])
+    .await;
+    let mut c = server.connect().await;
+    let data = pattern(50_000, 42);
+    let job = Job::start(&mut c, HOST, "/app/q.bin", data.clone(), 32_768).await;
+    let last = job.fragment_request(job.last_start(), data.len() - job.last_start(), None);
+    // The final fragment, then a hang-up while the backend works on the notification.
+    c.write(&last).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.count() == 0 {
+        assert!(Instant::now() < deadline, "no notification");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The client re-sends: it gets the answer of the notification in flight.
+    let mut c = server.connect().await;
+    let url = assert_final_ok(&job.finish(&mut c).await, &job);
+    assert_eq!(backend.count(), 1, "exactly one notification");
+    assert_eq!(
+        fetch_reply(&mut c, &url).await,
+        Sha256::digest(&data).to_vec()
+    );
+    assert_eq!(assert_final_ok(&job.finish(&mut c).await, &job), url);
+    assert_eq!(backend.count(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The command handler with real programs.
 // ---------------------------------------------------------------------------------------------

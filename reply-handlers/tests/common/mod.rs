@@ -64,6 +64,17 @@ pub fn reply_bytes(reply: &Reply) -> Vec<u8> {
     }
 }
 
+/// Whether `path` is a file of one handler run named after `name` in `dir`
+/// (`command-reply.tmp` → `command-reply.<unique>.tmp`).
+pub fn is_run_file(path: &Path, dir: &Path, name: &str) -> bool {
+    let (stem, ext) = name.rsplit_once('.').unwrap();
+    let file = path.file_name().unwrap().to_str().unwrap();
+    path.parent() == Some(dir)
+        && file.starts_with(&format!("{stem}."))
+        && file.ends_with(&format!(".{ext}"))
+        && file.len() > name.len() + 1
+}
+
 /// The file of a file reply; panics on other kinds.
 pub fn reply_file(reply: &Reply) -> PathBuf {
     match &reply.body {

@@ -44,7 +44,7 @@ pub(super) async fn handle(
     );
     record.destination = destination;
     record.owner = user.map(str::to_owned);
-    let counts = shared.counts().await.map_err(storage_failure)?;
+    let counts = shared.counts();
     counts.reserve(user, &shared.session_limits)?;
     if let Err(e) = shared.store.create(&record).await {
         counts.release(user);

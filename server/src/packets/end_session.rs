@@ -3,13 +3,16 @@
 use bitsd_protocol::{Ack, BitsError, SessionId};
 use bitsd_storage::SessionState;
 
+use crate::routes::Route;
 use crate::service::{error_ack, storage_failure, Shared};
 
 /// Ends the session in `state` (Closed or Cancelled). Incomplete uploads are deleted; a
 /// committed file stays; the reply is freed. A repeated Close or Cancel finds the tombstone
-/// and answers 200 again.
+/// and answers 200 again. A session of another route or another user is not found, as for
+/// a Fragment. Waits for a running completion of the session (it holds the session lock).
 pub(super) async fn handle(
     shared: &Shared,
+    route: &Route,
     user: Option<&str>,
     id: &SessionId,
     state: SessionState,
@@ -19,8 +22,11 @@ pub(super) async fn handle(
         Ok(r) => r,
         Err(e) => return error_ack(&storage_failure(e), None, None).session(id),
     };
-    // Another user's session is, to this caller, no session at all.
-    let Some(mut record) = record.filter(|r| r.owner.as_deref() == user) else {
+    // Another user's session, or one created on another route, is to this caller no session
+    // at all.
+    let Some(mut record) =
+        record.filter(|r| r.owner.as_deref() == user && r.route == route.prefix())
+    else {
         return error_ack(&BitsError::session_not_found(), None, None).session(id);
     };
     if record.state.is_terminal() {
@@ -29,11 +35,16 @@ pub(super) async fn handle(
     }
     let before = record.state;
     if let Err(e) = shared.store.end_session(&mut record, state).await {
+        // The tombstone may be saved already (the files went wrong after it): then the session
+        // is over whatever the client hears, a repeated Close answers 200 from the tombstone,
+        // and its slot in the session limits must be given back now or never.
+        let ended = matches!(shared.store.load(id).await, Ok(Some(r)) if r.state.is_terminal());
+        if ended {
+            shared.counts().release(record.owner.as_deref());
+        }
         return error_ack(&storage_failure(e), None, None).session(id);
     }
-    if let Ok(counts) = shared.counts().await {
-        counts.release(record.owner.as_deref());
-    }
+    shared.counts().release(record.owner.as_deref());
     tracing::info!(
         from = before.as_str(),
         to = state.as_str(),

@@ -1,11 +1,15 @@
 //! `BITS_POST` dispatch: parse the packet, then hand it to its module.
 
+mod completion;
 mod create_session;
 mod end_session;
 mod fragment;
 
+use std::sync::Arc;
+
 use bitsd_protocol::{Ack, BitsError, Packet};
 use bitsd_storage::SessionState;
+pub(crate) use completion::Completions;
 use http::request::Parts;
 use http::Response;
 
@@ -15,7 +19,7 @@ use crate::service::{error_ack, raw_session, BoxError, Shared};
 
 /// Handles one `BITS_POST` request.
 pub(crate) async fn handle<B>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     route: Option<&Route>,
     user: Option<&str>,
     parts: Parts,
@@ -88,7 +92,7 @@ where
 }
 
 async fn dispatch<B>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     route: Option<&Route>,
     user: Option<&str>,
     parts: &Parts,
@@ -121,10 +125,10 @@ where
         }
         Packet::Fragment(f) => fragment::handle(shared, route, user, parts, f, body).await,
         Packet::CloseSession { session_id } => {
-            end_session::handle(shared, user, &session_id, SessionState::Closed).await
+            end_session::handle(shared, route, user, &session_id, SessionState::Closed).await
         }
         Packet::CancelSession { session_id } => {
-            end_session::handle(shared, user, &session_id, SessionState::Cancelled).await
+            end_session::handle(shared, route, user, &session_id, SessionState::Cancelled).await
         }
     };
     if ack.status().is_success()
