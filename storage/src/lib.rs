@@ -16,9 +16,14 @@
 //! ```
 
 mod error;
+mod fragment_writer;
+mod fs_util;
 mod meta;
+mod publish;
 mod record;
+mod recovery;
 mod reply_progress;
+mod reply_writer;
 mod session_store;
 mod sled_meta;
 
@@ -28,7 +33,8 @@ pub use record::{
     now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode,
 };
 pub use reply_progress::ByteRanges;
-pub use session_store::{
-    CommitOutcome, FragmentDurability, FragmentWriter, ReplyWriter, SessionStore, GATHER_BYTES,
-};
+pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
+pub use publish::CommitOutcome;
+pub use reply_writer::ReplyWriter;
+pub use session_store::SessionStore;
 pub use sled_meta::SledMetaStore;
