@@ -28,13 +28,13 @@ mod session_store;
 mod sled_meta;
 
 pub use error::StorageError;
+pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
 pub use meta::{FlushTicket, MetaStore};
+pub use publish::CommitOutcome;
 pub use record::{
     now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode,
 };
 pub use reply_progress::ByteRanges;
-pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
-pub use publish::CommitOutcome;
 pub use reply_writer::ReplyWriter;
 pub use session_store::SessionStore;
 pub use sled_meta::SledMetaStore;

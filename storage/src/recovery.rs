@@ -98,7 +98,9 @@ impl SessionStore {
             }
             return Ok(changed);
         };
-        let stat = file.metadata().map_err(StorageError::io("stat upload", &upload))?;
+        let stat = file
+            .metadata()
+            .map_err(StorageError::io("stat upload", &upload))?;
         // A second name: the upload is published under the files root.
         let published = stat.nlink() > 1;
         if record.state == SessionState::Receiving && !record.committed && !published {
@@ -106,7 +108,9 @@ impl SessionStore {
             // bytes are synced): keep the offset only up to the first one whose bytes are
             // not all there, as after an operating-system crash.
             for entry in index.iter().filter(|e| e.offset < record.received) {
-                if !fragment_on_disk(&file, entry).map_err(StorageError::io("read upload", &upload))? {
+                if !fragment_on_disk(&file, entry)
+                    .map_err(StorageError::io("read upload", &upload))?
+                {
                     tracing::warn!(session = %record.id, offset = entry.offset, len = entry.len, "fragment written without a sync is not on disk; the session resumes before it");
                     record.received = entry.offset;
                     changed = true;
@@ -144,14 +148,16 @@ impl SessionStore {
         }
         if !index.is_empty() {
             // What is kept is synced now, so the entries are not needed any more.
-            file.sync_all().map_err(StorageError::io("fsync", &upload))?;
+            file.sync_all()
+                .map_err(StorageError::io("fsync", &upload))?;
             if changed {
                 // The new offset before the entries go: a crash in between checks again.
                 self.meta.save_lazy(record)?;
             }
             self.meta.remove_fragments(&record.id)?;
         } else if record.received < acknowledged || len > record.received {
-            file.sync_all().map_err(StorageError::io("fsync", &upload))?;
+            file.sync_all()
+                .map_err(StorageError::io("fsync", &upload))?;
         }
         Ok(changed)
     }

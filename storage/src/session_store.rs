@@ -5,8 +5,6 @@
 //! plain upload under the files root, `reply_writer` stored replies, `recovery` what happens
 //! at open.
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -38,25 +36,16 @@ impl std::fmt::Debug for SessionStore {
     }
 }
 
-/// Warns when an existing directory the store uses is open to other users.
-fn warn_if_shared(dir: &Path) {
-    if let Ok(m) = fs::metadata(dir) {
-        let mode = m.permissions().mode();
-        if mode & 0o077 != 0 {
-            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "the data directory is open to other users; uploads and replies in it are private to the server's user only if it is not (chmod 700)");
-        }
-    }
-}
-
 impl SessionStore {
     /// Opens the store under `data_dir` with sled in `<data_dir>/meta`, creating what is missing
     /// (directories 0700; sled's files are made 0600), and recovers every session (see
-    /// [`SessionStore::recover`]).
+    /// [`SessionStore::recover`]). Directories that exist already keep their mode: `meta`,
+    /// `sessions` and `files` made by the store are 0700, so what is in them stays private
+    /// even in a data directory others may list.
     pub async fn open(data_dir: &Path) -> Result<Self, StorageError> {
         let dir = data_dir.to_owned();
         let meta = blocking(move || {
             create_dir_all_private(&dir)?;
-            warn_if_shared(&dir);
             let meta_dir = dir.join("meta");
             create_dir_all_private(&meta_dir)?;
             let meta = SledMetaStore::open(&meta_dir)?;

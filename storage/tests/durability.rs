@@ -83,10 +83,7 @@ async fn recovery_never_cuts_a_published_upload() {
         b"01234567"
     );
     let loaded = store.load(&rec.id).await.unwrap().unwrap();
-    assert_eq!(
-        (loaded.received, loaded.state),
-        (8, SessionState::Complete)
-    );
+    assert_eq!((loaded.received, loaded.state), (8, SessionState::Complete));
 }
 
 /// An upload whose file is gone is not a zero-byte upload: nothing is published.
@@ -110,10 +107,16 @@ async fn a_missing_upload_file_is_never_published_as_empty() {
     empty.state = SessionState::Complete;
     store.create(&empty).await.unwrap();
     assert_eq!(
-        store.commit_upload(&empty.id, "empty.bin", false).await.unwrap(),
+        store
+            .commit_upload(&empty.id, "empty.bin", false)
+            .await
+            .unwrap(),
         bitsd_storage::CommitOutcome::Committed
     );
-    assert_eq!(std::fs::read(store.files_dir().join("empty.bin")).unwrap(), b"");
+    assert_eq!(
+        std::fs::read(store.files_dir().join("empty.bin")).unwrap(),
+        b""
+    );
 }
 
 /// Synced fragments need no index entry; unsynced ones keep theirs until a sync covers them.
@@ -241,7 +244,10 @@ async fn everything_the_store_creates_is_private() {
     let mut other = record(UploadMode::UploadReply);
     store.create(&other).await.unwrap();
     write_fragment(&store, &mut other, 0, b"other", 5).await;
-    store.reply_from_file(&other.id, &handler_file).await.unwrap();
+    store
+        .reply_from_file(&other.id, &handler_file)
+        .await
+        .unwrap();
     store.flush().await.unwrap();
     assert_private(&data);
 }

@@ -608,7 +608,10 @@ impl BitsdProcess {
             while std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .is_ok_and(|stat| !stat.contains(") Z "))
             {
-                assert!(std::time::Instant::now() < deadline, "bitsd {pid} outlived SIGKILL");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "bitsd {pid} outlived SIGKILL"
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
         }

@@ -364,8 +364,5 @@ async fn published_files_survive_sigkill_right_after_the_link() {
         proc.kill();
     }
     let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        !log.contains("panicked"),
-        "the server panicked:\n{log}"
-    );
+    assert!(!log.contains("panicked"), "the server panicked:\n{log}");
 }

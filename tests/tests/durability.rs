@@ -85,13 +85,7 @@ async fn new_parent_directories_of_a_published_file_are_synced() {
     let trace = dir.path().join("fsync.trace");
     let w = wrapper(
         &strace.to_string_lossy(),
-        &[
-            "-y",
-            "-o",
-            trace.to_str().unwrap(),
-            "-e",
-            "trace=fsync",
-        ],
+        &["-y", "-o", trace.to_str().unwrap(), "-e", "trace=fsync"],
     );
     let w: Vec<&str> = w.iter().map(String::as_str).collect();
     let proc = BitsdProcess::start_wrapped(&w, &data_dir, &[], None);
@@ -106,7 +100,9 @@ async fn new_parent_directories_of_a_published_file_are_synced() {
     for synced in [files.clone(), files.join("new"), files.join("new/deeper")] {
         let needle = format!("<{}>)", synced.display());
         assert!(
-            trace.lines().any(|l| l.contains("fsync(") && l.contains(&needle)),
+            trace
+                .lines()
+                .any(|l| l.contains("fsync(") && l.contains(&needle)),
             "no fsync of {} (the entry of a new directory in it):\n{trace}",
             synced.display()
         );
@@ -140,7 +136,12 @@ async fn the_data_directory_is_private() {
     assert!(fin.header("bits-reply-url").is_some());
     // A session in the middle of its upload.
     let sid = c.create_session("/echo/partial.bin").await;
-    assert_eq!(c.fragment("/echo/partial.bin", &sid, &data, 0, 1000).await.status, 200);
+    assert_eq!(
+        c.fragment("/echo/partial.bin", &sid, &data, 0, 1000)
+            .await
+            .status,
+        200
+    );
     assert!(proc.terminate());
     let mut bad = Vec::new();
     check(&data_dir, &mut bad);

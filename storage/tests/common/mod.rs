@@ -44,4 +44,3 @@ pub async fn write_fragment(
         .await
         .unwrap();
 }
-
