@@ -24,6 +24,11 @@ pub enum CommitOutcome {
     DestinationInvalid,
 }
 
+/// The temporary name a commit with overwrites links the upload to before its rename.
+pub(crate) fn commit_temp_name(id: &SessionId) -> String {
+    format!(".bitsd-commit-{}.tmp", id.simple())
+}
+
 fn incomplete(path: PathBuf, why: &str) -> StorageError {
     StorageError::io("commit upload", path)(io::Error::new(
         io::ErrorKind::InvalidData,
@@ -63,7 +68,11 @@ impl SessionStore {
         {
             return Ok(CommitOutcome::DestinationInvalid);
         }
-        let (files, dir, simple) = (self.files_dir.clone(), self.session_dir(id), id.simple());
+        let (files, dir, temp_name) = (
+            self.files_dir.clone(),
+            self.session_dir(id),
+            commit_temp_name(id),
+        );
         let (meta, id) = (self.meta.clone(), *id);
         blocking(move || {
             let src = dir.join(UPLOAD_FILE);
@@ -132,7 +141,7 @@ impl SessionStore {
             }
             // 3. Publish.
             if allow_overwrite {
-                let temp = parent.join(format!(".bitsd-commit-{simple}.tmp"));
+                let temp = parent.join(&temp_name);
                 let _ = fs::remove_file(&temp);
                 fs::hard_link(&src, &temp).map_err(StorageError::io("link upload", &temp))?;
                 fs::rename(&temp, &dst).map_err(StorageError::io("commit upload", &dst))?;

@@ -5,8 +5,10 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path};
 
 use crate::fs_util::{blocking, remove_dir_all_if_exists};
+use crate::publish::commit_temp_name;
 use crate::session_store::REPLY_TEMP;
 use crate::{FragmentEntry, SessionRecord, SessionState, SessionStore, StorageError};
 
@@ -77,6 +79,21 @@ impl SessionStore {
     /// The upload file of a live session; whether `record` changed.
     fn recover_upload(&self, record: &mut SessionRecord) -> Result<bool, StorageError> {
         let upload = self.upload_path(&record.id);
+        let plain = |d: &String| {
+            Path::new(d)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        };
+        if let (false, Some(dest)) = (
+            record.committed,
+            record.destination.as_ref().filter(|d| plain(d)),
+        ) {
+            // The temporary name of a commit with overwrites that a crash interrupted.
+            let parent = self.files_dir.join(dest);
+            if let Some(parent) = parent.parent() {
+                let _ = fs::remove_file(parent.join(commit_temp_name(&record.id)));
+            }
+        }
         let index = self.meta.fragments(&record.id)?;
         let acknowledged = record.received;
         let mut changed = false;
