@@ -5,8 +5,12 @@
 //! (`<data>/sessions/<id>/upload` and `…/reply`). [`SessionStore`] ties them together and
 //! enforces the order that makes every Ack safe: bytes are written and `sync_data`'d first,
 //! then the new offset is committed to the meta store and flushed, and only then may the
-//! server acknowledge. On open, the meta store is authoritative: file bytes past the recorded
-//! length are cut off and every open session resumes where its last Ack left it.
+//! server acknowledge (an offset never becomes durable before its bytes). A plain upload is
+//! published only after its completion is durable, as a second link of its synced file. On
+//! open, the meta store is authoritative: file bytes past the recorded length are cut off
+//! (never those of a published file), fragments committed without a sync are checked against
+//! their CRC-32C, and every open session resumes where its last Ack left it. Everything the
+//! store creates is private to the server's user (directories 0700, files 0600).
 //!
 //! ```text
 //! <data>/meta/                 sled: session records, fragment index, tombstones
