@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
-use bitsd_storage::{
-    CommitOutcome, MetaStore, SessionRecord, SessionState, SessionStore, SledMetaStore, UploadMode,
-};
+use bitsd_storage::{CommitOutcome, MetaStore, SessionState, SledMetaStore, UploadMode};
 
 mod common;
 use common::{open, record, write_fragment};
