@@ -1,7 +1,9 @@
 //! Crash safety under SIGKILL: many concurrent upload-reply clients against the real binary,
 //! killed at seeded random moments and restarted on the same data directory, each client
 //! resuming as a BITS client does. Every upload and reply must come out byte-exact, no
-//! acknowledged offset may go backwards, and restarts must log no errors.
+//! acknowledged offset may go backwards, no acknowledged session may be lost, and restarts
+//! must log no errors. A second test holds the publishing link of plain uploads (strace) and
+//! kills the server inside it.
 //!
 //! Bounded by default; `BITSD_CRASH_SCALE=10` runs ten times the clients, bytes and kills,
 //! `BITSD_CRASH_SEED=n` replays one run.
@@ -254,6 +256,8 @@ async fn concurrent_clients_survive_repeated_sigkill() {
         killed >= min_kills,
         "the clients finished before the server was killed often enough ({killed})"
     );
+    // Every acknowledged Create-Session is durable: no job has to start over.
+    assert_eq!(restarts, 0, "sessions were lost across SIGKILLs");
     drop(proc);
     let log = std::fs::read_to_string(&log).unwrap_or_default();
     let scary: Vec<&str> = log
