@@ -251,3 +251,55 @@ async fn everything_the_store_creates_is_private() {
     store.flush().await.unwrap();
     assert_private(&data);
 }
+
+/// Closing a session with a large fragment index (an on-close upload of 10,000 fragments)
+/// removes the entries off the runtime: a timer on the same single-threaded runtime keeps
+/// ticking meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn close_removes_a_large_index_off_the_runtime() {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let mut rec = record(UploadMode::Upload);
+    store.create(&rec).await.unwrap();
+    for i in 0..10_000u64 {
+        let entry = bitsd_storage::FragmentEntry {
+            offset: i,
+            len: 1,
+            crc32c: 0,
+        };
+        rec.received = i + 1;
+        store
+            .meta()
+            .save_with_fragment(&rec, &entry, false)
+            .unwrap();
+    }
+    let done = AtomicBool::new(false);
+    let ticker = async {
+        let mut worst = Duration::ZERO;
+        let mut last = Instant::now();
+        while !done.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            worst = worst.max(last.elapsed());
+            last = Instant::now();
+        }
+        worst
+    };
+    let close = async {
+        let started = Instant::now();
+        store
+            .end_session(&mut rec, SessionState::Closed)
+            .await
+            .unwrap();
+        done.store(true, Ordering::SeqCst);
+        started.elapsed()
+    };
+    let (worst, took) = tokio::join!(ticker, close);
+    println!("close took {took:?}, the runtime stalled at most {worst:?}");
+    assert!(store.meta().fragments(&rec.id).unwrap().is_empty());
+    assert!(
+        worst < took / 3,
+        "the runtime stalled {worst:?} while Close took {took:?}"
+    );
+}
