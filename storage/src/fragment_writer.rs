@@ -339,7 +339,22 @@ impl SessionStore {
                         .map_err(StorageError::io("fsync upload", &path))?;
                     sync_entries(!flush)?;
                     meta.save_lazy(&record)?;
-                    meta.remove_fragments(&record.id)?;
+                    // Entries of earlier unsynced fragments are covered by this sync. The
+                    // completing fragment's Ack does not wait for their removal (an on-close
+                    // upload can have many): recovery ignores the entries of a complete
+                    // session and Close removes what is left.
+                    if meta.last_fragment(&record.id)?.is_some() {
+                        if flush {
+                            meta.remove_fragments(&record.id)?;
+                        } else {
+                            drop(tokio::task::spawn_blocking(move || {
+                                if let Err(e) = meta.remove_fragments(&record.id) {
+                                    tracing::warn!(session = %record.id, error = %e, "removing synced fragment entries failed; Close removes them");
+                                }
+                            }));
+                            return Ok(());
+                        }
+                    }
                     if flush {
                         meta.flush()?;
                     }
