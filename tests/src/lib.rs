@@ -472,16 +472,37 @@ pub struct BitsdProcess {
 }
 
 /// The `strace` binary, for tests that inject failures or delays into the real server; `None`
-/// (with the reason printed, so the skip is visible) when it is not installed.
+/// (with the reason printed, so the skip is visible) when it is not installed or cannot trace
+/// here (no ptrace in the container, no `--seccomp-bpf`).
 pub fn strace() -> Option<PathBuf> {
-    let found = ["/usr/bin/strace", "/bin/strace", "/usr/local/bin/strace"]
+    let Some(found) = ["/usr/bin/strace", "/bin/strace", "/usr/local/bin/strace"]
         .iter()
         .map(PathBuf::from)
-        .find(|p| p.exists());
-    if found.is_none() {
+        .find(|p| p.exists())
+    else {
         println!("SKIPPED: strace is not installed (apt-get install strace)");
+        return None;
+    };
+    let works = std::process::Command::new(&found)
+        .args([
+            "-f",
+            "--seccomp-bpf",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=linkat",
+        ])
+        .args(["-e", "inject=linkat:error=EIO", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        println!("SKIPPED: strace cannot trace here (ptrace not permitted, or no --seccomp-bpf)");
+        return None;
     }
-    found
+    Some(found)
 }
 
 impl BitsdProcess {
