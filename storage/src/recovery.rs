@@ -9,7 +9,6 @@ use std::path::{Component, Path};
 
 use crate::fs_util::{blocking, remove_dir_all_if_exists};
 use crate::publish::commit_temp_name;
-use crate::session_store::REPLY_TEMP;
 use crate::{FragmentEntry, SessionRecord, SessionState, SessionStore, StorageError};
 
 /// Whether `file` holds `entry`'s bytes: its range is there and its CRC-32C matches.
@@ -27,6 +26,20 @@ fn fragment_on_disk(file: &fs::File, entry: &FragmentEntry) -> Result<bool, io::
         at += n as u64;
     }
     Ok(crc == entry.crc32c)
+}
+
+/// Removes the temporary files (`*.tmp`: half-written replies of the store and of reply
+/// handlers) of a session directory: whatever run made them ended with the crash.
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && entry.file_name().to_string_lossy().ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 impl SessionStore {
@@ -54,7 +67,7 @@ impl SessionStore {
                 self.meta.remove_fragments(&record.id)?;
                 continue;
             }
-            let _ = fs::remove_file(dir.join(REPLY_TEMP));
+            remove_temp_files(&dir);
             if self.recover_upload(&mut record)? | self.recover_reply(&mut record) {
                 self.meta.save_lazy(&record)?;
             }

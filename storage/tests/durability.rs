@@ -310,3 +310,31 @@ async fn close_removes_a_large_index_off_the_runtime() {
         "the runtime stalled {worst:?} while Close took {took:?}"
     );
 }
+
+/// Half-written replies (the store's and a reply handler's, whatever their attempt's name) are
+/// dropped when the store opens; the upload stays.
+#[tokio::test]
+async fn temporary_files_of_a_crashed_run_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rec = record(UploadMode::UploadReply);
+    let session_dir;
+    {
+        let store = open(dir.path()).await;
+        store.create(&rec).await.unwrap();
+        write_fragment(&store, &mut rec, 0, b"upload", 6).await;
+        session_dir = store.session_dir(&rec.id);
+        for name in ["reply.tmp", "command-reply.3.tmp", "notification-reply.tmp"] {
+            std::fs::write(session_dir.join(name), b"half").unwrap();
+        }
+    }
+    let store = open(dir.path()).await;
+    let left: Vec<String> = std::fs::read_dir(&session_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["upload"]);
+    assert_eq!(
+        std::fs::read(store.upload_path(&rec.id)).unwrap(),
+        b"upload"
+    );
+}
