@@ -170,17 +170,6 @@ impl FragmentWriter {
         Ok(())
     }
 
-    /// Bytes of the frames and copies held right now, and the number of frames held without
-    /// a copy (each of which keeps its HTTP read buffer alive).
-    pub fn held(&self) -> (usize, usize) {
-        let frames = self
-            .pending
-            .iter()
-            .filter(|b| b.len() >= COPY_BELOW)
-            .count();
-        (self.pending_len, frames)
-    }
-
     /// Writes the held frames with vectored writes (a short write goes on where it stopped).
     fn write_pending(&mut self) -> Result<(), StorageError> {
         if self.pending_len == 0 {
