@@ -5,8 +5,12 @@
 //! (`<data>/sessions/<id>/upload` and `…/reply`). [`SessionStore`] ties them together and
 //! enforces the order that makes every Ack safe: bytes are written and `sync_data`'d first,
 //! then the new offset is committed to the meta store and flushed, and only then may the
-//! server acknowledge. On open, the meta store is authoritative: file bytes past the recorded
-//! length are cut off and every open session resumes where its last Ack left it.
+//! server acknowledge (an offset never becomes durable before its bytes). A plain upload is
+//! published only after its completion is durable, as a second link of its synced file. On
+//! open, the meta store is authoritative: file bytes past the recorded length are cut off
+//! (never those of a published file), fragments committed without a sync are checked against
+//! their CRC-32C, and every open session resumes where its last Ack left it. Everything the
+//! store creates is private to the server's user (directories 0700, files 0600).
 //!
 //! ```text
 //! <data>/meta/                 sled: session records, fragment index, tombstones
@@ -16,19 +20,25 @@
 //! ```
 
 mod error;
+mod fragment_writer;
+mod fs_util;
 mod meta;
+mod publish;
 mod record;
+mod recovery;
 mod reply_progress;
+mod reply_writer;
 mod session_store;
 mod sled_meta;
 
 pub use error::StorageError;
+pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
 pub use meta::{FlushTicket, MetaStore};
+pub use publish::CommitOutcome;
 pub use record::{
     now_millis, FragmentEntry, ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode,
 };
 pub use reply_progress::ByteRanges;
-pub use session_store::{
-    CommitOutcome, FragmentDurability, FragmentWriter, ReplyWriter, SessionStore, GATHER_BYTES,
-};
+pub use reply_writer::ReplyWriter;
+pub use session_store::SessionStore;
 pub use sled_meta::SledMetaStore;

@@ -38,8 +38,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Removes the entries of `id` at or past `offset` (recovery: leftovers of a fragment that
     /// was never acknowledged), without waiting for durability.
     fn remove_fragments_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError>;
-    /// The fragment index of `id`, in offset order. Entries at or past the record's
-    /// `received` are leftovers of an unacknowledged fragment (recovery removes them).
+    /// The fragment index of `id`, in offset order: one entry per fragment whose bytes were
+    /// committed without a sync (`fsync = "on-close"`), which recovery checks against the
+    /// file; a sync that covers them removes them, so a session synced per fragment has none.
+    /// Entries at or past the record's `received` are leftovers of an unacknowledged fragment
+    /// (recovery removes them).
     fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentEntry>, StorageError>;
     /// The last entry of the fragment index of `id` (recovery checks its bytes).
     fn last_fragment(&self, id: &SessionId) -> Result<Option<FragmentEntry>, StorageError> {

@@ -467,6 +467,42 @@ pub struct BitsdProcess {
     pub addr: SocketAddr,
     /// The admin listener (`None` with `--admin-listen off`).
     pub admin_addr: Option<SocketAddr>,
+    /// `bitsd` runs under a wrapper program (see [`BitsdProcess::start_wrapped`]).
+    wrapped: bool,
+}
+
+/// The `strace` binary, for tests that inject failures or delays into the real server; `None`
+/// (with the reason printed, so the skip is visible) when it is not installed or cannot trace
+/// here (no ptrace in the container, no `--seccomp-bpf`).
+pub fn strace() -> Option<PathBuf> {
+    let Some(found) = ["/usr/bin/strace", "/bin/strace", "/usr/local/bin/strace"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        println!("SKIPPED: strace is not installed (apt-get install strace)");
+        return None;
+    };
+    let works = std::process::Command::new(&found)
+        .args([
+            "-f",
+            "--seccomp-bpf",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=linkat",
+        ])
+        .args(["-e", "inject=linkat:error=EIO", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        println!("SKIPPED: strace cannot trace here (ptrace not permitted, or no --seccomp-bpf)");
+        return None;
+    }
+    Some(found)
 }
 
 impl BitsdProcess {
@@ -478,6 +514,18 @@ impl BitsdProcess {
 
     /// Like [`BitsdProcess::start`], with the process's stderr (its log) appended to `log`.
     pub fn start_logging(data_dir: &Path, extra: &[&str], log: Option<&Path>) -> Self {
+        Self::start_wrapped(&[], data_dir, extra, log)
+    }
+
+    /// Like [`BitsdProcess::start_logging`], with `bitsd` run by `wrapper` (a program and its
+    /// arguments, the `bitsd` command line appended; e.g. `strace -f -e inject=...` to inject
+    /// failures or delays into the real binary). Empty: run `bitsd` itself.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        data_dir: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> Self {
         use std::io::BufRead;
         let stderr = match log {
             Some(path) => std::process::Stdio::from(
@@ -489,7 +537,14 @@ impl BitsdProcess {
             ),
             None => std::process::Stdio::inherit(),
         };
-        let mut command = std::process::Command::new(bitsd_binary());
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args).arg(bitsd_binary());
+                c
+            }
+            None => std::process::Command::new(bitsd_binary()),
+        };
         if !extra.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
         }
@@ -533,13 +588,54 @@ impl BitsdProcess {
             child,
             addr: addr.unwrap(),
             admin_addr,
+            wrapped: !wrapper.is_empty(),
         }
     }
 
-    /// SIGKILL: no shutdown, no flush.
+    /// The process id of `bitsd` itself (the wrapper's child when it runs under one).
+    pub fn server_pid(&self) -> u32 {
+        if !self.wrapped {
+            return self.child.id();
+        }
+        self.wrapped_child().expect("bitsd runs under its wrapper")
+    }
+
+    fn wrapped_child(&self) -> Option<u32> {
+        let own = self.child.id();
+        std::fs::read_to_string(format!("/proc/{own}/task/{own}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// SIGKILL: no shutdown, no flush. Under a wrapper, `bitsd` itself is killed and the
+    /// wrapper waited for (it ends with its child).
     pub fn kill(mut self) {
+        let wrapped = self.wrapped.then(|| self.server_pid());
+        if let Some(pid) = wrapped {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+        // A wrapper may hold its dead child for a while (strace in an injected delay): it is
+        // killed too, and the server waited for until it is gone (its files closed).
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+        if let Some(pid) = wrapped {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "bitsd {pid} outlived SIGKILL"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 
     /// SIGTERM and wait; returns whether it exited successfully.
@@ -555,6 +651,12 @@ impl BitsdProcess {
 
 impl Drop for BitsdProcess {
     fn drop(&mut self) {
+        if let Some(pid) = self.wrapped.then(|| self.wrapped_child()).flatten() {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

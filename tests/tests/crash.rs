@@ -1,7 +1,9 @@
 //! Crash safety under SIGKILL: many concurrent upload-reply clients against the real binary,
 //! killed at seeded random moments and restarted on the same data directory, each client
 //! resuming as a BITS client does. Every upload and reply must come out byte-exact, no
-//! acknowledged offset may go backwards, and restarts must log no errors.
+//! acknowledged offset may go backwards, no acknowledged session may be lost, and restarts
+//! must log no errors. A second test holds the publishing link of plain uploads (strace) and
+//! kills the server inside it.
 //!
 //! Bounded by default; `BITSD_CRASH_SCALE=10` runs ten times the clients, bytes and kills,
 //! `BITSD_CRASH_SEED=n` replays one run.
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd_tests::{pattern, url_path, BitsdProcess, RawClient, RawResponse, PROTOCOL};
+use bitsd_tests::{pattern, strace, url_path, BitsdProcess, RawClient, RawResponse, PROTOCOL};
 
 struct Rng(u64);
 
@@ -254,6 +256,8 @@ async fn concurrent_clients_survive_repeated_sigkill() {
         killed >= min_kills,
         "the clients finished before the server was killed often enough ({killed})"
     );
+    // Every acknowledged Create-Session is durable: no job has to start over.
+    assert_eq!(restarts, 0, "sessions were lost across SIGKILLs");
     drop(proc);
     let log = std::fs::read_to_string(&log).unwrap_or_default();
     let scary: Vec<&str> = log
@@ -265,4 +269,104 @@ async fn concurrent_clients_survive_repeated_sigkill() {
         "restarts logged errors:\n{}",
         scary.join("\n")
     );
+}
+
+/// A crash between publishing a plain upload and recording its completion must not cut the
+/// published file. Each round runs the real binary under strace with every `linkat` (the
+/// publishing hard link) held at its exit for seconds, completes several two-fragment plain
+/// uploads at once, SIGKILLs the server as soon as every file is linked (inside the hold, long
+/// before sled's periodic flush), restarts it, and checks every published file byte for byte;
+/// the client's re-sent final fragment then gets its 200 and the file stays as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_files_survive_sigkill_right_after_the_link() {
+    let Some(strace) = strace() else {
+        return;
+    };
+    let strace = strace.to_string_lossy().into_owned();
+    let wrapper = [
+        strace.as_str(),
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=linkat",
+        "-e",
+        "inject=linkat:delay_exit=5000000",
+    ];
+    const UPLOADS: usize = 6;
+    const HALF: usize = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let log = dir.path().join("bitsd.log");
+    let files = data_dir.join("files");
+    for round in 0..3u64 {
+        let proc = BitsdProcess::start_wrapped(&wrapper, &data_dir, &[], Some(&log));
+        let mut jobs = Vec::new();
+        for i in 0..UPLOADS {
+            let path = format!("/upload/round{round}/file{i}.bin");
+            let data = pattern(2 * HALF, round * 100 + i as u64);
+            let mut c = RawClient::connect(proc.addr).await;
+            let sid = c.create_session(&path).await;
+            let res = c.fragment(&path, &sid, &data, 0, HALF).await;
+            assert_eq!(res.status, 200, "{res:?}");
+            jobs.push((path, sid, data, c));
+        }
+        // Every final fragment at once; their Acks never come (the server dies first).
+        let mut pending = Vec::new();
+        for (path, sid, data, mut c) in std::mem::take(&mut jobs) {
+            let (p, s, d) = (path.clone(), sid.clone(), data.clone());
+            pending.push(tokio::spawn(async move {
+                let range = format!("bytes {}-{}/{}", HALF, 2 * HALF - 1, 2 * HALF);
+                let req = bits_request(
+                    &p,
+                    &[
+                        ("BITS-Packet-Type", "Fragment"),
+                        ("BITS-Session-Id", &s),
+                        ("Content-Range", &range),
+                    ],
+                    &d[HALF..],
+                );
+                let _ = c.try_send(&req).await;
+            }));
+            jobs.push((path, sid, data, RawClient::connect(proc.addr).await));
+        }
+        let published = |i: usize| files.join(format!("round{round}/file{i}.bin"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(4);
+        while !(0..UPLOADS).all(|i| published(i).exists()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the uploads were not all linked in time"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Inside the held linkat: killed before any Ack and before sled's periodic flush.
+        proc.kill();
+        for p in pending {
+            let _ = p.await;
+        }
+        let proc = BitsdProcess::start_logging(&data_dir, &[], Some(&log));
+        for (i, (path, sid, data, _)) in jobs.iter().enumerate() {
+            let on_disk = std::fs::read(published(i)).unwrap();
+            assert!(
+                on_disk == *data,
+                "round {round}: published {path} has {} of {} bytes after the restart",
+                on_disk.len(),
+                data.len()
+            );
+            // The client lost its Ack and re-sends the final fragment.
+            let mut c = RawClient::connect(proc.addr).await;
+            let res = c.fragment(path, sid, data, HALF, HALF).await;
+            assert_eq!(
+                (res.status, res.header("bits-received-content-range")),
+                (200, Some("131072")),
+                "round {round}: {res:?}"
+            );
+            assert!(std::fs::read(published(i)).unwrap() == *data);
+        }
+        proc.kill();
+    }
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!log.contains("panicked"), "the server panicked:\n{log}");
 }

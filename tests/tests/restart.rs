@@ -145,3 +145,27 @@ async fn sigkill_mid_upload_then_resume_with_the_real_binary() {
     #[cfg(unix)]
     assert!(proc.terminate(), "bitsd exits 0 on SIGTERM");
 }
+
+/// A Create-Session Ack is durable: sessions created right before a SIGKILL are there after
+/// the restart, and their uploads go on (no "session not found", no new job).
+#[tokio::test]
+async fn sessions_survive_sigkill_right_after_their_create_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc = BitsdProcess::start(dir.path(), &[]);
+    let mut c = RawClient::connect(proc.addr).await;
+    let mut sids = Vec::new();
+    for i in 0..5 {
+        sids.push(c.create_session(&format!("/echo/created-{i}.bin")).await);
+    }
+    proc.kill();
+    let proc = BitsdProcess::start(dir.path(), &[]);
+    let mut c = RawClient::connect(proc.addr).await;
+    let data = pattern(1000, 34);
+    for (i, sid) in sids.iter().enumerate() {
+        let path = format!("/echo/created-{i}.bin");
+        let res = c.fragment(&path, sid, &data, 0, data.len()).await;
+        assert_eq!(res.status, 200, "session {i} was lost: {res:?}");
+        let url = url_path(res.header("bits-reply-url").unwrap());
+        assert_eq!(c.get("GET", &url, &[]).await.body, data);
+    }
+}

@@ -211,12 +211,16 @@ const WRITEBACK_EVERY: u64 = bitsd_storage::GATHER_BYTES as u64;
 /// while 1 MiB fragments gained 5–7% (README, Performance).
 const WRITEBACK_FROM: u64 = 1024 * 1024;
 
-/// How durable a fragment must be before its Ack under the fsync policy.
+/// How durable a fragment must be before its Ack under the fsync policy: per-fragment syncs
+/// every fragment's bytes before its offset is committed and flushed; on-close syncs the whole
+/// file with the completing fragment and, before that, records each fragment's CRC-32C so
+/// recovery can check the unsynced bytes; never syncs nothing.
 fn durability(policy: FsyncPolicy, completes: bool) -> FragmentDurability {
     match (policy, completes) {
         (FsyncPolicy::PerFragment, false) => FragmentDurability::Durable,
         (FsyncPolicy::PerFragment | FsyncPolicy::OnClose, true) => FragmentDurability::BytesDurable,
-        (FsyncPolicy::OnClose, false) | (FsyncPolicy::Never, _) => FragmentDurability::Deferred,
+        (FsyncPolicy::OnClose, false) => FragmentDurability::Deferred,
+        (FsyncPolicy::Never, _) => FragmentDurability::Unsynced,
     }
 }
 

@@ -1,0 +1,212 @@
+//! Recovery at open: the files are brought in line with the meta store, which is
+//! authoritative, without ever changing a file that is published.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path};
+
+use crate::fs_util::{blocking, remove_dir_all_if_exists};
+use crate::publish::commit_temp_name;
+use crate::{FragmentEntry, SessionRecord, SessionState, SessionStore, StorageError};
+
+/// Whether `file` holds `entry`'s bytes: its range is there and its CRC-32C matches.
+fn fragment_on_disk(file: &fs::File, entry: &FragmentEntry) -> Result<bool, io::Error> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; entry.len.min(1 << 20) as usize];
+    let (mut at, end, mut crc) = (entry.offset, entry.offset + entry.len, 0u32);
+    while at < end {
+        let want = ((end - at) as usize).min(buf.len());
+        let n = file.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        at += n as u64;
+    }
+    Ok(crc == entry.crc32c)
+}
+
+/// Removes the temporary files (`*.tmp`: half-written replies of the store and of reply
+/// handlers) of a session directory: whatever run made them ended with the crash.
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && entry.file_name().to_string_lossy().ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+impl SessionStore {
+    /// Brings the files in line with the meta store, which is authoritative: upload bytes past
+    /// the acknowledged offset are cut off, fragments written without a sync (`fsync =
+    /// "on-close"`) are checked against their CRC-32C, half-written replies are dropped,
+    /// files of sessions with no record and leftovers of tombstoned sessions are removed.
+    ///
+    /// A published upload (its inode also linked under the files root) is never cut: the
+    /// completion is durable before anything is published (see
+    /// [`SessionStore::commit_upload`]).
+    pub async fn recover(&self) -> Result<(), StorageError> {
+        let store = self.clone();
+        blocking(move || store.recover_blocking()).await
+    }
+
+    fn recover_blocking(&self) -> Result<(), StorageError> {
+        let records = self.meta.list()?;
+        let mut known = HashSet::new();
+        for mut record in records {
+            known.insert(record.id.simple());
+            let dir = self.session_dir(&record.id);
+            if record.state.is_terminal() {
+                remove_dir_all_if_exists(&dir)?;
+                self.meta.remove_fragments(&record.id)?;
+                continue;
+            }
+            remove_temp_files(&dir);
+            if self.recover_upload(&mut record)? | self.recover_reply(&mut record) {
+                self.meta.save_lazy(&record)?;
+            }
+        }
+        let entries = fs::read_dir(&self.sessions_dir)
+            .map_err(StorageError::io("read directory", &self.sessions_dir))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                tracing::debug!(dir = %entry.path().display(), "removing files of a session with no record");
+                let path = entry.path();
+                if path.is_dir() {
+                    remove_dir_all_if_exists(&path)?;
+                } else {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        self.meta.flush()
+    }
+
+    /// The upload file of a live session; whether `record` changed.
+    fn recover_upload(&self, record: &mut SessionRecord) -> Result<bool, StorageError> {
+        let upload = self.upload_path(&record.id);
+        let plain = |d: &String| {
+            Path::new(d)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        };
+        if let (false, Some(dest)) = (
+            record.committed,
+            record.destination.as_ref().filter(|d| plain(d)),
+        ) {
+            // The temporary name of a commit with overwrites that a crash interrupted.
+            let parent = self.files_dir.join(dest);
+            if let Some(parent) = parent.parent() {
+                let _ = fs::remove_file(parent.join(commit_temp_name(&record.id)));
+            }
+        }
+        let index = self.meta.fragments(&record.id)?;
+        let acknowledged = record.received;
+        let mut changed = false;
+        let file = match fs::OpenOptions::new().read(true).write(true).open(&upload) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StorageError::io("open upload", &upload)(e)),
+        };
+        let Some(file) = file else {
+            if record.received > 0 && !record.committed && record.state != SessionState::ReplyReady
+            {
+                tracing::warn!(session = %record.id, received = record.received, "upload file missing; session restarts at 0");
+                record.received = 0;
+                record.state = SessionState::Receiving;
+                changed = true;
+            }
+            if !index.is_empty() {
+                self.meta.remove_fragments(&record.id)?;
+            }
+            return Ok(changed);
+        };
+        let stat = file
+            .metadata()
+            .map_err(StorageError::io("stat upload", &upload))?;
+        // A second name: the upload is published under the files root.
+        let published = stat.nlink() > 1;
+        if record.state == SessionState::Receiving && !record.committed && !published {
+            // Fragments written without a sync (their index entries are removed once their
+            // bytes are synced): keep the offset only up to the first one whose bytes are
+            // not all there, as after an operating-system crash.
+            for entry in index.iter().filter(|e| e.offset < record.received) {
+                if !fragment_on_disk(&file, entry)
+                    .map_err(StorageError::io("read upload", &upload))?
+                {
+                    tracing::warn!(session = %record.id, offset = entry.offset, len = entry.len, "fragment written without a sync is not on disk; the session resumes before it");
+                    record.received = entry.offset;
+                    changed = true;
+                    break;
+                }
+            }
+        }
+        let len = stat.len();
+        if len > record.received && published {
+            // Published before its completion was durable (a release before the commit order
+            // was fixed): its bytes were synced before the link, so it is whole if it has the
+            // upload's size. It is never cut.
+            if record.total == Some(len) && record.state == SessionState::Receiving {
+                tracing::warn!(session = %record.id, len, "published upload found complete; the session resumes as complete");
+                record.received = len;
+                record.state = SessionState::Complete;
+            } else {
+                tracing::warn!(session = %record.id, len, received = record.received, "upload file is published but the session is not complete; the session restarts at 0 with a new file");
+                fs::remove_file(&upload).map_err(StorageError::io("unlink upload", &upload))?;
+                record.received = 0;
+                record.state = SessionState::Receiving;
+            }
+            changed = true;
+        } else if len > record.received {
+            file.set_len(record.received)
+                .map_err(StorageError::io("truncate", &upload))?;
+            tracing::debug!(session = %record.id, len, received = record.received, "cut unacknowledged upload bytes");
+        } else if len < record.received && !record.committed {
+            tracing::warn!(session = %record.id, len, received = record.received, "upload file shorter than acknowledged; resuming from the file length");
+            record.received = len;
+            if record.state == SessionState::Complete {
+                record.state = SessionState::Receiving;
+            }
+            changed = true;
+        }
+        if !index.is_empty() {
+            // What is kept is synced now, so the entries are not needed any more.
+            file.sync_all()
+                .map_err(StorageError::io("fsync", &upload))?;
+            if changed {
+                // The new offset before the entries go: a crash in between checks again.
+                self.meta.save_lazy(record)?;
+            }
+            self.meta.remove_fragments(&record.id)?;
+        } else if record.received < acknowledged || len > record.received {
+            file.sync_all()
+                .map_err(StorageError::io("fsync", &upload))?;
+        }
+        Ok(changed)
+    }
+
+    /// A stored reply that is missing or has the wrong size is produced again.
+    fn recover_reply(&self, record: &mut SessionRecord) -> bool {
+        let Some(reply) = &record.reply else {
+            return false;
+        };
+        let Some(len) = reply.len() else {
+            return false;
+        };
+        let path = self.reply_file(&record.id, &reply.kind);
+        if fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+            return false;
+        }
+        tracing::warn!(session = %record.id, "reply file missing or wrong size; the reply will be produced again");
+        record.reply = None;
+        record.state = SessionState::Complete;
+        true
+    }
+}

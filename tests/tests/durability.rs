@@ -1,0 +1,217 @@
+//! Durability and resource promises of the real binary, with failures injected by strace
+//! where the kernel would have to fail: a failed sync acknowledges nothing, new parent
+//! directories of a published file are synced, everything on disk is private, and a body
+//! trickled in one byte at a time does not pin memory per byte.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bitsd_tests::{pattern, strace, BitsdProcess, RawClient};
+use tokio::io::AsyncWriteExt;
+
+/// strace as a wrapper of the real binary, with `args` after `-f --seccomp-bpf -qq`.
+fn wrapper(strace: &str, args: &[&str]) -> Vec<String> {
+    let mut w: Vec<String> = [strace, "-f", "--seccomp-bpf", "-qq"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    w.extend(args.iter().map(|s| s.to_string()));
+    w
+}
+
+/// Every `fdatasync` fails with EIO (the upload's `sync_data`; sled and directories use
+/// `fsync`). The fragment gets a 500, and so must the client's re-send of the same range:
+/// its bytes never became durable, so the server may not answer that it holds them. After a
+/// restart without the fault the upload goes on from what is really held and comes out exact.
+#[tokio::test]
+async fn a_failed_sync_acknowledges_nothing() {
+    let Some(strace) = strace() else {
+        return;
+    };
+    let w = wrapper(
+        &strace.to_string_lossy(),
+        &[
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:error=EIO",
+        ],
+    );
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("bitsd.log");
+    let proc = BitsdProcess::start_wrapped(&w, dir.path(), &[], Some(&log));
+    let data = pattern(128 * 1024, 41);
+    let path = "/upload/eio.bin";
+    let mut c = RawClient::connect(proc.addr).await;
+    let sid = c.create_session(path).await;
+    let first = c.fragment(path, &sid, &data, 0, 65536).await;
+    first.assert_ack();
+    assert_eq!(first.status, 500, "{first:?}");
+    let again = c.fragment(path, &sid, &data, 0, 65536).await;
+    assert_ne!(
+        (again.status, again.header("bits-received-content-range")),
+        (200, Some("65536")),
+        "bytes whose sync failed were acknowledged as held: {again:?}"
+    );
+    assert_eq!(again.status, 500, "{again:?}");
+    proc.kill();
+
+    let proc = BitsdProcess::start_logging(dir.path(), &[], Some(&log));
+    let mut c = RawClient::connect(proc.addr).await;
+    let res = c.fragment(path, &sid, &data, 0, 65536).await;
+    assert_eq!(
+        (res.status, res.header("bits-received-content-range")),
+        (200, Some("65536")),
+        "{res:?}"
+    );
+    let fin = c.fragment(path, &sid, &data, 65536, 65536).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    assert!(std::fs::read(dir.path().join("files/eio.bin")).unwrap() == data);
+}
+
+/// A plain upload into directories that do not exist yet: each new directory is made and its
+/// entry fsynced in its parent (the files root, then each new level), so the published file's
+/// whole path survives a crash, not only its last link.
+#[tokio::test]
+async fn new_parent_directories_of_a_published_file_are_synced() {
+    let Some(strace) = strace() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let trace = dir.path().join("fsync.trace");
+    let w = wrapper(
+        &strace.to_string_lossy(),
+        &["-y", "-o", trace.to_str().unwrap(), "-e", "trace=fsync"],
+    );
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    let proc = BitsdProcess::start_wrapped(&w, &data_dir, &[], None);
+    let data = pattern(5000, 42);
+    let mut c = RawClient::connect(proc.addr).await;
+    let (_, fin) = c.upload("/upload/new/deeper/file.bin", &data, 5000).await;
+    assert_eq!(fin.status, 200);
+    proc.kill();
+    let files = data_dir.join("files").canonicalize().unwrap();
+    assert!(std::fs::read(files.join("new/deeper/file.bin")).unwrap() == data);
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    for synced in [files.clone(), files.join("new"), files.join("new/deeper")] {
+        let needle = format!("<{}>)", synced.display());
+        assert!(
+            trace
+                .lines()
+                .any(|l| l.contains("fsync(") && l.contains(&needle)),
+            "no fsync of {} (the entry of a new directory in it):\n{trace}",
+            synced.display()
+        );
+    }
+}
+
+/// Every directory and file under a data directory the server created is private to its
+/// user: sled's database, session uploads and replies, published files and their parents.
+#[tokio::test]
+async fn the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    fn check(path: &std::path::Path, bad: &mut Vec<String>) {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bad.push(format!("{} {mode:o}", path.display()));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                check(&entry.unwrap().path(), bad);
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let proc = BitsdProcess::start(&data_dir, &[]);
+    let data = pattern(70_000, 43);
+    let mut c = RawClient::connect(proc.addr).await;
+    c.upload("/upload/sub/dir/plain.bin", &data, 30_000).await;
+    let (_, fin) = c.upload("/echo/reply.bin", &data, 30_000).await;
+    assert!(fin.header("bits-reply-url").is_some());
+    // A session in the middle of its upload.
+    let sid = c.create_session("/echo/partial.bin").await;
+    assert_eq!(
+        c.fragment("/echo/partial.bin", &sid, &data, 0, 1000)
+            .await
+            .status,
+        200
+    );
+    assert!(proc.terminate());
+    let mut bad = Vec::new();
+    check(&data_dir, &mut bad);
+    assert!(bad.is_empty(), "open to other users:\n{}", bad.join("\n"));
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// 200 connections send a fragment body one byte at a time (each byte its own TCP segment,
+/// so its own body frame). While they are half way through, the server's resident memory may
+/// not have grown by anything like a read buffer per byte (200 × 60 frames of at least 4 KiB
+/// each would be 48 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_byte_by_byte_does_not_pin_a_buffer_per_byte() {
+    const CONNS: usize = 200;
+    const SENT: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let proc = BitsdProcess::start(dir.path(), &[]);
+    let addr = proc.addr;
+    let mut conns = Vec::new();
+    for i in 0..CONNS {
+        let mut c = RawClient::connect(addr).await;
+        let path = format!("/echo/trickle-{i}.bin");
+        let sid = c.create_session(&path).await;
+        conns.push((c, path, sid));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss(proc.server_pid());
+    let data = pattern(100, 44);
+    let mut tasks = Vec::new();
+    for (c, path, sid) in conns {
+        let data = data.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            drop(c);
+            stream.set_nodelay(true).unwrap();
+            let head = format!(
+                "BITS_POST {path} HTTP/1.1\r\nHost: t\r\nBITS-Packet-Type: Fragment\r\n\
+                 BITS-Session-Id: {sid}\r\nContent-Range: bytes 0-99/200\r\n\
+                 Content-Length: 100\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            for b in &data[..SENT] {
+                stream.write_all(&[*b]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            stream
+        }));
+    }
+    let mut streams = Vec::new();
+    for t in tasks {
+        streams.push(t.await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = rss(proc.server_pid());
+    let grown = after.saturating_sub(before);
+    println!("RSS {before} -> {after} bytes ({grown} grown) for {CONNS} x {SENT} one-byte frames");
+    assert!(
+        grown < 16 << 20,
+        "resident memory grew by {grown} bytes for {} body bytes",
+        CONNS * SENT
+    );
+    drop(streams);
+}
