@@ -28,8 +28,40 @@ pub(crate) struct Http {
     tls: Option<tokio_rustls::TlsConnector>,
     connect_timeout: Duration,
     request_timeout: Duration,
-    authorization: Option<HeaderValue>,
+    auth: Auth,
     user_agent: HeaderValue,
+}
+
+/// When `Authorization` is sent (§ Windows BITS behaviour: never pre-emptively).
+///
+/// The credentials belong to the origin (scheme, host, port) the user named, plus any `https`
+/// Host-Id node that origin redirected the job to. They are sent only after that origin has
+/// answered a request with 401, and never to another origin (a reply URL on a CDN, a plain
+/// `http` Host-Id node, a redirect target).
+#[derive(Default)]
+struct Auth {
+    /// `Basic ...`.
+    value: Option<HeaderValue>,
+    /// Authority keys ([`Target::authority_key`]) that may receive the credentials.
+    origins: Vec<String>,
+    /// Authority keys that have challenged with 401: from then on the credentials go with
+    /// every request to them.
+    challenged: Vec<String>,
+}
+
+impl Auth {
+    fn may_send(&self, target: &Target) -> bool {
+        self.value.is_some() && self.origins.contains(&target.authority_key())
+    }
+
+    fn header_for(&self, target: &Target) -> Option<&HeaderValue> {
+        let key = target.authority_key();
+        if self.may_send(target) && self.challenged.contains(&key) {
+            self.value.as_ref()
+        } else {
+            None
+        }
+    }
 }
 
 /// HTTP/1.1 over any connection; the connection task runs on its own.
@@ -145,8 +177,28 @@ impl Http {
             tls,
             connect_timeout,
             request_timeout,
-            authorization,
+            auth: Auth {
+                value: authorization,
+                ..Auth::default()
+            },
             user_agent,
+        }
+    }
+
+    /// The origin the user named: the only one that receives the credentials (after a 401).
+    pub(crate) fn set_origin(&mut self, target: &Target) {
+        self.auth.origins = vec![target.authority_key()];
+        self.auth.challenged.clear();
+    }
+
+    /// A Host-Id node the origin redirected the job to: it may receive the credentials too, if
+    /// the connection to it is `https` (never in clear text to a host the user did not name).
+    pub(crate) fn trust_redirect(&mut self, target: &Target) {
+        if target.is_tls() {
+            let key = target.authority_key();
+            if !self.auth.origins.contains(&key) {
+                self.auth.origins.push(key);
+            }
         }
     }
 
@@ -209,6 +261,60 @@ impl Http {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response<Incoming>, ClientError> {
+        let sent_auth = self.auth.header_for(target).is_some();
+        let resp = self
+            .send_once(
+                request,
+                method.clone(),
+                target,
+                headers.clone(),
+                body.clone(),
+            )
+            .await?;
+        if resp.status() != http::StatusCode::UNAUTHORIZED
+            || sent_auth
+            || !self.auth.may_send(target)
+        {
+            return Ok(resp);
+        }
+        // The origin asks for credentials: send them, this time and from now on.
+        self.auth.challenged.push(target.authority_key());
+        self.discard(resp).await;
+        self.send_once(request, method, target, headers, body).await
+    }
+
+    /// Reads and drops a response body (up to [`MAX_DISCARD`]) so the connection can be reused.
+    async fn discard(&mut self, resp: Response<Incoming>) {
+        let mut body = resp.into_body();
+        let drained = tokio::time::timeout(self.request_timeout, async {
+            let mut seen = 0usize;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        seen += f.data_ref().map_or(0, |d| d.len());
+                        if seen > MAX_DISCARD {
+                            return false;
+                        }
+                    }
+                    Err(_) => return false,
+                }
+            }
+            true
+        })
+        .await;
+        if !matches!(drained, Ok(true)) {
+            self.conn = None;
+        }
+    }
+
+    async fn send_once(
+        &mut self,
+        request: Request,
+        method: Method,
+        target: &Target,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ClientError> {
         let url = target.to_string();
         let timeout = self.request_timeout;
         match tokio::time::timeout(
@@ -258,7 +364,7 @@ impl Http {
                 })?,
             );
             h.insert(USER_AGENT, self.user_agent.clone());
-            if let Some(auth) = &self.authorization {
+            if let Some(auth) = self.auth.header_for(target) {
                 h.insert(http::header::AUTHORIZATION, auth.clone());
             }
             h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));

@@ -653,7 +653,14 @@ async fn reply_resumes_after_dropped_connections() {
 #[tokio::test]
 async fn basic_auth_and_ping_first() {
     bounded(async {
-        let s = setup(Script::default(), 10).await;
+        let s = setup(
+            Script {
+                require_auth: true,
+                ..Script::default()
+            },
+            10,
+        )
+        .await;
         let (b, _) = quick_uploader();
         b.credentials("user", "secret")
             .ping_first(true)
@@ -662,10 +669,14 @@ async fn basic_auth_and_ping_first() {
             .await
             .unwrap();
         let log = s.fake.log();
-        assert_eq!(log[0].packet, "Ping");
-        assert_eq!(log[1].packet, "Create-Session");
+        // Never pre-emptively: the first Ping goes without credentials, gets 401, and is
+        // re-sent with them; every later packet carries them.
+        assert_eq!((log[0].packet.as_str(), log[0].status), ("Ping", 401));
+        assert_eq!(log[0].authorization, "");
+        assert_eq!((log[1].packet.as_str(), log[1].status), ("Ping", 200));
+        assert_eq!(log[2].packet, "Create-Session");
         // base64("user:secret")
-        assert!(log
+        assert!(log[1..]
             .iter()
             .all(|e| e.authorization == "Basic dXNlcjpzZWNyZXQ="));
     })

@@ -118,7 +118,10 @@ impl BitsUploaderBuilder {
         self
     }
 
-    /// HTTP Basic credentials, sent with every request (packets and reply download).
+    /// HTTP Basic credentials. Like Windows BITS, the client never sends them pre-emptively:
+    /// only after the origin the job names (scheme, host, port) answers 401, and then only to
+    /// that origin and to `https` Host-Id nodes it redirects to; never to a reply URL on
+    /// another host or over plain `http` to a host the user did not name.
     pub fn credentials(mut self, user: &str, password: &str) -> Self {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         self.cfg.authorization = HeaderValue::from_str(&format!("Basic {token}")).ok();
@@ -293,6 +296,7 @@ impl BitsUploader {
     ) -> Result<(), ClientError> {
         let target = Target::parse(url)?;
         let mut run = Run::new(self.cfg.clone(), CancellationToken::new());
+        run.http.set_origin(&target);
         let mut session = Session::new(String::new(), target);
         session.id_header =
             HeaderValue::from_str(session_id).map_err(|_| ClientError::InvalidUrl {

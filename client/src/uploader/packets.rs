@@ -230,6 +230,7 @@ impl Run {
                 url: target.to_string(),
                 fallback_timeout: fallback,
             });
+            self.http.trust_redirect(&target);
             session.target = target;
             session.needs_ping = true;
             session.host_id = Some(HostId {

@@ -40,6 +40,7 @@ impl Run {
             cancel: _,
         } = job;
         let original = Target::parse(&url)?;
+        self.http.set_origin(&original);
         let io = |source: std::io::Error| ClientError::LocalFile {
             path: path.clone(),
             source,

@@ -135,6 +135,19 @@ pub struct Script {
     pub serve: Serve,
     /// Drop the reply GET after this many body bytes, this many times.
     pub drop_reply_after: Option<(usize, usize)>,
+    /// Listener 0 answers every request without `Authorization` with 401 and a Basic challenge.
+    pub require_auth: bool,
+    /// Reply URLs name this authority (`host:port`) instead of the request's `Host`.
+    pub reply_host: Option<String>,
+    /// The final Ack carries the reply URL as IIS writes it: relative, with backslashes,
+    /// `BITS-Sessions\Replies\{GUID}\responsefile.bin`.
+    pub iis_relative_reply: bool,
+    /// Wait this long before answering each Fragment.
+    pub fragment_delay: Option<Duration>,
+    /// After the first dropped reply GET the reply changes (new bytes, new Last-Modified).
+    pub reply_changes_after_drop: bool,
+    /// Answer Create-Session 403 E_ACCESSDENIED with this text as the body.
+    pub forbid_create: Option<String>,
 }
 
 /// One request, as the scripted server saw it.
@@ -143,6 +156,8 @@ pub struct Entry {
     /// Which listener (0 = the first, the farm name).
     pub listener: usize,
     pub method: String,
+    /// The request path.
+    pub path: String,
     pub packet: String,
     pub session: String,
     /// Content-Range of a Fragment, Range of a GET.
@@ -165,6 +180,7 @@ struct State {
     creates: usize,
     fragments: usize,
     reply_drops: usize,
+    reply_version: u32,
     log: Vec<Entry>,
 }
 
@@ -218,6 +234,7 @@ impl Fake {
                 creates: 0,
                 fragments: 0,
                 reply_drops: 0,
+                reply_version: 0,
                 log: Vec::new(),
             })),
         }
@@ -298,13 +315,29 @@ impl Fake {
         let packet = hdr("bits-packet-type");
         let sid = hdr("bits-session-id");
         let host = hdr("host");
+        let delay = self.state.lock().unwrap().script.fragment_delay;
+        if let Some(d) = delay.filter(|_| packet.eq_ignore_ascii_case("fragment")) {
+            tokio::time::sleep(d).await;
+        }
         let range = if parts.method == http::Method::GET {
             hdr("range")
         } else {
             hdr("content-range")
         };
         let mut st = self.state.lock().unwrap();
-        let outcome = if parts.method.as_str() == "BITS_POST" {
+        let outcome = if listener == 0
+            && st.script.require_auth
+            && parts.headers.get("authorization").is_none()
+        {
+            Outcome::Respond(
+                Response::builder()
+                    .status(401)
+                    .header("WWW-Authenticate", "Basic realm=\"fake\"")
+                    .header("Content-Length", "12")
+                    .body(full("unauthorized"))
+                    .unwrap(),
+            )
+        } else if parts.method.as_str() == "BITS_POST" {
             st.bits_post(listener, &packet, &sid, &host, &range, &hdr, &body)
         } else {
             st.reply(&parts.method, parts.uri.path(), &hdr("range"))
@@ -316,6 +349,7 @@ impl Fake {
         st.log.push(Entry {
             listener,
             method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
             packet,
             session: sid,
             range,
@@ -350,6 +384,16 @@ impl State {
         let resp = match packet.to_ascii_lowercase().as_str() {
             "ping" => ack(200).body(full(Bytes::new())).unwrap(),
             "create-session" => {
+                if let Some(why) = self.script.forbid_create.clone() {
+                    let resp = ack(403)
+                        .header("BITS-Error-Code", "0x80070005")
+                        .header("BITS-Error-Context", "0x5")
+                        .header("Content-Type", "text/plain; charset=utf-8")
+                        .header("Content-Length", why.len().to_string())
+                        .body(full(why))
+                        .unwrap();
+                    return Outcome::Respond(resp);
+                }
                 let offered = hdr("bits-supported-protocols");
                 self.creates += 1;
                 let id = format!("{{fake-session-{}}}", self.next_id);
@@ -438,7 +482,14 @@ impl State {
                     let data = sess.data.clone();
                     self.replies.insert(sid.to_owned(), data);
                     let key = sid.trim_matches(|c| c == '{' || c == '}').to_owned();
-                    b = b.header("BITS-Reply-URL", format!("http://{host}/reply/{key}"));
+                    let url = if script.iis_relative_reply {
+                        format!("BITS-Sessions\\Replies\\{{{key}}}\\responsefile.bin")
+                    } else {
+                        let authority =
+                            script.reply_host.clone().unwrap_or_else(|| host.to_owned());
+                        format!("http://{authority}/reply/{key}")
+                    };
+                    b = b.header("BITS-Reply-URL", url);
                 }
                 b.body(full(Bytes::new())).unwrap()
             }
@@ -463,8 +514,16 @@ impl State {
     }
 
     fn reply(&mut self, method: &http::Method, path: &str, range: &str) -> Outcome {
-        let key = path.trim_start_matches("/reply/");
-        let Some(data) = self.replies.get(&format!("{{{key}}}")).cloned() else {
+        let key = match path.split_once("/BITS-Sessions/Replies/") {
+            // The IIS form: /dir/BITS-Sessions/Replies/%7BGUID%7D/responsefile.bin.
+            Some((_, rest)) => rest
+                .strip_suffix("/responsefile.bin")
+                .unwrap_or("")
+                .replace("%7B", "")
+                .replace("%7D", ""),
+            None => path.trim_start_matches("/reply/").to_owned(),
+        };
+        let Some(mut data) = self.replies.get(&format!("{{{key}}}")).cloned() else {
             return Outcome::Respond(
                 Response::builder()
                     .status(404)
@@ -472,6 +531,9 @@ impl State {
                     .unwrap(),
             );
         };
+        if self.reply_version > 0 {
+            data.reverse();
+        }
         let n = data.len();
         let head = *method == http::Method::HEAD;
         match self.script.serve {
@@ -492,6 +554,7 @@ impl State {
                     .status(200)
                     .header("Content-Length", n.to_string())
                     .header("Accept-Ranges", "bytes")
+                    .header("Last-Modified", self.last_modified())
                     .body(full(Bytes::new()))
                     .unwrap(),
             );
@@ -523,6 +586,10 @@ impl State {
         Outcome::Respond(self.body_response(206, Some(cr), part, len))
     }
 
+    fn last_modified(&self) -> String {
+        format!("Wed, 02 Dec 2026 10:00:{:02} GMT", self.reply_version % 60)
+    }
+
     fn body_response(
         &mut self,
         status: u16,
@@ -533,13 +600,17 @@ impl State {
         let mut b = Response::builder()
             .status(status)
             .header("Content-Length", len.to_string())
-            .header("Accept-Ranges", "bytes");
+            .header("Accept-Ranges", "bytes")
+            .header("Last-Modified", self.last_modified());
         if let Some(cr) = content_range {
             b = b.header("Content-Range", cr);
         }
         let body = match self.script.drop_reply_after {
             Some((after, times)) if self.reply_drops < times && after < data.len() => {
                 self.reply_drops += 1;
+                if self.script.reply_changes_after_drop {
+                    self.reply_version += 1;
+                }
                 // Send the first bytes, give them time to reach the client, then break the
                 // connection.
                 let first = Bytes::copy_from_slice(&data[..after]);
