@@ -59,5 +59,6 @@ pub use progress::{
 };
 pub use uploader::{
     BitsUploader, BitsUploaderBuilder, CancelHandle, ReplyDestination, ReplyMode, ReplyOutcome,
-    RetryPolicy, UploadJob, UploadOutcome, DEFAULT_FRAGMENT_SIZE,
+    ResumeFrom, RetryPolicy, UploadJob, UploadOutcome, DEFAULT_FRAGMENT_SIZE,
+    DEFAULT_MAX_MEMORY_REPLY,
 };

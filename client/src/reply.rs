@@ -16,37 +16,58 @@ use crate::uploader::{with_cancel, ReplyDestination, ReplyOutcome, Run};
 
 enum Sink {
     File {
-        tmp: PathBuf,
+        /// The temporary file, created exclusively (random name, `O_EXCL`, never through a
+        /// link) beside the destination; removed when dropped unless persisted.
+        tmp: tempfile::TempPath,
         path: PathBuf,
         file: tokio::fs::File,
+        overwrite: bool,
     },
-    Memory(BytesMut),
+    Memory {
+        buf: BytesMut,
+        cap: u64,
+    },
     Writer(Box<dyn AsyncWrite + Send + Unpin>),
 }
 
 impl Sink {
-    async fn open(dest: ReplyDestination) -> Result<Sink, ClientError> {
+    async fn open(dest: ReplyDestination, overwrite: bool, cap: u64) -> Result<Sink, ClientError> {
         Ok(match dest {
             ReplyDestination::File(path) => {
-                let mut name = path.file_name().unwrap_or_default().to_os_string();
-                name.push(".part");
-                let tmp = path.with_file_name(name);
-                let file = tokio::fs::File::create(&tmp).await.map_err(|source| {
-                    ClientError::LocalFile {
-                        path: tmp.clone(),
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+                    _ => PathBuf::from("."),
+                };
+                let mut prefix = std::ffi::OsString::from(".");
+                prefix.push(path.file_name().unwrap_or_default());
+                prefix.push(".");
+                let named = tempfile::Builder::new()
+                    .prefix(&prefix)
+                    .suffix(".part")
+                    .tempfile_in(&dir)
+                    .map_err(|source| ClientError::LocalFile {
+                        path: dir.clone(),
                         source,
-                    }
-                })?;
-                Sink::File { tmp, path, file }
+                    })?;
+                let (file, tmp) = named.into_parts();
+                Sink::File {
+                    tmp,
+                    path,
+                    file: tokio::fs::File::from_std(file),
+                    overwrite,
+                }
             }
-            ReplyDestination::Memory => Sink::Memory(BytesMut::new()),
+            ReplyDestination::Memory => Sink::Memory {
+                buf: BytesMut::new(),
+                cap,
+            },
             ReplyDestination::Writer(w) => Sink::Writer(w),
         })
     }
 
     fn path(&self) -> PathBuf {
         match self {
-            Sink::File { tmp, .. } => tmp.clone(),
+            Sink::File { tmp, .. } => tmp.to_path_buf(),
             _ => PathBuf::from("<reply output>"),
         }
     }
@@ -54,7 +75,10 @@ impl Sink {
     async fn write(&mut self, data: &[u8]) -> Result<(), ClientError> {
         let r = match self {
             Sink::File { file, .. } => file.write_all(data).await,
-            Sink::Memory(buf) => {
+            Sink::Memory { buf, cap } => {
+                if buf.len() as u64 + data.len() as u64 > *cap {
+                    return Err(memory_cap(*cap, buf.len() as u64 + data.len() as u64));
+                }
                 buf.extend_from_slice(data);
                 Ok(())
             }
@@ -72,23 +96,45 @@ impl Sink {
                 tmp,
                 path,
                 mut file,
+                overwrite,
             } => {
                 let io = |source| ClientError::LocalFile {
-                    path: tmp.clone(),
+                    path: tmp.to_path_buf(),
                     source,
                 };
                 file.flush().await.map_err(io)?;
                 file.sync_all().await.map_err(io)?;
                 drop(file);
-                tokio::fs::rename(&tmp, &path)
-                    .await
-                    .map_err(|source| ClientError::LocalFile {
+                let dest = path.clone();
+                let persisted = tokio::task::spawn_blocking(move || {
+                    if overwrite {
+                        tmp.persist(&dest)
+                    } else {
+                        tmp.persist_noclobber(&dest)
+                    }
+                })
+                .await
+                .map_err(|e| ClientError::LocalFile {
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                persisted.map_err(|e| {
+                    let source = if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                        std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "the reply file appeared during the download; remove it or pass --force to replace it",
+                        )
+                    } else {
+                        e.error
+                    };
+                    ClientError::LocalFile {
                         path: path.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 Ok((None, Some(path)))
             }
-            Sink::Memory(buf) => Ok((Some(buf.freeze()), None)),
+            Sink::Memory { buf, .. } => Ok((Some(buf.freeze()), None)),
             Sink::Writer(mut w) => {
                 w.flush().await.map_err(|source| ClientError::LocalFile {
                     path: PathBuf::from("<reply output>"),
@@ -102,9 +148,22 @@ impl Sink {
     async fn abandon(self) {
         if let Sink::File { tmp, file, .. } = self {
             drop(file);
-            let _ = tokio::fs::remove_file(&tmp).await;
+            let _ = tokio::task::spawn_blocking(move || tmp.close()).await;
         }
     }
+}
+
+fn memory_cap(cap: u64, size: u64) -> ClientError {
+    BitsFailure::fatal(
+        hresult::BG_E_TOO_LARGE,
+        ErrorContext::LocalFile,
+        Some(Request::ReplyGet),
+    )
+    .with_detail(format!(
+        "the reply ({size} bytes) is larger than the in-memory limit of {cap} bytes; \
+         download it to a file instead"
+    ))
+    .into()
 }
 
 fn range_error(request: Request, status: u16, detail: impl Into<String>) -> ClientError {
@@ -362,6 +421,7 @@ pub(crate) async fn download(
     base: &Target,
     url: &str,
     dest: ReplyDestination,
+    overwrite: bool,
 ) -> Result<ReplyOutcome, ClientError> {
     let target = base.resolve(url)?;
     let token = run.cancel_token();
@@ -380,7 +440,10 @@ pub(crate) async fn download(
         url: target.to_string(),
         size,
     });
-    let mut sink = Sink::open(dest).await?;
+    if matches!(dest, ReplyDestination::Memory) && size > run.cfg.max_memory_reply {
+        return Err(memory_cap(run.cfg.max_memory_reply, size));
+    }
+    let mut sink = Sink::open(dest, overwrite, run.cfg.max_memory_reply).await?;
     let result = fetch(run, &target, &mut sink, size).await;
     match result {
         Ok(()) => {

@@ -85,7 +85,100 @@ async fn no_credentials_without_a_challenge() {
     .await;
 }
 
-#[allow(dead_code)]
-fn _uses(_: ClientError) -> bitsd_client::HResult {
-    hresult::E_FAIL
+async fn echo_setup(size: usize) -> (Fake, String, tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let fake = Fake::new(Script {
+        echo: true,
+        ..Script::default()
+    });
+    let addr = fake.listen("127.0.0.1:0", 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(size, 9);
+    let file = write_temp(dir.path(), "q.bin", &data);
+    (fake, format!("http://{addr}/echo/q.bin"), dir, file, data)
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn reply_file_is_never_written_through_a_planted_link() {
+    bounded(async {
+        let (_fake, url, dir, file, data) = echo_setup(20_000).await;
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let out = dir.path().join("out");
+        std::os::unix::fs::symlink(&victim, dir.path().join("out.part")).unwrap();
+        let (b, _) = quick_uploader();
+        b.build()
+            .upload_reply(&url, &file, ReplyDestination::File(out.clone()))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(&out)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".part") && n != "out.part")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn existing_reply_file_is_replaced_only_when_asked() {
+    bounded(async {
+        let (fake, url, dir, file, data) = echo_setup(3000).await;
+        let out = dir.path().join("out");
+        std::fs::write(&out, b"old reply").unwrap();
+        let (b, _) = quick_uploader();
+        let up = b.build();
+        let err = up
+            .run(
+                bitsd_client::UploadJob::new(&url, &file)
+                    .reply_to(ReplyDestination::File(out.clone())),
+            )
+            .await
+            .unwrap_err();
+        match &err {
+            ClientError::LocalFile { path, source } => {
+                assert_eq!(path, &out);
+                assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists);
+                assert!(err.to_string().contains("--force"), "{err}");
+            }
+            e => panic!("unexpected {e}"),
+        }
+        // Refused before anything was uploaded.
+        assert!(fake.log().is_empty());
+        assert_eq!(std::fs::read(&out).unwrap(), b"old reply");
+        up.run(
+            bitsd_client::UploadJob::new(&url, &file)
+                .reply_to(ReplyDestination::File(out.clone()))
+                .overwrite_reply(true),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn memory_reply_is_capped() {
+    bounded(async {
+        let (fake, url, _dir, file, _data) = echo_setup(5000).await;
+        let (b, _) = quick_uploader();
+        let err = b
+            .max_memory_reply(1000)
+            .build()
+            .upload_reply(&url, &file, ReplyDestination::Memory)
+            .await
+            .unwrap_err();
+        assert_eq!(err.hresult(), Some(hresult::BG_E_TOO_LARGE), "{err}");
+        assert!(fake.log().iter().all(|e| e.method != "GET"));
+    })
+    .await;
 }

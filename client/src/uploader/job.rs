@@ -43,7 +43,9 @@ impl Default for RetryPolicy {
 
 /// Where the reply of an upload-reply job goes.
 pub enum ReplyDestination {
-    /// A file, written as `<path>.part` and renamed into place when complete.
+    /// A file, written to a temporary file created exclusively beside it (`.<name>.XXXXXX.part`,
+    /// never through a planted link) and renamed into place when complete. An existing file is
+    /// not replaced unless the job allows it ([`UploadJob::overwrite_reply`]).
     File(PathBuf),
     /// Memory: returned in [`ReplyOutcome::bytes`].
     Memory,
@@ -102,6 +104,18 @@ pub struct UploadJob {
     pub(crate) file: PathBuf,
     pub(crate) reply: ReplyMode,
     pub(crate) cancel: CancelHandle,
+    pub(crate) overwrite_reply: bool,
+    pub(crate) resume: Option<ResumeFrom>,
+}
+
+/// A session to continue instead of creating a new one (a job suspended earlier, perhaps by
+/// another process): the server's answer to the first Fragment says where to go on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumeFrom {
+    /// The `BITS-Session-Id` the server gave the suspended job.
+    pub session_id: String,
+    /// The offset the server had acknowledged; the first Fragment starts here.
+    pub offset: u64,
 }
 
 impl UploadJob {
@@ -112,6 +126,8 @@ impl UploadJob {
             file: file.into(),
             reply: ReplyMode::None,
             cancel: CancelHandle::new(),
+            overwrite_reply: false,
+            resume: None,
         }
     }
 
@@ -124,6 +140,20 @@ impl UploadJob {
     /// Downloads a reply to `dest` only if the server offers one.
     pub fn reply_if_offered(mut self, dest: ReplyDestination) -> Self {
         self.reply = ReplyMode::IfOffered(dest);
+        self
+    }
+
+    /// Whether a [`ReplyDestination::File`] that already exists may be replaced (default: no,
+    /// the job fails before it starts uploading).
+    pub fn overwrite_reply(mut self, overwrite: bool) -> Self {
+        self.overwrite_reply = overwrite;
+        self
+    }
+
+    /// Continues this session instead of creating a new one. If the server no longer knows it
+    /// (`BG_E_SESSION_NOT_FOUND`), the job starts over with a new session, as Windows does.
+    pub fn resume(mut self, from: ResumeFrom) -> Self {
+        self.resume = Some(from);
         self
     }
 

@@ -15,7 +15,8 @@ mod session;
 mod state_machine;
 
 pub use job::{
-    CancelHandle, ReplyDestination, ReplyMode, ReplyOutcome, RetryPolicy, UploadJob, UploadOutcome,
+    CancelHandle, ReplyDestination, ReplyMode, ReplyOutcome, ResumeFrom, RetryPolicy, UploadJob,
+    UploadOutcome,
 };
 pub(crate) use retry::{with_cancel, Run};
 use session::Session;
@@ -43,6 +44,7 @@ pub(crate) struct Config {
     pub(crate) ping_first: bool,
     pub(crate) cancel_on_error: bool,
     pub(crate) reply_chunk_size: Option<u64>,
+    pub(crate) max_memory_reply: u64,
     pub(crate) observer: Option<Arc<dyn ProgressObserver>>,
     pub(crate) tls_insecure: bool,
     pub(crate) tls_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
@@ -64,6 +66,9 @@ impl std::fmt::Debug for BitsUploaderBuilder {
     }
 }
 
+/// 64 MiB: the default cap of a reply kept in memory ([`BitsUploaderBuilder::max_memory_reply`]).
+pub const DEFAULT_MAX_MEMORY_REPLY: u64 = 64 * 1024 * 1024;
+
 /// 1 MiB: the default fragment size.
 pub const DEFAULT_FRAGMENT_SIZE: u64 = 1024 * 1024;
 
@@ -83,6 +88,7 @@ impl Default for BitsUploaderBuilder {
                 ping_first: false,
                 cancel_on_error: true,
                 reply_chunk_size: None,
+                max_memory_reply: DEFAULT_MAX_MEMORY_REPLY,
                 observer: None,
                 tls_insecure: false,
                 tls_roots: Vec::new(),
@@ -146,6 +152,13 @@ impl BitsUploaderBuilder {
     /// After a fatal error, send Cancel-Session so the server frees the session (default on).
     pub fn cancel_on_error(mut self, cancel: bool) -> Self {
         self.cfg.cancel_on_error = cancel;
+        self
+    }
+
+    /// Largest reply a [`ReplyDestination::Memory`] accepts (default 64 MiB): a larger reply
+    /// fails the job with `BG_E_TOO_LARGE` before it is downloaded.
+    pub fn max_memory_reply(mut self, bytes: u64) -> Self {
+        self.cfg.max_memory_reply = bytes;
         self
     }
 

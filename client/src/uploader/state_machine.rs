@@ -38,9 +38,24 @@ impl Run {
             file: path,
             reply,
             cancel: _,
+            overwrite_reply,
+            resume,
         } = job;
         let original = Target::parse(&url)?;
         self.http.set_origin(&original);
+        if let ReplyMode::Required(ReplyDestination::File(out))
+        | ReplyMode::IfOffered(ReplyDestination::File(out)) = &reply
+        {
+            if !overwrite_reply && tokio::fs::symlink_metadata(out).await.is_ok() {
+                return Err(ClientError::LocalFile {
+                    path: out.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "the reply file already exists; remove it or pass --force to replace it",
+                    ),
+                });
+            }
+        }
         let io = |source: std::io::Error| ClientError::LocalFile {
             path: path.clone(),
             source,
@@ -67,10 +82,27 @@ impl Run {
         }
 
         let mut session = None;
+        let mut start = 0;
+        if let Some(from) = resume {
+            let mut s = Session::new(from.session_id.clone(), original.clone());
+            s.id_header =
+                HeaderValue::from_str(&from.session_id).map_err(|_| ClientError::InvalidUrl {
+                    url: url.clone(),
+                    reason: format!(
+                        "session id {:?} cannot be sent in a header",
+                        from.session_id
+                    ),
+                })?;
+            s.acked = from.offset.min(total);
+            start = s.acked;
+            self.set_uploaded(start);
+            session = Some(s);
+        }
         let mut frag = self.cfg.fragment_size.max(1);
         let r = self
             .upload_loop(
                 &mut session,
+                start,
                 &mut src,
                 ReplyWanted::of(&reply),
                 &original,
@@ -91,7 +123,7 @@ impl Run {
                     .as_ref()
                     .map(|s| s.target.clone())
                     .unwrap_or_else(|| original.clone());
-                Some(crate::reply::download(self, &base, &url, dest).await?)
+                Some(crate::reply::download(self, &base, &url, dest, overwrite_reply).await?)
             }
             _ => None,
         };
@@ -137,6 +169,7 @@ impl Run {
     pub(crate) async fn upload_loop(
         &mut self,
         session: &mut Option<Session>,
+        start: u64,
         src: &mut Source,
         wanted: ReplyWanted,
         original: &Target,
@@ -151,7 +184,7 @@ impl Run {
             .and_then(|n| HeaderValue::from_str(n).ok());
         let want_reply = wanted != ReplyWanted::No;
         let reply_required = wanted == ReplyWanted::Required;
-        let mut offset = 0u64;
+        let mut offset = start;
         let mut restarts_without_progress = 0u32;
         loop {
             if token.is_cancelled() {
