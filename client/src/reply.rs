@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_LENGTH, RANGE};
 use http::Method;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{hresult, BitsFailure, ClientError, ErrorContext, HResult, Request};
 use crate::progress::{JobEvent, JobState};
@@ -145,6 +145,30 @@ impl Sink {
         }
     }
 
+    /// Empties the sink for a download that starts over.
+    async fn restart(&mut self) -> Result<(), ClientError> {
+        let path = self.path();
+        let io = |source| ClientError::LocalFile {
+            path: path.clone(),
+            source,
+        };
+        match self {
+            Sink::File { file, .. } => {
+                file.set_len(0).await.map_err(io)?;
+                file.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
+                Ok(())
+            }
+            Sink::Memory { buf, .. } => {
+                buf.clear();
+                Ok(())
+            }
+            Sink::Writer(_) => Err(io(std::io::Error::other(
+                "the reply changed during the download and part of the old one was already \
+                 written to the output; run the job again",
+            ))),
+        }
+    }
+
     async fn abandon(self) {
         if let Sink::File { tmp, file, .. } = self {
             drop(file);
@@ -233,7 +257,21 @@ fn base_headers() -> HeaderMap {
     h
 }
 
-async fn head(run: &mut Run, target: &Target) -> Result<u64, ClientError> {
+/// What identifies one version of the reply: its length and `Last-Modified`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Version {
+    size: u64,
+    last_modified: Option<String>,
+}
+
+fn last_modified(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(http::header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+}
+
+async fn head(run: &mut Run, target: &Target) -> Result<Version, ClientError> {
     let req = Request::ReplyHead;
     let parts = run
         .http
@@ -244,7 +282,10 @@ async fn head(run: &mut Run, target: &Target) -> Result<u64, ClientError> {
         return Err(http_failure(req, status));
     }
     match content_length(&parts.headers) {
-        Some(Ok(n)) => Ok(n),
+        Some(Ok(size)) => Ok(Version {
+            size,
+            last_modified: last_modified(&parts.headers),
+        }),
         Some(Err(())) => Err(missing_size(req, status, "unparsable Content-Length")),
         None => Err(missing_size(
             req,
@@ -258,6 +299,9 @@ async fn head(run: &mut Run, target: &Target) -> Result<u64, ClientError> {
 enum Got {
     /// The body ended as announced.
     Done,
+    /// The reply is not the one the download began with (another length or `Last-Modified`):
+    /// the download starts over.
+    Changed(String),
     /// The transfer broke off (transient); bytes written so far are kept.
     Interrupted(ClientError),
 }
@@ -267,9 +311,10 @@ async fn get(
     target: &Target,
     sink: &mut Sink,
     held: &mut u64,
-    size: u64,
+    version: &Version,
 ) -> Result<Got, ClientError> {
     let req = Request::ReplyGet;
+    let size = version.size;
     let end = match run.cfg.reply_chunk_size {
         Some(n) => size.min(held.saturating_add(n)) - 1,
         None => size - 1,
@@ -294,6 +339,27 @@ async fn get(
         Err(e) => return Err(e),
     };
     let status = resp.status().as_u16();
+    if matches!(status, 200 | 206) {
+        let now = last_modified(resp.headers());
+        if version.last_modified.is_some() && now != version.last_modified {
+            run.http.reset();
+            return Ok(Got::Changed(format!(
+                "Last-Modified changed from {:?} to {:?}",
+                version.last_modified.as_deref().unwrap_or(""),
+                now.as_deref().unwrap_or("")
+            )));
+        }
+        if status == 206 {
+            if let Some((_, _, total)) = content_range(resp.headers()) {
+                if total != size {
+                    run.http.reset();
+                    return Ok(Got::Changed(format!(
+                        "the reply's length changed from {size} to {total} bytes"
+                    )));
+                }
+            }
+        }
+    }
     let expect = match status {
         206 => {
             let Some((a, b, total)) = content_range(resp.headers()) else {
@@ -425,64 +491,98 @@ pub(crate) async fn download(
 ) -> Result<ReplyOutcome, ClientError> {
     let target = base.resolve(url)?;
     let token = run.cancel_token();
-    run.set_state(JobState::Transferring);
-    let size = loop {
-        match with_cancel(&token, head(run, &target)).await {
-            Ok(n) => break n,
-            Err(e) => run.recover(e).await?,
+    let is_memory = matches!(dest, ReplyDestination::Memory);
+    let mut dest = Some(dest);
+    let mut sink: Option<Sink> = None;
+    let mut restarts = 0u32;
+    loop {
+        run.set_state(JobState::Transferring);
+        let version = loop {
+            match with_cancel(&token, head(run, &target)).await {
+                Ok(v) => break v,
+                Err(e) => run.recover(e).await?,
+            }
+        };
+        let size = version.size;
+        run.failures = 0;
+        run.progress.reply.bytes_total = size;
+        run.progress.reply.bytes_transferred = 0;
+        run.report();
+        run.event(JobEvent::ReplyStarted {
+            url: target.to_string(),
+            size,
+        });
+        if is_memory && size > run.cfg.max_memory_reply {
+            if let Some(s) = sink.take() {
+                s.abandon().await;
+            }
+            return Err(memory_cap(run.cfg.max_memory_reply, size));
         }
-    };
-    run.failures = 0;
-    run.progress.reply.bytes_total = size;
-    run.progress.reply.bytes_transferred = 0;
-    run.report();
-    run.event(JobEvent::ReplyStarted {
-        url: target.to_string(),
-        size,
-    });
-    if matches!(dest, ReplyDestination::Memory) && size > run.cfg.max_memory_reply {
-        return Err(memory_cap(run.cfg.max_memory_reply, size));
-    }
-    let mut sink = Sink::open(dest, overwrite, run.cfg.max_memory_reply).await?;
-    let result = fetch(run, &target, &mut sink, size).await;
-    match result {
-        Ok(()) => {
-            let (bytes, path) = sink.finish().await?;
-            Ok(ReplyOutcome {
-                url: target.to_string(),
-                size,
-                bytes,
-                path,
-            })
-        }
-        Err(e) => {
-            sink.abandon().await;
-            Err(e)
+        let mut s = match (sink.take(), dest.take()) {
+            (Some(s), _) => s,
+            (None, Some(d)) => Sink::open(d, overwrite, run.cfg.max_memory_reply).await?,
+            (None, None) => return Err(ClientError::Cancelled),
+        };
+        match fetch(run, &target, &mut s, &version).await {
+            Ok(None) => {
+                let (bytes, path) = s.finish().await?;
+                return Ok(ReplyOutcome {
+                    url: target.to_string(),
+                    size,
+                    bytes,
+                    path,
+                });
+            }
+            Ok(Some(changed)) => {
+                restarts += 1;
+                let restart = if restarts > 3 {
+                    Err(range_error(
+                        Request::ReplyGet,
+                        206,
+                        format!("the reply keeps changing during the download: {changed}"),
+                    ))
+                } else {
+                    s.restart().await
+                };
+                if let Err(e) = restart {
+                    s.abandon().await;
+                    return Err(e);
+                }
+                run.event(JobEvent::ReplyResumed { offset: 0 });
+                sink = Some(s);
+            }
+            Err(e) => {
+                s.abandon().await;
+                return Err(e);
+            }
         }
     }
 }
 
+/// Downloads until the sink holds `version.size` bytes; `Some(why)` when the reply changed
+/// and the download must start over.
 async fn fetch(
     run: &mut Run,
     target: &Target,
     sink: &mut Sink,
-    size: u64,
-) -> Result<(), ClientError> {
+    version: &Version,
+) -> Result<Option<String>, ClientError> {
     let token = run.cancel_token();
     let mut held = 0u64;
     let mut interrupted = false;
-    while held < size {
+    while held < version.size {
         if interrupted {
             run.event(JobEvent::ReplyResumed { offset: held });
         }
         run.set_state(JobState::Transferring);
-        match with_cancel(&token, get(run, target, sink, &mut held, size)).await? {
+        match with_cancel(&token, get(run, target, sink, &mut held, version)).await? {
             Got::Done => interrupted = false,
+            Got::Changed(why) => return Ok(Some(why)),
             Got::Interrupted(e) => {
                 interrupted = true;
                 run.recover(e).await?;
             }
         }
     }
-    Ok(())
+    Ok(None)
 }

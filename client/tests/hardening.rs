@@ -182,3 +182,83 @@ async fn memory_reply_is_capped() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn iis_relative_backslash_reply_url_is_resolved_and_downloaded() {
+    bounded(async {
+        let fake = Fake::new(Script {
+            echo: true,
+            iis_relative_reply: true,
+            ..Script::default()
+        });
+        let addr = fake.listen("127.0.0.1:0", 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(30_000, 5);
+        let file = write_temp(dir.path(), "q.bin", &data);
+        let (b, _) = quick_uploader();
+        let done = b
+            .build()
+            .upload_reply(
+                &format!("http://{addr}/dir/q.bin"),
+                &file,
+                ReplyDestination::Memory,
+            )
+            .await
+            .unwrap();
+        let reply = done.reply.unwrap();
+        let key = done.session_id.trim_matches(|c| c == '{' || c == '}');
+        let want = format!("/dir/BITS-Sessions/Replies/%7B{key}%7D/responsefile.bin");
+        assert_eq!(reply.url, format!("http://{addr}{want}"));
+        assert_eq!(reply.bytes.unwrap().as_ref(), data.as_slice());
+        let gets: Vec<_> = fake
+            .log()
+            .into_iter()
+            .filter(|e| e.method == "GET" || e.method == "HEAD")
+            .collect();
+        assert!(!gets.is_empty());
+        assert!(
+            gets.iter().all(|e| e.path == want && e.status < 300),
+            "{gets:#?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reply_that_changes_mid_download_is_downloaded_again_from_the_start() {
+    bounded(async {
+        let fake = Fake::new(Script {
+            echo: true,
+            drop_reply_after: Some((4000, 1)),
+            reply_changes_after_drop: true,
+            ..Script::default()
+        });
+        let addr = fake.listen("127.0.0.1:0", 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(20_000, 6);
+        let file = write_temp(dir.path(), "q.bin", &data);
+        let out = dir.path().join("reply.bin");
+        let (b, _) = quick_uploader();
+        b.build()
+            .upload_reply(
+                &format!("http://{addr}/echo/q.bin"),
+                &file,
+                ReplyDestination::File(out.clone()),
+            )
+            .await
+            .unwrap();
+        // The server now serves the changed reply (the upload reversed): the file holds it
+        // whole, not the first 4000 bytes of the old one and the rest of the new one.
+        let mut want = data.clone();
+        want.reverse();
+        assert_eq!(std::fs::read(&out).unwrap(), want);
+        let ranges: Vec<String> = fake
+            .log()
+            .into_iter()
+            .filter(|e| e.method == "GET")
+            .map(|e| e.range)
+            .collect();
+        assert_eq!(ranges.last().unwrap(), "bytes=0-19999", "{ranges:?}");
+    })
+    .await;
+}
