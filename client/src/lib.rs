@@ -47,9 +47,10 @@ mod http;
 mod progress;
 mod reply;
 mod target;
+mod tls;
 mod uploader;
 
-pub use cli::{parse_size, run_upload_cli, UploadArgs};
+pub use cli::{parse_duration, parse_size, reply_output, run_upload_cli, ReplyOutput, UploadArgs};
 pub use error::{
     hresult, hresult_name, is_transient_status, BitsFailure, ClientError, ErrorContext, HResult,
     Request,

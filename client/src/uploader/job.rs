@@ -75,10 +75,19 @@ pub enum ReplyMode {
     IfOffered(ReplyDestination),
 }
 
-/// Cancels a running job: the client stops, sends Cancel-Session for its session, and the job
-/// ends with [`ClientError::Cancelled`].
+/// Stops a running job from elsewhere (a Ctrl-C handler): [`CancelHandle::cancel`] ends it
+/// and sends Cancel-Session, so the server forgets the upload ([`ClientError::Cancelled`](crate::ClientError::Cancelled));
+/// [`CancelHandle::suspend`] only stops it, as suspending a Windows BITS job does, and leaves
+/// the session on the server to be continued later ([`ClientError::Suspended`](crate::ClientError::Suspended)). A `cancel`
+/// after a `suspend` wins.
 #[derive(Clone, Debug, Default)]
-pub struct CancelHandle(pub(crate) CancellationToken);
+pub struct CancelHandle(
+    pub(crate) CancellationToken,
+    pub(crate) std::sync::Arc<std::sync::atomic::AtomicU8>,
+);
+
+const STOP_SUSPEND: u8 = 1;
+const STOP_CANCEL: u8 = 2;
 
 impl CancelHandle {
     /// A new handle, not cancelled.
@@ -86,14 +95,33 @@ impl CancelHandle {
         Self::default()
     }
 
-    /// Requests cancellation.
+    /// Requests cancellation: the job stops and sends Cancel-Session.
     pub fn cancel(&self) {
+        self.1
+            .store(STOP_CANCEL, std::sync::atomic::Ordering::SeqCst);
         self.0.cancel();
     }
 
-    /// Whether cancellation was requested.
+    /// Requests suspension: the job stops without Cancel-Session; the session stays on the
+    /// server (until its expiry) and can be continued with [`UploadJob::resume`].
+    pub fn suspend(&self) {
+        let _ = self.1.compare_exchange(
+            0,
+            STOP_SUSPEND,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        self.0.cancel();
+    }
+
+    /// Whether cancellation (or suspension) was requested.
     pub fn is_cancelled(&self) -> bool {
         self.0.is_cancelled()
+    }
+
+    /// Whether the job was asked to suspend (and not to cancel).
+    pub fn is_suspended(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::SeqCst) == STOP_SUSPEND
     }
 }
 

@@ -39,6 +39,7 @@ pub(crate) struct Config {
     pub(crate) retry: RetryPolicy,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) no_progress_timeout: Option<Duration>,
     pub(crate) authorization: Option<HeaderValue>,
     pub(crate) user_agent: HeaderValue,
     pub(crate) ping_first: bool,
@@ -80,6 +81,7 @@ impl Default for BitsUploaderBuilder {
                 retry: RetryPolicy::default(),
                 connect_timeout: Duration::from_secs(30),
                 request_timeout: Duration::from_secs(330),
+                no_progress_timeout: None,
                 authorization: None,
                 user_agent: HeaderValue::from_static(concat!(
                     "bitsd-client/",
@@ -114,6 +116,13 @@ impl BitsUploaderBuilder {
     /// How long connecting may take (default 30 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.connect_timeout = timeout;
+        self
+    }
+
+    /// Gives up when the job has made no progress for this long while retrying transient
+    /// errors (Windows' `BITSNoProgressTimeout`); default: only the retry budget counts.
+    pub fn no_progress_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.no_progress_timeout = Some(timeout);
         self
     }
 
@@ -190,7 +199,7 @@ impl BitsUploaderBuilder {
 
     /// The uploader.
     pub fn build(mut self) -> BitsUploader {
-        self.cfg.tls = crate::http::tls_connector(&self.cfg.tls_roots, self.cfg.tls_insecure);
+        self.cfg.tls = crate::tls::tls_connector(&self.cfg.tls_roots, self.cfg.tls_insecure);
         BitsUploader {
             cfg: Arc::new(self.cfg),
         }
@@ -260,9 +269,18 @@ impl BitsUploader {
     /// error, or cancelled.
     pub async fn run(&self, job: UploadJob) -> Result<UploadOutcome, ClientError> {
         let mut run = Run::new(self.cfg.clone(), job.cancel.0.clone());
+        let handle = job.cancel.clone();
         let result = run.execute(job).await;
         match result {
             Ok(outcome) => Ok(outcome),
+            Err(ClientError::Cancelled) if handle.is_suspended() => {
+                let session = run.session.take();
+                run.set_state(JobState::Suspended);
+                Err(ClientError::Suspended {
+                    session_id: session.as_ref().map(|s| s.id.clone()),
+                    offset: session.as_ref().map_or(0, |s| s.acked),
+                })
+            }
             Err(e) => {
                 let cancelled = matches!(e, ClientError::Cancelled);
                 if let Some(s) = run.session.take() {

@@ -20,6 +20,8 @@ use crate::target::Target;
 pub(crate) struct Ack {
     pub(crate) status: u16,
     pub(crate) headers: HeaderMap,
+    /// The server's explanation of an error (a short text body), if it sent one.
+    pub(crate) explanation: Option<String>,
 }
 
 impl Ack {
@@ -57,7 +59,23 @@ impl Ack {
             .and_then(parse_hex)
             .map(ErrorContext::from_value)
             .unwrap_or(ErrorContext::RemoteFile);
-        BitsFailure::from_response(request, self.status, code, context)
+        let failure = BitsFailure::from_response(request, self.status, code, context);
+        let hint = match (self.status, request) {
+            (401, _) => Some(
+                "the server requires authentication: pass --user and --password (or \
+                 BITSD_PASSWORD), or check them if you did",
+            ),
+            (403, Request::CreateSession) => Some(
+                "the server refused to start the upload: the file may already exist on a route \
+                 that does not allow overwrites, or this account may not upload there",
+            ),
+            _ => None,
+        };
+        match (&self.explanation, hint) {
+            (Some(why), _) => failure.with_detail(format!("the server says: {why}")),
+            (None, Some(hint)) => failure.with_detail(hint),
+            (None, None) => failure,
+        }
     }
 
     pub(crate) fn received(&self) -> Option<Result<u64, ()>> {
@@ -140,6 +158,10 @@ impl Run {
             .await?;
         Ok(Ack {
             status: parts.status.as_u16(),
+            explanation: parts
+                .extensions
+                .get::<crate::http::ErrorText>()
+                .map(|t| t.0.clone()),
             headers: parts.headers,
         })
     }

@@ -20,6 +20,8 @@ pub(crate) struct Run {
     pub(crate) progress: Progress,
     pub(crate) cancel: CancellationToken,
     pub(crate) failures: u32,
+    /// When the current run of failures without progress began (for the no-progress timeout).
+    pub(crate) stalled_since: Option<std::time::Instant>,
     pub(crate) retries: u32,
     pub(crate) restarts: u32,
     pub(crate) session: Option<Session>,
@@ -40,6 +42,7 @@ impl Run {
             progress: Progress::new(),
             cancel,
             failures: 0,
+            stalled_since: None,
             retries: 0,
             restarts: 0,
             session: None,
@@ -78,12 +81,23 @@ impl Run {
         if !e.is_transient() {
             return Err(e);
         }
+        if self.failures == 0 {
+            self.stalled_since = Some(std::time::Instant::now());
+        }
         self.failures += 1;
         if self.failures > self.cfg.retry.max_retries {
             return Err(e);
         }
-        self.retries += 1;
         let delay = self.cfg.retry.delay(self.failures);
+        if let (Some(limit), Some(since)) = (self.cfg.no_progress_timeout, self.stalled_since) {
+            // Like BITSNoProgressTimeout: a job that has made no progress for this long stops
+            // with its last error instead of waiting for another try.
+            if since.elapsed() + delay > limit {
+                tracing::debug!(?limit, "no progress within the no-progress timeout");
+                return Err(e);
+            }
+        }
+        self.retries += 1;
         self.event(JobEvent::Retrying {
             attempt: self.failures,
             delay,

@@ -43,9 +43,7 @@ impl Run {
         } = job;
         let original = Target::parse(&url)?;
         self.http.set_origin(&original);
-        if let ReplyMode::Required(ReplyDestination::File(out))
-        | ReplyMode::IfOffered(ReplyDestination::File(out)) = &reply
-        {
+        if let ReplyMode::Required(ReplyDestination::File(out)) = &reply {
             if !overwrite_reply && tokio::fs::symlink_metadata(out).await.is_ok() {
                 return Err(ClientError::LocalFile {
                     path: out.clone(),
