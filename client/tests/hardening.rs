@@ -262,3 +262,166 @@ async fn reply_that_changes_mid_download_is_downloaded_again_from_the_start() {
     })
     .await;
 }
+
+/// A server certificate that is its own CA (what `openssl req -x509` makes by default).
+fn self_signed_ca(dir: &std::path::Path) -> (rcgen::Certificate, bitsd::TlsFiles) {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let files = bitsd::TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    (cert, files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_self_signed_certificate_fails_at_once_and_ca_file_trusts_it() {
+    bounded(async {
+        let keys = tempfile::tempdir().unwrap();
+        let (cert, tls) = self_signed_ca(keys.path());
+        let server = bitsd_tests::TestServer::start_with(|c| c.tls = Some(tls)).await;
+        let url = format!("https://localhost:{}/upload/s.bin", server.addr().port());
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_temp(dir.path(), "s.bin", &pattern(1000, 2));
+
+        // The default retry policy (1 s doubling, 10 retries) would take minutes: a trust
+        // failure must not be retried at all.
+        let started = std::time::Instant::now();
+        let err = bitsd_client::BitsUploader::builder()
+            .build()
+            .upload(&url, &file)
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "{err}");
+        assert!(matches!(err, ClientError::Connection { .. }), "{err:?}");
+        assert!(!err.is_transient());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("self-signed") && msg.contains("--ca-file"),
+            "{msg}"
+        );
+        assert!(!msg.contains("CaUsedAsEndEntity"), "{msg}");
+
+        // The server's own certificate, given as trusted, is accepted as it is.
+        let done = bitsd_client::BitsUploader::builder()
+            .add_root_certificate(cert.der().to_vec())
+            .build()
+            .upload(&url, &file)
+            .await
+            .unwrap();
+        assert_eq!(done.bytes_uploaded, 1000);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_mismatch_fails_at_once() {
+    bounded(async {
+        let keys = tempfile::tempdir().unwrap();
+        let (_cert, tls) = self_signed_ca(keys.path());
+        let server = bitsd_tests::TestServer::start_with(|c| c.tls = Some(tls)).await;
+        let plain = Fake::new(Script::default());
+        let plain_addr = plain.listen("127.0.0.1:0", 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_temp(dir.path(), "m.bin", &pattern(1000, 2));
+        for (url, hint) in [
+            // http:// to a TLS port.
+            (
+                format!("http://127.0.0.1:{}/upload/m.bin", server.addr().port()),
+                "https://",
+            ),
+            // https:// to a plain HTTP port.
+            (
+                format!("https://127.0.0.1:{}/upload/m.bin", plain_addr.port()),
+                "http://",
+            ),
+        ] {
+            let started = std::time::Instant::now();
+            let err = bitsd_client::BitsUploader::builder()
+                .build()
+                .upload(&url, &file)
+                .await
+                .unwrap_err();
+            assert!(started.elapsed() < Duration::from_secs(3), "{url}: {err}");
+            assert!(
+                matches!(err, ClientError::Connection { .. }),
+                "{url}: {err:?}"
+            );
+            assert!(err.to_string().contains(hint), "{url}: {err}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_progress_timeout_ends_the_retries() {
+    bounded(async {
+        let fake = Fake::new(Script {
+            fragment_failures: vec![(503, None); 1000],
+            ..Script::default()
+        });
+        let addr = fake.listen("127.0.0.1:0", 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_temp(dir.path(), "n.bin", &pattern(100, 2));
+        let started = std::time::Instant::now();
+        let err = bitsd_client::BitsUploader::builder()
+            .retry_policy(bitsd_client::RetryPolicy {
+                initial_delay: Duration::from_millis(100),
+                max_delay: Duration::from_millis(100),
+                max_retries: 1000,
+            })
+            .no_progress_timeout(Duration::from_millis(700))
+            .build()
+            .upload(&format!("http://{addr}/upload/n.bin"), &file)
+            .await
+            .unwrap_err();
+        assert_eq!(err.hresult(), Some(bitsd_client::HResult::http_error(503)));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let tries = fake.packets("Fragment").len();
+        assert!((4..=9).contains(&tries), "{tries} fragments");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_create_session_shows_the_servers_reason() {
+    bounded(async {
+        let fake = Fake::new(Script {
+            forbid_create: Some("a.bin exists and overwrites are off on /upload/".into()),
+            ..Script::default()
+        });
+        let addr = fake.listen("127.0.0.1:0", 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_temp(dir.path(), "a.bin", &pattern(100, 2));
+        let err = bitsd_client::BitsUploader::builder()
+            .build()
+            .upload(&format!("http://{addr}/upload/a.bin"), &file)
+            .await
+            .unwrap_err();
+        assert_eq!(err.hresult(), Some(hresult::E_ACCESSDENIED));
+        assert!(
+            err.to_string()
+                .contains("the server says: a.bin exists and overwrites are off on /upload/"),
+            "{err}"
+        );
+
+        // A real bitsd refusing an overwrite: without an explanation from the server, the
+        // client says what the usual cause is.
+        let server = bitsd_tests::TestServer::start().await;
+        let url = format!("http://{}/upload/a.bin", server.addr());
+        let up = bitsd_client::BitsUploader::builder().build();
+        up.upload(&url, &file).await.unwrap();
+        let err = up.upload(&url, &file).await.unwrap_err();
+        assert_eq!(err.hresult(), Some(hresult::E_ACCESSDENIED));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("already exist") || msg.contains("the server says"),
+            "{msg}"
+        );
+    })
+    .await;
+}

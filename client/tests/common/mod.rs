@@ -385,7 +385,9 @@ impl State {
             "ping" => ack(200).body(full(Bytes::new())).unwrap(),
             "create-session" => {
                 if let Some(why) = self.script.forbid_create.clone() {
-                    let resp = ack(403)
+                    let resp = Response::builder()
+                        .status(403)
+                        .header("BITS-Packet-Type", "Ack")
                         .header("BITS-Error-Code", "0x80070005")
                         .header("BITS-Error-Context", "0x5")
                         .header("Content-Type", "text/plain; charset=utf-8")
