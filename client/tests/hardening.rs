@@ -425,3 +425,37 @@ async fn refused_create_session_shows_the_servers_reason() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn resuming_a_finished_upload_fetches_the_reply() {
+    bounded(async {
+        let (fake, url, _dir, file, data) = echo_setup(5000).await;
+        let (b, _) = quick_uploader();
+        let up = b.fragment_size(2000).cancel_on_error(false).build();
+        // A first run that completes the upload; its session stays (no Close-Session is
+        // needed for the test: the scripted server keeps sessions).
+        let first = up
+            .upload_reply(&url, &file, ReplyDestination::Memory)
+            .await
+            .unwrap();
+        let before = fake.packets("Fragment").len();
+        // Resume that session at its end, as after a suspend during the reply download.
+        let done = up
+            .run(
+                bitsd_client::UploadJob::new(&url, &file)
+                    .reply_to(ReplyDestination::Memory)
+                    .resume(bitsd_client::ResumeFrom {
+                        session_id: first.session_id.clone(),
+                        offset: 5000,
+                    }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.session_id, first.session_id);
+        assert_eq!(done.reply.unwrap().bytes.unwrap().as_ref(), data.as_slice());
+        let again = &fake.packets("Fragment")[before..];
+        assert_eq!(again.len(), 1, "{again:#?}");
+        assert_eq!(again[0].range, "bytes 3000-4999/5000");
+    })
+    .await;
+}

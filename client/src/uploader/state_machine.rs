@@ -91,8 +91,14 @@ impl Run {
                         from.session_id
                     ),
                 })?;
-            s.acked = from.offset.min(total);
-            start = s.acked;
+            // At the end already (suspended during the reply): re-send the final fragment,
+            // whose Ack carries the reply URL again.
+            start = if from.offset >= total {
+                total - self.cfg.fragment_size.max(1).min(total)
+            } else {
+                from.offset
+            };
+            s.acked = start;
             self.set_uploaded(start);
             session = Some(s);
         }
