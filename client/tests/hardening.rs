@@ -459,3 +459,33 @@ async fn resuming_a_finished_upload_fetches_the_reply() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn credentials_never_go_in_clear_text_to_a_host_id_node() {
+    bounded(async {
+        let fake = Fake::new(Script {
+            require_auth: true,
+            ..Script::default()
+        });
+        let front = fake.listen("127.0.0.1:0", 0).await;
+        let node = fake.listen("127.0.0.1:0", 1).await;
+        fake.script(|s| s.host_id = Some(format!("127.0.0.1:{}", node.port())));
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_temp(dir.path(), "h.bin", &pattern(3000, 1));
+        let (b, _) = quick_uploader();
+        b.credentials("user", "secret")
+            .build()
+            .upload(&format!("http://{front}/upload/h.bin"), &file)
+            .await
+            .unwrap();
+        let log = fake.log();
+        assert!(log.iter().any(|e| e.listener == 0 && !e.authorization.is_empty()));
+        let node_requests: Vec<_> = log.iter().filter(|e| e.listener == 1).collect();
+        assert!(!node_requests.is_empty());
+        assert!(
+            node_requests.iter().all(|e| e.authorization.is_empty()),
+            "{node_requests:#?}"
+        );
+    })
+    .await;
+}
