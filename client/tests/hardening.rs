@@ -479,7 +479,9 @@ async fn credentials_never_go_in_clear_text_to_a_host_id_node() {
             .await
             .unwrap();
         let log = fake.log();
-        assert!(log.iter().any(|e| e.listener == 0 && !e.authorization.is_empty()));
+        assert!(log
+            .iter()
+            .any(|e| e.listener == 0 && !e.authorization.is_empty()));
         let node_requests: Vec<_> = log.iter().filter(|e| e.listener == 1).collect();
         assert!(!node_requests.is_empty());
         assert!(
