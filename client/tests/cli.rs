@@ -227,6 +227,19 @@ async fn reply_is_not_written_to_a_terminal() {
         assert_eq!(std::fs::read(&reply).unwrap(), data, "{shown}");
         assert!(!shown.contains("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "{shown}");
         assert!(shown.contains(&reply.display().to_string()), "{shown}");
+        // Again on the terminal: the reply file exists, so the upload is refused before it
+        // starts unless --force.
+        let creates = fake.packets("Create-Session").len();
+        let mut c = Command::new("script");
+        c.args(["-qec", &shell, "/dev/null"])
+            .env_remove("BITSD_PASSWORD")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = output(c).await;
+        let shown = text(&out.stdout);
+        assert!(shown.contains("--force"), "{shown}");
+        assert_eq!(fake.packets("Create-Session").len(), creates);
         // Piped, it goes to stdout as before.
         let out = output(upload_command(&[
             "--no-progress",

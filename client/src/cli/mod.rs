@@ -283,6 +283,19 @@ async fn run_inner(args: &UploadArgs) -> Result<(), ClientError> {
         &args.file,
         std::io::stdout().is_terminal(),
     );
+    if let (ReplyOutput::File(out), None, false) = (&output, &args.reply_file, args.force) {
+        // The default reply file of a terminal session: refuse before uploading, not after.
+        if std::fs::symlink_metadata(out).is_ok() {
+            return Err(ClientError::LocalFile {
+                path: out.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a reply would be written here (stdout is a terminal) and the file exists; \
+                     pass --force to replace it or --reply-file to choose another",
+                ),
+            });
+        }
+    }
     job = match (&output, &args.reply_file) {
         (ReplyOutput::File(out), Some(_)) => job.reply_to(ReplyDestination::File(out.clone())),
         (ReplyOutput::File(out), None) => job.reply_if_offered(ReplyDestination::File(out.clone())),
