@@ -353,6 +353,19 @@ pub enum ClientError {
         /// What went wrong.
         message: String,
     },
+    /// The connection cannot work however often it is tried (like Windows, the client does
+    /// not retry): the server's TLS certificate is not trusted, or the two ends speak different
+    /// protocols (`http://` to a TLS port, `https://` to a plain one). The message says what
+    /// to change.
+    #[error("{request} to {url}: {message}")]
+    Connection {
+        /// The request that failed.
+        request: Request,
+        /// The URL it was sent to.
+        url: String,
+        /// What went wrong and what to do about it.
+        message: String,
+    },
     /// The local file could not be read, or the reply could not be written.
     #[error("{}: {source}", .path.display())]
     LocalFile {
@@ -373,6 +386,16 @@ pub enum ClientError {
     /// The job was cancelled through its [`CancelHandle`](crate::CancelHandle).
     #[error("cancelled")]
     Cancelled,
+    /// The job was suspended through its [`CancelHandle`](crate::CancelHandle): no
+    /// Cancel-Session was sent, so the session can be continued with
+    /// [`UploadJob::resume`](crate::UploadJob::resume).
+    #[error("suspended at byte {offset}")]
+    Suspended {
+        /// The session to continue (`None` if none had been created yet).
+        session_id: Option<String>,
+        /// The last offset the server acknowledged.
+        offset: u64,
+    },
 }
 
 impl ClientError {
@@ -410,6 +433,14 @@ impl ClientError {
 
     pub(crate) fn transport(request: Request, url: &str, message: impl fmt::Display) -> Self {
         ClientError::Transport {
+            request,
+            url: url.to_owned(),
+            message: message.to_string(),
+        }
+    }
+
+    pub(crate) fn connection(request: Request, url: &str, message: impl fmt::Display) -> Self {
+        ClientError::Connection {
             request,
             url: url.to_owned(),
             message: message.to_string(),

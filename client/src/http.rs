@@ -17,6 +17,37 @@ use crate::target::Target;
 /// How much of an Ack's (or error page's) body is read before the connection is dropped instead.
 const MAX_DISCARD: usize = 1024 * 1024;
 
+/// How much of an error response's body may serve as its explanation.
+const MAX_ERROR_TEXT: usize = 512;
+
+/// The explanation a server gave with an error response (a short text body), kept in the
+/// response's extensions by [`Http::send_ack`].
+#[derive(Clone, Debug)]
+pub(crate) struct ErrorText(pub(crate) String);
+
+/// A short, printable explanation from an error response: a `text/plain` body (or one without
+/// a type) that is valid UTF-8, on one line, at most 300 characters.
+fn error_text(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let ty = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("text/plain")
+        .to_ascii_lowercase();
+    if !ty.starts_with("text/plain") {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let one_line: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect();
+    (!one_line.is_empty()).then_some(one_line)
+}
+
 struct Conn {
     key: String,
     sender: SendRequest<Full<Bytes>>,
@@ -28,8 +59,40 @@ pub(crate) struct Http {
     tls: Option<tokio_rustls::TlsConnector>,
     connect_timeout: Duration,
     request_timeout: Duration,
-    authorization: Option<HeaderValue>,
+    auth: Auth,
     user_agent: HeaderValue,
+}
+
+/// When `Authorization` is sent (§ Windows BITS behaviour: never pre-emptively).
+///
+/// The credentials belong to the origin (scheme, host, port) the user named, plus any `https`
+/// Host-Id node that origin redirected the job to. They are sent only after that origin has
+/// answered a request with 401, and never to another origin (a reply URL on a CDN, a plain
+/// `http` Host-Id node, a redirect target).
+#[derive(Default)]
+struct Auth {
+    /// `Basic ...`.
+    value: Option<HeaderValue>,
+    /// Authority keys ([`Target::authority_key`]) that may receive the credentials.
+    origins: Vec<String>,
+    /// Authority keys that have challenged with 401: from then on the credentials go with
+    /// every request to them.
+    challenged: Vec<String>,
+}
+
+impl Auth {
+    fn may_send(&self, target: &Target) -> bool {
+        self.value.is_some() && self.origins.contains(&target.authority_key())
+    }
+
+    fn header_for(&self, target: &Target) -> Option<&HeaderValue> {
+        let key = target.authority_key();
+        if self.may_send(target) && self.challenged.contains(&key) {
+            self.value.as_ref()
+        } else {
+            None
+        }
+    }
 }
 
 /// HTTP/1.1 over any connection; the connection task runs on its own.
@@ -46,92 +109,6 @@ where
     Ok(sender)
 }
 
-/// TLS settings of a client: the web PKI roots plus any extra roots, or no verification.
-pub(crate) fn tls_connector(
-    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
-    insecure: bool,
-) -> Option<tokio_rustls::TlsConnector> {
-    use tokio_rustls::rustls;
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .ok()?;
-    let config = if insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(NoVerification(provider)))
-            .with_no_client_auth()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for cert in extra_roots {
-            if let Err(e) = roots.add(cert.clone()) {
-                tracing::warn!(error = %e, "ignoring an unusable root certificate");
-            }
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
-        config,
-    )))
-}
-
-/// `--insecure`: accept any certificate (signatures are still checked for the handshake).
-#[derive(Debug)]
-struct NoVerification(std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
-
-impl tokio_rustls::rustls::client::danger::ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls_pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _server_name: &rustls_pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
-    {
-        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 impl Http {
     pub(crate) fn new(
         tls: Option<tokio_rustls::TlsConnector>,
@@ -145,8 +122,28 @@ impl Http {
             tls,
             connect_timeout,
             request_timeout,
-            authorization,
+            auth: Auth {
+                value: authorization,
+                ..Auth::default()
+            },
             user_agent,
+        }
+    }
+
+    /// The origin the user named: the only one that receives the credentials (after a 401).
+    pub(crate) fn set_origin(&mut self, target: &Target) {
+        self.auth.origins = vec![target.authority_key()];
+        self.auth.challenged.clear();
+    }
+
+    /// A Host-Id node the origin redirected the job to: it may receive the credentials too, if
+    /// the connection to it is `https` (never in clear text to a host the user did not name).
+    pub(crate) fn trust_redirect(&mut self, target: &Target) {
+        if target.is_tls() {
+            let key = target.authority_key();
+            if !self.auth.origins.contains(&key) {
+                self.auth.origins.push(key);
+            }
         }
     }
 
@@ -185,9 +182,20 @@ impl Http {
                 tokio::time::timeout(self.connect_timeout, connector.connect(name, stream))
                     .await
                     .map_err(|_| ClientError::transport(request, &url, "TLS handshake timed out"))?
-                    .map_err(|e| {
-                        ClientError::transport(request, &url, format!("TLS handshake failed: {e}"))
-                    })?;
+                    .map_err(
+                        |e| match crate::tls::fatal_tls_failure(&e, target.tls_name()) {
+                            Some(why) => ClientError::connection(
+                                request,
+                                &url,
+                                format!("TLS handshake failed: {why}"),
+                            ),
+                            None => ClientError::transport(
+                                request,
+                                &url,
+                                format!("TLS handshake failed: {e}"),
+                            ),
+                        },
+                    )?;
             handshake(TokioIo::new(stream)).await
         } else {
             handshake(TokioIo::new(stream)).await
@@ -202,6 +210,60 @@ impl Http {
     /// Sends one request and returns the response head with its body unread. The connection is
     /// kept for reuse; the caller reads the body to its end or calls [`Http::reset`].
     pub(crate) async fn send(
+        &mut self,
+        request: Request,
+        method: Method,
+        target: &Target,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let sent_auth = self.auth.header_for(target).is_some();
+        let resp = self
+            .send_once(
+                request,
+                method.clone(),
+                target,
+                headers.clone(),
+                body.clone(),
+            )
+            .await?;
+        if resp.status() != http::StatusCode::UNAUTHORIZED
+            || sent_auth
+            || !self.auth.may_send(target)
+        {
+            return Ok(resp);
+        }
+        // The origin asks for credentials: send them, this time and from now on.
+        self.auth.challenged.push(target.authority_key());
+        self.discard(resp).await;
+        self.send_once(request, method, target, headers, body).await
+    }
+
+    /// Reads and drops a response body (up to [`MAX_DISCARD`]) so the connection can be reused.
+    async fn discard(&mut self, resp: Response<Incoming>) {
+        let mut body = resp.into_body();
+        let drained = tokio::time::timeout(self.request_timeout, async {
+            let mut seen = 0usize;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        seen += f.data_ref().map_or(0, |d| d.len());
+                        if seen > MAX_DISCARD {
+                            return false;
+                        }
+                    }
+                    Err(_) => return false,
+                }
+            }
+            true
+        })
+        .await;
+        if !matches!(drained, Ok(true)) {
+            self.conn = None;
+        }
+    }
+
+    async fn send_once(
         &mut self,
         request: Request,
         method: Method,
@@ -258,7 +320,7 @@ impl Http {
                 })?,
             );
             h.insert(USER_AGENT, self.user_agent.clone());
-            if let Some(auth) = &self.authorization {
+            if let Some(auth) = self.auth.header_for(target) {
                 h.insert(http::header::AUTHORIZATION, auth.clone());
             }
             h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -295,7 +357,21 @@ impl Http {
                         continue;
                     }
                     _ => {
-                        return Err(ClientError::transport(request, &url, e.into_error()));
+                        let e = e.into_error();
+                        if e.is_parse() {
+                            let hint = if target.is_tls() {
+                                "the server's answer is not HTTP"
+                            } else {
+                                "the server's answer is not HTTP; if it is a TLS port, use an \
+                                 https:// URL"
+                            };
+                            return Err(ClientError::connection(
+                                request,
+                                &url,
+                                format!("{hint} ({e})"),
+                            ));
+                        }
+                        return Err(ClientError::transport(request, &url, e));
                     }
                 },
             }
@@ -321,6 +397,8 @@ impl Http {
         let (parts, mut body) = resp.into_parts();
         let url = target.to_string();
         let timeout = self.request_timeout;
+        let keep_text = !parts.status.is_success();
+        let mut text = Vec::new();
         let drained = tokio::time::timeout(timeout, async {
             let mut seen = 0usize;
             while let Some(frame) = body.frame().await {
@@ -328,6 +406,10 @@ impl Http {
                     Ok(f) => {
                         if let Some(d) = f.data_ref() {
                             seen += d.len();
+                            if keep_text && text.len() < MAX_ERROR_TEXT {
+                                let room = MAX_ERROR_TEXT - text.len();
+                                text.extend_from_slice(&d[..d.len().min(room)]);
+                            }
                         }
                         if seen > MAX_DISCARD {
                             return false;
@@ -346,6 +428,10 @@ impl Http {
                 self.conn = None;
                 return Err(ClientError::timeout(request, &url, timeout));
             }
+        }
+        let mut parts = parts;
+        if let Some(t) = error_text(&parts.headers, &text) {
+            parts.extensions.insert(ErrorText(t));
         }
         Ok(parts)
     }

@@ -14,8 +14,14 @@
 //! (`BG_E_SESSION_NOT_FOUND (0x8020001f)`), and its context. Progress is reported as the two
 //! numbers Windows shows, `BG_JOB_PROGRESS` and `BG_JOB_REPLY_PROGRESS`.
 //!
+//! Credentials (HTTP Basic) are sent only after the origin the job names answers 401, and only
+//! to that origin (and `https` Host-Id nodes it redirects to), never pre-emptively. Failures no
+//! retry can fix (an untrusted TLS certificate, `http://` to a TLS port) are fatal at once
+//! ([`ClientError::Connection`]). A job can be cancelled (Cancel-Session) or suspended and
+//! resumed later in another process ([`CancelHandle::suspend`], [`UploadJob::resume`]).
+//!
 //! Nothing here depends on the bitsd server: only on the sans-I/O `bitsd-protocol` crate for
-//! header names and value types. Plain `http://` only for now.
+//! header names and value types. `http://` and `https://` (rustls).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), bitsd_client::ClientError> {
@@ -47,9 +53,10 @@ mod http;
 mod progress;
 mod reply;
 mod target;
+mod tls;
 mod uploader;
 
-pub use cli::{parse_size, run_upload_cli, UploadArgs};
+pub use cli::{parse_duration, parse_size, reply_output, run_upload_cli, ReplyOutput, UploadArgs};
 pub use error::{
     hresult, hresult_name, is_transient_status, BitsFailure, ClientError, ErrorContext, HResult,
     Request,
@@ -59,5 +66,6 @@ pub use progress::{
 };
 pub use uploader::{
     BitsUploader, BitsUploaderBuilder, CancelHandle, ReplyDestination, ReplyMode, ReplyOutcome,
-    RetryPolicy, UploadJob, UploadOutcome, DEFAULT_FRAGMENT_SIZE,
+    ResumeFrom, RetryPolicy, UploadJob, UploadOutcome, DEFAULT_FRAGMENT_SIZE,
+    DEFAULT_MAX_MEMORY_REPLY,
 };

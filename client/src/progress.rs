@@ -25,6 +25,8 @@ pub enum JobState {
     Acknowledged,
     /// `BG_JOB_STATE_CANCELLED`: cancelled.
     Cancelled,
+    /// `BG_JOB_STATE_SUSPENDED`: stopped without cancelling; the session stays on the server.
+    Suspended,
 }
 
 impl JobState {
@@ -39,6 +41,7 @@ impl JobState {
             JobState::Transferred => "TRANSFERRED",
             JobState::Acknowledged => "ACKNOWLEDGED",
             JobState::Cancelled => "CANCELLED",
+            JobState::Suspended => "SUSPENDED",
         }
     }
 }

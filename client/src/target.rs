@@ -62,15 +62,67 @@ impl Target {
         })
     }
 
-    /// Resolves a URL the server sent (a reply URL): absolute, or a path on this target's host.
+    /// Resolves a URL the server sent (a reply URL) as the Windows client does: an absolute
+    /// `http(s)://` URL as it is; a path (`/x/y`) on this target's origin; anything else
+    /// relative to the directory of this target's path. IIS sends the relative form with
+    /// backslashes, `BITS-Sessions\Replies\{GUID}\responsefile.bin`: backslashes count as
+    /// separators, characters a URL path cannot hold are percent-encoded (`{` → `%7B`), and
+    /// `.` / `..` segments are refused rather than resolved.
     pub(crate) fn resolve(&self, url: &str) -> Result<Target, ClientError> {
-        if url.starts_with('/') && !url.starts_with("//") {
-            let mut t = self.clone();
-            t.path = url.to_owned();
-            Ok(t)
-        } else {
-            Target::parse(url)
+        let url = url.trim();
+        let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            return Target::parse(url);
         }
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rel = url.replace('\\', "/");
+        if rel.starts_with("//") {
+            return Err(invalid("a reply URL without a scheme must not name a host"));
+        }
+        if rel.contains(':') && !rel.starts_with('/') {
+            let scheme_end = rel.find(':').unwrap_or(0);
+            if !rel[..scheme_end].contains('/') {
+                return Err(invalid(
+                    "only http:// and https:// reply URLs are supported",
+                ));
+            }
+        }
+        let (path, query) = match rel.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rel.as_str(), None),
+        };
+        let mut out = if path.starts_with('/') {
+            String::new()
+        } else {
+            let base = self.path.split('?').next().unwrap_or("/");
+            base[..base.rfind('/').map_or(0, |i| i + 1)]
+                .trim_end_matches('/')
+                .to_owned()
+        };
+        for seg in path.trim_start_matches('/').split('/') {
+            let decoded = seg.replace("%2e", ".").replace("%2E", ".");
+            if decoded == "." || decoded == ".." {
+                return Err(invalid(
+                    "dot segments (. and ..) are not allowed in a reply URL",
+                ));
+            }
+            out.push('/');
+            out.push_str(&encode(seg, false));
+        }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(&encode(q, true));
+        }
+        let mut t = self.clone();
+        t.path = out;
+        // What is left must be a valid request target.
+        t.path
+            .parse::<http::uri::PathAndQuery>()
+            .map_err(|e| invalid(&e.to_string()))?;
+        Ok(t)
     }
 
     /// This URL with its host replaced by a `BITS-Host-Id` value (§8). The Host-Id is a server
@@ -142,6 +194,29 @@ impl Target {
     }
 }
 
+/// Percent-encodes what a URL path segment (or query) cannot hold; keeps valid `%XX` escapes.
+fn encode(s: &str, query: bool) -> String {
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let keep = b.is_ascii_alphanumeric()
+            || b"-._~!$&'()*+,;=:@".contains(&b)
+            || (query && (b == b'/' || b == b'?'));
+        let escape = b == b'%'
+            && bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit);
+        if keep || escape {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+        i += 1;
+    }
+    out
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "https" } else { "http" };
@@ -187,6 +262,46 @@ mod tests {
         assert_eq!(
             r.to_string(),
             "http://bits.example.test:8080/echo/BITS-Sessions/1/response"
+        );
+    }
+
+    #[test]
+    fn resolves_relative_reply_urls_as_windows_does() {
+        let t = Target::parse("http://iis.example.test/dir/upload.bin").expect("url");
+        let r = t
+            .resolve(
+                r"BITS-Sessions\Replies\{D7A4B1C2-1111-2222-3333-444455556666}\responsefile.bin",
+            )
+            .expect("IIS form");
+        assert_eq!(
+            r.to_string(),
+            "http://iis.example.test/dir/BITS-Sessions/Replies/%7BD7A4B1C2-1111-2222-3333-444455556666%7D/responsefile.bin"
+        );
+        let root = Target::parse("http://h/upload.bin").expect("url");
+        assert_eq!(
+            root.resolve("a b/ü.bin").expect("relative").path(),
+            "/a%20b/%C3%BC.bin"
+        );
+        assert_eq!(root.resolve(r"\x\y").expect("rooted").path(), "/x/y");
+        assert_eq!(
+            t.resolve("r%20x?q=1 2").expect("query").path(),
+            "/dir/r%20x?q=1%202"
+        );
+        for bad in [
+            r"..\secret",
+            "a/../b",
+            "./x",
+            "%2e%2e/x",
+            "//other.host/x",
+            "ftp:x",
+        ] {
+            assert!(t.resolve(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            t.resolve("https://cdn.example.test/r")
+                .expect("absolute")
+                .to_string(),
+            "https://cdn.example.test/r"
         );
     }
 }

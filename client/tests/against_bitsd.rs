@@ -24,6 +24,19 @@ async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
         .expect("test took too long")
 }
 
+/// `bitsd upload` arguments as clap fills them when only URL and FILE are given.
+fn cli_defaults() -> bitsd_client::UploadArgs {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: bitsd_client::UploadArgs,
+    }
+    Cli::try_parse_from(["bitsd", "http://unused/", "unused"])
+        .unwrap()
+        .args
+}
+
 async fn start_server(
     dir: &Path,
     port: u16,
@@ -472,6 +485,7 @@ async fn upload_reply_over_https_with_a_trusted_ca_or_insecure() {
             insecure: false,
             ca_file: Some(cert_path.clone()),
             no_progress: true,
+            ..cli_defaults()
         };
         bitsd_client::run_upload_cli(args).await.unwrap();
         assert_eq!(std::fs::read(files.path().join("out.bin")).unwrap(), data);
@@ -499,6 +513,7 @@ async fn cli_entry_point_uploads_and_writes_the_reply_file() {
             insecure: false,
             ca_file: None,
             no_progress: true,
+            ..cli_defaults()
         };
         bitsd_client::run_upload_cli(args.clone()).await.unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
