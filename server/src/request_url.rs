@@ -13,6 +13,30 @@ pub(crate) struct UrlPolicy {
     pub(crate) trust_forwarded: bool,
     /// Replaces scheme, host and mount path in reply URLs (`https://bits.example.com/base`).
     pub(crate) public_base_url: Option<String>,
+    /// The listener's own address as a URL base (`http://127.0.0.1:8080`): what relative
+    /// notification URLs resolve against when there is no public base URL.
+    pub(crate) server_base_url: Option<String>,
+}
+
+impl UrlPolicy {
+    /// `remote_url` (a job's remote URL, built from what the client sent) re-based on a name
+    /// the server chose itself: the public base URL if one is set, else the listener's own
+    /// address. Only the path and query of `remote_url` are kept, so nothing the client sent
+    /// in `Host`, `X-Forwarded-*` or an absolute-form request target picks the host or port.
+    /// `None` when the server has no name of its own (a service with neither set).
+    pub(crate) fn server_side_url(&self, remote_url: &str) -> Option<String> {
+        let after_scheme = remote_url.split_once("://").map_or(remote_url, |(_, r)| r);
+        let path_and_query = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
+        if let Some(public) = &self.public_base_url {
+            let below_mount = path_and_query
+                .strip_prefix(self.mount_path.as_str())
+                .filter(|rest| rest.starts_with('/'))
+                .unwrap_or(path_and_query);
+            return Some(format!("{public}{below_mount}"));
+        }
+        let own = self.server_base_url.as_ref()?;
+        Some(format!("{own}{path_and_query}"))
+    }
 }
 
 /// Scheme and authority a request was addressed to.

@@ -225,6 +225,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             source,
         })?;
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let mut builder = BitsService::builder(store)
         .limits(config.limits)
         .session_limits(config.session_limits)
@@ -232,6 +242,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .authenticator(config.auth.as_ref().map(|a| a.0.clone()))
         .https(tls.is_some())
         .public_base_url(config.public_base_url.clone())
+        .server_url(Some(own_url(addr, tls.is_some())))
         .trust_forwarded_headers(config.trust_forwarded_headers)
         .host_id(config.host_id.clone(), config.host_id_fallback_timeout);
     for r in config.routes.iter().cloned() {
@@ -267,16 +278,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     } else {
         None
     };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
     let (shutdown, rx) = watch::channel(false);
     let rx2 = rx.clone();
     let mut tasks = Vec::new();
@@ -350,6 +351,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown,
         tasks,
     })
+}
+
+/// The listener's own address as a URL base: an unspecified address (`0.0.0.0`, `::`)
+/// becomes the loopback address of its family, which reaches the same listener.
+fn own_url(addr: SocketAddr, https: bool) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        }
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        }
+        ip => ip,
+    };
+    let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
 }
 
 async fn accept_loop<S, F, RB>(

@@ -124,6 +124,16 @@ impl BitsServiceBuilder {
         self
     }
 
+    /// The server's own address as a URL base (`http://127.0.0.1:8080`). Relative
+    /// notification URLs of `http` handlers resolve against the public base URL if one is
+    /// set, else against this, and never against the client's `Host`: without either, a
+    /// relative notification URL fails with 500. [`crate::start`] sets it to the listener's
+    /// address.
+    pub fn server_url(mut self, url: Option<String>) -> Self {
+        self.urls.server_base_url = url.map(|u| u.trim_end_matches('/').to_owned());
+        self
+    }
+
     /// The path under which a host application mounts this service (e.g. axum's
     /// `Router::nest_service("/bits", svc)`, which strips it from requests): reply URLs and
     /// remote URLs get it back.

@@ -1,0 +1,139 @@
+//! Hostile URLs and what the server derives from them: relative notification URLs never
+//! follow the client's `Host` (SSRF), double-encoded and `%u` request targets, names the file
+//! system cannot hold, route prefixes that shadow reply paths, the command handler's
+//! environment.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitsd::config::{build_handler, HandlerSpec, NotificationMode};
+use bitsd::Route;
+use bitsd_tests::{RawClient, RawResponse, TestServer, PROTOCOL};
+use tokio::net::TcpListener;
+
+/// A `BITS_POST` to `target` (origin or absolute form) with an explicit `Host`.
+async fn post(
+    c: &mut RawClient,
+    target: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    let mut req = format!(
+        "BITS_POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    c.send(&bytes).await
+}
+
+/// Create-Session and one fragment carrying the whole `data`, both to `target` with `host`;
+/// returns the final fragment's Ack.
+async fn whole_job(c: &mut RawClient, target: &str, host: &str, data: &[u8]) -> RawResponse {
+    let res = post(
+        c,
+        target,
+        host,
+        &[
+            ("BITS-Packet-Type", "Create-Session"),
+            ("BITS-Supported-Protocols", PROTOCOL),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let sid = res.header("bits-session-id").unwrap().to_owned();
+    let range = format!("bytes 0-{}/{}", data.len() - 1, data.len());
+    post(
+        c,
+        target,
+        host,
+        &[
+            ("BITS-Packet-Type", "Fragment"),
+            ("BITS-Session-Id", &sid),
+            ("Content-Range", &range),
+        ],
+        data,
+    )
+    .await
+}
+
+/// A TCP service that only counts the connections it gets.
+struct Internal {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Internal {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        Internal {
+            addr,
+            connections,
+            task,
+        }
+    }
+}
+
+impl Drop for Internal {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn http_route(prefix: &str, url: &str) -> Route {
+    Route::upload_reply_shared(
+        prefix,
+        build_handler(&HandlerSpec::Http {
+            url: url.to_owned(),
+            notification: Some(NotificationMode::ByValue),
+            timeout_secs: Some(5),
+            data_entity_headers: false,
+        })
+        .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_hostile_host_never_picks_where_a_relative_notification_goes() {
+    let internal = Internal::start().await;
+    let server =
+        TestServer::start_with(|cfg| cfg.routes = vec![http_route("/app/", "notify")]).await;
+    let hostile = internal.addr.to_string();
+    let mut c = server.connect().await;
+
+    // The client names the internal service in Host...
+    let fin = whole_job(&mut c, "/app/sub/x.bin", &hostile, b"secret upload").await;
+    fin.assert_ack();
+    // ...and in an absolute-form request target.
+    let absolute = format!("http://{hostile}/app/sub/y.bin");
+    let fin2 = whole_job(&mut c, &absolute, &hostile, b"secret upload").await;
+    fin2.assert_ack();
+
+    // The notification went to the server's own listener (which refuses a plain POST), not
+    // to the service the client named.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        internal.connections.load(Ordering::SeqCst),
+        0,
+        "the internal service was contacted: {fin:?} {fin2:?}"
+    );
+    assert_eq!(fin.header("bits-error-context"), Some("0x7"), "{fin:?}");
+}
