@@ -85,7 +85,7 @@ async fn environment_describes_the_upload() {
     assert_eq!(lines[5], "extra value");
     assert!(
         !lines[6].is_empty(),
-        "the server's environment is inherited"
+        "PATH is set"
     );
 
     // No Content-Name: the variable is set, empty.

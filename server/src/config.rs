@@ -170,6 +170,10 @@ pub enum HandlerSpec {
         /// Extra environment variables.
         #[serde(default)]
         env: BTreeMap<String, String>,
+        /// Names of the server's environment variables passed through to the program (the
+        /// program otherwise starts with a clean environment).
+        #[serde(default)]
+        pass_env: Vec<String>,
     },
     /// IIS-compatible backend notification (BITSServerNotificationURL).
     Http {
@@ -448,8 +452,12 @@ pub fn build_handler(spec: &HandlerSpec) -> Result<Arc<dyn ReplyHandler>, String
             timeout_secs,
             failure_status,
             env,
+            pass_env,
         } => {
             let mut config = CommandConfig::new(program.clone()).args(args.iter().cloned());
+            for name in pass_env {
+                config = config.pass_env(name.clone());
+            }
             for (k, v) in env {
                 config = config.env(k.clone(), v.clone());
             }

@@ -238,6 +238,7 @@ fn command_route(prefix: &str, program: &str, args: &[&str], failure_status: Opt
             timeout_secs: Some(10),
             failure_status,
             env: BTreeMap::new(),
+            pass_env: Vec::new(),
         },
     )
 }
@@ -1038,6 +1039,7 @@ async fn command_handler_failures_and_timeouts() {
             timeout_secs: Some(1),
             failure_status: None,
             env: BTreeMap::new(),
+            pass_env: Vec::new(),
         },
     );
     let server = start(vec![

@@ -137,3 +137,59 @@ async fn a_hostile_host_never_picks_where_a_relative_notification_goes() {
     );
     assert_eq!(fin.header("bits-error-context"), Some("0x7"), "{fin:?}");
 }
+
+fn command_route(prefix: &str, script: &str, pass_env: &[&str]) -> Route {
+    Route::upload_reply_shared(
+        prefix,
+        build_handler(&HandlerSpec::Command {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            timeout_secs: Some(10),
+            failure_status: None,
+            env: [("CONFIGURED".to_owned(), "yes".to_owned())].into(),
+            pass_env: pass_env.iter().map(|s| (*s).to_owned()).collect(),
+        })
+        .unwrap(),
+    )
+}
+
+/// Uploads `data` to `path` and downloads the reply.
+async fn reply_of(c: &mut RawClient, path: &str, data: &[u8]) -> String {
+    let (_, fin) = c.upload(path, data, data.len()).await;
+    let url = fin.header("bits-reply-url").unwrap().to_owned();
+    let res = c.get("GET", &bitsd_tests::url_path(&url), &[]).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    String::from_utf8(res.body).unwrap()
+}
+
+#[tokio::test]
+async fn the_command_handler_sees_no_server_variable_unless_listed() {
+    // A variable of this process (the server's environment), other than PATH.
+    let (name, value) = std::env::vars()
+        .find(|(k, v)| {
+            k != "PATH" && !v.is_empty() && !v.contains('\n') && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .expect("the test process has some environment variable");
+    let server = TestServer::start_with(|cfg| {
+        cfg.routes = vec![
+            command_route("/clean/", "env", &[]),
+            command_route("/pass/", "env", &[&name]),
+        ]
+    })
+    .await;
+    let mut c = server.connect().await;
+    let clean = reply_of(&mut c, "/clean/a.bin", b"x").await;
+    let vars: Vec<&str> = clean
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert!(!vars.contains(&name.as_str()), "{name} leaked: {clean}");
+    assert!(vars.contains(&"BITS_SESSION_ID"), "{clean}");
+    assert!(vars.contains(&"CONFIGURED"), "{clean}");
+    assert!(vars.contains(&"PATH"), "{clean}");
+    let passed = reply_of(&mut c, "/pass/a.bin", b"x").await;
+    assert!(
+        passed.lines().any(|l| l == format!("{name}={value}")),
+        "{name} not passed through: {passed}"
+    );
+}
