@@ -355,9 +355,20 @@ impl ConfigFile {
                         format!("two routes have the prefix {}", route.prefix()),
                     ));
                 }
-                routes.push(route);
+                routes.push((offset, route));
             }
-            config.routes = routes;
+            let built: Vec<Route> = routes.iter().map(|(_, r)| r.clone()).collect();
+            if let Some((capturing, shadowed)) = crate::routes::reply_path_conflict(&built) {
+                let offset = routes
+                    .iter()
+                    .find(|(_, r)| r.prefix() == capturing.prefix())
+                    .map_or(0, |(o, _)| *o);
+                return Err(err(
+                    offset,
+                    crate::routes::reply_path_conflict_message(capturing, shadowed),
+                ));
+            }
+            config.routes = built;
         } else if default_overwrites {
             config.routes = std::mem::take(&mut config.routes)
                 .into_iter()

@@ -102,6 +102,9 @@ pub enum BuildError {
     /// An upload-reply route has no handler.
     #[error("upload-reply route {0} has no reply handler")]
     MissingHandler(String),
+    /// A route's prefix lies inside another route's reply paths (`<prefix>BITS-Sessions/`).
+    #[error("{0}")]
+    ShadowedReplies(String),
 }
 
 impl BitsServiceBuilder {
@@ -203,6 +206,11 @@ impl BitsServiceBuilder {
             if r.mode() == bitsd_storage::UploadMode::UploadReply && r.handler().is_none() {
                 return Err(BuildError::MissingHandler(r.prefix().to_owned()));
             }
+        }
+        if let Some((capturing, shadowed)) = crate::routes::reply_path_conflict(&self.routes) {
+            return Err(BuildError::ShadowedReplies(
+                crate::routes::reply_path_conflict_message(capturing, shadowed),
+            ));
         }
         Ok(BitsService {
             shared: Arc::new(Shared {

@@ -193,3 +193,39 @@ async fn the_command_handler_sees_no_server_variable_unless_listed() {
         "{name} not passed through: {passed}"
     );
 }
+
+#[test]
+fn a_route_inside_another_routes_reply_paths_is_refused_at_config_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bitsd.toml");
+    std::fs::write(
+        &file,
+        "[[route]]\nprefix = \"/app/\"\nmode = \"upload-reply\"\nhandler = { kind = \"echo\" }\n\n\
+         [[route]]\nprefix = \"/app/BITS-Sessions/\"\nmode = \"upload\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bitsd_tests::bitsd_binary())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(
+        stderr.contains(":6:")
+            && stderr.contains("route /app/BITS-Sessions/ is inside /app/BITS-Sessions/")
+            && stderr.contains("reply downloads"),
+        "{stderr}"
+    );
+    // Serving with it is refused the same way.
+    let out = std::process::Command::new(bitsd_tests::bitsd_binary())
+        .arg("--config")
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "off"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reply downloads"));
+}
