@@ -20,6 +20,7 @@ pub mod config;
 mod destination;
 pub mod fault;
 mod metrics;
+mod name_limits;
 mod packets;
 mod reply_download;
 mod request_url;

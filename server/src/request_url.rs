@@ -112,3 +112,56 @@ impl RequestOrigin {
         format!("{}{}", self.base(), pq)
     }
 }
+
+/// Why a request path is refused before it is routed, as IIS request filtering refuses it
+/// (`allowDoubleEscaping="false"`): an IIS `%uXXXX` escape, or a percent escape that still
+/// leaves an escape after one decoding (`%252e` → `%2e`). `None` for an acceptable path.
+pub(crate) fn hostile_path(path: &str) -> Option<&'static str> {
+    if has_u_escape(path.as_bytes()) {
+        return Some("the request target uses a %u escape");
+    }
+    let once: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    if has_percent_escape(&once) || has_u_escape(&once) {
+        return Some("the request target is double-encoded");
+    }
+    None
+}
+
+fn has_percent_escape(bytes: &[u8]) -> bool {
+    bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
+}
+
+fn has_u_escape(bytes: &[u8]) -> bool {
+    bytes.windows(6).any(|w| {
+        w[0] == b'%' && (w[1] == b'u' || w[1] == b'U') && w[2..].iter().all(u8::is_ascii_hexdigit)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn double_and_u_escapes_are_hostile() {
+        for bad in [
+            "/upload/%252e%252e%252fetc",
+            "/upload/a%2525b",
+            "/upload/%u002e%u002e/x",
+            "/upload/%U002E",
+            "/upload/%25u002e",
+        ] {
+            assert!(hostile_path(bad).is_some(), "{bad}");
+        }
+        for good in [
+            "/upload/a%20b.bin",
+            "/upload/100%25",
+            "/upload/%25zz",
+            "/upload/plain/x.bin",
+            "/upload/%u00",
+        ] {
+            assert_eq!(hostile_path(good), None, "{good}");
+        }
+    }
+}

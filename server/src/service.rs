@@ -444,6 +444,9 @@ impl BitsService {
         );
         let shared = self.shared.clone();
         async move {
+            if let Some(why) = crate::request_url::hostile_path(req.uri().path()) {
+                return refuse_hostile_target(&req, why);
+            }
             let route = shared.routes.find(req.uri().path()).cloned();
             let (parts, body) = req.into_parts();
             let method = parts.method.clone();
@@ -494,6 +497,22 @@ impl BitsService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// 400 for a request target refused before routing: a BITS Ack (`E_INVALIDARG`, fatal for
+/// the client) for `BITS_POST`, plain text otherwise.
+fn refuse_hostile_target<B>(req: &Request<B>, why: &'static str) -> Response<ResponseBody> {
+    if req.method().as_str() == "BITS_POST" {
+        error_ack(
+            &BitsError::invalid_arg(why),
+            raw_session(req.headers()).as_ref(),
+            None,
+        )
+        .into_response()
+    } else {
+        tracing::info!(reason = why, "request target refused");
+        plain(StatusCode::BAD_REQUEST, "bad request target\n")
     }
 }
 
