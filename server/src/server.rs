@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, ClientAddr};
 use crate::fault::{FaultInjectingService, FaultPlan, FaultPlanError};
 use crate::routes::Route;
 use crate::service::BuildError;
@@ -409,7 +409,10 @@ async fn accept_loop<S, F, RB>(
                 http.timer(TokioTimer::new())
                     .header_read_timeout(options.header_timeout)
                     .max_buf_size(64 * 1024);
-                let service = make_service();
+                let service = WithClientAddr {
+                    inner: make_service(),
+                    peer,
+                };
                 let watcher = graceful.watcher();
                 let tls = options.tls.clone();
                 let handshake_timeout = options.header_timeout;
@@ -445,6 +448,27 @@ async fn accept_loop<S, F, RB>(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(options.grace) => tracing::warn!("shutdown deadline passed with requests in flight"),
+    }
+}
+
+/// Adds [`ClientAddr`] (the connection's peer) to every request of a connection.
+#[derive(Clone)]
+struct WithClientAddr<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S, B> hyper::service::Service<http::Request<B>> for WithClientAddr<S>
+where
+    S: hyper::service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(req)
     }
 }
 

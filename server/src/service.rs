@@ -454,7 +454,7 @@ impl BitsService {
             // Authentication applies to the upload routes; other paths answer 404 / 501 as is.
             let mut user = None;
             if let (Some(auth), Some(_)) = (&shared.auth, &route) {
-                match auth.authenticate(&parts) {
+                match auth.authenticate_async(&parts).await {
                     Ok(u) => {
                         tracing::Span::current().record("user", u.as_str());
                         user = Some(u);
@@ -468,6 +468,11 @@ impl BitsService {
                         };
                         for v in challenge.www_authenticate {
                             res.headers_mut().append(http::header::WWW_AUTHENTICATE, v);
+                        }
+                        if let Some(wait) = challenge.retry_after {
+                            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                            res.headers_mut()
+                                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
                         }
                         return res;
                     }
