@@ -117,6 +117,13 @@ struct ServeArgs {
     /// (also served on the admin listener at /transcript).
     #[arg(long, value_name = "FILE")]
     transcript: Option<PathBuf>,
+    /// Require `Authorization: Bearer <token>` on the admin API (all but /healthz and
+    /// /readyz); the token is the content of FILE (at least 16 characters).
+    #[arg(long, value_name = "FILE", env = "BITSD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Allow the admin listener on an address other than loopback (refused otherwise).
+    #[arg(long)]
+    admin_allow_non_loopback: bool,
 }
 
 fn main() -> ExitCode {
@@ -318,6 +325,12 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
         config.transcript = Some(bitsd::TranscriptOptions {
             file: Some(file.clone()),
         });
+    }
+    if let Some(path) = &args.admin_token_file {
+        config.admin_token = Some(bitsd::config::read_admin_token(path)?);
+    }
+    if args.admin_allow_non_loopback {
+        config.admin_allow_non_loopback = true;
     }
     if args.users_file.is_some() || args.tokens_file.is_some() {
         let entry = bitsd::config::AuthEntry {

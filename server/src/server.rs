@@ -88,6 +88,11 @@ pub struct ServerConfig {
     /// (served on the admin listener at `GET /transcript`, and written to the file if one is
     /// given). `None`: no transcript.
     pub transcript: Option<TranscriptOptions>,
+    /// A bearer token the admin API requires (`Authorization: Bearer <token>`) on everything
+    /// but `/healthz` and `/readyz`. `None`: no token.
+    pub admin_token: Option<String>,
+    /// Allow the admin listener on an address other than loopback (refused otherwise).
+    pub admin_allow_non_loopback: bool,
 }
 
 impl ServerConfig {
@@ -124,6 +129,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             fault_plan: None,
             transcript: None,
+            admin_token: None,
+            admin_allow_non_loopback: false,
         }
     }
 }
@@ -152,6 +159,14 @@ pub enum ServerError {
     /// The configuration is inconsistent.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The admin listener would be reachable from other hosts without being allowed to.
+    #[error(
+        "admin listener {0} is not a loopback address, and the admin API shows every session \
+         id and URL: bind it to 127.0.0.1 or ::1, or allow it explicitly with \
+         admin_allow_non_loopback = true (--admin-allow-non-loopback) and protect it with \
+         admin_token_file"
+    )]
+    AdminNotLoopback(SocketAddr),
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
@@ -218,6 +233,17 @@ pub struct RunningServer {
 
 /// Opens the data directory, binds the listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    if let Some(a) = config.admin_listen {
+        if !a.ip().is_loopback() {
+            if !config.admin_allow_non_loopback {
+                return Err(ServerError::AdminNotLoopback(a));
+            }
+            if config.admin_token.is_none() {
+                tracing::warn!(admin = %a, "the admin listener is reachable from other hosts \
+                    and has no admin token: anyone who reaches it sees every session id and URL");
+            }
+        }
+    }
     let store = SessionStore::open(&config.data_dir)
         .await
         .map_err(|source| ServerError::Storage {
@@ -316,6 +342,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         );
         let svc = service.clone();
         let admin_transcript = transcript.clone();
+        let admin_token = config.admin_token.as_deref().map(admin::AdminToken::new);
         let admin_options = ListenerOptions {
             tls: None,
             max_connections: 64,
@@ -328,8 +355,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             move || {
                 let svc = svc.clone();
                 let transcript = admin_transcript.clone();
+                let token = admin_token.clone();
                 hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    admin::handle_admin_with(svc.clone(), transcript.clone(), req)
+                    admin::handle_admin_guarded(svc.clone(), transcript.clone(), token.clone(), req)
                 })
             },
         )));

@@ -341,6 +341,22 @@ impl BitsService {
         Ok(records.iter().map(SessionProgress::of).collect())
     }
 
+    /// One page of [`BitsService::all_progress`], ordered by session id: at most `limit`
+    /// sessions whose ids follow `after`, and the id to continue after when more remain.
+    pub async fn progress_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<(Vec<SessionProgress>, Option<SessionId>), StorageError> {
+        let mut records = self.shared.store.list().await?;
+        records.retain(|r| after.is_none_or(|a| r.id.as_uuid() > a.as_uuid()));
+        records.sort_by_key(|r| *r.id.as_uuid());
+        let more = records.len() > limit;
+        records.truncate(limit);
+        let next = if more { records.last().map(|r| r.id) } else { None };
+        Ok((records.iter().map(SessionProgress::of).collect(), next))
+    }
+
     /// Prometheus text exposition of the server's metrics (sessions by state, bytes, fragments
     /// by outcome, errors by `BITS-Error-Code`, reply bytes, handler latency, sled size).
     pub async fn metrics_text(&self) -> Result<String, StorageError> {

@@ -229,3 +229,122 @@ async fn repeated_failures_back_off_per_address_and_per_user_without_a_check() {
     let (status, _) = ping(Ipv4Addr::new(127, 0, 0, 32), server.addr, &basic("alice", "alice-pw")).await;
     assert_eq!(status, 200);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The admin listener.
+// ---------------------------------------------------------------------------------------------
+
+/// A GET on the admin listener at `addr` (an unspecified address means this host).
+async fn admin_get(addr: SocketAddr, path: &str, token: Option<&str>) -> bitsd_tests::RawResponse {
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+    } else {
+        addr
+    };
+    let mut c = bitsd_tests::RawClient::connect(addr).await;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}\r\n").as_bytes())
+        .await
+}
+
+#[test]
+fn a_non_loopback_admin_listener_is_refused_without_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bitsd_tests::bitsd_binary())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bitsd served an admin listener on 0.0.0.0 without being allowed to");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("--admin-allow-non-loopback"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_token_guards_everything_but_the_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "admin-token-0123456789abcdef";
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let server = BitsdProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--admin-allow-non-loopback",
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let admin = server.admin_addr.unwrap();
+    for path in ["/sessions", "/metrics", "/sessions/{deadbeef-0000-0000-0000-000000000000}"] {
+        let res = admin_get(admin, path, None).await;
+        assert_eq!(res.status, 401, "{path}: {res:?}");
+        assert!(res.header("www-authenticate").unwrap().starts_with("Bearer"));
+        assert_eq!(admin_get(admin, path, Some("wrong-token-0123456789")).await.status, 401);
+    }
+    assert_eq!(admin_get(admin, "/sessions", Some(token)).await.status, 200);
+    assert_eq!(admin_get(admin, "/metrics", Some(token)).await.status, 200);
+    // Liveness and readiness probes stay open.
+    assert_eq!(admin_get(admin, "/healthz", None).await.status, 200);
+    assert_eq!(admin_get(admin, "/readyz", None).await.status, 200);
+}
+
+#[tokio::test]
+async fn admin_sessions_are_paged() {
+    let server = bitsd_tests::TestServer::start().await;
+    let mut c = server.connect().await;
+    let mut created = Vec::new();
+    for i in 0..5 {
+        created.push(c.create_session(&format!("/upload/p{i}.bin")).await);
+    }
+    let mut seen = Vec::new();
+    let mut path = "/sessions?limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let res = admin_get(server.admin_addr(), &path, None).await;
+        assert_eq!(res.status, 200, "{res:?}");
+        let page: serde_json::Value = serde_json::from_slice(&res.body).unwrap();
+        let page = page.as_array().unwrap();
+        assert!(page.len() <= 2, "{page:?}");
+        seen.extend(page.iter().map(|s| s["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        match res.header("link") {
+            Some(link) => {
+                path = link
+                    .strip_prefix('<')
+                    .and_then(|l| l.split_once('>'))
+                    .unwrap()
+                    .0
+                    .to_owned();
+            }
+            None => break,
+        }
+        assert!(pages < 10);
+    }
+    assert_eq!(pages, 3);
+    seen.sort();
+    created.sort();
+    assert_eq!(seen, created);
+    assert_eq!(admin_get(server.admin_addr(), "/sessions?limit=0", None).await.status, 400);
+    assert_eq!(admin_get(server.admin_addr(), "/sessions?after=nope", None).await.status, 400);
+}
