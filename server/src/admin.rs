@@ -185,7 +185,10 @@ pub async fn handle_admin_with<B>(
                 Ok((page, next)) => {
                     let mut res = json(StatusCode::OK, &page);
                     if let Some(next) = next {
-                        let link = format!("</sessions?after={}&limit={limit}>; rel=\"next\"", next.simple());
+                        let link = format!(
+                            "</sessions?after={}&limit={limit}>; rel=\"next\"",
+                            next.simple()
+                        );
                         if let Ok(v) = HeaderValue::from_str(&link) {
                             res.headers_mut().insert(http::header::LINK, v);
                         }

@@ -126,6 +126,14 @@ fn verify(hash: Option<&str>, dummy: Option<&str>, password: &str) -> bool {
     ok && known
 }
 
+/// What a request needs before it is answered.
+enum Begin {
+    /// The answer is known without an argon2 check.
+    Answer(Result<String, AuthChallenge>),
+    /// A Basic attempt that needs an argon2 check.
+    Check(PendingCheck),
+}
+
 /// A Basic attempt that needs an argon2 check.
 struct PendingCheck {
     user: String,
@@ -259,21 +267,21 @@ impl CredentialsAuthenticator {
 
     /// Everything but the argon2 check: the answer when it is known without one, else the
     /// check to make.
-    fn begin(&self, parts: &Parts) -> Result<Result<String, AuthChallenge>, PendingCheck> {
+    fn begin(&self, parts: &Parts) -> Begin {
         let Some(value) = parts
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
         else {
-            return Ok(Err(self.challenge()));
+            return Begin::Answer(Err(self.challenge()));
         };
         let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             let user = self.tokens.get(&sha256(rest.trim().as_bytes())).cloned();
-            return Ok(user.ok_or_else(|| self.challenge()));
+            return Begin::Answer(user.ok_or_else(|| self.challenge()));
         }
         if !scheme.eq_ignore_ascii_case("basic") {
-            return Ok(Err(self.challenge()));
+            return Begin::Answer(Err(self.challenge()));
         }
         let Some((user, password)) = base64::engine::general_purpose::STANDARD
             .decode(rest.trim())
@@ -281,11 +289,11 @@ impl CredentialsAuthenticator {
             .and_then(|d| String::from_utf8(d).ok())
             .and_then(|t| t.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())))
         else {
-            return Ok(Err(self.challenge()));
+            return Begin::Answer(Err(self.challenge()));
         };
         let key = self.throttle.key(&user, &password);
         if self.users.contains_key(&user) && self.throttle.is_cached(&key) {
-            return Ok(Ok(user));
+            return Begin::Answer(Ok(user));
         }
         let addr = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
         if let Some(left) = self.throttle.blocked(addr, &user) {
@@ -293,9 +301,9 @@ impl CredentialsAuthenticator {
                 "too many failed logins: refused without a check");
             let mut challenge = self.challenge();
             challenge.retry_after = Some(left);
-            return Ok(Err(challenge));
+            return Begin::Answer(Err(challenge));
         }
-        Err(PendingCheck {
+        Begin::Check(PendingCheck {
             hash: self.users.get(&user).cloned(),
             user,
             password,
@@ -307,8 +315,7 @@ impl CredentialsAuthenticator {
     /// Records the outcome of a check and answers.
     fn finish(&self, check: &PendingCheck, ok: bool) -> Result<String, AuthChallenge> {
         if ok {
-            self.throttle
-                .succeeded(check.key, check.addr, &check.user);
+            self.throttle.succeeded(check.key, check.addr, &check.user);
             Ok(check.user.clone())
         } else {
             tracing::info!(user = %check.user, client = ?check.addr, "failed login");
@@ -334,9 +341,13 @@ impl Authenticator for CredentialsAuthenticator {
     /// Checks in place (argon2 on the calling thread); for callers outside an async runtime.
     fn authenticate(&self, parts: &Parts) -> Result<String, AuthChallenge> {
         match self.begin(parts) {
-            Ok(answer) => answer,
-            Err(check) => {
-                let ok = verify(check.hash.as_deref(), self.dummy.as_deref(), &check.password);
+            Begin::Answer(answer) => answer,
+            Begin::Check(check) => {
+                let ok = verify(
+                    check.hash.as_deref(),
+                    self.dummy.as_deref(),
+                    &check.password,
+                );
                 self.finish(&check, ok)
             }
         }
@@ -346,8 +357,8 @@ impl Authenticator for CredentialsAuthenticator {
     fn authenticate_async<'a>(&'a self, parts: &'a Parts) -> AuthFuture<'a> {
         Box::pin(async move {
             match self.begin(parts) {
-                Ok(answer) => answer,
-                Err(check) => {
+                Begin::Answer(answer) => answer,
+                Begin::Check(check) => {
                     let hash = check.hash.clone();
                     let dummy = self.dummy.clone();
                     let password = check.password.clone();

@@ -49,10 +49,7 @@ impl Failures {
 }
 
 /// Drops stale entries of a full table; clears it if that is not enough.
-fn make_room<K: std::hash::Hash + Eq, V>(
-    map: &mut HashMap<K, V>,
-    fresh: impl Fn(&V) -> bool,
-) {
+fn make_room<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, fresh: impl Fn(&V) -> bool) {
     if map.len() < MAX_ENTRIES {
         return;
     }
@@ -212,8 +209,12 @@ mod tests {
         assert!(left > Duration::from_millis(1500) && left <= Duration::from_secs(2));
         // Another user from the same address, and the same user from another address.
         assert!(t.blocked(Some(addr), "bob").is_some());
-        assert!(t.blocked(Some("192.0.2.2".parse().unwrap()), "alice").is_some());
-        assert!(t.blocked(Some("192.0.2.2".parse().unwrap()), "bob").is_none());
+        assert!(t
+            .blocked(Some("192.0.2.2".parse().unwrap()), "alice")
+            .is_some());
+        assert!(t
+            .blocked(Some("192.0.2.2".parse().unwrap()), "bob")
+            .is_none());
         let key = t.key("alice", "pw");
         assert!(!t.is_cached(&key));
         t.succeeded(key, Some(addr), "alice");

@@ -151,6 +151,8 @@ mod tests {
         assert_eq!(shadowed.prefix(), "/app/");
         // Nested prefixes elsewhere are fine.
         assert!(reply_path_conflict(&routes[..2]).is_none());
-        assert!(reply_path_conflict(&[Route::upload("/"), Route::upload("/BITS-Sessions/")]).is_some());
+        assert!(
+            reply_path_conflict(&[Route::upload("/"), Route::upload("/BITS-Sessions/")]).is_some()
+        );
     }
 }

@@ -353,7 +353,11 @@ impl BitsService {
         records.sort_by_key(|r| *r.id.as_uuid());
         let more = records.len() > limit;
         records.truncate(limit);
-        let next = if more { records.last().map(|r| r.id) } else { None };
+        let next = if more {
+            records.last().map(|r| r.id)
+        } else {
+            None
+        };
         Ok((records.iter().map(SessionProgress::of).collect(), next))
     }
 

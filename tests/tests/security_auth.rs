@@ -28,7 +28,10 @@ fn cheap_hash(password: &str) -> String {
     let params = argon2::Params::new(4096, 1, 1, None).unwrap();
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let salt = SaltString::encode_b64(b"bitsd-test-salt!").unwrap();
-    argon.hash_password(password.as_bytes(), &salt).unwrap().to_string()
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
 }
 
 /// A bitsd process with user `alice` (password `alice-pw`) and the bearer token [`TOKEN`].
@@ -64,7 +67,9 @@ fn pid_of(data_dir: &Path) -> u32 {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        if cmdline.split(|b| *b == 0).any(|arg| arg == needle.as_slice())
+        if cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == needle.as_slice())
             && cmdline.starts_with(b"/")
         {
             return pid;
@@ -86,7 +91,10 @@ fn ticks(stat: &str) -> u64 {
 fn cpu(pid: u32) -> (u64, u64) {
     let total = ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap());
     let mut runtime = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.starts_with("tokio-runtime") {
             if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
@@ -116,7 +124,10 @@ async fn ping(from: Ipv4Addr, server: SocketAddr, authorization: &str) -> (u16, 
     let status = text.split(' ').nth(1).unwrap().parse().unwrap();
     let retry_after = text
         .lines()
-        .find_map(|l| l.strip_prefix("retry-after: ").or(l.strip_prefix("Retry-After: ")))
+        .find_map(|l| {
+            l.strip_prefix("retry-after: ")
+                .or(l.strip_prefix("Retry-After: "))
+        })
         .map(str::to_owned);
     (status, retry_after)
 }
@@ -137,8 +148,12 @@ async fn wrong_passwords_are_checked_off_the_async_workers_and_a_token_ping_stay
             let addr = server.addr;
             tokio::spawn(async move {
                 for _ in 0..2 {
-                    let (status, _) =
-                        ping(Ipv4Addr::new(127, 0, 0, 10 + i), addr, &basic("alice", "wrong")).await;
+                    let (status, _) = ping(
+                        Ipv4Addr::new(127, 0, 0, 10 + i),
+                        addr,
+                        &basic("alice", "wrong"),
+                    )
+                    .await;
                     assert_eq!(status, 401);
                 }
             })
@@ -195,7 +210,10 @@ async fn unknown_users_cost_the_same_check_as_known_ones() {
         let (_, after) = cpu(pid);
         spent.push(after - before);
     }
-    eprintln!("known user: {} ticks, unknown user: {} ticks", spent[0], spent[1]);
+    eprintln!(
+        "known user: {} ticks, unknown user: {} ticks",
+        spent[0], spent[1]
+    );
     assert!(spent[0] >= 2, "{spent:?}");
     assert!(
         spent[1] * 2 >= spent[0] && spent[0] * 2 >= spent[1],
@@ -220,13 +238,27 @@ async fn repeated_failures_back_off_per_address_and_per_user_without_a_check() {
     assert_eq!(status, 401);
     assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
     // The same user name from another address is refused too.
-    let (status, retry) = ping(Ipv4Addr::new(127, 0, 0, 31), server.addr, &basic("carol", "x")).await;
+    let (status, retry) = ping(
+        Ipv4Addr::new(127, 0, 0, 31),
+        server.addr,
+        &basic("carol", "x"),
+    )
+    .await;
     assert_eq!(status, 401);
     assert!(retry.is_some());
     let (_, after) = cpu(pid);
-    assert!(after - before <= 10, "a refused attempt ran a check: {} ticks", after - before);
+    assert!(
+        after - before <= 10,
+        "a refused attempt ran a check: {} ticks",
+        after - before
+    );
     // Another user from another address is unaffected.
-    let (status, _) = ping(Ipv4Addr::new(127, 0, 0, 32), server.addr, &basic("alice", "alice-pw")).await;
+    let (status, _) = ping(
+        Ipv4Addr::new(127, 0, 0, 32),
+        server.addr,
+        &basic("alice", "alice-pw"),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -296,11 +328,23 @@ async fn the_admin_token_guards_everything_but_the_probes() {
         ],
     );
     let admin = server.admin_addr.unwrap();
-    for path in ["/sessions", "/metrics", "/sessions/{deadbeef-0000-0000-0000-000000000000}"] {
+    for path in [
+        "/sessions",
+        "/metrics",
+        "/sessions/{deadbeef-0000-0000-0000-000000000000}",
+    ] {
         let res = admin_get(admin, path, None).await;
         assert_eq!(res.status, 401, "{path}: {res:?}");
-        assert!(res.header("www-authenticate").unwrap().starts_with("Bearer"));
-        assert_eq!(admin_get(admin, path, Some("wrong-token-0123456789")).await.status, 401);
+        assert!(res
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer"));
+        assert_eq!(
+            admin_get(admin, path, Some("wrong-token-0123456789"))
+                .await
+                .status,
+            401
+        );
     }
     assert_eq!(admin_get(admin, "/sessions", Some(token)).await.status, 200);
     assert_eq!(admin_get(admin, "/metrics", Some(token)).await.status, 200);
@@ -345,6 +389,16 @@ async fn admin_sessions_are_paged() {
     seen.sort();
     created.sort();
     assert_eq!(seen, created);
-    assert_eq!(admin_get(server.admin_addr(), "/sessions?limit=0", None).await.status, 400);
-    assert_eq!(admin_get(server.admin_addr(), "/sessions?after=nope", None).await.status, 400);
+    assert_eq!(
+        admin_get(server.admin_addr(), "/sessions?limit=0", None)
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        admin_get(server.admin_addr(), "/sessions?after=nope", None)
+            .await
+            .status,
+        400
+    );
 }

@@ -167,7 +167,10 @@ async fn the_command_handler_sees_no_server_variable_unless_listed() {
     // A variable of this process (the server's environment), other than PATH.
     let (name, value) = std::env::vars()
         .find(|(k, v)| {
-            k != "PATH" && !v.is_empty() && !v.contains('\n') && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            k != "PATH"
+                && !v.is_empty()
+                && !v.contains('\n')
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         })
         .expect("the test process has some environment variable");
     let server = TestServer::start_with(|cfg| {
