@@ -342,15 +342,19 @@ impl BitsService {
     }
 
     /// One page of [`BitsService::all_progress`], ordered by session id: at most `limit`
-    /// sessions whose ids follow `after`, and the id to continue after when more remain.
+    /// sessions whose ids follow `after`, and the id to continue after when more remain. Only
+    /// the page is read from the store.
     pub async fn progress_page(
         &self,
         after: Option<&SessionId>,
         limit: usize,
     ) -> Result<(Vec<SessionProgress>, Option<SessionId>), StorageError> {
-        let mut records = self.shared.store.list().await?;
-        records.retain(|r| after.is_none_or(|a| r.id.as_uuid() > a.as_uuid()));
-        records.sort_by_key(|r| *r.id.as_uuid());
+        // One more than the page tells whether another page follows.
+        let mut records = self
+            .shared
+            .store
+            .list_page(after.copied(), limit.saturating_add(1))
+            .await?;
         let more = records.len() > limit;
         records.truncate(limit);
         let next = if more {

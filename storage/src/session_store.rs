@@ -317,6 +317,17 @@ impl SessionStore {
         blocking(move || meta.list()).await
     }
 
+    /// At most `limit` records whose ids follow `after`, in id order, tombstones included: a
+    /// page of [`SessionStore::list`] that reads only the page.
+    pub async fn list_page(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        let meta = self.meta.clone();
+        blocking(move || meta.list_page(after.as_ref(), limit)).await
+    }
+
     /// Creates a new session: its record, not flushed. A crash that loses it only makes the
     /// client's next packet get session-not-found, and the client starts over with a new
     /// Create-Session (§4.2, B3); the first fragment's commit makes it durable. Its directory
