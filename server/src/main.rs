@@ -176,6 +176,21 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     let result =
         ConfigFile::load(file).and_then(|(parsed, text)| parsed.apply(&text, &name, &mut config));
     match result {
+        Ok(())
+            if config
+                .admin_listen
+                .is_some_and(|a| !a.ip().is_loopback() && !config.admin_allow_non_loopback) =>
+        {
+            let admin = config
+                .admin_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            eprintln!(
+                "{name}: admin_listen {admin} is not a loopback address: bitsd will refuse to \
+                 start unless admin_allow_non_loopback = true (and set admin_token_file)"
+            );
+            ExitCode::FAILURE
+        }
         Ok(()) => {
             println!("{name}: OK");
             println!("  listen        {}", config.listen);

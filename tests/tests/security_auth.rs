@@ -310,6 +310,16 @@ fn a_non_loopback_admin_listener_is_refused_without_the_flag() {
         stderr.contains("not a loopback address") && stderr.contains("--admin-allow-non-loopback"),
         "{stderr}"
     );
+    // check-config says so too.
+    let file = dir.path().join("bitsd.toml");
+    std::fs::write(&file, "admin_listen = \"0.0.0.0:8081\"\n").unwrap();
+    let out = std::process::Command::new(bitsd_tests::bitsd_binary())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }
 
 #[tokio::test]
