@@ -362,12 +362,15 @@ impl Authenticator for CredentialsAuthenticator {
                     let hash = check.hash.clone();
                     let dummy = self.dummy.clone();
                     let password = check.password.clone();
-                    let ok = self
+                    match self
                         .throttle
                         .run(move || verify(hash.as_deref(), dummy.as_deref(), &password))
                         .await
-                        .unwrap_or(false);
-                    self.finish(&check, ok)
+                    {
+                        Some(ok) => self.finish(&check, ok),
+                        // No check could run (no thread): refused, but not the client's failure.
+                        None => Err(self.challenge()),
+                    }
                 }
             }
         })
