@@ -159,11 +159,16 @@ impl BitsError {
     }
 
     /// The reply handler / backend answered with `status` (§9.5): that status relayed,
-    /// `0x80190000 + status`, context `0x7`. A status the client would misread is replaced:
-    /// 413 (the client would shrink fragments forever) and anything outside 300..=599 become 500.
+    /// `0x80190000 + status`, context `0x7`. A status the client would misread is replaced by
+    /// 500 (transient): 401 and 407 (the client would take them as a challenge to its own
+    /// credentials), 413 (it would shrink fragments forever), 416 (it would resync), and
+    /// anything outside 300..=599.
     pub fn backend_status(status: u16) -> Self {
         let relayed = match status {
-            413 => 500,
+            // Statuses a BITS client reads as something other than a backend failure:
+            // 401/407 as a challenge to its own credentials, 413 as "send smaller fragments"
+            // (an endless loop), 416 as a resync to `BITS-Received-Content-Range` (§2.1, §9.5).
+            401 | 407 | 413 | 416 => 500,
             300..=599 => status,
             _ => 500,
         };
@@ -251,6 +256,13 @@ mod tests {
             BitsError::backend_status(413).status(),
             StatusCode::INTERNAL_SERVER_ERROR
         );
+        for special in [401, 407, 416] {
+            assert_eq!(
+                BitsError::backend_status(special).status(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "{special}"
+            );
+        }
         assert_eq!(
             BitsError::backend_status(409).status(),
             StatusCode::CONFLICT

@@ -36,9 +36,14 @@ pub struct CommandConfig {
     /// The status the client sees when the program exits unsuccessfully (relayed as a backend
     /// failure, §9.5; 300–599). Default: 500.
     pub failure_status: u16,
-    /// Extra environment variables, on top of the server's own environment. The `BITS_*`
-    /// variables the handler sets win over these.
+    /// Extra environment variables. The `BITS_*` variables the handler sets win over these.
     pub env: Vec<(String, String)>,
+    /// Names of the server's own environment variables passed through to the program (when
+    /// the server has them). Nothing else of the server's environment is: the program starts
+    /// with `PATH` ([`CommandConfig::DEFAULT_PATH`] unless passed through or set in
+    /// [`CommandConfig::env`]), the pass-through list, [`CommandConfig::env`] and the
+    /// `BITS_*` variables. Default: empty.
+    pub pass_env: Vec<String>,
 }
 
 impl CommandConfig {
@@ -46,6 +51,8 @@ impl CommandConfig {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
     /// The default [`CommandConfig::failure_status`]: 500.
     pub const DEFAULT_FAILURE_STATUS: u16 = 500;
+    /// The `PATH` a program gets unless `PATH` is passed through or set.
+    pub const DEFAULT_PATH: &'static str = "/usr/local/bin:/usr/bin:/bin";
 
     /// Runs `program` without arguments, with the defaults for everything else.
     pub fn new(program: impl Into<PathBuf>) -> Self {
@@ -82,11 +89,17 @@ impl CommandConfig {
         self.env.push((name.into(), value.into()));
         self
     }
+
+    /// Adds a variable name to [`CommandConfig::pass_env`].
+    pub fn pass_env(mut self, name: impl Into<String>) -> Self {
+        self.pass_env.push(name.into());
+        self
+    }
 }
 
 impl Default for CommandConfig {
     /// No program (it must be set), no arguments, a 5-minute timeout, failure status 500,
-    /// no extra environment.
+    /// no extra environment, nothing passed through.
     fn default() -> Self {
         CommandConfig {
             program: PathBuf::new(),
@@ -94,6 +107,7 @@ impl Default for CommandConfig {
             timeout: Self::DEFAULT_TIMEOUT,
             failure_status: Self::DEFAULT_FAILURE_STATUS,
             env: Vec::new(),
+            pass_env: Vec::new(),
         }
     }
 }
@@ -103,10 +117,13 @@ impl Default for CommandConfig {
 /// The program gets:
 /// * the upload on **stdin** (streamed from the file; a program that exits without reading
 ///   it is fine),
-/// * the environment variables `BITS_SESSION_ID` (the braced session id),
-///   `BITS_ORIGINAL_URL` (the job's remote URL), `BITS_CONTENT_NAME` (empty if the client
-///   sent none), `BITS_UPLOAD_PATH` (absolute path of the upload file) and `BITS_UPLOAD_SIZE`
-///   (bytes), on top of the server's environment and [`CommandConfig::env`],
+/// * a clean environment: `PATH`, the variables named in [`CommandConfig::pass_env`],
+///   [`CommandConfig::env`], and `BITS_SESSION_ID` (the braced session id),
+///   `BITS_ORIGINAL_URL` (the job's remote URL, as the client addressed it),
+///   `BITS_CONTENT_NAME` (empty if the client sent none), `BITS_UPLOAD_PATH` (absolute path
+///   of the upload file) and `BITS_UPLOAD_SIZE` (bytes). `BITS_ORIGINAL_URL` and
+///   `BITS_CONTENT_NAME` are chosen by the client: pass them to programs as data (`"$VAR"`
+///   quoted, or arguments), never paste them into shell code or `eval` them,
 /// * its own process group, so that a timeout kills everything it started.
 ///
 /// Its **stdout** is streamed to a file of its own run in [`Upload::session_dir`]
@@ -139,6 +156,11 @@ impl CommandHandler {
                 "failure status {} is not in 300-599",
                 config.failure_status
             ));
+        }
+        for name in &config.pass_env {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return bad(format!("bad pass-through variable name {name:?}"));
+            }
         }
         for (name, value) in &config.env {
             if name.is_empty() || name.contains(['=', '\0']) {
@@ -221,6 +243,14 @@ async fn run(
     let upload_path = std::path::absolute(&upload.path).unwrap_or_else(|_| upload.path.clone());
 
     let mut cmd = tokio::process::Command::new(&config.program);
+    // A clean environment: the server's own (credentials, tokens, proxies) stays private
+    // unless the configuration passes a variable through.
+    cmd.env_clear().env("PATH", CommandConfig::DEFAULT_PATH);
+    for name in &config.pass_env {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
     cmd.args(&config.args)
         .envs(config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("BITS_SESSION_ID", &session)

@@ -119,6 +119,7 @@ mod tests {
         let upload = Upload {
             session_id: bitsd_protocol::SessionId::random(),
             original_url: "http://h/digest/x".into(),
+            server_url: None,
             content_name: None,
             len: 10,
             path,
@@ -137,6 +138,7 @@ mod tests {
         let upload = Upload {
             session_id: bitsd_protocol::SessionId::random(),
             original_url: "http://h/digest/x".into(),
+            server_url: None,
             content_name: None,
             len: 1,
             path: dir.path().join("nope"),

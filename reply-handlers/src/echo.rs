@@ -25,6 +25,7 @@ mod tests {
         let upload = Upload {
             session_id: bitsd_protocol::SessionId::random(),
             original_url: "http://h/echo/x".into(),
+            server_url: None,
             content_name: None,
             len: 5,
             path: path.clone(),

@@ -93,7 +93,9 @@ impl Notification {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpNotifyConfig {
     /// The notification URL (BITSServerNotificationURL): an absolute `http` URL, or a
-    /// relative one, resolved against the directory of each job's remote URL (§9.1).
+    /// relative one, resolved against the directory of each job's remote URL (§9.1) as the
+    /// server names it ([`Upload::server_url`]: its public URL or its listener's address,
+    /// never the client's `Host`).
     /// HTTP only; at most 2200 characters.
     pub url: String,
     /// By value or by reference. Default: by value.
@@ -159,7 +161,8 @@ type HttpClient = Client<HttpConnector, UploadBody>;
 /// (§9), and turns its answer into the reply.
 ///
 /// The request is `POST` to the notification URL (a relative one resolved against the
-/// directory of the job's remote URL, the remote URL's query string appended), with `Host`
+/// directory of the job's remote URL as the server names it, [`Upload::server_url`], never
+/// against the client's `Host`; the remote URL's query string appended), with `Host`
 /// and `BITS-Original-Request-URL: <remote URL>`, and no `BITS-Packet-Type`:
 /// * by value, the body is the upload, streamed from its file with its exact
 ///   `Content-Length`;
@@ -287,8 +290,27 @@ impl HttpNotifyHandler {
         Ok(url)
     }
 
+    /// The URL notified for `upload`. A relative notification URL resolves against
+    /// [`Upload::server_url`] (the server's own name), never against
+    /// [`Upload::original_url`], whose host the client chose: otherwise a client could make
+    /// the server post the upload to any host and port it likes and hand back the answer.
+    fn target_for(&self, upload: &Upload) -> Result<Url, HandlerError> {
+        match &self.target {
+            Target::Absolute(_) => self.notification_url(&upload.original_url),
+            Target::Relative(rel) => {
+                let base = upload.server_url.as_deref().ok_or_else(|| {
+                    HandlerError::internal(format!(
+                        "relative notification URL {rel:?} needs the server's own URL \
+                         (set public_url); the client's Host is never used"
+                    ))
+                })?;
+                self.notification_url(base)
+            }
+        }
+    }
+
     async fn notify(&self, upload: Upload) -> Result<Reply, HandlerError> {
-        let url = self.notification_url(&upload.original_url)?;
+        let url = self.target_for(&upload)?;
         let uri: http::Uri = url
             .as_str()
             .parse()

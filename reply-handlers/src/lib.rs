@@ -66,8 +66,14 @@ pub use static_reply::StaticHandler;
 pub struct Upload {
     /// The session id.
     pub session_id: SessionId,
-    /// The job's remote URL, absolute, with its query string.
+    /// The job's remote URL, absolute, with its query string. Its scheme and host come from
+    /// the client (`Host`, or an absolute-form request target): informational only, never a
+    /// place to send anything to.
     pub original_url: String,
+    /// The job's remote URL under a name the server chose itself (its configured public URL,
+    /// or its listener's address) with the path and query the client sent: what relative
+    /// notification URLs resolve against. `None` when the server has no such name.
+    pub server_url: Option<String>,
     /// The client's `Content-Name`, if it sent one.
     pub content_name: Option<String>,
     /// Size of the upload in bytes.

@@ -337,6 +337,35 @@ async fn relative_notification_url_resolves_against_the_remote_directory() {
     assert_common_headers(&seen, &backend.host(), &remote);
 }
 
+#[tokio::test]
+async fn relative_notification_url_never_follows_the_clients_host() {
+    // The remote URL names a backend (its host came from the client); the server's own URL
+    // names another. The relative URL follows the server's.
+    let clients_pick = Backend::start(Answer::default()).await;
+    let servers_own = Backend::start(Answer::default()).await;
+    let mut fx = upload(b"r", &clients_pick.url("/vdir/file.bin?x=1"), None);
+    fx.upload.server_url = Some(servers_own.url("/vdir/file.bin?x=1"));
+    handler("notify", Notification::ByValue)
+        .reply(fx.upload.clone())
+        .await
+        .unwrap();
+    assert_eq!(servers_own.only().target, "/vdir/notify?x=1");
+    assert!(clients_pick.seen.lock().unwrap().is_empty());
+
+    // Without a server URL a relative notification URL fails (500), contacting nobody.
+    fx.upload.server_url = None;
+    let err = handler("notify", Notification::ByValue)
+        .reply(fx.upload.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, HandlerError::Status { status: 500, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("public_url"), "{err}");
+    assert!(clients_pick.seen.lock().unwrap().is_empty());
+}
+
 // ---------------------------------------------------------------- by reference
 
 #[tokio::test]

@@ -1,13 +1,16 @@
 //! The admin listener: session progress as JSON (`GET /sessions`, `GET /sessions/{id}`),
 //! Prometheus metrics (`GET /metrics`), liveness (`GET /healthz`), readiness (`GET /readyz`)
 //! and, in the test server mode, the transcript (`GET /transcript`).
-//! It binds to loopback by default and must not be exposed to clients.
+//! It binds to loopback by default and must not be exposed to clients: [`crate::start`] refuses
+//! another address unless allowed, and an admin token guards everything but the probes.
 
 use std::convert::Infallible;
 
 use bitsd_protocol::SessionId;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+
+use sha2::{Digest, Sha256};
 
 use crate::body::ResponseBody;
 use crate::service::plain;
@@ -31,6 +34,79 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ResponseB
         }
         Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "serialization failed\n"),
     }
+}
+
+/// The admin API's bearer token, kept as its SHA-256.
+#[derive(Clone)]
+pub(crate) struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    pub(crate) fn new(token: &str) -> Self {
+        AdminToken(Sha256::digest(token.as_bytes()).into())
+    }
+
+    fn admits<B>(&self, req: &Request<B>) -> bool {
+        req.headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| Sha256::digest(token.trim().as_bytes()))
+            })
+            .is_some_and(|digest| digest.as_slice() == self.0)
+    }
+}
+
+/// Answers one admin request after checking the token (if one is set): `/healthz` and
+/// `/readyz` are open, everything else needs `Authorization: Bearer <token>`.
+pub(crate) async fn handle_admin_guarded<B>(
+    bits: BitsService,
+    transcript: Option<Transcript>,
+    token: Option<AdminToken>,
+    req: Request<B>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let path = req.uri().path().trim_end_matches('/');
+    let probe = path == "/healthz" || path == "/readyz";
+    if let Some(token) = &token {
+        if !probe && !token.admits(&req) {
+            let mut res = plain(StatusCode::UNAUTHORIZED, "admin token required\n");
+            res.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"bitsd-admin\""),
+            );
+            return Ok(res);
+        }
+    }
+    handle_admin_with(bits, transcript, req).await
+}
+
+/// Default and largest number of sessions in one `/sessions` page.
+const PAGE_DEFAULT: usize = 100;
+const PAGE_MAX: usize = 1000;
+
+/// `limit` and `after` of a `/sessions` query.
+fn page_query(query: Option<&str>) -> Result<(usize, Option<SessionId>), &'static str> {
+    let mut limit = PAGE_DEFAULT;
+    let mut after = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+        match k {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or("limit must be a positive number\n")?
+                    .min(PAGE_MAX);
+            }
+            "after" => after = Some(v.parse().map_err(|_| "after must be a session id\n")?),
+            _ => {}
+        }
+    }
+    Ok((limit, after))
 }
 
 /// Answers one admin request.
@@ -103,12 +179,27 @@ pub async fn handle_admin_with<B>(
             ),
         }
     } else if path == "/sessions" {
-        match bits.all_progress().await {
-            Ok(all) => json(StatusCode::OK, &all),
-            Err(e) => {
-                tracing::error!(error = %e, "admin: listing sessions failed");
-                plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
-            }
+        match page_query(req.uri().query()) {
+            Err(why) => plain(StatusCode::BAD_REQUEST, why),
+            Ok((limit, after)) => match bits.progress_page(after.as_ref(), limit).await {
+                Ok((page, next)) => {
+                    let mut res = json(StatusCode::OK, &page);
+                    if let Some(next) = next {
+                        let link = format!(
+                            "</sessions?after={}&limit={limit}>; rel=\"next\"",
+                            next.simple()
+                        );
+                        if let Ok(v) = HeaderValue::from_str(&link) {
+                            res.headers_mut().insert(http::header::LINK, v);
+                        }
+                    }
+                    res
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "admin: listing sessions failed");
+                    plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
+                }
+            },
         }
     } else if let Some(id) = path.strip_prefix("/sessions/") {
         let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();

@@ -2,26 +2,52 @@
 //! reply download must carry credentials, and a session belongs to the user who created it.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use base64::Engine;
 use http::request::Parts;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
+use crate::auth_throttle::Throttle;
+
 /// The request carried no acceptable credentials; answer 401 with this challenge.
 #[derive(Clone, Debug)]
 pub struct AuthChallenge {
     /// The `WWW-Authenticate` values to send.
     pub www_authenticate: Vec<HeaderValue>,
+    /// Too many failures from this client or for this user: no check was made, and none will
+    /// be for this long (sent as `Retry-After`).
+    pub retry_after: Option<Duration>,
 }
+
+/// The address of the client a request came from, as a request extension. [`crate::start`]
+/// adds it to every request; a host application serving [`crate::BitsService`] itself may
+/// add it so that failed logins are also limited per client address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The future of [`Authenticator::authenticate_async`].
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<String, AuthChallenge>> + Send + 'a>>;
 
 /// Maps a request to a user. Implement it to let a host application's own authentication
 /// decide; [`CredentialsAuthenticator`] is the built-in one.
 pub trait Authenticator: Send + Sync + 'static {
-    /// The user the request authenticates as, or the challenge to send back.
+    /// The user the request authenticates as, or the challenge to send back. It may block
+    /// (a password hash check); the service calls [`Authenticator::authenticate_async`].
     fn authenticate(&self, parts: &Parts) -> Result<String, AuthChallenge>;
+
+    /// What the service calls for each request. The default runs
+    /// [`Authenticator::authenticate`] in place, which is right for quick checks; override it
+    /// when a check is slow, so that it runs off the async worker threads.
+    fn authenticate_async<'a>(&'a self, parts: &'a Parts) -> AuthFuture<'a> {
+        Box::pin(std::future::ready(self.authenticate(parts)))
+    }
 }
 
 /// Reading a credentials file failed.
@@ -54,13 +80,67 @@ pub enum AuthFileError {
 /// * tokens file: one `user:<sha256 of the token, hex>` line per token.
 ///
 /// Blank lines and lines starting with `#` are skipped.
+///
+/// Through [`Authenticator::authenticate_async`], argon2 runs on dedicated `bitsd-auth`
+/// threads, at most half the cores at once, never on the async workers. A successful check
+/// is remembered for 2 minutes (keyed by a keyed hash of user and password). An unknown user
+/// costs the same argon2 check as a known one. After 5 failures from one client address or
+/// for one user name, further attempts are refused without a check (401 with `Retry-After`)
+/// for 1 s, doubling with each failure up to 60 s; a success, or 15 minutes without a
+/// failure, clears the count. Bearer tokens are checked at once (a SHA-256 lookup).
 pub struct CredentialsAuthenticator {
     users: HashMap<String, String>,
     tokens: HashMap<[u8; 32], String>,
     realm: String,
-    /// Password checks that succeeded, by user and password digest: argon2 is slow on
-    /// purpose, and a client sends credentials with every packet.
-    verified: Mutex<HashMap<(String, [u8; 32]), ()>>,
+    throttle: Throttle,
+    /// The hash an unknown user's password is checked against: a real user's, so that it
+    /// costs exactly what a known user's check costs.
+    dummy: Option<String>,
+}
+
+/// A PHC hash with the default parameters, checked for unknown users when there are no users
+/// at all.
+fn default_dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        // Hashing with the defaults cannot fail; if it did, unknown users would be refused
+        // without the work (the only cost: they would be quicker to refuse).
+        hash_password("bitsd-dummy-password").unwrap_or_default()
+    })
+}
+
+/// Checks `password` against `hash`, or against `dummy` when there is no such user (then
+/// always false, after the same work).
+fn verify(hash: Option<&str>, dummy: Option<&str>, password: &str) -> bool {
+    use argon2::PasswordVerifier;
+    let (phc, known) = match hash {
+        Some(h) => (h, true),
+        None => (dummy.unwrap_or_else(|| default_dummy_hash()), false),
+    };
+    let Ok(parsed) = argon2::PasswordHash::new(phc) else {
+        return false;
+    };
+    let ok = argon2::Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok();
+    ok && known
+}
+
+/// What a request needs before it is answered.
+enum Begin {
+    /// The answer is known without an argon2 check.
+    Answer(Result<String, AuthChallenge>),
+    /// A Basic attempt that needs an argon2 check.
+    Check(PendingCheck),
+}
+
+/// A Basic attempt that needs an argon2 check.
+struct PendingCheck {
+    user: String,
+    password: String,
+    hash: Option<String>,
+    key: [u8; 32],
+    addr: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for CredentialsAuthenticator {
@@ -126,7 +206,8 @@ impl CredentialsAuthenticator {
             users: HashMap::new(),
             tokens: HashMap::new(),
             realm: realm.to_owned(),
-            verified: Mutex::new(HashMap::new()),
+            throttle: Throttle::new(),
+            dummy: None,
         }
     }
 
@@ -140,6 +221,7 @@ impl CredentialsAuthenticator {
                     why: "not a PHC password hash (use `bitsd hash-password`)".into(),
                 });
             }
+            self.dummy.get_or_insert_with(|| hash.clone());
             self.users.insert(user, hash);
         }
         Ok(self)
@@ -160,6 +242,7 @@ impl CredentialsAuthenticator {
 
     /// Adds one user with a password hash.
     pub fn with_user(mut self, user: &str, phc_hash: &str) -> Self {
+        self.dummy.get_or_insert_with(|| phc_hash.to_owned());
         self.users.insert(user.to_owned(), phc_hash.to_owned());
         self
     }
@@ -176,35 +259,69 @@ impl CredentialsAuthenticator {
                 www_authenticate.push(v);
             }
         }
-        AuthChallenge { www_authenticate }
+        AuthChallenge {
+            www_authenticate,
+            retry_after: None,
+        }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<(String, [u8; 32]), ()>> {
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    /// Everything but the argon2 check: the answer when it is known without one, else the
+    /// check to make.
+    fn begin(&self, parts: &Parts) -> Begin {
+        let Some(value) = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Begin::Answer(Err(self.challenge()));
+        };
+        let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let user = self.tokens.get(&sha256(rest.trim().as_bytes())).cloned();
+            return Begin::Answer(user.ok_or_else(|| self.challenge()));
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Begin::Answer(Err(self.challenge()));
+        }
+        let Some((user, password)) = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()
+            .and_then(|d| String::from_utf8(d).ok())
+            .and_then(|t| t.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())))
+        else {
+            return Begin::Answer(Err(self.challenge()));
+        };
+        let key = self.throttle.key(&user, &password);
+        if self.users.contains_key(&user) && self.throttle.is_cached(&key) {
+            return Begin::Answer(Ok(user));
+        }
+        let addr = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
+        if let Some(left) = self.throttle.blocked(addr, &user) {
+            tracing::info!(user = %user, client = ?addr, retry_after_ms = left.as_millis() as u64,
+                "too many failed logins: refused without a check");
+            let mut challenge = self.challenge();
+            challenge.retry_after = Some(left);
+            return Begin::Answer(Err(challenge));
+        }
+        Begin::Check(PendingCheck {
+            hash: self.users.get(&user).cloned(),
+            user,
+            password,
+            key,
+            addr,
+        })
     }
 
-    fn check_basic(&self, encoded: &str) -> Option<String> {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        let (user, password) = text.split_once(':')?;
-        let hash = self.users.get(user)?;
-        let key = (user.to_owned(), sha256(password.as_bytes()));
-        if self.cache().contains_key(&key) {
-            return Some(user.to_owned());
+    /// Records the outcome of a check and answers.
+    fn finish(&self, check: &PendingCheck, ok: bool) -> Result<String, AuthChallenge> {
+        if ok {
+            self.throttle.succeeded(check.key, check.addr, &check.user);
+            Ok(check.user.clone())
+        } else {
+            tracing::info!(user = %check.user, client = ?check.addr, "failed login");
+            self.throttle.failed(check.addr, &check.user);
+            Err(self.challenge())
         }
-        use argon2::PasswordVerifier;
-        let parsed = argon2::PasswordHash::new(hash).ok()?;
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .ok()?;
-        let mut cache = self.cache();
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(key, ());
-        Some(user.to_owned())
     }
 }
 
@@ -221,23 +338,42 @@ fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
 }
 
 impl Authenticator for CredentialsAuthenticator {
+    /// Checks in place (argon2 on the calling thread); for callers outside an async runtime.
     fn authenticate(&self, parts: &Parts) -> Result<String, AuthChallenge> {
-        let Some(value) = parts
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-        else {
-            return Err(self.challenge());
-        };
-        let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
-        let user = if scheme.eq_ignore_ascii_case("basic") {
-            self.check_basic(rest)
-        } else if scheme.eq_ignore_ascii_case("bearer") {
-            self.tokens.get(&sha256(rest.trim().as_bytes())).cloned()
-        } else {
-            None
-        };
-        user.ok_or_else(|| self.challenge())
+        match self.begin(parts) {
+            Begin::Answer(answer) => answer,
+            Begin::Check(check) => {
+                let ok = verify(
+                    check.hash.as_deref(),
+                    self.dummy.as_deref(),
+                    &check.password,
+                );
+                self.finish(&check, ok)
+            }
+        }
+    }
+
+    /// Checks passwords on a bounded set of dedicated threads.
+    fn authenticate_async<'a>(&'a self, parts: &'a Parts) -> AuthFuture<'a> {
+        Box::pin(async move {
+            match self.begin(parts) {
+                Begin::Answer(answer) => answer,
+                Begin::Check(check) => {
+                    let hash = check.hash.clone();
+                    let dummy = self.dummy.clone();
+                    let password = check.password.clone();
+                    match self
+                        .throttle
+                        .run(move || verify(hash.as_deref(), dummy.as_deref(), &password))
+                        .await
+                    {
+                        Some(ok) => self.finish(&check, ok),
+                        // No check could run (no thread): refused, but not the client's failure.
+                        None => Err(self.challenge()),
+                    }
+                }
+            }
+        })
     }
 }
 

@@ -93,6 +93,10 @@ pub struct ConfigFile {
     /// The routes; when there are none, the default `/upload/` and `/echo/` routes apply.
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteEntry>>,
+    /// A file holding the admin API's bearer token (required on everything but the probes).
+    pub admin_token_file: Option<PathBuf>,
+    /// Allow the admin listener on an address other than loopback.
+    pub admin_allow_non_loopback: Option<bool>,
 }
 
 /// The `[auth]` table.
@@ -170,6 +174,10 @@ pub enum HandlerSpec {
         /// Extra environment variables.
         #[serde(default)]
         env: BTreeMap<String, String>,
+        /// Names of the server's environment variables passed through to the program (the
+        /// program otherwise starts with a clean environment).
+        #[serde(default)]
+        pass_env: Vec<String>,
     },
     /// IIS-compatible backend notification (BITSServerNotificationURL).
     Http {
@@ -337,6 +345,13 @@ impl ConfigFile {
             let a = build_auth(&auth).map_err(|m| err(at_key("[auth]"), m))?;
             config.auth = Some(crate::SharedAuthenticator(Arc::new(a)));
         }
+        if let Some(path) = &self.admin_token_file {
+            config.admin_token =
+                Some(read_admin_token(path).map_err(|m| err(at_key("admin_token_file"), m))?);
+        }
+        if let Some(allow) = self.admin_allow_non_loopback {
+            config.admin_allow_non_loopback = allow;
+        }
         let default_overwrites = self.allow_overwrites.unwrap_or(false);
         if !self.routes.is_empty() {
             let mut routes = Vec::new();
@@ -351,9 +366,20 @@ impl ConfigFile {
                         format!("two routes have the prefix {}", route.prefix()),
                     ));
                 }
-                routes.push(route);
+                routes.push((offset, route));
             }
-            config.routes = routes;
+            let built: Vec<Route> = routes.iter().map(|(_, r)| r.clone()).collect();
+            if let Some((capturing, shadowed)) = crate::routes::reply_path_conflict(&built) {
+                let offset = routes
+                    .iter()
+                    .find(|(_, r)| r.prefix() == capturing.prefix())
+                    .map_or(0, |(o, _)| *o);
+                return Err(err(
+                    offset,
+                    crate::routes::reply_path_conflict_message(capturing, shadowed),
+                ));
+            }
+            config.routes = built;
         } else if default_overwrites {
             config.routes = std::mem::take(&mut config.routes)
                 .into_iter()
@@ -377,6 +403,21 @@ pub fn build_auth(entry: &AuthEntry) -> Result<crate::CredentialsAuthenticator, 
         auth = auth.with_tokens_file(f).map_err(|e| e.to_string())?;
     }
     Ok(auth)
+}
+
+/// Reads the admin token from `path`: the file's content without surrounding whitespace, at
+/// least 16 bytes.
+pub fn read_admin_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin_token_file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(format!(
+            "admin_token_file {}: the token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// Parses an admin listener value: an address, or `off` / `none` / empty for no listener.
@@ -448,8 +489,12 @@ pub fn build_handler(spec: &HandlerSpec) -> Result<Arc<dyn ReplyHandler>, String
             timeout_secs,
             failure_status,
             env,
+            pass_env,
         } => {
             let mut config = CommandConfig::new(program.clone()).args(args.iter().cloned());
+            for name in pass_env {
+                config = config.pass_env(name.clone());
+            }
             for (k, v) in env {
                 config = config.env(k.clone(), v.clone());
             }

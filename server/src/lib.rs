@@ -15,11 +15,13 @@
 
 mod admin;
 pub mod auth;
+mod auth_throttle;
 mod body;
 pub mod config;
 mod destination;
 pub mod fault;
 mod metrics;
+mod name_limits;
 mod packets;
 mod reply_download;
 mod request_url;
@@ -31,7 +33,7 @@ mod session_locks;
 pub mod transcript;
 
 pub use admin::{handle_admin, handle_admin_with};
-pub use auth::{AuthChallenge, Authenticator, CredentialsAuthenticator};
+pub use auth::{AuthChallenge, AuthFuture, Authenticator, ClientAddr, CredentialsAuthenticator};
 pub use bitsd_protocol as protocol;
 pub use bitsd_reply_handlers as reply_handlers;
 pub use bitsd_reply_handlers::{

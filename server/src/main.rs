@@ -117,6 +117,13 @@ struct ServeArgs {
     /// (also served on the admin listener at /transcript).
     #[arg(long, value_name = "FILE")]
     transcript: Option<PathBuf>,
+    /// Require `Authorization: Bearer <token>` on the admin API (all but /healthz and
+    /// /readyz); the token is the content of FILE (at least 16 characters).
+    #[arg(long, value_name = "FILE", env = "BITSD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Allow the admin listener on an address other than loopback (refused otherwise).
+    #[arg(long)]
+    admin_allow_non_loopback: bool,
 }
 
 fn main() -> ExitCode {
@@ -169,6 +176,21 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     let result =
         ConfigFile::load(file).and_then(|(parsed, text)| parsed.apply(&text, &name, &mut config));
     match result {
+        Ok(())
+            if config
+                .admin_listen
+                .is_some_and(|a| !a.ip().is_loopback() && !config.admin_allow_non_loopback) =>
+        {
+            let admin = config
+                .admin_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            eprintln!(
+                "{name}: admin_listen {admin} is not a loopback address: bitsd will refuse to \
+                 start unless admin_allow_non_loopback = true (and set admin_token_file)"
+            );
+            ExitCode::FAILURE
+        }
         Ok(()) => {
             println!("{name}: OK");
             println!("  listen        {}", config.listen);
@@ -318,6 +340,12 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
         config.transcript = Some(bitsd::TranscriptOptions {
             file: Some(file.clone()),
         });
+    }
+    if let Some(path) = &args.admin_token_file {
+        config.admin_token = Some(bitsd::config::read_admin_token(path)?);
+    }
+    if args.admin_allow_non_loopback {
+        config.admin_allow_non_loopback = true;
     }
     if args.users_file.is_some() || args.tokens_file.is_some() {
         let entry = bitsd::config::AuthEntry {

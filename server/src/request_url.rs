@@ -13,6 +13,30 @@ pub(crate) struct UrlPolicy {
     pub(crate) trust_forwarded: bool,
     /// Replaces scheme, host and mount path in reply URLs (`https://bits.example.com/base`).
     pub(crate) public_base_url: Option<String>,
+    /// The listener's own address as a URL base (`http://127.0.0.1:8080`): what relative
+    /// notification URLs resolve against when there is no public base URL.
+    pub(crate) server_base_url: Option<String>,
+}
+
+impl UrlPolicy {
+    /// `remote_url` (a job's remote URL, built from what the client sent) re-based on a name
+    /// the server chose itself: the public base URL if one is set, else the listener's own
+    /// address. Only the path and query of `remote_url` are kept, so nothing the client sent
+    /// in `Host`, `X-Forwarded-*` or an absolute-form request target picks the host or port.
+    /// `None` when the server has no name of its own (a service with neither set).
+    pub(crate) fn server_side_url(&self, remote_url: &str) -> Option<String> {
+        let after_scheme = remote_url.split_once("://").map_or(remote_url, |(_, r)| r);
+        let path_and_query = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
+        if let Some(public) = &self.public_base_url {
+            let below_mount = path_and_query
+                .strip_prefix(self.mount_path.as_str())
+                .filter(|rest| rest.starts_with('/'))
+                .unwrap_or(path_and_query);
+            return Some(format!("{public}{below_mount}"));
+        }
+        let own = self.server_base_url.as_ref()?;
+        Some(format!("{own}{path_and_query}"))
+    }
 }
 
 /// Scheme and authority a request was addressed to.
@@ -86,5 +110,58 @@ impl RequestOrigin {
             .map(|p| p.as_str())
             .unwrap_or("/");
         format!("{}{}", self.base(), pq)
+    }
+}
+
+/// Why a request path is refused before it is routed, as IIS request filtering refuses it
+/// (`allowDoubleEscaping="false"`): an IIS `%uXXXX` escape, or a percent escape that still
+/// leaves an escape after one decoding (`%252e` → `%2e`). `None` for an acceptable path.
+pub(crate) fn hostile_path(path: &str) -> Option<&'static str> {
+    if has_u_escape(path.as_bytes()) {
+        return Some("the request target uses a %u escape");
+    }
+    let once: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    if has_percent_escape(&once) || has_u_escape(&once) {
+        return Some("the request target is double-encoded");
+    }
+    None
+}
+
+fn has_percent_escape(bytes: &[u8]) -> bool {
+    bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
+}
+
+fn has_u_escape(bytes: &[u8]) -> bool {
+    bytes.windows(6).any(|w| {
+        w[0] == b'%' && (w[1] == b'u' || w[1] == b'U') && w[2..].iter().all(u8::is_ascii_hexdigit)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn double_and_u_escapes_are_hostile() {
+        for bad in [
+            "/upload/%252e%252e%252fetc",
+            "/upload/a%2525b",
+            "/upload/%u002e%u002e/x",
+            "/upload/%U002E",
+            "/upload/%25u002e",
+        ] {
+            assert!(hostile_path(bad).is_some(), "{bad}");
+        }
+        for good in [
+            "/upload/a%20b.bin",
+            "/upload/100%25",
+            "/upload/%25zz",
+            "/upload/plain/x.bin",
+            "/upload/%u00",
+        ] {
+            assert_eq!(hostile_path(good), None, "{good}");
+        }
     }
 }

@@ -92,6 +92,28 @@ impl Route {
     }
 }
 
+/// The first pair of routes where one captures the other's reply downloads: a prefix at or
+/// below another route's `<prefix>BITS-Sessions/` wins the longest-prefix match for that
+/// route's reply URLs, which then answer 405 instead of the reply. `(capturing, shadowed)`.
+pub(crate) fn reply_path_conflict(routes: &[Route]) -> Option<(&Route, &Route)> {
+    routes.iter().find_map(|shadowed| {
+        let replies = format!("{}BITS-Sessions/", shadowed.prefix);
+        routes
+            .iter()
+            .find(|r| r.prefix.starts_with(&replies))
+            .map(|capturing| (capturing, shadowed))
+    })
+}
+
+/// The message for a [`reply_path_conflict`].
+pub(crate) fn reply_path_conflict_message(capturing: &Route, shadowed: &Route) -> String {
+    format!(
+        "route {} is inside {}BITS-Sessions/, where route {} serves its reply downloads \
+         (they would answer 405): choose a prefix outside it",
+        capturing.prefix, shadowed.prefix, shadowed.prefix
+    )
+}
+
 /// Routes, matched by longest prefix.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RouteTable {
@@ -109,5 +131,28 @@ impl RouteTable {
         self.routes
             .iter()
             .find(|r| path.starts_with(r.prefix.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_inside_reply_paths_conflicts() {
+        let echo = || bitsd_reply_handlers::EchoHandler;
+        let routes = vec![
+            Route::upload_reply("/app/", echo()),
+            Route::upload("/app/sub/"),
+            Route::upload("/app/BITS-Sessions/x/"),
+        ];
+        let (capturing, shadowed) = reply_path_conflict(&routes).unwrap();
+        assert_eq!(capturing.prefix(), "/app/BITS-Sessions/x/");
+        assert_eq!(shadowed.prefix(), "/app/");
+        // Nested prefixes elsewhere are fine.
+        assert!(reply_path_conflict(&routes[..2]).is_none());
+        assert!(
+            reply_path_conflict(&[Route::upload("/"), Route::upload("/BITS-Sessions/")]).is_some()
+        );
     }
 }

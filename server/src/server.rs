@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, ClientAddr};
 use crate::fault::{FaultInjectingService, FaultPlan, FaultPlanError};
 use crate::routes::Route;
 use crate::service::BuildError;
@@ -88,6 +88,11 @@ pub struct ServerConfig {
     /// (served on the admin listener at `GET /transcript`, and written to the file if one is
     /// given). `None`: no transcript.
     pub transcript: Option<TranscriptOptions>,
+    /// A bearer token the admin API requires (`Authorization: Bearer <token>`) on everything
+    /// but `/healthz` and `/readyz`. `None`: no token.
+    pub admin_token: Option<String>,
+    /// Allow the admin listener on an address other than loopback (refused otherwise).
+    pub admin_allow_non_loopback: bool,
 }
 
 impl ServerConfig {
@@ -124,6 +129,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             fault_plan: None,
             transcript: None,
+            admin_token: None,
+            admin_allow_non_loopback: false,
         }
     }
 }
@@ -152,6 +159,14 @@ pub enum ServerError {
     /// The configuration is inconsistent.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The admin listener would be reachable from other hosts without being allowed to.
+    #[error(
+        "admin listener {0} is not a loopback address, and the admin API shows every session \
+         id and URL: bind it to 127.0.0.1 or ::1, or allow it explicitly with \
+         admin_allow_non_loopback = true (--admin-allow-non-loopback) and protect it with \
+         admin_token_file"
+    )]
+    AdminNotLoopback(SocketAddr),
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
@@ -219,6 +234,17 @@ pub struct RunningServer {
 
 /// Opens the data directory, binds the listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    if let Some(a) = config.admin_listen {
+        if !a.ip().is_loopback() {
+            if !config.admin_allow_non_loopback {
+                return Err(ServerError::AdminNotLoopback(a));
+            }
+            if config.admin_token.is_none() {
+                tracing::warn!(admin = %a, "the admin listener is reachable from other hosts \
+                    and has no admin token: anyone who reaches it sees every session id and URL");
+            }
+        }
+    }
     let store = SessionStore::open(&config.data_dir)
         .await
         .map_err(|source| ServerError::Storage {
@@ -226,6 +252,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             source,
         })?;
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let mut builder = BitsService::builder(store)
         .limits(config.limits)
         .session_limits(config.session_limits)
@@ -233,6 +269,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .authenticator(config.auth.as_ref().map(|a| a.0.clone()))
         .https(tls.is_some())
         .public_base_url(config.public_base_url.clone())
+        .server_url(Some(own_url(addr, tls.is_some())))
         .trust_forwarded_headers(config.trust_forwarded_headers)
         .host_id(config.host_id.clone(), config.host_id_fallback_timeout);
     for r in config.routes.iter().cloned() {
@@ -268,16 +305,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     } else {
         None
     };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
     let (shutdown, rx) = watch::channel(false);
     let rx2 = rx.clone();
     let mut tasks = Vec::new();
@@ -316,6 +343,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         );
         let svc = service.clone();
         let admin_transcript = transcript.clone();
+        let admin_token = config.admin_token.as_deref().map(admin::AdminToken::new);
         let admin_options = ListenerOptions {
             tls: None,
             max_connections: 64,
@@ -328,8 +356,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             move || {
                 let svc = svc.clone();
                 let transcript = admin_transcript.clone();
+                let token = admin_token.clone();
                 hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    admin::handle_admin_with(svc.clone(), transcript.clone(), req)
+                    admin::handle_admin_guarded(svc.clone(), transcript.clone(), token.clone(), req)
                 })
             },
         )));
@@ -352,6 +381,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tasks,
         grace: config.shutdown_grace,
     })
+}
+
+/// The listener's own address as a URL base: an unspecified address (`0.0.0.0`, `::`)
+/// becomes the loopback address of its family, which reaches the same listener.
+fn own_url(addr: SocketAddr, https: bool) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        }
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        }
+        ip => ip,
+    };
+    let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
 }
 
 async fn accept_loop<S, F, RB>(
@@ -394,7 +439,10 @@ async fn accept_loop<S, F, RB>(
                 http.timer(TokioTimer::new())
                     .header_read_timeout(options.header_timeout)
                     .max_buf_size(64 * 1024);
-                let service = make_service();
+                let service = WithClientAddr {
+                    inner: make_service(),
+                    peer,
+                };
                 let watcher = graceful.watcher();
                 let tls = options.tls.clone();
                 let handshake_timeout = options.header_timeout;
@@ -430,6 +478,27 @@ async fn accept_loop<S, F, RB>(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(options.grace) => tracing::warn!("shutdown deadline passed with requests in flight"),
+    }
+}
+
+/// Adds [`ClientAddr`] (the connection's peer) to every request of a connection.
+#[derive(Clone)]
+struct WithClientAddr<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S, B> hyper::service::Service<http::Request<B>> for WithClientAddr<S>
+where
+    S: hyper::service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(req)
     }
 }
 

@@ -102,6 +102,9 @@ pub enum BuildError {
     /// The store's sessions could not be read to count the live ones.
     #[error("cannot count the sessions in the store: {0}")]
     Store(#[source] StorageError),
+    /// A route's prefix lies inside another route's reply paths (`<prefix>BITS-Sessions/`).
+    #[error("{0}")]
+    ShadowedReplies(String),
 }
 
 impl BitsServiceBuilder {
@@ -121,6 +124,16 @@ impl BitsServiceBuilder {
     /// scheme and `Host`; for servers behind a reverse proxy.
     pub fn public_base_url(mut self, url: Option<String>) -> Self {
         self.urls.public_base_url = url.map(|u| u.trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// The server's own address as a URL base (`http://127.0.0.1:8080`). Relative
+    /// notification URLs of `http` handlers resolve against the public base URL if one is
+    /// set, else against this, and never against the client's `Host`: without either, a
+    /// relative notification URL fails with 500. [`crate::start`] sets it to the listener's
+    /// address.
+    pub fn server_url(mut self, url: Option<String>) -> Self {
+        self.urls.server_base_url = url.map(|u| u.trim_end_matches('/').to_owned());
         self
     }
 
@@ -199,6 +212,11 @@ impl BitsServiceBuilder {
         // its slot back a second time.
         let records = self.store.meta().list().map_err(BuildError::Store)?;
         let counts = SessionCounts::from_records(&records);
+        if let Some((capturing, shadowed)) = crate::routes::reply_path_conflict(&self.routes) {
+            return Err(BuildError::ShadowedReplies(
+                crate::routes::reply_path_conflict_message(capturing, shadowed),
+            ));
+        }
         Ok(BitsService {
             shared: Arc::new(Shared {
                 store: self.store,
@@ -329,6 +347,30 @@ impl BitsService {
         Ok(records.iter().map(SessionProgress::of).collect())
     }
 
+    /// One page of [`BitsService::all_progress`], ordered by session id: at most `limit`
+    /// sessions whose ids follow `after`, and the id to continue after when more remain. Only
+    /// the page is read from the store.
+    pub async fn progress_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<(Vec<SessionProgress>, Option<SessionId>), StorageError> {
+        // One more than the page tells whether another page follows.
+        let mut records = self
+            .shared
+            .store
+            .list_page(after.copied(), limit.saturating_add(1))
+            .await?;
+        let more = records.len() > limit;
+        records.truncate(limit);
+        let next = if more {
+            records.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Ok((records.iter().map(SessionProgress::of).collect(), next))
+    }
+
     /// Prometheus text exposition of the server's metrics (sessions by state, bytes, fragments
     /// by outcome, errors by `BITS-Error-Code`, reply bytes, handler latency, sled size).
     pub async fn metrics_text(&self) -> Result<String, StorageError> {
@@ -436,6 +478,9 @@ impl BitsService {
         );
         let shared = self.shared.clone();
         async move {
+            if let Some(why) = crate::request_url::hostile_path(req.uri().path()) {
+                return refuse_hostile_target(&req, why);
+            }
             let route = shared.routes.find(req.uri().path()).cloned();
             let (parts, body) = req.into_parts();
             let method = parts.method.clone();
@@ -443,7 +488,7 @@ impl BitsService {
             // Authentication applies to the upload routes; other paths answer 404 / 501 as is.
             let mut user = None;
             if let (Some(auth), Some(_)) = (&shared.auth, &route) {
-                match auth.authenticate(&parts) {
+                match auth.authenticate_async(&parts).await {
                     Ok(u) => {
                         tracing::Span::current().record("user", u.as_str());
                         user = Some(u);
@@ -457,6 +502,11 @@ impl BitsService {
                         };
                         for v in challenge.www_authenticate {
                             res.headers_mut().append(http::header::WWW_AUTHENTICATE, v);
+                        }
+                        if let Some(wait) = challenge.retry_after {
+                            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                            res.headers_mut()
+                                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
                         }
                         return res;
                     }
@@ -486,6 +536,22 @@ impl BitsService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// 400 for a request target refused before routing: a BITS Ack (`E_INVALIDARG`, fatal for
+/// the client) for `BITS_POST`, plain text otherwise.
+fn refuse_hostile_target<B>(req: &Request<B>, why: &'static str) -> Response<ResponseBody> {
+    if req.method().as_str() == "BITS_POST" {
+        error_ack(
+            &BitsError::invalid_arg(why),
+            raw_session(req.headers()).as_ref(),
+            None,
+        )
+        .into_response()
+    } else {
+        tracing::info!(reason = why, "request target refused");
+        plain(StatusCode::BAD_REQUEST, "bad request target\n")
     }
 }
 

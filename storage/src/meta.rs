@@ -35,6 +35,20 @@ pub trait MetaStore: Send + Sync + 'static {
     fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError>;
     /// Every record.
     fn list(&self) -> Result<Vec<SessionRecord>, StorageError>;
+    /// At most `limit` records whose ids follow `after` (all when `None`), in id order (the
+    /// order of the id's 16 bytes). The default filters [`MetaStore::list`]; a store that
+    /// keeps records in id order should read only the page.
+    fn list_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        let mut records = self.list()?;
+        records.retain(|r| after.is_none_or(|a| r.id.as_uuid() > a.as_uuid()));
+        records.sort_by_key(|r| *r.id.as_uuid());
+        records.truncate(limit);
+        Ok(records)
+    }
     /// Removes the entries of `id` at or past `offset` (recovery: leftovers of a fragment that
     /// was never acknowledged), without waiting for durability.
     fn remove_fragments_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError>;

@@ -131,6 +131,17 @@ impl SessionStore {
         blocking(move || meta.list()).await
     }
 
+    /// At most `limit` records whose ids follow `after`, in id order, tombstones included: a
+    /// page of [`SessionStore::list`] that reads only the page.
+    pub async fn list_page(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        let meta = self.meta.clone();
+        blocking(move || meta.list_page(after.as_ref(), limit)).await
+    }
+
     /// Creates a new session: its record, durably, so the Create-Session Ack that follows
     /// survives a crash (a lost session would make the client start its job over). The flush
     /// is the meta store's group commit, shared with every other durable change in flight.

@@ -301,6 +301,27 @@ impl MetaStore for SledMetaStore {
             .collect()
     }
 
+    fn list_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        use std::ops::Bound;
+        // Records are keyed by the id's bytes: a page is one range read.
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_uuid().as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        self.sessions
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv.map_err(meta_err)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
     fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentEntry>, StorageError> {
         self.fragments
             .scan_prefix(id.as_uuid().as_bytes())

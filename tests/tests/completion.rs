@@ -25,6 +25,7 @@ fn slow_echo_route(prefix: &str, runs: &Path, pause: &str) -> Route {
         timeout_secs: Some(20),
         failure_status: None,
         env: BTreeMap::new(),
+        pass_env: Vec::new(),
     };
     Route::upload_reply_shared(prefix, build_handler(&spec).unwrap())
 }

@@ -238,6 +238,7 @@ fn command_route(prefix: &str, program: &str, args: &[&str], failure_status: Opt
             timeout_secs: Some(10),
             failure_status,
             env: BTreeMap::new(),
+            pass_env: Vec::new(),
         },
     )
 }
@@ -651,30 +652,39 @@ async fn by_reference_backend_reads_the_request_file_and_writes_the_response_fil
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn relative_notification_url_resolves_against_the_remote_urls_directory() {
-    // `handle.asp` resolves against the remote URL's directory, so the backend must be the
-    // remote URL's host: the client addresses bitsd with `Host: <backend address>`.
+async fn relative_notification_url_resolves_against_the_servers_own_url() {
+    // `handle.asp` resolves against the directory of the remote URL as the server names it
+    // (its public URL, here the backend's address), never against the client's `Host`
+    // (tests/tests/security_urls.rs has the hostile case).
     let backend = Backend::start(|seen| Answer::ok(format!("{} bytes", seen.body.len()))).await;
-    let server = start(vec![http_route(
-        "/app/",
-        "handle.asp".to_owned(),
-        NotificationMode::ByValue,
-        10,
-    )])
-    .await;
-    let host = backend.addr.to_string();
+    let public = format!("http://{}", backend.addr);
+    let server = {
+        let public = public.clone();
+        TestServer::start_with(move |cfg| {
+            cfg.routes = vec![http_route(
+                "/app/",
+                "handle.asp".to_owned(),
+                NotificationMode::ByValue,
+                10,
+            )];
+            cfg.public_base_url = Some(public);
+        })
+        .await
+    };
+    let host = "client-chosen.example.test";
     let mut c = server.connect().await;
     let data = pattern(5000, 13);
-    let job = Job::start(&mut c, &host, "/app/sub/q.bin?ACCOUNT=873112", data, 4096).await;
+    let job = Job::start(&mut c, host, "/app/sub/q.bin?ACCOUNT=873112", data, 4096).await;
     let fin = job.finish(&mut c).await;
     let url = assert_final_ok(&fin, &job);
     assert!(
-        url.starts_with(&format!("http://{host}/app/BITS-Sessions/")),
+        url.starts_with(&format!("{public}/app/BITS-Sessions/")),
         "{url}"
     );
     let seen = backend.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].target, "/app/sub/handle.asp?ACCOUNT=873112");
+    // The backend is still told the remote URL the client used.
     assert_eq!(
         seen[0].header("bits-original-request-url"),
         Some(format!("http://{host}/app/sub/q.bin?ACCOUNT=873112").as_str())
@@ -778,6 +788,11 @@ async fn backend_error_statuses_are_relayed_with_context_7() {
         (404, 404, "0x80190194"),
         // Never 413: the client would shrink its fragments forever (§2.1).
         (413, 500, "0x801901f4"),
+        // Never 401/407 (a challenge to the client's own credentials, without
+        // WWW-Authenticate) nor 416 (a resync): a transient backend failure instead (§9.5).
+        (401, 500, "0x801901f4"),
+        (407, 500, "0x801901f4"),
+        (416, 500, "0x801901f4"),
     ];
     for (i, (backend_status, status, code)) in cases.into_iter().enumerate() {
         answer.store(backend_status, Ordering::SeqCst);
@@ -1065,6 +1080,7 @@ async fn command_handler_failures_and_timeouts() {
             timeout_secs: Some(1),
             failure_status: None,
             env: BTreeMap::new(),
+            pass_env: Vec::new(),
         },
     );
     let server = start(vec![

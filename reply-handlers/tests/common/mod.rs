@@ -33,6 +33,7 @@ pub fn upload(bytes: &[u8], original_url: &str, content_name: Option<&str>) -> F
     let upload = Upload {
         session_id: SessionId::random(),
         original_url: original_url.to_owned(),
+        server_url: Some(original_url.to_owned()),
         content_name: content_name.map(str::to_owned),
         len: bytes.len() as u64,
         path,

@@ -279,6 +279,7 @@ async fn produce_reply(
     let upload = Upload {
         session_id: record.id,
         original_url: record.remote_url.clone(),
+        server_url: shared.urls.server_side_url(&record.remote_url),
         content_name: record.content_name.clone(),
         len: record.received,
         path: shared.store.upload_path(&record.id),

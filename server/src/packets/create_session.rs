@@ -20,6 +20,9 @@ pub(super) async fn handle(
 ) -> Result<Ack, BitsError> {
     check_disk(shared.store.files_dir(), 0, &shared.session_limits)?;
     let destination = destination_for(route.prefix(), parts.uri.path())?;
+    if let Some(dest) = &destination {
+        crate::name_limits::check_name_lengths(shared.store.files_dir(), dest)?;
+    }
     if route.mode() == UploadMode::Upload {
         let Some(dest) = &destination else {
             return Err(BitsError::access_denied(
