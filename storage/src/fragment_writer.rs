@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::fs_util::{blocking, cut_past, make_dir, private_file, sync_dir};
 use crate::session_store::UPLOAD_FILE;
-use crate::{FragmentEntry, SessionRecord, SessionStore, StorageError};
+use crate::{FragmentCommit, FragmentEntry, SessionRecord, SessionStore, StorageError};
 
 /// How durable a fragment is when [`SessionStore::commit_fragment`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,10 +280,27 @@ impl SessionStore {
     /// [`FragmentDurability::Unsynced`] sync nothing (see their documentation).
     pub async fn commit_fragment(
         &self,
-        mut writer: FragmentWriter,
+        writer: FragmentWriter,
         record: &SessionRecord,
         durability: FragmentDurability,
     ) -> Result<(), StorageError> {
+        self.commit_fragment_if(writer, record, durability, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`SessionStore::commit_fragment`] as a compare-and-set: with `expected`, the record is
+    /// saved only if the stored record is live and its `received` still equals `expected`,
+    /// checked and saved under the session's in-process lock (after the bytes are synced,
+    /// before the flush; the order is otherwise the same). Otherwise nothing is saved and the
+    /// stored record is returned in [`FragmentCommit::Lost`].
+    pub(crate) async fn commit_fragment_if(
+        &self,
+        mut writer: FragmentWriter,
+        record: &SessionRecord,
+        durability: FragmentDurability,
+        expected: Option<u64>,
+    ) -> Result<FragmentCommit, StorageError> {
         writer.write_pending()?;
         let file = writer
             .file
@@ -312,22 +329,46 @@ impl SessionStore {
             FragmentDurability::Unsynced => {
                 // Nothing to wait for: memory work and a stat, done right here.
                 cut_past(&file, end, &path)?;
-                self.meta.save_lazy(record)
+                self.save_if(record, expected, |meta| meta.save_lazy(record))
             }
             FragmentDurability::Deferred => {
                 cut_past(&file, end, &path)?;
-                self.meta.save_with_fragment(record, &entry, false)
+                self.save_if(record, expected, |meta| {
+                    meta.save_with_fragment(record, &entry, false)
+                })
             }
             FragmentDurability::Durable | FragmentDurability::BytesDurable => {
-                let (meta, record) = (self.meta.clone(), record.clone());
+                let (store, record) = (self.clone(), record.clone());
                 let flush = durability == FragmentDurability::Durable;
                 blocking(move || {
+                    let meta = store.meta.clone();
                     // 1. The bytes, then 2. the offset, then 3. the flush (or the caller's).
-                    cut_past(&file, end, &path)?;
-                    file.sync_data()
-                        .map_err(StorageError::io("fsync upload", &path))?;
-                    sync_entries(!flush)?;
-                    meta.save_lazy(&record)?;
+                    let synced = cut_past(&file, end, &path)
+                        .and_then(|()| {
+                            file.sync_data()
+                                .map_err(StorageError::io("fsync upload", &path))
+                        })
+                        .and_then(|()| sync_entries(!flush));
+                    if let Err(e) = synced {
+                        // A session ended or purged meanwhile (its files went): the commit
+                        // lost, it did not fail.
+                        if let Some(expected) = expected {
+                            let current = meta.load(&record.id)?;
+                            if !current
+                                .as_ref()
+                                .is_some_and(|c| !c.state.is_terminal() && c.received == expected)
+                            {
+                                return Ok(FragmentCommit::Lost {
+                                    current: current.map(Box::new),
+                                });
+                            }
+                        }
+                        return Err(e);
+                    }
+                    let outcome = store.save_if(&record, expected, |meta| meta.save_lazy(&record))?;
+                    if outcome != FragmentCommit::Committed {
+                        return Ok(outcome);
+                    }
                     // Entries of earlier unsynced fragments are covered by this sync. The
                     // completing fragment's Ack does not wait for their removal (an on-close
                     // upload can have many): recovery ignores the entries of a complete
@@ -341,16 +382,42 @@ impl SessionStore {
                                     tracing::warn!(session = %record.id, error = %e, "removing synced fragment entries failed; Close removes them");
                                 }
                             }));
-                            return Ok(());
+                            return Ok(FragmentCommit::Committed);
                         }
                     }
                     if flush {
                         meta.flush()?;
                     }
-                    Ok(())
+                    Ok(FragmentCommit::Committed)
                 })
                 .await
             }
+        }
+    }
+
+    /// Runs `save` (memory work on the meta store) if `expected` is `None`, or if the stored
+    /// record of `record.id` is live with `received == expected`: checked and saved under the
+    /// session's compare-and-set lock.
+    fn save_if(
+        &self,
+        record: &SessionRecord,
+        expected: Option<u64>,
+        save: impl FnOnce(&dyn crate::MetaStore) -> Result<(), StorageError>,
+    ) -> Result<FragmentCommit, StorageError> {
+        let Some(expected) = expected else {
+            save(&*self.meta)?;
+            return Ok(FragmentCommit::Committed);
+        };
+        let _cas = self.locks.cas(&record.id);
+        let current = self.meta.load(&record.id)?;
+        match current {
+            Some(c) if !c.state.is_terminal() && c.received == expected => {
+                save(&*self.meta)?;
+                Ok(FragmentCommit::Committed)
+            }
+            current => Ok(FragmentCommit::Lost {
+                current: current.map(Box::new),
+            }),
         }
     }
 }

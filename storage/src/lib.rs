@@ -12,6 +12,9 @@
 //! their CRC-32C, and every open session resumes where its last Ack left it. Everything the
 //! store creates is private to the server's user (directories 0700, files 0600).
 //!
+//! The service talks to its storage through [`SessionBackend`], the backend-neutral seam;
+//! [`SessionStore`] is its local implementation.
+//!
 //! ```text
 //! <data>/meta/                 sled: session records, fragment index, tombstones
 //! <data>/sessions/<id>/upload  upload bytes, written at their offsets
@@ -19,6 +22,7 @@
 //! <data>/files/<path>          committed plain uploads
 //! ```
 
+mod backend;
 mod error;
 mod fragment_writer;
 mod fs_util;
@@ -31,6 +35,10 @@ mod reply_writer;
 mod session_store;
 mod sled_meta;
 
+pub use backend::{
+    ByteStream, FragmentCommit, FragmentPlan, FragmentSink, LiveCounts, LocalUpload, ReplySink,
+    SessionBackend, SweepLock,
+};
 pub use error::StorageError;
 pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
 pub use meta::{FlushTicket, MetaStore};

@@ -30,6 +30,26 @@ pub struct SessionStore {
     pub(crate) meta: Arc<dyn MetaStore>,
     pub(crate) sessions_dir: PathBuf,
     pub(crate) files_dir: PathBuf,
+    pub(crate) locks: Arc<StoreLocks>,
+}
+
+/// In-process locks of a [`SessionStore`]: the compare-and-set of a fragment's offset
+/// (sharded by session, held only around a read and a write in memory) and the sweeper's.
+#[derive(Debug, Default)]
+pub(crate) struct StoreLocks {
+    cas: [std::sync::Mutex<()>; 16],
+    pub(crate) sweep: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl StoreLocks {
+    /// The compare-and-set lock of session `id`.
+    pub(crate) fn cas(&self, id: &SessionId) -> std::sync::MutexGuard<'_, ()> {
+        let shard = id.as_uuid().as_bytes()[15] as usize % self.cas.len();
+        // A poisoned lock guards no data (`()`): go on.
+        self.cas[shard]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -70,6 +90,7 @@ impl SessionStore {
             meta,
             sessions_dir: data_dir.join("sessions"),
             files_dir: data_dir.join("files"),
+            locks: Arc::default(),
         };
         let (s, f) = (store.sessions_dir.clone(), store.files_dir.clone());
         blocking(move || {
