@@ -231,7 +231,7 @@ async fn run(config: &CommandConfig, upload: &Upload) -> Result<Reply, HandlerEr
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw),
     );
-    tracing::debug!(session_id = %session, program = %program, pid = ?child.id(), "command started");
+    tracing::debug!(session_id = %session, program = %program, pid = child.id().unwrap_or(0), "command started");
 
     let stdin = child.stdin.take();
     let stdout = child.stdout.take();

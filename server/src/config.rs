@@ -24,9 +24,14 @@ use toml::Spanned;
 use crate::routes::Route;
 use crate::ServerConfig;
 
-/// A configuration file was refused: where, and why.
+mod byte_size;
+mod explain;
+pub use byte_size::ByteSize;
+
+/// A configuration file was refused: where, and why. Displayed as `file:line:column: message`,
+/// or `file: message` when the error is not tied to a place.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
+#[error("{}", self.located())]
 pub struct ConfigError {
     /// The file.
     pub file: String,
@@ -36,6 +41,16 @@ pub struct ConfigError {
     pub column: usize,
     /// What is wrong.
     pub message: String,
+}
+
+impl ConfigError {
+    fn located(&self) -> String {
+        if self.line == 0 {
+            format!("{}: {}", self.file, self.message)
+        } else {
+            format!("{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        }
+    }
 }
 
 /// The file as written.
@@ -52,10 +67,10 @@ pub struct ConfigFile {
     pub public_url: Option<String>,
     /// Believe `X-Forwarded-Proto` / `X-Forwarded-Host` (only behind a proxy that sets them).
     pub trust_forwarded_headers: Option<bool>,
-    /// BITSMaximumUploadSize in bytes.
-    pub max_upload_size: Option<u64>,
-    /// Largest fragment in bytes (413 above it).
-    pub max_fragment_size: Option<u64>,
+    /// BITSMaximumUploadSize in bytes (`"10GiB"` style suffixes allowed).
+    pub max_upload_size: Option<ByteSize>,
+    /// Largest fragment in bytes (413 above it; suffixes allowed).
+    pub max_fragment_size: Option<ByteSize>,
     /// BITSAllowOverwrites, the default of every route.
     pub allow_overwrites: Option<bool>,
     /// BITSHostId.
@@ -74,8 +89,8 @@ pub struct ConfigFile {
     pub max_sessions: Option<usize>,
     /// Live sessions per authenticated user (BITSNumberOfSessionsLimit; 0: unlimited).
     pub max_sessions_per_user: Option<usize>,
-    /// Free bytes the data directory's file system keeps in reserve.
-    pub min_free_disk: Option<u64>,
+    /// Free bytes the data directory's file system keeps in reserve (suffixes allowed).
+    pub min_free_disk: Option<ByteSize>,
     /// Connections served at once.
     pub max_connections: Option<usize>,
     /// `per-fragment` (default), `on-close` or `never`.
@@ -203,7 +218,7 @@ impl ConfigFile {
             file: path.display().to_string(),
             line: 0,
             column: 0,
-            message: format!("cannot read: {e}"),
+            message: format!("cannot read the configuration file: {}", io_reason(&e)),
         })?;
         let file = Self::parse(&text, &path.display().to_string())?;
         Ok((file, text))
@@ -217,7 +232,7 @@ impl ConfigFile {
                 file: name.to_owned(),
                 line,
                 column,
-                message: e.message().trim().to_owned(),
+                message: explain::explain_toml_error(text, e.span().map(|s| s.start), e.message()),
             }
         })
     }
@@ -262,10 +277,10 @@ impl ConfigFile {
         if let Some(t) = self.trust_forwarded_headers {
             config.trust_forwarded_headers = t;
         }
-        if let Some(n) = self.max_upload_size {
+        if let Some(ByteSize(n)) = self.max_upload_size {
             config.limits.max_upload_size = n;
         }
-        if let Some(n) = self.max_fragment_size {
+        if let Some(ByteSize(n)) = self.max_fragment_size {
             if n == 0 {
                 return Err(err(
                     at_key("max_fragment_size"),
@@ -308,7 +323,7 @@ impl ConfigFile {
         if let Some(n) = self.max_sessions_per_user {
             config.session_limits.max_sessions_per_user = (n > 0).then_some(n);
         }
-        if let Some(n) = self.min_free_disk {
+        if let Some(ByteSize(n)) = self.min_free_disk {
             config.session_limits.min_free_disk = n;
         }
         if let Some(p) = self.fsync {
@@ -334,7 +349,13 @@ impl ConfigFile {
             config.transcript = Some(crate::TranscriptOptions { file: Some(file) });
         }
         if let Some(auth) = self.auth {
-            let a = build_auth(&auth).map_err(|m| err(at_key("[auth]"), m))?;
+            let a = build_auth(&auth).map_err(|m| {
+                let key = ["users_file", "tokens_file"]
+                    .into_iter()
+                    .find(|k| m.starts_with(k))
+                    .and_then(|k| key_offset(text, k));
+                err(key.unwrap_or_else(|| at_key("[auth]")), m)
+            })?;
             config.auth = Some(crate::SharedAuthenticator(Arc::new(a)));
         }
         let default_overwrites = self.allow_overwrites.unwrap_or(false);
@@ -364,6 +385,30 @@ impl ConfigFile {
     }
 }
 
+/// Byte offset of the line that sets `key` (`key = ...`, indentation allowed).
+fn key_offset(text: &str, key: &str) -> Option<usize> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return Some(offset + (line.len() - trimmed.len()));
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// An I/O error in words, without the `(os error N)` tail.
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_owned(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => e.to_string(),
+    }
+}
+
 /// Builds the credentials authenticator of an `[auth]` table.
 pub fn build_auth(entry: &AuthEntry) -> Result<crate::CredentialsAuthenticator, String> {
     if entry.users_file.is_none() && entry.tokens_file.is_none() {
@@ -371,10 +416,14 @@ pub fn build_auth(entry: &AuthEntry) -> Result<crate::CredentialsAuthenticator, 
     }
     let mut auth = crate::CredentialsAuthenticator::new(entry.realm.as_deref().unwrap_or("bitsd"));
     if let Some(f) = &entry.users_file {
-        auth = auth.with_users_file(f).map_err(|e| e.to_string())?;
+        auth = auth
+            .with_users_file(f)
+            .map_err(|e| format!("users_file: {e}"))?;
     }
     if let Some(f) = &entry.tokens_file {
-        auth = auth.with_tokens_file(f).map_err(|e| e.to_string())?;
+        auth = auth
+            .with_tokens_file(f)
+            .map_err(|e| format!("tokens_file: {e}"))?;
     }
     Ok(auth)
 }
