@@ -9,7 +9,7 @@ pub enum ByteSizeError {
     #[error("{0:?} is not a byte count: write a number of bytes, optionally with K, M, G or T (e.g. 64M, 1GiB)")]
     NotANumber(String),
     /// A suffix that is not a unit.
-    #[error("{value:?}: unknown size unit {unit:?}; use K, M, G or T (KiB, MiB, GiB, TiB; powers of 1024)")]
+    #[error("{value:?}: unknown size unit {unit:?}; use K, M, G or T, e.g. 64M or 1GiB (powers of 1024)")]
     UnknownUnit {
         /// The whole value.
         value: String,
