@@ -89,7 +89,10 @@ pub(crate) fn log_tls_failure(peer: SocketAddr, kind: TlsFailure, error: Option<
 /// Whether the first bytes of a connection look like a plain HTTP request line (a TLS
 /// ClientHello starts with the record type 0x16).
 pub(crate) fn looks_like_plain_http(first: &[u8]) -> bool {
-    !first.is_empty() && first.iter().all(|b| b.is_ascii_uppercase() || *b == b'_')
+    first.first().is_some_and(u8::is_ascii_uppercase)
+        && first
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || *b == b'_' || *b == b' ')
 }
 
 #[cfg(test)]
@@ -109,7 +112,9 @@ mod tests {
     #[test]
     fn request_lines_are_plain_http() {
         assert!(looks_like_plain_http(b"BITS"));
-        assert!(looks_like_plain_http(b"GET "[..3].as_ref()));
+        assert!(looks_like_plain_http(b"GET "));
+        assert!(looks_like_plain_http(b"GE"));
+        assert!(!looks_like_plain_http(b" GET"));
         assert!(!looks_like_plain_http(&[0x16, 0x03, 0x01]));
         assert!(!looks_like_plain_http(b""));
     }
