@@ -69,15 +69,33 @@ mod tests {
 
     #[test]
     fn bad_values_say_what_to_write() {
-        assert!(matches!(parse_byte_size("M"), Err(ByteSizeError::NotANumber(_))));
-        assert!(matches!(parse_byte_size("-1"), Err(ByteSizeError::NotANumber(_))));
-        assert!(matches!(parse_byte_size("1.5G"), Err(ByteSizeError::UnknownUnit { .. })));
-        assert!(matches!(parse_byte_size("64Q"), Err(ByteSizeError::UnknownUnit { .. })));
-        assert!(matches!(parse_byte_size("99999999999T"), Err(ByteSizeError::TooLarge(_))));
+        assert!(matches!(
+            parse_byte_size("M"),
+            Err(ByteSizeError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_byte_size("-1"),
+            Err(ByteSizeError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_byte_size("1.5G"),
+            Err(ByteSizeError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            parse_byte_size("64Q"),
+            Err(ByteSizeError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            parse_byte_size("99999999999T"),
+            Err(ByteSizeError::TooLarge(_))
+        ));
         assert!(matches!(
             parse_byte_size("99999999999999999999999"),
             Err(ByteSizeError::TooLarge(_))
         ));
-        assert!(parse_byte_size("64Q").unwrap_err().to_string().contains("1GiB"));
+        assert!(parse_byte_size("64Q")
+            .unwrap_err()
+            .to_string()
+            .contains("1GiB"));
     }
 }

@@ -143,7 +143,9 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => return check_config(&file),
         Some(Command::HashPassword) => return commands::hash_password(),
-        Some(Command::Completions { shell }) => return commands::completions(shell, Cli::command()),
+        Some(Command::Completions { shell }) => {
+            return commands::completions(shell, Cli::command())
+        }
         Some(Command::Man) => return commands::man(Cli::command()),
         Some(Command::Healthcheck { admin }) => return commands::healthcheck(admin),
         Some(Command::Upload(args)) => return upload(args),
@@ -311,7 +313,8 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
             tokens_file: args.tokens_file.clone(),
             realm: None,
         };
-        let auth = bitsd::config::build_auth(&entry).map_err(|m| format!("--{}", m.replacen('_', "-", 1)))?;
+        let auth = bitsd::config::build_auth(&entry)
+            .map_err(|m| format!("--{}", m.replacen('_', "-", 1)))?;
         config.auth = Some(bitsd::SharedAuthenticator(std::sync::Arc::new(auth)));
     }
     Ok(config)

@@ -526,7 +526,13 @@ fn error_message(reason: &str) -> Option<HeaderValue> {
     let text: String = reason
         .chars()
         .take(200)
-        .map(|c| if c == ' ' || c.is_ascii_graphic() { c } else { '?' })
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     let text = text.trim();
     if text.is_empty() {

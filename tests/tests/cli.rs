@@ -40,7 +40,9 @@ fn completions_and_man_page_come_from_the_command_line_definitions() {
 #[test]
 fn hash_password_on_a_terminal_prompts_without_echo() {
     if Command::new("script").arg("--version").output().is_err() {
-        println!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal to test with");
+        println!(
+            "SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal to test with"
+        );
         return;
     }
     // `script` runs bitsd on a pseudo-terminal and feeds it what we write; whatever the
@@ -68,12 +70,21 @@ fn hash_password_on_a_terminal_prompts_without_echo() {
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("Password:"), "{shown}");
     assert!(shown.contains("$argon2id$"), "{shown}");
-    assert!(!shown.contains("tr0ub4dor"), "the password was echoed: {shown}");
+    assert!(
+        !shown.contains("tr0ub4dor"),
+        "the password was echoed: {shown}"
+    );
 }
 
 #[test]
 fn size_flags_take_suffixes_and_bad_sizes_say_what_to_write() {
-    let out = bitsd(&["--max-fragment-size", "64M", "--max-upload-size", "1GiB", "--help"]);
+    let out = bitsd(&[
+        "--max-fragment-size",
+        "64M",
+        "--max-upload-size",
+        "1GiB",
+        "--help",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = bitsd(&["--max-fragment-size", "64Q"]);
     assert!(!out.status.success());
@@ -83,7 +94,11 @@ fn size_flags_take_suffixes_and_bad_sizes_say_what_to_write() {
     // And the server really uses them: a fragment over 1K is refused with 413.
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bitsd.toml");
-    std::fs::write(&config, "max_fragment_size = \"1K\"\nmax_upload_size = \"2KiB\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "max_fragment_size = \"1K\"\nmax_upload_size = \"2KiB\"\n",
+    )
+    .unwrap();
     let proc = BitsdProcess::start(
         &dir.path().join("data"),
         &["--config", config.to_str().unwrap()],
@@ -123,7 +138,10 @@ fn config_errors_say_what_is_wrong_and_where() {
     let missing = dir.path().join("nope.toml");
     let err = stderr(&bitsd(&["--config", missing.to_str().unwrap()]));
     assert!(!err.contains(":0:0"), "{err}");
-    assert!(err.contains("nope.toml: cannot read the configuration file: no such file"), "{err}");
+    assert!(
+        err.contains("nope.toml: cannot read the configuration file: no such file"),
+        "{err}"
+    );
     // A missing users file: the line of its key, not the top of the file.
     let auth = write(
         "auth.toml",
@@ -158,7 +176,11 @@ fn data_directory_problems_are_named_with_the_path() {
     // A plain file where the directory should be.
     let file = dir.path().join("file");
     std::fs::write(&file, b"x").unwrap();
-    let err = stderr(&bitsd(&["--data-dir", file.to_str().unwrap(), "--no-admin"]));
+    let err = stderr(&bitsd(&[
+        "--data-dir",
+        file.to_str().unwrap(),
+        "--no-admin",
+    ]));
     assert!(err.contains("is a file, not a directory"), "{err}");
     assert!(err.contains(file.to_str().unwrap()), "{err}");
 }

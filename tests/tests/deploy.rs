@@ -2,6 +2,7 @@
 //! real binary with arguments it accepts; the Dockerfile passes hadolint (or, without it, a
 //! structural check) and its HEALTHCHECK command answers for a running server and fails for
 //! a dead one. Tools that are missing are skipped with a printed reason.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,8 +27,8 @@ fn unit() -> String {
 /// The value of `Key=` in the unit (last one wins, as in systemd).
 fn directive<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
     unit.lines()
-        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
 #[test]
@@ -68,7 +69,10 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     }
     let dir = tempfile::tempdir().unwrap();
     // verify checks that ExecStart exists: point it at this build's binary.
-    let text = unit().replace("/usr/local/bin/bitsd", &bitsd_binary().display().to_string());
+    let text = unit().replace(
+        "/usr/local/bin/bitsd",
+        &bitsd_binary().display().to_string(),
+    );
     let verify = |text: &str| {
         let path = dir.path().join("bitsd.service");
         std::fs::write(&path, text).unwrap();
@@ -88,7 +92,10 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         )
     };
     let (ok, said) = verify(&text);
-    assert!(ok && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    assert!(
+        ok && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
     // And it would notice a mistake.
     let (ok, said) = verify(&text.replace("ProtectSystem=strict", "ProtectSystem=stirct"));
     assert!(!ok || !said.trim().is_empty(), "a bad value went unnoticed");
@@ -156,16 +163,25 @@ fn the_dockerfile_is_multi_stage_non_root_with_volume_port_and_healthcheck() {
     );
     let user = all("USER");
     let user = user.last().expect("a USER");
-    assert!(!user.starts_with("root") && !user.starts_with("0"), "{user}");
+    assert!(
+        !user.starts_with("root") && !user.starts_with("0"),
+        "{user}"
+    );
     assert!(all("VOLUME").iter().any(|v| v.contains("/data")));
     let expose = all("EXPOSE").join(" ");
     let env = all("ENV").join(" ");
     for port in expose.split_whitespace() {
-        assert!(env.contains(&format!(":{port}")), "EXPOSE {port} is not listened on: {env}");
+        assert!(
+            env.contains(&format!(":{port}")),
+            "EXPOSE {port} is not listened on: {env}"
+        );
     }
     assert!(env.contains("BITSD_DATA_DIR=/data"), "{env}");
     let health = all("HEALTHCHECK");
-    assert!(health.iter().any(|h| h.contains("healthcheck")), "{health:?}");
+    assert!(
+        health.iter().any(|h| h.contains("healthcheck")),
+        "{health:?}"
+    );
     // The rust image builds with the workspace's minimum Rust version, or newer.
     let cargo_toml = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
     let msrv = cargo_toml
@@ -173,7 +189,11 @@ fn the_dockerfile_is_multi_stage_non_root_with_volume_port_and_healthcheck() {
         .find_map(|l| l.strip_prefix("rust-version = \""))
         .unwrap()
         .trim_end_matches('"');
-    assert!(froms[0].starts_with(&format!("rust:{msrv}")), "{}", froms[0]);
+    assert!(
+        froms[0].starts_with(&format!("rust:{msrv}")),
+        "{}",
+        froms[0]
+    );
 }
 
 #[test]
@@ -204,7 +224,11 @@ fn the_healthcheck_command_answers_for_a_running_server_only() {
         .args(["healthcheck", "--admin", &admin])
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     // The BITS listener is not the admin listener: /healthz there is not 200.
     let wrong = Command::new(bitsd_binary())
         .args(["healthcheck", "--admin", &server.addr.to_string()])

@@ -3,6 +3,7 @@
 //! real binary's argument parser, Rust as verbatim excerpts of the compiled examples) or is
 //! marked `illustration`; relative links resolve; the minimum Rust version covers every locked
 //! dependency; the example configuration loads and lists every documented key.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
@@ -204,7 +205,11 @@ fn every_code_block_runs_or_is_marked_illustration() {
 fn the_checker_refuses_what_is_wrong() {
     // The checks above would pass vacuously if they accepted anything: they do not.
     assert!(check_toml("listen = 127.0.0.1:8080\n", "t").is_err());
-    assert!(check_toml("[[route]]\nprefix = \"/a/\"\nmode = \"upload-reply\"\n", "t").is_err());
+    assert!(check_toml(
+        "[[route]]\nprefix = \"/a/\"\nmode = \"upload-reply\"\n",
+        "t"
+    )
+    .is_err());
     assert!(check_toml("[[rule]]\npacket = \"GET\"\naction = \"resync\"\n", "t").is_err());
     assert!(check_sh("bitsd --no-such-flag\n", "t").is_err());
     assert!(check_sh("curl http://x/\n", "t").is_err());
@@ -246,10 +251,18 @@ fn docs_do_not_point_outside_the_repository() {
 fn the_readme_keeps_the_two_commands() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     assert!(readme.contains("cargo run --release "), "{readme}");
-    assert!(readme.contains("cargo test --workspace --locked "), "{readme}");
+    assert!(
+        readme.contains("cargo test --workspace --locked "),
+        "{readme}"
+    );
     // What the comment says .ci/run adds is what .ci/run runs.
     let ci = std::fs::read_to_string(repo().join(".ci").join("run")).unwrap();
-    for step in ["cargo fmt", "cargo clippy", "cargo doc", "cargo test --workspace --locked"] {
+    for step in [
+        "cargo fmt",
+        "cargo clippy",
+        "cargo doc",
+        "cargo test --workspace --locked",
+    ] {
         assert!(ci.contains(step), ".ci/run lacks {step}");
     }
     assert!(readme.contains(".ci/run adds fmt, clippy and cargo doc"));
@@ -263,7 +276,11 @@ fn the_minimum_rust_version_covers_every_locked_dependency() {
         .current_dir(repo())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // "1.89" and "1.89.0" are the same version: compare three parts.
     let version = |v: &str| -> Vec<u64> {
@@ -305,7 +322,11 @@ fn example() -> String {
 fn the_example_configuration_loads_and_its_routes_work_as_shipped() {
     let text = example();
     let config = load_config(&text, "bitsd.example.toml").unwrap();
-    let prefixes: Vec<_> = config.routes.iter().map(|r| r.prefix().to_owned()).collect();
+    let prefixes: Vec<_> = config
+        .routes
+        .iter()
+        .map(|r| r.prefix().to_owned())
+        .collect();
     assert_eq!(prefixes, ["/upload/", "/echo/", "/receipt/", "/sum/"]);
     assert_eq!(config.limits.max_fragment_size, 64 << 20);
     assert_eq!(config.session_limits.min_free_disk, 64 << 20);
@@ -327,7 +348,10 @@ fn the_example_configuration_loads_and_its_routes_work_as_shipped() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    assert!(uncommented.contains("\n[auth]\nusers_file"), "{uncommented}");
+    assert!(
+        uncommented.contains("\n[auth]\nusers_file"),
+        "{uncommented}"
+    );
     if let Err(e) = ConfigFile::parse(&uncommented, "uncommented example") {
         panic!("{e}\n{uncommented}");
     }

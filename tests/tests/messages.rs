@@ -51,7 +51,11 @@ impl Captured {
     }
 
     fn addr(&self) -> std::net::SocketAddr {
-        let line = self.banner.iter().find(|l| l.contains("BITS upload")).unwrap();
+        let line = self
+            .banner
+            .iter()
+            .find(|l| l.contains("BITS upload"))
+            .unwrap();
         let rest = line.split("://").nth(1).unwrap();
         rest.split('/').next().unwrap().parse().unwrap()
     }
@@ -96,16 +100,35 @@ fn wait_for_log(server: &Captured, needle: &str) -> String {
 async fn tls_banner_and_failed_handshakes_are_plain_and_logged() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path());
-    let server = Captured::start(dir.path(), &["--tls-cert", &cert, "--tls-key", &key], "info");
+    let server = Captured::start(
+        dir.path(),
+        &["--tls-cert", &cert, "--tls-key", &key],
+        "info",
+    );
     let addr = server.addr();
 
     // The banner: one line per route, with the scheme clients must use; nothing claims the root.
-    let routes: Vec<&String> = server.banner.iter().filter(|l| l.contains("BITS ")).collect();
+    let routes: Vec<&String> = server
+        .banner
+        .iter()
+        .filter(|l| l.contains("BITS "))
+        .collect();
     assert_eq!(routes.len(), 2, "{:?}", server.banner);
-    assert!(routes[0].ends_with(&format!("https://{addr}/upload/")), "{}", routes[0]);
-    assert!(routes[1].ends_with(&format!("https://{addr}/echo/")), "{}", routes[1]);
+    assert!(
+        routes[0].ends_with(&format!("https://{addr}/upload/")),
+        "{}",
+        routes[0]
+    );
+    assert!(
+        routes[1].ends_with(&format!("https://{addr}/echo/")),
+        "{}",
+        routes[1]
+    );
     for line in &server.banner {
-        assert!(!line.contains("http://127.0.0.1") || line.contains("session progress"), "{line}");
+        assert!(
+            !line.contains("http://127.0.0.1") || line.contains("session progress"),
+            "{line}"
+        );
         assert!(!line.trim_end().ends_with(&format!("{addr}/")), "{line}");
     }
 
@@ -132,7 +155,7 @@ async fn tls_banner_and_failed_handshakes_are_plain_and_logged() {
     assert!(connector.connect(name, tcp).await.is_err());
     let log = wait_for_log(&server, "TLS handshake failed");
     assert!(log.contains("TLS handshake failed"), "{log}");
-    assert!(log.contains(&format!("peer=127.0.0.1:")), "{log}");
+    assert!(log.contains("peer=127.0.0.1:"), "{log}");
 
     // A burst is rate-limited, and the next line counts what was left out.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -205,7 +228,10 @@ async fn a_refused_create_session_says_why_in_a_header() {
         .await;
     res.assert_error(403, "0x80070005");
     let why = res.header("x-bitsd-error-message").expect("a reason");
-    assert!(why.contains("today.bin exists and overwrites are off"), "{why}");
+    assert!(
+        why.contains("today.bin exists and overwrites are off"),
+        "{why}"
+    );
     // A server-side failure (5xx) keeps its reasons to the log.
     let res = c
         .bits_post(

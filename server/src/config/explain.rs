@@ -24,14 +24,16 @@ pub(super) fn explain_toml_error(text: &str, offset: Option<usize>, message: &st
     if !bare_key || value.is_empty() {
         return message.to_owned();
     }
-    if matches!(value, "True" | "TRUE" | "False" | "FALSE" | "yes" | "no" | "on") {
+    if matches!(
+        value,
+        "True" | "TRUE" | "False" | "FALSE" | "yes" | "no" | "on"
+    ) {
         return format!(
             "{key} = {value}: booleans are written true or false, in lower case ({message})"
         );
     }
-    let quotable = !value.starts_with(['"', '\'', '[', '{'])
-        && !value.contains('"')
-        && !value.contains('\\');
+    let quotable =
+        !value.starts_with(['"', '\'', '[', '{']) && !value.contains('"') && !value.contains('\\');
     if quotable {
         let quoted = format!("{key} = \"{value}\"");
         if toml::from_str::<toml::Table>(&quoted).is_ok() {
