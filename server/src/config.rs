@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd_reply_handlers::{EchoHandler, ReplyHandler};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -26,7 +25,10 @@ use crate::ServerConfig;
 
 mod byte_size;
 mod explain;
+mod handlers;
 pub use byte_size::ByteSize;
+use explain::{io_reason, key_offset};
+pub use handlers::build_handler;
 
 /// A configuration file was refused: where, and why. Displayed as `file:line:column: message`,
 /// or `file: message` when the error is not tied to a place.
@@ -388,30 +390,6 @@ impl ConfigFile {
     }
 }
 
-/// Byte offset of the line that sets `key` (`key = ...`, indentation allowed).
-fn key_offset(text: &str, key: &str) -> Option<usize> {
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix(key) {
-            if rest.trim_start().starts_with('=') {
-                return Some(offset + (line.len() - trimmed.len()));
-            }
-        }
-        offset += line.len();
-    }
-    None
-}
-
-/// An I/O error in words, without the `(os error N)` tail.
-pub(crate) fn io_reason(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "no such file".to_owned(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
-        _ => e.to_string(),
-    }
-}
-
 /// Builds the credentials authenticator of an `[auth]` table.
 pub fn build_auth(entry: &AuthEntry) -> Result<crate::CredentialsAuthenticator, String> {
     if entry.users_file.is_none() && entry.tokens_file.is_none() {
@@ -472,65 +450,6 @@ fn build_route(entry: &RouteEntry, default_overwrites: bool) -> Result<Route, St
         (RouteMode::UploadReply, Some(spec)) => Route::upload_reply_shared(&entry.prefix, build_handler(spec)?),
     };
     Ok(route.allow_overwrites(overwrites))
-}
-
-/// Builds the reply handler a spec describes.
-pub fn build_handler(spec: &HandlerSpec) -> Result<Arc<dyn ReplyHandler>, String> {
-    use bitsd_reply_handlers::{
-        CommandConfig, CommandHandler, DigestHandler, HttpNotifyConfig, HttpNotifyHandler,
-        Notification, StaticHandler,
-    };
-    Ok(match spec {
-        HandlerSpec::Echo => Arc::new(EchoHandler),
-        HandlerSpec::Digest => Arc::new(DigestHandler::new()),
-        HandlerSpec::Static {
-            file: Some(file),
-            url: None,
-        } => Arc::new(StaticHandler::file(file.clone())),
-        HandlerSpec::Static {
-            file: None,
-            url: Some(url),
-        } => Arc::new(StaticHandler::url(url.clone()).map_err(|e| format!("static handler: {e}"))?),
-        HandlerSpec::Static { .. } => {
-            return Err("static handler: give exactly one of file or url".into())
-        }
-        HandlerSpec::Command {
-            program,
-            args,
-            timeout_secs,
-            failure_status,
-            env,
-        } => {
-            let mut config = CommandConfig::new(program.clone()).args(args.iter().cloned());
-            for (k, v) in env {
-                config = config.env(k.clone(), v.clone());
-            }
-            if let Some(t) = timeout_secs {
-                config = config.timeout(Duration::from_secs((*t).max(1)));
-            }
-            if let Some(s) = failure_status {
-                config = config.failure_status(*s);
-            }
-            Arc::new(CommandHandler::new(config).map_err(|e| format!("command handler: {e}"))?)
-        }
-        HandlerSpec::Http {
-            url,
-            notification,
-            timeout_secs,
-            data_entity_headers,
-        } => {
-            let mode = match notification.unwrap_or(NotificationMode::ByValue) {
-                NotificationMode::ByValue => Notification::ByValue,
-                NotificationMode::ByReference => Notification::ByReference,
-            };
-            let mut config = HttpNotifyConfig::new(url.clone(), mode)
-                .also_send_data_entity_headers(*data_entity_headers);
-            if let Some(t) = timeout_secs {
-                config = config.timeout(Duration::from_secs((*t).max(1)));
-            }
-            Arc::new(HttpNotifyHandler::new(config).map_err(|e| format!("http handler: {e}"))?)
-        }
-    })
 }
 
 #[cfg(test)]
