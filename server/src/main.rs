@@ -68,7 +68,7 @@ struct ServeArgs {
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value = "text", env = "BITSD_LOG_FORMAT")]
     log_format: LogFormat,
-    /// TOML configuration file (see README); flags override it.
+    /// TOML configuration file (docs/configuration.md; bitsd.example.toml); flags override it.
     #[arg(long, env = "BITSD_CONFIG")]
     config: Option<PathBuf>,
     /// Address of the BITS listener [default: 127.0.0.1:8080].
@@ -120,8 +120,8 @@ struct ServeArgs {
     /// Accept bearer tokens listed in this file (`user:<sha256 hex of the token>` lines).
     #[arg(long)]
     tokens_file: Option<PathBuf>,
-    /// Test server mode: inject the faults of this plan (TOML; see README "Testing your BITS
-    /// client"). Never on a production server.
+    /// Test server mode: inject the faults of this plan (TOML; see
+    /// docs/testing-your-bits-client.md). Never on a production server.
     #[arg(long, value_name = "FILE")]
     fault_plan: Option<PathBuf>,
     /// Test server mode: one more fault rule, PACKET[#NTH]:ACTION[=VALUE][,KEY=VALUE]...,
