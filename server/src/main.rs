@@ -7,6 +7,15 @@ use std::process::ExitCode;
 use bitsd::config::{parse_admin, ByteSize, ConfigFile};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+/// A line of the startup banner on stdout. A reader that stopped reading (a closed pipe)
+/// must not stop the server, so write errors are ignored instead of panicking as `println!`.
+macro_rules! banner {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[path = "cli/commands.rs"]
 mod commands;
 #[path = "cli/startup.rs"]
@@ -331,7 +340,7 @@ async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Erro
             bitsd::UploadMode::Upload => "upload",
             bitsd::UploadMode::UploadReply => "upload-reply",
         };
-        println!(
+        banner!(
             "bitsd: BITS {mode} on {}://{}{}",
             server.scheme(),
             server.addr(),
@@ -339,18 +348,18 @@ async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Erro
         );
     }
     if let Some(admin) = server.admin_addr() {
-        println!(
+        banner!(
             "bitsd: session progress on http://{admin}/sessions (also /metrics, /healthz, /readyz)"
         );
     }
     if let Some(plan) = &fault_plan {
-        println!(
+        banner!(
             "bitsd: TEST SERVER MODE: {} fault rule(s), seed {}",
             plan.rules.len(),
             plan.seed
         );
         for rule in &plan.rules {
-            println!("bitsd:   fault {rule}");
+            banner!("bitsd:   fault {rule}");
         }
     }
     if let Some(t) = server.transcript() {
@@ -358,8 +367,8 @@ async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Erro
             .file()
             .map_or("memory only".to_owned(), |f| f.display().to_string());
         match server.admin_addr() {
-            Some(admin) => println!("bitsd: transcript to {file} and http://{admin}/transcript"),
-            None => println!("bitsd: transcript to {file}"),
+            Some(admin) => banner!("bitsd: transcript to {file} and http://{admin}/transcript"),
+            None => banner!("bitsd: transcript to {file}"),
         }
     }
     shutdown_signal().await;

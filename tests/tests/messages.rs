@@ -246,3 +246,41 @@ async fn a_refused_create_session_says_why_in_a_header() {
     assert_eq!(res.status, 500, "{res:?}");
     assert!(res.header("x-bitsd-error-message").is_none(), "{res:?}");
 }
+
+#[tokio::test]
+async fn a_reader_that_stops_after_the_first_banner_line_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(bitsd_binary())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Read one line, then close the pipe: the rest of the banner has nowhere to go.
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr: std::net::SocketAddr = first
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = RawClient::connect(addr).await;
+    let res = c
+        .bits_post("/echo/x", &[("BITS-Packet-Type", "Ping")], b"")
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(child.try_wait().unwrap().is_none(), "bitsd exited");
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
