@@ -157,6 +157,18 @@ fn check_sh(text: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The lines of a block that are a plain `bitsd` command (no pipes, redirections or
+/// substitutions) parse.
+fn check_bitsd_lines(text: &str, name: &str) -> Result<(), String> {
+    let plain: String = text
+        .replace("\\\n", " ")
+        .lines()
+        .filter(|l| l.starts_with("bitsd ") && !l.contains(['|', '<', '>', '$', '…']))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    check_sh(&plain, name)
+}
+
 /// A Rust block must appear verbatim in one of the compiled examples.
 fn check_rust(text: &str, name: &str) -> Result<(), String> {
     let dir = repo().join("server").join("examples");
@@ -181,6 +193,13 @@ fn every_code_block_runs_or_is_marked_illustration() {
             let mut info = block.info.split_whitespace();
             let lang = info.next().unwrap_or("");
             if info.any(|w| w == "illustration") {
+                // Illustrations may mix in other programs, but their plain `bitsd` command
+                // lines still have to parse.
+                if lang == "sh" {
+                    if let Err(e) = check_bitsd_lines(&block.text, &name) {
+                        problems.push(e);
+                    }
+                }
                 continue;
             }
             let result = match lang {
@@ -214,6 +233,8 @@ fn the_checker_refuses_what_is_wrong() {
     assert!(check_sh("bitsd --no-such-flag\n", "t").is_err());
     assert!(check_sh("curl http://x/\n", "t").is_err());
     assert!(check_rust("fn not_in_any_example() {}\n", "t").is_err());
+    assert!(check_bitsd_lines("cp a b\nbitsd --listen nowhere\n", "t").is_err());
+    assert!(check_bitsd_lines("cp a b\nbitsd man | less\n", "t").is_ok());
     assert_eq!(
         shell_words(r#"bitsd --fault "Fragment#2:lose-ack" 'a b' # comment"#),
         ["bitsd", "--fault", "Fragment#2:lose-ack", "a b"]
