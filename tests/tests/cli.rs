@@ -223,3 +223,23 @@ fn permission_denied_names_the_path() {
     assert!(err.contains("permission denied"), "{err}");
     assert!(err.contains(target.to_str().unwrap()), "{err}");
 }
+
+#[test]
+fn a_port_in_use_is_named_as_such() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bitsd(&[
+        "--listen",
+        &addr,
+        "--no-admin",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}: the address is in use")),
+        "{err}"
+    );
+}
