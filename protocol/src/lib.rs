@@ -24,6 +24,7 @@ pub mod header;
 mod packet;
 mod range;
 mod session_id;
+mod size;
 
 pub use ack::Ack;
 pub use error::{BitsError, ErrorContext, HResult};
@@ -36,3 +37,4 @@ pub use packet::{
 };
 pub use range::{ContentRange, ContentRangeError};
 pub use session_id::{SessionId, SessionIdError};
+pub use size::{parse_byte_size, ByteSizeError};

@@ -30,6 +30,7 @@ mod server;
 mod service;
 mod session_limits;
 mod session_locks;
+mod tls_log;
 pub mod transcript;
 
 pub use admin::{handle_admin, handle_admin_with};

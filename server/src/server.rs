@@ -369,7 +369,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.cleanup_interval,
         rx2,
     )));
-    tracing::info!(%addr, admin = ?admin_addr, data_dir = %config.data_dir.display(), "bitsd listening");
+    tracing::info!(%addr, admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), data_dir = %config.data_dir.display(), "bitsd listening");
     Ok(RunningServer {
         addr,
         admin_addr,
@@ -451,16 +451,37 @@ async fn accept_loop<S, F, RB>(
                     let result = match tls {
                         None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
                         Some(acceptor) => {
-                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                            use crate::tls_log::{log_tls_failure, looks_like_plain_http, TlsFailure};
+                            let handshake = async {
+                                // Peek at the first bytes: plain HTTP gets its own log line, and
+                                // a connection closed before sending anything (a TCP probe) none.
+                                let mut first = [0u8; 4];
+                                let n = stream.peek(&mut first).await.unwrap_or(0);
+                                if n == 0 {
+                                    return Err((TlsFailure::Closed, None));
+                                }
+                                // Plain HTTP still goes to the TLS acceptor: its alert is
+                                // what tells the client's HTTP parser this is no HTTP port.
+                                let failure = if looks_like_plain_http(&first[..n]) {
+                                    TlsFailure::PlainHttp
+                                } else {
+                                    TlsFailure::Handshake
+                                };
+                                acceptor
+                                    .accept(stream)
+                                    .await
+                                    .map_err(|e| (failure, Some(e.to_string())))
+                            };
+                            match tokio::time::timeout(handshake_timeout, handshake).await {
                                 Ok(Ok(tls_stream)) => {
                                     watcher.watch(http.serve_connection(TokioIo::new(tls_stream), service)).await
                                 }
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                Ok(Err((kind, error))) => {
+                                    log_tls_failure(peer, kind, error.as_deref());
                                     return;
                                 }
                                 Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    log_tls_failure(peer, TlsFailure::Timeout, None);
                                     return;
                                 }
                             }

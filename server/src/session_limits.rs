@@ -43,7 +43,7 @@ impl std::str::FromStr for FsyncPolicy {
     }
 }
 
-/// Limits that protect the server (all configurable; see the README's table).
+/// Limits that protect the server (all configurable; see docs/configuration.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionLimits {
     /// Live (not closed, not cancelled) sessions in total; `None`: unlimited.

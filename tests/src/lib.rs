@@ -576,7 +576,7 @@ impl BitsdProcess {
                 let rest = l.split(marker).nth(1)?;
                 rest.split('/').next()?.parse().ok()
             };
-            if line.contains("BITS uploads on") {
+            if line.contains("BITS upload") {
                 addr = grab(&line, "://");
             } else if line.contains("session progress on") {
                 admin_addr = grab(&line, "://");

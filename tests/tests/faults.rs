@@ -1022,19 +1022,19 @@ fn config_keys_and_check_config() {
     );
 }
 
-/// The README's plan and every `--fault` example in its "Testing your BITS client" section parse.
+/// The plan and every `--fault` example of docs/testing-your-bits-client.md parse.
 #[test]
 fn the_readme_recipes_parse() {
-    let readme = std::fs::read_to_string(bitsd_tests::fixtures_dir().join("../README.md")).unwrap();
-    let start = readme
-        .find("## Testing your BITS client")
-        .expect("README section");
-    let section = &readme[start..];
-    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let section = std::fs::read_to_string(
+        bitsd_tests::fixtures_dir().join("../docs/testing-your-bits-client.md"),
+    )
+    .unwrap();
+    let section = section.as_str();
     let mut blocks = 0;
     for block in section.split("```toml\n").skip(1) {
         let toml = &block[..block.find("```").unwrap()];
-        let plan = FaultPlan::parse(toml, "README.md").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let plan = FaultPlan::parse(toml, "testing-your-bits-client.md")
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
         assert!(!plan.rules.is_empty());
         blocks += 1;
     }
@@ -1043,7 +1043,7 @@ fn the_readme_recipes_parse() {
     for piece in section.split("--fault \"").skip(1) {
         let spec = &piece[..piece.find('"').unwrap()];
         spec.parse::<FaultRule>()
-            .unwrap_or_else(|e| panic!("README --fault {spec:?}: {e}"));
+            .unwrap_or_else(|e| panic!("docs --fault {spec:?}: {e}"));
         flags += 1;
     }
     assert!(flags >= ALL_KINDS.len(), "one --fault recipe per kind");

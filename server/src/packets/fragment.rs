@@ -208,7 +208,7 @@ const WRITEBACK_EVERY: u64 = bitsd_storage::GATHER_BYTES as u64;
 
 /// Fragments smaller than this are synced whole at commit: on the 2-core machine of the
 /// benchmark, starting writeback for a 64 KiB fragment cost as much CPU as it saved waiting,
-/// while 1 MiB fragments gained 5–7% (README, Performance).
+/// while 1 MiB fragments gained 5–7% (docs/performance.md).
 const WRITEBACK_FROM: u64 = 1024 * 1024;
 
 /// How durable a fragment must be before its Ack under the fsync policy: per-fragment syncs
