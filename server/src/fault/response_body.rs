@@ -31,7 +31,7 @@ enum BodyFault {
     },
 }
 
-/// The response body of a [`FaultInjectingService`]: the server's body, passed through, cut
+/// The response body of a [`FaultInjectingService`](super::FaultInjectingService): the server's body, passed through, cut
 /// short (`truncate`) or paused (`stall`).
 pub struct FaultResponseBody {
     inner: ResponseBody,
