@@ -246,3 +246,41 @@ async fn reply_urls_are_not_guessable_across_routes_or_ids() {
     assert_eq!(post.status, 405);
     assert!(post.header("allow").unwrap().contains("BITS_POST"));
 }
+
+#[tokio::test]
+async fn multi_range_serves_the_first_satisfiable_range_and_huge_ends_are_clamped() {
+    let server = TestServer::start().await;
+    let data = pattern(100_000, 11);
+    let (_sid, path) = finished_echo(&server, &data).await;
+    let mut c = server.connect().await;
+
+    // The first range lies past the end, the second is satisfiable: 206 with the second.
+    let later = c
+        .get("GET", &path, &[("Range", "bytes=2000000-3000000,0-9")])
+        .await;
+    assert_eq!(later.status, 206);
+    assert_eq!(later.header("content-range"), Some("bytes 0-9/100000"));
+    assert_eq!(later.body, &data[..10]);
+
+    // None satisfiable: 416.
+    let none = c
+        .get("GET", &path, &[("Range", "bytes=200000-,100000-100001")])
+        .await;
+    assert_eq!(none.status, 416);
+    assert_eq!(none.header("content-range"), Some("bytes */100000"));
+
+    // An end beyond u64 is clamped like any end past the length.
+    let huge = c
+        .get(
+            "GET",
+            &path,
+            &[("Range", "bytes=99990-99999999999999999999999")],
+        )
+        .await;
+    assert_eq!(huge.status, 206);
+    assert_eq!(
+        huge.header("content-range"),
+        Some("bytes 99990-99999/100000")
+    );
+    assert_eq!(huge.body, &data[99990..]);
+}
