@@ -128,6 +128,11 @@ async fn serve(
     let (file, first) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
+            // The record was read without the session lock: a Close, Cancel or the sweeper
+            // may have removed the reply since. Then the reply is gone, not broken.
+            if !still_served(shared, &id, reply.created_ms).await {
+                return not_found();
+            }
             tracing::error!(error = %e, "reply file unreadable");
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
         }
@@ -155,6 +160,19 @@ async fn serve(
     });
     *res.body_mut() = ResponseBody::file(file, start, count, first, report);
     res
+}
+
+/// Whether the reply created at `created_ms` is still the session's reply, ready to serve.
+async fn still_served(shared: &Shared, id: &SessionId, created_ms: u64) -> bool {
+    match shared.store.load(id).await {
+        Ok(Some(r)) => {
+            r.state == SessionState::ReplyReady
+                && r.reply.is_some_and(|reply| reply.created_ms == created_ms)
+        }
+        Ok(None) => false,
+        // Cannot tell: report the read failure as it is.
+        Err(_) => true,
+    }
 }
 
 /// Adds `[start, end)` to the reply's delivered ranges (progress; not flushed on its own).

@@ -536,6 +536,11 @@ impl BitsdProcess {
         }
     }
 
+    /// The process id (for `strace -p`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
