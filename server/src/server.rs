@@ -494,6 +494,9 @@ impl RunningServer {
             let _ = t.await;
         }
         let result = self.service.store().flush().await;
+        if let Some(t) = &self.transcript {
+            t.written().await;
+        }
         tracing::info!("bitsd stopped");
         result
     }

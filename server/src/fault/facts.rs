@@ -72,12 +72,10 @@ impl Facts {
             .as_deref()
             .and_then(|s| s.parse::<SessionId>().ok());
         let session_key = match packet {
-            Some(p) if p.per_session() => Some(
-                session_id
-                    .map(|id| id.to_string())
-                    .or_else(|| session_text.clone())
-                    .unwrap_or_default(),
-            ),
+            // Anything that is not a session id shares one counter: the text is the client's.
+            Some(p) if p.per_session() => {
+                Some(session_id.map(|id| id.to_string()).unwrap_or_default())
+            }
             _ => None,
         };
         let (range_text, fragment) = match packet {

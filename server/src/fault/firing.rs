@@ -1,9 +1,8 @@
 //! Which rule fires on a request: occurrence counters, the rules' seeded draws.
 
-use std::collections::HashMap;
-
 use super::facts::Facts;
-use super::plan::{FaultAction, FaultPacket};
+use super::occurrences::Occurrences;
+use super::plan::FaultAction;
 use super::service::FaultInjectingService;
 
 /// SplitMix64: small, fast and good enough for fault probabilities; one stream per rule.
@@ -34,7 +33,7 @@ pub(super) struct RuleState {
 /// Occurrence counters and rule state, behind one lock.
 #[derive(Debug)]
 pub(super) struct PlanState {
-    pub(super) counts: HashMap<(FaultPacket, Option<String>), u64>,
+    pub(super) counts: Occurrences,
     pub(super) rules: Vec<RuleState>,
 }
 
@@ -52,18 +51,23 @@ impl FaultInjectingService {
         st.rules.iter().map(|r| r.fired).collect()
     }
 
+    /// Sessions whose occurrence counters are kept (bounded; see `occurrences.rs`).
+    pub fn counted_sessions(&self) -> usize {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.counts.sessions()
+    }
+
+    /// The session ended (Close-Session or Cancel-Session answered): its counters may go.
+    pub(super) fn session_ended(&self, session: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.counts.ended(session);
+    }
+
     /// Counts the request and picks the fault that fires on it, if any.
     pub(super) fn decide(&self, facts: &Facts) -> Option<Fired> {
         let packet = facts.packet?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let n = {
-            let c = st
-                .counts
-                .entry((packet, facts.session_key.clone()))
-                .or_insert(0);
-            *c += 1;
-            *c
-        };
+        let n = st.counts.count(packet, facts.session_key.as_deref());
         for (i, rule) in self.plan.rules.iter().enumerate() {
             if rule.packet != packet
                 || rule.nth.is_some_and(|nth| nth != n)

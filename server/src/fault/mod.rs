@@ -33,7 +33,7 @@
 //!
 //! Where things are: `plan.rs` holds the plan's types (packets, actions, rules), `parse.rs` the
 //! compact and TOML parsers, `service.rs` the injecting service, `firing.rs` which rule fires
-//! (occurrence counters and seeded draws), `facts.rs` what is known of a request before it is
+//! (seeded draws), `occurrences.rs` the bounded occurrence counters, `facts.rs` what is known of a request before it is
 //! served, `actions.rs` what each action does to a request, `cut_request.rs` the request body
 //! of `drop-after`, `response_body.rs` the response body of `truncate` and `stall`, and
 //! `record.rs` the transcript line of every request.
@@ -42,6 +42,7 @@ mod actions;
 mod cut_request;
 mod facts;
 mod firing;
+mod occurrences;
 mod parse;
 mod plan;
 mod record;

@@ -1,6 +1,5 @@
 //! The injecting service: a [`BitsService`] with a fault plan applied around it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -11,8 +10,8 @@ use http::{Request, Response};
 use http_body::Body;
 
 use super::facts::Facts;
-use super::firing::{PlanState, RuleState, SplitMix64};
-use super::plan::{FaultPlan, FaultPlanError};
+use super::firing::{Fired, PlanState, RuleState, SplitMix64};
+use super::plan::{FaultPacket, FaultPlan, FaultPlanError};
 use super::record::Recorder;
 use super::response_body::FaultResponseBody;
 use crate::service::BoxError;
@@ -71,7 +70,7 @@ impl FaultInjectingService {
             inner,
             plan: Arc::new(plan),
             state: Arc::new(Mutex::new(PlanState {
-                counts: HashMap::new(),
+                counts: Default::default(),
                 rules,
             })),
             transcript,
@@ -106,6 +105,36 @@ impl FaultInjectingService {
         let seq = self.transcript.as_ref().map_or(0, Transcript::next_seq);
         let facts = Facts::of(&req, seq, self.transcript.is_some());
         let fired = self.decide(&facts);
+        let ends = matches!(
+            facts.packet,
+            Some(FaultPacket::CloseSession | FaultPacket::CancelSession)
+        )
+        .then(|| facts.session_key.clone())
+        .flatten();
+        let result = self.serve(req, facts, fired).await;
+        if let (Some(session), Ok(res)) = (&ends, &result) {
+            if res.status().is_success() {
+                self.session_ended(session);
+            }
+        }
+        // The transcript file has the request's line before its answer goes out.
+        if let Some(t) = &self.transcript {
+            t.written().await;
+        }
+        result
+    }
+
+    async fn serve<B>(
+        &self,
+        req: Request<B>,
+        facts: Facts,
+        fired: Option<Fired>,
+    ) -> Result<Response<FaultResponseBody>, ConnectionDropped>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         // Records the request when it is answered, or, if hyper drops this future because the
         // client went away first, when it is dropped.
         let mut rec = Recorder {
