@@ -70,6 +70,11 @@ pub struct ConfigFile {
     pub header_read_timeout_secs: Option<u64>,
     /// Seconds a request body may stall before the request is abandoned.
     pub body_idle_timeout_secs: Option<u64>,
+    /// The slowest a Fragment's body may arrive after its grace period, bytes per second
+    /// (0: no minimum).
+    pub min_body_rate: Option<u64>,
+    /// Seconds a Fragment's body may arrive slower than `min_body_rate`.
+    pub min_body_rate_grace_secs: Option<u64>,
     /// Live sessions in total (0: unlimited).
     pub max_sessions: Option<usize>,
     /// Live sessions per authenticated user (BITSNumberOfSessionsLimit; 0: unlimited).
@@ -301,6 +306,12 @@ impl ConfigFile {
         }
         if let Some(s) = self.body_idle_timeout_secs {
             config.session_limits.body_idle_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(n) = self.min_body_rate {
+            config.session_limits.min_body_rate = n;
+        }
+        if let Some(s) = self.min_body_rate_grace_secs {
+            config.session_limits.min_body_rate_grace = Duration::from_secs(s);
         }
         if let Some(n) = self.max_sessions {
             config.session_limits.max_sessions = (n > 0).then_some(n);

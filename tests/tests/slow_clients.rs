@@ -1,0 +1,109 @@
+//! Clients too slow to keep a server resource for long, over real TCP against a real server:
+//! a Fragment body that trickles, a reply download that is never read.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use bitsd_tests::{pattern, TestServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads a response head from `rd`; its status code.
+async fn status_of(rd: &mut (impl AsyncReadExt + Unpin)) -> u16 {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = rd.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_trickling_fragment_body_is_cut_off_after_the_grace_period_and_the_next_attempt_is_taken()
+{
+    let server = TestServer::start_with(|c| {
+        c.session_limits.min_body_rate = 240;
+        c.session_limits.min_body_rate_grace = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = server.connect().await;
+    let sid = c.create_session("/upload/slow.bin").await;
+    let data = pattern(1000, 1);
+
+    let (mut rd, mut wr) = TcpStream::connect(server.addr())
+        .await
+        .unwrap()
+        .into_split();
+    let head = format!(
+        "BITS_POST /upload/slow.bin HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\n\
+         BITS-Session-Id: {sid}\r\nContent-Range: bytes 0-999/1000\r\nContent-Length: 1000\r\n\r\n"
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    // One byte a second: never idle for long, far below 240 bytes/s.
+    let body = data.clone();
+    let trickle = tokio::spawn(async move {
+        for b in body {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let status = tokio::time::timeout(Duration::from_secs(8), status_of(&mut rd))
+        .await
+        .expect("a body at 1 byte/s must be cut off soon after its 1 s grace period");
+    assert_eq!(
+        status, 500,
+        "transient for the client: it sends the fragment again"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the grace period"
+    );
+    trickle.abort();
+
+    // The session lock went with the request: the next attempt is taken at once.
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.fragment("/upload/slow.bin", &sid, &data, 0, 1000),
+    )
+    .await
+    .expect("the session is free for the next attempt");
+    res.assert_ack();
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.header("bits-received-content-range"), Some("1000"));
+}
+
+#[tokio::test]
+async fn a_fragment_at_a_fair_pace_is_not_cut_off() {
+    let server = TestServer::start_with(|c| {
+        c.session_limits.min_body_rate = 240;
+        c.session_limits.min_body_rate_grace = Duration::from_millis(500);
+    })
+    .await;
+    let mut c = server.connect().await;
+    let sid = c.create_session("/upload/fair.bin").await;
+    let data = pattern(2000, 2);
+    let (mut rd, mut wr) = TcpStream::connect(server.addr())
+        .await
+        .unwrap()
+        .into_split();
+    let head = format!(
+        "BITS_POST /upload/fair.bin HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\n\
+         BITS-Session-Id: {sid}\r\nContent-Range: bytes 0-1999/2000\r\nContent-Length: 2000\r\n\r\n"
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    // 500 bytes/s in 100-byte steps: slow, but above the minimum.
+    for chunk in data.chunks(100) {
+        wr.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), status_of(&mut rd))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
