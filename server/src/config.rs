@@ -83,6 +83,13 @@ pub struct ConfigFile {
     pub min_free_disk: Option<u64>,
     /// Connections served at once.
     pub max_connections: Option<usize>,
+    /// Seconds a response write may wait for the client to read before the connection closes.
+    pub send_idle_timeout_secs: Option<u64>,
+    /// The slowest a client may take a reply download after its grace period, bytes per
+    /// second (0: no minimum).
+    pub min_send_rate: Option<u64>,
+    /// Seconds a reply download may be taken slower than `min_send_rate`.
+    pub min_send_rate_grace_secs: Option<u64>,
     /// `per-fragment` (default), `on-close` or `never`.
     pub fsync: Option<crate::FsyncPolicy>,
     /// PEM certificate chain: serve HTTPS.
@@ -327,6 +334,15 @@ impl ConfigFile {
         }
         if let Some(n) = self.max_connections {
             config.max_connections = n.max(1);
+        }
+        if let Some(s) = self.send_idle_timeout_secs {
+            config.send_limits.idle_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(n) = self.min_send_rate {
+            config.send_limits.min_rate = n;
+        }
+        if let Some(s) = self.min_send_rate_grace_secs {
+            config.send_limits.grace = Duration::from_secs(s);
         }
         match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => config.tls = Some(crate::TlsFiles { cert, key }),

@@ -17,6 +17,7 @@ mod admin;
 pub mod auth;
 mod body;
 pub mod config;
+mod conn_send;
 mod destination;
 pub mod fault;
 mod metrics;
@@ -41,6 +42,7 @@ pub use bitsd_reply_handlers::{
 pub use bitsd_storage as storage;
 pub use bitsd_storage::{SessionStore, StorageError, UploadMode};
 pub use body::ResponseBody;
+pub use conn_send::SendLimits;
 pub use fault::{
     ConnectionDropped, FaultAction, FaultInjectingService, FaultPacket, FaultPlan, FaultPlanError,
     FaultResponseBody, FaultRule,

@@ -14,6 +14,7 @@ use http::request::Parts;
 use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::body::ResponseBody;
+use crate::conn_send::ConnSend;
 use crate::routes::Route;
 use crate::service::{plain, Shared};
 
@@ -158,7 +159,8 @@ async fn serve(
             start + taken,
         ));
     });
-    *res.body_mut() = ResponseBody::file(file, start, count, first, report);
+    let conn = req.extensions.get::<ConnSend>().cloned();
+    *res.body_mut() = ResponseBody::file(file, start, count, first, report, conn);
     res
 }
 

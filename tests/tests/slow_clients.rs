@@ -107,3 +107,106 @@ async fn a_fragment_at_a_fair_pace_is_not_cut_off() {
         .unwrap();
     assert_eq!(status, 200);
 }
+
+/// Open file descriptors of process `pid`.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// An upload-reply of `len` bytes on `server`; the reply's path.
+async fn echo_reply(addr: std::net::SocketAddr, len: usize) -> String {
+    let mut c = bitsd_tests::RawClient::connect(addr).await;
+    let data = pattern(len, 9);
+    let (_sid, fin) = c.upload("/echo/big.bin", &data, 4 << 20).await;
+    bitsd_tests::url_path(fin.header("bits-reply-url").unwrap())
+}
+
+/// A client socket that takes little at a time (a small receive buffer).
+async fn slow_reader(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_reply_download_that_is_never_read_is_dropped_after_the_send_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bitsd.toml");
+    std::fs::write(&config, "send_idle_timeout_secs = 1\nmin_send_rate = 0\n").unwrap();
+    let server = bitsd_tests::BitsdProcess::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let len = 16 << 20;
+    let reply = echo_reply(server.addr, len).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = fds(server.pid());
+
+    let mut stalled = slow_reader(server.addr).await;
+    stalled
+        .write_all(format!("GET {reply} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let serving = fds(server.pid());
+    assert!(
+        serving >= before + 2,
+        "the connection and the reply file: {before} -> {serving}"
+    );
+
+    // It never reads: within a few seconds the server gives up and releases both.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while fds(server.pid()) > before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fds(server.pid()),
+        before,
+        "connection and reply file released"
+    );
+
+    // What the client finds when it finally reads: part of the reply, then the end.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("the server kept the connection open"),
+        }
+    }
+    assert!(got < len, "the reply was cut off ({got} of {len} bytes)");
+}
+
+#[tokio::test]
+async fn a_reply_download_below_the_minimum_rate_is_dropped() {
+    let server = TestServer::start_with(|c| {
+        c.send_limits.idle_timeout = Duration::from_secs(60);
+        c.send_limits.min_rate = 1 << 20;
+        c.send_limits.grace = Duration::from_millis(500);
+    })
+    .await;
+    let len = 16 << 20;
+    let reply = echo_reply(server.addr(), len).await;
+    let mut slow = slow_reader(server.addr()).await;
+    slow.write_all(format!("GET {reply} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Reads 4 KiB every 100 ms: far below 1 MiB/s, never idle for long.
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 4096];
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("nothing for 10 s"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "never cut off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(got < len, "{got}");
+    assert!(ended < Duration::from_secs(15), "{ended:?}");
+}
