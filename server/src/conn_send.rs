@@ -5,13 +5,12 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::body::DeliveryReport;
+pub(crate) use crate::delivery::ConnSend;
 use tokio::time::{Instant, Sleep};
 
 /// How slow a client may be to take what the server sends.
@@ -37,201 +36,8 @@ impl Default for SendLimits {
     }
 }
 
-/// What one connection has sent, shared by its I/O and the response body being streamed on it
-/// (handed to the service as a request extension).
-#[derive(Clone, Debug)]
-pub(crate) struct ConnSend(Arc<Mutex<SendState>>);
-
-#[derive(Debug, Default)]
-struct SendState {
-    /// Bytes written to the connection (plain text, under TLS).
-    written: u64,
-    /// The streamed response body in progress.
-    body: Option<BodyMark>,
-    /// The connection has ended: nothing more goes out.
-    closed: bool,
-}
-
-struct BodyMark {
-    since: Instant,
-    /// `written` when the body started.
-    written_at_start: u64,
-    /// Where the scan for the end of its head (`\r\n\r\n`) stands: bytes of it matched.
-    matched: u8,
-    /// Stream offset of the body's first byte, once its head went out.
-    first_byte_at: Option<u64>,
-    /// Once the body has handed all it will to the connection: how many bytes, and whom to
-    /// tell how many of them went out (when they all did, or when the connection ends).
-    ended: Option<(u64, DeliveryReport)>,
-}
-
-impl std::fmt::Debug for BodyMark {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BodyMark")
-            .field("first_byte_at", &self.first_byte_at)
-            .field("ended", &self.ended.as_ref().map(|e| e.0))
-            .finish_non_exhaustive()
-    }
-}
-
-impl BodyMark {
-    /// Bytes of the body written by the time `written` bytes of the stream were.
-    fn out(&self, written: u64) -> u64 {
-        self.first_byte_at
-            .map_or(0, |at| written.saturating_sub(at))
-    }
-}
-
-impl ConnSend {
-    fn new() -> Self {
-        ConnSend(Arc::new(Mutex::new(SendState::default())))
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, SendState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A streamed response body starts: its head has not been written yet.
-    pub(crate) fn body_started(&self) {
-        let previous = {
-            let mut st = self.state();
-            let written = st.written;
-            let previous = st.body.take();
-            st.body = Some(BodyMark {
-                since: Instant::now(),
-                written_at_start: written,
-                matched: 0,
-                first_byte_at: None,
-                ended: None,
-            });
-            previous.map(|p| (p.out(written), p))
-        };
-        // A previous body still waiting for its last bytes to go out (a pipelined request).
-        if let Some((
-            out,
-            BodyMark {
-                ended: Some((taken, report)),
-                ..
-            },
-        )) = previous
-        {
-            report(out.min(taken));
-        }
-    }
-
-    /// The streamed response body has handed `taken` bytes to the connection and ended (or
-    /// was dropped): `report` learns how many of them went out to the client's socket, once
-    /// they all did or when the connection ends.
-    pub(crate) fn body_ended(&self, taken: u64, report: DeliveryReport) {
-        let mut st = self.state();
-        let written = st.written;
-        let closed = st.closed;
-        let Some(body) = st.body.as_mut() else {
-            drop(st);
-            report(0);
-            return;
-        };
-        if closed {
-            let out = body.out(written).min(taken);
-            st.body = None;
-            drop(st);
-            report(out);
-            return;
-        }
-        body.ended = Some((taken, report));
-        let done = Self::take_if_out(&mut st);
-        drop(st);
-        if let Some((n, report)) = done {
-            report(n);
-        }
-    }
-
-    /// The ended body's report, if all its bytes went out.
-    fn take_if_out(st: &mut SendState) -> Option<(u64, DeliveryReport)> {
-        let body = st.body.as_ref()?;
-        let (taken, _) = body.ended.as_ref()?;
-        if body.first_byte_at.is_none() || body.out(st.written) < *taken {
-            return None;
-        }
-        let taken = *taken;
-        st.body.take()?.ended.map(|(_, r)| (taken, r))
-    }
-
-    /// The connection ended: an ended body's report learns what went out of it.
-    fn closed(&self) {
-        let body = {
-            let mut st = self.state();
-            st.closed = true;
-            let written = st.written;
-            // A body not ended yet reports when it is dropped.
-            match st.body.as_ref() {
-                Some(b) if b.ended.is_some() => st.body.take().map(|b| (b.out(written), b)),
-                _ => None,
-            }
-        };
-        if let Some((
-            out,
-            BodyMark {
-                ended: Some((taken, report)),
-                ..
-            },
-        )) = body
-        {
-            report(out.min(taken));
-        }
-    }
-
-    /// `bytes` went out.
-    fn wrote(&self, bytes: &[u8]) {
-        let done = self.scan(bytes);
-        if let Some((n, report)) = done {
-            report(n);
-        }
-    }
-
-    fn scan(&self, bytes: &[u8]) -> Option<(u64, DeliveryReport)> {
-        let mut st = self.state();
-        let start = st.written;
-        st.written += bytes.len() as u64;
-        let body = st.body.as_mut()?;
-        if body.first_byte_at.is_some() {
-            return Self::take_if_out(&mut st);
-        }
-        // The head of a response cannot hold "\r\n\r\n" before its end: the first one after
-        // the body started ends its head.
-        const END: &[u8; 4] = b"\r\n\r\n";
-        for (i, b) in bytes.iter().enumerate() {
-            let m = usize::from(body.matched);
-            body.matched = if *b == END[m] {
-                body.matched + 1
-            } else if *b == END[0] {
-                1
-            } else {
-                0
-            };
-            if body.matched == 4 {
-                body.first_byte_at = Some(start + i as u64 + 1);
-                return Self::take_if_out(&mut st);
-            }
-        }
-        None
-    }
-
-    /// When the body in progress falls below `limits.min_rate`, if one is streaming.
-    fn rate_deadline(&self, limits: &SendLimits) -> Option<Instant> {
-        if limits.min_rate == 0 {
-            return None;
-        }
-        let st = self.state();
-        let body = st.body.as_ref()?;
-        let sent = st.written.saturating_sub(body.written_at_start);
-        Some(
-            body.since
-                + limits.grace
-                + Duration::from_secs_f64(sent as f64 / limits.min_rate as f64),
-        )
-    }
-}
+/// How often reply progress is sampled while writes wait for the client.
+const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
 /// A connection's stream that knows its TCP socket.
 pub(crate) trait TcpBacked {
@@ -260,18 +66,23 @@ pub(crate) struct PacedIo<T> {
     limits: SendLimits,
     /// Since when writes have been waiting for the client.
     blocked_since: Option<Instant>,
+    /// When the reply's progress is sampled next while writes wait.
+    next_sample: Instant,
     timer: Pin<Box<Sleep>>,
 }
 
 impl<T: TcpBacked> PacedIo<T> {
     /// Wraps a connection's stream; the [`ConnSend`] goes to its requests.
     pub(crate) fn new(inner: T, limits: SendLimits) -> (Self, ConnSend) {
-        let conn = ConnSend::new();
+        let tcp = inner.tcp();
+        let addrs = tcp.local_addr().ok().zip(tcp.peer_addr().ok());
+        let conn = ConnSend::new(addrs);
         let io = PacedIo {
             inner,
             conn: conn.clone(),
             limits,
             blocked_since: None,
+            next_sample: Instant::now(),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         };
         (io, conn)
@@ -299,12 +110,26 @@ impl<T: TcpBacked> PacedIo<T> {
                 ),
             ),
         };
-        if now >= deadline {
-            return Poll::Ready(self.give_up(why));
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Poll::Ready(self.give_up(why));
+            }
+            // While the client makes the server wait, what it acknowledged is sampled now and
+            // then: if it resets the connection, the last sample is what was delivered.
+            let mut wake = deadline;
+            if self.conn.sampling() {
+                if now >= self.next_sample {
+                    self.conn.sample();
+                    self.next_sample = now + SAMPLE_EVERY;
+                }
+                wake = wake.min(self.next_sample);
+            }
+            self.timer.as_mut().reset(wake);
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
-        self.timer.as_mut().reset(deadline);
-        ready!(self.timer.as_mut().poll(cx));
-        Poll::Ready(self.give_up(why))
     }
 
     /// The client was too slow: the connection is reset when it closes, so that what is still

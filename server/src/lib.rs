@@ -18,6 +18,7 @@ pub mod auth;
 mod body;
 pub mod config;
 mod conn_send;
+mod delivery;
 mod destination;
 pub mod fault;
 mod metrics;
@@ -29,6 +30,7 @@ mod server;
 mod service;
 mod session_limits;
 mod session_locks;
+mod tcp_unacked;
 pub mod transcript;
 
 pub use admin::{handle_admin, handle_admin_with};
