@@ -210,3 +210,27 @@ async fn a_reply_download_below_the_minimum_rate_is_dropped() {
     assert!(got < len, "{got}");
     assert!(ended < Duration::from_secs(15), "{ended:?}");
 }
+
+#[tokio::test]
+async fn idle_connections_do_not_keep_their_slot() {
+    let server = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_secs(1);
+        c.max_connections = 2;
+    })
+    .await;
+    // Two connections that never send a request, and one that finished a request and stays.
+    let mut silent = server.connect().await;
+    let mut kept = server.connect().await;
+    let ping = kept
+        .bits_post("/upload/x", &[("BITS-Packet-Type", "Ping")], b"")
+        .await;
+    assert_eq!(ping.status, 200);
+    assert!(silent.is_closed().await, "a connection that sends nothing is closed");
+    assert!(kept.is_closed().await, "an idle keep-alive connection is closed");
+    // The slots are free again.
+    let mut c = server.connect().await;
+    let ping = c
+        .bits_post("/upload/x", &[("BITS-Packet-Type", "Ping")], b"")
+        .await;
+    assert_eq!(ping.status, 200);
+}
