@@ -36,8 +36,12 @@ impl Default for SendLimits {
     }
 }
 
-/// How often reply progress is sampled while writes wait for the client.
-const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+/// How often reply progress is sampled while a reply body is written, and while writes wait
+/// for the client. A reset discards what the kernel knew, so the last sample before it is what
+/// counts; one sample costs about 10 µs.
+const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+/// How often a connection whose writes wait for the client wakes up to sample.
+const SAMPLE_BLOCKED: Duration = Duration::from_millis(100);
 
 /// A connection's stream that knows its TCP socket.
 pub(crate) trait TcpBacked {
@@ -121,7 +125,7 @@ impl<T: TcpBacked> PacedIo<T> {
             if self.conn.sampling() {
                 if now >= self.next_sample {
                     self.conn.sample();
-                    self.next_sample = now + SAMPLE_EVERY;
+                    self.next_sample = now + SAMPLE_BLOCKED;
                 }
                 wake = wake.min(self.next_sample);
             }
@@ -129,6 +133,15 @@ impl<T: TcpBacked> PacedIo<T> {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// Samples reply progress if a reply body is being written and the last sample is old.
+    fn sample_now_and_then(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_sample && self.conn.sampling() {
+            self.conn.sample();
+            self.next_sample = now + SAMPLE_EVERY;
         }
     }
 
@@ -170,6 +183,7 @@ impl<T: AsyncWrite + TcpBacked + Unpin> AsyncWrite for PacedIo<T> {
             Poll::Ready(Ok(n)) => {
                 this.blocked_since = None;
                 this.conn.wrote(&buf[..n]);
+                this.sample_now_and_then();
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -195,6 +209,7 @@ impl<T: AsyncWrite + TcpBacked + Unpin> AsyncWrite for PacedIo<T> {
                     this.conn.wrote(&b[..take]);
                     left -= take;
                 }
+                this.sample_now_and_then();
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),

@@ -1,7 +1,8 @@
 //! Reply progress: which bytes of a streamed reply count as delivered. A byte counts once the
 //! client's TCP stack acknowledged it: the bytes written to the connection, less what the
-//! kernel still holds unacknowledged in the socket's send queue (sampled through sock_diag,
-//! see `tcp_unacked.rs`). Where the kernel cannot tell (not Linux), the bytes written to the
+//! kernel still holds unacknowledged in the socket's send queue, and after a reset (when the
+//! queue is gone) as far as the kernel's count of acknowledged bytes went (both sampled
+//! through sock_diag, see `tcp_unacked.rs`). Where the kernel cannot tell (not Linux), the bytes written to the
 //! socket count, never those still in the server's own buffers.
 
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::body::DeliveryReport;
 use crate::conn_send::SendLimits;
-use crate::tcp_unacked::unacked;
+use crate::tcp_unacked::{sample as tcp_sample, TcpSample};
 
 /// How long a reply whose bytes all went out waits for the client to acknowledge them before
 /// its progress is recorded with what was acknowledged by then.
@@ -42,6 +43,30 @@ struct SendState {
     closed: bool,
     /// The kernel answered a send-queue sample on this connection.
     kernel: bool,
+    /// A stream offset the client had acknowledged up to, and the kernel's count of
+    /// acknowledged bytes at the same time: after a reset (the queue gone) the count still
+    /// tells how far the acknowledgements went.
+    acked_ref: Option<(u64, u64)>,
+}
+
+impl SendState {
+    /// The stream offset the client acknowledged up to, by `s`.
+    fn acked_offset(&mut self, s: TcpSample) -> Option<u64> {
+        match (s.unacked, s.bytes_acked) {
+            (Some(queued), acked) => {
+                let w = self.written.saturating_sub(queued);
+                if let Some(a) = acked {
+                    self.acked_ref = Some((w, a));
+                }
+                Some(w)
+            }
+            (None, Some(a)) => {
+                let (w0, a0) = self.acked_ref?;
+                Some((w0 + a.saturating_sub(a0)).min(self.written))
+            }
+            (None, None) => None,
+        }
+    }
 }
 
 struct BodyMark {
@@ -211,15 +236,19 @@ impl ConnSend {
     /// ends at stream offset `end`; how many of them it did.
     async fn settle(&self, local: SocketAddr, peer: SocketAddr, taken: u64, end: u64) -> u64 {
         let deadline = Instant::now() + SETTLE;
+        let start = end.saturating_sub(taken);
         let mut acked = 0;
         loop {
-            let Some(queued) = unacked(local, peer) else {
+            let offset = tcp_sample(local, peer).and_then(|s| {
+                let open = s.unacked.is_some();
+                self.state().acked_offset(s).map(|w| (w, open))
+            });
+            let Some((w, open)) = offset else {
                 // The connection is gone: what was acknowledged at the last look.
                 return acked;
             };
-            let later = self.state().written.saturating_sub(end);
-            acked = taken.saturating_sub(queued.saturating_sub(later));
-            if acked >= taken || Instant::now() >= deadline {
+            acked = acked.max(w.saturating_sub(start).min(taken));
+            if !open || acked >= taken || Instant::now() >= deadline {
                 return acked;
             }
             tokio::time::sleep(SETTLE_EVERY).await;
@@ -231,14 +260,20 @@ impl ConnSend {
         let Some((local, peer)) = self.0.addrs else {
             return;
         };
-        let Some(queued) = unacked(local, peer) else {
+        let Some(s) = tcp_sample(local, peer) else {
             return;
         };
         let mut st = self.state();
         st.kernel = true;
+        let Some(w) = st.acked_offset(s) else {
+            return;
+        };
         let written = st.written;
         if let Some(body) = st.body.as_mut() {
-            body.acked = body.acked.max(body.out(written).saturating_sub(queued));
+            if let Some(at) = body.first_byte_at {
+                let out = body.out(written);
+                body.acked = body.acked.max(w.saturating_sub(at).min(out));
+            }
         }
     }
 

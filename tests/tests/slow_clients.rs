@@ -225,8 +225,14 @@ async fn idle_connections_do_not_keep_their_slot() {
         .bits_post("/upload/x", &[("BITS-Packet-Type", "Ping")], b"")
         .await;
     assert_eq!(ping.status, 200);
-    assert!(silent.is_closed().await, "a connection that sends nothing is closed");
-    assert!(kept.is_closed().await, "an idle keep-alive connection is closed");
+    assert!(
+        silent.is_closed().await,
+        "a connection that sends nothing is closed"
+    );
+    assert!(
+        kept.is_closed().await,
+        "an idle keep-alive connection is closed"
+    );
     // The slots are free again.
     let mut c = server.connect().await;
     let ping = c
