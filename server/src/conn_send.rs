@@ -98,7 +98,7 @@ impl<T: TcpBacked> PacedIo<T> {
         let now = Instant::now();
         let since = *self.blocked_since.get_or_insert(now);
         let idle = since + self.limits.idle_timeout;
-        let (deadline, why) = match self.conn.rate_deadline(&self.limits) {
+        let (deadline, why) = match self.conn.rate_deadline(&self.limits, since) {
             Some(rate) if rate < idle => (
                 rate,
                 format!(
@@ -133,6 +133,13 @@ impl<T: TcpBacked> PacedIo<T> {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// Writes go out again: the wait is added to the body's.
+    fn unblocked(&mut self) {
+        if let Some(since) = self.blocked_since.take() {
+            self.conn.waited(since.elapsed());
         }
     }
 
@@ -181,7 +188,7 @@ impl<T: AsyncWrite + TcpBacked + Unpin> AsyncWrite for PacedIo<T> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
-                this.blocked_since = None;
+                this.unblocked();
                 this.conn.wrote(&buf[..n]);
                 this.sample_now_and_then();
                 Poll::Ready(Ok(n))
@@ -199,7 +206,7 @@ impl<T: AsyncWrite + TcpBacked + Unpin> AsyncWrite for PacedIo<T> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
-                this.blocked_since = None;
+                this.unblocked();
                 let mut left = n;
                 for b in bufs {
                     if left == 0 {
@@ -226,7 +233,7 @@ impl<T: AsyncWrite + TcpBacked + Unpin> AsyncWrite for PacedIo<T> {
         match Pin::new(&mut this.inner).poll_flush(cx) {
             Poll::Ready(r) => {
                 if r.is_ok() {
-                    this.blocked_since = None;
+                    this.unblocked();
                 }
                 Poll::Ready(r)
             }

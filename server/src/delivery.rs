@@ -70,7 +70,8 @@ impl SendState {
 }
 
 struct BodyMark {
-    since: Instant,
+    /// How long writes of it have waited for the client so far.
+    waited: Duration,
     /// `written` when the body started.
     written_at_start: u64,
     /// Where the scan for the end of its head (`\r\n\r\n`) stands: bytes of it matched.
@@ -124,7 +125,7 @@ impl ConnSend {
             let mut st = self.state();
             let written = st.written;
             let previous = st.body.replace(BodyMark {
-                since: Instant::now(),
+                waited: Duration::ZERO,
                 written_at_start: written,
                 matched: 0,
                 first_byte_at: None,
@@ -323,18 +324,29 @@ impl ConnSend {
         }
     }
 
-    /// When the body in progress falls below `limits.min_rate`, if one is streaming.
-    pub(crate) fn rate_deadline(&self, limits: &SendLimits) -> Option<Instant> {
+    /// When the body in progress, whose writes have waited for the client since
+    /// `blocked_since`, falls below `limits.min_rate`, if one is streaming. Only the time the
+    /// server waited for the client counts: a body that pauses on its own (a slow disk, a
+    /// `stall` fault) is not held against the client.
+    pub(crate) fn rate_deadline(
+        &self,
+        limits: &SendLimits,
+        blocked_since: Instant,
+    ) -> Option<Instant> {
         if limits.min_rate == 0 {
             return None;
         }
         let st = self.state();
         let body = st.body.as_ref()?;
         let sent = st.written.saturating_sub(body.written_at_start);
-        Some(
-            body.since
-                + limits.grace
-                + Duration::from_secs_f64(sent as f64 / limits.min_rate as f64),
-        )
+        let allowed = limits.grace + Duration::from_secs_f64(sent as f64 / limits.min_rate as f64);
+        Some(blocked_since + allowed.saturating_sub(body.waited))
+    }
+
+    /// Writes waited `d` for the client.
+    pub(crate) fn waited(&self, d: Duration) {
+        if let Some(body) = self.state().body.as_mut() {
+            body.waited += d;
+        }
     }
 }

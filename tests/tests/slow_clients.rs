@@ -240,3 +240,41 @@ async fn idle_connections_do_not_keep_their_slot() {
         .await;
     assert_eq!(ping.status, 200);
 }
+
+#[tokio::test]
+async fn a_pause_of_the_server_itself_is_not_held_against_the_client() {
+    // The reply stalls 3 s before its first byte (a test server fault): only the time the
+    // server waits for the client counts toward the minimum rate.
+    let server = TestServer::start_with(|c| {
+        c.send_limits.min_rate = 4 << 20;
+        c.send_limits.grace = Duration::from_millis(500);
+        c.fault_plan = Some(bitsd::FaultPlan::from_specs(1, &["GET:stall=3000"]).unwrap());
+    })
+    .await;
+    let len = 8 << 20;
+    let reply = echo_reply(server.addr(), len).await;
+    // A client that keeps up well above the minimum, but whose socket fills now and then.
+    let mut s = TcpStream::connect(server.addr()).await.unwrap();
+    s.write_all(format!("GET {reply} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let body = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        if n == 0 {
+            panic!("the download was cut off after {} bytes", got.len());
+        }
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if got.len() - (end + 4) >= len {
+                break got.len() - (end + 4);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert_eq!(body, len, "the whole reply after the pause");
+}
