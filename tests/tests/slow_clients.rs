@@ -278,3 +278,30 @@ async fn a_pause_of_the_server_itself_is_not_held_against_the_client() {
     };
     assert_eq!(body, len, "the whole reply after the pause");
 }
+
+#[test]
+fn the_slow_client_keys_configure_the_limits_and_default_to_iis_values() {
+    let defaults = bitsd::ServerConfig::default();
+    assert_eq!(defaults.session_limits.min_body_rate, 240);
+    assert_eq!(
+        defaults.session_limits.min_body_rate_grace,
+        Duration::from_secs(10)
+    );
+    assert_eq!(defaults.send_limits.min_rate, 240);
+    assert_eq!(defaults.send_limits.grace, Duration::from_secs(10));
+    assert_eq!(defaults.send_limits.idle_timeout, Duration::from_secs(60));
+
+    let text = "min_body_rate = 1000\nmin_body_rate_grace_secs = 3\n\
+                send_idle_timeout_secs = 20\nmin_send_rate = 0\nmin_send_rate_grace_secs = 5\n";
+    let file = bitsd::config::ConfigFile::parse(text, "t.toml").unwrap();
+    let mut config = bitsd::ServerConfig::default();
+    file.apply(text, "t.toml", &mut config).unwrap();
+    assert_eq!(config.session_limits.min_body_rate, 1000);
+    assert_eq!(
+        config.session_limits.min_body_rate_grace,
+        Duration::from_secs(3)
+    );
+    assert_eq!(config.send_limits.idle_timeout, Duration::from_secs(20));
+    assert_eq!(config.send_limits.min_rate, 0);
+    assert_eq!(config.send_limits.grace, Duration::from_secs(5));
+}
