@@ -90,6 +90,11 @@ pub struct ConfigFile {
     pub header_read_timeout_secs: Option<u64>,
     /// Seconds a request body may stall before the request is abandoned.
     pub body_idle_timeout_secs: Option<u64>,
+    /// The slowest a Fragment's body may arrive after its grace period, bytes per second
+    /// (0: no minimum).
+    pub min_body_rate: Option<u64>,
+    /// Seconds a Fragment's body may arrive slower than `min_body_rate`.
+    pub min_body_rate_grace_secs: Option<u64>,
     /// Live sessions in total (0: unlimited).
     pub max_sessions: Option<usize>,
     /// Live sessions per authenticated user (BITSNumberOfSessionsLimit; 0: unlimited).
@@ -98,6 +103,13 @@ pub struct ConfigFile {
     pub min_free_disk: Option<ByteSize>,
     /// Connections served at once.
     pub max_connections: Option<usize>,
+    /// Seconds a response write may wait for the client to read before the connection closes.
+    pub send_idle_timeout_secs: Option<u64>,
+    /// The slowest a client may take a reply download after its grace period, bytes per
+    /// second (0: no minimum).
+    pub min_send_rate: Option<u64>,
+    /// Seconds a reply download may be taken slower than `min_send_rate`.
+    pub min_send_rate_grace_secs: Option<u64>,
     /// `per-fragment` (default), `on-close` or `never`.
     pub fsync: Option<crate::FsyncPolicy>,
     /// PEM certificate chain: serve HTTPS.
@@ -330,6 +342,12 @@ impl ConfigFile {
         if let Some(s) = self.body_idle_timeout_secs {
             config.session_limits.body_idle_timeout = Duration::from_secs(s.max(1));
         }
+        if let Some(n) = self.min_body_rate {
+            config.session_limits.min_body_rate = n;
+        }
+        if let Some(s) = self.min_body_rate_grace_secs {
+            config.session_limits.min_body_rate_grace = Duration::from_secs(s);
+        }
         if let Some(n) = self.max_sessions {
             config.session_limits.max_sessions = (n > 0).then_some(n);
         }
@@ -344,6 +362,15 @@ impl ConfigFile {
         }
         if let Some(n) = self.max_connections {
             config.max_connections = n.max(1);
+        }
+        if let Some(s) = self.send_idle_timeout_secs {
+            config.send_limits.idle_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(n) = self.min_send_rate {
+            config.send_limits.min_rate = n;
+        }
+        if let Some(s) = self.min_send_rate_grace_secs {
+            config.send_limits.grace = Duration::from_secs(s);
         }
         match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => config.tls = Some(crate::TlsFiles { cert, key }),

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::{Authenticator, ClientAddr};
+use crate::conn_send::{PacedIo, SendLimits, WithConn};
 use crate::fault::{FaultInjectingService, FaultPlan, FaultPlanError};
 use crate::routes::Route;
 use crate::service::BuildError;
@@ -82,6 +83,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Connections served at once on the BITS listener; more wait to be accepted.
     pub max_connections: usize,
+    /// How slow a client may be to take what the server sends (send idle timeout, minimum
+    /// response body rate).
+    pub send_limits: SendLimits,
     /// Test server mode: faults to inject into the BITS listener's answers (`None`: none).
     pub fault_plan: Option<FaultPlan>,
     /// Test server mode: record a transcript of every request and answer of the BITS listener
@@ -127,6 +131,7 @@ impl Default for ServerConfig {
             auth: None,
             tls: None,
             max_connections: 10_000,
+            send_limits: SendLimits::default(),
             fault_plan: None,
             transcript: None,
             admin_token: None,
@@ -215,6 +220,7 @@ struct ListenerOptions {
     header_timeout: Duration,
     grace: Duration,
     max_connections: usize,
+    send_limits: SendLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -312,6 +318,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         header_timeout: config.header_read_timeout,
         grace: config.shutdown_grace,
         max_connections: config.max_connections.max(1),
+        send_limits: config.send_limits,
         tls,
     };
     match faulty {
@@ -443,13 +450,18 @@ async fn accept_loop<S, F, RB>(
                     inner: make_service(),
                     peer,
                 };
+                let send_limits = options.send_limits;
                 let watcher = graceful.watcher();
                 let tls = options.tls.clone();
                 let handshake_timeout = options.header_timeout;
                 tokio::spawn(async move {
                     let _permit = permit;
                     let result = match tls {
-                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                        None => {
+                            let (io, conn) = PacedIo::new(stream, send_limits);
+                            let service = WithConn::new(service, conn);
+                            watcher.watch(http.serve_connection(TokioIo::new(io), service)).await
+                        }
                         Some(acceptor) => {
                             use crate::tls_log::{log_tls_failure, looks_like_plain_http, TlsFailure};
                             let handshake = async {
@@ -474,7 +486,9 @@ async fn accept_loop<S, F, RB>(
                             };
                             match tokio::time::timeout(handshake_timeout, handshake).await {
                                 Ok(Ok(tls_stream)) => {
-                                    watcher.watch(http.serve_connection(TokioIo::new(tls_stream), service)).await
+                                    let (io, conn) = PacedIo::new(tls_stream, send_limits);
+                                    let service = WithConn::new(service, conn);
+                                    watcher.watch(http.serve_connection(TokioIo::new(io), service)).await
                                 }
                                 Ok(Err((kind, error))) => {
                                     log_tls_failure(peer, kind, error.as_deref());
@@ -591,6 +605,9 @@ impl RunningServer {
             tracing::warn!("completion steps still running at shutdown are cut off; their clients re-send the final fragment");
         }
         let result = self.service.store().flush().await;
+        if let Some(t) = &self.transcript {
+            t.written().await;
+        }
         tracing::info!("bitsd stopped");
         result
     }

@@ -592,6 +592,11 @@ impl BitsdProcess {
         }
     }
 
+    /// The process id (for `strace -p`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process id of `bitsd` itself (the wrapper's child when it runs under one).
     pub fn server_pid(&self) -> u32 {
         if !self.wrapped {

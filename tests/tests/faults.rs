@@ -1048,3 +1048,55 @@ fn the_readme_recipes_parse() {
     }
     assert!(flags >= ALL_KINDS.len(), "one --fault recipe per kind");
 }
+
+/// The test server mode's state stays bounded however many distinct ids clients send: the
+/// fault counters and the transcript in memory (the file keeps every line).
+#[tokio::test]
+async fn client_supplied_ids_do_not_grow_the_test_server_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = bitsd::SessionStore::open(&dir.path().join("data"))
+        .await
+        .unwrap();
+    let service = bitsd::BitsService::builder(store)
+        .route(bitsd::Route::upload_reply("/echo/", bitsd::EchoHandler))
+        .build()
+        .unwrap();
+    let transcript_file = dir.path().join("t.jsonl");
+    let transcript = bitsd::Transcript::with_file(&transcript_file).unwrap();
+    let plan = FaultPlan::from_specs(1, &["GET#2:status=503"]).unwrap();
+    let svc = bitsd::FaultInjectingService::new(service, plan, Some(transcript.clone())).unwrap();
+    let requests = 12_000u32;
+    for i in 0..requests {
+        let req = http::Request::get(format!(
+            "/echo/BITS-Sessions/{{{i:08x}-0000-4000-8000-000000000000}}/response"
+        ))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+        let res = svc.handle(req).await.unwrap();
+        assert_eq!(res.status(), 404);
+    }
+    // Ids that are not session ids at all share one counter.
+    for i in 0..1_000u32 {
+        let req = http::Request::get(format!("/echo/BITS-Sessions/not-an-id-{i}/response"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        svc.handle(req).await.unwrap();
+    }
+    assert!(
+        svc.counted_sessions() <= 10_001,
+        "{} sessions counted",
+        svc.counted_sessions()
+    );
+    assert_eq!(transcript.len(), bitsd::Transcript::MEMORY_LINES);
+    assert_eq!(transcript.recorded(), u64::from(requests) + 1_000);
+    transcript.written().await;
+    let lines = std::fs::read_to_string(&transcript_file)
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        lines as u64,
+        u64::from(requests) + 1_000,
+        "the file keeps every line"
+    );
+}
