@@ -45,7 +45,7 @@ pub use bitsd_reply_handlers::{
     HttpNotifyHandler, Notification, Reply, ReplyBody, ReplyHandler, StaticHandler, Upload,
 };
 pub use bitsd_storage as storage;
-pub use bitsd_storage::{SessionStore, StorageError, UploadMode};
+pub use bitsd_storage::{SessionBackend, SessionStore, StorageError, UploadMode};
 pub use body::ResponseBody;
 pub use conn_send::SendLimits;
 pub use fault::{

@@ -116,7 +116,14 @@ async fn serve(
     }
     // One trip off the runtime opens the file and reads the first chunk (for a small reply,
     // all of it); later chunks are read ahead while the connection sends (see `ResponseBody`).
-    let path = shared.store.reply_file(&id, &reply.kind);
+    let Some(path) = shared.store.reply_local_path(&id, &reply.kind) else {
+        // A backend that keeps no local reply file (not one this server builds yet).
+        tracing::error!(
+            backend = shared.store.kind(),
+            "reply has no local file to serve"
+        );
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
+    };
     let first_len = count.min(crate::body::FILE_CHUNK as u64) as usize;
     let opened = tokio::task::spawn_blocking(move || {
         let file =
@@ -186,19 +193,17 @@ async fn record_delivery(
     end: u64,
 ) {
     let _guard = shared.locks.lock(id).await;
-    let Ok(Some(mut record)) = shared.store.load(&id).await else {
-        return;
-    };
-    let Some(reply) = record.reply.as_mut() else {
-        return;
-    };
-    if reply.created_ms != created_ms {
-        return;
-    }
-    shared.metrics.reply_served(end - start);
-    reply.delivered.insert(start, end);
-    tracing::debug!(session = %id, start, end, transferred = reply.delivered.covered(), "reply bytes delivered");
-    if let Err(e) = shared.store.save_lazy(&record).await {
-        tracing::warn!(error = %e, "could not record reply progress");
+    match shared
+        .store
+        .record_reply_delivered(&id, created_ms, start, end)
+        .await
+    {
+        Ok(Some(record)) => {
+            shared.metrics.reply_served(end - start);
+            let transferred = record.reply.map_or(0, |r| r.delivered.covered());
+            tracing::debug!(session = %id, start, end, transferred, "reply bytes delivered");
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "could not record reply progress"),
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bitsd_protocol::{header, Ack, BitsError, SessionId, UploadLimits};
-use bitsd_storage::{SessionRecord, SessionStore, StorageError};
+use bitsd_storage::{LiveCounts, SessionBackend, SessionRecord, SessionStore, StorageError};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tracing::Instrument;
@@ -25,7 +25,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the server shares between requests.
 pub(crate) struct Shared {
-    pub(crate) store: SessionStore,
+    pub(crate) store: Arc<dyn SessionBackend>,
     pub(crate) routes: RouteTable,
     pub(crate) locks: SessionLocks,
     pub(crate) completions: packets::Completions,
@@ -65,7 +65,11 @@ impl std::fmt::Debug for BitsService {
 
 /// Builds a [`BitsService`].
 pub struct BitsServiceBuilder {
-    store: SessionStore,
+    store: Arc<dyn SessionBackend>,
+    /// The live sessions, counted when the builder was made (before any packet can change
+    /// the store: a count taken later, after a Close or a purge already removed a session,
+    /// would miss that session and then give its slot back a second time).
+    live: Result<LiveCounts, StorageError>,
     routes: Vec<Route>,
     limits: UploadLimits,
     urls: UrlPolicy,
@@ -207,11 +211,7 @@ impl BitsServiceBuilder {
                 return Err(BuildError::MissingHandler(r.prefix().to_owned()));
             }
         }
-        // Counted now, before any packet can change the store: a count taken later (after a
-        // Close or a purge already removed a session) would miss that session and then give
-        // its slot back a second time.
-        let records = self.store.meta().list().map_err(BuildError::Store)?;
-        let counts = SessionCounts::from_records(&records);
+        let counts = SessionCounts::from_live(self.live.map_err(BuildError::Store)?);
         if let Some((capturing, shadowed)) = crate::routes::reply_path_conflict(&self.routes) {
             return Err(BuildError::ShadowedReplies(
                 crate::routes::reply_path_conflict_message(capturing, shadowed),
@@ -311,8 +311,28 @@ impl BitsService {
     /// # }
     /// ```
     pub fn builder(store: SessionStore) -> BitsServiceBuilder {
+        // The local store counts from memory, right here (the builder is not async).
+        let live = store
+            .meta()
+            .list()
+            .map(|records| LiveCounts::from_records(&records));
+        Self::builder_counted(Arc::new(store), live)
+    }
+
+    /// Starts building a service over any storage backend (the local [`SessionStore`] or a
+    /// shared one); its live sessions are counted first.
+    pub async fn builder_for(store: Arc<dyn SessionBackend>) -> BitsServiceBuilder {
+        let live = store.count_live().await;
+        Self::builder_counted(store, live)
+    }
+
+    fn builder_counted(
+        store: Arc<dyn SessionBackend>,
+        live: Result<LiveCounts, StorageError>,
+    ) -> BitsServiceBuilder {
         BitsServiceBuilder {
             store,
+            live,
             routes: Vec::new(),
             limits: UploadLimits::default(),
             urls: UrlPolicy::default(),
@@ -324,8 +344,8 @@ impl BitsService {
         }
     }
 
-    /// The session store.
-    pub fn store(&self) -> &SessionStore {
+    /// The storage backend the service runs on.
+    pub fn store(&self) -> &Arc<dyn SessionBackend> {
         &self.shared.store
     }
 
@@ -391,7 +411,7 @@ impl BitsService {
         Ok(self
             .shared
             .metrics
-            .render(&states, self.shared.store.meta().size_on_disk()))
+            .render(&states, self.shared.store.size_on_disk()))
     }
 
     /// Waits until no completion step runs. A completion (the reply handler's run, the storing
@@ -418,6 +438,10 @@ impl BitsService {
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         let expired = |updated_ms: u64| now.saturating_sub(updated_ms) > idle_ms;
         let mut removed = 0;
+        // One sweeper at a time (on a shared backend: one node of the farm).
+        let Some(_sweeping) = self.shared.store.try_sweep_lock().await? else {
+            return Ok(0);
+        };
         for record in self.shared.store.list().await? {
             if !expired(record.updated_ms) {
                 continue;

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bitsd_protocol::{BitsError, HResult};
-use bitsd_storage::SessionRecord;
+use bitsd_storage::LiveCounts;
 use http::StatusCode;
 
 /// `HRESULT_FROM_WIN32(ERROR_TOO_MANY_SESS)`: sent with 503 when a session limit is reached.
@@ -93,14 +93,16 @@ struct Counts {
 }
 
 impl SessionCounts {
-    pub(crate) fn from_records(records: &[SessionRecord]) -> Self {
-        let mut c = Counts::default();
-        for r in records.iter().filter(|r| !r.state.is_terminal()) {
-            c.total += 1;
-            if let Some(owner) = &r.owner {
-                *c.per_user.entry(owner.clone()).or_default() += 1;
-            }
-        }
+    pub(crate) fn from_live(live: LiveCounts) -> Self {
+        let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let c = Counts {
+            total: to_usize(live.total),
+            per_user: live
+                .per_user
+                .into_iter()
+                .map(|(user, n)| (user, to_usize(n)))
+                .collect(),
+        };
         SessionCounts {
             inner: Mutex::new(c),
         }

@@ -243,7 +243,7 @@ async fn commit(
     };
     let outcome = shared
         .store
-        .commit_upload(&record.id, &dest, route.overwrites_allowed())
+        .publish_upload(&record.id, &dest, route.overwrites_allowed())
         .await
         .map_err(storage_failure)?;
     match outcome {
@@ -276,14 +276,20 @@ async fn produce_reply(
             "upload-reply route without handler",
         )
     })?;
+    // Kept until the reply is stored: a handler's reply file may lie in its work directory.
+    let local = shared
+        .store
+        .upload_file(&record.id)
+        .await
+        .map_err(storage_failure)?;
     let upload = Upload {
         session_id: record.id,
         original_url: record.remote_url.clone(),
         server_url: shared.urls.server_side_url(&record.remote_url),
         content_name: record.content_name.clone(),
         len: record.received,
-        path: shared.store.upload_path(&record.id),
-        session_dir: shared.store.session_dir(&record.id),
+        path: local.path.clone(),
+        session_dir: local.work_dir.clone(),
     };
     let started = std::time::Instant::now();
     // The handler runs in its own task: a panic there fails this attempt, not the server.
@@ -328,42 +334,32 @@ async fn produce_reply(
         }
         ReplyBody::File(path) => Some(
             store
-                .reply_from_file(&id, &path)
+                .store_reply_file(&id, &path)
                 .await
                 .map_err(storage_failure)?,
         ),
-        ReplyBody::Empty => {
-            let (len, crc32c) = store
-                .reply_writer(&id)
+        ReplyBody::Empty => Some(
+            store
+                .begin_reply(&id)
                 .await
                 .map_err(storage_failure)?
                 .finish()
                 .await
-                .map_err(storage_failure)?;
-            Some(ReplyKind::Stored {
-                len,
-                crc32c: Some(crc32c),
-                in_upload: false,
-            })
-        }
+                .map_err(storage_failure)?,
+        ),
         ReplyBody::Bytes(bytes) => {
-            let mut w = store.reply_writer(&id).await.map_err(storage_failure)?;
-            w.write(&bytes).await.map_err(storage_failure)?;
-            let (len, crc32c) = w.finish().await.map_err(storage_failure)?;
-            Some(ReplyKind::Stored {
-                len,
-                crc32c: Some(crc32c),
-                in_upload: false,
-            })
+            let mut w = store.begin_reply(&id).await.map_err(storage_failure)?;
+            w.write(bytes.into()).await.map_err(storage_failure)?;
+            Some(w.finish().await.map_err(storage_failure)?)
         }
         ReplyBody::Stream { len, mut stream } => {
-            let mut w = store.reply_writer(&id).await.map_err(storage_failure)?;
+            let mut w = store.begin_reply(&id).await.map_err(storage_failure)?;
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| {
                     tracing::warn!(error = %e, "reply stream failed");
                     BitsError::backend_status(500)
                 })?;
-                w.write(&chunk).await.map_err(storage_failure)?;
+                w.write(chunk).await.map_err(storage_failure)?;
             }
             if w.len() != len {
                 tracing::warn!(
@@ -373,12 +369,7 @@ async fn produce_reply(
                 );
                 return Err(BitsError::backend_status(500));
             }
-            let (len, crc32c) = w.finish().await.map_err(storage_failure)?;
-            Some(ReplyKind::Stored {
-                len,
-                crc32c: Some(crc32c),
-                in_upload: false,
-            })
+            Some(w.finish().await.map_err(storage_failure)?)
         }
     };
     if let Some(kind) = kind {

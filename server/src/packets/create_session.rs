@@ -18,10 +18,13 @@ pub(super) async fn handle(
     parts: &Parts,
     protocol: &Uuid,
 ) -> Result<Ack, BitsError> {
-    check_disk(shared.store.files_dir(), 0, &shared.session_limits)?;
+    let root = shared.store.files_root();
+    if let Some(root) = root {
+        check_disk(root, 0, &shared.session_limits)?;
+    }
     let destination = destination_for(route.prefix(), parts.uri.path())?;
-    if let Some(dest) = &destination {
-        crate::name_limits::check_name_lengths(shared.store.files_dir(), dest)?;
+    if let (Some(dest), Some(root)) = (&destination, root) {
+        crate::name_limits::check_name_lengths(root, dest)?;
     }
     if route.mode() == UploadMode::Upload {
         let Some(dest) = &destination else {

@@ -5,7 +5,7 @@ use std::pin::pin;
 use std::sync::Arc;
 
 use bitsd_protocol::{decide_fragment, Ack, BitsError, FragmentDecision, FragmentPacket};
-use bitsd_storage::{FragmentWriter, SessionState};
+use bitsd_storage::{FragmentCommit, FragmentPlan, FragmentSink, SessionState};
 use bytes::Buf;
 use http::request::Parts;
 use http_body_util::BodyExt;
@@ -136,20 +136,24 @@ where
             Ok(Ack::ok().session(&id).received(received))
         }
         FragmentDecision::Write(write) => {
-            check_disk(shared.store.files_dir(), write.len, &shared.session_limits).map_err(
-                |error| Failure {
+            if let Some(root) = shared.store.files_root() {
+                check_disk(root, write.len, &shared.session_limits).map_err(|error| Failure {
                     error,
                     received: Some(record.received),
-                },
-            )?;
-            let mut writer = shared
+                })?;
+            }
+            // The offset this node read: the commit advances it only from here.
+            let expected = record.received;
+            let plan = FragmentPlan {
+                write_at: write.write_at,
+                len: write.len,
+                durability: durability(shared.fsync, write.completes),
+            };
+            let mut sink = shared
                 .store
-                .fragment_writer(&id, write.write_at)
+                .begin_fragment(&id, plan)
                 .await
                 .map_err(storage_failure)?;
-            if shared.fsync != FsyncPolicy::Never && write.len >= WRITEBACK_FROM {
-                writer.start_writeback_every(WRITEBACK_EVERY);
-            }
             let body = body
                 .take()
                 .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
@@ -159,7 +163,7 @@ where
                 write.skip,
                 write.len,
                 idle,
-                Some(&mut writer),
+                Some(&mut *sink),
             )
             .await
             .map_err(|error| Failure {
@@ -177,14 +181,15 @@ where
             record.touch();
             // The completing fragment is flushed with the completion's own durable save (or
             // explicitly below when completion fails): its Ack waits for that anyway.
-            shared
-                .store
-                .commit_fragment(writer, &record, durability(shared.fsync, write.completes))
-                .await
-                .map_err(|e| Failure {
-                    error: storage_failure(e),
-                    received: None,
-                })?;
+            let committed = sink.commit(expected, &record).await.map_err(|e| Failure {
+                error: storage_failure(e),
+                received: None,
+            })?;
+            if let FragmentCommit::Lost { current } = committed {
+                // Another request (on another node of a farm) advanced the offset first:
+                // nothing of this fragment counts; the client goes on from the winner's.
+                return lost_race(shared, &id, current.as_deref(), guard);
+            }
             shared.metrics.fragment(FragmentOutcome::Stored, write.len);
             tracing::debug!(
                 received = record.received,
@@ -203,16 +208,27 @@ where
     }
 }
 
-/// The bytes of a fragment of at least [`WRITEBACK_FROM`] bytes start going to disk every this
-/// many bytes while its body arrives, so the sync before the Ack waits only for the tail.
-/// It matches the writer's gathered writes ([`bitsd_storage::GATHER_BYTES`]): each one is
-/// handed to the disk once it is in the page cache.
-const WRITEBACK_EVERY: u64 = bitsd_storage::GATHER_BYTES as u64;
-
-/// Fragments smaller than this are synced whole at commit: on the 2-core machine of the
-/// benchmark, starting writeback for a 64 KiB fragment cost as much CPU as it saved waiting,
-/// while 1 MiB fragments gained 5–7% (docs/performance.md).
-const WRITEBACK_FROM: u64 = 1024 * 1024;
+/// The answer to a fragment whose commit lost the race for the session's offset: the offset
+/// that won (the client re-sends from there), or session-not-found when the session ended.
+fn lost_race(
+    shared: &Shared,
+    id: &bitsd_protocol::SessionId,
+    current: Option<&bitsd_storage::SessionRecord>,
+    guard: crate::session_locks::SessionGuard,
+) -> Result<Ack, Failure> {
+    drop(guard);
+    shared.metrics.fragment(FragmentOutcome::AlreadyHeld, 0);
+    match current {
+        Some(c) if !c.state.is_terminal() => {
+            tracing::info!(
+                received = c.received,
+                "fragment lost the race for the offset"
+            );
+            Ok(Ack::ok().session(id).received(c.received))
+        }
+        _ => Err(BitsError::session_not_found().into()),
+    }
+}
 
 /// How durable a fragment must be before its Ack under the fsync policy: per-fragment syncs
 /// every fragment's bytes before its offset is committed and flushed; on-close syncs the whole
@@ -237,7 +253,7 @@ async fn stream_body<B>(
     skip: u64,
     len: u64,
     pace: BodyPace,
-    mut writer: Option<&mut FragmentWriter>,
+    mut writer: Option<&mut dyn FragmentSink>,
 ) -> Result<(), BitsError>
 where
     B: http_body::Body,
@@ -263,7 +279,7 @@ where
         let from = skip.clamp(start, end);
         let to = (skip + len).clamp(start, end);
         if let (Some(w), true) = (writer.as_deref_mut(), from < to) {
-            w.write_bytes(chunk.slice((from - start) as usize..(to - start) as usize))
+            w.write(chunk.slice((from - start) as usize..(to - start) as usize))
                 .await
                 .map_err(storage_failure)?;
         }
