@@ -325,16 +325,36 @@ impl SessionStore {
             }
             Ok(())
         };
+        // Bytes past the fragment's end (an unacknowledged longer write) are cut off. With a
+        // compare-and-set the cut waits until the commit has won, under the session's lock: a
+        // losing writer must never cut bytes the winner committed. That late cut is not synced
+        // (if a crash loses it, the file is longer than the offset and recovery cuts it).
+        let cut_early = expected.is_none();
+        let (file_for_cut, path_for_cut) = (file.clone(), path.clone());
+        let cut_late = move |meta: &dyn crate::MetaStore,
+                             save: &dyn Fn(&dyn crate::MetaStore) -> Result<(), StorageError>|
+              -> Result<(), StorageError> {
+            if !cut_early {
+                cut_past(&file_for_cut, end, &path_for_cut)?;
+            }
+            save(meta)
+        };
         match durability {
             FragmentDurability::Unsynced => {
                 // Nothing to wait for: memory work and a stat, done right here.
-                cut_past(&file, end, &path)?;
-                self.save_if(record, expected, |meta| meta.save_lazy(record))
+                if cut_early {
+                    cut_past(&file, end, &path)?;
+                }
+                self.save_if(record, expected, |meta| {
+                    cut_late(meta, &|meta| meta.save_lazy(record))
+                })
             }
             FragmentDurability::Deferred => {
-                cut_past(&file, end, &path)?;
+                if cut_early {
+                    cut_past(&file, end, &path)?;
+                }
                 self.save_if(record, expected, |meta| {
-                    meta.save_with_fragment(record, &entry, false)
+                    cut_late(meta, &|meta| meta.save_with_fragment(record, &entry, false))
                 })
             }
             FragmentDurability::Durable | FragmentDurability::BytesDurable => {
@@ -343,8 +363,12 @@ impl SessionStore {
                 blocking(move || {
                     let meta = store.meta.clone();
                     // 1. The bytes, then 2. the offset, then 3. the flush (or the caller's).
-                    let synced = cut_past(&file, end, &path)
-                        .and_then(|()| {
+                    let synced = (if cut_early {
+                        cut_past(&file, end, &path)
+                    } else {
+                        Ok(())
+                    })
+                    .and_then(|()| {
                             file.sync_data()
                                 .map_err(StorageError::io("fsync upload", &path))
                         })
@@ -365,7 +389,9 @@ impl SessionStore {
                         }
                         return Err(e);
                     }
-                    let outcome = store.save_if(&record, expected, |meta| meta.save_lazy(&record))?;
+                    let outcome = store.save_if(&record, expected, |meta| {
+                        cut_late(meta, &|meta| meta.save_lazy(&record))
+                    })?;
                     if outcome != FragmentCommit::Committed {
                         return Ok(outcome);
                     }

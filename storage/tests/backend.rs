@@ -305,3 +305,38 @@ async fn list_count_and_sweep_lock() {
     assert!(b.try_sweep_lock().await.unwrap().is_some());
     assert_eq!(b.kind(), "local");
 }
+
+/// The losing writer of a race never cuts bytes the winner committed (its own fragment is
+/// shorter than the winner's): the upload still holds every acknowledged byte.
+#[tokio::test]
+async fn a_losing_commit_keeps_the_winners_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend(dir.path()).await;
+    for durability in [
+        FragmentDurability::Durable,
+        FragmentDurability::Deferred,
+        FragmentDurability::Unsynced,
+    ] {
+        let rec = record(UploadMode::Upload);
+        b.create(&rec).await.unwrap();
+        let plan = |len| FragmentPlan {
+            write_at: 0,
+            len,
+            durability,
+        };
+        let mut short = b.begin_fragment(&rec.id, plan(5)).await.unwrap();
+        short.write(Bytes::from_static(b"hello")).await.unwrap();
+        let mut long = rec.clone();
+        let won = fragment(&*b, &mut long, b"hello world", 20, durability).await;
+        assert_eq!(won, FragmentCommit::Committed);
+        let mut lost = rec.clone();
+        lost.received = 5;
+        lost.total = Some(20);
+        match short.commit(0, &lost).await.unwrap() {
+            FragmentCommit::Lost { current: Some(c) } => assert_eq!(c.received, 11),
+            other => panic!("{durability:?}: {other:?}"),
+        }
+        let held = collect(b.read_upload(&rec.id).await.unwrap()).await;
+        assert_eq!(held, b"hello world", "{durability:?}");
+    }
+}

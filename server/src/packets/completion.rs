@@ -349,7 +349,7 @@ async fn produce_reply(
         ),
         ReplyBody::Bytes(bytes) => {
             let mut w = store.begin_reply(&id).await.map_err(storage_failure)?;
-            w.write(bytes.into()).await.map_err(storage_failure)?;
+            w.write(bytes).await.map_err(storage_failure)?;
             Some(w.finish().await.map_err(storage_failure)?)
         }
         ReplyBody::Stream { len, mut stream } => {
