@@ -21,11 +21,13 @@ COPY --from=build /usr/local/bin/bitsd /usr/local/bin/bitsd
 USER 10001:10001
 WORKDIR /data
 ENV BITSD_LISTEN=0.0.0.0:8080 \
-    BITSD_ADMIN_LISTEN=0.0.0.0:8081 \
+    BITSD_ADMIN_LISTEN=127.0.0.1:8081 \
     BITSD_DATA_DIR=/data
 VOLUME ["/data"]
-# 8080: BITS; 8081: admin (sessions, metrics, health): keep it unpublished.
-EXPOSE 8080 8081
+# 8080: BITS. The admin listener (sessions, metrics, health) stays on the container's
+# loopback, where the health check reaches it: a non-loopback admin address is refused at
+# start unless --admin-allow-non-loopback is given (then also set --admin-token-file).
+EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
   CMD ["bitsd", "healthcheck", "--admin", "127.0.0.1:8081"]
 # SIGTERM (docker stop) lets requests in flight finish and flushes the store before exit 0.

@@ -244,3 +244,70 @@ fn the_healthcheck_command_answers_for_a_running_server_only() {
     let err = String::from_utf8_lossy(&dead.stderr);
     assert!(err.contains("/healthz"), "{err}");
 }
+
+#[test]
+fn the_real_binary_starts_with_the_dockerfiles_environment() {
+    // The image configures bitsd through ENV only: with those values (ports made ephemeral,
+    // the data directory a temporary one) the real binary must start, and the HEALTHCHECK must
+    // ask the admin address the environment sets. A non-loopback admin address, for one, is
+    // refused at start unless explicitly allowed.
+    let text = dockerfile();
+    let env: Vec<(String, String)> = instructions(&text)
+        .into_iter()
+        .filter(|(word, _)| word == "ENV")
+        .flat_map(|(_, rest)| {
+            rest.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let admin = env
+        .iter()
+        .find(|(k, _)| k == "BITSD_ADMIN_LISTEN")
+        .map(|(_, v)| v.clone())
+        .expect("the Dockerfile sets BITSD_ADMIN_LISTEN");
+    let health: Vec<String> = instructions(&text)
+        .into_iter()
+        .filter(|(word, _)| word == "HEALTHCHECK")
+        .map(|(_, rest)| rest)
+        .collect();
+    // An unspecified address is reached through loopback.
+    let asked = admin.replace("0.0.0.0:", "127.0.0.1:");
+    assert!(
+        health.iter().any(|h| h.contains(&format!("\"{asked}\""))),
+        "the HEALTHCHECK does not ask {asked}: {health:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(bitsd_binary());
+    for (key, value) in &env {
+        let value = match key.as_str() {
+            "BITSD_LISTEN" | "BITSD_ADMIN_LISTEN" => {
+                let (host, _port) = value.rsplit_once(':').unwrap();
+                format!("{host}:0")
+            }
+            "BITSD_DATA_DIR" => dir.path().join("data").display().to_string(),
+            _ => value.clone(),
+        };
+        command.env(key, value);
+    }
+    let mut child = command
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let stdout = child.stdout.take().unwrap();
+    let started = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("session progress on"));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started,
+        "bitsd did not start with the Dockerfile's environment: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -410,7 +410,12 @@ fn the_example_configuration_has_every_documented_key() {
         }
     }
     // Keys of other places in the example: per-route handler parameters.
-    for fragment in ["env = {", "data_entity_headers", "allow_overwrites = false"] {
+    for fragment in [
+        "env = {",
+        "pass_env = [",
+        "data_entity_headers",
+        "allow_overwrites = false",
+    ] {
         if !text.contains(fragment) {
             missing.push(fragment.to_owned());
         }
