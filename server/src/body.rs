@@ -23,6 +23,69 @@ enum Inner {
     Empty,
     Full(Option<Bytes>),
     File(FileBody),
+    Stream(StreamedBody),
+}
+
+/// A reply range streamed from a storage backend that keeps no local file (a shared
+/// backend's object store): chunks go out as the backend yields them, and delivery is
+/// counted as for a file.
+struct StreamedBody {
+    stream: bitsd_storage::ByteStream,
+    remaining: u64,
+    taken: u64,
+    pending: u64,
+    report: Option<DeliveryReport>,
+    conn: Option<ConnSend>,
+}
+
+impl StreamedBody {
+    fn report(&mut self) {
+        if let Some(report) = self.report.take() {
+            match &self.conn {
+                Some(conn) => conn.body_ended(self.taken, report),
+                None => report(self.taken),
+            }
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        // Being asked again means the previous chunk was taken by the connection.
+        self.taken += std::mem::take(&mut self.pending);
+        if self.remaining == 0 {
+            self.report();
+            return Poll::Ready(None);
+        }
+        match self.stream.as_mut().poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(mut chunk))) => {
+                chunk.truncate(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                let n = chunk.len() as u64;
+                self.remaining -= n;
+                self.pending = n;
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.report();
+                Poll::Ready(Some(Err(io::Error::other(e))))
+            }
+            Poll::Ready(None) => {
+                self.report();
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "reply shorter than recorded",
+                ))))
+            }
+        }
+    }
+}
+
+impl Drop for StreamedBody {
+    fn drop(&mut self) {
+        if self.remaining == 0 {
+            self.taken += std::mem::take(&mut self.pending);
+        }
+        self.report();
+    }
 }
 
 /// Bytes per read of a streamed reply.
@@ -170,6 +233,26 @@ impl ResponseBody {
     }
 }
 
+impl ResponseBody {
+    /// `len` bytes from a storage backend's stream (a reply with no local file). `report`
+    /// learns how many of them the connection took, when the body ends or is dropped.
+    pub(crate) fn stream(
+        stream: bitsd_storage::ByteStream,
+        len: u64,
+        report: DeliveryReport,
+        conn: Option<ConnSend>,
+    ) -> Self {
+        ResponseBody(Inner::Stream(StreamedBody {
+            stream,
+            remaining: len,
+            taken: 0,
+            pending: 0,
+            report: Some(report),
+            conn,
+        }))
+    }
+}
+
 impl Default for ResponseBody {
     fn default() -> Self {
         Self::empty()
@@ -186,6 +269,7 @@ impl std::fmt::Debug for ResponseBody {
                 b.as_ref().map_or(0, Bytes::len)
             ),
             Inner::File(b) => write!(f, "ResponseBody::File({} bytes left)", b.remaining),
+            Inner::Stream(b) => write!(f, "ResponseBody::Stream({} bytes left)", b.remaining),
         }
     }
 }
@@ -201,6 +285,7 @@ impl Body for ResponseBody {
         match &mut self.get_mut().0 {
             Inner::Empty => Poll::Ready(None),
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Stream(s) => s.poll_frame(cx),
             Inner::File(f) => {
                 // Being asked again means the previous chunk was taken by the connection.
                 f.taken += std::mem::take(&mut f.pending);
@@ -232,6 +317,7 @@ impl Body for ResponseBody {
             Inner::Empty => true,
             Inner::Full(b) => b.is_none(),
             Inner::File(f) => f.remaining == 0 && f.pending == 0,
+            Inner::Stream(s) => s.remaining == 0 && s.pending == 0,
         }
     }
 
@@ -240,6 +326,7 @@ impl Body for ResponseBody {
             Inner::Empty => SizeHint::with_exact(0),
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::File(f) => SizeHint::with_exact(f.remaining),
+            Inner::Stream(s) => SizeHint::with_exact(s.remaining),
         }
     }
 }

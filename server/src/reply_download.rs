@@ -117,12 +117,26 @@ async fn serve(
     // One trip off the runtime opens the file and reads the first chunk (for a small reply,
     // all of it); later chunks are read ahead while the connection sends (see `ResponseBody`).
     let Some(path) = shared.store.reply_local_path(&id, &reply.kind) else {
-        // A backend that keeps no local reply file (not one this server builds yet).
-        tracing::error!(
-            backend = shared.store.kind(),
-            "reply has no local file to serve"
-        );
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
+        // A backend that keeps no local reply file streams the range itself.
+        return match shared
+            .store
+            .read_reply(&id, &reply.kind, start, count)
+            .await
+        {
+            Ok(stream) => {
+                let report = delivery_report(shared, id, reply.created_ms, start);
+                let conn = req.extensions.get::<ConnSend>().cloned();
+                *res.body_mut() = ResponseBody::stream(stream, count, report, conn);
+                res
+            }
+            Err(e) => {
+                if !still_served(shared, &id, reply.created_ms).await {
+                    return not_found();
+                }
+                tracing::error!(error = %e, backend = shared.store.kind(), "reply unreadable");
+                plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n")
+            }
+        };
     };
     let first_len = count.min(crate::body::FILE_CHUNK as u64) as usize;
     let opened = tokio::task::spawn_blocking(move || {
@@ -149,9 +163,21 @@ async fn serve(
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
         }
     };
+    let report = delivery_report(shared, id, reply.created_ms, start);
+    let conn = req.extensions.get::<ConnSend>().cloned();
+    *res.body_mut() = ResponseBody::file(file, start, count, first, report, conn);
+    res
+}
+
+/// Records, once the body is done, the bytes from `start` that the connection took.
+fn delivery_report(
+    shared: &Arc<Shared>,
+    id: SessionId,
+    created_ms: u64,
+    start: u64,
+) -> crate::body::DeliveryReport {
     let shared = shared.clone();
-    let created_ms = reply.created_ms;
-    let report = Box::new(move |taken: u64| {
+    Box::new(move |taken: u64| {
         if taken == 0 {
             return;
         }
@@ -165,10 +191,7 @@ async fn serve(
             start,
             start + taken,
         ));
-    });
-    let conn = req.extensions.get::<ConnSend>().cloned();
-    *res.body_mut() = ResponseBody::file(file, start, count, first, report, conn);
-    res
+    })
 }
 
 /// Whether the reply created at `created_ms` is still the session's reply, ready to serve.

@@ -7,11 +7,16 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd::{BitsService, Route, SessionBackend, SessionStore};
+use bitsd::protocol::SessionId;
+use bitsd::storage::{
+    ByteStream, CommitOutcome, FragmentPlan, FragmentSink, LocalUpload, ReplyKind, ReplySink,
+    SessionRecord, SessionState, SweepLock,
+};
+use bitsd::{BitsService, Route, SessionBackend, SessionStore, StorageError};
 use bytes::Bytes;
 use http::Request;
 use http_body::Frame;
-use http_body_util::{Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use tower::ServiceExt;
 
 async fn node(backend: Arc<dyn SessionBackend>) -> BitsService {
@@ -80,7 +85,7 @@ async fn a_fragment_that_loses_the_offset_race_answers_with_the_winner() {
         .to_str()
         .unwrap()
         .to_owned();
-    let id: bitsd::protocol::SessionId = sid.parse().unwrap();
+    let id: SessionId = sid.parse().unwrap();
 
     // Node A reads offset 0 and starts receiving bytes 0-9, slowly.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
@@ -145,4 +150,176 @@ async fn a_fragment_that_loses_the_offset_race_answers_with_the_winner() {
     assert_eq!(received(&res), "20");
     let published = std::fs::read(store.files_dir().join("race.bin")).unwrap();
     assert_eq!(published, data);
+}
+
+/// The local backend, but keeping its replies "remote": no local reply file is offered, so
+/// the download path must stream ranges through `read_reply` as it will for object storage.
+#[derive(Debug)]
+struct NoLocalReplies(SessionStore);
+
+#[async_trait::async_trait]
+impl SessionBackend for NoLocalReplies {
+    fn kind(&self) -> &'static str {
+        "no-local-replies"
+    }
+    async fn create(&self, r: &SessionRecord) -> Result<(), StorageError> {
+        SessionBackend::create(&self.0, r).await
+    }
+    async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
+        SessionBackend::load(&self.0, id).await
+    }
+    async fn save(&self, r: &SessionRecord) -> Result<(), StorageError> {
+        SessionBackend::save(&self.0, r).await
+    }
+    async fn save_lazy(&self, r: &SessionRecord) -> Result<(), StorageError> {
+        SessionBackend::save_lazy(&self.0, r).await
+    }
+    async fn flush(&self) -> Result<(), StorageError> {
+        SessionBackend::flush(&self.0).await
+    }
+    async fn begin_fragment(
+        &self,
+        id: &SessionId,
+        plan: FragmentPlan,
+    ) -> Result<Box<dyn FragmentSink>, StorageError> {
+        self.0.begin_fragment(id, plan).await
+    }
+    async fn publish_upload(
+        &self,
+        id: &SessionId,
+        dest: &str,
+        overwrite: bool,
+    ) -> Result<CommitOutcome, StorageError> {
+        self.0.publish_upload(id, dest, overwrite).await
+    }
+    async fn destination_exists(&self, dest: &str) -> bool {
+        SessionBackend::destination_exists(&self.0, dest).await
+    }
+    async fn read_upload(&self, id: &SessionId) -> Result<ByteStream, StorageError> {
+        self.0.read_upload(id).await
+    }
+    async fn upload_file(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        self.0.upload_file(id).await
+    }
+    async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
+        self.0.begin_reply(id).await
+    }
+    async fn store_reply_file(
+        &self,
+        id: &SessionId,
+        src: &std::path::Path,
+    ) -> Result<ReplyKind, StorageError> {
+        self.0.store_reply_file(id, src).await
+    }
+    async fn read_reply(
+        &self,
+        id: &SessionId,
+        kind: &ReplyKind,
+        start: u64,
+        len: u64,
+    ) -> Result<ByteStream, StorageError> {
+        self.0.read_reply(id, kind, start, len).await
+    }
+    async fn record_reply_delivered(
+        &self,
+        id: &SessionId,
+        created_ms: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<SessionRecord>, StorageError> {
+        self.0
+            .record_reply_delivered(id, created_ms, start, end)
+            .await
+    }
+    async fn end_session(
+        &self,
+        r: &mut SessionRecord,
+        state: SessionState,
+    ) -> Result<(), StorageError> {
+        SessionBackend::end_session(&self.0, r, state).await
+    }
+    async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
+        SessionBackend::purge(&self.0, id).await
+    }
+    async fn list(&self) -> Result<Vec<SessionRecord>, StorageError> {
+        SessionBackend::list(&self.0).await
+    }
+    async fn list_page(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        SessionBackend::list_page(&self.0, after, limit).await
+    }
+    async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError> {
+        self.0.try_sweep_lock().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_without_a_local_file_is_streamed_by_range_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SessionStore::open(dir.path()).await.unwrap();
+    let backend: Arc<dyn SessionBackend> = Arc::new(NoLocalReplies(store));
+    let svc = BitsService::builder_for(backend)
+        .await
+        .route(Route::upload_reply("/echo/", bitsd::EchoHandler))
+        .build()
+        .unwrap();
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+    let mut create = packet("create-session", None, None, 0, Full::new(Bytes::new()));
+    *create.uri_mut() = "/echo/r".parse().unwrap();
+    let res = svc.clone().oneshot(create).await.unwrap();
+    let sid = res.headers()["bits-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let id: SessionId = sid.parse().unwrap();
+    let range = format!("bytes 0-{}/{}", data.len() - 1, data.len());
+    let mut frag = packet(
+        "fragment",
+        Some(&sid),
+        Some(&range),
+        data.len(),
+        Full::new(Bytes::from(data.clone())),
+    );
+    *frag.uri_mut() = "/echo/r".parse().unwrap();
+    let res = svc.clone().oneshot(frag).await.unwrap();
+    assert_eq!(received(&res), data.len().to_string());
+    let url = format!("/echo/BITS-Sessions/{}/response", id.simple());
+    let get = |range: Option<&str>| {
+        let mut req = Request::get(&url);
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        req.body(Full::new(Bytes::new())).unwrap()
+    };
+    let res = svc
+        .clone()
+        .oneshot(get(Some("bytes=1000-299999")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 206);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], &data[1000..300_000]);
+    let res = svc.clone().oneshot(get(None)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], &data[..]);
+    // Delivery is recorded in the background: each byte once, although some went twice.
+    let mut transferred = None;
+    for _ in 0..200 {
+        transferred = svc
+            .progress(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .reply
+            .bytes_transferred;
+        if transferred == Some(data.len() as u64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(transferred, Some(data.len() as u64));
 }
