@@ -4,7 +4,7 @@
 //! the server runs as the unprivileged user `bitsd-test` if it exists, else `nobody`.
 //!
 //! Test clusters are built for speed: `initdb --no-sync`, and unless a test asks for
-//! [`PgOptions::durable`], `fsync`, `synchronous_commit` and `full_page_writes` are off (a
+//! [`ClusterOptions::durable`], `fsync`, `synchronous_commit` and `full_page_writes` are off (a
 //! crash of the machine could lose a test cluster's data; a crash of the server alone
 //! cannot). One cluster per test binary ([`PgCluster::shared`]) with one database per test
 //! ([`PgCluster::fresh_database`]) keeps start-up cost to one `initdb` per binary.
@@ -29,7 +29,7 @@ pub const PG_USER: &str = "bitsd";
 
 /// How a test cluster is set up.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PgOptions {
+pub struct ClusterOptions {
     /// Keep `fsync`, `synchronous_commit` and `full_page_writes` on (for measurements).
     pub durable: bool,
 }
@@ -39,7 +39,7 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     port: u16,
     run_as: Option<String>,
-    options: PgOptions,
+    options: ClusterOptions,
     watchdog: Mutex<Option<Child>>,
     databases: AtomicU32,
 }
@@ -54,13 +54,13 @@ impl PgCluster {
         if let Some(cluster) = shared.upgrade() {
             return Ok(cluster);
         }
-        let cluster = Arc::new(PgCluster::start(PgOptions::default())?);
+        let cluster = Arc::new(PgCluster::start(ClusterOptions::default())?);
         *shared = Arc::downgrade(&cluster);
         Ok(cluster)
     }
 
     /// A cluster of its own (for a test that stops and restarts it).
-    pub fn start(options: PgOptions) -> Result<PgCluster, String> {
+    pub fn start(options: ClusterOptions) -> Result<PgCluster, String> {
         let bin = Path::new(PG_BIN);
         for tool in ["initdb", "pg_ctl", "postgres", "createdb"] {
             if !bin.join(tool).exists() {
