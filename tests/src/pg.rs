@@ -140,7 +140,14 @@ impl PgCluster {
         let n = self.databases.fetch_add(1, Ordering::Relaxed);
         let name = format!("t{}_{n}", std::process::id());
         let out = Command::new(Path::new(PG_BIN).join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", PG_USER])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                PG_USER,
+            ])
             .arg(&name)
             .output()
             .unwrap();
@@ -258,7 +265,12 @@ impl Drop for PgCluster {
             .arg(self.data_dir())
             .args(["-m", "immediate", "-w", "stop"])
             .output();
-        if let Some(mut w) = self.watchdog.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(mut w) = self
+            .watchdog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             let _ = w.kill();
             let _ = w.wait();
         }

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::pg::{
-    CasOutcome, CreateOutcome, Expect, FragmentCommit, Limits, PgOptions, PgStateStore,
-    SCHEMA_VERSION,
+    CasOutcome, CreateOutcome, Expect, Limits, NewFragment, PgOptions, PgStateStore, SCHEMA_VERSION,
 };
 use bitsd_storage::{ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode};
 use bitsd_tests::pg::{ClusterOptions, PgCluster};
@@ -26,7 +25,9 @@ fn cluster() -> Option<Arc<PgCluster>> {
 }
 
 async fn node(url: &str) -> PgStateStore {
-    PgStateStore::connect(url, PgOptions::default()).await.unwrap()
+    PgStateStore::connect(url, PgOptions::default())
+        .await
+        .unwrap()
 }
 
 fn record(owner: Option<&str>) -> SessionRecord {
@@ -40,8 +41,8 @@ fn record(owner: Option<&str>) -> SessionRecord {
     r
 }
 
-fn commit(id: SessionId, expected: u64, len: u64, key: &str) -> FragmentCommit {
-    FragmentCommit {
+fn commit(id: SessionId, expected: u64, len: u64, key: &str) -> NewFragment {
+    NewFragment {
         id,
         expected_received: expected,
         len,
@@ -82,12 +83,19 @@ async fn schema_migrates_once_when_nodes_start_together_and_again() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(versions, i64::from(SCHEMA_VERSION), "each migration ran exactly once");
+    assert_eq!(
+        versions,
+        i64::from(SCHEMA_VERSION),
+        "each migration ran exactly once"
+    );
 
     // A database from a newer bitsd is refused, not silently used.
     raw(&url)
         .await
-        .execute("INSERT INTO bitsd_schema_version (version) VALUES (999)", &[])
+        .execute(
+            "INSERT INTO bitsd_schema_version (version) VALUES (999)",
+            &[],
+        )
         .await
         .unwrap();
     let err = PgStateStore::connect(&url, PgOptions::default())
@@ -105,7 +113,10 @@ async fn racing_commits_one_winner_per_offset_and_offset_never_goes_back() {
     let rec = record(None);
     let id = rec.id;
     assert!(nodes[0].create(&rec).await.unwrap());
-    assert!(!nodes[1].create(&rec).await.unwrap(), "an id is created once");
+    assert!(
+        !nodes[1].create(&rec).await.unwrap(),
+        "an id is created once"
+    );
 
     const TASKS: usize = 12;
     const ROUNDS: usize = 40;
@@ -125,7 +136,11 @@ async fn racing_commits_one_winner_per_offset_and_offset_never_goes_back() {
                 barrier.wait().await;
                 let len = 1 + (t as u64 * 7 + round as u64) % 50;
                 let key = format!("obj/{t}/{round}");
-                match store.commit_fragment(&commit(id, read, len, &key)).await.unwrap() {
+                match store
+                    .commit_fragment(&commit(id, read, len, &key))
+                    .await
+                    .unwrap()
+                {
                     CasOutcome::Committed(r) => {
                         assert_eq!(r.received, read + len);
                         wins.push((read, len, key));
@@ -189,7 +204,14 @@ async fn reply_ranges_from_three_nodes_count_each_byte_once() {
         CasOutcome::Committed(_)
     ));
     // Overlapping ranges, each node serving some, concurrently and repeated.
-    let ranges = [(0, 400), (300, 700), (600, 1000), (0, 1000), (250, 260), (999, 1000)];
+    let ranges = [
+        (0, 400),
+        (300, 700),
+        (600, 1000),
+        (0, 1000),
+        (250, 260),
+        (999, 1000),
+    ];
     let mut tasks = Vec::new();
     for (i, (s, e)) in ranges.into_iter().enumerate() {
         let store = nodes[i % 3].clone();
@@ -201,7 +223,10 @@ async fn reply_ranges_from_three_nodes_count_each_byte_once() {
     for t in tasks {
         assert!(t.await.unwrap() <= 1000);
     }
-    assert_eq!(nodes[2].record_reply_range(&rec.id, 10, 20).await.unwrap(), Some(1000));
+    assert_eq!(
+        nodes[2].record_reply_range(&rec.id, 10, 20).await.unwrap(),
+        Some(1000)
+    );
     let loaded = nodes[0].load(&rec.id).await.unwrap().unwrap();
     let reply = loaded.reply.unwrap();
     assert_eq!(reply.delivered.ranges(), &[(0, 1000)]);
@@ -210,13 +235,100 @@ async fn reply_ranges_from_three_nodes_count_each_byte_once() {
     let mut other = record(None);
     other.reply = rec.reply.clone();
     nodes[0].create(&other).await.unwrap();
-    nodes[1].record_reply_range(&other.id, 0, 100).await.unwrap();
+    nodes[1]
+        .record_reply_range(&other.id, 0, 100)
+        .await
+        .unwrap();
     assert_eq!(
-        nodes[2].record_reply_range(&other.id, 50, 150).await.unwrap(),
+        nodes[2]
+            .record_reply_range(&other.id, 50, 150)
+            .await
+            .unwrap(),
         Some(150)
     );
     let missing = SessionId::random();
-    assert_eq!(nodes[0].record_reply_range(&missing, 0, 1).await.unwrap(), None);
+    assert_eq!(
+        nodes[0].record_reply_range(&missing, 0, 1).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_never_moves_back_and_a_new_reply_is_counted_afresh() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let (a, b) = (node(&url).await, node(&url).await);
+    let rec = record(None);
+    a.create(&rec).await.unwrap();
+    let CasOutcome::Committed(ahead) = b
+        .commit_fragment(&commit(rec.id, 0, 50, "k"))
+        .await
+        .unwrap()
+    else {
+        panic!("first commit lost")
+    };
+    // A stale copy (received 0) stored by another node keeps the acknowledged offset.
+    let mut stale = rec.clone();
+    stale.content_name = Some("name".into());
+    let CasOutcome::Committed(now) = a.put(&stale).await.unwrap() else {
+        panic!("put refused")
+    };
+    assert_eq!(
+        (now.received, now.content_name.as_deref()),
+        (ahead.received, Some("name"))
+    );
+    // A guarded save from the stale read loses.
+    let expect = Expect {
+        received: 0,
+        state: None,
+    };
+    assert!(
+        matches!(a.save(&stale, expect).await.unwrap(), CasOutcome::Raced(r) if r.received == 50)
+    );
+
+    // Reply made at t=1, partly delivered; made again at t=2: counted afresh.
+    let mut done = now.clone();
+    done.state = SessionState::ReplyReady;
+    done.reply = Some(ReplyRecord {
+        url: "http://farm/reply".into(),
+        kind: ReplyKind::Stored {
+            len: 100,
+            crc32c: None,
+            in_upload: false,
+        },
+        created_ms: 1,
+        delivered: Default::default(),
+    });
+    a.put(&done).await.unwrap();
+    let r = b
+        .record_reply_delivered(&rec.id, 1, 0, 60)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reply.as_ref().unwrap().delivered.covered(), 60);
+    a.put(&done).await.unwrap(); // the same reply stored again keeps its progress
+    assert_eq!(a.record_reply_range(&rec.id, 0, 0).await.unwrap(), Some(60));
+    done.reply.as_mut().unwrap().created_ms = 2;
+    a.put(&done).await.unwrap();
+    assert!(
+        b.record_reply_delivered(&rec.id, 1, 0, 100)
+            .await
+            .unwrap()
+            .is_none(),
+        "old reply"
+    );
+    let r = b
+        .record_reply_delivered(&rec.id, 2, 10, 20)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reply.unwrap().delivered.ranges(), &[(10, 20)]);
+
+    // A tombstone is never revived by put.
+    a.close(&rec.id, SessionState::Cancelled).await.unwrap();
+    assert!(
+        matches!(b.put(&done).await.unwrap(), CasOutcome::Raced(r) if r.state == SessionState::Cancelled)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,6 +348,11 @@ async fn live_counts_limits_and_tombstones() {
     }
     assert_eq!(a.live_count().await.unwrap(), 6);
     assert_eq!(b.live_count_of("alice").await.unwrap(), 3);
+    let (total, per_user) = b.live_counts().await.unwrap();
+    assert_eq!(
+        (total, per_user.get("alice"), per_user.get("bob")),
+        (6, Some(&3), Some(&2))
+    );
 
     // Close on one node, seen on the other; a tombstone no longer counts and takes no bytes.
     let id = alice[0].id;
@@ -264,7 +381,9 @@ async fn live_counts_limits_and_tombstones() {
     assert_eq!(a.live_count().await.unwrap(), 5);
     assert_eq!(a.live_count_of("alice").await.unwrap(), 2);
     assert!(matches!(
-        a.close(&SessionId::random(), SessionState::Closed).await.unwrap(),
+        a.close(&SessionId::random(), SessionState::Closed)
+            .await
+            .unwrap(),
         CasOutcome::Missing
     ));
 
@@ -274,7 +393,9 @@ async fn live_counts_limits_and_tombstones() {
         total: None,
     };
     assert_eq!(
-        a.create_limited(&record(Some("alice")), per_user).await.unwrap(),
+        a.create_limited(&record(Some("alice")), per_user)
+            .await
+            .unwrap(),
         CreateOutcome::UserLimit
     );
     let total = Limits {
@@ -282,7 +403,9 @@ async fn live_counts_limits_and_tombstones() {
         total: Some(5),
     };
     assert_eq!(
-        a.create_limited(&record(Some("carol")), total).await.unwrap(),
+        a.create_limited(&record(Some("carol")), total)
+            .await
+            .unwrap(),
         CreateOutcome::TotalLimit
     );
     // Many nodes creating for one user at once never pass the per-user limit.
@@ -319,6 +442,7 @@ async fn live_counts_limits_and_tombstones() {
         seen.extend(page.into_iter().map(|r| *r.id.as_uuid()));
     }
     assert_eq!(seen.len(), 9);
+    assert_eq!(a.list().await.unwrap().len(), 9);
     assert!(seen.windows(2).all(|w| w[0] < w[1]));
 }
 
@@ -334,9 +458,15 @@ async fn pending_objects_of_lost_commits_are_found_and_removal_lists_every_objec
     // Both nodes record their object before writing it; one commit wins.
     a.add_pending_object(&id, "frag/a").await.unwrap();
     b.add_pending_object(&id, "frag/b").await.unwrap();
-    let won = a.commit_fragment(&commit(id, 0, 100, "frag/a")).await.unwrap();
+    let won = a
+        .commit_fragment(&commit(id, 0, 100, "frag/a"))
+        .await
+        .unwrap();
     assert!(matches!(won, CasOutcome::Committed(_)));
-    let lost = b.commit_fragment(&commit(id, 0, 100, "frag/b")).await.unwrap();
+    let lost = b
+        .commit_fragment(&commit(id, 0, 100, "frag/b"))
+        .await
+        .unwrap();
     assert!(matches!(lost, CasOutcome::Raced(r) if r.received == 100));
     // A node that died between recording and committing.
     b.add_pending_object(&id, "frag/dead").await.unwrap();
@@ -344,7 +474,11 @@ async fn pending_objects_of_lost_commits_are_found_and_removal_lists_every_objec
     let future = bitsd_storage::now_millis() + 1;
     let stale = a.stale_pending_objects(future, 10).await.unwrap();
     let keys: BTreeSet<_> = stale.iter().map(|p| p.object_key.as_str()).collect();
-    assert_eq!(keys, BTreeSet::from(["frag/b", "frag/dead"]), "the winner's is not pending");
+    assert_eq!(
+        keys,
+        BTreeSet::from(["frag/b", "frag/dead"]),
+        "the winner's is not pending"
+    );
     assert!(stale.iter().all(|p| p.session == id));
     assert!(a.stale_pending_objects(0, 10).await.unwrap().is_empty());
     b.forget_pending_object("frag/b").await.unwrap();
@@ -356,7 +490,11 @@ async fn pending_objects_of_lost_commits_are_found_and_removal_lists_every_objec
     assert!(!a.remove(&id).await.unwrap());
     assert!(a.load(&id).await.unwrap().is_none());
     assert!(a.fragments(&id).await.unwrap().is_empty());
-    assert!(a.stale_pending_objects(future, 10).await.unwrap().is_empty());
+    assert!(a
+        .stale_pending_objects(future, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,7 +506,10 @@ async fn sweeper_lock_is_held_by_one_node_and_freed_when_its_connection_dies() {
     let lock_a = a.try_sweeper_lock().await.unwrap().expect("free at first");
     assert!(lock_a.is_held());
     assert!(b.try_sweeper_lock().await.unwrap().is_none());
-    assert!(a.try_sweeper_lock().await.unwrap().is_none(), "not twice, even on one node");
+    assert!(
+        a.try_sweeper_lock().await.unwrap().is_none(),
+        "not twice, even on one node"
+    );
     drop(lock_a);
     let lock_b = eventually(|| b.try_sweeper_lock()).await;
     assert!(a.try_sweeper_lock().await.unwrap().is_none());
@@ -399,7 +540,10 @@ async fn eventually<F, Fut>(mut take: F) -> bitsd_storage::shared::pg::SweeperLo
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<
-        Output = Result<Option<bitsd_storage::shared::pg::SweeperLock>, bitsd_storage::StorageError>,
+        Output = Result<
+            Option<bitsd_storage::shared::pg::SweeperLock>,
+            bitsd_storage::StorageError,
+        >,
     >,
 {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -441,7 +585,10 @@ async fn postgres_stopped_mid_run_gives_transient_errors_and_loses_nothing() {
                 let store = &nodes[n % 2];
                 let step = async {
                     let read = store.load(&rec.id).await?.unwrap().received;
-                    assert!(read >= acked, "an acknowledged offset was lost: {read} < {acked}");
+                    assert!(
+                        read >= acked,
+                        "an acknowledged offset was lost: {read} < {acked}"
+                    );
                     let c = commit(rec.id, read, 10, &format!("{j}/{read}"));
                     store.commit_fragment(&c).await
                 };
@@ -517,7 +664,10 @@ async fn measure_commit_rate() {
                     let mut at = 0;
                     for i in 0..per {
                         let c = commit(rec.id, at, 65536, &format!("{}/{i}", rec.id));
-                        store.add_pending_object(&rec.id, &c.object_key).await.unwrap();
+                        store
+                            .add_pending_object(&rec.id, &c.object_key)
+                            .await
+                            .unwrap();
                         match store.commit_fragment(&c).await.unwrap() {
                             CasOutcome::Committed(r) => at = r.received,
                             other => panic!("{other:?}"),

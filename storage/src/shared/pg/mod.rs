@@ -23,6 +23,8 @@
 //! (transient: the server answers the packet with a 5xx and the client retries).
 
 mod gc;
+mod listing;
+mod reply;
 mod schema;
 mod sessions;
 
@@ -36,7 +38,7 @@ use crate::StorageError;
 
 pub use gc::{PendingObject, SweeperLock};
 pub use schema::SCHEMA_VERSION;
-pub use sessions::{CasOutcome, CreateOutcome, Expect, FragmentCommit, FragmentObject, Limits};
+pub use sessions::{CasOutcome, CreateOutcome, Expect, FragmentObject, Limits, NewFragment};
 
 /// How a [`PgStateStore`] connects.
 #[derive(Clone, Debug)]

@@ -15,12 +15,17 @@ use super::{pg_error, PgStateStore};
 use crate::{now_millis, ByteRanges, FragmentEntry, SessionRecord, SessionState, StorageError};
 
 /// The columns a record is read from, in [`decode`]'s order.
-const COLS: &str = "record, state, received, total, updated_ms, \
+pub(super) const COLS: &str = "record, state, received, total, updated_ms, \
     ARRAY(SELECT lower(r) FROM unnest(delivered) r ORDER BY 1) AS d_lo, \
     ARRAY(SELECT upper(r) FROM unnest(delivered) r ORDER BY 1) AS d_hi";
 
 /// SQL predicate: the session is not a tombstone.
-const LIVE: &str = "state IN ('receiving', 'complete', 'reply-ready')";
+pub(super) const LIVE: &str = "state IN ('receiving', 'complete', 'reply-ready')";
+
+/// SQL assignment: a reply made anew (another `created_ms`, or none) starts with no delivered
+/// ranges; `$6` is the new record.
+const RESET_DELIVERED: &str = "delivered = CASE WHEN (record -> 'reply' -> 'created_ms') \
+    IS NOT DISTINCT FROM ($6::jsonb -> 'reply' -> 'created_ms') THEN delivered ELSE '{}' END";
 
 /// What a guarded write found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +72,7 @@ pub struct Expect {
 
 /// One fragment commit (see [`PgStateStore::commit_fragment`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FragmentCommit {
+pub struct NewFragment {
     /// The session.
     pub id: SessionId,
     /// `received` as the node read it; the fragment's bytes start here.
@@ -101,12 +106,12 @@ fn opt_i64(v: Option<u64>, what: &str) -> Result<Option<i64>, StorageError> {
     v.map(|v| to_i64(v, what)).transpose()
 }
 
-fn state_text(state: SessionState) -> &'static str {
+pub(super) fn state_text(state: SessionState) -> &'static str {
     state.as_str()
 }
 
 /// A record from a row of [`COLS`].
-fn decode(row: &Row) -> Result<SessionRecord, StorageError> {
+pub(super) fn decode(row: &Row) -> Result<SessionRecord, StorageError> {
     let json: serde_json::Value = row.get(0);
     let corrupt = |why: String| StorageError::Corrupt {
         key: "bitsd_sessions".into(),
@@ -258,7 +263,8 @@ impl PgStateStore {
         let expected = to_i64(expect.received, "received")?;
         let expect_state = expect.state.map(state_text);
         let sql = format!(
-            "UPDATE bitsd_sessions SET state = $2, received = $3, total = $4, updated_ms = $5, record = $6
+            "UPDATE bitsd_sessions SET state = $2, received = $3, total = $4, updated_ms = $5,
+                    record = $6, {RESET_DELIVERED}
              WHERE id = $1 AND received = $7 AND {LIVE} AND ($8::text IS NULL OR state = $8)
              RETURNING {COLS}"
         );
@@ -280,13 +286,45 @@ impl PgStateStore {
         .await
     }
 
+    /// Stores `record` whole without a guard, except that `received` never goes back (the
+    /// larger of the stored and the given value is kept) and a tombstone stays a tombstone
+    /// (`Raced` then carries it). For writes that do not decide what is acknowledged
+    /// (touches, completion bookkeeping of a node that holds the session's lock).
+    pub async fn put(&self, record: &SessionRecord) -> Result<CasOutcome, StorageError> {
+        let body = encode(record)?;
+        let received = to_i64(record.received, "received")?;
+        let total = opt_i64(record.total, "total")?;
+        let updated = to_i64(record.updated_ms, "updated_ms")?;
+        let sql = format!(
+            "UPDATE bitsd_sessions SET state = $2, received = greatest(received, $3),
+                    total = coalesce($4, total), updated_ms = greatest(updated_ms, $5),
+                    record = $6, {RESET_DELIVERED}
+             WHERE id = $1 AND {LIVE}
+             RETURNING {COLS}"
+        );
+        let params: [&(dyn ToSql + Sync); 6] = [
+            record.id.as_uuid(),
+            &state_text(record.state),
+            &received,
+            &total,
+            &updated,
+            &body,
+        ];
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn.query(&sql, &params).await.map_err(pg_error)?;
+            self.settle(&record.id, rows).await
+        })
+        .await
+    }
+
     /// Commits one fragment: in one statement (one transaction, one round trip), advances
     /// `received` from `expected_received` to `expected_received + len` only if the session is
     /// live and `received` still equals `expected_received`, records the fragment's object in
     /// the index and drops its pending-object row. `Raced` carries the record that won (its
     /// `received` is what the client is told); the caller then deletes its object and calls
     /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
-    pub async fn commit_fragment(&self, c: &FragmentCommit) -> Result<CasOutcome, StorageError> {
+    pub async fn commit_fragment(&self, c: &NewFragment) -> Result<CasOutcome, StorageError> {
         if c.len == 0 {
             return Err(StorageError::StateStore(
                 "a fragment commit must add bytes".into(),
@@ -360,115 +398,6 @@ impl PgStateStore {
                 .await
                 .map_err(pg_error)?;
             self.settle(id, rows).await
-        })
-        .await
-    }
-
-    /// Adds the reply bytes `[start, end)` to the session's delivered ranges and returns how
-    /// many distinct bytes have been delivered (`None`: no such session). Any node serving
-    /// any range counts each byte once.
-    pub async fn record_reply_range(
-        &self,
-        id: &SessionId,
-        start: u64,
-        end: u64,
-    ) -> Result<Option<u64>, StorageError> {
-        let (s, e) = (to_i64(start, "range start")?, to_i64(end, "range end")?);
-        let e = e.max(s);
-        self.timed(async {
-            let conn = self.conn().await?;
-            let row = conn
-                .query_opt(
-                    "UPDATE bitsd_sessions
-                        SET delivered = delivered + int8multirange(int8range($2, $3))
-                      WHERE id = $1
-                      RETURNING (SELECT coalesce(sum(upper(r) - lower(r)), 0)::bigint
-                                   FROM unnest(delivered) r)",
-                    &[id.as_uuid(), &s, &e],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
-        })
-        .await
-    }
-
-    /// Live (not tombstoned) sessions of the farm.
-    pub async fn live_count(&self) -> Result<u64, StorageError> {
-        self.count(&format!("SELECT count(*) FROM bitsd_sessions WHERE {LIVE}"), None)
-            .await
-    }
-
-    /// Live sessions of `owner`.
-    pub async fn live_count_of(&self, owner: &str) -> Result<u64, StorageError> {
-        self.count(
-            &format!("SELECT count(*) FROM bitsd_sessions WHERE owner = $1 AND {LIVE}"),
-            Some(owner),
-        )
-        .await
-    }
-
-    async fn count(&self, sql: &str, owner: Option<&str>) -> Result<u64, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let row = match owner {
-                Some(o) => conn.query_one(sql, &[&o]).await,
-                None => conn.query_one(sql, &[]).await,
-            }
-            .map_err(pg_error)?;
-            Ok(row.get::<_, i64>(0) as u64)
-        })
-        .await
-    }
-
-    /// At most `limit` records (live and tombstones) whose ids follow `after`, in id order
-    /// (the order of the id's 16 bytes).
-    pub async fn list_page(
-        &self,
-        after: Option<&SessionId>,
-        limit: usize,
-    ) -> Result<Vec<SessionRecord>, StorageError> {
-        let limit = limit.min(i64::MAX as usize) as i64;
-        let after = after.map(|a| *a.as_uuid());
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    &format!(
-                        "SELECT {COLS} FROM bitsd_sessions
-                         WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"
-                    ),
-                    &[&after, &limit],
-                )
-                .await
-                .map_err(pg_error)?;
-            rows.iter().map(decode).collect()
-        })
-        .await
-    }
-
-    /// At most `limit` records (live and tombstones) untouched since `updated_before_ms`,
-    /// oldest first: the sweeper's candidates.
-    pub async fn idle_sessions(
-        &self,
-        updated_before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<SessionRecord>, StorageError> {
-        let before = to_i64(updated_before_ms, "time")?;
-        let limit = limit.min(i64::MAX as usize) as i64;
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    &format!(
-                        "SELECT {COLS} FROM bitsd_sessions
-                         WHERE updated_ms < $1 ORDER BY updated_ms LIMIT $2"
-                    ),
-                    &[&before, &limit],
-                )
-                .await
-                .map_err(pg_error)?;
-            rows.iter().map(decode).collect()
         })
         .await
     }
