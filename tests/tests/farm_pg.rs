@@ -470,6 +470,10 @@ async fn pending_objects_of_lost_commits_are_found_and_removal_lists_every_objec
     assert!(matches!(lost, CasOutcome::Raced(r) if r.received == 100));
     // A node that died between recording and committing.
     b.add_pending_object(&id, "frag/dead").await.unwrap();
+    // Keys are stored verbatim, whatever characters they hold.
+    let odd = "frag/it's\\a'); DROP TABLE bitsd_sessions; --";
+    b.add_pending_object(&id, odd).await.unwrap();
+    b.forget_pending_object(odd).await.unwrap();
 
     let future = bitsd_storage::now_millis() + 1;
     let stale = a.stale_pending_objects(future, 10).await.unwrap();
@@ -637,8 +641,9 @@ async fn postgres_stopped_mid_run_gives_transient_errors_and_loses_nothing() {
     }
 }
 
-/// Measures fragment commits per second from N concurrent sessions with fsync on (run by
-/// hand: `cargo test -p bitsd-tests --test farm_pg measure -- --ignored --nocapture`).
+/// Measures fragment commits per second from N concurrent sessions with fsync on, with and
+/// without the pending-object row (run by hand: `cargo test -p bitsd-tests --test farm_pg
+/// measure -- --ignored --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test"]
 async fn measure_commit_rate() {
@@ -652,39 +657,43 @@ async fn measure_commit_rate() {
         timeout: Duration::from_secs(10),
     };
     let store = PgStateStore::connect(&url, options).await.unwrap();
-    for sessions in [1usize, 4, 16, 64] {
-        let per = 2000 / sessions.min(8) as u64;
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..sessions)
-            .map(|_| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    let rec = record(None);
-                    store.create(&rec).await.unwrap();
-                    let mut at = 0;
-                    for i in 0..per {
-                        let c = commit(rec.id, at, 65536, &format!("{}/{i}", rec.id));
-                        store
-                            .add_pending_object(&rec.id, &c.object_key)
-                            .await
-                            .unwrap();
-                        match store.commit_fragment(&c).await.unwrap() {
-                            CasOutcome::Committed(r) => at = r.received,
-                            other => panic!("{other:?}"),
+    for pending in [false, true] {
+        for (sessions, per) in [(1usize, 400u64), (8, 150), (64, 40)] {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..sessions)
+                .map(|_| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let rec = record(None);
+                        store.create(&rec).await.unwrap();
+                        let mut at = 0;
+                        for i in 0..per {
+                            let c = commit(rec.id, at, 65536, &format!("{}/{i}", rec.id));
+                            if pending {
+                                store
+                                    .add_pending_object(&rec.id, &c.object_key)
+                                    .await
+                                    .unwrap();
+                            }
+                            match store.commit_fragment(&c).await.unwrap() {
+                                CasOutcome::Committed(r) => at = r.received,
+                                other => panic!("{other:?}"),
+                            }
                         }
-                    }
+                    })
                 })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let n = per * sessions as u64;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "pending row {pending:5}, {sessions:>2} sessions: {n:>4} fragments in {secs:5.2}s = \
+                 {:4.0} fragments/s, {:6.2} ms per fragment of one session",
+                n as f64 / secs,
+                secs * 1000.0 / per as f64
+            );
         }
-        let n = per * sessions as u64;
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "{sessions:>3} sessions: {n} fragments in {secs:.2}s = {:.0} fragments/s ({:.2} ms each, pending row + commit)",
-            n as f64 / secs,
-            secs * 1000.0 / n as f64 * sessions as f64
-        );
     }
 }

@@ -81,22 +81,37 @@ impl PgStateStore {
     }
 
     /// Records that `object_key` is about to be written for `session` (call BEFORE the PUT).
+    ///
+    /// The row is committed without waiting for PostgreSQL's WAL flush (`synchronous_commit
+    /// = off` for this transaction only): it costs no disk sync, and the fragment commit that
+    /// follows flushes it along with itself. Only a crash of PostgreSQL itself within its WAL
+    /// writer delay (200 ms by default) after this call, before that commit, can lose the row;
+    /// the object is then left for a bucket lifecycle rule rather than the sweeper (a leak,
+    /// never a wrong byte).
     pub async fn add_pending_object(
         &self,
         session: &SessionId,
         object_key: &str,
     ) -> Result<(), StorageError> {
+        if object_key.contains('\0') {
+            return Err(StorageError::StateStore(
+                "an object key must not contain NUL".into(),
+            ));
+        }
         let now = to_i64(now_millis(), "time")?;
+        // One round trip: the simple-query protocol runs the whole transaction in one message.
+        // The key is an escape-string literal (E'...': the same meaning whatever the server's
+        // standard_conforming_strings), backslashes and quotes escaped.
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = off;
+             INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
+             VALUES (E'{}', '{}', {now}) ON CONFLICT (object_key) DO NOTHING; COMMIT;",
+            object_key.replace('\\', "\\\\").replace('\'', "\\'"),
+            session.as_uuid()
+        );
         self.timed(async {
             let conn = self.conn().await?;
-            conn.execute(
-                "INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
-                 VALUES ($1, $2, $3) ON CONFLICT (object_key) DO NOTHING",
-                &[&object_key, session.as_uuid(), &now],
-            )
-            .await
-            .map_err(pg_error)?;
-            Ok(())
+            conn.batch_execute(&sql).await.map_err(pg_error)
         })
         .await
     }
