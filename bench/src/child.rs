@@ -69,7 +69,7 @@ pub struct BitsdChild {
 
 impl BitsdChild {
     /// Starts `bitsd --listen 127.0.0.1:0 --no-admin --data-dir DIR` and waits (up to
-    /// `timeout`) for the line `bitsd: BITS uploads on http://ADDR/`. Its stderr (logs at
+    /// `timeout`) for the line `bitsd: BITS upload on http://ADDR/upload/`. Its stderr (logs at
     /// `warn`) goes to `log`.
     pub fn spawn(bin: &Path, data_dir: &Path, log: &Path, timeout: Duration) -> Result<Self> {
         let started = Instant::now();
@@ -87,7 +87,7 @@ impl BitsdChild {
             let mut sent = false;
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if !sent && line.contains("BITS uploads on") {
+                if !sent && line.contains("BITS upload") {
                     let addr = line
                         .split("http://")
                         .nth(1)

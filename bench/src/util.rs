@@ -110,9 +110,9 @@ pub fn mib_per_sec(bytes: u64, d: Duration) -> f64 {
 
 /// `64 KiB`, `1 MiB`, `16 MiB`.
 pub fn size_label(bytes: u64) -> String {
-    if bytes >= MIB && bytes % MIB == 0 {
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
         format!("{} MiB", bytes / MIB)
-    } else if bytes % 1024 == 0 {
+    } else if bytes.is_multiple_of(1024) {
         format!("{} KiB", bytes / 1024)
     } else {
         format!("{bytes} B")

@@ -25,9 +25,18 @@ const MAX_ERROR_TEXT: usize = 512;
 #[derive(Clone, Debug)]
 pub(crate) struct ErrorText(pub(crate) String);
 
-/// A short, printable explanation from an error response: a `text/plain` body (or one without
-/// a type) that is valid UTF-8, on one line, at most 300 characters.
+/// A short, printable explanation from an error response: bitsd's `X-Bitsd-Error-Message`
+/// header when there is one, else a `text/plain` body (or one without a type) that is valid
+/// UTF-8; on one line, at most 300 characters.
 fn error_text(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    if let Some(text) = headers
+        .get(&bitsd_protocol::header::BITSD_ERROR_MESSAGE)
+        .and_then(|v| v.to_str().ok())
+        .map(one_line)
+        .filter(|t| !t.is_empty())
+    {
+        return Some(text);
+    }
     let ty = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -36,16 +45,19 @@ fn error_text(headers: &HeaderMap, body: &[u8]) -> Option<String> {
     if !ty.starts_with("text/plain") {
         return None;
     }
-    let text = std::str::from_utf8(body).ok()?;
-    let one_line: String = text
-        .split_whitespace()
+    let text = one_line(std::str::from_utf8(body).ok()?);
+    (!text.is_empty()).then_some(text)
+}
+
+/// `text` on one line without control characters, at most 300 characters.
+fn one_line(text: &str) -> String {
+    text.split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
         .chars()
         .filter(|c| !c.is_control())
         .take(300)
-        .collect();
-    (!one_line.is_empty()).then_some(one_line)
+        .collect()
 }
 
 struct Conn {

@@ -409,8 +409,8 @@ async fn refused_create_session_shows_the_servers_reason() {
             "{err}"
         );
 
-        // A real bitsd refusing an overwrite: without an explanation from the server, the
-        // client says what the usual cause is.
+        // A real bitsd refusing an overwrite says why in X-Bitsd-Error-Message, and the
+        // client prints it.
         let server = bitsd_tests::TestServer::start().await;
         let url = format!("http://{}/upload/a.bin", server.addr());
         let up = bitsd_client::BitsUploader::builder().build();
@@ -419,7 +419,7 @@ async fn refused_create_session_shows_the_servers_reason() {
         assert_eq!(err.hresult(), Some(hresult::E_ACCESSDENIED));
         let msg = err.to_string();
         assert!(
-            msg.contains("already exist") || msg.contains("the server says"),
+            msg.contains("the server says:") && msg.contains("exists and overwrites are off"),
             "{msg}"
         );
     })

@@ -43,3 +43,8 @@ pub const BITS_STATIC_RESPONSE_URL: HeaderName =
 /// `BITS-Copy-File-To-Destination`: the backend asks for the upload to be committed too.
 pub const BITS_COPY_FILE_TO_DESTINATION: HeaderName =
     HeaderName::from_static("bits-copy-file-to-destination");
+
+/// `X-Bitsd-Error-Message`: bitsd's own addition to a refused packet's Ack (4xx): one line of
+/// printable ASCII saying why, for clients to show a person (`BITS-Error-Code` stays the
+/// machine-readable reason). Not part of the BITS protocol; Windows ignores it.
+pub const BITSD_ERROR_MESSAGE: HeaderName = HeaderName::from_static("x-bitsd-error-message");

@@ -24,6 +24,7 @@ pub mod header;
 mod packet;
 mod range;
 mod session_id;
+mod size;
 
 pub use ack::Ack;
 pub use error::{BitsError, ErrorContext, HResult};
@@ -34,5 +35,6 @@ pub use packet::{
     negotiate_protocol, FragmentPacket, Packet, PacketType, BITS_1_5_UPLOAD_PROTOCOL,
     MAX_HEADER_VALUE_LEN,
 };
-pub use range::{ContentRange, ContentRangeError};
+pub use range::{ContentRange, ContentRangeError, ReplyRange};
 pub use session_id::{SessionId, SessionIdError};
+pub use size::{parse_byte_size, ByteSizeError};

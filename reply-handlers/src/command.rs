@@ -276,7 +276,7 @@ async fn run(
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw),
     );
-    tracing::debug!(session_id = %session, program = %program, pid = ?child.id(), "command started");
+    tracing::debug!(session_id = %session, program = %program, pid = child.id().unwrap_or(0), "command started");
 
     let stdin = child.stdin.take();
     let stdout = child.stdout.take();

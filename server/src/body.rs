@@ -11,6 +11,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::task::JoinHandle;
 
+use crate::conn_send::ConnSend;
+
 /// Called with the number of bytes of a streamed reply range that the connection took.
 pub(crate) type DeliveryReport = Box<dyn FnOnce(u64) + Send + Sync>;
 
@@ -45,6 +47,8 @@ struct FileBody {
     taken: u64,
     pending: u64,
     report: Option<DeliveryReport>,
+    /// The connection it is sent on: what went out of it is what counts as delivered.
+    conn: Option<ConnSend>,
 }
 
 /// Reads `len` bytes at `at` (a short file is an error: the record promised more).
@@ -71,7 +75,11 @@ pub(crate) fn read_chunk(file: &std::fs::File, at: u64, len: usize) -> io::Resul
 impl FileBody {
     fn report(&mut self) {
         if let Some(report) = self.report.take() {
-            report(self.taken);
+            match &self.conn {
+                // What went out to the client's socket, once it did.
+                Some(conn) => conn.body_ended(self.taken, report),
+                None => report(self.taken),
+            }
         }
     }
 
@@ -141,8 +149,12 @@ impl ResponseBody {
         len: u64,
         first: Bytes,
         report: DeliveryReport,
+        conn: Option<ConnSend>,
     ) -> Self {
         let read = (first.len() as u64).min(len);
+        if let Some(c) = &conn {
+            c.body_started();
+        }
         ResponseBody(Inner::File(FileBody {
             file: Arc::new(file),
             read_at: at + read,
@@ -153,6 +165,7 @@ impl ResponseBody {
             taken: 0,
             pending: 0,
             report: Some(report),
+            conn,
         }))
     }
 }

@@ -17,16 +17,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd_reply_handlers::{EchoHandler, ReplyHandler};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::routes::Route;
 use crate::ServerConfig;
 
-/// A configuration file was refused: where, and why.
+mod byte_size;
+mod explain;
+mod handlers;
+pub use byte_size::ByteSize;
+use explain::{io_reason, key_offset};
+pub use handlers::build_handler;
+
+/// A configuration file was refused: where, and why. Displayed as `file:line:column: message`,
+/// or `file: message` when the error is not tied to a place.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
+#[error("{}", self.located())]
 pub struct ConfigError {
     /// The file.
     pub file: String,
@@ -36,6 +43,19 @@ pub struct ConfigError {
     pub column: usize,
     /// What is wrong.
     pub message: String,
+}
+
+impl ConfigError {
+    fn located(&self) -> String {
+        if self.line == 0 {
+            format!("{}: {}", self.file, self.message)
+        } else {
+            format!(
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
 }
 
 /// The file as written.
@@ -52,10 +72,10 @@ pub struct ConfigFile {
     pub public_url: Option<String>,
     /// Believe `X-Forwarded-Proto` / `X-Forwarded-Host` (only behind a proxy that sets them).
     pub trust_forwarded_headers: Option<bool>,
-    /// BITSMaximumUploadSize in bytes.
-    pub max_upload_size: Option<u64>,
-    /// Largest fragment in bytes (413 above it).
-    pub max_fragment_size: Option<u64>,
+    /// BITSMaximumUploadSize in bytes (`"10GiB"` style suffixes allowed).
+    pub max_upload_size: Option<ByteSize>,
+    /// Largest fragment in bytes (413 above it; suffixes allowed).
+    pub max_fragment_size: Option<ByteSize>,
     /// BITSAllowOverwrites, the default of every route.
     pub allow_overwrites: Option<bool>,
     /// BITSHostId.
@@ -70,14 +90,26 @@ pub struct ConfigFile {
     pub header_read_timeout_secs: Option<u64>,
     /// Seconds a request body may stall before the request is abandoned.
     pub body_idle_timeout_secs: Option<u64>,
+    /// The slowest a Fragment's body may arrive after its grace period, bytes per second
+    /// (0: no minimum).
+    pub min_body_rate: Option<u64>,
+    /// Seconds a Fragment's body may arrive slower than `min_body_rate`.
+    pub min_body_rate_grace_secs: Option<u64>,
     /// Live sessions in total (0: unlimited).
     pub max_sessions: Option<usize>,
     /// Live sessions per authenticated user (BITSNumberOfSessionsLimit; 0: unlimited).
     pub max_sessions_per_user: Option<usize>,
-    /// Free bytes the data directory's file system keeps in reserve.
-    pub min_free_disk: Option<u64>,
+    /// Free bytes the data directory's file system keeps in reserve (suffixes allowed).
+    pub min_free_disk: Option<ByteSize>,
     /// Connections served at once.
     pub max_connections: Option<usize>,
+    /// Seconds a response write may wait for the client to read before the connection closes.
+    pub send_idle_timeout_secs: Option<u64>,
+    /// The slowest a client may take a reply download after its grace period, bytes per
+    /// second (0: no minimum).
+    pub min_send_rate: Option<u64>,
+    /// Seconds a reply download may be taken slower than `min_send_rate`.
+    pub min_send_rate_grace_secs: Option<u64>,
     /// `per-fragment` (default), `on-close` or `never`.
     pub fsync: Option<crate::FsyncPolicy>,
     /// PEM certificate chain: serve HTTPS.
@@ -211,7 +243,7 @@ impl ConfigFile {
             file: path.display().to_string(),
             line: 0,
             column: 0,
-            message: format!("cannot read: {e}"),
+            message: format!("cannot read the configuration file: {}", io_reason(&e)),
         })?;
         let file = Self::parse(&text, &path.display().to_string())?;
         Ok((file, text))
@@ -225,7 +257,7 @@ impl ConfigFile {
                 file: name.to_owned(),
                 line,
                 column,
-                message: e.message().trim().to_owned(),
+                message: explain::explain_toml_error(text, e.span().map(|s| s.start), e.message()),
             }
         })
     }
@@ -270,10 +302,10 @@ impl ConfigFile {
         if let Some(t) = self.trust_forwarded_headers {
             config.trust_forwarded_headers = t;
         }
-        if let Some(n) = self.max_upload_size {
+        if let Some(ByteSize(n)) = self.max_upload_size {
             config.limits.max_upload_size = n;
         }
-        if let Some(n) = self.max_fragment_size {
+        if let Some(ByteSize(n)) = self.max_fragment_size {
             if n == 0 {
                 return Err(err(
                     at_key("max_fragment_size"),
@@ -310,13 +342,19 @@ impl ConfigFile {
         if let Some(s) = self.body_idle_timeout_secs {
             config.session_limits.body_idle_timeout = Duration::from_secs(s.max(1));
         }
+        if let Some(n) = self.min_body_rate {
+            config.session_limits.min_body_rate = n;
+        }
+        if let Some(s) = self.min_body_rate_grace_secs {
+            config.session_limits.min_body_rate_grace = Duration::from_secs(s);
+        }
         if let Some(n) = self.max_sessions {
             config.session_limits.max_sessions = (n > 0).then_some(n);
         }
         if let Some(n) = self.max_sessions_per_user {
             config.session_limits.max_sessions_per_user = (n > 0).then_some(n);
         }
-        if let Some(n) = self.min_free_disk {
+        if let Some(ByteSize(n)) = self.min_free_disk {
             config.session_limits.min_free_disk = n;
         }
         if let Some(p) = self.fsync {
@@ -324,6 +362,15 @@ impl ConfigFile {
         }
         if let Some(n) = self.max_connections {
             config.max_connections = n.max(1);
+        }
+        if let Some(s) = self.send_idle_timeout_secs {
+            config.send_limits.idle_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(n) = self.min_send_rate {
+            config.send_limits.min_rate = n;
+        }
+        if let Some(s) = self.min_send_rate_grace_secs {
+            config.send_limits.grace = Duration::from_secs(s);
         }
         match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => config.tls = Some(crate::TlsFiles { cert, key }),
@@ -342,7 +389,13 @@ impl ConfigFile {
             config.transcript = Some(crate::TranscriptOptions { file: Some(file) });
         }
         if let Some(auth) = self.auth {
-            let a = build_auth(&auth).map_err(|m| err(at_key("[auth]"), m))?;
+            let a = build_auth(&auth).map_err(|m| {
+                let key = ["users_file", "tokens_file"]
+                    .into_iter()
+                    .find(|k| m.starts_with(k))
+                    .and_then(|k| key_offset(text, k));
+                err(key.unwrap_or_else(|| at_key("[auth]")), m)
+            })?;
             config.auth = Some(crate::SharedAuthenticator(Arc::new(a)));
         }
         if let Some(path) = &self.admin_token_file {
@@ -397,10 +450,14 @@ pub fn build_auth(entry: &AuthEntry) -> Result<crate::CredentialsAuthenticator, 
     }
     let mut auth = crate::CredentialsAuthenticator::new(entry.realm.as_deref().unwrap_or("bitsd"));
     if let Some(f) = &entry.users_file {
-        auth = auth.with_users_file(f).map_err(|e| e.to_string())?;
+        auth = auth
+            .with_users_file(f)
+            .map_err(|e| format!("users_file: {e}"))?;
     }
     if let Some(f) = &entry.tokens_file {
-        auth = auth.with_tokens_file(f).map_err(|e| e.to_string())?;
+        auth = auth
+            .with_tokens_file(f)
+            .map_err(|e| format!("tokens_file: {e}"))?;
     }
     Ok(auth)
 }
@@ -461,69 +518,6 @@ fn build_route(entry: &RouteEntry, default_overwrites: bool) -> Result<Route, St
         (RouteMode::UploadReply, Some(spec)) => Route::upload_reply_shared(&entry.prefix, build_handler(spec)?),
     };
     Ok(route.allow_overwrites(overwrites))
-}
-
-/// Builds the reply handler a spec describes.
-pub fn build_handler(spec: &HandlerSpec) -> Result<Arc<dyn ReplyHandler>, String> {
-    use bitsd_reply_handlers::{
-        CommandConfig, CommandHandler, DigestHandler, HttpNotifyConfig, HttpNotifyHandler,
-        Notification, StaticHandler,
-    };
-    Ok(match spec {
-        HandlerSpec::Echo => Arc::new(EchoHandler),
-        HandlerSpec::Digest => Arc::new(DigestHandler::new()),
-        HandlerSpec::Static {
-            file: Some(file),
-            url: None,
-        } => Arc::new(StaticHandler::file(file.clone())),
-        HandlerSpec::Static {
-            file: None,
-            url: Some(url),
-        } => Arc::new(StaticHandler::url(url.clone()).map_err(|e| format!("static handler: {e}"))?),
-        HandlerSpec::Static { .. } => {
-            return Err("static handler: give exactly one of file or url".into())
-        }
-        HandlerSpec::Command {
-            program,
-            args,
-            timeout_secs,
-            failure_status,
-            env,
-            pass_env,
-        } => {
-            let mut config = CommandConfig::new(program.clone()).args(args.iter().cloned());
-            for name in pass_env {
-                config = config.pass_env(name.clone());
-            }
-            for (k, v) in env {
-                config = config.env(k.clone(), v.clone());
-            }
-            if let Some(t) = timeout_secs {
-                config = config.timeout(Duration::from_secs((*t).max(1)));
-            }
-            if let Some(s) = failure_status {
-                config = config.failure_status(*s);
-            }
-            Arc::new(CommandHandler::new(config).map_err(|e| format!("command handler: {e}"))?)
-        }
-        HandlerSpec::Http {
-            url,
-            notification,
-            timeout_secs,
-            data_entity_headers,
-        } => {
-            let mode = match notification.unwrap_or(NotificationMode::ByValue) {
-                NotificationMode::ByValue => Notification::ByValue,
-                NotificationMode::ByReference => Notification::ByReference,
-            };
-            let mut config = HttpNotifyConfig::new(url.clone(), mode)
-                .also_send_data_entity_headers(*data_entity_headers);
-            if let Some(t) = timeout_secs {
-                config = config.timeout(Duration::from_secs((*t).max(1)));
-            }
-            Arc::new(HttpNotifyHandler::new(config).map_err(|e| format!("http handler: {e}"))?)
-        }
-    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub mod auth;
 mod auth_throttle;
 mod body;
 pub mod config;
+mod conn_send;
+mod delivery;
 mod destination;
 pub mod fault;
 mod metrics;
@@ -30,6 +32,8 @@ mod server;
 mod service;
 mod session_limits;
 mod session_locks;
+mod tcp_unacked;
+mod tls_log;
 pub mod transcript;
 
 pub use admin::{handle_admin, handle_admin_with};
@@ -43,6 +47,7 @@ pub use bitsd_reply_handlers::{
 pub use bitsd_storage as storage;
 pub use bitsd_storage::{SessionStore, StorageError, UploadMode};
 pub use body::ResponseBody;
+pub use conn_send::SendLimits;
 pub use fault::{
     ConnectionDropped, FaultAction, FaultInjectingService, FaultPacket, FaultPlan, FaultPlanError,
     FaultResponseBody, FaultRule,

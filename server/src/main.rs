@@ -4,9 +4,22 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bitsd::config::{parse_admin, ConfigFile};
-use clap::{Args, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use bitsd::config::{parse_admin, ByteSize, ConfigFile};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// A line of the startup banner on stdout. A reader that stopped reading (a closed pipe)
+/// must not stop the server, so write errors are ignored instead of panicking as `println!`.
+macro_rules! banner {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+#[path = "cli/commands.rs"]
+mod commands;
+#[path = "cli/startup.rs"]
+mod startup;
 
 /// A server for the Microsoft BITS upload and upload-reply protocol.
 ///
@@ -38,10 +51,24 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
-    /// Read a password on standard input and print its argon2 hash for a users file.
+    /// Print the argon2 hash of a password for a users file: asks without echo on a terminal,
+    /// reads one line of standard input otherwise.
     HashPassword,
     /// Upload a file to a BITS server as a Windows BITS client would (upload or upload-reply).
     Upload(bitsd_client::UploadArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `bitsd man > bitsd.1`.
+    Man,
+    /// Exit 0 when the admin listener answers GET /healthz with 200 (for container health checks).
+    Healthcheck {
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:8081", env = "BITSD_ADMIN_LISTEN")]
+        admin: SocketAddr,
+    },
 }
 
 /// Serving options; each overrides the configuration file.
@@ -50,7 +77,7 @@ struct ServeArgs {
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value = "text", env = "BITSD_LOG_FORMAT")]
     log_format: LogFormat,
-    /// TOML configuration file (see README); flags override it.
+    /// TOML configuration file (docs/configuration.md; bitsd.example.toml); flags override it.
     #[arg(long, env = "BITSD_CONFIG")]
     config: Option<PathBuf>,
     /// Address of the BITS listener [default: 127.0.0.1:8080].
@@ -72,13 +99,14 @@ struct ServeArgs {
     /// Build reply URLs from X-Forwarded-Proto / X-Forwarded-Host (only behind a proxy that sets them).
     #[arg(long)]
     trust_forwarded_headers: bool,
-    /// Largest accepted upload in bytes (BITSMaximumUploadSize) [default: unlimited].
-    #[arg(long)]
-    max_upload_size: Option<u64>,
-    /// Largest accepted fragment in bytes; larger ones get 413 and the client shrinks them
-    /// [default: 67108864].
-    #[arg(long)]
-    max_fragment_size: Option<u64>,
+    /// Largest accepted upload (BITSMaximumUploadSize): bytes, or with a suffix such as 10G
+    /// [default: unlimited].
+    #[arg(long, value_name = "SIZE")]
+    max_upload_size: Option<ByteSize>,
+    /// Largest accepted fragment; larger ones get 413 and the client shrinks them: bytes, or
+    /// with a suffix such as 64M [default: 64M].
+    #[arg(long, value_name = "SIZE")]
+    max_fragment_size: Option<ByteSize>,
     /// Seconds without progress before a session is removed (BITSSessionTimeout)
     /// [default: 1209600, 14 days].
     #[arg(long)]
@@ -101,8 +129,8 @@ struct ServeArgs {
     /// Accept bearer tokens listed in this file (`user:<sha256 hex of the token>` lines).
     #[arg(long)]
     tokens_file: Option<PathBuf>,
-    /// Test server mode: inject the faults of this plan (TOML; see README "Testing your BITS
-    /// client"). Never on a production server.
+    /// Test server mode: inject the faults of this plan (TOML; see
+    /// docs/testing-your-bits-client.md). Never on a production server.
     #[arg(long, value_name = "FILE")]
     fault_plan: Option<PathBuf>,
     /// Test server mode: one more fault rule, PACKET[#NTH]:ACTION[=VALUE][,KEY=VALUE]...,
@@ -128,28 +156,18 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
-        Some(Command::CheckConfig { file }) => return check_config(file),
-        Some(Command::HashPassword) => return hash_password(),
-        Some(Command::Upload(_)) | None => {}
+    match cli.command {
+        Some(Command::CheckConfig { file }) => return check_config(&file),
+        Some(Command::HashPassword) => return commands::hash_password(),
+        Some(Command::Completions { shell }) => {
+            return commands::completions(shell, Cli::command())
+        }
+        Some(Command::Man) => return commands::man(Cli::command()),
+        Some(Command::Healthcheck { admin }) => return commands::healthcheck(admin),
+        Some(Command::Upload(args)) => return upload(args),
+        None => {}
     }
-    if let Some(Command::Upload(args)) = cli.command {
-        return upload(args);
-    }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match cli.serve.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_env_filter(filter)
-            .init(),
-    }
+    startup::init_logging(cli.serve.log_format == LogFormat::Json, "info");
     let config = match server_config(&cli.serve) {
         Ok(c) => c,
         Err(e) => {
@@ -157,6 +175,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = startup::check_data_dir(&config.data_dir) {
+        eprintln!("bitsd: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -227,12 +249,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 }
 
 fn upload(args: bitsd_client::UploadArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    startup::init_logging(false, "warn");
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -252,26 +269,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
             eprintln!("bitsd: cannot start the async runtime: {e}");
             ExitCode::FAILURE
         })
-}
-
-fn hash_password() -> ExitCode {
-    let mut line = String::new();
-    if std::io::stdin().read_line(&mut line).is_err()
-        || line.trim_end_matches(['\r', '\n']).is_empty()
-    {
-        eprintln!("bitsd: give the password on standard input");
-        return ExitCode::FAILURE;
-    }
-    match bitsd::auth::hash_password(line.trim_end_matches(['\r', '\n'])) {
-        Ok(hash) => {
-            println!("{hash}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("bitsd: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::error::Error>> {
@@ -298,10 +295,10 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
     if args.trust_forwarded_headers {
         config.trust_forwarded_headers = true;
     }
-    if let Some(n) = args.max_upload_size {
+    if let Some(ByteSize(n)) = args.max_upload_size {
         config.limits.max_upload_size = n;
     }
-    if let Some(n) = args.max_fragment_size {
+    if let Some(ByteSize(n)) = args.max_fragment_size {
         config.limits.max_fragment_size = n.max(1);
     }
     if let Some(s) = args.session_timeout {
@@ -353,7 +350,8 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
             tokens_file: args.tokens_file.clone(),
             realm: None,
         };
-        let auth = bitsd::config::build_auth(&entry)?;
+        let auth = bitsd::config::build_auth(&entry)
+            .map_err(|m| format!("--{}", m.replacen('_', "-", 1)))?;
         config.auth = Some(bitsd::SharedAuthenticator(std::sync::Arc::new(auth)));
     }
     Ok(config)
@@ -361,27 +359,35 @@ fn server_config(args: &ServeArgs) -> Result<bitsd::ServerConfig, Box<dyn std::e
 
 async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Error>> {
     let fault_plan = config.fault_plan.clone();
-    let server = bitsd::start(config).await?;
+    let server = bitsd::start(config)
+        .await
+        .map_err(|e| startup::explain_start_error(&e))?;
+    // One line per route, with the scheme clients must use (the root serves nothing).
     for route in server.routes() {
-        println!(
-            "bitsd: {:?} on http://{}{}",
-            route.mode(),
+        let mode = match route.mode() {
+            bitsd::UploadMode::Upload => "upload",
+            bitsd::UploadMode::UploadReply => "upload-reply",
+        };
+        banner!(
+            "bitsd: BITS {mode} on {}://{}{}",
+            server.scheme(),
             server.addr(),
             route.prefix()
         );
     }
-    println!("bitsd: BITS uploads on http://{}/", server.addr());
     if let Some(admin) = server.admin_addr() {
-        println!("bitsd: session progress on http://{admin}/sessions");
+        banner!(
+            "bitsd: session progress on http://{admin}/sessions (also /metrics, /healthz, /readyz)"
+        );
     }
     if let Some(plan) = &fault_plan {
-        println!(
+        banner!(
             "bitsd: TEST SERVER MODE: {} fault rule(s), seed {}",
             plan.rules.len(),
             plan.seed
         );
         for rule in &plan.rules {
-            println!("bitsd:   fault {rule}");
+            banner!("bitsd:   fault {rule}");
         }
     }
     if let Some(t) = server.transcript() {
@@ -389,8 +395,8 @@ async fn run(config: bitsd::ServerConfig) -> Result<(), Box<dyn std::error::Erro
             .file()
             .map_or("memory only".to_owned(), |f| f.display().to_string());
         match server.admin_addr() {
-            Some(admin) => println!("bitsd: transcript to {file} and http://{admin}/transcript"),
-            None => println!("bitsd: transcript to {file}"),
+            Some(admin) => banner!("bitsd: transcript to {file} and http://{admin}/transcript"),
+            None => banner!("bitsd: transcript to {file}"),
         }
     }
     shutdown_signal().await;

@@ -1,10 +1,10 @@
 //! The reply download (§10): GET and HEAD on `{prefix}BITS-Sessions/{id}/response`, with
-//! single byte ranges, a stable `ETag` and `Last-Modified`, and reply progress counting.
+//! single byte ranges (the first satisfiable one of a multi-range request), a stable `ETag` and `Last-Modified`, and reply progress counting.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use bitsd_protocol::SessionId;
+use bitsd_protocol::{ReplyRange as RangeRequest, SessionId};
 use bitsd_storage::{ReplyKind, SessionState};
 use http::header::{
     ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED,
@@ -14,76 +14,9 @@ use http::request::Parts;
 use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::body::ResponseBody;
+use crate::conn_send::ConnSend;
 use crate::routes::Route;
 use crate::service::{plain, Shared};
-
-/// What a `Range` header asks of a reply of known length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RangeRequest {
-    /// The whole reply (no `Range`, an unparsable one, or a stale `If-Range`).
-    Full,
-    /// Bytes `start..=end`.
-    Partial {
-        /// First byte.
-        start: u64,
-        /// Last byte (inclusive).
-        end: u64,
-    },
-    /// Nothing of it lies inside the reply: 416.
-    Unsatisfiable,
-}
-
-/// Parses a `Range` value against a length. Only the first range of a multi-range request is
-/// served (a BITS client never asks for more; §10 advises against multipart answers).
-pub(crate) fn parse_range(value: &str, len: u64) -> RangeRequest {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
-        return RangeRequest::Full;
-    };
-    let first = spec.split(',').next().unwrap_or("").trim();
-    let Some((a, b)) = first.split_once('-') else {
-        return RangeRequest::Full;
-    };
-    let num = |s: &str| -> Option<u64> {
-        let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
-            .then(|| s.parse().ok())
-            .flatten()
-    };
-    match (a.trim().is_empty(), num(a), num(b)) {
-        // bytes=-n: the last n bytes
-        (true, _, Some(n)) => {
-            if n == 0 || len == 0 {
-                RangeRequest::Unsatisfiable
-            } else {
-                RangeRequest::Partial {
-                    start: len.saturating_sub(n),
-                    end: len - 1,
-                }
-            }
-        }
-        (false, Some(start), None) if b.trim().is_empty() => {
-            if start >= len {
-                RangeRequest::Unsatisfiable
-            } else {
-                RangeRequest::Partial {
-                    start,
-                    end: len - 1,
-                }
-            }
-        }
-        (false, Some(start), Some(end)) if start <= end => {
-            if start >= len {
-                RangeRequest::Unsatisfiable
-            } else {
-                RangeRequest::Partial {
-                    start,
-                    end: end.min(len - 1),
-                }
-            }
-        }
-        _ => RangeRequest::Full,
-    }
-}
 
 /// Serves the reply if `req` addresses one on `route`; `None` if the path is not a reply path.
 pub(crate) async fn handle(
@@ -138,7 +71,7 @@ async fn serve(
     let etag = format!("\"{}-{:x}-{len}\"", id.simple(), reply.created_ms);
     let modified = UNIX_EPOCH + Duration::from_millis(reply.created_ms);
     let mut range = match req.headers.get(RANGE).and_then(|v| v.to_str().ok()) {
-        Some(v) => parse_range(v, len),
+        Some(v) => RangeRequest::parse(v, len),
         None => RangeRequest::Full,
     };
     if let Some(cond) = req.headers.get(IF_RANGE).and_then(|v| v.to_str().ok()) {
@@ -196,6 +129,11 @@ async fn serve(
     let (file, first) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
+            // The record was read without the session lock: a Close, Cancel or the sweeper
+            // may have removed the reply since. Then the reply is gone, not broken.
+            if !still_served(shared, &id, reply.created_ms).await {
+                return not_found();
+            }
             tracing::error!(error = %e, "reply file unreadable");
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n");
         }
@@ -221,8 +159,22 @@ async fn serve(
             start + taken,
         ));
     });
-    *res.body_mut() = ResponseBody::file(file, start, count, first, report);
+    let conn = req.extensions.get::<ConnSend>().cloned();
+    *res.body_mut() = ResponseBody::file(file, start, count, first, report, conn);
     res
+}
+
+/// Whether the reply created at `created_ms` is still the session's reply, ready to serve.
+async fn still_served(shared: &Shared, id: &SessionId, created_ms: u64) -> bool {
+    match shared.store.load(id).await {
+        Ok(Some(r)) => {
+            r.state == SessionState::ReplyReady
+                && r.reply.is_some_and(|reply| reply.created_ms == created_ms)
+        }
+        Ok(None) => false,
+        // Cannot tell: report the read failure as it is.
+        Err(_) => true,
+    }
 }
 
 /// Adds `[start, end)` to the reply's delivered ranges (progress; not flushed on its own).
@@ -248,38 +200,5 @@ async fn record_delivery(
     tracing::debug!(session = %id, start, end, transferred = reply.delivered.covered(), "reply bytes delivered");
     if let Err(e) = shared.store.save_lazy(&record).await {
         tracing::warn!(error = %e, "could not record reply progress");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(
-            parse_range("bytes=0-36", 37),
-            RangeRequest::Partial { start: 0, end: 36 }
-        );
-        assert_eq!(
-            parse_range("bytes=10-", 37),
-            RangeRequest::Partial { start: 10, end: 36 }
-        );
-        assert_eq!(
-            parse_range("bytes=-5", 37),
-            RangeRequest::Partial { start: 32, end: 36 }
-        );
-        assert_eq!(
-            parse_range("bytes=0-100", 37),
-            RangeRequest::Partial { start: 0, end: 36 }
-        );
-        assert_eq!(parse_range("bytes=50-60", 37), RangeRequest::Unsatisfiable);
-        assert_eq!(
-            parse_range("bytes=0-1,5-6", 37),
-            RangeRequest::Partial { start: 0, end: 1 }
-        );
-        assert_eq!(parse_range("bytes=5-1", 37), RangeRequest::Full);
-        assert_eq!(parse_range("items=0-1", 37), RangeRequest::Full);
-        assert_eq!(parse_range("bytes=0-0", 0), RangeRequest::Unsatisfiable);
     }
 }

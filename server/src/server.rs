@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::{Authenticator, ClientAddr};
+use crate::conn_send::{PacedIo, SendLimits, WithConn};
 use crate::fault::{FaultInjectingService, FaultPlan, FaultPlanError};
 use crate::routes::Route;
 use crate::service::BuildError;
@@ -82,6 +83,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Connections served at once on the BITS listener; more wait to be accepted.
     pub max_connections: usize,
+    /// How slow a client may be to take what the server sends (send idle timeout, minimum
+    /// response body rate).
+    pub send_limits: SendLimits,
     /// Test server mode: faults to inject into the BITS listener's answers (`None`: none).
     pub fault_plan: Option<FaultPlan>,
     /// Test server mode: record a transcript of every request and answer of the BITS listener
@@ -127,6 +131,7 @@ impl Default for ServerConfig {
             auth: None,
             tls: None,
             max_connections: 10_000,
+            send_limits: SendLimits::default(),
             fault_plan: None,
             transcript: None,
             admin_token: None,
@@ -215,6 +220,7 @@ struct ListenerOptions {
     header_timeout: Duration,
     grace: Duration,
     max_connections: usize,
+    send_limits: SendLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -312,6 +318,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         header_timeout: config.header_read_timeout,
         grace: config.shutdown_grace,
         max_connections: config.max_connections.max(1),
+        send_limits: config.send_limits,
         tls,
     };
     match faulty {
@@ -369,7 +376,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.cleanup_interval,
         rx2,
     )));
-    tracing::info!(%addr, admin = ?admin_addr, data_dir = %config.data_dir.display(), "bitsd listening");
+    tracing::info!(%addr, admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), data_dir = %config.data_dir.display(), "bitsd listening");
     Ok(RunningServer {
         addr,
         admin_addr,
@@ -443,24 +450,52 @@ async fn accept_loop<S, F, RB>(
                     inner: make_service(),
                     peer,
                 };
+                let send_limits = options.send_limits;
                 let watcher = graceful.watcher();
                 let tls = options.tls.clone();
                 let handshake_timeout = options.header_timeout;
                 tokio::spawn(async move {
                     let _permit = permit;
                     let result = match tls {
-                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                        None => {
+                            let (io, conn) = PacedIo::new(stream, send_limits);
+                            let service = WithConn::new(service, conn);
+                            watcher.watch(http.serve_connection(TokioIo::new(io), service)).await
+                        }
                         Some(acceptor) => {
-                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(tls_stream)) => {
-                                    watcher.watch(http.serve_connection(TokioIo::new(tls_stream), service)).await
+                            use crate::tls_log::{log_tls_failure, looks_like_plain_http, TlsFailure};
+                            let handshake = async {
+                                // Peek at the first bytes: plain HTTP gets its own log line, and
+                                // a connection closed before sending anything (a TCP probe) none.
+                                let mut first = [0u8; 4];
+                                let n = stream.peek(&mut first).await.unwrap_or(0);
+                                if n == 0 {
+                                    return Err((TlsFailure::Closed, None));
                                 }
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                // Plain HTTP still goes to the TLS acceptor: its alert is
+                                // what tells the client's HTTP parser this is no HTTP port.
+                                let failure = if looks_like_plain_http(&first[..n]) {
+                                    TlsFailure::PlainHttp
+                                } else {
+                                    TlsFailure::Handshake
+                                };
+                                acceptor
+                                    .accept(stream)
+                                    .await
+                                    .map_err(|e| (failure, Some(e.to_string())))
+                            };
+                            match tokio::time::timeout(handshake_timeout, handshake).await {
+                                Ok(Ok(tls_stream)) => {
+                                    let (io, conn) = PacedIo::new(tls_stream, send_limits);
+                                    let service = WithConn::new(service, conn);
+                                    watcher.watch(http.serve_connection(TokioIo::new(io), service)).await
+                                }
+                                Ok(Err((kind, error))) => {
+                                    log_tls_failure(peer, kind, error.as_deref());
                                     return;
                                 }
                                 Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    log_tls_failure(peer, TlsFailure::Timeout, None);
                                     return;
                                 }
                             }
@@ -570,6 +605,9 @@ impl RunningServer {
             tracing::warn!("completion steps still running at shutdown are cut off; their clients re-send the final fragment");
         }
         let result = self.service.store().flush().await;
+        if let Some(t) = &self.transcript {
+            t.written().await;
+        }
         tracing::info!("bitsd stopped");
         result
     }

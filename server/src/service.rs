@@ -581,6 +581,12 @@ pub(crate) fn error_ack(
         tracing::info!(status = err.status().as_u16(), code = %err.code(), reason = err.reason(), "packet refused");
     }
     let mut ack = Ack::error(err);
+    // A refusal the client caused says why, in words a person can act on.
+    if err.status().is_client_error() {
+        if let Some(message) = error_message(err.reason()) {
+            ack = ack.header(header::BITSD_ERROR_MESSAGE, message);
+        }
+    }
     if let Some(raw) = raw_session {
         ack = ack.echo_session(raw);
     }
@@ -588,6 +594,27 @@ pub(crate) fn error_ack(
         ack = ack.received(n);
     }
     ack
+}
+
+/// An error reason as a header value: printable ASCII only (anything else, including line
+/// breaks from client-sent values, becomes `?`), at most 200 characters.
+fn error_message(reason: &str) -> Option<HeaderValue> {
+    let text: String = reason
+        .chars()
+        .take(200)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(text).ok()
 }
 
 /// A storage failure as the client sees it: 500 with the OS error's HRESULT where it is known.

@@ -43,7 +43,7 @@ impl std::str::FromStr for FsyncPolicy {
     }
 }
 
-/// Limits that protect the server (all configurable; see the README's table).
+/// Limits that protect the server (all configurable; see docs/configuration.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionLimits {
     /// Live (not closed, not cancelled) sessions in total; `None`: unlimited.
@@ -57,16 +57,25 @@ pub struct SessionLimits {
     /// How long a request body may send nothing before the request is abandoned (and the
     /// session lock released).
     pub body_idle_timeout: Duration,
+    /// The slowest a Fragment's body may arrive, in bytes per second, once its grace period
+    /// is over (IIS `minBytesPerSecond`); 0: no minimum.
+    pub min_body_rate: u64,
+    /// How long a Fragment's body may arrive slower than [`SessionLimits::min_body_rate`]
+    /// before the rate is held against it.
+    pub min_body_rate_grace: Duration,
 }
 
 impl Default for SessionLimits {
-    /// 100,000 sessions, 50 per user, 64 MiB disk reserve, 60 s body idle timeout.
+    /// 100,000 sessions, 50 per user, 64 MiB disk reserve, 60 s body idle timeout, a minimum
+    /// body rate of 240 bytes/s after 10 s.
     fn default() -> Self {
         SessionLimits {
             max_sessions: Some(100_000),
             max_sessions_per_user: Some(50),
             min_free_disk: 64 * 1024 * 1024,
             body_idle_timeout: Duration::from_secs(60),
+            min_body_rate: 240,
+            min_body_rate_grace: Duration::from_secs(10),
         }
     }
 }

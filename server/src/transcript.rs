@@ -1,9 +1,10 @@
 //! The transcript of the test server mode: one JSON object per request the BITS listener
 //! answered (or dropped), with the request's headers and the answer's status and BITS headers,
-//! and the fault the fault plan injected, if any. Kept in memory (served on the admin listener
-//! at `GET /transcript`) and, when a file is given, appended to it line by line.
+//! and the fault the fault plan injected, if any. The newest lines are kept in memory (served on
+//! the admin listener at `GET /transcript`; at most [`Transcript::MEMORY_LINES`]) and, when a
+//! file is given, every line is appended to it by a writer thread, off the async workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,42 +76,126 @@ pub struct Transcript {
 }
 
 struct Inner {
-    lines: Mutex<Vec<String>>,
-    file: Option<(PathBuf, Mutex<std::fs::File>)>,
+    memory: Mutex<Memory>,
+    file: Option<FileSink>,
     seq: AtomicU64,
+}
+
+/// The lines kept in memory: the newest [`Transcript::MEMORY_LINES`] (the file keeps all).
+struct Memory {
+    lines: VecDeque<String>,
+    /// Lines recorded in total (the file's line count once the writer caught up).
+    recorded: u64,
+    cap: usize,
+}
+
+/// The transcript file, written by a thread of its own: recording a line never does file
+/// I/O on the async workers.
+struct FileSink {
+    path: PathBuf,
+    lines: std::sync::mpsc::Sender<String>,
+    /// Lines the writer thread has written (or failed to write) so far.
+    written: tokio::sync::watch::Receiver<u64>,
+}
+
+impl FileSink {
+    fn start(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::File::create(path)?;
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let (written_tx, written) = tokio::sync::watch::channel(0u64);
+        let shown = path.to_owned();
+        std::thread::Builder::new()
+            .name("bitsd-transcript".into())
+            .spawn(move || write_lines(file, &shown, &rx, &written_tx))?;
+        Ok(FileSink {
+            path: path.to_owned(),
+            lines: tx,
+            written,
+        })
+    }
+}
+
+/// The writer thread: appends every line it is sent, flushing whenever it has caught up, until
+/// the transcript is dropped.
+fn write_lines(
+    file: std::fs::File,
+    path: &Path,
+    rx: &std::sync::mpsc::Receiver<String>,
+    written: &tokio::sync::watch::Sender<u64>,
+) {
+    let mut out = std::io::BufWriter::new(file);
+    let mut count = 0u64;
+    let mut failed = false;
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(line) = next {
+            if let Err(e) = out
+                .write_all(line.as_bytes())
+                .and_then(|()| out.write_all(b"\n"))
+            {
+                if !failed {
+                    tracing::warn!(error = %e, path = %path.display(), "transcript write failed");
+                }
+                failed = true;
+            }
+            count += 1;
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = out.flush() {
+            if !failed {
+                tracing::warn!(error = %e, path = %path.display(), "transcript write failed");
+            }
+            failed = true;
+        }
+        written.send_replace(count);
+    }
 }
 
 impl std::fmt::Debug for Transcript {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transcript")
-            .field("file", &self.inner.file.as_ref().map(|(p, _)| p))
+            .field("file", &self.file())
             .field("lines", &self.len())
             .finish()
     }
 }
 
 impl Transcript {
-    /// A transcript kept in memory only.
-    pub fn in_memory() -> Self {
+    /// How many of the newest lines are kept in memory (and served at `GET /transcript`); the
+    /// file, when there is one, keeps every line.
+    pub const MEMORY_LINES: usize = 10_000;
+
+    fn with_sink(file: Option<FileSink>, cap: usize) -> Self {
         Transcript {
             inner: Arc::new(Inner {
-                lines: Mutex::new(Vec::new()),
-                file: None,
+                memory: Mutex::new(Memory {
+                    lines: VecDeque::new(),
+                    recorded: 0,
+                    cap: cap.max(1),
+                }),
+                file,
                 seq: AtomicU64::new(0),
             }),
         }
     }
 
-    /// A transcript kept in memory and written to `path` (created or truncated now).
+    /// A transcript kept in memory only (the newest [`Transcript::MEMORY_LINES`] lines).
+    pub fn in_memory() -> Self {
+        Self::with_sink(None, Self::MEMORY_LINES)
+    }
+
+    /// A transcript that keeps only the newest `lines` lines in memory.
+    pub fn in_memory_capped(lines: usize) -> Self {
+        Self::with_sink(None, lines)
+    }
+
+    /// A transcript kept in memory (the newest lines) and written whole to `path` (created or
+    /// truncated now) by a thread of its own.
     pub fn with_file(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::File::create(path)?;
-        Ok(Transcript {
-            inner: Arc::new(Inner {
-                lines: Mutex::new(Vec::new()),
-                file: Some((path.to_owned(), Mutex::new(file))),
-                seq: AtomicU64::new(0),
-            }),
-        })
+        Ok(Self::with_sink(
+            Some(FileSink::start(path)?),
+            Self::MEMORY_LINES,
+        ))
     }
 
     /// The transcript the options describe.
@@ -123,7 +208,7 @@ impl Transcript {
 
     /// The file it is written to, if any.
     pub fn file(&self) -> Option<&Path> {
-        self.inner.file.as_ref().map(|(p, _)| p.as_path())
+        self.inner.file.as_ref().map(|f| f.path.as_path())
     }
 
     /// The next request number.
@@ -131,7 +216,8 @@ impl Transcript {
         self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Appends one entry (to memory, and to the file when there is one).
+    /// Appends one entry: to memory (dropping the oldest line past the cap) and, when there
+    /// is a file, hands it to the writer thread. Never blocks on the file.
     pub fn record(&self, entry: &TranscriptEntry) {
         let line = match serde_json::to_string(entry) {
             Ok(l) => l,
@@ -140,28 +226,51 @@ impl Transcript {
                 return;
             }
         };
-        {
-            // The file gets the lines in the same order as memory.
-            let mut lines = self.inner.lines.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((path, file)) = &self.inner.file {
-                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-                let mut bytes = Vec::with_capacity(line.len() + 1);
-                bytes.extend_from_slice(line.as_bytes());
-                bytes.push(b'\n');
-                if let Err(e) = f.write_all(&bytes) {
-                    tracing::warn!(error = %e, path = %path.display(), "transcript write failed");
-                }
-            }
-            lines.push(line);
+        // The file gets the lines in the same order as memory.
+        let mut memory = self.inner.memory.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(file) = &self.inner.file {
+            // The writer only stops when the transcript is dropped.
+            let _ = file.lines.send(line.clone());
         }
+        memory.recorded += 1;
+        if memory.lines.len() >= memory.cap {
+            memory.lines.pop_front();
+        }
+        memory.lines.push_back(line);
     }
 
-    /// How many lines it holds.
-    pub fn len(&self) -> usize {
-        self.inner
-            .lines
+    /// Waits (without blocking the runtime) until every line recorded so far is in the file.
+    pub async fn written(&self) {
+        let Some(file) = &self.inner.file else {
+            return;
+        };
+        let target = self
+            .inner
+            .memory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .recorded;
+        let mut rx = file.written.clone();
+        // An error means the writer is gone: nothing more will be written.
+        let _ = rx.wait_for(|n| *n >= target).await;
+    }
+
+    /// How many lines are recorded in total (memory keeps the newest of them).
+    pub fn recorded(&self) -> u64 {
+        self.inner
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recorded
+    }
+
+    /// How many lines memory holds (at most [`Transcript::MEMORY_LINES`]).
+    pub fn len(&self) -> usize {
+        self.inner
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
             .len()
     }
 
@@ -170,27 +279,24 @@ impl Transcript {
         self.len() == 0
     }
 
-    /// Every line so far, as JSON text.
+    /// The lines memory holds (the newest), as JSON text.
     pub fn lines(&self) -> Vec<String> {
-        self.inner
-            .lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let memory = self.inner.memory.lock().unwrap_or_else(|p| p.into_inner());
+        memory.lines.iter().cloned().collect()
     }
 
-    /// Every line so far, each followed by a newline (`application/x-ndjson`).
+    /// The lines memory holds, each followed by a newline (`application/x-ndjson`).
     pub fn ndjson(&self) -> String {
-        let lines = self.inner.lines.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
-        for l in lines.iter() {
+        let memory = self.inner.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::with_capacity(memory.lines.iter().map(|l| l.len() + 1).sum());
+        for l in &memory.lines {
             out.push_str(l);
             out.push('\n');
         }
         out
     }
 
-    /// Every entry so far.
+    /// The entries memory holds.
     pub fn entries(&self) -> Vec<TranscriptEntry> {
         self.lines()
             .iter()
@@ -266,5 +372,63 @@ mod tests {
         let m = header_map(&h, true);
         assert_eq!(m["authorization"], "Basic <redacted>");
         assert_eq!(m["x-a"], "1, 2");
+    }
+
+    fn entry(seq: u64) -> TranscriptEntry {
+        TranscriptEntry {
+            seq,
+            time: rfc3339(0),
+            time_ms: 0,
+            elapsed_ms: 0,
+            method: "GET".into(),
+            path: format!("/echo/BITS-Sessions/{seq}/response"),
+            packet: "GET".into(),
+            session: None,
+            request_headers: BTreeMap::new(),
+            range: None,
+            status: Some(404),
+            error_code: None,
+            error_context: None,
+            received: None,
+            reply_url: None,
+            response_headers: BTreeMap::new(),
+            fault: None,
+            rule: None,
+            answered: true,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn memory_keeps_the_newest_lines_only() {
+        let t = Transcript::in_memory_capped(100);
+        for seq in 1..=5_000 {
+            t.record(&entry(seq));
+            assert!(t.len() <= 100);
+        }
+        assert_eq!(t.len(), 100);
+        assert_eq!(t.recorded(), 5_000);
+        let seqs: Vec<u64> = t.entries().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (4_901..=5_000).collect::<Vec<_>>());
+        assert_eq!(t.ndjson().lines().count(), 100);
+    }
+
+    #[tokio::test]
+    async fn the_file_keeps_every_line_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let t = Transcript::with_file(&path).unwrap();
+        let lines = Transcript::MEMORY_LINES as u64 + 500;
+        for seq in 1..=lines {
+            t.record(&entry(seq));
+        }
+        t.written().await;
+        assert_eq!(t.len(), Transcript::MEMORY_LINES);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<TranscriptEntry>(l).unwrap().seq)
+            .collect();
+        assert_eq!(seqs, (1..=lines).collect::<Vec<_>>());
     }
 }

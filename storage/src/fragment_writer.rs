@@ -36,7 +36,7 @@ pub enum FragmentDurability {
 ///
 /// An HTTP body arrives in frames of whatever size the socket reads gave (often not a multiple
 /// of the page size), and a page-cache write costs per call and per partly written page as well
-/// as per byte: on the benchmark machine (README, Performance) writing the same bytes as they
+/// as per byte: on the benchmark machine (docs/performance.md) writing the same bytes as they
 /// arrived cost 0.38 ms per MiB, gathered into writes of 256 KiB 0.21 ms, the same as writing
 /// whole 1 MiB buffers (0.16–0.19 ms).
 pub const GATHER_BYTES: usize = 256 * 1024;

@@ -578,7 +578,7 @@ impl BitsdProcess {
                 let rest = l.split(marker).nth(1)?;
                 rest.split('/').next()?.parse().ok()
             };
-            if line.contains("BITS uploads on") {
+            if line.contains("BITS upload") {
                 addr = grab(&line, "://");
             } else if line.contains("session progress on") {
                 admin_addr = grab(&line, "://");
@@ -592,6 +592,11 @@ impl BitsdProcess {
             admin_addr,
             wrapped: !wrapper.is_empty(),
         }
+    }
+
+    /// The process id (for `strace -p`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The process id of `bitsd` itself (the wrapper's child when it runs under one).

@@ -188,8 +188,8 @@ async fn upload_subcommand_uploads_and_fetches_the_reply() {
     assert!(err.contains("E_ACCESSDENIED (0x80070005)"), "{err}");
 }
 
-#[test]
-fn the_shipped_example_config_is_valid() {
+#[tokio::test]
+async fn the_shipped_example_config_works_as_shipped() {
     let example = bitsd_tests::fixtures_dir()
         .join("..")
         .join("bitsd.example.toml");
@@ -204,15 +204,38 @@ fn the_shipped_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    for prefix in [
-        "/upload/",
-        "/echo/",
-        "/receipt/",
-        "/sum/",
-        "/app/",
-        "/update/",
-    ] {
+    for prefix in ["/upload/", "/echo/", "/receipt/", "/sum/"] {
         assert!(text.contains(prefix), "{text}");
+    }
+    // Every route it serves works out of the box: a plain upload lands, and each
+    // upload-reply route answers with a reply.
+    let dir = tempfile::tempdir().unwrap();
+    let proc = BitsdProcess::start(
+        &dir.path().join("data"),
+        &["--config", example.to_str().unwrap()],
+    );
+    let mut c = RawClient::connect(proc.addr).await;
+    let data = pattern(70_000, 5);
+    c.upload("/upload/example.bin", &data, 32_768).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("data/files/example.bin")).unwrap(),
+        data
+    );
+    for (route, check) in [
+        ("/echo/e.bin", "echo"),
+        ("/receipt/r.bin", "sha256"),
+        ("/sum/s.bin", "  -"),
+    ] {
+        let (_, ack) = c.upload(route, &data, 32_768).await;
+        let url = ack.header("bits-reply-url").expect("a reply URL");
+        let reply = c.get("GET", &url_path(url), &[]).await;
+        assert_eq!(reply.status, 200, "{route}: {reply:?}");
+        if check == "echo" {
+            assert_eq!(reply.body, data);
+        } else {
+            let body = String::from_utf8_lossy(&reply.body);
+            assert!(body.contains(check), "{route}: {body}");
+        }
     }
 }
 

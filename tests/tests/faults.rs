@@ -1022,19 +1022,19 @@ fn config_keys_and_check_config() {
     );
 }
 
-/// The README's plan and every `--fault` example in its "Testing your BITS client" section parse.
+/// The plan and every `--fault` example of docs/testing-your-bits-client.md parse.
 #[test]
 fn the_readme_recipes_parse() {
-    let readme = std::fs::read_to_string(bitsd_tests::fixtures_dir().join("../README.md")).unwrap();
-    let start = readme
-        .find("## Testing your BITS client")
-        .expect("README section");
-    let section = &readme[start..];
-    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let section = std::fs::read_to_string(
+        bitsd_tests::fixtures_dir().join("../docs/testing-your-bits-client.md"),
+    )
+    .unwrap();
+    let section = section.as_str();
     let mut blocks = 0;
     for block in section.split("```toml\n").skip(1) {
         let toml = &block[..block.find("```").unwrap()];
-        let plan = FaultPlan::parse(toml, "README.md").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let plan = FaultPlan::parse(toml, "testing-your-bits-client.md")
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
         assert!(!plan.rules.is_empty());
         blocks += 1;
     }
@@ -1043,8 +1043,60 @@ fn the_readme_recipes_parse() {
     for piece in section.split("--fault \"").skip(1) {
         let spec = &piece[..piece.find('"').unwrap()];
         spec.parse::<FaultRule>()
-            .unwrap_or_else(|e| panic!("README --fault {spec:?}: {e}"));
+            .unwrap_or_else(|e| panic!("docs --fault {spec:?}: {e}"));
         flags += 1;
     }
     assert!(flags >= ALL_KINDS.len(), "one --fault recipe per kind");
+}
+
+/// The test server mode's state stays bounded however many distinct ids clients send: the
+/// fault counters and the transcript in memory (the file keeps every line).
+#[tokio::test]
+async fn client_supplied_ids_do_not_grow_the_test_server_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = bitsd::SessionStore::open(&dir.path().join("data"))
+        .await
+        .unwrap();
+    let service = bitsd::BitsService::builder(store)
+        .route(bitsd::Route::upload_reply("/echo/", bitsd::EchoHandler))
+        .build()
+        .unwrap();
+    let transcript_file = dir.path().join("t.jsonl");
+    let transcript = bitsd::Transcript::with_file(&transcript_file).unwrap();
+    let plan = FaultPlan::from_specs(1, &["GET#2:status=503"]).unwrap();
+    let svc = bitsd::FaultInjectingService::new(service, plan, Some(transcript.clone())).unwrap();
+    let requests = 12_000u32;
+    for i in 0..requests {
+        let req = http::Request::get(format!(
+            "/echo/BITS-Sessions/{{{i:08x}-0000-4000-8000-000000000000}}/response"
+        ))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+        let res = svc.handle(req).await.unwrap();
+        assert_eq!(res.status(), 404);
+    }
+    // Ids that are not session ids at all share one counter.
+    for i in 0..1_000u32 {
+        let req = http::Request::get(format!("/echo/BITS-Sessions/not-an-id-{i}/response"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        svc.handle(req).await.unwrap();
+    }
+    assert!(
+        svc.counted_sessions() <= 10_001,
+        "{} sessions counted",
+        svc.counted_sessions()
+    );
+    assert_eq!(transcript.len(), bitsd::Transcript::MEMORY_LINES);
+    assert_eq!(transcript.recorded(), u64::from(requests) + 1_000);
+    transcript.written().await;
+    let lines = std::fs::read_to_string(&transcript_file)
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        lines as u64,
+        u64::from(requests) + 1_000,
+        "the file keeps every line"
+    );
 }

@@ -102,9 +102,13 @@ fn json_logs_carry_the_session_id() {
         .lines()
         .map(Result::unwrap)
         .find_map(|l| {
-            l.split("BITS uploads on http://")
-                .nth(1)
-                .map(|r| r.trim_end_matches('/').parse().unwrap())
+            l.split("BITS upload")
+                .nth(1)?
+                .split("://")
+                .nth(1)?
+                .split('/')
+                .next()
+                .map(|a| a.parse().unwrap())
         })
         .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()

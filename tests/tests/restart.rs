@@ -111,7 +111,7 @@ async fn sigkill_mid_upload_then_resume_with_the_real_binary() {
         );
         last_ack = next;
         acked = next;
-        if acked < data.len() && acked % (5 * fragment) == 0 {
+        if acked < data.len() && acked.is_multiple_of(5 * fragment) {
             // SIGKILL right after an Ack, restart on the same data directory, reconnect.
             proc.kill();
             kills += 1;

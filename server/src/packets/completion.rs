@@ -290,7 +290,10 @@ async fn produce_reply(
     // `reply` itself is called inside the task too, so a panic before the handler returns
     // its future is caught as well.
     let handler = handler.clone();
-    let reply = match tokio::spawn(async move { handler.reply(upload).await }).await {
+    // The task carries the request's span, so the handler's log lines (a command's stderr too)
+    // name the packet, session and user like every other line.
+    let task = async move { handler.reply(upload).await };
+    let reply = match tokio::spawn(tracing::Instrument::in_current_span(task)).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "reply handler failed");

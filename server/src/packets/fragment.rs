@@ -72,13 +72,13 @@ where
     B::Error: Into<BoxError>,
 {
     let id = packet.session_id;
-    let idle = shared.session_limits.body_idle_timeout;
     let (unread, len) = (&mut *body, packet.range.len);
     let read_held = move || async move {
         let body = unread
             .take()
             .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
-        stream_body(body, len, 0, 0, idle, None).await
+        let pace = BodyPace::start(&shared.session_limits);
+        stream_body(body, len, 0, 0, pace, None).await
     };
     if let Some(outcome) = completion::join(shared, route, user, &packet, read_held).await {
         return outcome;
@@ -100,6 +100,9 @@ where
                 received: Some(record.received),
             }
         })?;
+    // The body's idle timeout and minimum rate, counted from here: time spent waiting for
+    // the session lock is not the client's.
+    let idle = BodyPace::start(&shared.session_limits);
     match decision {
         FragmentDecision::Gap { received } => {
             shared.metrics.fragment(FragmentOutcome::Gap, 0);
@@ -208,7 +211,7 @@ const WRITEBACK_EVERY: u64 = bitsd_storage::GATHER_BYTES as u64;
 
 /// Fragments smaller than this are synced whole at commit: on the 2-core machine of the
 /// benchmark, starting writeback for a 64 KiB fragment cost as much CPU as it saved waiting,
-/// while 1 MiB fragments gained 5–7% (README, Performance).
+/// while 1 MiB fragments gained 5–7% (docs/performance.md).
 const WRITEBACK_FROM: u64 = 1024 * 1024;
 
 /// How durable a fragment must be before its Ack under the fsync policy: per-fragment syncs
@@ -233,7 +236,7 @@ async fn stream_body<B>(
     expected: u64,
     skip: u64,
     len: u64,
-    idle: std::time::Duration,
+    pace: BodyPace,
     mut writer: Option<&mut FragmentWriter>,
 ) -> Result<(), BitsError>
 where
@@ -242,7 +245,7 @@ where
 {
     let mut body = pin!(body);
     let mut seen = 0u64;
-    while let Some(frame) = next_frame(&mut body, idle).await? {
+    while let Some(frame) = next_frame(&mut body, pace, seen).await? {
         let frame = frame.map_err(|e| body_error(e, seen, expected))?;
         let Ok(mut data) = frame.into_data() else {
             continue;
@@ -274,21 +277,72 @@ where
     Ok(())
 }
 
+/// How long a fragment's body may take: it may send nothing for `idle`, and after `grace` it
+/// must keep up `min_rate` bytes per second on average since it started (IIS
+/// `minBytesPerSecond`), so a body that trickles is cut off however often it sends a byte.
+#[derive(Clone, Copy, Debug)]
+struct BodyPace {
+    started: tokio::time::Instant,
+    idle: std::time::Duration,
+    min_rate: u64,
+    grace: std::time::Duration,
+}
+
+impl BodyPace {
+    fn start(limits: &crate::session_limits::SessionLimits) -> Self {
+        BodyPace {
+            started: tokio::time::Instant::now(),
+            idle: limits.body_idle_timeout,
+            min_rate: limits.min_body_rate,
+            grace: limits.min_body_rate_grace,
+        }
+    }
+
+    /// When a body that has sent `seen` bytes must have sent more: the earlier of the idle
+    /// deadline and the time the minimum rate makes `seen` bytes due; whether it is the rate's.
+    fn deadline(&self, seen: u64) -> (tokio::time::Instant, bool) {
+        let idle = tokio::time::Instant::now() + self.idle;
+        if self.min_rate == 0 {
+            return (idle, false);
+        }
+        let due = self.started
+            + self.grace
+            + std::time::Duration::from_secs_f64(seen as f64 / self.min_rate as f64);
+        if due < idle {
+            (due, true)
+        } else {
+            (idle, false)
+        }
+    }
+}
+
 /// The next frame, with the body's error already boxed (so no non-`Send` error is held);
-/// a body that sends nothing for `idle` is abandoned (500, transient for the client).
+/// a body that sends nothing for the idle timeout, or falls below the minimum rate after its
+/// grace period, is abandoned (500, transient for the client; the session lock is released
+/// with the request).
 async fn next_frame<B>(
     body: &mut std::pin::Pin<&mut B>,
-    idle: std::time::Duration,
+    pace: BodyPace,
+    seen: u64,
 ) -> Result<Option<Result<http_body::Frame<B::Data>, BoxError>>, BitsError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    match tokio::time::timeout(idle, body.frame()).await {
+    let (deadline, by_rate) = pace.deadline(seen);
+    match tokio::time::timeout_at(deadline, body.frame()).await {
         Ok(next) => Ok(next.map(|r| r.map_err(Into::into))),
+        Err(_) if by_rate => Err(BitsError::internal(
+            bitsd_protocol::HResult::E_FAIL,
+            format!(
+                "request body slower than {} bytes/s ({seen} bytes in {} s)",
+                pace.min_rate,
+                pace.started.elapsed().as_secs()
+            ),
+        )),
         Err(_) => Err(BitsError::internal(
             bitsd_protocol::HResult::E_FAIL,
-            format!("request body idle for {} s", idle.as_secs()),
+            format!("request body idle for {} s", pace.idle.as_secs()),
         )),
     }
 }
