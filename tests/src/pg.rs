@@ -75,9 +75,15 @@ impl PgCluster {
         } else {
             None
         };
+        // As root, under /tmp: the server's user must be able to reach its directory, which
+        // a private TMPDIR of root's would not let it.
+        let parent = match run_as {
+            Some(_) => PathBuf::from("/tmp"),
+            None => std::env::temp_dir(),
+        };
         let dir = tempfile::Builder::new()
             .prefix("bitsd-pg-")
-            .tempdir()
+            .tempdir_in(parent)
             .map_err(|e| format!("temp dir: {e}"))?;
         if let Some(user) = &run_as {
             let status = Command::new("chown")
