@@ -445,7 +445,10 @@ async fn live_counts_limits_and_tombstones() {
     assert_eq!(a.list().await.unwrap().len(), 9);
 
     // The sweeper's candidates: untouched since a time, oldest first.
-    let idle = b.idle_sessions(bitsd_storage::now_millis() + 1, 100).await.unwrap();
+    let idle = b
+        .idle_sessions(bitsd_storage::now_millis() + 1, 100)
+        .await
+        .unwrap();
     assert_eq!(idle.len(), 9);
     assert!(idle.windows(2).all(|w| w[0].updated_ms <= w[1].updated_ms));
     assert!(b.idle_sessions(0, 100).await.unwrap().is_empty());
