@@ -31,6 +31,14 @@ pub enum StorageError {
     /// A background task panicked or was cancelled.
     #[error("storage task failed: {0}")]
     Task(String),
+    /// The shared state store (PostgreSQL) is unreachable or did not answer in time. This is
+    /// transient: the client's retry succeeds once the database is back.
+    #[error("the state store is unreachable: {0} (check that PostgreSQL is running and reachable at the configured postgres_url)")]
+    StateStoreUnreachable(String),
+    /// The shared state store (PostgreSQL) refused an operation (a SQL error, a schema this
+    /// version does not know, a value out of range).
+    #[error("state store: {0}")]
+    StateStore(String),
 }
 
 impl StorageError {
@@ -48,6 +56,12 @@ impl StorageError {
             StorageError::Io { source, .. } => Some(source),
             _ => None,
         }
+    }
+
+    /// Whether the error is transient: the same request may succeed when retried (the state
+    /// store was unreachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::StateStoreUnreachable(_))
     }
 
     /// Whether the disk is full (or over quota).

@@ -1,0 +1,229 @@
+//! What the sweeper needs: the objects a session owns, objects no commit ever referenced,
+//! removal of a session's rows, and the farm-wide sweeper lock.
+//!
+//! The order that leaves nothing behind: a node records an object key as pending
+//! ([`PgStateStore::add_pending_object`]) BEFORE it writes the object; the fragment commit
+//! that references the object deletes that row in its own transaction. A key still pending
+//! long after it was written ([`PgStateStore::stale_pending_objects`]) belongs to a commit
+//! that lost its race or never happened (the node died): the sweeper deletes the object, then
+//! the row. Removing a session: read [`PgStateStore::session_objects`], delete those objects,
+//! then [`PgStateStore::remove`] (a crash in between only repeats the deletes next time).
+
+use bitsd_protocol::SessionId;
+use tokio_postgres::NoTls;
+
+use super::sessions::to_i64;
+use super::{pg_error, FragmentObject, PgStateStore};
+use crate::{now_millis, FragmentEntry, StorageError};
+
+/// Advisory-lock key of the sweeper (one node of the farm sweeps at a time).
+const SWEEPER_LOCK: i64 = 0x6269_7473_6400_0002;
+
+/// An object written for a commit that has not (yet) referenced it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingObject {
+    /// The object's key.
+    pub object_key: String,
+    /// The session it was written for.
+    pub session: SessionId,
+    /// When it was recorded (ms since the epoch).
+    pub created_ms: u64,
+}
+
+/// The farm-wide sweeper lock, held on a connection of its own: while this value lives and
+/// [`SweeperLock::is_held`] says so, no other node holds it. Dropping it closes the connection,
+/// which releases the lock; so does the death of this node or of the connection.
+pub struct SweeperLock {
+    client: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SweeperLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SweeperLock")
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
+impl SweeperLock {
+    /// Whether the lock is still held (its connection is alive). A sweeper checks this before
+    /// each batch and stops when it is gone: another node may hold the lock by then.
+    pub fn is_held(&self) -> bool {
+        !self.client.is_closed() && !self.connection.is_finished()
+    }
+}
+
+impl Drop for SweeperLock {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl PgStateStore {
+    /// Takes the farm-wide sweeper lock if no other node holds it (`None`: someone does).
+    pub async fn try_sweeper_lock(&self) -> Result<Option<SweeperLock>, StorageError> {
+        self.timed(async {
+            let (client, connection) = self.config.connect(NoTls).await.map_err(pg_error)?;
+            let connection = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let lock = SweeperLock { client, connection };
+            let got: bool = lock
+                .client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEPER_LOCK])
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            Ok(got.then_some(lock))
+        })
+        .await
+    }
+
+    /// Records that `object_key` is about to be written for `session` (call BEFORE the PUT).
+    ///
+    /// The row is committed without waiting for PostgreSQL's WAL flush (`synchronous_commit
+    /// = off` for this transaction only): it costs no disk sync, and the fragment commit that
+    /// follows flushes it along with itself. Only a crash of PostgreSQL itself within its WAL
+    /// writer delay (200 ms by default) after this call, before that commit, can lose the row;
+    /// the object is then left for a bucket lifecycle rule rather than the sweeper (a leak,
+    /// never a wrong byte).
+    pub async fn add_pending_object(
+        &self,
+        session: &SessionId,
+        object_key: &str,
+    ) -> Result<(), StorageError> {
+        if object_key.contains('\0') {
+            return Err(StorageError::StateStore(
+                "an object key must not contain NUL".into(),
+            ));
+        }
+        let now = to_i64(now_millis(), "time")?;
+        // One round trip: the simple-query protocol runs the whole transaction in one message.
+        // The key is an escape-string literal (E'...': the same meaning whatever the server's
+        // standard_conforming_strings), backslashes and quotes escaped.
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = off;
+             INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
+             VALUES (E'{}', '{}', {now}) ON CONFLICT (object_key) DO NOTHING; COMMIT;",
+            object_key.replace('\\', "\\\\").replace('\'', "\\'"),
+            session.as_uuid()
+        );
+        self.timed(async {
+            let conn = self.conn().await?;
+            conn.batch_execute(&sql).await.map_err(pg_error)
+        })
+        .await
+    }
+
+    /// Forgets a pending object (after deleting it, or when its commit referenced it).
+    pub async fn forget_pending_object(&self, object_key: &str) -> Result<(), StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "DELETE FROM bitsd_pending_objects WHERE object_key = $1",
+                &[&object_key],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// At most `limit` pending objects recorded before `before_ms`, oldest first: written for
+    /// commits that lost or never happened, once `before_ms` is older than any commit can take.
+    pub async fn stale_pending_objects(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<PendingObject>, StorageError> {
+        let before = to_i64(before_ms, "time")?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT object_key, session_id, created_ms FROM bitsd_pending_objects
+                     WHERE created_ms < $1 ORDER BY created_ms LIMIT $2",
+                    &[&before, &limit],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| PendingObject {
+                    object_key: r.get(0),
+                    session: SessionId::from_uuid(r.get(1)),
+                    created_ms: r.get::<_, i64>(2) as u64,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// The fragment index of `id` in offset order: which object holds which bytes.
+    pub async fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentObject>, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
+                     WHERE session_id = $1 ORDER BY start_offset",
+                    &[id.as_uuid()],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| FragmentObject {
+                    entry: FragmentEntry {
+                        offset: r.get::<_, i64>(0) as u64,
+                        len: r.get::<_, i64>(1) as u64,
+                        crc32c: r.get::<_, i64>(2) as u32,
+                    },
+                    object_key: r.get(3),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Every object key `id` owns: its fragments' and its pending ones.
+    pub async fn session_objects(&self, id: &SessionId) -> Result<Vec<String>, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT object_key FROM bitsd_fragments WHERE session_id = $1
+                     UNION ALL
+                     SELECT object_key FROM bitsd_pending_objects WHERE session_id = $1",
+                    &[id.as_uuid()],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+        .await
+    }
+
+    /// Removes the session's record, fragment index and pending objects' rows (one
+    /// transaction); `false` when there was no record. Delete its objects first.
+    pub async fn remove(&self, id: &SessionId) -> Result<bool, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let n = conn
+                .query_one(
+                    "WITH p AS (DELETE FROM bitsd_pending_objects WHERE session_id = $1),
+                          s AS (DELETE FROM bitsd_sessions WHERE id = $1 RETURNING id)
+                     SELECT count(*) FROM s",
+                    &[id.as_uuid()],
+                )
+                .await
+                .map_err(pg_error)?
+                .get::<_, i64>(0);
+            Ok(n == 1)
+        })
+        .await
+    }
+}

@@ -1,0 +1,137 @@
+//! Counting and listing sessions across the farm.
+
+use std::collections::HashMap;
+
+use bitsd_protocol::SessionId;
+
+use super::sessions::{decode, to_i64, COLS, LIVE};
+use super::{pg_error, PgStateStore};
+use crate::{SessionRecord, StorageError};
+
+impl PgStateStore {
+    /// Live (not tombstoned) sessions of the farm.
+    pub async fn live_count(&self) -> Result<u64, StorageError> {
+        self.count(
+            &format!("SELECT count(*) FROM bitsd_sessions WHERE {LIVE}"),
+            None,
+        )
+        .await
+    }
+
+    /// Live sessions of `owner`.
+    pub async fn live_count_of(&self, owner: &str) -> Result<u64, StorageError> {
+        self.count(
+            &format!("SELECT count(*) FROM bitsd_sessions WHERE owner = $1 AND {LIVE}"),
+            Some(owner),
+        )
+        .await
+    }
+
+    async fn count(&self, sql: &str, owner: Option<&str>) -> Result<u64, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let row = match owner {
+                Some(o) => conn.query_one(sql, &[&o]).await,
+                None => conn.query_one(sql, &[]).await,
+            }
+            .map_err(pg_error)?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+        .await
+    }
+
+    /// At most `limit` records (live and tombstones) whose ids follow `after`, in id order
+    /// (the order of the id's 16 bytes).
+    pub async fn list_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let after = after.map(|a| *a.as_uuid());
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT {COLS} FROM bitsd_sessions
+                         WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"
+                    ),
+                    &[&after, &limit],
+                )
+                .await
+                .map_err(pg_error)?;
+            rows.iter().map(decode).collect()
+        })
+        .await
+    }
+
+    /// At most `limit` records (live and tombstones) untouched since `updated_before_ms`,
+    /// oldest first: the sweeper's candidates.
+    pub async fn idle_sessions(
+        &self,
+        updated_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        let before = to_i64(updated_before_ms, "time")?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT {COLS} FROM bitsd_sessions
+                         WHERE updated_ms < $1 ORDER BY updated_ms LIMIT $2"
+                    ),
+                    &[&before, &limit],
+                )
+                .await
+                .map_err(pg_error)?;
+            rows.iter().map(decode).collect()
+        })
+        .await
+    }
+
+    /// Live sessions of the farm in total, and per owner (sessions without an owner count
+    /// only in the total). One indexed query.
+    pub async fn live_counts(&self) -> Result<(u64, HashMap<String, u64>), StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT owner, count(*) FROM bitsd_sessions WHERE {LIVE} GROUP BY owner"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(pg_error)?;
+            let mut total = 0;
+            let mut per_user = HashMap::new();
+            for row in rows {
+                let n = row.get::<_, i64>(1) as u64;
+                total += n;
+                if let Some(owner) = row.get::<_, Option<String>>(0) {
+                    per_user.insert(owner, n);
+                }
+            }
+            Ok((total, per_user))
+        })
+        .await
+    }
+
+    /// Every record of the farm, tombstones included (read in pages of 1000).
+    pub async fn list(&self) -> Result<Vec<SessionRecord>, StorageError> {
+        let mut all = Vec::new();
+        let mut after: Option<SessionId> = None;
+        loop {
+            let page = self.list_page(after.as_ref(), 1000).await?;
+            let done = page.len() < 1000;
+            after = page.last().map(|r| r.id);
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+}

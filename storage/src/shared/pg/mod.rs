@@ -1,0 +1,165 @@
+//! Session state of a farm in PostgreSQL: the one point of truth for what is acknowledged.
+//!
+//! [`PgStateStore`] holds session records, the acknowledged offset, the fragment index (which
+//! object holds which bytes), reply progress as distinct ranges, tombstones, per-user and total
+//! live-session counts, the sweeper's single-node lock and the bookkeeping that lets a sweeper
+//! find objects no commit ever referenced. Every node of a farm opens one over its own
+//! connection pool; nothing in it is cached per node, so any node can continue any session.
+//!
+//! What each call guarantees (every call that writes is one PostgreSQL transaction, durable
+//! when it returns with PostgreSQL's `synchronous_commit = on`):
+//! - [`PgStateStore::create`]: the record exists, or the call says the id was taken.
+//! - [`PgStateStore::commit_fragment`]: one statement that advances `received` only if it
+//!   still equals the value the node read, records the fragment's object in the index and
+//!   drops its pending-object row, all or nothing; of several nodes racing on one session
+//!   exactly one wins each offset, and the losers get the record that won.
+//! - [`PgStateStore::record_reply_range`]: the range is added to the session's set of
+//!   delivered ranges (`int8multirange`), so bytes served by any node count once.
+//! - [`PgStateStore::try_sweeper_lock`]: at most one node of the farm holds the lock; it is
+//!   released when its holder drops it or its connection dies.
+//!
+//! Connection failures, a database that is shutting down or restarting, and calls that take
+//! longer than [`PgOptions::timeout`] come back as [`StorageError::StateStoreUnreachable`]
+//! (transient: the server answers the packet with a 5xx and the client retries).
+
+mod gc;
+mod listing;
+mod reply;
+mod schema;
+mod sessions;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use crate::StorageError;
+
+pub use gc::{PendingObject, SweeperLock};
+pub use schema::SCHEMA_VERSION;
+pub use sessions::{CasOutcome, CreateOutcome, Expect, FragmentObject, Limits, NewFragment};
+
+/// How a [`PgStateStore`] connects.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// Connections in this node's pool (each a PostgreSQL backend process).
+    pub max_connections: usize,
+    /// The longest a call may take (waiting for a connection, connecting, or running its
+    /// statements) before it fails as unreachable.
+    pub timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            max_connections: 16,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The farm's session state in one PostgreSQL database (see the module docs).
+#[derive(Clone)]
+pub struct PgStateStore {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for PgStateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStateStore")
+            .field("status", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PgStateStore {
+    /// Connects to `url` (`postgres://user:password@host:port/database`), then creates or
+    /// migrates the schema (safe when several nodes start at once).
+    pub async fn connect(url: &str, options: PgOptions) -> Result<Self, StorageError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StorageError::StateStore(format!(
+                "postgres_url is not a valid PostgreSQL URL ({e}); expected postgres://user:password@host:port/database"
+            ))
+        })?;
+        config.connect_timeout(options.timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("bitsd");
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.timeout))
+            .create_timeout(Some(options.timeout))
+            .recycle_timeout(Some(options.timeout))
+            .build()
+            .map_err(|e| StorageError::StateStore(format!("connection pool: {e}")))?;
+        let store = PgStateStore {
+            pool,
+            config,
+            timeout: options.timeout,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A pooled connection.
+    async fn conn(&self) -> Result<Object, StorageError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Runs `fut` under the call timeout.
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StorageError::StateStoreUnreachable(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// Maps a PostgreSQL error: connection trouble and a server going away are transient.
+pub(crate) fn pg_error(e: tokio_postgres::Error) -> StorageError {
+    let transient = match e.code() {
+        None => true, // no SQLSTATE: the connection failed or closed (I/O, EOF, timeout)
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") // connection exception
+                || c.starts_with("57P") // admin/crash shutdown, cannot connect now
+                || c.starts_with("53") // insufficient resources (too many connections, disk full)
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION // a standby during failover
+        }
+    };
+    let text = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    if transient {
+        StorageError::StateStoreUnreachable(text)
+    } else {
+        StorageError::StateStore(text)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => StorageError::StateStoreUnreachable(other.to_string()),
+    }
+}

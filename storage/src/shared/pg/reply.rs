@@ -1,0 +1,70 @@
+//! Reply progress: the distinct reply byte ranges delivered, counted once whichever node
+//! served them (`int8multirange` in the session's row).
+
+use bitsd_protocol::SessionId;
+
+use super::sessions::{decode, to_i64, COLS};
+use super::{pg_error, PgStateStore};
+use crate::{SessionRecord, StorageError};
+
+impl PgStateStore {
+    /// Adds the reply bytes `[start, end)` to the session's delivered ranges and returns how
+    /// many distinct bytes have been delivered (`None`: no such session). Any node serving
+    /// any range counts each byte once.
+    pub async fn record_reply_range(
+        &self,
+        id: &SessionId,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<u64>, StorageError> {
+        let (s, e) = (to_i64(start, "range start")?, to_i64(end, "range end")?);
+        let e = e.max(s);
+        self.timed(async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_opt(
+                    "UPDATE bitsd_sessions
+                        SET delivered = delivered + int8multirange(int8range($2, $3))
+                      WHERE id = $1
+                      RETURNING (SELECT coalesce(sum(upper(r) - lower(r)), 0)::bigint
+                                   FROM unnest(delivered) r)",
+                    &[id.as_uuid(), &s, &e],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+        })
+        .await
+    }
+
+    /// Adds `[start, end)` to the delivered ranges of the reply of `id` made at `created_ms`
+    /// and returns the record as it now is; `None` when the session is gone or its reply is
+    /// not that one any more (a reply produced again is counted afresh: storing a reply with
+    /// a new `created_ms` empties the ranges). Durable on return, like every write here.
+    pub async fn record_reply_delivered(
+        &self,
+        id: &SessionId,
+        created_ms: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<SessionRecord>, StorageError> {
+        let (s, e) = (to_i64(start, "range start")?, to_i64(end, "range end")?);
+        let e = e.max(s);
+        let made = to_i64(created_ms, "reply time")?;
+        let sql = format!(
+            "UPDATE bitsd_sessions
+                SET delivered = delivered + int8multirange(int8range($2, $3))
+              WHERE id = $1 AND (record -> 'reply' ->> 'created_ms')::bigint = $4
+              RETURNING {COLS}"
+        );
+        self.timed(async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_opt(&sql, &[id.as_uuid(), &s, &e, &made])
+                .await
+                .map_err(pg_error)?;
+            row.as_ref().map(decode).transpose()
+        })
+        .await
+    }
+}

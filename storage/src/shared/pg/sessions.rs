@@ -1,0 +1,404 @@
+//! Session records: create, load, compare-and-set saves, fragment commits, reply ranges,
+//! tombstones, counts and listing.
+//!
+//! A row keeps the whole [`SessionRecord`] as `jsonb` plus the hot columns (`state`, `owner`,
+//! `received`, `total`, `updated_ms`) that the guarded updates test and the indexes use; on
+//! load the columns override the copies inside the `jsonb`, so a fragment commit rewrites
+//! only the columns. Reply progress lives in the `delivered` column (`int8multirange`) and
+//! overrides the record's `reply.delivered`.
+
+use bitsd_protocol::SessionId;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use super::{pg_error, PgStateStore};
+use crate::{now_millis, ByteRanges, FragmentEntry, SessionRecord, SessionState, StorageError};
+
+/// The columns a record is read from, in [`decode`]'s order.
+pub(super) const COLS: &str = "record, state, received, total, updated_ms, \
+    ARRAY(SELECT lower(r) FROM unnest(delivered) r ORDER BY 1) AS d_lo, \
+    ARRAY(SELECT upper(r) FROM unnest(delivered) r ORDER BY 1) AS d_hi";
+
+/// SQL predicate: the session is not a tombstone.
+pub(super) const LIVE: &str = "state IN ('receiving', 'complete', 'reply-ready')";
+
+/// SQL assignment: a reply made anew (another `created_ms`, or none) starts with no delivered
+/// ranges; `$6` is the new record.
+const RESET_DELIVERED: &str = "delivered = CASE WHEN (record -> 'reply' -> 'created_ms') \
+    IS NOT DISTINCT FROM ($6::jsonb -> 'reply' -> 'created_ms') THEN delivered ELSE '{}' END";
+
+/// What a guarded write found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The write happened; the record as it now is.
+    Committed(SessionRecord),
+    /// Another write got there first (or the session is a tombstone): the record that won.
+    Raced(SessionRecord),
+    /// There is no such session.
+    Missing,
+}
+
+/// What [`PgStateStore::create_limited`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// The session exists now (durably).
+    Created,
+    /// The id is taken (nothing was written).
+    Exists,
+    /// The owner already has `per_user` live sessions.
+    UserLimit,
+    /// The farm already has `total` live sessions.
+    TotalLimit,
+}
+
+/// Live-session limits checked by [`PgStateStore::create_limited`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Most live sessions one owner may have (exact: one owner's creates queue on a lock).
+    pub per_user: Option<u64>,
+    /// Most live sessions of the farm (checked without a global lock, so nodes creating at
+    /// the same instant may pass it by at most their number of concurrent creates).
+    pub total: Option<u64>,
+}
+
+/// What a guarded [`PgStateStore::save`] expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expect {
+    /// `received` as the node read it.
+    pub received: u64,
+    /// The state as the node read it, when it matters.
+    pub state: Option<SessionState>,
+}
+
+/// One fragment commit (see [`PgStateStore::commit_fragment`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewFragment {
+    /// The session.
+    pub id: SessionId,
+    /// `received` as the node read it; the fragment's bytes start here.
+    pub expected_received: u64,
+    /// Bytes the fragment adds (the object holds `expected_received .. + len`).
+    pub len: u64,
+    /// CRC-32C of those bytes.
+    pub crc32c: u32,
+    /// The object holding them.
+    pub object_key: String,
+    /// The upload's size, once known (set on the first fragment).
+    pub total: Option<u64>,
+    /// A new state to set with the commit (e.g. `Complete` on the last byte).
+    pub state: Option<SessionState>,
+}
+
+/// One fragment of the index: which object holds which bytes of the upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FragmentObject {
+    /// Offset, length and checksum of the bytes.
+    pub entry: FragmentEntry,
+    /// The object holding them (its first byte is the upload's byte `entry.offset`).
+    pub object_key: String,
+}
+
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StorageError> {
+    i64::try_from(v).map_err(|_| StorageError::StateStore(format!("{what} {v} is out of range")))
+}
+
+fn opt_i64(v: Option<u64>, what: &str) -> Result<Option<i64>, StorageError> {
+    v.map(|v| to_i64(v, what)).transpose()
+}
+
+pub(super) fn state_text(state: SessionState) -> &'static str {
+    state.as_str()
+}
+
+/// A record from a row of [`COLS`].
+pub(super) fn decode(row: &Row) -> Result<SessionRecord, StorageError> {
+    let json: serde_json::Value = row.get(0);
+    let corrupt = |why: String| StorageError::Corrupt {
+        key: "bitsd_sessions".into(),
+        why,
+    };
+    let mut record: SessionRecord =
+        serde_json::from_value(json).map_err(|e| corrupt(e.to_string()))?;
+    let state: String = row.get(1);
+    record.state = serde_json::from_value(serde_json::Value::String(state))
+        .map_err(|e| corrupt(e.to_string()))?;
+    record.received = row.get::<_, i64>(2) as u64;
+    record.total = row.get::<_, Option<i64>>(3).map(|t| t as u64);
+    record.updated_ms = row.get::<_, i64>(4) as u64;
+    if let Some(reply) = &mut record.reply {
+        let lo: Vec<i64> = row.get(5);
+        let hi: Vec<i64> = row.get(6);
+        let mut ranges = ByteRanges::new();
+        for (a, b) in lo.into_iter().zip(hi) {
+            ranges.insert(a as u64, b as u64);
+        }
+        reply.delivered = ranges;
+    }
+    Ok(record)
+}
+
+fn encode(record: &SessionRecord) -> Result<serde_json::Value, StorageError> {
+    serde_json::to_value(record).map_err(|e| StorageError::StateStore(format!("encode: {e}")))
+}
+
+impl PgStateStore {
+    /// Creates `record`'s session: `true` when created (durably), `false` when the id exists.
+    pub async fn create(&self, record: &SessionRecord) -> Result<bool, StorageError> {
+        Ok(self.create_limited(record, Limits::default()).await? == CreateOutcome::Created)
+    }
+
+    /// Creates `record`'s session unless a limit is reached (see [`Limits`]).
+    pub async fn create_limited(
+        &self,
+        record: &SessionRecord,
+        limits: Limits,
+    ) -> Result<CreateOutcome, StorageError> {
+        let body = encode(record)?;
+        let received = to_i64(record.received, "received")?;
+        let total = opt_i64(record.total, "total")?;
+        let updated = to_i64(record.updated_ms, "updated_ms")?;
+        self.timed(async {
+            let mut conn = self.conn().await?;
+            let tx = conn.transaction().await.map_err(pg_error)?;
+            if let (Some(limit), Some(owner)) = (limits.per_user, &record.owner) {
+                // One owner's creates queue here, so the count cannot be passed.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(1651078003, hashtext($1))",
+                    &[owner],
+                )
+                .await
+                .map_err(pg_error)?;
+                let n: i64 = tx
+                    .query_one(
+                        &format!("SELECT count(*) FROM bitsd_sessions WHERE owner = $1 AND {LIVE}"),
+                        &[owner],
+                    )
+                    .await
+                    .map_err(pg_error)?
+                    .get(0);
+                if n as u64 >= limit {
+                    return Ok(CreateOutcome::UserLimit);
+                }
+            }
+            if let Some(limit) = limits.total {
+                let n: i64 = tx
+                    .query_one(&format!("SELECT count(*) FROM bitsd_sessions WHERE {LIVE}"), &[])
+                    .await
+                    .map_err(pg_error)?
+                    .get(0);
+                if n as u64 >= limit {
+                    return Ok(CreateOutcome::TotalLimit);
+                }
+            }
+            let n = tx
+                .execute(
+                    "INSERT INTO bitsd_sessions (id, state, owner, received, total, updated_ms, record)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        record.id.as_uuid(),
+                        &state_text(record.state),
+                        &record.owner,
+                        &received,
+                        &total,
+                        &updated,
+                        &body,
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            tx.commit().await.map_err(pg_error)?;
+            Ok(if n == 1 {
+                CreateOutcome::Created
+            } else {
+                CreateOutcome::Exists
+            })
+        })
+        .await
+    }
+
+    /// The record of `id` (live or tombstone), if there is one.
+    pub async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_opt(
+                    &format!("SELECT {COLS} FROM bitsd_sessions WHERE id = $1"),
+                    &[id.as_uuid()],
+                )
+                .await
+                .map_err(pg_error)?;
+            row.as_ref().map(decode).transpose()
+        })
+        .await
+    }
+
+    /// The outcome of a guarded write that touched `rows` (0 or 1 rows of [`COLS`]).
+    async fn settle(&self, id: &SessionId, rows: Vec<Row>) -> Result<CasOutcome, StorageError> {
+        match rows.first() {
+            Some(row) => Ok(CasOutcome::Committed(decode(row)?)),
+            None => Ok(match self.load(id).await? {
+                Some(r) => CasOutcome::Raced(r),
+                None => CasOutcome::Missing,
+            }),
+        }
+    }
+
+    /// Stores `record` whole (completion, the reply) if the session is live and still as the
+    /// node read it (`expect`); never moves `received` backwards.
+    pub async fn save(
+        &self,
+        record: &SessionRecord,
+        expect: Expect,
+    ) -> Result<CasOutcome, StorageError> {
+        if record.received < expect.received {
+            return Err(StorageError::StateStore(format!(
+                "refusing to move received of {} back from {} to {}",
+                record.id, expect.received, record.received
+            )));
+        }
+        let body = encode(record)?;
+        let received = to_i64(record.received, "received")?;
+        let total = opt_i64(record.total, "total")?;
+        let updated = to_i64(record.updated_ms, "updated_ms")?;
+        let expected = to_i64(expect.received, "received")?;
+        let expect_state = expect.state.map(state_text);
+        let sql = format!(
+            "UPDATE bitsd_sessions SET state = $2, received = $3, total = $4, updated_ms = $5,
+                    record = $6, {RESET_DELIVERED}
+             WHERE id = $1 AND received = $7 AND {LIVE} AND ($8::text IS NULL OR state = $8)
+             RETURNING {COLS}"
+        );
+        let params: [&(dyn ToSql + Sync); 8] = [
+            record.id.as_uuid(),
+            &state_text(record.state),
+            &received,
+            &total,
+            &updated,
+            &body,
+            &expected,
+            &expect_state,
+        ];
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn.query(&sql, &params).await.map_err(pg_error)?;
+            self.settle(&record.id, rows).await
+        })
+        .await
+    }
+
+    /// Stores `record` whole without a guard, except that `received` never goes back (the
+    /// larger of the stored and the given value is kept) and a tombstone stays a tombstone
+    /// (`Raced` then carries it). For writes that do not decide what is acknowledged
+    /// (touches, completion bookkeeping of a node that holds the session's lock).
+    pub async fn put(&self, record: &SessionRecord) -> Result<CasOutcome, StorageError> {
+        let body = encode(record)?;
+        let received = to_i64(record.received, "received")?;
+        let total = opt_i64(record.total, "total")?;
+        let updated = to_i64(record.updated_ms, "updated_ms")?;
+        let sql = format!(
+            "UPDATE bitsd_sessions SET state = $2, received = greatest(received, $3),
+                    total = coalesce($4, total), updated_ms = greatest(updated_ms, $5),
+                    record = $6, {RESET_DELIVERED}
+             WHERE id = $1 AND {LIVE}
+             RETURNING {COLS}"
+        );
+        let params: [&(dyn ToSql + Sync); 6] = [
+            record.id.as_uuid(),
+            &state_text(record.state),
+            &received,
+            &total,
+            &updated,
+            &body,
+        ];
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn.query(&sql, &params).await.map_err(pg_error)?;
+            self.settle(&record.id, rows).await
+        })
+        .await
+    }
+
+    /// Commits one fragment: in one statement (one transaction, one round trip), advances
+    /// `received` from `expected_received` to `expected_received + len` only if the session is
+    /// live and `received` still equals `expected_received`, records the fragment's object in
+    /// the index and drops its pending-object row. `Raced` carries the record that won (its
+    /// `received` is what the client is told); the caller then deletes its object and calls
+    /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
+    pub async fn commit_fragment(&self, c: &NewFragment) -> Result<CasOutcome, StorageError> {
+        if c.len == 0 {
+            return Err(StorageError::StateStore(
+                "a fragment commit must add bytes".into(),
+            ));
+        }
+        let expected = to_i64(c.expected_received, "received")?;
+        let len = to_i64(c.len, "fragment length")?;
+        let new_received = expected
+            .checked_add(len)
+            .ok_or_else(|| StorageError::StateStore("received overflows".into()))?;
+        let total = opt_i64(c.total, "total")?;
+        let crc = i64::from(c.crc32c);
+        let state = c.state.map(state_text);
+        let now = to_i64(now_millis(), "time")?;
+        let sql = format!(
+            "WITH upd AS (
+                UPDATE bitsd_sessions
+                   SET received = $3, total = coalesce($4, total),
+                       state = coalesce($5, state), updated_ms = $6
+                 WHERE id = $1 AND received = $2 AND {LIVE}
+                 RETURNING *),
+             frag AS (
+                INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
+                SELECT id, $2, $7, $8, $9 FROM upd),
+             pend AS (
+                DELETE FROM bitsd_pending_objects
+                 WHERE object_key = $9 AND EXISTS (SELECT 1 FROM upd))
+             SELECT {COLS} FROM upd"
+        );
+        let params: [&(dyn ToSql + Sync); 9] = [
+            c.id.as_uuid(),
+            &expected,
+            &new_received,
+            &total,
+            &state,
+            &now,
+            &len,
+            &crc,
+            &c.object_key,
+        ];
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn.query(&sql, &params).await.map_err(pg_error)?;
+            self.settle(&c.id, rows).await
+        })
+        .await
+    }
+
+    /// Makes `id` a tombstone (`Closed` or `Cancelled`). `Raced` carries the record when it
+    /// already was one (closing twice is harmless).
+    pub async fn close(
+        &self,
+        id: &SessionId,
+        state: SessionState,
+    ) -> Result<CasOutcome, StorageError> {
+        if !state.is_terminal() {
+            return Err(StorageError::StateStore(format!(
+                "close needs a tombstone state, not {}",
+                state.as_str()
+            )));
+        }
+        let now = to_i64(now_millis(), "time")?;
+        let sql = format!(
+            "UPDATE bitsd_sessions SET state = $2, updated_ms = $3
+             WHERE id = $1 AND {LIVE} RETURNING {COLS}"
+        );
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(&sql, &[id.as_uuid(), &state_text(state), &now])
+                .await
+                .map_err(pg_error)?;
+            self.settle(id, rows).await
+        })
+        .await
+    }
+}

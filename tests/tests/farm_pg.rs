@@ -1,0 +1,708 @@
+//! The farm's session state against a real PostgreSQL 15 (started per test binary by
+//! `bitsd_tests::pg`; each test skips with a printed reason when PostgreSQL is not installed).
+//! Several `PgStateStore`s (each its own pool) stand in for several bitsd nodes.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitsd_protocol::SessionId;
+use bitsd_storage::shared::pg::{
+    CasOutcome, CreateOutcome, Expect, Limits, NewFragment, PgOptions, PgStateStore, SCHEMA_VERSION,
+};
+use bitsd_storage::{ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode};
+use bitsd_tests::pg::{ClusterOptions, PgCluster};
+
+fn cluster() -> Option<Arc<PgCluster>> {
+    match PgCluster::shared() {
+        Ok(c) => Some(c),
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            None
+        }
+    }
+}
+
+async fn node(url: &str) -> PgStateStore {
+    PgStateStore::connect(url, PgOptions::default())
+        .await
+        .unwrap()
+}
+
+fn record(owner: Option<&str>) -> SessionRecord {
+    let mut r = SessionRecord::new(
+        SessionId::random(),
+        "/upload/".into(),
+        UploadMode::UploadReply,
+        "http://farm/upload/x".into(),
+    );
+    r.owner = owner.map(str::to_owned);
+    r
+}
+
+fn commit(id: SessionId, expected: u64, len: u64, key: &str) -> NewFragment {
+    NewFragment {
+        id,
+        expected_received: expected,
+        len,
+        crc32c: (expected as u32) ^ 0xABCD,
+        object_key: key.to_owned(),
+        total: Some(1 << 40),
+        state: None,
+    }
+}
+
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_migrates_once_when_nodes_start_together_and_again() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let starts: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgStateStore::connect(&url, PgOptions::default()).await })
+        })
+        .collect();
+    for s in starts {
+        s.await.unwrap().unwrap();
+    }
+    let again = node(&url).await;
+    again.migrate().await.unwrap();
+    assert_eq!(again.schema_version().await.unwrap(), SCHEMA_VERSION);
+    let versions: i64 = raw(&url)
+        .await
+        .query_one("SELECT count(*) FROM bitsd_schema_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        versions,
+        i64::from(SCHEMA_VERSION),
+        "each migration ran exactly once"
+    );
+
+    // A database from a newer bitsd is refused, not silently used.
+    raw(&url)
+        .await
+        .execute(
+            "INSERT INTO bitsd_schema_version (version) VALUES (999)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = PgStateStore::connect(&url, PgOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("newer"), "{err}");
+    assert!(!err.is_transient());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_commits_one_winner_per_offset_and_offset_never_goes_back() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let nodes = [node(&url).await, node(&url).await, node(&url).await];
+    let rec = record(None);
+    let id = rec.id;
+    assert!(nodes[0].create(&rec).await.unwrap());
+    assert!(
+        !nodes[1].create(&rec).await.unwrap(),
+        "an id is created once"
+    );
+
+    const TASKS: usize = 12;
+    const ROUNDS: usize = 40;
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = nodes[t % 3].clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut wins = Vec::new();
+            let mut seen = 0u64;
+            for round in 0..ROUNDS {
+                // Every task reads the same offset, then all commit at once.
+                barrier.wait().await;
+                let read = store.load(&id).await.unwrap().unwrap().received;
+                assert!(read >= seen, "received went back from {seen} to {read}");
+                barrier.wait().await;
+                let len = 1 + (t as u64 * 7 + round as u64) % 50;
+                let key = format!("obj/{t}/{round}");
+                match store
+                    .commit_fragment(&commit(id, read, len, &key))
+                    .await
+                    .unwrap()
+                {
+                    CasOutcome::Committed(r) => {
+                        assert_eq!(r.received, read + len);
+                        wins.push((read, len, key));
+                        seen = r.received;
+                    }
+                    CasOutcome::Raced(r) => {
+                        assert!(r.received > read, "a loser sees the offset that won");
+                        seen = r.received;
+                    }
+                    CasOutcome::Missing => panic!("session vanished"),
+                }
+            }
+            wins
+        }));
+    }
+    let mut wins = Vec::new();
+    for t in tasks {
+        wins.extend(t.await.unwrap());
+    }
+    assert_eq!(wins.len(), ROUNDS, "exactly one winner per round");
+    let offsets: BTreeSet<u64> = wins.iter().map(|w| w.0).collect();
+    assert_eq!(offsets.len(), ROUNDS, "never two winners at one offset");
+
+    // The fragment index is the winners' objects, contiguous from 0 to `received`.
+    let index = nodes[2].fragments(&id).await.unwrap();
+    assert_eq!(index.len(), ROUNDS);
+    let mut at = 0;
+    for f in &index {
+        assert_eq!(f.entry.offset, at);
+        let won = wins.iter().find(|w| w.0 == at).unwrap();
+        assert_eq!((f.entry.len, &f.object_key), (won.1, &won.2));
+        at += f.entry.len;
+    }
+    assert_eq!(nodes[1].load(&id).await.unwrap().unwrap().received, at);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_ranges_from_three_nodes_count_each_byte_once() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let nodes = [node(&url).await, node(&url).await, node(&url).await];
+    let mut rec = record(None);
+    nodes[0].create(&rec).await.unwrap();
+    rec.state = SessionState::ReplyReady;
+    rec.reply = Some(ReplyRecord {
+        url: "http://farm/reply/x".into(),
+        kind: ReplyKind::Stored {
+            len: 1000,
+            crc32c: None,
+            in_upload: false,
+        },
+        created_ms: 1,
+        delivered: Default::default(),
+    });
+    let expect = Expect {
+        received: 0,
+        state: Some(SessionState::Receiving),
+    };
+    assert!(matches!(
+        nodes[1].save(&rec, expect).await.unwrap(),
+        CasOutcome::Committed(_)
+    ));
+    // Overlapping ranges, each node serving some, concurrently and repeated.
+    let ranges = [
+        (0, 400),
+        (300, 700),
+        (600, 1000),
+        (0, 1000),
+        (250, 260),
+        (999, 1000),
+    ];
+    let mut tasks = Vec::new();
+    for (i, (s, e)) in ranges.into_iter().enumerate() {
+        let store = nodes[i % 3].clone();
+        let id = rec.id;
+        tasks.push(tokio::spawn(async move {
+            store.record_reply_range(&id, s, e).await.unwrap().unwrap()
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap() <= 1000);
+    }
+    assert_eq!(
+        nodes[2].record_reply_range(&rec.id, 10, 20).await.unwrap(),
+        Some(1000)
+    );
+    let loaded = nodes[0].load(&rec.id).await.unwrap().unwrap();
+    let reply = loaded.reply.unwrap();
+    assert_eq!(reply.delivered.ranges(), &[(0, 1000)]);
+    assert_eq!(reply.delivered.covered(), 1000);
+    // Partial coverage counts only what was served.
+    let mut other = record(None);
+    other.reply = rec.reply.clone();
+    nodes[0].create(&other).await.unwrap();
+    nodes[1]
+        .record_reply_range(&other.id, 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes[2]
+            .record_reply_range(&other.id, 50, 150)
+            .await
+            .unwrap(),
+        Some(150)
+    );
+    let missing = SessionId::random();
+    assert_eq!(
+        nodes[0].record_reply_range(&missing, 0, 1).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_never_moves_back_and_a_new_reply_is_counted_afresh() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let (a, b) = (node(&url).await, node(&url).await);
+    let rec = record(None);
+    a.create(&rec).await.unwrap();
+    let CasOutcome::Committed(ahead) = b
+        .commit_fragment(&commit(rec.id, 0, 50, "k"))
+        .await
+        .unwrap()
+    else {
+        panic!("first commit lost")
+    };
+    // A stale copy (received 0) stored by another node keeps the acknowledged offset.
+    let mut stale = rec.clone();
+    stale.content_name = Some("name".into());
+    let CasOutcome::Committed(now) = a.put(&stale).await.unwrap() else {
+        panic!("put refused")
+    };
+    assert_eq!(
+        (now.received, now.content_name.as_deref()),
+        (ahead.received, Some("name"))
+    );
+    // A guarded save from the stale read loses.
+    let expect = Expect {
+        received: 0,
+        state: None,
+    };
+    assert!(
+        matches!(a.save(&stale, expect).await.unwrap(), CasOutcome::Raced(r) if r.received == 50)
+    );
+
+    // Reply made at t=1, partly delivered; made again at t=2: counted afresh.
+    let mut done = now.clone();
+    done.state = SessionState::ReplyReady;
+    done.reply = Some(ReplyRecord {
+        url: "http://farm/reply".into(),
+        kind: ReplyKind::Stored {
+            len: 100,
+            crc32c: None,
+            in_upload: false,
+        },
+        created_ms: 1,
+        delivered: Default::default(),
+    });
+    a.put(&done).await.unwrap();
+    let r = b
+        .record_reply_delivered(&rec.id, 1, 0, 60)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reply.as_ref().unwrap().delivered.covered(), 60);
+    a.put(&done).await.unwrap(); // the same reply stored again keeps its progress
+    assert_eq!(a.record_reply_range(&rec.id, 0, 0).await.unwrap(), Some(60));
+    done.reply.as_mut().unwrap().created_ms = 2;
+    a.put(&done).await.unwrap();
+    assert!(
+        b.record_reply_delivered(&rec.id, 1, 0, 100)
+            .await
+            .unwrap()
+            .is_none(),
+        "old reply"
+    );
+    let r = b
+        .record_reply_delivered(&rec.id, 2, 10, 20)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reply.unwrap().delivered.ranges(), &[(10, 20)]);
+
+    // A tombstone is never revived by put.
+    a.close(&rec.id, SessionState::Cancelled).await.unwrap();
+    assert!(
+        matches!(b.put(&done).await.unwrap(), CasOutcome::Raced(r) if r.state == SessionState::Cancelled)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_counts_limits_and_tombstones() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let a = node(&url).await;
+    let b = node(&url).await;
+    let mut alice = Vec::new();
+    for _ in 0..3 {
+        let r = record(Some("alice"));
+        assert!(a.create(&r).await.unwrap());
+        alice.push(r);
+    }
+    for owner in [Some("bob"), Some("bob"), None] {
+        assert!(b.create(&record(owner)).await.unwrap());
+    }
+    assert_eq!(a.live_count().await.unwrap(), 6);
+    assert_eq!(b.live_count_of("alice").await.unwrap(), 3);
+    let (total, per_user) = b.live_counts().await.unwrap();
+    assert_eq!(
+        (total, per_user.get("alice"), per_user.get("bob")),
+        (6, Some(&3), Some(&2))
+    );
+
+    // Close on one node, seen on the other; a tombstone no longer counts and takes no bytes.
+    let id = alice[0].id;
+    assert!(matches!(
+        b.close(&id, SessionState::Closed).await.unwrap(),
+        CasOutcome::Committed(r) if r.state == SessionState::Closed
+    ));
+    assert!(matches!(
+        a.close(&id, SessionState::Cancelled).await.unwrap(),
+        CasOutcome::Raced(r) if r.state == SessionState::Closed
+    ));
+    assert!(matches!(
+        a.commit_fragment(&commit(id, 0, 10, "late")).await.unwrap(),
+        CasOutcome::Raced(r) if r.state == SessionState::Closed && r.received == 0
+    ));
+    let mut revived = alice[0].clone();
+    revived.state = SessionState::Complete;
+    let expect = Expect {
+        received: 0,
+        state: None,
+    };
+    assert!(matches!(
+        a.save(&revived, expect).await.unwrap(),
+        CasOutcome::Raced(r) if r.state == SessionState::Closed
+    ));
+    assert_eq!(a.live_count().await.unwrap(), 5);
+    assert_eq!(a.live_count_of("alice").await.unwrap(), 2);
+    assert!(matches!(
+        a.close(&SessionId::random(), SessionState::Closed)
+            .await
+            .unwrap(),
+        CasOutcome::Missing
+    ));
+
+    // Limits.
+    let per_user = Limits {
+        per_user: Some(2),
+        total: None,
+    };
+    assert_eq!(
+        a.create_limited(&record(Some("alice")), per_user)
+            .await
+            .unwrap(),
+        CreateOutcome::UserLimit
+    );
+    let total = Limits {
+        per_user: None,
+        total: Some(5),
+    };
+    assert_eq!(
+        a.create_limited(&record(Some("carol")), total)
+            .await
+            .unwrap(),
+        CreateOutcome::TotalLimit
+    );
+    // Many nodes creating for one user at once never pass the per-user limit.
+    let limit = Limits {
+        per_user: Some(3),
+        total: None,
+    };
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { s.create_limited(&record(Some("dave")), limit).await })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            CreateOutcome::Created => created += 1,
+            CreateOutcome::UserLimit => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 3);
+    assert_eq!(b.live_count_of("dave").await.unwrap(), 3);
+
+    // Paged listing sees every session of the farm, each once, in id order.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = b.list_page(after.as_ref(), 4).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = Some(page.last().unwrap().id);
+        seen.extend(page.into_iter().map(|r| *r.id.as_uuid()));
+    }
+    assert_eq!(seen.len(), 9);
+    assert_eq!(a.list().await.unwrap().len(), 9);
+
+    // The sweeper's candidates: untouched since a time, oldest first.
+    let idle = b
+        .idle_sessions(bitsd_storage::now_millis() + 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(idle.len(), 9);
+    assert!(idle.windows(2).all(|w| w[0].updated_ms <= w[1].updated_ms));
+    assert!(b.idle_sessions(0, 100).await.unwrap().is_empty());
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_objects_of_lost_commits_are_found_and_removal_lists_every_object() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let a = node(&url).await;
+    let b = node(&url).await;
+    let rec = record(None);
+    a.create(&rec).await.unwrap();
+    let id = rec.id;
+    // Both nodes record their object before writing it; one commit wins.
+    a.add_pending_object(&id, "frag/a").await.unwrap();
+    b.add_pending_object(&id, "frag/b").await.unwrap();
+    let won = a
+        .commit_fragment(&commit(id, 0, 100, "frag/a"))
+        .await
+        .unwrap();
+    assert!(matches!(won, CasOutcome::Committed(_)));
+    let lost = b
+        .commit_fragment(&commit(id, 0, 100, "frag/b"))
+        .await
+        .unwrap();
+    assert!(matches!(lost, CasOutcome::Raced(r) if r.received == 100));
+    // A node that died between recording and committing.
+    b.add_pending_object(&id, "frag/dead").await.unwrap();
+    // Keys are stored verbatim, whatever characters they hold.
+    let odd = "frag/it's\\a'); DROP TABLE bitsd_sessions; --";
+    b.add_pending_object(&id, odd).await.unwrap();
+    b.forget_pending_object(odd).await.unwrap();
+
+    let future = bitsd_storage::now_millis() + 1;
+    let stale = a.stale_pending_objects(future, 10).await.unwrap();
+    let keys: BTreeSet<_> = stale.iter().map(|p| p.object_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["frag/b", "frag/dead"]),
+        "the winner's is not pending"
+    );
+    assert!(stale.iter().all(|p| p.session == id));
+    assert!(a.stale_pending_objects(0, 10).await.unwrap().is_empty());
+    b.forget_pending_object("frag/b").await.unwrap();
+
+    let mut owned = b.session_objects(&id).await.unwrap();
+    owned.sort();
+    assert_eq!(owned, vec!["frag/a".to_string(), "frag/dead".to_string()]);
+    assert!(a.remove(&id).await.unwrap());
+    assert!(!a.remove(&id).await.unwrap());
+    assert!(a.load(&id).await.unwrap().is_none());
+    assert!(a.fragments(&id).await.unwrap().is_empty());
+    assert!(a
+        .stale_pending_objects(future, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeper_lock_is_held_by_one_node_and_freed_when_its_connection_dies() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let a = node(&url).await;
+    let b = node(&url).await;
+    let lock_a = a.try_sweeper_lock().await.unwrap().expect("free at first");
+    assert!(lock_a.is_held());
+    assert!(b.try_sweeper_lock().await.unwrap().is_none());
+    assert!(
+        a.try_sweeper_lock().await.unwrap().is_none(),
+        "not twice, even on one node"
+    );
+    drop(lock_a);
+    let lock_b = eventually(|| b.try_sweeper_lock()).await;
+    assert!(a.try_sweeper_lock().await.unwrap().is_none());
+
+    // The holder's connection dies (killed on the server): the lock is free for another node,
+    // and the old holder can tell it lost it.
+    let admin = raw(&url).await;
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND database =
+                   (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    let _lock_a = eventually(|| a.try_sweeper_lock()).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lock_b.is_held() {
+        assert!(Instant::now() < deadline, "the old holder never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn eventually<F, Fut>(mut take: F) -> bitsd_storage::shared::pg::SweeperLock
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+        Output = Result<
+            Option<bitsd_storage::shared::pg::SweeperLock>,
+            bitsd_storage::StorageError,
+        >,
+    >,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(lock) = take().await.unwrap() {
+            return lock;
+        }
+        assert!(Instant::now() < deadline, "the lock was never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_mid_run_gives_transient_errors_and_loses_nothing() {
+    let pg = match PgCluster::start(ClusterOptions::default()) {
+        Ok(pg) => pg,
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    let url = pg.fresh_database();
+    let options = PgOptions {
+        max_connections: 4,
+        timeout: Duration::from_secs(2),
+    };
+    let nodes = [
+        PgStateStore::connect(&url, options.clone()).await.unwrap(),
+        PgStateStore::connect(&url, options).await.unwrap(),
+    ];
+    // Four sessions uploaded by "clients" that retry on transient errors, on alternating nodes.
+    const TARGET: u64 = 4000;
+    let mut jobs = Vec::new();
+    for j in 0..4 {
+        let rec = record(Some("fleet"));
+        nodes[0].create(&rec).await.unwrap();
+        let nodes = nodes.clone();
+        jobs.push(tokio::spawn(async move {
+            let (mut acked, mut transient, mut n) = (0u64, 0u32, 0usize);
+            while acked < TARGET {
+                n += 1;
+                let store = &nodes[n % 2];
+                let step = async {
+                    let read = store.load(&rec.id).await?.unwrap().received;
+                    assert!(
+                        read >= acked,
+                        "an acknowledged offset was lost: {read} < {acked}"
+                    );
+                    let c = commit(rec.id, read, 10, &format!("{j}/{read}"));
+                    store.commit_fragment(&c).await
+                };
+                match step.await {
+                    Ok(CasOutcome::Committed(r)) => acked = r.received,
+                    Ok(other) => panic!("{other:?}"),
+                    Err(e) => {
+                        assert!(e.is_transient(), "not transient: {e}");
+                        transient += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (rec.id, acked, transient)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = nodes[1].list_page(None, 100).await.unwrap();
+    pg.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down = nodes[0].load(&before[0].id).await.unwrap_err();
+    assert!(down.is_transient(), "{down}");
+    assert!(down.to_string().contains("unreachable"), "{down}");
+    pg.restart();
+
+    let mut transient_total = 0;
+    for job in jobs {
+        let (id, acked, transient) = job.await.unwrap();
+        transient_total += transient;
+        let rec = nodes[1].load(&id).await.unwrap().unwrap();
+        assert_eq!(rec.received, acked);
+        let index = nodes[0].fragments(&id).await.unwrap();
+        let mut at = 0;
+        for f in &index {
+            assert_eq!(f.entry.offset, at, "the index has no gap");
+            at += f.entry.len;
+        }
+        assert_eq!(at, acked);
+    }
+    assert!(transient_total > 0, "the outage was never seen");
+    // Everything committed before the stop is still there.
+    for old in before {
+        let now = nodes[0].load(&old.id).await.unwrap().unwrap();
+        assert!(now.received >= old.received);
+    }
+}
+
+/// Measures fragment commits per second from N concurrent sessions with fsync on, with and
+/// without the pending-object row (run by hand: `cargo test -p bitsd-tests --test farm_pg
+/// measure -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn measure_commit_rate() {
+    let pg = match PgCluster::start(ClusterOptions { durable: true }) {
+        Ok(pg) => pg,
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    let url = pg.fresh_database();
+    let options = PgOptions {
+        max_connections: 64,
+        timeout: Duration::from_secs(10),
+    };
+    let store = PgStateStore::connect(&url, options).await.unwrap();
+    for pending in [false, true] {
+        for (sessions, per) in [(1usize, 400u64), (8, 150), (64, 40)] {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..sessions)
+                .map(|_| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let rec = record(None);
+                        store.create(&rec).await.unwrap();
+                        let mut at = 0;
+                        for i in 0..per {
+                            let c = commit(rec.id, at, 65536, &format!("{}/{i}", rec.id));
+                            if pending {
+                                store
+                                    .add_pending_object(&rec.id, &c.object_key)
+                                    .await
+                                    .unwrap();
+                            }
+                            match store.commit_fragment(&c).await.unwrap() {
+                                CasOutcome::Committed(r) => at = r.received,
+                                other => panic!("{other:?}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let n = per * sessions as u64;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "pending row {pending:5}, {sessions:>2} sessions: {n:>4} fragments in {secs:5.2}s = \
+                 {:4.0} fragments/s, {:6.2} ms per fragment of one session",
+                n as f64 / secs,
+                secs * 1000.0 / per as f64
+            );
+        }
+    }
+}
