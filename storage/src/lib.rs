@@ -29,6 +29,7 @@ mod recovery;
 mod reply_progress;
 mod reply_writer;
 mod session_store;
+pub mod shared;
 mod sled_meta;
 
 pub use error::StorageError;

@@ -3,6 +3,9 @@
 //! and parses exact responses.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod garage;
+pub mod nginx;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

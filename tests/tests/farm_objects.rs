@@ -1,0 +1,442 @@
+//! The farm's object-store component against a real Garage (single node and a three-node,
+//! replication-3 cluster), and the nginx round-robin harness. Each test skips with a printed
+//! reason when Garage or nginx is not installed (`.ci/run` installs both).
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use bitsd_protocol::SessionId;
+use bitsd_storage::shared::objects::{FragmentObject, ObjectKey, ObjectStoreConfig, Objects};
+use bitsd_storage::StorageError;
+use bitsd_tests::garage::{Garage, GarageCluster, S3Access};
+use bitsd_tests::nginx::Nginx;
+use bitsd_tests::pattern;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1024 * 1024;
+
+fn config(endpoint: String, access: &S3Access, part_size: usize) -> ObjectStoreConfig {
+    ObjectStoreConfig {
+        bucket: access.bucket.clone(),
+        prefix: "farm-test".into(),
+        endpoint: Some(endpoint),
+        region: Some(access.region.clone()),
+        access_key_id: Some(access.access_key.clone()),
+        secret_access_key: Some(access.secret_key.clone()),
+        part_size: Some(part_size as u64),
+        ..ObjectStoreConfig::default()
+    }
+}
+
+/// `data` as body frames of changing sizes (tiny, odd and large), like socket reads.
+fn frames(data: &[u8]) -> Vec<Result<Bytes, StorageError>> {
+    let sizes = [1000, 70_000, 17, 300_000, 4096, 1 << 20];
+    let mut out = Vec::new();
+    let mut at = 0;
+    let mut i = 0;
+    while at < data.len() {
+        let n = sizes[i % sizes.len()].min(data.len() - at);
+        out.push(Ok(Bytes::copy_from_slice(&data[at..at + n])));
+        at += n;
+        i += 1;
+    }
+    out
+}
+
+async fn put(objects: &Objects, key: ObjectKey, data: &[u8]) -> FragmentObject {
+    let stored = objects
+        .put_stream(key.clone(), futures_util::stream::iter(frames(data)))
+        .await
+        .unwrap();
+    assert_eq!(stored.len, data.len() as u64);
+    assert_eq!(stored.crc32c, crc32c::crc32c(data));
+    FragmentObject {
+        offset: 0,
+        len: data.len() as u64,
+        key,
+    }
+}
+
+async fn read_all(objects: &Objects, key: &ObjectKey) -> Vec<u8> {
+    objects
+        .read(key, None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_fragment_put_and_ranged_reads_are_byte_exact() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    // Parts of the minimum 5 MiB: 8 MiB is a multipart upload of 5 + 3 MiB.
+    let objects = Objects::new(&config(garage.endpoint(), garage.access(), 5 * MIB)).unwrap();
+    let session = SessionId::random();
+    for (i, size) in [5_000, 65_536, MIB + 3, 5 * MIB - 1, 5 * MIB, 8 * MIB]
+        .into_iter()
+        .enumerate()
+    {
+        let data = pattern(size, i as u64 + 1);
+        let key = objects.fragment_key(&session, i as u64 * 10_000_000);
+        put(&objects, key.clone(), &data).await;
+        let info = objects.head(&key).await.unwrap();
+        assert_eq!(info.len, size as u64, "head of {size}");
+        assert!(info.e_tag.is_some());
+        assert_eq!(read_all(&objects, &key).await, data, "whole read of {size}");
+        let n = size as u64;
+        for range in [0..1, 0..100, n / 2..n / 2 + 4097, n - 1..n, 17..n] {
+            let read = objects.read(&key, Some(range.clone())).await.unwrap();
+            // A range past the end is cut at the end.
+            let range = range.start..range.end.min(n);
+            assert_eq!(read.range, range);
+            assert_eq!(read.total, n);
+            let got = read.bytes().await.unwrap();
+            let want = &data[range.start as usize..range.end as usize];
+            assert!(got == want, "range {range:?} of {size}");
+        }
+    }
+    // Every fragment is under the session's prefix, in offset order; deleting the session
+    // removes them all.
+    let listed = objects
+        .list(&objects.session_prefix(&session))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 6);
+    assert_eq!(objects.delete_session(&session).await.unwrap(), 6);
+    assert!(objects
+        .list(&objects.session_prefix(&session))
+        .await
+        .unwrap()
+        .is_empty());
+    let gone = objects.fragment_key(&session, 0);
+    assert!(matches!(
+        objects.head(&gone).await,
+        Err(StorageError::ObjectNotFound { .. })
+    ));
+}
+
+/// Puts `sizes` as consecutive fragments of one upload (16 PUTs at once) and returns them
+/// with the upload's bytes.
+async fn put_fragments(
+    objects: &Objects,
+    session: &SessionId,
+    sizes: &[usize],
+    seed: u64,
+) -> (Vec<FragmentObject>, Vec<u8>) {
+    let total: usize = sizes.iter().sum();
+    let data = pattern(total, seed);
+    let mut jobs = Vec::new();
+    let mut offset = 0;
+    for &size in sizes {
+        let key = objects.fragment_key(session, offset as u64);
+        let bytes = data[offset..offset + size].to_vec();
+        jobs.push((offset as u64, key, bytes));
+        offset += size;
+    }
+    let fragments = futures_util::stream::iter(jobs)
+        .map(|(offset, key, bytes)| async move {
+            let mut f = put(objects, key, &bytes).await;
+            f.offset = offset;
+            f
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    (fragments, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_assembles_many_small_and_mixed_fragments_byte_exact() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let objects = Objects::new(&config(garage.endpoint(), garage.access(), 5 * MIB)).unwrap();
+
+    // 300 fragments of 20 KB: coalesced into two parts (5 MiB and the rest).
+    let session = SessionId::random();
+    let (fragments, data) = put_fragments(&objects, &session, &[20_000; 300], 7).await;
+    let dest = objects.file_key("inventory/many-small.bin");
+    let started = std::time::Instant::now();
+    let assembled = objects
+        .assemble(&dest, &fragments, data.len() as u64)
+        .await
+        .unwrap();
+    println!(
+        "assembled 300 x 20 KB in {:?} with {} requests",
+        started.elapsed(),
+        assembled.requests
+    );
+    assert_eq!(assembled.len, data.len() as u64);
+    assert_eq!(assembled.crc32c, Some(crc32c::crc32c(&data)));
+    assert_eq!(assembled.requests, 300 + 2 + 2);
+    assert!(read_all(&objects, &dest).await == data);
+    // The same bytes straight from the fragments, for a reply handler.
+    let mut stream = objects
+        .read_upload(&fragments, data.len() as u64, &dest)
+        .unwrap();
+    let mut streamed = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        streamed.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(streamed == data);
+    assert_eq!(objects.delete_session(&session).await.unwrap(), 300);
+
+    // Mixed sizes from 3 bytes to 6 MiB, in shuffled order.
+    let session = SessionId::random();
+    let sizes = [5_000, 6 * MIB, 20_000, MIB, 5 * MIB + 7, 3, 8 * MIB];
+    let (mut fragments, data) = put_fragments(&objects, &session, &sizes, 8).await;
+    fragments.reverse();
+    let dest = objects.file_key("dumps/mixed.bin");
+    let assembled = objects
+        .assemble(&dest, &fragments, data.len() as u64)
+        .await
+        .unwrap();
+    assert_eq!(assembled.crc32c, Some(crc32c::crc32c(&data)));
+    assert!(read_all(&objects, &dest).await == data);
+
+    // A gap in the index is refused, nothing is written.
+    let holed: Vec<_> = fragments.iter().filter(|f| f.len != 3).cloned().collect();
+    let refused = objects
+        .assemble(
+            &objects.file_key("dumps/holed.bin"),
+            &holed,
+            data.len() as u64,
+        )
+        .await;
+    assert!(matches!(refused, Err(StorageError::Corrupt { .. })));
+
+    // One fragment: a server-side copy.
+    let session = SessionId::random();
+    let (fragments, data) = put_fragments(&objects, &session, &[3 * MIB + 1], 9).await;
+    let dest = objects.file_key("single.bin");
+    let assembled = objects
+        .assemble(&dest, &fragments, data.len() as u64)
+        .await
+        .unwrap();
+    assert_eq!(assembled.requests, 1);
+    assert!(read_all(&objects, &dest).await == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_cluster_with_a_node_killed_keeps_taking_puts_and_reads() {
+    let Some(mut cluster) = tokio::task::spawn_blocking(GarageCluster::start)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let objects = Objects::new(&config(cluster.endpoint(0), cluster.access(), 5 * MIB)).unwrap();
+    let session = SessionId::random();
+    let mut written = Vec::new();
+    for i in 0..4u64 {
+        let data = pattern(300_000 + i as usize, i);
+        let key = objects.fragment_key(&session, i);
+        put(&objects, key.clone(), &data).await;
+        written.push((key, data));
+    }
+    cluster.kill(2);
+    // Two of three replicas are a write quorum: small and multipart puts go on, and every
+    // earlier object still reads.
+    for i in 4..8u64 {
+        let size = if i == 6 { 6 * MIB } else { 200_000 };
+        let data = pattern(size, i);
+        let key = objects.fragment_key(&session, i);
+        put(&objects, key.clone(), &data).await;
+        written.push((key, data));
+    }
+    for (key, data) in &written {
+        assert!(read_all(&objects, key).await == *data, "{key}");
+    }
+    let (fragments, upload) = put_fragments(&objects, &session, &[50_000; 20], 11).await;
+    let dest = objects.file_key("cluster/assembled.bin");
+    objects
+        .assemble(&dest, &fragments, upload.len() as u64)
+        .await
+        .unwrap();
+    // Back with its peers, the node serves everything through its own endpoint too.
+    tokio::task::block_in_place(|| cluster.restart(2));
+    let via_restarted =
+        Objects::new(&config(cluster.endpoint(2), cluster.access(), 5 * MIB)).unwrap();
+    assert!(read_all(&via_restarted, &dest).await == upload);
+    for (key, data) in &written {
+        assert!(read_all(&via_restarted, key).await == *data, "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_unreachable_is_the_transient_error() {
+    // Nothing listens: every call is the transient kind, quickly (bounded retries).
+    let port = bitsd_tests::garage::free_port();
+    let access = S3Access {
+        access_key: "GK000000000000000000000000".into(),
+        secret_key: "0".repeat(64),
+        bucket: "nowhere".into(),
+        region: "garage".into(),
+    };
+    let mut cfg = config(format!("http://127.0.0.1:{port}"), &access, 5 * MIB);
+    cfg.retry_timeout_secs = Some(2);
+    let objects = Objects::new(&cfg).unwrap();
+    let session = SessionId::random();
+    let started = std::time::Instant::now();
+    let err = objects
+        .put_stream(
+            objects.fragment_key(&session, 0),
+            futures_util::stream::iter(frames(b"abc")),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_object_store_unreachable(), "{err}");
+    let err = objects
+        .read(&objects.fragment_key(&session, 0), None)
+        .await
+        .unwrap_err();
+    assert!(err.is_object_store_unreachable(), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+
+    // A real Garage going away mid-run: transient errors, then it works again.
+    let Some(mut garage) = Garage::start() else {
+        return;
+    };
+    let mut cfg = config(garage.endpoint(), garage.access(), 5 * MIB);
+    cfg.retry_timeout_secs = Some(2);
+    let objects = Objects::new(&cfg).unwrap();
+    let key = objects.fragment_key(&session, 0);
+    let data = pattern(100_000, 3);
+    put(&objects, key.clone(), &data).await;
+    tokio::task::block_in_place(|| garage.kill());
+    let err = objects.head(&key).await.unwrap_err();
+    assert!(err.is_object_store_unreachable(), "{err}");
+    let err = objects
+        .put_stream(
+            objects.fragment_key(&session, 1),
+            futures_util::stream::iter(frames(&data)),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_object_store_unreachable(), "{err}");
+    tokio::task::block_in_place(|| garage.restart());
+    assert!(read_all(&objects, &key).await == data);
+}
+
+/// A tiny HTTP/1.1 server answering every request with `<name> <METHOD>` and closing.
+async fn named_upstream(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let method = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let body = format!("{name} {method}");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one request on a kept-alive connection and returns the response body.
+async fn request(conn: &mut tokio::net::TcpStream, method: &str) -> String {
+    let req = format!("{method} /x HTTP/1.1\r\nHost: farm\r\nContent-Length: 0\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap();
+            if body.len() >= len {
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                return body[..len].to_string();
+            }
+        }
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "nginx closed the connection");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_sends_consecutive_requests_of_one_client_to_alternating_upstreams() {
+    let a = named_upstream("a").await;
+    let b = named_upstream("b").await;
+    let Some(mut nginx) = tokio::task::spawn_blocking(move || Nginx::start(&[a, b]))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    // One kept-alive client connection: still a different upstream each time.
+    let mut conn = tokio::net::TcpStream::connect(nginx.addr()).await.unwrap();
+    let mut names = Vec::new();
+    for method in [
+        "BITS_POST",
+        "BITS_POST",
+        "GET",
+        "BITS_POST",
+        "GET",
+        "BITS_POST",
+    ] {
+        let body = request(&mut conn, method).await;
+        let (name, seen) = body.split_once(' ').unwrap();
+        assert_eq!(seen, method, "the method reaches the upstream as sent");
+        names.push(name.to_string());
+    }
+    // The log line of the last request may land just after its response.
+    let mut log = nginx.access_log();
+    for _ in 0..50 {
+        if log.lines().count() >= 6 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        log = nginx.access_log();
+    }
+    let served: Vec<&str> = log
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect::<Vec<_>>();
+    assert_eq!(served.len(), 6, "{log}");
+    for pair in served.windows(2) {
+        assert_ne!(
+            pair[0], pair[1],
+            "consecutive requests on one upstream: {served:?}"
+        );
+    }
+    for (i, name) in names.iter().enumerate() {
+        let want = if served[i] == format!("upstream={a}") {
+            "a"
+        } else {
+            "b"
+        };
+        assert_eq!(name, want);
+    }
+    tokio::task::block_in_place(|| nginx.stop());
+    assert!(tokio::net::TcpStream::connect(nginx.addr()).await.is_err());
+}
