@@ -378,6 +378,25 @@ impl Garage {
     pub fn log_tail(&self) -> String {
         self.node.log_tail()
     }
+
+    /// Runs a `garage` CLI command against the node and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.node.cli(args)
+    }
+
+    /// Unfinished uploads in the bucket (`garage bucket info`, which counts them
+    /// asynchronously: allow a moment after a change).
+    pub fn unfinished_uploads(&self) -> u64 {
+        let info = self.cli(&["bucket", "info", &self.access.bucket]);
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix("Unfinished uploads:"))
+            .map_or(0, |v| {
+                v.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("unreadable upload count in:\n{info}"))
+            })
+    }
 }
 
 /// Three Garage nodes on loopback forming one cluster with replication factor 3 (a write

@@ -120,6 +120,114 @@ async fn garage_fragment_put_and_ranged_reads_are_byte_exact() {
     ));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_unfinished_writes_leave_no_object_and_racing_writes_never_collide() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let objects = Objects::new(&config(garage.endpoint(), garage.access(), 5 * MIB)).unwrap();
+    let session = SessionId::random();
+
+    // A writer that is never finished nor dropped (a node killed mid-fragment) leaves an
+    // unfinished multipart upload (for the bucket's lifecycle rule), never an object.
+    let leaked_key = objects.fragment_key(&session, 0);
+    let mut leaked = objects.writer(leaked_key.clone());
+    for frame in frames(&pattern(6 * MIB, 1)) {
+        leaked.write_bytes(frame.unwrap()).await.unwrap();
+    }
+    std::mem::forget(leaked);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while garage.unfinished_uploads() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unfinished upload is not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        objects.head(&leaked_key).await,
+        Err(StorageError::ObjectNotFound { .. })
+    ));
+
+    // A writer dropped (the client went away mid-fragment) or aborted (a failed body read)
+    // after a part went out has made nothing visible, and its upload is aborted.
+    for abort in [false, true] {
+        let key = objects.fragment_key(&session, 0);
+        let mut writer = objects.writer(key.clone());
+        for frame in frames(&pattern(6 * MIB, 1)) {
+            writer.write_bytes(frame.unwrap()).await.unwrap();
+        }
+        assert_eq!(writer.len(), 6 * MIB as u64);
+        if abort {
+            writer.abort().await;
+        } else {
+            drop(writer);
+        }
+        assert!(matches!(
+            objects.head(&key).await,
+            Err(StorageError::ObjectNotFound { .. })
+        ));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        garage.unfinished_uploads(),
+        1,
+        "only the leaked upload remains"
+    );
+    let err = objects
+        .put_stream(
+            objects.fragment_key(&session, 0),
+            futures_util::stream::iter(vec![
+                Ok(Bytes::from(pattern(6 * MIB, 2))),
+                Err(StorageError::Task("client went away".into())),
+            ]),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Task(_)));
+    assert!(objects
+        .list(&objects.session_prefix(&session))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Two nodes writing the same fragment (a client that reconnected elsewhere) write two
+    // objects; neither overwrites the other, whatever the store does with conditions.
+    let first = objects.fragment_key(&session, 4096);
+    let second = objects.fragment_key(&session, 4096);
+    assert_ne!(first, second);
+    let a = pattern(10_000, 3);
+    let b = pattern(10_000, 4);
+    let (fa, fb) = tokio::join!(
+        put(&objects, first.clone(), &a),
+        put(&objects, second.clone(), &b)
+    );
+    assert!(read_all(&objects, &fa.key).await == a);
+    assert!(read_all(&objects, &fb.key).await == b);
+    // A fragment object shorter than its index entry is refused at assembly.
+    let lying = FragmentObject {
+        offset: 0,
+        len: 10_001,
+        key: first,
+    };
+    let rest = FragmentObject {
+        offset: 10_001,
+        len: 10_000,
+        key: second,
+    };
+    let refused = objects
+        .assemble(&objects.file_key("lying.bin"), &[lying, rest], 20_001)
+        .await;
+    assert!(
+        matches!(refused, Err(StorageError::Corrupt { .. })),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        objects.head(&objects.file_key("lying.bin")).await,
+        Err(StorageError::ObjectNotFound { .. })
+    ));
+}
+
 /// Puts `sizes` as consecutive fragments of one upload (16 PUTs at once) and returns them
 /// with the upload's bytes.
 async fn put_fragments(

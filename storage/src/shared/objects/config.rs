@@ -121,9 +121,11 @@ impl ObjectStoreConfig {
             ))
             .with_timeout(Duration::from_secs(self.request_timeout_secs.unwrap_or(60)))
             .with_allow_http(allow_http);
-        let mut retry = RetryConfig::default();
-        retry.max_retries = self.max_retries.unwrap_or(3);
-        retry.retry_timeout = Duration::from_secs(self.retry_timeout_secs.unwrap_or(10));
+        let retry = RetryConfig {
+            max_retries: self.max_retries.unwrap_or(3),
+            retry_timeout: Duration::from_secs(self.retry_timeout_secs.unwrap_or(10)),
+            ..RetryConfig::default()
+        };
         builder
             .with_client_options(client)
             .with_allow_http(allow_http)

@@ -29,12 +29,26 @@ pub struct StoredObject {
     pub crc32c: u32,
 }
 
+impl Drop for ObjectWriter {
+    /// A writer dropped mid-multipart (the client went away mid-fragment) aborts its upload in
+    /// the background, so its parts do not linger in the store.
+    fn drop(&mut self) {
+        if let Some(mp) = self.multipart.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = mp.abort().await;
+                });
+            }
+        }
+    }
+}
+
 /// An object on its way into the store. Bytes handed over with
 /// [`ObjectWriter::write_bytes`] are held until they reach the part size; a shorter object is
 /// sent with one PUT by [`ObjectWriter::finish`], a longer one becomes a multipart upload
 /// whose parts go out as they fill (one in flight while the next fills). Dropping the writer
-/// without `finish` stores nothing visible (call [`ObjectWriter::abort`] to also remove the
-/// parts already sent right away).
+/// without `finish` stores nothing visible and aborts the multipart upload in the background
+/// ([`ObjectWriter::abort`] does it before it returns).
 pub struct ObjectWriter {
     store: Arc<dyn ObjectStore>,
     key: ObjectKey,
