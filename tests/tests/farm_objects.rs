@@ -340,23 +340,35 @@ async fn garage_cluster_with_a_node_killed_keeps_taking_puts_and_reads() {
     };
     let objects = Objects::new(&config(cluster.endpoint(0), cluster.access(), 5 * MIB)).unwrap();
     let session = SessionId::random();
-    let mut written = Vec::new();
-    for i in 0..4u64 {
-        let data = pattern(300_000 + i as usize, i);
-        let key = objects.fragment_key(&session, i);
-        put(&objects, key.clone(), &data).await;
-        written.push((key, data));
-    }
-    cluster.kill(2);
-    // Two of three replicas are a write quorum: small and multipart puts go on, and every
-    // earlier object still reads.
-    for i in 4..8u64 {
-        let size = if i == 6 { 6 * MIB } else { 200_000 };
-        let data = pattern(size, i);
-        let key = objects.fragment_key(&session, i);
-        put(&objects, key.clone(), &data).await;
-        written.push((key, data));
-    }
+    // A writer keeps putting fragments (small ones and a multipart one) while node 2 is
+    // SIGKILLed under it: two of three replicas are a write quorum, so every put succeeds.
+    let (killed_tx, mut killed_rx) = tokio::sync::watch::channel(false);
+    let writer = {
+        let objects = objects.clone();
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut after_kill = 0;
+            for i in 0..40u64 {
+                let size = if i % 10 == 6 { 6 * MIB } else { 200_000 };
+                let data = pattern(size, i);
+                let key = objects.fragment_key(&session, i);
+                put(&objects, key.clone(), &data).await;
+                written.push((key, data));
+                if *killed_rx.borrow_and_update() {
+                    after_kill += 1;
+                    if after_kill >= 8 {
+                        break;
+                    }
+                }
+            }
+            assert!(after_kill >= 8, "the writer ran out before the kill");
+            written
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    tokio::task::block_in_place(|| cluster.kill(2));
+    killed_tx.send(true).unwrap();
+    let written = writer.await.unwrap();
     for (key, data) in &written {
         assert!(read_all(&objects, key).await == *data, "{key}");
     }
