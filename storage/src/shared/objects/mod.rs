@@ -36,7 +36,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 pub use assemble::{Assembled, FragmentObject};
-pub use config::ObjectStoreConfig;
+pub use config::{ObjectStoreConfig, DEFAULT_PART_SIZE, MIN_PART_SIZE};
 pub use keys::ObjectKey;
 pub use writer::{ObjectWriter, StoredObject};
 
