@@ -94,3 +94,73 @@ impl Objects {
         self.prefix.join("files").join(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::shared::objects::ObjectStoreConfig;
+
+    fn store(prefix: &str) -> Objects {
+        Objects::new(&ObjectStoreConfig {
+            bucket: "b".into(),
+            prefix: prefix.into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("garage".into()),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            ..ObjectStoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn keys_sit_under_the_prefix_and_round_trip() {
+        let objects = store("/farm//a/");
+        let id = SessionId::random();
+        let frag = objects.fragment_key(&id, 42);
+        assert!(frag
+            .as_str()
+            .starts_with(&format!("farm/a/sessions/{}/frag/", id.simple())));
+        assert!(frag.as_str().contains("/00000000000000000042-"));
+        assert!(frag.starts_with(&objects.session_prefix(&id)));
+        assert!(frag.starts_with(&objects.sessions_prefix()));
+        assert_ne!(
+            frag,
+            objects.fragment_key(&id, 42),
+            "every write gets its own key"
+        );
+        assert_eq!(ObjectKey::parse(frag.as_str()), Some(frag.clone()));
+        // Offsets sort as numbers.
+        let low = objects.fragment_key(&id, 9).to_string();
+        let high = objects.fragment_key(&id, 10).to_string();
+        assert!(low < high);
+        let reply = objects.reply_key(&id);
+        assert!(reply.starts_with(&objects.session_prefix(&id)));
+        assert_eq!(store("").file_key("x.bin").as_str(), "files/x.bin");
+    }
+
+    #[test]
+    fn file_keys_cannot_escape_their_prefix() {
+        let objects = store("farm");
+        for path in [
+            "../../etc/passwd",
+            "a/../../b",
+            "./x",
+            "a b/ü%25/x.bin",
+            "a\\b",
+        ] {
+            let key = objects.file_key(path);
+            assert!(
+                key.starts_with(&objects.prefix().join("files")),
+                "{path} -> {key}"
+            );
+            assert!(
+                !key.as_str().split('/').any(|s| s == ".." || s == "."),
+                "{path} -> {key}"
+            );
+            assert_eq!(ObjectKey::parse(key.as_str()), Some(key.clone()), "{path}");
+        }
+    }
+}
