@@ -57,12 +57,21 @@ pub fn garage_binary() -> Option<PathBuf> {
     None
 }
 
-/// A free TCP port on 127.0.0.1 (bound once and released, so a race is possible but rare).
+/// A free TCP port on 127.0.0.1 for a server that may be killed and restarted on it.
+///
+/// The port is drawn below the kernel's ephemeral range (32768 and up on Linux): a port from
+/// `bind(0)` could be handed out again as the local port of some outgoing connection while
+/// its server is down, and the restart would find it taken. Checked by binding it once (a
+/// race with another process picking the same random port is possible but very rare).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral loopback port")
+    for _ in 0..1000 {
+        let bytes = *uuid::Uuid::new_v4().as_bytes();
+        let port = 10_000 + u16::from_le_bytes([bytes[0], bytes[1]]) % 22_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between 10000 and 32000");
 }
 
 /// Random hex, from UUIDs.
