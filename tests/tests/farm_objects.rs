@@ -409,6 +409,23 @@ async fn garage_cluster_with_a_node_killed_keeps_taking_puts_and_reads() {
     for (key, data) in &written {
         assert!(read_all(&via_restarted, key).await == *data, "{key}");
     }
+
+    // Two nodes down: no write quorum. The node still answers (503), and that is the
+    // transient error too, not a refusal.
+    tokio::task::block_in_place(|| {
+        cluster.kill(1);
+        cluster.kill(2);
+    });
+    let started = std::time::Instant::now();
+    let err = objects
+        .put_stream(
+            objects.fragment_key(&session, 99),
+            futures_util::stream::iter(frames(&pattern(1000, 99))),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_object_store_unreachable(), "{err}");
+    println!("no quorum answered in {:?}: {err}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,4 +481,17 @@ async fn object_store_unreachable_is_the_transient_error() {
     assert!(err.is_object_store_unreachable(), "{err}");
     tokio::task::block_in_place(|| garage.restart());
     assert!(read_all(&objects, &key).await == data);
+
+    // Wrong credentials are a refusal, not an outage: no retrying that as transient.
+    let mut wrong = garage.access().clone();
+    wrong.secret_key = "f".repeat(64);
+    let refused = Objects::new(&config(garage.endpoint(), &wrong, 5 * MIB))
+        .unwrap()
+        .head(&key)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StorageError::ObjectStore { .. }),
+        "{refused:?}"
+    );
 }

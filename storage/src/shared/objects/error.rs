@@ -83,5 +83,17 @@ fn error_chain(e: &object_store::Error) -> String {
         }
         source = err.source();
     }
+    // Stores put whole XML error documents in their answers: keep log lines readable.
+    if out.len() > MAX_WHY {
+        let mut cut = MAX_WHY;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
     out
 }
+
+/// Longest error text kept in a [`StorageError`].
+const MAX_WHY: usize = 600;
