@@ -252,3 +252,30 @@ impl Objects {
         Ok(keys.len())
     }
 }
+
+/// Every future here must be `Send`, so a multi-threaded server can hold it across awaits.
+#[cfg(test)]
+#[allow(dead_code)]
+fn futures_are_send(
+    objects: &Objects,
+    writer: &mut ObjectWriter,
+    fragments: &[FragmentObject],
+    key: &ObjectKey,
+    session: &bitsd_protocol::SessionId,
+) {
+    fn send<T: Send>(_: T) {}
+    send(writer.write_bytes(Bytes::new()));
+    send(objects.writer(key.clone()).finish());
+    send(objects.writer(key.clone()).abort());
+    send(objects.put_stream(
+        key.clone(),
+        futures_util::stream::empty::<Result<Bytes, StorageError>>(),
+    ));
+    send(objects.assemble(key, fragments, 0));
+    send(objects.read(key, None));
+    send(objects.head(key));
+    send(objects.list(key));
+    send(objects.delete(std::slice::from_ref(key)));
+    send(objects.delete_session(session));
+    send(objects.read_upload(fragments, 0, key));
+}
