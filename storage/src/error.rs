@@ -39,6 +39,36 @@ pub enum StorageError {
     /// version does not know, a value out of range).
     #[error("state store: {0}")]
     StateStore(String),
+    /// The object store could not be reached or did not answer in time, or answered that it
+    /// cannot serve the request now (a 5xx or 429): transient, the client should retry.
+    #[error(
+        "the object store is unreachable ({op} {key}): {why}; \
+         check that it is up and that [object_store] endpoint points at it"
+    )]
+    ObjectStoreUnreachable {
+        /// What was being done.
+        op: &'static str,
+        /// The object key (or prefix).
+        key: String,
+        /// The store client's error, as text.
+        why: String,
+    },
+    /// The object store refused a request (credentials, permissions, bucket, bad request).
+    #[error("object store {op} {key}: {why}; check the [object_store] bucket and credentials")]
+    ObjectStore {
+        /// What was being done.
+        op: &'static str,
+        /// The object key (or prefix).
+        key: String,
+        /// The store client's error, as text.
+        why: String,
+    },
+    /// An object the caller expected is not in the store.
+    #[error("object {key} is not in the object store")]
+    ObjectNotFound {
+        /// The object key.
+        key: String,
+    },
 }
 
 impl StorageError {
@@ -59,9 +89,18 @@ impl StorageError {
     }
 
     /// Whether the error is transient: the same request may succeed when retried (the state
-    /// store was unreachable).
+    /// store or the object store was unreachable; nothing acknowledged was lost).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StorageError::StateStoreUnreachable(_))
+        matches!(
+            self,
+            StorageError::StateStoreUnreachable(_) | StorageError::ObjectStoreUnreachable { .. }
+        )
+    }
+
+    /// Whether this is [`StorageError::ObjectStoreUnreachable`]: a transient failure the
+    /// client should retry (nothing acknowledged was lost).
+    pub fn is_object_store_unreachable(&self) -> bool {
+        matches!(self, StorageError::ObjectStoreUnreachable { .. })
     }
 
     /// Whether the disk is full (or over quota).

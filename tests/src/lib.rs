@@ -3,6 +3,8 @@
 //! and parses exact responses.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod garage;
+pub mod nginx;
 pub mod pg;
 
 use std::net::SocketAddr;

@@ -1,2 +1,3 @@
-//! The shared (farm) backend's components: state in PostgreSQL, bytes in an object store.
+//! Components of the shared (farm) backend: PostgreSQL for session state, an object store for bytes.
+pub mod objects;
 pub mod pg;

@@ -1,0 +1,165 @@
+//! Assembly of a complete upload from its fragment objects, and reading it as one stream.
+//!
+//! One fragment: a server-side copy (CopyObject, one request, no bytes through the node).
+//! Several: the fragments are read in offset order (up to [`READ_AHEAD`] GETs open at once,
+//! so many small fragments do not cost one round trip each in sequence) and streamed into
+//! one [`ObjectWriter`], which coalesces them into parts of the part size (S3 wants at least
+//! 5 MiB in every part but the last) or sends one PUT when the whole upload is shorter.
+//! `object_store` offers no `UploadPartCopy`, so large fragments pass through the node too.
+
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+
+use super::error::map_err;
+use super::{ByteStream, ObjectKey, Objects};
+use crate::StorageError;
+
+/// Fragment GETs opened ahead of the one being copied.
+const READ_AHEAD: usize = 8;
+
+/// One committed fragment of an upload: where its bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FragmentObject {
+    /// Offset of its first byte in the upload.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// Its object.
+    pub key: ObjectKey,
+}
+
+/// An upload assembled at its destination key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assembled {
+    /// The destination key.
+    pub key: ObjectKey,
+    /// The upload's length.
+    pub len: u64,
+    /// CRC-32C of the upload's bytes (`None` after a server-side copy, which reads nothing).
+    pub crc32c: Option<u32>,
+    /// Requests sent to the store (GETs, PUTs, parts, copy), for the metrics and the docs.
+    pub requests: u64,
+}
+
+/// Sorts `fragments` by offset and checks that they cover `0..total` exactly, without gaps
+/// or overlaps.
+fn in_order(
+    fragments: &[FragmentObject],
+    total: u64,
+    dest: &ObjectKey,
+) -> Result<Vec<FragmentObject>, StorageError> {
+    let mut sorted = fragments.to_vec();
+    sorted.sort_by_key(|f| f.offset);
+    let mut next = 0u64;
+    for f in &sorted {
+        if f.offset != next {
+            return Err(StorageError::Corrupt {
+                key: dest.to_string(),
+                why: format!("fragment index has a gap or overlap at offset {next} (next fragment starts at {})", f.offset),
+            });
+        }
+        next += f.len;
+    }
+    if next != total {
+        return Err(StorageError::Corrupt {
+            key: dest.to_string(),
+            why: format!("fragments cover {next} bytes, the upload has {total}"),
+        });
+    }
+    Ok(sorted)
+}
+
+impl Objects {
+    /// Writes the upload made of `fragments` (any order; they must cover `0..total`) to
+    /// `dest`, durable when this returns. The fragment objects stay (the caller deletes them
+    /// once the completion is committed, see [`Objects::delete`]).
+    pub async fn assemble(
+        &self,
+        dest: &ObjectKey,
+        fragments: &[FragmentObject],
+        total: u64,
+    ) -> Result<Assembled, StorageError> {
+        let fragments = in_order(fragments, total, dest)?;
+        if let [only] = fragments.as_slice() {
+            self.store
+                .copy(only.key.path(), dest.path())
+                .await
+                .map_err(map_err("copy", only.key.as_str()))?;
+            return Ok(Assembled {
+                key: dest.clone(),
+                len: total,
+                crc32c: None,
+                requests: 1,
+            });
+        }
+        let mut writer = self.writer(dest.clone());
+        let mut stream = self.read_fragments_checked(&fragments);
+        while let Some(chunk) = stream.next().await {
+            let result = match chunk {
+                Ok(bytes) => writer.write_bytes(bytes).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                writer.abort().await;
+                return Err(e);
+            }
+        }
+        let stored = writer.finish().await?;
+        let part_size = self.part_size as u64;
+        let writes = if total < part_size {
+            1
+        } else {
+            // Create, parts, complete.
+            2 + total.div_ceil(part_size)
+        };
+        Ok(Assembled {
+            key: stored.key,
+            len: stored.len,
+            crc32c: Some(stored.crc32c),
+            requests: fragments.len() as u64 + writes,
+        })
+    }
+
+    /// The upload made of `fragments` (any order; they must cover `0..total`) as one stream,
+    /// without assembling it (what a reply handler reads). A fragment shorter or longer
+    /// than its index entry is an error in the stream.
+    pub fn read_upload(
+        &self,
+        fragments: &[FragmentObject],
+        total: u64,
+        name: &ObjectKey,
+    ) -> Result<ByteStream, StorageError> {
+        let fragments = in_order(fragments, total, name)?;
+        Ok(self.read_fragments_checked(&fragments))
+    }
+
+    /// Fragments in the given order, each checked against its length.
+    fn read_fragments_checked(&self, fragments: &[FragmentObject]) -> ByteStream {
+        let store = std::sync::Arc::clone(&self.store);
+        let opened = futures_util::stream::iter(fragments.to_vec())
+            .map(move |f| {
+                let store = std::sync::Arc::clone(&store);
+                async move {
+                    let got = store
+                        .get(f.key.path())
+                        .await
+                        .map_err(map_err("read fragment", f.key.as_str()))?;
+                    if got.meta.size != f.len {
+                        return Err(StorageError::Corrupt {
+                            key: f.key.to_string(),
+                            why: format!(
+                                "fragment object has {} bytes, its index entry says {}",
+                                got.meta.size, f.len
+                            ),
+                        });
+                    }
+                    let key = f.key.to_string();
+                    Ok(got
+                        .into_stream()
+                        .map_err(move |e| map_err("read fragment", &key)(e)))
+                }
+            })
+            .buffered(READ_AHEAD);
+        Box::pin(opened.try_flatten())
+    }
+}

@@ -1,0 +1,281 @@
+//! The farm's bytes in an S3-compatible object store (AWS S3, Garage, MinIO, Ceph RGW, R2…)
+//! through the `object_store` crate.
+//!
+//! The store only holds bytes; PostgreSQL decides what is acknowledged and committed. Nothing
+//! here relies on conditional writes (`If-Match` / `If-None-Match`: Garage ignores them):
+//! every fragment gets a key of its own (its offset plus a random nonce), so two nodes racing
+//! on one session never overwrite each other's object, and the loser's object is garbage
+//! (collected with the session, or by a sweep of [`Objects::list`]).
+//!
+//! ```text
+//! <prefix>/sessions/<session-id>/frag/<offset, 20 digits>-<nonce>   one object per fragment
+//! <prefix>/sessions/<session-id>/reply-<nonce>                      the stored reply
+//! <prefix>/files/<path>                                             committed plain uploads
+//! ```
+//!
+//! Durability: a fragment or reply object is durable when [`ObjectWriter::finish`] returns
+//! (its single PUT or its CompleteMultipartUpload was answered 200: the store has it on its
+//! write quorum); an assembled upload when [`Objects::assemble`] returns. A writer dropped or
+//! aborted before `finish` leaves no object (an unfinished multipart upload is aborted; the
+//! bucket should also have a lifecycle rule that aborts incomplete multipart uploads after a
+//! day, for a node killed mid-upload).
+
+mod assemble;
+mod config;
+mod error;
+mod keys;
+mod writer;
+
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+
+pub use assemble::{Assembled, FragmentObject};
+pub use config::{ObjectStoreConfig, DEFAULT_PART_SIZE, MIN_PART_SIZE};
+pub use keys::ObjectKey;
+pub use writer::{ObjectWriter, StoredObject};
+
+use crate::StorageError;
+use error::map_err;
+
+/// A stream of an object's bytes; a failure midway is a [`StorageError`].
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StorageError>> + Send>>;
+
+/// What the store says about an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its key.
+    pub key: ObjectKey,
+    /// Its length in bytes.
+    pub len: u64,
+    /// When it was last written.
+    pub last_modified: SystemTime,
+    /// Its entity tag, if the store gave one.
+    pub e_tag: Option<String>,
+}
+
+impl From<object_store::ObjectMeta> for ObjectInfo {
+    fn from(meta: object_store::ObjectMeta) -> Self {
+        ObjectInfo {
+            key: ObjectKey::from_path(meta.location),
+            len: meta.size,
+            last_modified: meta.last_modified.into(),
+            e_tag: meta.e_tag,
+        }
+    }
+}
+
+/// An object (or a byte range of one) being read.
+pub struct ObjectRead {
+    /// The range of the object this read returns.
+    pub range: Range<u64>,
+    /// The object's whole length.
+    pub total: u64,
+    /// Its entity tag, if the store gave one.
+    pub e_tag: Option<String>,
+    /// When it was last written.
+    pub last_modified: SystemTime,
+    /// The bytes of `range`, in order.
+    pub stream: ByteStream,
+}
+
+impl std::fmt::Debug for ObjectRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectRead")
+            .field("range", &self.range)
+            .field("total", &self.total)
+            .field("e_tag", &self.e_tag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectRead {
+    /// Reads the whole stream into memory (for tests and small objects).
+    pub async fn bytes(self) -> Result<Vec<u8>, StorageError> {
+        let mut out =
+            Vec::with_capacity(usize::try_from(self.range.end - self.range.start).unwrap_or(0));
+        let mut stream = self.stream;
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+}
+
+/// The farm's object store: one bucket, every key under one prefix.
+#[derive(Clone, Debug)]
+pub struct Objects {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectKey,
+    part_size: usize,
+}
+
+impl Objects {
+    /// Connects to the store `config` describes (nothing is sent until the first request).
+    pub fn new(config: &ObjectStoreConfig) -> Result<Self, StorageError> {
+        let store = config.build()?;
+        Ok(Objects {
+            store: Arc::new(store),
+            prefix: ObjectKey::new(&config.prefix),
+            part_size: config.part_size(),
+        })
+    }
+
+    /// The prefix every key of this store starts with.
+    pub fn prefix(&self) -> &ObjectKey {
+        &self.prefix
+    }
+
+    /// Fragments at or above this length are written as a multipart upload of parts this
+    /// long; shorter ones with one PUT. Also the part size of assembled uploads.
+    pub fn part_size(&self) -> usize {
+        self.part_size
+    }
+
+    /// Starts writing an object at `key`; nothing is visible before [`ObjectWriter::finish`].
+    pub fn writer(&self, key: ObjectKey) -> ObjectWriter {
+        ObjectWriter::new(Arc::clone(&self.store), key, self.part_size)
+    }
+
+    /// Writes the bytes of `body` to `key` (bounded memory: see [`ObjectWriter`]); the object
+    /// is durable when this returns. A failed body read aborts the write.
+    pub async fn put_stream<S, E>(
+        &self,
+        key: ObjectKey,
+        body: S,
+    ) -> Result<StoredObject, StorageError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<StorageError>,
+    {
+        let mut writer = self.writer(key);
+        let mut body = std::pin::pin!(body);
+        while let Some(frame) = body.next().await {
+            match frame {
+                Ok(bytes) => {
+                    if let Err(e) = writer.write_bytes(bytes).await {
+                        writer.abort().await;
+                        return Err(e);
+                    }
+                }
+                Err(e) => {
+                    writer.abort().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        writer.finish().await
+    }
+
+    /// Reads an object, or the byte range `range` of it (clamped to its end), as a stream.
+    pub async fn read(
+        &self,
+        key: &ObjectKey,
+        range: Option<Range<u64>>,
+    ) -> Result<ObjectRead, StorageError> {
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..GetOptions::default()
+        };
+        let got = self
+            .store
+            .get_opts(key.path(), options)
+            .await
+            .map_err(map_err("read", key.as_str()))?;
+        let owned = key.as_str().to_string();
+        let range = got.range.clone();
+        let meta = got.meta.clone();
+        let stream = got
+            .into_stream()
+            .map_err(move |e| map_err("read", &owned)(e));
+        Ok(ObjectRead {
+            range,
+            total: meta.size,
+            e_tag: meta.e_tag,
+            last_modified: meta.last_modified.into(),
+            stream: Box::pin(stream),
+        })
+    }
+
+    /// Length, last-modified time and entity tag of an object.
+    pub async fn head(&self, key: &ObjectKey) -> Result<ObjectInfo, StorageError> {
+        self.store
+            .head(key.path())
+            .await
+            .map(ObjectInfo::from)
+            .map_err(map_err("head", key.as_str()))
+    }
+
+    /// Deletes objects (bulk requests of up to 1000 keys where the store has them); keys
+    /// already gone are not an error.
+    pub async fn delete(&self, keys: &[ObjectKey]) -> Result<(), StorageError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<_> = keys.iter().map(|k| Ok(k.path().clone())).collect();
+        let mut results = self
+            .store
+            .delete_stream(futures_util::stream::iter(paths).boxed());
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(map_err("delete", keys[0].as_str())(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every object under `prefix` (for garbage collection of leftovers).
+    pub async fn list(&self, prefix: &ObjectKey) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.store
+            .list(Some(prefix.path()))
+            .map_ok(ObjectInfo::from)
+            .try_collect()
+            .await
+            .map_err(map_err("list", prefix.as_str()))
+    }
+
+    /// Deletes every object of a session (its fragments, including those of commits that
+    /// lost a race, and its reply); returns how many there were.
+    pub async fn delete_session(
+        &self,
+        session: &bitsd_protocol::SessionId,
+    ) -> Result<usize, StorageError> {
+        let objects = self.list(&self.session_prefix(session)).await?;
+        let keys: Vec<ObjectKey> = objects.into_iter().map(|o| o.key).collect();
+        self.delete(&keys).await?;
+        Ok(keys.len())
+    }
+}
+
+/// Every future here must be `Send`, so a multi-threaded server can hold it across awaits.
+#[cfg(test)]
+#[allow(dead_code)]
+fn futures_are_send(
+    objects: &Objects,
+    writer: &mut ObjectWriter,
+    fragments: &[FragmentObject],
+    key: &ObjectKey,
+    session: &bitsd_protocol::SessionId,
+) {
+    fn send<T: Send>(_: T) {}
+    send(writer.write_bytes(Bytes::new()));
+    send(objects.writer(key.clone()).finish());
+    send(objects.writer(key.clone()).abort());
+    send(objects.put_stream(
+        key.clone(),
+        futures_util::stream::empty::<Result<Bytes, StorageError>>(),
+    ));
+    send(objects.assemble(key, fragments, 0));
+    send(objects.read(key, None));
+    send(objects.head(key));
+    send(objects.list(key));
+    send(objects.delete(std::slice::from_ref(key)));
+    send(objects.delete_session(session));
+    send(objects.read_upload(fragments, 0, key));
+}

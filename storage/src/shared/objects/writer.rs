@@ -1,0 +1,195 @@
+//! One object written from body frames with bounded memory: a single PUT below the part
+//! size, a multipart upload above.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+
+use super::error::map_err;
+use super::ObjectKey;
+use crate::StorageError;
+
+/// Frames shorter than this are copied into the writer's own buffer, so that a body sent in
+/// tiny frames does not pin one read buffer per frame; longer ones are held as they are.
+const COPY_BELOW: usize = 64 * 1024;
+
+/// Parts of a multipart upload in flight at once (besides the one being filled): memory per
+/// writer stays below `(1 + PARTS_IN_FLIGHT) × part size`.
+const PARTS_IN_FLIGHT: usize = 1;
+
+/// An object written and durable in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredObject {
+    /// Its key.
+    pub key: ObjectKey,
+    /// Its length in bytes.
+    pub len: u64,
+    /// CRC-32C (Castagnoli) of its bytes.
+    pub crc32c: u32,
+}
+
+impl Drop for ObjectWriter {
+    /// A writer dropped mid-multipart (the client went away mid-fragment) aborts its upload in
+    /// the background, so its parts do not linger in the store.
+    fn drop(&mut self) {
+        if let Some(mp) = self.multipart.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = mp.abort().await;
+                });
+            }
+        }
+    }
+}
+
+/// An object on its way into the store. Bytes handed over with
+/// [`ObjectWriter::write_bytes`] are held until they reach the part size; a shorter object is
+/// sent with one PUT by [`ObjectWriter::finish`], a longer one becomes a multipart upload
+/// whose parts go out as they fill (one in flight while the next fills). Dropping the writer
+/// without `finish` stores nothing visible and aborts the multipart upload in the background
+/// ([`ObjectWriter::abort`] does it before it returns).
+pub struct ObjectWriter {
+    store: Arc<dyn ObjectStore>,
+    key: ObjectKey,
+    part_size: usize,
+    /// Frames held before the multipart upload starts, in order, then `copies`.
+    held: Vec<Bytes>,
+    copies: BytesMut,
+    held_len: usize,
+    multipart: Option<WriteMultipart>,
+    len: u64,
+    crc32c: u32,
+}
+
+impl std::fmt::Debug for ObjectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectWriter")
+            .field("key", &self.key)
+            .field("len", &self.len)
+            .field("multipart", &self.multipart.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectWriter {
+    pub(crate) fn new(store: Arc<dyn ObjectStore>, key: ObjectKey, part_size: usize) -> Self {
+        ObjectWriter {
+            store,
+            key,
+            part_size,
+            held: Vec::new(),
+            copies: BytesMut::new(),
+            held_len: 0,
+            multipart: None,
+            len: 0,
+            crc32c: 0,
+        }
+    }
+
+    /// The key being written.
+    pub fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+
+    /// Bytes handed over so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no byte was handed over yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `bytes`; may wait while a part is in flight (back-pressure on the body).
+    pub async fn write_bytes(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.crc32c = crc32c::crc32c_append(self.crc32c, &bytes);
+        self.len += bytes.len() as u64;
+        if let Some(mp) = self.multipart.as_mut() {
+            mp.wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(map_err("write", self.key.as_str()))?;
+            if bytes.len() < COPY_BELOW {
+                mp.write(&bytes);
+            } else {
+                mp.put(bytes);
+            }
+            return Ok(());
+        }
+        self.held_len += bytes.len();
+        if bytes.len() < COPY_BELOW {
+            self.copies.extend_from_slice(&bytes);
+        } else {
+            self.flush_copies();
+            self.held.push(bytes);
+        }
+        if self.held_len >= self.part_size {
+            self.start_multipart().await?;
+        }
+        Ok(())
+    }
+
+    /// Appends a copy of `bytes`.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        self.write_bytes(Bytes::copy_from_slice(bytes)).await
+    }
+
+    fn flush_copies(&mut self) {
+        if !self.copies.is_empty() {
+            self.held.push(self.copies.split().freeze());
+        }
+    }
+
+    async fn start_multipart(&mut self) -> Result<(), StorageError> {
+        self.flush_copies();
+        let upload = self
+            .store
+            .put_multipart(self.key.path())
+            .await
+            .map_err(map_err("start multipart upload", self.key.as_str()))?;
+        let mut mp = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        for bytes in self.held.drain(..) {
+            mp.put(bytes);
+        }
+        self.held_len = 0;
+        self.multipart = Some(mp);
+        Ok(())
+    }
+
+    /// Sends what is held and completes the object; it is durable in the store when this
+    /// returns. On failure nothing is visible at the key (a multipart upload is aborted).
+    pub async fn finish(mut self) -> Result<StoredObject, StorageError> {
+        let key = self.key.clone();
+        if let Some(mp) = self.multipart.take() {
+            // `finish` aborts the upload itself when a part or the completion fails.
+            mp.finish()
+                .await
+                .map_err(map_err("complete multipart upload", key.as_str()))?;
+        } else {
+            self.flush_copies();
+            let payload: PutPayload = self.held.drain(..).collect();
+            self.store
+                .put(key.path(), payload)
+                .await
+                .map_err(map_err("put", key.as_str()))?;
+        }
+        Ok(StoredObject {
+            key,
+            len: self.len,
+            crc32c: self.crc32c,
+        })
+    }
+
+    /// Gives up: an unfinished multipart upload is aborted (its parts removed); nothing was
+    /// visible at the key. Errors are ignored (the bucket's lifecycle rule for incomplete
+    /// uploads is the backstop).
+    pub async fn abort(mut self) {
+        if let Some(mp) = self.multipart.take() {
+            let _ = mp.abort().await;
+        }
+    }
+}
