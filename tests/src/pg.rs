@@ -310,3 +310,33 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A fresh upload-reply session record (route `/upload/`) of `owner`, for state-store tests.
+pub fn session_record(owner: Option<&str>) -> bitsd_storage::SessionRecord {
+    let mut r = bitsd_storage::SessionRecord::new(
+        bitsd_protocol::SessionId::random(),
+        "/upload/".into(),
+        bitsd_storage::UploadMode::UploadReply,
+        "http://farm/upload/x".into(),
+    );
+    r.owner = owner.map(str::to_owned);
+    r
+}
+
+/// A fragment commit of `len` bytes at `expected` held in object `key` (a made-up CRC).
+pub fn fragment(
+    id: bitsd_protocol::SessionId,
+    expected: u64,
+    len: u64,
+    key: &str,
+) -> bitsd_storage::shared::pg::NewFragment {
+    bitsd_storage::shared::pg::NewFragment {
+        id,
+        expected_received: expected,
+        len,
+        crc32c: (expected as u32) ^ 0xABCD,
+        object_key: key.to_owned(),
+        total: Some(1 << 40),
+        state: None,
+    }
+}

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::pg::{
-    CasOutcome, CreateOutcome, Expect, Limits, NewFragment, PgOptions, PgStateStore, SCHEMA_VERSION,
+    CasOutcome, CreateOutcome, Expect, Limits, PgOptions, PgStateStore, SCHEMA_VERSION,
 };
-use bitsd_storage::{ReplyKind, ReplyRecord, SessionRecord, SessionState, UploadMode};
-use bitsd_tests::pg::{ClusterOptions, PgCluster};
+use bitsd_storage::{ReplyKind, ReplyRecord, SessionState};
+use bitsd_tests::pg::{fragment, session_record, PgCluster};
 
 fn cluster() -> Option<Arc<PgCluster>> {
     match PgCluster::shared() {
@@ -28,29 +28,6 @@ async fn node(url: &str) -> PgStateStore {
     PgStateStore::connect(url, PgOptions::default())
         .await
         .unwrap()
-}
-
-fn record(owner: Option<&str>) -> SessionRecord {
-    let mut r = SessionRecord::new(
-        SessionId::random(),
-        "/upload/".into(),
-        UploadMode::UploadReply,
-        "http://farm/upload/x".into(),
-    );
-    r.owner = owner.map(str::to_owned);
-    r
-}
-
-fn commit(id: SessionId, expected: u64, len: u64, key: &str) -> NewFragment {
-    NewFragment {
-        id,
-        expected_received: expected,
-        len,
-        crc32c: (expected as u32) ^ 0xABCD,
-        object_key: key.to_owned(),
-        total: Some(1 << 40),
-        state: None,
-    }
 }
 
 async fn raw(url: &str) -> tokio_postgres::Client {
@@ -110,7 +87,7 @@ async fn racing_commits_one_winner_per_offset_and_offset_never_goes_back() {
     let Some(pg) = cluster() else { return };
     let url = pg.fresh_database();
     let nodes = [node(&url).await, node(&url).await, node(&url).await];
-    let rec = record(None);
+    let rec = session_record(None);
     let id = rec.id;
     assert!(nodes[0].create(&rec).await.unwrap());
     assert!(
@@ -137,7 +114,7 @@ async fn racing_commits_one_winner_per_offset_and_offset_never_goes_back() {
                 let len = 1 + (t as u64 * 7 + round as u64) % 50;
                 let key = format!("obj/{t}/{round}");
                 match store
-                    .commit_fragment(&commit(id, read, len, &key))
+                    .commit_fragment(&fragment(id, read, len, &key))
                     .await
                     .unwrap()
                 {
@@ -182,7 +159,7 @@ async fn reply_ranges_from_three_nodes_count_each_byte_once() {
     let Some(pg) = cluster() else { return };
     let url = pg.fresh_database();
     let nodes = [node(&url).await, node(&url).await, node(&url).await];
-    let mut rec = record(None);
+    let mut rec = session_record(None);
     nodes[0].create(&rec).await.unwrap();
     rec.state = SessionState::ReplyReady;
     rec.reply = Some(ReplyRecord {
@@ -232,7 +209,7 @@ async fn reply_ranges_from_three_nodes_count_each_byte_once() {
     assert_eq!(reply.delivered.ranges(), &[(0, 1000)]);
     assert_eq!(reply.delivered.covered(), 1000);
     // Partial coverage counts only what was served.
-    let mut other = record(None);
+    let mut other = session_record(None);
     other.reply = rec.reply.clone();
     nodes[0].create(&other).await.unwrap();
     nodes[1]
@@ -258,10 +235,10 @@ async fn put_never_moves_back_and_a_new_reply_is_counted_afresh() {
     let Some(pg) = cluster() else { return };
     let url = pg.fresh_database();
     let (a, b) = (node(&url).await, node(&url).await);
-    let rec = record(None);
+    let rec = session_record(None);
     a.create(&rec).await.unwrap();
     let CasOutcome::Committed(ahead) = b
-        .commit_fragment(&commit(rec.id, 0, 50, "k"))
+        .commit_fragment(&fragment(rec.id, 0, 50, "k"))
         .await
         .unwrap()
     else {
@@ -339,12 +316,12 @@ async fn live_counts_limits_and_tombstones() {
     let b = node(&url).await;
     let mut alice = Vec::new();
     for _ in 0..3 {
-        let r = record(Some("alice"));
+        let r = session_record(Some("alice"));
         assert!(a.create(&r).await.unwrap());
         alice.push(r);
     }
     for owner in [Some("bob"), Some("bob"), None] {
-        assert!(b.create(&record(owner)).await.unwrap());
+        assert!(b.create(&session_record(owner)).await.unwrap());
     }
     assert_eq!(a.live_count().await.unwrap(), 6);
     assert_eq!(b.live_count_of("alice").await.unwrap(), 3);
@@ -365,7 +342,7 @@ async fn live_counts_limits_and_tombstones() {
         CasOutcome::Raced(r) if r.state == SessionState::Closed
     ));
     assert!(matches!(
-        a.commit_fragment(&commit(id, 0, 10, "late")).await.unwrap(),
+        a.commit_fragment(&fragment(id, 0, 10, "late")).await.unwrap(),
         CasOutcome::Raced(r) if r.state == SessionState::Closed && r.received == 0
     ));
     let mut revived = alice[0].clone();
@@ -393,7 +370,7 @@ async fn live_counts_limits_and_tombstones() {
         total: None,
     };
     assert_eq!(
-        a.create_limited(&record(Some("alice")), per_user)
+        a.create_limited(&session_record(Some("alice")), per_user)
             .await
             .unwrap(),
         CreateOutcome::UserLimit
@@ -403,7 +380,7 @@ async fn live_counts_limits_and_tombstones() {
         total: Some(5),
     };
     assert_eq!(
-        a.create_limited(&record(Some("carol")), total)
+        a.create_limited(&session_record(Some("carol")), total)
             .await
             .unwrap(),
         CreateOutcome::TotalLimit
@@ -416,7 +393,9 @@ async fn live_counts_limits_and_tombstones() {
     let tasks: Vec<_> = (0..12)
         .map(|i| {
             let s = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tokio::spawn(async move { s.create_limited(&record(Some("dave")), limit).await })
+            tokio::spawn(
+                async move { s.create_limited(&session_record(Some("dave")), limit).await },
+            )
         })
         .collect();
     let mut created = 0;
@@ -461,19 +440,19 @@ async fn pending_objects_of_lost_commits_are_found_and_removal_lists_every_objec
     let url = pg.fresh_database();
     let a = node(&url).await;
     let b = node(&url).await;
-    let rec = record(None);
+    let rec = session_record(None);
     a.create(&rec).await.unwrap();
     let id = rec.id;
     // Both nodes record their object before writing it; one commit wins.
     a.add_pending_object(&id, "frag/a").await.unwrap();
     b.add_pending_object(&id, "frag/b").await.unwrap();
     let won = a
-        .commit_fragment(&commit(id, 0, 100, "frag/a"))
+        .commit_fragment(&fragment(id, 0, 100, "frag/a"))
         .await
         .unwrap();
     assert!(matches!(won, CasOutcome::Committed(_)));
     let lost = b
-        .commit_fragment(&commit(id, 0, 100, "frag/b"))
+        .commit_fragment(&fragment(id, 0, 100, "frag/b"))
         .await
         .unwrap();
     assert!(matches!(lost, CasOutcome::Raced(r) if r.received == 100));
@@ -566,143 +545,5 @@ where
         }
         assert!(Instant::now() < deadline, "the lock was never released");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_stopped_mid_run_gives_transient_errors_and_loses_nothing() {
-    let pg = match PgCluster::start(ClusterOptions::default()) {
-        Ok(pg) => pg,
-        Err(why) => return eprintln!("skipping: {why}"),
-    };
-    let url = pg.fresh_database();
-    let options = PgOptions {
-        max_connections: 4,
-        timeout: Duration::from_secs(2),
-    };
-    let nodes = [
-        PgStateStore::connect(&url, options.clone()).await.unwrap(),
-        PgStateStore::connect(&url, options).await.unwrap(),
-    ];
-    // Four sessions uploaded by "clients" that retry on transient errors, on alternating nodes.
-    const TARGET: u64 = 4000;
-    let mut jobs = Vec::new();
-    for j in 0..4 {
-        let rec = record(Some("fleet"));
-        nodes[0].create(&rec).await.unwrap();
-        let nodes = nodes.clone();
-        jobs.push(tokio::spawn(async move {
-            let (mut acked, mut transient, mut n) = (0u64, 0u32, 0usize);
-            while acked < TARGET {
-                n += 1;
-                let store = &nodes[n % 2];
-                let step = async {
-                    let read = store.load(&rec.id).await?.unwrap().received;
-                    assert!(
-                        read >= acked,
-                        "an acknowledged offset was lost: {read} < {acked}"
-                    );
-                    let c = commit(rec.id, read, 10, &format!("{j}/{read}"));
-                    store.commit_fragment(&c).await
-                };
-                match step.await {
-                    Ok(CasOutcome::Committed(r)) => acked = r.received,
-                    Ok(other) => panic!("{other:?}"),
-                    Err(e) => {
-                        assert!(e.is_transient(), "not transient: {e}");
-                        transient += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            (rec.id, acked, transient)
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let before = nodes[1].list_page(None, 100).await.unwrap();
-    pg.stop();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let down = nodes[0].load(&before[0].id).await.unwrap_err();
-    assert!(down.is_transient(), "{down}");
-    assert!(down.to_string().contains("unreachable"), "{down}");
-    pg.restart();
-
-    let mut transient_total = 0;
-    for job in jobs {
-        let (id, acked, transient) = job.await.unwrap();
-        transient_total += transient;
-        let rec = nodes[1].load(&id).await.unwrap().unwrap();
-        assert_eq!(rec.received, acked);
-        let index = nodes[0].fragments(&id).await.unwrap();
-        let mut at = 0;
-        for f in &index {
-            assert_eq!(f.entry.offset, at, "the index has no gap");
-            at += f.entry.len;
-        }
-        assert_eq!(at, acked);
-    }
-    assert!(transient_total > 0, "the outage was never seen");
-    // Everything committed before the stop is still there.
-    for old in before {
-        let now = nodes[0].load(&old.id).await.unwrap().unwrap();
-        assert!(now.received >= old.received);
-    }
-}
-
-/// Measures fragment commits per second from N concurrent sessions with fsync on, with and
-/// without the pending-object row (run by hand: `cargo test -p bitsd-tests --test farm_pg
-/// measure -- --ignored --nocapture`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a test"]
-async fn measure_commit_rate() {
-    let pg = match PgCluster::start(ClusterOptions { durable: true }) {
-        Ok(pg) => pg,
-        Err(why) => return eprintln!("skipping: {why}"),
-    };
-    let url = pg.fresh_database();
-    let options = PgOptions {
-        max_connections: 64,
-        timeout: Duration::from_secs(10),
-    };
-    let store = PgStateStore::connect(&url, options).await.unwrap();
-    for pending in [false, true] {
-        for (sessions, per) in [(1usize, 400u64), (8, 150), (64, 40)] {
-            let start = Instant::now();
-            let tasks: Vec<_> = (0..sessions)
-                .map(|_| {
-                    let store = store.clone();
-                    tokio::spawn(async move {
-                        let rec = record(None);
-                        store.create(&rec).await.unwrap();
-                        let mut at = 0;
-                        for i in 0..per {
-                            let c = commit(rec.id, at, 65536, &format!("{}/{i}", rec.id));
-                            if pending {
-                                store
-                                    .add_pending_object(&rec.id, &c.object_key)
-                                    .await
-                                    .unwrap();
-                            }
-                            match store.commit_fragment(&c).await.unwrap() {
-                                CasOutcome::Committed(r) => at = r.received,
-                                other => panic!("{other:?}"),
-                            }
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-            let n = per * sessions as u64;
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "pending row {pending:5}, {sessions:>2} sessions: {n:>4} fragments in {secs:5.2}s = \
-                 {:4.0} fragments/s, {:6.2} ms per fragment of one session",
-                n as f64 / secs,
-                secs * 1000.0 / per as f64
-            );
-        }
     }
 }
