@@ -457,6 +457,15 @@ async fn object_store_unreachable_is_the_transient_error() {
         .unwrap_err();
     assert!(err.is_object_store_unreachable(), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // The same over TLS (the client's rustls is set up, nothing listens).
+    let mut tls = config(format!("https://127.0.0.1:{port}"), &access, 5 * MIB);
+    tls.retry_timeout_secs = Some(2);
+    let err = Objects::new(&tls)
+        .unwrap()
+        .head(&objects.fragment_key(&session, 0))
+        .await
+        .unwrap_err();
+    assert!(err.is_object_store_unreachable(), "{err}");
 
     // A real Garage going away mid-run: transient errors, then it works again.
     let Some(mut garage) = Garage::start() else {
