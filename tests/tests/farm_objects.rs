@@ -104,12 +104,19 @@ async fn garage_fragment_put_and_ranged_reads_are_byte_exact() {
         .await
         .unwrap();
     assert_eq!(listed.len(), 6);
+    let streamed: Vec<_> = objects
+        .list_stream(&objects.session_prefix(&session))
+        .collect()
+        .await;
+    assert_eq!(streamed.len(), 6);
+    assert!(objects.session_ids().await.unwrap().contains(&session));
     assert_eq!(objects.delete_session(&session).await.unwrap(), 6);
     assert!(objects
         .list(&objects.session_prefix(&session))
         .await
         .unwrap()
         .is_empty());
+    assert!(!objects.session_ids().await.unwrap().contains(&session));
     // A file key with characters S3 keys need encoded round-trips through the store.
     let odd = objects.file_key("inv entory/ü%25/../x.bin");
     put(&objects, odd.clone(), b"odd").await;
