@@ -104,12 +104,19 @@ async fn garage_fragment_put_and_ranged_reads_are_byte_exact() {
         .await
         .unwrap();
     assert_eq!(listed.len(), 6);
+    let streamed: Vec<_> = objects
+        .list_stream(&objects.session_prefix(&session))
+        .collect()
+        .await;
+    assert_eq!(streamed.len(), 6);
+    assert!(objects.session_ids().await.unwrap().contains(&session));
     assert_eq!(objects.delete_session(&session).await.unwrap(), 6);
     assert!(objects
         .list(&objects.session_prefix(&session))
         .await
         .unwrap()
         .is_empty());
+    assert!(!objects.session_ids().await.unwrap().contains(&session));
     // A file key with characters S3 keys need encoded round-trips through the store.
     let odd = objects.file_key("inv entory/ü%25/../x.bin");
     put(&objects, odd.clone(), b"odd").await;
@@ -457,6 +464,15 @@ async fn object_store_unreachable_is_the_transient_error() {
         .unwrap_err();
     assert!(err.is_object_store_unreachable(), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // The same over TLS (the client's rustls is set up, nothing listens).
+    let mut tls = config(format!("https://127.0.0.1:{port}"), &access, 5 * MIB);
+    tls.retry_timeout_secs = Some(2);
+    let err = Objects::new(&tls)
+        .unwrap()
+        .head(&objects.fragment_key(&session, 0))
+        .await
+        .unwrap_err();
+    assert!(err.is_object_store_unreachable(), "{err}");
 
     // A real Garage going away mid-run: transient errors, then it works again.
     let Some(mut garage) = Garage::start() else {

@@ -240,6 +240,38 @@ impl Objects {
             .map_err(map_err("list", prefix.as_str()))
     }
 
+    /// Every object under `prefix`, as a stream (listing pages are fetched as it is read):
+    /// what a sweep of a large bucket uses instead of [`Objects::list`].
+    pub fn list_stream(
+        &self,
+        prefix: &ObjectKey,
+    ) -> Pin<Box<dyn Stream<Item = Result<ObjectInfo, StorageError>> + Send>> {
+        let key = prefix.as_str().to_string();
+        Box::pin(
+            self.store
+                .list(Some(prefix.path()))
+                .map_ok(ObjectInfo::from)
+                .map_err(move |e| map_err("list", &key)(e)),
+        )
+    }
+
+    /// The sessions that have objects in the store (one listing of `<prefix>/sessions/` by
+    /// delimiter, not of every object): the sweeper compares them with PostgreSQL's sessions.
+    /// Names that are not session ids are skipped.
+    pub async fn session_ids(&self) -> Result<Vec<bitsd_protocol::SessionId>, StorageError> {
+        let prefix = self.sessions_prefix();
+        let listed = self
+            .store
+            .list_with_delimiter(Some(prefix.path()))
+            .await
+            .map_err(map_err("list", prefix.as_str()))?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename()?.parse().ok())
+            .collect())
+    }
+
     /// Deletes every object of a session (its fragments, including those of commits that
     /// lost a race, and its reply); returns how many there were.
     pub async fn delete_session(
@@ -277,5 +309,7 @@ fn futures_are_send(
     send(objects.list(key));
     send(objects.delete(std::slice::from_ref(key)));
     send(objects.delete_session(session));
+    send(objects.session_ids());
+    send(objects.list_stream(key));
     send(objects.read_upload(fragments, 0, key));
 }
