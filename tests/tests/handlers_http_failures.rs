@@ -1,6 +1,7 @@
 //! The HTTP notification handler when the backend fails (§9.5) and when the final fragment is
 //! re-sent (§6.2): relayed error statuses, timeouts, dropped connections, retries after a
 //! failure and no repeat after a success.
+#![allow(clippy::unwrap_used)]
 
 mod handler_support;
 

@@ -1,6 +1,7 @@
 //! The HTTP notification handler end to end through the server (§6.2, §12): a real hyper
 //! backend playing the IIS server application, notified by value and by reference, with a
 //! relative notification URL, a static response URL and copy to destination.
+#![allow(clippy::unwrap_used)]
 
 mod handler_support;
 

@@ -1,6 +1,7 @@
 //! The handlers that run inside bitsd, end to end through the server (§9, §10): the command
 //! handler with real programs, the digest and static handlers, and closure handlers that
 //! panic.
+#![allow(clippy::unwrap_used)]
 
 mod handler_support;
 

@@ -1,5 +1,6 @@
 //! Reply progress through the admin JSON after every download pattern, for a by-value HTTP
 //! backend reply.
+#![allow(clippy::unwrap_used)]
 
 mod handler_support;
 
