@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: uploads in temp dirs, reading replies.
 #![allow(clippy::unwrap_used, clippy::panic, dead_code)]
 
+pub mod http_backend;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 

@@ -1,32 +1,19 @@
 //! The `http` handler: the IIS-compatible notification of a backend (§9), whose answer is the
 //! reply.
 
-use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+mod notify;
+mod upload_body;
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::StreamExt;
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
-use http::{Method, Request, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Notify;
-use tokio_util::io::ReaderStream;
 use url::Url;
 
-use crate::static_reply::check_static_url;
-use crate::{HandlerConfigError, HandlerError, Reply, ReplyFuture, ReplyHandler, Upload};
+use crate::{HandlerConfigError, HandlerError, ReplyFuture, ReplyHandler, Upload};
+use upload_body::UploadBody;
 
 /// The file in [`Upload::session_dir`] named in `BITS-Response-DataFile-Name` (by reference):
 /// where the backend may write the reply.
@@ -308,173 +295,6 @@ impl HttpNotifyHandler {
             }
         }
     }
-
-    async fn notify(&self, upload: Upload) -> Result<Reply, HandlerError> {
-        let url = self.target_for(&upload)?;
-        let uri: http::Uri = url
-            .as_str()
-            .parse()
-            .map_err(|e| HandlerError::internal(format!("notification URL {url}: {e}")))?;
-        let host = match (url.host_str(), url.port()) {
-            (Some(host), Some(port)) => format!("{host}:{port}"),
-            (Some(host), None) => host.to_owned(),
-            (None, _) => return Err(HandlerError::internal(format!("no host in {url}"))),
-        };
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(HOST, header_value(host.as_bytes(), "Host")?)
-            .header(
-                ORIGINAL_REQUEST_URL,
-                header_value(upload.original_url.as_bytes(), "BITS-Original-Request-URL")?,
-            );
-
-        let progress = Arc::new(Notify::new());
-        let local_failure = Arc::new(AtomicBool::new(false));
-        let response_file = absolute(&upload.session_file(RESPONSE_FILE))?;
-        let body = match self.config.notification {
-            Notification::ByValue => {
-                let file = upload.open().await.map_err(|e| {
-                    HandlerError::internal(format!("opening upload {}: {e}", upload.path.display()))
-                })?;
-                builder = builder.header(CONTENT_LENGTH, upload.len);
-                UploadBody {
-                    stream: Some(ReaderStream::with_capacity(file, CHUNK)),
-                    remaining: upload.len,
-                    progress: Arc::clone(&progress),
-                    local_failure: Arc::clone(&local_failure),
-                }
-            }
-            Notification::ByReference => {
-                // A response file left by an earlier attempt must not become this reply.
-                match tokio::fs::remove_file(&response_file).await {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(HandlerError::internal(format!(
-                            "removing stale {}: {e}",
-                            response_file.display()
-                        )))
-                    }
-                }
-                let request_file = absolute(&upload.path)?;
-                let request_value = header_value(
-                    request_file.as_os_str().as_bytes(),
-                    "BITS-Request-DataFile-Name",
-                )?;
-                let response_value = header_value(
-                    response_file.as_os_str().as_bytes(),
-                    "BITS-Response-DataFile-Name",
-                )?;
-                builder = builder
-                    .header(CONTENT_LENGTH, 0)
-                    .header(REQUEST_DATAFILE, request_value.clone())
-                    .header(RESPONSE_DATAFILE, response_value.clone());
-                if self.config.also_send_data_entity_headers {
-                    builder = builder
-                        .header(REQUEST_DATAENTITY, request_value)
-                        .header(RESPONSE_DATAENTITY, response_value);
-                }
-                UploadBody {
-                    stream: None,
-                    remaining: 0,
-                    progress: Arc::clone(&progress),
-                    local_failure: Arc::clone(&local_failure),
-                }
-            }
-        };
-        let request = builder
-            .body(body)
-            .map_err(|e| HandlerError::internal(format!("building the notification: {e}")))?;
-
-        tracing::debug!(session_id = %upload.session_id, url = %url,
-            mode = ?self.config.notification, "notifying the backend");
-        let response = self.send(request, &progress, &local_failure, &url).await?;
-        let status = response.status();
-        if status != StatusCode::OK {
-            return Err(HandlerError::status(
-                status.as_u16(),
-                format!("backend {url} answered {status}"),
-            ));
-        }
-        let commit = response.headers().contains_key(COPY_FILE_TO_DESTINATION);
-        let with_commit = |reply: Reply| {
-            if commit {
-                reply.with_commit_upload()
-            } else {
-                reply
-            }
-        };
-        if let Some(value) = response.headers().get(STATIC_RESPONSE_URL) {
-            let static_url = value
-                .to_str()
-                .map_err(|_| {
-                    HandlerError::internal("BITS-Static-Response-URL is not visible ASCII")
-                })?
-                .trim();
-            check_static_url(static_url).map_err(|reason| {
-                HandlerError::internal(format!(
-                    "BITS-Static-Response-URL {static_url:?} is not an absolute http(s) URL: {reason}"
-                ))
-            })?;
-            return Ok(with_commit(Reply::static_url(static_url)));
-        }
-
-        let body_path = upload.unique_session_file(NOTIFICATION_REPLY_FILE);
-        let body_len = match store_body(response.into_body(), &body_path, self.config.timeout).await
-        {
-            Ok(len) => len,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&body_path).await;
-                return Err(e);
-            }
-        };
-        let reply = if body_len > 0 {
-            Reply::file(body_path)
-        } else {
-            let _ = tokio::fs::remove_file(&body_path).await;
-            match self.config.notification {
-                Notification::ByValue => Reply::empty(),
-                Notification::ByReference => match tokio::fs::metadata(&response_file).await {
-                    Ok(meta) if meta.is_file() => Reply::file(response_file),
-                    _ => Reply::empty(),
-                },
-            }
-        };
-        Ok(with_commit(reply))
-    }
-
-    /// Sends `request` and waits for the response head, failing as unreachable when nothing
-    /// happens (no upload bytes taken, no answer) for the timeout.
-    async fn send(
-        &self,
-        request: Request<UploadBody>,
-        progress: &Notify,
-        local_failure: &AtomicBool,
-        url: &Url,
-    ) -> Result<http::Response<Incoming>, HandlerError> {
-        let timeout = self.config.timeout;
-        let response = self.client.request(request);
-        tokio::pin!(response);
-        let result = loop {
-            tokio::select! {
-                result = &mut response => break result,
-                () = progress.notified() => continue,
-                () = tokio::time::sleep(timeout) => {
-                    return Err(HandlerError::Unreachable(format!(
-                        "backend {url} did not answer within {timeout:?}"
-                    )));
-                }
-            }
-        };
-        result.map_err(|e| {
-            if local_failure.load(Ordering::Relaxed) {
-                HandlerError::internal(format!("sending the upload to {url}: {}", chain(&e)))
-            } else {
-                HandlerError::Unreachable(format!("backend {url}: {}", chain(&e)))
-            }
-        })
-    }
 }
 
 impl ReplyHandler for HttpNotifyHandler {
@@ -500,121 +320,6 @@ fn check_http(url: &Url) -> Result<(), NotHttp> {
         return Err(NotHttp::Other("no host".into()));
     }
     Ok(())
-}
-
-fn header_value(bytes: &[u8], name: &str) -> Result<HeaderValue, HandlerError> {
-    HeaderValue::from_bytes(bytes)
-        .map_err(|_| HandlerError::internal(format!("{name} would not be a valid header value")))
-}
-
-fn absolute(path: &Path) -> Result<PathBuf, HandlerError> {
-    std::path::absolute(path)
-        .map_err(|e| HandlerError::internal(format!("absolute path of {}: {e}", path.display())))
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// Streams the response body into a new file at `path`; returns its length. Each chunk must
-/// arrive within `timeout`.
-async fn store_body(
-    mut body: Incoming,
-    path: &Path,
-    timeout: Duration,
-) -> Result<u64, HandlerError> {
-    let write_err =
-        |e: io::Error| HandlerError::internal(format!("writing {}: {e}", path.display()));
-    let mut file = tokio::fs::File::create(path).await.map_err(write_err)?;
-    let mut len = 0u64;
-    loop {
-        let frame = match tokio::time::timeout(timeout, body.frame()).await {
-            Err(_) => {
-                return Err(HandlerError::Unreachable(format!(
-                    "backend stalled for {timeout:?} sending its response body"
-                )))
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return Err(HandlerError::Unreachable(format!(
-                    "reading the backend's response body: {}",
-                    chain(&e)
-                )))
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        if let Ok(data) = frame.into_data() {
-            file.write_all(&data).await.map_err(write_err)?;
-            len += data.len() as u64;
-        }
-    }
-    file.flush().await.map_err(write_err)?;
-    Ok(len)
-}
-
-/// The notification's request body: the upload file streamed in chunks (by value), or
-/// nothing (by reference). Each chunk taken by the connection signals `progress`; a failure
-/// to read the upload sets `local_failure`.
-struct UploadBody {
-    stream: Option<ReaderStream<tokio::io::Take<tokio::fs::File>>>,
-    remaining: u64,
-    progress: Arc<Notify>,
-    local_failure: Arc<AtomicBool>,
-}
-
-impl Body for UploadBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = &mut *self;
-        let Some(stream) = this.stream.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match stream.poll_next_unpin(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(bytes))) => {
-                this.remaining = this.remaining.saturating_sub(bytes.len() as u64);
-                this.progress.notify_one();
-                Poll::Ready(Some(Ok(Frame::data(bytes))))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.stream = None;
-                this.local_failure.store(true, Ordering::Relaxed);
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                this.stream = None;
-                if this.remaining > 0 {
-                    this.local_failure.store(true, Ordering::Relaxed);
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the upload file ended {} bytes short", this.remaining),
-                    ))));
-                }
-                Poll::Ready(None)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.stream.is_none() || self.remaining == 0
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
-    }
 }
 
 #[cfg(test)]
