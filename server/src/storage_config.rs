@@ -21,7 +21,7 @@ pub enum StorageConfig {
     Local,
     /// A farm: session state in PostgreSQL, bytes in an object store; any node continues any
     /// session.
-    Shared(SharedStorage),
+    Shared(Box<SharedStorage>),
 }
 
 /// The shared backend's settings (`[storage]` with `backend = "shared"`, and `[object_store]`).

@@ -65,12 +65,12 @@ pub(super) fn build_storage(
             if entry.postgres_timeout_secs == Some(0) {
                 return Err("postgres_timeout_secs must be at least 1".into());
             }
-            Ok(StorageConfig::Shared(SharedStorage {
+            Ok(StorageConfig::Shared(Box::new(SharedStorage {
                 postgres_url,
                 postgres_max_connections: entry.postgres_max_connections.unwrap_or(16),
                 postgres_timeout: Duration::from_secs(entry.postgres_timeout_secs.unwrap_or(5)),
                 object_store,
-            }))
+            })))
         }
         other => Err(format!(
             "[storage] backend must be \"local\" or \"shared\", not {other:?}"
