@@ -145,6 +145,18 @@ async fn plain_upload_and_echo_job_with_every_packet_on_another_node() {
         "exactly once: {files:?}"
     );
     assert_eq!(files.len(), 1, "{files:?}");
+    // Overwrites are off: the destination is taken for every node.
+    let again = client
+        .bits_post(
+            "/upload/farm/a.bin",
+            &[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", bitsd_tests::PROTOCOL),
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(again.status, 403, "{again:?}");
 
     // An upload-reply echo job: the reply is served byte-exact through the balancer.
     let data = pattern(50_000, 2);
