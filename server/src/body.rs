@@ -242,6 +242,11 @@ impl ResponseBody {
         report: DeliveryReport,
         conn: Option<ConnSend>,
     ) -> Self {
+        // Mark where this body starts on the connection, as a file body does: without the
+        // mark the connection counts nothing of it as delivered.
+        if let Some(c) = &conn {
+            c.body_started();
+        }
         ResponseBody(Inner::Stream(StreamedBody {
             stream,
             remaining: len,

@@ -22,6 +22,7 @@ mod apply;
 mod byte_size;
 mod explain;
 mod handlers;
+mod storage;
 pub use byte_size::ByteSize;
 use explain::{io_reason, key_offset};
 pub use handlers::build_handler;
@@ -125,6 +126,25 @@ pub struct ConfigFile {
     pub admin_token_file: Option<PathBuf>,
     /// Allow the admin listener on an address other than loopback.
     pub admin_allow_non_loopback: Option<bool>,
+    /// The `[storage]` table: which backend (`local`, the default, or `shared`).
+    pub storage: Option<StorageEntry>,
+    /// The `[object_store]` table: the shared backend's bucket.
+    pub object_store: Option<bitsd_storage::shared::objects::ObjectStoreConfig>,
+}
+
+/// The `[storage]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageEntry {
+    /// `"local"` (sled + files under `data_dir`, the default) or `"shared"` (PostgreSQL +
+    /// `[object_store]`).
+    pub backend: Option<String>,
+    /// PostgreSQL URL of the shared backend (else the `BITSD_POSTGRES_URL` environment variable).
+    pub postgres_url: Option<String>,
+    /// Connections in this node's PostgreSQL pool (default 16).
+    pub postgres_max_connections: Option<usize>,
+    /// Seconds one PostgreSQL call may take before the packet gets a transient error (default 5).
+    pub postgres_timeout_secs: Option<u64>,
 }
 
 /// The `[auth]` table.

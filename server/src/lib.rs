@@ -32,6 +32,7 @@ mod server;
 mod service;
 mod session_limits;
 mod session_locks;
+pub mod storage_config;
 mod tcp_unacked;
 mod tls_log;
 pub mod transcript;
@@ -58,4 +59,5 @@ pub use service::{
     BitsService, BitsServiceBuilder, BuildError, ReplyBytes, SessionProgress, UploadBytes,
 };
 pub use session_limits::{FsyncPolicy, SessionLimits, E_TOO_MANY_SESSIONS};
+pub use storage_config::{SharedStorage, StorageConfig};
 pub use transcript::{Transcript, TranscriptEntry, TranscriptOptions};

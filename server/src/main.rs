@@ -223,6 +223,21 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                     .map_or("off".to_owned(), |a| a.to_string())
             );
             println!("  data_dir      {}", config.data_dir.display());
+            match &config.storage {
+                bitsd::StorageConfig::Local => println!("  storage       local"),
+                bitsd::StorageConfig::Shared(s) => {
+                    println!(
+                        "  storage       shared (postgres {}, bucket {}{})",
+                        bitsd::storage_config::redact_url(&s.postgres_url),
+                        s.object_store.bucket,
+                        s.object_store
+                            .endpoint
+                            .as_deref()
+                            .map(|e| format!(" at {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
             for r in &config.routes {
                 println!("  route         {} ({:?})", r.prefix(), r.mode());
             }

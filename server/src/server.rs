@@ -97,6 +97,8 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     /// Allow the admin listener on an address other than loopback (refused otherwise).
     pub admin_allow_non_loopback: bool,
+    /// Where sessions and bytes live (default: local, under `data_dir`).
+    pub storage: crate::StorageConfig,
 }
 
 impl ServerConfig {
@@ -136,6 +138,7 @@ impl Default for ServerConfig {
             transcript: None,
             admin_token: None,
             admin_allow_non_loopback: false,
+            storage: crate::StorageConfig::Local,
         }
     }
 }
@@ -152,6 +155,9 @@ pub enum ServerError {
         #[source]
         source: StorageError,
     },
+    /// The shared storage backend (PostgreSQL, the object store) could not be opened.
+    #[error("opening the shared storage backend: {0}")]
+    SharedStorage(#[source] StorageError),
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -251,12 +257,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             }
         }
     }
-    let store = SessionStore::open(&config.data_dir)
-        .await
-        .map_err(|source| ServerError::Storage {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+    let builder = match &config.storage {
+        crate::StorageConfig::Local => BitsService::builder(
+            SessionStore::open(&config.data_dir)
+                .await
+                .map_err(|source| ServerError::Storage {
+                    path: config.data_dir.clone(),
+                    source,
+                })?,
+        ),
+        crate::StorageConfig::Shared(shared) => {
+            BitsService::builder_for(
+                crate::storage_config::open_shared(shared, &config.data_dir)
+                    .await
+                    .map_err(ServerError::SharedStorage)?,
+            )
+            .await
+        }
+    };
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -268,7 +286,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         addr: config.listen,
         source,
     })?;
-    let mut builder = BitsService::builder(store)
+    let mut builder = builder
         .limits(config.limits)
         .session_limits(config.session_limits)
         .fsync(config.fsync)

@@ -644,6 +644,15 @@ fn error_message(reason: &str) -> Option<HeaderValue> {
 /// A storage failure as the client sees it: 500 with the OS error's HRESULT where it is known.
 pub(crate) fn storage_failure(e: StorageError) -> BitsError {
     tracing::error!(error = %e, "storage failure");
+    if e.is_transient() {
+        // The state store or the object store is unreachable: 503, which a client retries.
+        return BitsError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            bitsd_protocol::HResult::http_error(503),
+            bitsd_protocol::ErrorContext::Server,
+            e.to_string(),
+        );
+    }
     let code = if e.is_disk_full() {
         bitsd_protocol::HResult::E_DISK_FULL
     } else {

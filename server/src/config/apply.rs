@@ -14,7 +14,7 @@ use super::{
 impl ConfigFile {
     /// Applies the file to `config` (the defaults, before command-line flags).
     pub fn apply(
-        self,
+        mut self,
         text: &str,
         name: &str,
         config: &mut ServerConfig,
@@ -29,6 +29,10 @@ impl ConfigFile {
             }
         };
         let at_key = |key: &str| text.find(&format!("\n{key}")).map_or(0, |i| i + 1);
+        let storage_at = text.find("[storage]").unwrap_or(0);
+        config.storage =
+            super::storage::build_storage(self.storage.take(), self.object_store.take())
+                .map_err(|m| err(storage_at, m))?;
         if let Some(l) = &self.listen {
             config.listen = l
                 .parse()

@@ -1,3 +1,7 @@
-//! Components of the shared (farm) backend: PostgreSQL for session state, an object store for bytes.
+//! The shared (farm) backend ([`SharedBackend`]) and its components: PostgreSQL for session
+//! state, an object store for bytes.
+mod backend;
 pub mod objects;
 pub mod pg;
+
+pub use backend::SharedBackend;

@@ -1,0 +1,131 @@
+//! The `[storage]` and `[object_store]` tables: which backend the server runs on.
+
+use std::time::Duration;
+
+use bitsd_storage::shared::objects::ObjectStoreConfig;
+
+use super::StorageEntry;
+use crate::storage_config::{SharedStorage, StorageConfig, POSTGRES_URL_ENV};
+
+/// Builds the storage choice from the two tables (both optional: local by default).
+pub(super) fn build_storage(
+    entry: Option<StorageEntry>,
+    object_store: Option<ObjectStoreConfig>,
+) -> Result<StorageConfig, String> {
+    let backend = entry
+        .as_ref()
+        .and_then(|e| e.backend.clone())
+        .unwrap_or_else(|| "local".to_owned());
+    match backend.as_str() {
+        "local" => {
+            if object_store.is_some() {
+                return Err(
+                    "[object_store] is only used with [storage] backend = \"shared\"; \
+                            set backend = \"shared\" or remove the table"
+                        .into(),
+                );
+            }
+            Ok(StorageConfig::Local)
+        }
+        "shared" => {
+            let entry = entry.unwrap_or(StorageEntry {
+                backend: None,
+                postgres_url: None,
+                postgres_max_connections: None,
+                postgres_timeout_secs: None,
+            });
+            let postgres_url = entry
+                .postgres_url
+                .or_else(|| std::env::var(POSTGRES_URL_ENV).ok())
+                .filter(|u| !u.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "[storage] backend = \"shared\" needs postgres_url \
+                         (postgres://user:password@host:port/database) or {POSTGRES_URL_ENV}"
+                    )
+                })?;
+            if !(postgres_url.starts_with("postgres://")
+                || postgres_url.starts_with("postgresql://"))
+            {
+                return Err(format!(
+                    "postgres_url must start with postgres:// or postgresql://: {:?}",
+                    crate::storage_config::redact_url(&postgres_url)
+                ));
+            }
+            let object_store = object_store.ok_or_else(|| {
+                "[storage] backend = \"shared\" needs an [object_store] table with at least bucket"
+                    .to_owned()
+            })?;
+            if object_store.bucket.is_empty() {
+                return Err("[object_store] bucket must be set".into());
+            }
+            if entry.postgres_max_connections == Some(0) {
+                return Err("postgres_max_connections must be at least 1".into());
+            }
+            if entry.postgres_timeout_secs == Some(0) {
+                return Err("postgres_timeout_secs must be at least 1".into());
+            }
+            Ok(StorageConfig::Shared(Box::new(SharedStorage {
+                postgres_url,
+                postgres_max_connections: entry.postgres_max_connections.unwrap_or(16),
+                postgres_timeout: Duration::from_secs(entry.postgres_timeout_secs.unwrap_or(5)),
+                object_store,
+            })))
+        }
+        other => Err(format!(
+            "[storage] backend must be \"local\" or \"shared\", not {other:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::ConfigFile;
+    use crate::{ServerConfig, StorageConfig};
+
+    fn apply(text: &str) -> Result<ServerConfig, String> {
+        let parsed: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut config = ServerConfig::default();
+        parsed
+            .apply(text, "t.toml", &mut config)
+            .map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn local_is_the_default_and_shared_needs_url_and_bucket() {
+        assert!(matches!(apply("").unwrap().storage, StorageConfig::Local));
+        assert!(matches!(
+            apply("[storage]\nbackend = \"local\"\n").unwrap().storage,
+            StorageConfig::Local
+        ));
+        let shared = apply(
+            "[storage]\nbackend = \"shared\"\npostgres_url = \"postgres://u:p@h/d\"\n\
+             postgres_max_connections = 4\n[object_store]\nbucket = \"b\"\nprefix = \"x\"\n",
+        )
+        .unwrap();
+        match shared.storage {
+            StorageConfig::Shared(s) => {
+                assert_eq!(s.postgres_url, "postgres://u:p@h/d");
+                assert_eq!(s.postgres_max_connections, 4);
+                assert_eq!(s.object_store.bucket, "b");
+                assert!(!format!("{s:?}").contains(":p@"), "password redacted");
+            }
+            StorageConfig::Local => panic!("expected shared"),
+        }
+        let e = apply("[storage]\nbackend = \"nfs\"\n").unwrap_err();
+        assert!(e.contains("\"local\" or \"shared\""), "{e}");
+        let e = apply("[storage]\nbackend = \"shared\"\npostgres_url = \"postgres://h/d\"\n")
+            .unwrap_err();
+        assert!(e.contains("[object_store]"), "{e}");
+        let e = apply("[object_store]\nbucket = \"b\"\n").unwrap_err();
+        assert!(e.contains("only used with"), "{e}");
+        let e = apply(
+            "[storage]\nbackend = \"shared\"\npostgres_url = \"mysql://h/d\"\n[object_store]\nbucket = \"b\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("postgres://"), "{e}");
+    }
+}

@@ -1,0 +1,381 @@
+//! The shared (farm) backend: [`SharedBackend`], PostgreSQL for session state and an object
+//! store for bytes, behind [`SessionBackend`]. Any node continues any session: nothing about
+//! a session is kept on a node.
+//!
+//! The crash-safe order of each verb:
+//!
+//! - create: one PostgreSQL insert, durable on return.
+//! - fragment: the object's key is recorded as pending in PostgreSQL **before** the first byte
+//!   is sent; the body streams into its own object (`…/frag/<offset>-<nonce>`); commit
+//!   completes the object first (durable on the store's write quorum), **then** one PostgreSQL
+//!   statement advances `received` only if it still equals the offset the node read, records
+//!   the object in the fragment index and drops the pending row. A lost commit's object stays
+//!   pending until the sweeper deletes it; readers never see it (they follow the index).
+//! - publish: the fragments are assembled into `<prefix>/files/<path>` (server-side copy for
+//!   one fragment), then the record is stored `committed` in PostgreSQL. Without overwrites an
+//!   existing destination is refused (checked with a HEAD), unless this session's own
+//!   publish marker (a pending row for the destination key, written before the assembly)
+//!   says a crashed attempt of the same session wrote it.
+//! - reply: streamed into `<prefix>/sessions/<id>/reply` (whole or absent), served by range.
+//! - reply progress: `int8multirange` union in PostgreSQL.
+//! - end and purge: the session's objects are deleted (never a published file), then the
+//!   row becomes a tombstone (end) or goes (purge).
+//! - sweep: a PostgreSQL advisory lock held by one node.
+
+mod sinks;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bitsd_protocol::SessionId;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
+use super::pg::{CasOutcome, PgOptions, PgStateStore};
+use crate::backend::{
+    ByteStream, FragmentPlan, FragmentSink, LiveCounts, LocalUpload, ReplySink, SessionBackend,
+    SweepLock,
+};
+use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
+use sinks::{reply_key, SharedFragment, SharedReply};
+
+/// Chunk size for reading a local file into the store.
+const FILE_CHUNK: usize = 256 * 1024;
+
+/// Sessions in PostgreSQL, bytes in an object store (see the module docs).
+#[derive(Clone, Debug)]
+pub struct SharedBackend {
+    state: PgStateStore,
+    objects: Objects,
+    scratch: PathBuf,
+}
+
+impl SharedBackend {
+    /// Connects to PostgreSQL at `postgres_url` (creating or migrating the schema) and to the
+    /// object store `store` describes. `scratch` is a local directory for temporary copies of
+    /// uploads handed to reply handlers that need a file (created if missing).
+    pub async fn connect(
+        postgres_url: &str,
+        pg: PgOptions,
+        store: &ObjectStoreConfig,
+        scratch: PathBuf,
+    ) -> Result<Self, StorageError> {
+        let objects = Objects::new(store)?;
+        let state = PgStateStore::connect(postgres_url, pg).await?;
+        Ok(Self::from_parts(state, objects, scratch))
+    }
+
+    /// A backend over components already connected.
+    pub fn from_parts(state: PgStateStore, objects: Objects, scratch: PathBuf) -> Self {
+        SharedBackend {
+            state,
+            objects,
+            scratch,
+        }
+    }
+
+    /// The PostgreSQL state store.
+    pub fn state(&self) -> &PgStateStore {
+        &self.state
+    }
+
+    /// The object store.
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    async fn record(&self, id: &SessionId) -> Result<SessionRecord, StorageError> {
+        self.state.load(id).await?.ok_or_else(|| {
+            StorageError::StateStore(format!("session {id} has no record; its upload is gone"))
+        })
+    }
+
+    /// The upload's fragments, as the object store's assembly wants them.
+    async fn fragments(
+        &self,
+        id: &SessionId,
+    ) -> Result<Vec<objects::FragmentObject>, StorageError> {
+        self.state
+            .fragments(id)
+            .await?
+            .into_iter()
+            .map(|f| {
+                let key = ObjectKey::parse(&f.object_key).ok_or_else(|| StorageError::Corrupt {
+                    key: "bitsd_fragments".into(),
+                    why: format!("object key {:?} is not a valid key", f.object_key),
+                })?;
+                Ok(objects::FragmentObject {
+                    offset: f.entry.offset,
+                    len: f.entry.len,
+                    key,
+                })
+            })
+            .collect()
+    }
+
+    /// Streams the local file `src` into the session's reply object.
+    async fn put_file(&self, id: &SessionId, src: &Path) -> Result<ReplyKind, StorageError> {
+        let file = tokio::fs::File::open(src)
+            .await
+            .map_err(StorageError::io("read reply file", src))?;
+        let path = src.to_path_buf();
+        let body = tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
+            .map(move |c| c.map_err(StorageError::io("read reply file", &path)));
+        let stored = self
+            .objects
+            .put_stream(reply_key(&self.objects, id), body)
+            .await?;
+        Ok(ReplyKind::Stored {
+            len: stored.len,
+            crc32c: Some(stored.crc32c),
+            in_upload: false,
+        })
+    }
+}
+
+/// Whether `destination` is a relative path of normal components only.
+fn valid_destination(destination: &str) -> bool {
+    let parts: Vec<&str> = destination.split('/').filter(|p| !p.is_empty()).collect();
+    !parts.is_empty()
+        && parts
+            .iter()
+            .all(|p| *p != "." && *p != ".." && !p.contains('\\') && !p.contains('\0'))
+}
+
+#[async_trait]
+impl SessionBackend for SharedBackend {
+    fn kind(&self) -> &'static str {
+        "shared"
+    }
+
+    async fn create(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        if self.state.create(record).await? {
+            Ok(())
+        } else {
+            Err(StorageError::StateStore(format!(
+                "session id {} exists already",
+                record.id
+            )))
+        }
+    }
+
+    async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
+        self.state.load(id).await
+    }
+
+    async fn save(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        // A tombstone (the session ended meanwhile on some node) stays one; the caller sees
+        // it on its next load.
+        self.state.put(record).await.map(|_| ())
+    }
+
+    async fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        self.state.put(record).await.map(|_| ())
+    }
+
+    async fn flush(&self) -> Result<(), StorageError> {
+        Ok(()) // every PostgreSQL write is durable on return
+    }
+
+    async fn begin_fragment(
+        &self,
+        id: &SessionId,
+        plan: FragmentPlan,
+    ) -> Result<Box<dyn FragmentSink>, StorageError> {
+        let key = self.objects.fragment_key(id, plan.write_at);
+        // Pending BEFORE the first byte goes out: an object whose commit never happens is
+        // always known to the sweeper.
+        self.state.add_pending_object(id, key.as_str()).await?;
+        Ok(Box::new(SharedFragment {
+            id: *id,
+            state: self.state.clone(),
+            writer: self.objects.writer(key),
+        }))
+    }
+
+    async fn publish_upload(
+        &self,
+        id: &SessionId,
+        destination: &str,
+        allow_overwrite: bool,
+    ) -> Result<CommitOutcome, StorageError> {
+        let mut record = self.record(id).await?;
+        if record.committed {
+            return Ok(CommitOutcome::Committed);
+        }
+        if !valid_destination(destination) {
+            return Ok(CommitOutcome::DestinationInvalid);
+        }
+        let dest = self.objects.file_key(destination);
+        // This session's publish marker: a crashed earlier attempt of the same session may
+        // have written the destination already; that is not someone else's file.
+        let ours = self
+            .state
+            .session_objects(id)
+            .await?
+            .iter()
+            .any(|k| k == dest.as_str());
+        if !allow_overwrite && !ours {
+            match self.objects.head(&dest).await {
+                Ok(_) => return Ok(CommitOutcome::DestinationExists),
+                Err(StorageError::ObjectNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            self.state.add_pending_object(id, dest.as_str()).await?;
+        }
+        let fragments = self.fragments(id).await?;
+        self.objects
+            .assemble(&dest, &fragments, record.received)
+            .await?;
+        // Correctness from PostgreSQL: `committed` only once the assembled object exists.
+        record.committed = true;
+        record.touch();
+        match self.state.put(&record).await? {
+            CasOutcome::Committed(_) => {}
+            CasOutcome::Raced(_) | CasOutcome::Missing => {
+                return Err(StorageError::StateStore(format!(
+                    "session {id} ended while its upload was being published"
+                )))
+            }
+        }
+        self.state.forget_pending_object(dest.as_str()).await?;
+        Ok(CommitOutcome::Committed)
+    }
+
+    async fn destination_exists(&self, destination: &str) -> bool {
+        if !valid_destination(destination) {
+            return false;
+        }
+        self.objects
+            .head(&self.objects.file_key(destination))
+            .await
+            .is_ok()
+    }
+
+    async fn read_upload(&self, id: &SessionId) -> Result<ByteStream, StorageError> {
+        let record = self.record(id).await?;
+        let fragments = self.fragments(id).await?;
+        let name = self.objects.session_prefix(id);
+        self.objects.read_upload(&fragments, record.received, &name)
+    }
+
+    async fn upload_file(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        let dir = self
+            .scratch
+            .join(format!("{}-{}", id.simple(), uuid::Uuid::new_v4().simple()));
+        let work = dir.join("work");
+        let path = dir.join("upload");
+        {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder
+                .create(&work)
+                .map_err(StorageError::io("make work directory", &work))?;
+        }
+        // From here on the directory goes when `local` is dropped (also on error).
+        let local = LocalUpload::temporary(path.clone(), work, dir);
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(StorageError::io("copy upload", &path))?;
+        let mut stream = self.read_upload(id).await?;
+        while let Some(chunk) = stream.next().await {
+            let chunk: Bytes = chunk?;
+            file.write_all(&chunk)
+                .await
+                .map_err(StorageError::io("copy upload", &path))?;
+        }
+        file.flush()
+            .await
+            .map_err(StorageError::io("copy upload", &path))?;
+        Ok(local)
+    }
+
+    async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
+        Ok(Box::new(SharedReply {
+            writer: self.objects.writer(reply_key(&self.objects, id)),
+        }))
+    }
+
+    async fn store_reply_file(
+        &self,
+        id: &SessionId,
+        src: &Path,
+    ) -> Result<ReplyKind, StorageError> {
+        self.put_file(id, src).await
+    }
+
+    async fn read_reply(
+        &self,
+        id: &SessionId,
+        kind: &ReplyKind,
+        start: u64,
+        len: u64,
+    ) -> Result<ByteStream, StorageError> {
+        if len == 0 || !matches!(kind, ReplyKind::Stored { .. }) {
+            return Ok(Box::pin(futures_util::stream::empty()));
+        }
+        let read = self
+            .objects
+            .read(&reply_key(&self.objects, id), Some(start..start + len))
+            .await?;
+        Ok(read.stream)
+    }
+
+    async fn record_reply_delivered(
+        &self,
+        id: &SessionId,
+        created_ms: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<SessionRecord>, StorageError> {
+        self.state
+            .record_reply_delivered(id, created_ms, start, end)
+            .await
+    }
+
+    async fn end_session(
+        &self,
+        record: &mut SessionRecord,
+        state: SessionState,
+    ) -> Result<(), StorageError> {
+        match self.state.close(&record.id, state).await? {
+            CasOutcome::Committed(r) | CasOutcome::Raced(r) => *record = r,
+            CasOutcome::Missing => record.state = state,
+        }
+        // The tombstone is stored first: no node takes another fragment of this session, so
+        // its objects can go (published files lie under files/ and stay).
+        self.objects.delete_session(&record.id).await?;
+        Ok(())
+    }
+
+    async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
+        self.objects.delete_session(id).await?;
+        self.state.remove(id).await?;
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<SessionRecord>, StorageError> {
+        self.state.list().await
+    }
+
+    async fn list_page(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        self.state.list_page(after.as_ref(), limit).await
+    }
+
+    async fn count_live(&self) -> Result<LiveCounts, StorageError> {
+        let (total, per_user) = self.state.live_counts().await?;
+        Ok(LiveCounts { total, per_user })
+    }
+
+    async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError> {
+        Ok(self.state.try_sweeper_lock().await?.map(SweepLock::new))
+    }
+}

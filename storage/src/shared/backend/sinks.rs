@@ -1,0 +1,133 @@
+//! The shared backend's sinks: a fragment streamed into its own object, a reply into the
+//! session's reply object.
+
+use async_trait::async_trait;
+use bitsd_protocol::SessionId;
+use bytes::Bytes;
+
+use super::super::objects::{ObjectKey, ObjectWriter, Objects};
+use super::super::pg::{CasOutcome, Expect, NewFragment, PgStateStore};
+use crate::backend::{FragmentCommit, FragmentSink, ReplySink};
+use crate::{ReplyKind, SessionRecord, StorageError};
+
+/// A fragment on its way into its own object (`…/frag/<offset>-<nonce>`). Its pending row was
+/// written before the first byte was sent, so an object whose commit never happens is found
+/// by the sweeper.
+pub(super) struct SharedFragment {
+    pub(super) id: SessionId,
+    pub(super) state: PgStateStore,
+    pub(super) writer: ObjectWriter,
+}
+
+impl std::fmt::Debug for SharedFragment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedFragment")
+            .field("id", &self.id)
+            .field("key", &self.writer.key().as_str())
+            .field("written", &self.writer.len())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl FragmentSink for SharedFragment {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        self.writer.write_bytes(bytes).await
+    }
+
+    fn written(&self) -> u64 {
+        self.writer.len()
+    }
+
+    /// 1. the object is completed (durable on the store's write quorum), 2. one PostgreSQL
+    /// statement advances `received` only if it still equals `expected` and records the
+    /// object in the fragment index. A lost commit's object stays pending for the sweeper.
+    async fn commit(
+        self: Box<Self>,
+        expected: u64,
+        record: &SessionRecord,
+    ) -> Result<FragmentCommit, StorageError> {
+        let SharedFragment { id, state, writer } = *self;
+        if writer.is_empty() {
+            // No new bytes (a repeated last fragment): nothing to store; the record is saved
+            // under the same compare-and-set.
+            let key = writer.key().as_str().to_string();
+            writer.abort().await;
+            let outcome = state
+                .save(
+                    record,
+                    Expect {
+                        received: expected,
+                        state: None,
+                    },
+                )
+                .await?;
+            let _ = state.forget_pending_object(&key).await;
+            return Ok(settle(outcome));
+        }
+        let stored = writer.finish().await?;
+        let outcome = state
+            .commit_fragment(&NewFragment {
+                id,
+                expected_received: expected,
+                len: stored.len,
+                crc32c: stored.crc32c,
+                object_key: stored.key.as_str().to_string(),
+                total: record.total,
+                state: Some(record.state),
+            })
+            .await?;
+        Ok(settle(outcome))
+    }
+}
+
+fn settle(outcome: CasOutcome) -> FragmentCommit {
+    match outcome {
+        CasOutcome::Committed(_) => FragmentCommit::Committed,
+        CasOutcome::Raced(r) => FragmentCommit::Lost {
+            current: Some(Box::new(r)),
+        },
+        CasOutcome::Missing => FragmentCommit::Lost { current: None },
+    }
+}
+
+/// A reply on its way into the session's reply object (one PUT or a multipart upload: a
+/// reader sees the whole reply or none).
+pub(super) struct SharedReply {
+    pub(super) writer: ObjectWriter,
+}
+
+impl std::fmt::Debug for SharedReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedReply")
+            .field("key", &self.writer.key().as_str())
+            .field("written", &self.writer.len())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl ReplySink for SharedReply {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        self.writer.write_bytes(bytes).await
+    }
+
+    fn len(&self) -> u64 {
+        self.writer.len()
+    }
+
+    async fn finish(self: Box<Self>) -> Result<ReplyKind, StorageError> {
+        let stored = self.writer.finish().await?;
+        Ok(ReplyKind::Stored {
+            len: stored.len,
+            crc32c: Some(stored.crc32c),
+            in_upload: false,
+        })
+    }
+}
+
+/// The key of a session's reply: `<prefix>/sessions/<id>/reply` (one per session; a reply made
+/// again replaces it whole, as an object PUT is atomic).
+pub(super) fn reply_key(objects: &Objects, id: &SessionId) -> ObjectKey {
+    objects.session_prefix(id).join("reply")
+}

@@ -1,0 +1,195 @@
+//! `SharedBackend` itself on a real PostgreSQL and a real Garage: two writers racing on one
+//! offset (one wins, the loser is told the winner's record and its bytes are never read),
+//! publish (idempotent, a taken destination refused), end and purge. Skips with a printed
+//! reason when PostgreSQL or Garage is not installed.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
+use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd::storage::shared::SharedBackend;
+use bitsd::storage::{
+    CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionState,
+};
+use bitsd_tests::garage::Garage;
+use bitsd_tests::pattern;
+use bitsd_tests::pg::{session_record, PgCluster};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+async fn backend() -> Option<(SharedBackend, Garage, Arc<PgCluster>, tempfile::TempDir)> {
+    let pg = match tokio::task::spawn_blocking(PgCluster::shared)
+        .await
+        .unwrap()
+    {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return None;
+        }
+    };
+    let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap()?;
+    let url = {
+        let pg = Arc::clone(&pg);
+        tokio::task::spawn_blocking(move || pg.fresh_database())
+            .await
+            .unwrap()
+    };
+    let store = ObjectStoreConfig {
+        bucket: garage.bucket().to_owned(),
+        prefix: "backend".into(),
+        endpoint: Some(garage.endpoint()),
+        region: Some(garage.access().region.clone()),
+        access_key_id: Some(garage.access_key().to_owned()),
+        secret_access_key: Some(garage.secret_key().to_owned()),
+        ..ObjectStoreConfig::default()
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let state = PgStateStore::connect(&url, PgOptions::default())
+        .await
+        .unwrap();
+    let backend = SharedBackend::from_parts(
+        state,
+        Objects::new(&store).unwrap(),
+        scratch.path().to_owned(),
+    );
+    Some((backend, garage, pg, scratch))
+}
+
+fn plan(write_at: u64, len: u64) -> FragmentPlan {
+    FragmentPlan {
+        write_at,
+        len,
+        durability: FragmentDurability::Durable,
+    }
+}
+
+async fn read_all(backend: &SharedBackend, id: &bitsd_protocol::SessionId) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = backend.read_upload(id).await.unwrap();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes() {
+    let Some((backend, _garage, _pg, _scratch)) = backend().await else {
+        return;
+    };
+    // Two "nodes" (one backend is as good: nothing is cached) write the same offset.
+    let mut record = session_record(None);
+    record.destination = Some("race/out.bin".into());
+    backend.create(&record).await.unwrap();
+    let id = record.id;
+    let winner = pattern(10_000, 1);
+    let loser: Vec<u8> = winner.iter().map(|b| !b).collect();
+    let mut a = backend.begin_fragment(&id, plan(0, 10_000)).await.unwrap();
+    let mut b = backend.begin_fragment(&id, plan(0, 10_000)).await.unwrap();
+    a.write(Bytes::from(winner.clone())).await.unwrap();
+    b.write(Bytes::from(loser)).await.unwrap();
+    let mut next = record.clone();
+    next.received = 10_000;
+    next.total = Some(20_000);
+    assert_eq!(a.commit(0, &next).await.unwrap(), FragmentCommit::Committed);
+    match b.commit(0, &next).await.unwrap() {
+        FragmentCommit::Lost { current: Some(r) } => assert_eq!(r.received, 10_000),
+        other => panic!("the second commit of one offset must lose: {other:?}"),
+    }
+    // The rest, completing the upload.
+    let tail = pattern(10_000, 2);
+    let mut c = backend
+        .begin_fragment(&id, plan(10_000, 10_000))
+        .await
+        .unwrap();
+    c.write(Bytes::from(tail.clone())).await.unwrap();
+    let mut done = next.clone();
+    done.received = 20_000;
+    done.state = SessionState::Complete;
+    assert_eq!(
+        c.commit(10_000, &done).await.unwrap(),
+        FragmentCommit::Committed
+    );
+    let mut whole = winner.clone();
+    whole.extend_from_slice(&tail);
+    assert_eq!(
+        read_all(&backend, &id).await,
+        whole,
+        "only the winner's bytes"
+    );
+    let local = backend.upload_file(&id).await.unwrap();
+    assert_eq!(std::fs::read(&local.path).unwrap(), whole);
+    let tmp = local.path.parent().unwrap().to_owned();
+    drop(local);
+    assert!(
+        !tmp.exists(),
+        "the temporary copy goes with the LocalUpload"
+    );
+
+    // Publish, twice: the second is a no-op success; another session is refused the name.
+    assert!(!backend.destination_exists("race/out.bin").await);
+    assert_eq!(
+        backend
+            .publish_upload(&id, "race/out.bin", false)
+            .await
+            .unwrap(),
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        backend
+            .publish_upload(&id, "race/out.bin", false)
+            .await
+            .unwrap(),
+        CommitOutcome::Committed
+    );
+    assert!(backend.destination_exists("race/out.bin").await);
+    let key = backend.objects().file_key("race/out.bin");
+    let published = backend
+        .objects()
+        .read(&key, None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(published, whole);
+    assert!(backend.load(&id).await.unwrap().unwrap().committed);
+    let mut other = session_record(None);
+    other.received = 0;
+    other.state = SessionState::Complete;
+    backend.create(&other).await.unwrap();
+    assert_eq!(
+        backend
+            .publish_upload(&other.id, "race/out.bin", false)
+            .await
+            .unwrap(),
+        CommitOutcome::DestinationExists
+    );
+    assert_eq!(
+        backend
+            .publish_upload(&other.id, "../escape", false)
+            .await
+            .unwrap(),
+        CommitOutcome::DestinationInvalid
+    );
+
+    // Close: a tombstone; the session's objects go, the published file stays.
+    let mut r = backend.load(&id).await.unwrap().unwrap();
+    backend
+        .end_session(&mut r, SessionState::Closed)
+        .await
+        .unwrap();
+    assert_eq!(r.state, SessionState::Closed);
+    let left = backend
+        .objects()
+        .list(&backend.objects().session_prefix(&id))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(backend.destination_exists("race/out.bin").await);
+    backend.purge(&id).await.unwrap();
+    assert!(backend.load(&id).await.unwrap().is_none());
+    assert!(backend.try_sweep_lock().await.unwrap().is_some());
+}

@@ -1,0 +1,200 @@
+//! The shared backend when PostgreSQL or the object store is down: the packet gets a
+//! transient 503 (BITS clients retry it), nothing acknowledged is lost, and the retry after
+//! the outage goes on from the last Ack; and the real `bitsd` binary from a `[storage]
+//! backend = "shared"` config file, one of two nodes SIGKILLed between fragments. Skips with a printed reason when PostgreSQL or
+//! Garage is not installed.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bitsd::storage::shared::objects::ObjectStoreConfig;
+use bitsd::{SharedStorage, StorageConfig};
+use bitsd_tests::garage::Garage;
+use bitsd_tests::pg::{ClusterOptions, PgCluster};
+use bitsd_tests::{pattern, url_path, RawClient, TestServer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_or_object_store_down_gives_503_and_the_retry_resumes_from_the_last_ack() {
+    let pg = match tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::default()))
+        .await
+        .unwrap()
+    {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+    let Some(garage) = tokio::task::spawn_blocking(Garage::start).await.unwrap() else {
+        return;
+    };
+    let url = {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.fresh_database())
+            .await
+            .unwrap()
+    };
+    let shared = SharedStorage {
+        postgres_url: url,
+        postgres_max_connections: 4,
+        postgres_timeout: Duration::from_secs(2),
+        object_store: ObjectStoreConfig {
+            bucket: garage.bucket().to_owned(),
+            prefix: "outage".into(),
+            endpoint: Some(garage.endpoint()),
+            region: Some(garage.access().region.clone()),
+            access_key_id: Some(garage.access_key().to_owned()),
+            secret_access_key: Some(garage.secret_key().to_owned()),
+            connect_timeout_ms: Some(500),
+            request_timeout_secs: Some(3),
+            max_retries: Some(0),
+            retry_timeout_secs: Some(1),
+            ..ObjectStoreConfig::default()
+        },
+    };
+    let node =
+        TestServer::start_with(move |c| c.storage = StorageConfig::Shared(Box::new(shared))).await;
+    let data = pattern(90_000, 7);
+    let path = "/echo/outage";
+    let mut client = RawClient::connect(node.addr()).await;
+    let sid = client.create_session(path).await;
+    let ack = client.fragment(path, &sid, &data, 0, 30_000).await;
+    assert_eq!(ack.header("bits-received-content-range"), Some("30000"));
+
+    // PostgreSQL stopped: a transient 503, the offset untouched.
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.stop())
+            .await
+            .unwrap();
+    }
+    let mut client = RawClient::connect(node.addr()).await;
+    let res = client.fragment(path, &sid, &data, 30_000, 30_000).await;
+    assert_eq!(res.status, 503, "{res:?}");
+    assert_eq!(res.header("bits-error-code"), Some("0x801901f7"), "{res:?}");
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.restart())
+            .await
+            .unwrap();
+    }
+    let mut client = RawClient::connect(node.addr()).await;
+    let mut res = client.fragment(path, &sid, &data, 30_000, 30_000).await;
+    for _ in 0..20 {
+        if res.status == 200 {
+            break;
+        }
+        // The pool may still hand out a connection of the old server once.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        client = RawClient::connect(node.addr()).await;
+        res = client.fragment(path, &sid, &data, 30_000, 30_000).await;
+    }
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.header("bits-received-content-range"), Some("60000"));
+
+    // The object store killed: a transient 503, the offset untouched.
+    let mut garage = garage;
+    garage.kill();
+    let mut client = RawClient::connect(node.addr()).await;
+    let res = client.fragment(path, &sid, &data, 60_000, 30_000).await;
+    assert_eq!(res.status, 503, "{res:?}");
+    let garage = tokio::task::spawn_blocking(move || {
+        garage.restart();
+        garage
+    })
+    .await
+    .unwrap();
+    let mut client = RawClient::connect(node.addr()).await;
+    let fin = client.fragment(path, &sid, &data, 60_000, 30_000).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    let reply = url_path(fin.header("bits-reply-url").unwrap());
+    let got = client.get("GET", &reply, &[]).await;
+    assert_eq!(got.body, data, "nothing acknowledged was lost");
+    drop(garage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_from_a_shared_config_file_continue_a_session_after_one_is_sigkilled() {
+    let pg = match tokio::task::spawn_blocking(PgCluster::shared)
+        .await
+        .unwrap()
+    {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+    let Some(garage) = tokio::task::spawn_blocking(Garage::start).await.unwrap() else {
+        return;
+    };
+    let url = {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.fresh_database())
+            .await
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("farm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n\n\
+             [object_store]\nbucket = \"{}\"\nprefix = \"bin\"\nendpoint = \"{}\"\n\
+             region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            garage.bucket(),
+            garage.endpoint(),
+            garage.access().region,
+            garage.access_key(),
+            garage.secret_key()
+        ),
+    )
+    .unwrap();
+    let check = std::process::Command::new(bitsd_tests::bitsd_binary())
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(check.status.success(), "{shown}");
+    assert!(shown.contains("storage       shared"), "{shown}");
+    let (d1, d2) = (dir.path().join("n1"), dir.path().join("n2"));
+    let cfg = config.to_str().unwrap().to_owned();
+    let (n1, n2) = tokio::task::spawn_blocking(move || {
+        let n1 = bitsd_tests::BitsdProcess::start(&d1, &["--config", &cfg]);
+        let n2 = bitsd_tests::BitsdProcess::start(&d2, &["--config", &cfg]);
+        (n1, n2)
+    })
+    .await
+    .unwrap();
+    let data = pattern(60_000, 9);
+    let path = "/upload/bin/x.bin";
+    let mut c1 = RawClient::connect(n1.addr).await;
+    let sid = c1.create_session(path).await;
+    let ack = c1.fragment(path, &sid, &data, 0, 30_000).await;
+    assert_eq!(ack.header("bits-received-content-range"), Some("30000"));
+    n1.kill(); // SIGKILL between two fragments
+    let mut c2 = RawClient::connect(n2.addr).await;
+    let fin = c2.fragment(path, &sid, &data, 30_000, 30_000).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    assert_eq!(fin.header("bits-received-content-range"), Some("60000"));
+    let objects = bitsd::storage::shared::objects::Objects::new(&ObjectStoreConfig {
+        bucket: garage.bucket().to_owned(),
+        prefix: "bin".into(),
+        endpoint: Some(garage.endpoint()),
+        region: Some(garage.access().region.clone()),
+        access_key_id: Some(garage.access_key().to_owned()),
+        secret_access_key: Some(garage.secret_key().to_owned()),
+        ..ObjectStoreConfig::default()
+    })
+    .unwrap();
+    let stored = objects
+        .read(&objects.file_key("bin/x.bin"), None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(stored, data);
+    drop(n2);
+}
