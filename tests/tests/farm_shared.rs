@@ -6,10 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
+use bitsd::storage::shared::objects::Objects;
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::{SharedStorage, StorageConfig};
 use bitsd_protocol::SessionId;
+use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pg::PgCluster;
@@ -25,32 +26,12 @@ struct Farm {
 }
 
 async fn farm() -> Option<Farm> {
-    let pg = match tokio::task::spawn_blocking(PgCluster::shared)
-        .await
-        .unwrap()
-    {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            return None;
-        }
-    };
-    let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap()?;
-    let url = {
-        let pg = Arc::clone(&pg);
-        tokio::task::spawn_blocking(move || pg.fresh_database())
-            .await
-            .unwrap()
-    };
-    let store = ObjectStoreConfig {
-        bucket: garage.bucket().to_owned(),
-        prefix: "farm".into(),
-        endpoint: Some(garage.endpoint()),
-        region: Some(garage.access().region.clone()),
-        access_key_id: Some(garage.access_key().to_owned()),
-        secret_access_key: Some(garage.secret_key().to_owned()),
-        ..ObjectStoreConfig::default()
-    };
+    let FarmServers {
+        pg,
+        postgres_url: url,
+        garage,
+    } = FarmServers::start().await?;
+    let store = garage.object_store_config("farm");
     let shared = SharedStorage {
         postgres_url: url.clone(),
         postgres_max_connections: 4,

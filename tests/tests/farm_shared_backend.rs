@@ -6,12 +6,13 @@
 
 use std::sync::Arc;
 
-use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
+use bitsd::storage::shared::objects::Objects;
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::storage::shared::SharedBackend;
 use bitsd::storage::{
     CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionState,
 };
+use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::{session_record, PgCluster};
@@ -19,32 +20,12 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 async fn backend() -> Option<(SharedBackend, Garage, Arc<PgCluster>, tempfile::TempDir)> {
-    let pg = match tokio::task::spawn_blocking(PgCluster::shared)
-        .await
-        .unwrap()
-    {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            return None;
-        }
-    };
-    let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap()?;
-    let url = {
-        let pg = Arc::clone(&pg);
-        tokio::task::spawn_blocking(move || pg.fresh_database())
-            .await
-            .unwrap()
-    };
-    let store = ObjectStoreConfig {
-        bucket: garage.bucket().to_owned(),
-        prefix: "backend".into(),
-        endpoint: Some(garage.endpoint()),
-        region: Some(garage.access().region.clone()),
-        access_key_id: Some(garage.access_key().to_owned()),
-        secret_access_key: Some(garage.secret_key().to_owned()),
-        ..ObjectStoreConfig::default()
-    };
+    let FarmServers {
+        pg,
+        postgres_url: url,
+        garage,
+    } = FarmServers::start().await?;
+    let store = garage.object_store_config("backend");
     let scratch = tempfile::tempdir().unwrap();
     let state = PgStateStore::connect(&url, PgOptions::default())
         .await

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bitsd::storage::shared::objects::ObjectStoreConfig;
 use bitsd::{SharedStorage, StorageConfig};
+use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::{ClusterOptions, PgCluster};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
@@ -39,17 +40,11 @@ async fn postgres_or_object_store_down_gives_503_and_the_retry_resumes_from_the_
         postgres_max_connections: 4,
         postgres_timeout: Duration::from_secs(2),
         object_store: ObjectStoreConfig {
-            bucket: garage.bucket().to_owned(),
-            prefix: "outage".into(),
-            endpoint: Some(garage.endpoint()),
-            region: Some(garage.access().region.clone()),
-            access_key_id: Some(garage.access_key().to_owned()),
-            secret_access_key: Some(garage.secret_key().to_owned()),
             connect_timeout_ms: Some(500),
             request_timeout_secs: Some(3),
             max_retries: Some(0),
             retry_timeout_secs: Some(1),
-            ..ObjectStoreConfig::default()
+            ..garage.object_store_config("outage")
         },
     };
     let node =
@@ -115,24 +110,13 @@ async fn postgres_or_object_store_down_gives_503_and_the_retry_resumes_from_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binaries_from_a_shared_config_file_continue_a_session_after_one_is_sigkilled() {
-    let pg = match tokio::task::spawn_blocking(PgCluster::shared)
-        .await
-        .unwrap()
-    {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            return;
-        }
-    };
-    let Some(garage) = tokio::task::spawn_blocking(Garage::start).await.unwrap() else {
+    let Some(FarmServers {
+        pg: _pg,
+        postgres_url: url,
+        garage,
+    }) = FarmServers::start().await
+    else {
         return;
-    };
-    let url = {
-        let pg = pg.clone();
-        tokio::task::spawn_blocking(move || pg.fresh_database())
-            .await
-            .unwrap()
     };
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("farm.toml");
@@ -178,16 +162,8 @@ async fn binaries_from_a_shared_config_file_continue_a_session_after_one_is_sigk
     let fin = c2.fragment(path, &sid, &data, 30_000, 30_000).await;
     assert_eq!(fin.status, 200, "{fin:?}");
     assert_eq!(fin.header("bits-received-content-range"), Some("60000"));
-    let objects = bitsd::storage::shared::objects::Objects::new(&ObjectStoreConfig {
-        bucket: garage.bucket().to_owned(),
-        prefix: "bin".into(),
-        endpoint: Some(garage.endpoint()),
-        region: Some(garage.access().region.clone()),
-        access_key_id: Some(garage.access_key().to_owned()),
-        secret_access_key: Some(garage.secret_key().to_owned()),
-        ..ObjectStoreConfig::default()
-    })
-    .unwrap();
+    let objects =
+        bitsd::storage::shared::objects::Objects::new(&garage.object_store_config("bin")).unwrap();
     let stored = objects
         .read(&objects.file_key("bin/x.bin"), None)
         .await

@@ -162,7 +162,7 @@ type HttpClient = Client<HttpConnector, UploadBody>;
 ///   §9.5);
 /// * no connection, a reset or dropped connection, or silence past the timeout →
 ///   [`HandlerError::Unreachable`] (504, transient);
-/// * 200 with `BITS-Static-Response-URL` → [`Reply::static_url`] (it must be an absolute
+/// * 200 with `BITS-Static-Response-URL` → [`Reply::static_url`](crate::Reply::static_url) (it must be an absolute
 ///   `http`/`https` URL, else the handler fails with 500);
 /// * 200 otherwise: by value the response body is the reply; by reference a non-empty
 ///   response body is the reply, else the file the backend wrote at
@@ -170,7 +170,7 @@ type HttpClient = Client<HttpConnector, UploadBody>;
 ///   The body is streamed to a file of this notification's own in the session directory
 ///   (`notification-reply.<unique>.tmp`, see [`NOTIFICATION_REPLY_FILE`]), never held in
 ///   memory;
-/// * `BITS-Copy-File-To-Destination` (any value) on a 200 → [`Reply::with_commit_upload`].
+/// * `BITS-Copy-File-To-Destination` (any value) on a 200 → [`Reply::with_commit_upload`](crate::Reply::with_commit_upload).
 #[derive(Clone, Debug)]
 pub struct HttpNotifyHandler {
     config: Arc<HttpNotifyConfig>,

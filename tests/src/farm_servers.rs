@@ -1,0 +1,67 @@
+//! The real servers of a farm test in one call: the shared PostgreSQL cluster of the test
+//! binary with a fresh database, and a single-node Garage, with the object-store settings
+//! that point bitsd at it.
+
+use std::sync::Arc;
+
+use bitsd_storage::shared::objects::ObjectStoreConfig;
+
+use crate::garage::Garage;
+use crate::pg::PgCluster;
+
+/// PostgreSQL and Garage for one farm test.
+pub struct FarmServers {
+    /// The cluster (shared by the test binary); keep it alive for the test.
+    pub pg: Arc<PgCluster>,
+    /// A new database on it, as a connection URL.
+    pub postgres_url: String,
+    /// A single-node Garage with its default bucket.
+    pub garage: Garage,
+}
+
+impl FarmServers {
+    /// Starts (or joins) both servers; `None` after printing why when either is not
+    /// installed, so the test can return early.
+    pub async fn start() -> Option<FarmServers> {
+        let pg = match tokio::task::spawn_blocking(PgCluster::shared)
+            .await
+            .expect("PostgreSQL start task")
+        {
+            Ok(c) => c,
+            Err(why) => {
+                eprintln!("skipping: {why}");
+                return None;
+            }
+        };
+        let garage = tokio::task::spawn_blocking(Garage::start)
+            .await
+            .expect("Garage start task")?;
+        let postgres_url = {
+            let pg = Arc::clone(&pg);
+            tokio::task::spawn_blocking(move || pg.fresh_database())
+                .await
+                .expect("database task")
+        };
+        Some(FarmServers {
+            pg,
+            postgres_url,
+            garage,
+        })
+    }
+}
+
+impl Garage {
+    /// Object-store settings for this node's bucket under `prefix` (timeouts and retries at
+    /// their defaults).
+    pub fn object_store_config(&self, prefix: &str) -> ObjectStoreConfig {
+        ObjectStoreConfig {
+            bucket: self.bucket().to_owned(),
+            prefix: prefix.into(),
+            endpoint: Some(self.endpoint()),
+            region: Some(self.access().region.clone()),
+            access_key_id: Some(self.access_key().to_owned()),
+            secret_access_key: Some(self.secret_key().to_owned()),
+            ..ObjectStoreConfig::default()
+        }
+    }
+}
