@@ -7,15 +7,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, write_temp, Fake, Script};
-
-const TEST_LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_LIMIT, f)
-        .await
-        .expect("test took too long")
-}
+use common::{bounded, pattern, write_temp, Fake, Script};
 
 fn upload_command(args: &[&str]) -> Command {
     let mut c = Command::new(bitsd_tests::bitsd_binary());

@@ -7,15 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bitsd_client::{hresult, ClientError, ReplyDestination};
-use common::{pattern, quick_uploader, write_temp, Fake, Script};
-
-const TEST_LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_LIMIT, f)
-        .await
-        .expect("test took too long")
-}
+use common::{bounded, pattern, quick_uploader, write_temp, Fake, Script};
 
 #[tokio::test]
 async fn credentials_go_only_to_the_origin_and_only_after_a_401() {

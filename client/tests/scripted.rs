@@ -11,38 +11,7 @@ use bitsd_client::{
     hresult, BitsUploader, ClientError, ErrorContext, HResult, JobEvent, ReplyDestination, Request,
     RetryPolicy,
 };
-use common::{closed_port, pattern, quick_uploader, write_temp, Fake, Script};
-
-const TEST_LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_LIMIT, f)
-        .await
-        .expect("test took too long")
-}
-
-struct Setup {
-    fake: Fake,
-    url: String,
-    file: std::path::PathBuf,
-    data: Vec<u8>,
-    _dir: tempfile::TempDir,
-}
-
-async fn setup(script: Script, size: usize) -> Setup {
-    let fake = Fake::new(script);
-    let addr = fake.listen("127.0.0.1:0", 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(size, 7);
-    let file = write_temp(dir.path(), "payload.bin", &data);
-    Setup {
-        fake,
-        url: format!("http://{addr}/upload/payload.bin"),
-        file,
-        data,
-        _dir: dir,
-    }
-}
+use common::{bounded, closed_port, pattern, quick_uploader, setup, write_temp, Fake, Script};
 
 #[tokio::test]
 async fn host_id_redirects_to_the_node_after_a_ping() {

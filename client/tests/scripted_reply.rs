@@ -4,41 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use bitsd_client::{hresult, JobEvent, ReplyDestination, Request, BG_SIZE_UNKNOWN};
-use common::{pattern, quick_uploader, write_temp, Fake, Script, Serve};
-
-const TEST_LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_LIMIT, f)
-        .await
-        .expect("test took too long")
-}
-
-struct Setup {
-    fake: Fake,
-    url: String,
-    file: std::path::PathBuf,
-    data: Vec<u8>,
-    _dir: tempfile::TempDir,
-}
-
-async fn setup(script: Script, size: usize) -> Setup {
-    let fake = Fake::new(script);
-    let addr = fake.listen("127.0.0.1:0", 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(size, 7);
-    let file = write_temp(dir.path(), "payload.bin", &data);
-    Setup {
-        fake,
-        url: format!("http://{addr}/upload/payload.bin"),
-        file,
-        data,
-        _dir: dir,
-    }
-}
+use common::{bounded, quick_uploader, setup, Script, Serve};
 
 #[tokio::test]
 async fn reply_without_content_length_fails_with_missing_file_size() {

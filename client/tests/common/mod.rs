@@ -84,3 +84,43 @@ pub fn write_temp(dir: &std::path::Path, name: &str, data: &[u8]) -> std::path::
     std::fs::write(&p, data).unwrap();
     p
 }
+
+/// How long one test may take before it fails as hung.
+pub const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs a test body, failing it if it takes longer than [`TEST_LIMIT`].
+pub async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .expect("test took too long")
+}
+
+/// A scripted server listening on loopback and a source file of `size` bytes for it.
+pub struct Setup {
+    /// The scripted server.
+    pub fake: Fake,
+    /// The upload URL on it.
+    pub url: String,
+    /// The source file.
+    pub file: std::path::PathBuf,
+    /// The source file's bytes.
+    pub data: Vec<u8>,
+    /// Keeps the source file's directory.
+    pub _dir: tempfile::TempDir,
+}
+
+/// Starts a scripted server with `script` and writes a `size`-byte source file.
+pub async fn setup(script: Script, size: usize) -> Setup {
+    let fake = Fake::new(script);
+    let addr = fake.listen("127.0.0.1:0", 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(size, 7);
+    let file = write_temp(dir.path(), "payload.bin", &data);
+    Setup {
+        fake,
+        url: format!("http://{addr}/upload/payload.bin"),
+        file,
+        data,
+        _dir: dir,
+    }
+}
