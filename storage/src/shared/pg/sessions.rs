@@ -232,15 +232,26 @@ impl PgStateStore {
         .await
     }
 
-    /// The outcome of a guarded write that touched `rows` (0 or 1 rows of [`COLS`]).
-    async fn settle(&self, id: &SessionId, rows: Vec<Row>) -> Result<CasOutcome, StorageError> {
-        match rows.first() {
-            Some(row) => Ok(CasOutcome::Committed(decode(row)?)),
-            None => Ok(match self.load(id).await? {
-                Some(r) => CasOutcome::Raced(r),
-                None => CasOutcome::Missing,
-            }),
-        }
+    /// Runs a guarded write of `id` (a statement returning 0 or 1 rows of [`COLS`]) and says
+    /// what came of it: the written record, or the record that stood in the way.
+    async fn guarded(
+        &self,
+        id: &SessionId,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<CasOutcome, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn.query(sql, params).await.map_err(pg_error)?;
+            match rows.first() {
+                Some(row) => Ok(CasOutcome::Committed(decode(row)?)),
+                None => Ok(match self.load(id).await? {
+                    Some(r) => CasOutcome::Raced(r),
+                    None => CasOutcome::Missing,
+                }),
+            }
+        })
+        .await
     }
 
     /// Stores `record` whole (completion, the reply) if the session is live and still as the
@@ -278,12 +289,7 @@ impl PgStateStore {
             &expected,
             &expect_state,
         ];
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn.query(&sql, &params).await.map_err(pg_error)?;
-            self.settle(&record.id, rows).await
-        })
-        .await
+        self.guarded(&record.id, &sql, &params).await
     }
 
     /// Stores `record` whole without a guard, except that `received` never goes back (the
@@ -310,12 +316,7 @@ impl PgStateStore {
             &updated,
             &body,
         ];
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn.query(&sql, &params).await.map_err(pg_error)?;
-            self.settle(&record.id, rows).await
-        })
-        .await
+        self.guarded(&record.id, &sql, &params).await
     }
 
     /// Commits one fragment: in one statement (one transaction, one round trip), advances
@@ -365,12 +366,7 @@ impl PgStateStore {
             &crc,
             &c.object_key,
         ];
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn.query(&sql, &params).await.map_err(pg_error)?;
-            self.settle(&c.id, rows).await
-        })
-        .await
+        self.guarded(&c.id, &sql, &params).await
     }
 
     /// Makes `id` a tombstone (`Closed` or `Cancelled`). `Raced` carries the record when it
@@ -391,14 +387,7 @@ impl PgStateStore {
             "UPDATE bitsd_sessions SET state = $2, updated_ms = $3
              WHERE id = $1 AND {LIVE} RETURNING {COLS}"
         );
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(&sql, &[id.as_uuid(), &state_text(state), &now])
-                .await
-                .map_err(pg_error)?;
-            self.settle(id, rows).await
-        })
-        .await
+        self.guarded(id, &sql, &[id.as_uuid(), &state_text(state), &now])
+            .await
     }
 }
