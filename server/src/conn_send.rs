@@ -246,29 +246,31 @@ impl<T: AsyncWrite + TcpBacked + Unpin> AsyncWrite for PacedIo<T> {
     }
 }
 
-/// A connection's service with its [`ConnSend`] added to every request's extensions.
+/// A connection's service with a per-connection value (its [`ConnSend`], its peer address)
+/// added to every request's extensions.
 #[derive(Clone, Debug)]
-pub(crate) struct WithConn<S> {
+pub(crate) struct WithExtension<S, T> {
     inner: S,
-    conn: ConnSend,
+    value: T,
 }
 
-impl<S> WithConn<S> {
-    pub(crate) fn new(inner: S, conn: ConnSend) -> Self {
-        WithConn { inner, conn }
+impl<S, T> WithExtension<S, T> {
+    pub(crate) fn new(inner: S, value: T) -> Self {
+        WithExtension { inner, value }
     }
 }
 
-impl<S, B> hyper::service::Service<http::Request<B>> for WithConn<S>
+impl<S, T, B> hyper::service::Service<http::Request<B>> for WithExtension<S, T>
 where
     S: hyper::service::Service<http::Request<B>>,
+    T: Clone + Send + Sync + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 
     fn call(&self, mut req: http::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(self.conn.clone());
+        req.extensions_mut().insert(self.value.clone());
         self.inner.call(req)
     }
 }

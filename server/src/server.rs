@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::{Authenticator, ClientAddr};
-use crate::conn_send::{PacedIo, SendLimits, WithConn};
+use crate::conn_send::{PacedIo, SendLimits, WithExtension};
 use crate::fault::{FaultInjectingService, FaultPlan, FaultPlanError};
 use crate::routes::Route;
 use crate::service::BuildError;
@@ -464,10 +464,7 @@ async fn accept_loop<S, F, RB>(
                 http.timer(TokioTimer::new())
                     .header_read_timeout(options.header_timeout)
                     .max_buf_size(64 * 1024);
-                let service = WithClientAddr {
-                    inner: make_service(),
-                    peer,
-                };
+                let service = WithExtension::new(make_service(), ClientAddr(peer));
                 let send_limits = options.send_limits;
                 let watcher = graceful.watcher();
                 let tls = options.tls.clone();
@@ -477,7 +474,7 @@ async fn accept_loop<S, F, RB>(
                     let result = match tls {
                         None => {
                             let (io, conn) = PacedIo::new(stream, send_limits);
-                            let service = WithConn::new(service, conn);
+                            let service = WithExtension::new(service, conn);
                             watcher.watch(http.serve_connection(TokioIo::new(io), service)).await
                         }
                         Some(acceptor) => {
@@ -505,7 +502,7 @@ async fn accept_loop<S, F, RB>(
                             match tokio::time::timeout(handshake_timeout, handshake).await {
                                 Ok(Ok(tls_stream)) => {
                                     let (io, conn) = PacedIo::new(tls_stream, send_limits);
-                                    let service = WithConn::new(service, conn);
+                                    let service = WithExtension::new(service, conn);
                                     watcher.watch(http.serve_connection(TokioIo::new(io), service)).await
                                 }
                                 Ok(Err((kind, error))) => {
@@ -531,27 +528,6 @@ async fn accept_loop<S, F, RB>(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(options.grace) => tracing::warn!("shutdown deadline passed with requests in flight"),
-    }
-}
-
-/// Adds [`ClientAddr`] (the connection's peer) to every request of a connection.
-#[derive(Clone)]
-struct WithClientAddr<S> {
-    inner: S,
-    peer: SocketAddr,
-}
-
-impl<S, B> hyper::service::Service<http::Request<B>> for WithClientAddr<S>
-where
-    S: hyper::service::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn call(&self, mut req: http::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(ClientAddr(self.peer));
-        self.inner.call(req)
     }
 }
 
