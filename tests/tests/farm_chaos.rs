@@ -133,11 +133,13 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
     let kills = kills.load(Ordering::SeqCst);
 
     let mut failures = Vec::new();
-    let (mut transient, mut packets) = (0, 0);
+    let (mut transient, mut packets) = (std::collections::BTreeMap::new(), 0);
     for (plan, result) in jobs.iter().zip(&results) {
         match result {
             Ok(out) => {
-                transient += out.transient.len();
+                for t in &out.transient {
+                    *transient.entry(t.clone()).or_insert(0u32) += 1;
+                }
                 packets += out.packets;
                 if plan.echo {
                     let reply = out.reply.as_ref().unwrap();
@@ -150,7 +152,7 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
         }
     }
     println!(
-        "{} jobs in {:?}: {kills} node kills, {packets} packets, {transient} transient answers",
+        "{} jobs in {:?}: {kills} node kills, {packets} packets, transient answers {transient:?}",
         jobs.len(),
         started.elapsed()
     );
