@@ -43,7 +43,8 @@ pub struct JobOutcome {
     pub session_id: String,
     /// Every acknowledged offset, in the order the Acks (and 416 answers) arrived.
     pub acks: Vec<u64>,
-    /// Every transient answer, as `status code` or the I/O error.
+    /// Every transient answer, as `PACKET: STATUS CODE` (`reply GET: ...` for the reply
+    /// download) or `PACKET: ` and the I/O error.
     pub transient: Vec<String>,
     /// The reply body (upload-reply jobs), downloaded through the same address.
     pub reply: Option<Vec<u8>>,
@@ -178,6 +179,10 @@ impl BitsJob<'_> {
         let body = body.map_or(&[][..], |(first, len)| {
             &self.data[first as usize..(first + len) as usize]
         });
+        let kind = headers
+            .iter()
+            .find(|(k, _)| *k == "BITS-Packet-Type")
+            .map_or("BITS_POST", |(_, v)| v);
         let started = Instant::now();
         loop {
             out.packets += 1;
@@ -193,8 +198,8 @@ impl BitsJob<'_> {
                     ));
                 }
                 Ok(res) if !is_transient_status(res.status) => return Ok(res),
-                Ok(res) => out.transient.push(brief(&res)),
-                Err(e) => out.transient.push(e),
+                Ok(res) => out.transient.push(format!("{kind}: {}", brief(&res))),
+                Err(e) => out.transient.push(format!("{kind}: {e}")),
             }
             *conn = None;
             if started.elapsed() > self.policy.stall_limit {
@@ -246,8 +251,8 @@ impl BitsJob<'_> {
                 Ok(res) if !is_transient_status(res.status) => {
                     return Err(format!("reply download failed: {}", brief(&res)));
                 }
-                Ok(res) => out.transient.push(brief(&res)),
-                Err(e) => out.transient.push(e),
+                Ok(res) => out.transient.push(format!("reply GET: {}", brief(&res))),
+                Err(e) => out.transient.push(format!("reply GET: {e}")),
             }
             if started.elapsed() > self.policy.stall_limit {
                 return Err(format!("reply never downloaded: {:?}", out.transient.last()));

@@ -21,7 +21,7 @@ use bitsd_tests::bits_job::RetryPolicy;
 use bitsd_tests::farm_cluster::FarmCluster;
 use bitsd_tests::farm_servers::FarmServers;
 
-use chaos_support::{check_plain_uploads, run_jobs, JobPlan, Rng, MIB};
+use chaos_support::{check_plain_uploads, run_jobs, tally, JobPlan, Rng, MIB};
 
 /// Seed from `BITSD_CHAOS_SEED`, else from the clock; printed either way.
 fn seed() -> u64 {
@@ -91,6 +91,7 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
                 size,
                 data_seed: seed ^ (j as u64 + 1),
                 fragment_seed: rng.next(),
+                fragments: (5_000, 8 * MIB as u64),
             }
         })
         .collect();
@@ -132,25 +133,8 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
     killer.join().unwrap();
     let kills = kills.load(Ordering::SeqCst);
 
-    let mut failures = Vec::new();
-    let (mut transient, mut packets) = (std::collections::BTreeMap::new(), 0);
-    for (plan, result) in jobs.iter().zip(&results) {
-        match result {
-            Ok(out) => {
-                for t in &out.transient {
-                    *transient.entry(t.clone()).or_insert(0u32) += 1;
-                }
-                packets += out.packets;
-                if plan.echo {
-                    let reply = out.reply.as_ref().unwrap();
-                    if *reply != plan.data() {
-                        failures.push(format!("{}: the reply differs from the upload", plan.path));
-                    }
-                }
-            }
-            Err(e) => failures.push(format!("{}: {e}", plan.path)),
-        }
-    }
+    let (mut failures, transient) = tally(&jobs, &results);
+    let packets: u32 = results.iter().flatten().map(|o| o.packets).sum();
     println!(
         "{} jobs in {:?}: {kills} node kills, {packets} packets, transient answers {transient:?}",
         jobs.len(),

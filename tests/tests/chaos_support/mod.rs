@@ -57,6 +57,8 @@ pub struct JobPlan {
     pub data_seed: u64,
     /// Seed of the fragment sizes.
     pub fragment_seed: u64,
+    /// Fragment sizes are log-uniform in `min..=max` bytes.
+    pub fragments: (u64, u64),
 }
 
 impl JobPlan {
@@ -71,8 +73,7 @@ impl JobPlan {
     }
 }
 
-/// Runs every job concurrently against `addr` (fragments log-uniform from 5 KB to 8 MiB);
-/// the results in plan order.
+/// Runs every job concurrently against `addr`; the results in plan order.
 pub async fn run_jobs(
     addr: SocketAddr,
     jobs: &[JobPlan],
@@ -86,11 +87,12 @@ pub async fn run_jobs(
             tokio::spawn(async move {
                 let data = plan.data();
                 let mut rng = Rng::new(plan.fragment_seed);
+                let (min, max) = plan.fragments;
                 BitsJob {
                     addr,
                     path: plan.path.clone(),
                     data: &data,
-                    next_fragment: Box::new(move || rng.log_uniform(5_000, 8 * MIB as u64) as usize),
+                    next_fragment: Box::new(move || rng.log_uniform(min, max) as usize),
                     reply: plan.echo,
                     policy,
                 }
@@ -145,4 +147,54 @@ pub async fn check_plain_uploads(objects: &Objects, jobs: &[JobPlan]) -> Vec<Str
         ));
     }
     problems
+}
+
+/// The failures of a run (job errors, replies that differ from their upload) and the
+/// transient answers seen, by kind.
+pub fn tally(
+    jobs: &[JobPlan],
+    results: &[Result<JobOutcome, String>],
+) -> (Vec<String>, std::collections::BTreeMap<String, u32>) {
+    let mut failures = Vec::new();
+    let mut transient = std::collections::BTreeMap::new();
+    for (plan, result) in jobs.iter().zip(results) {
+        match result {
+            Ok(out) => {
+                for t in &out.transient {
+                    *transient.entry(t.clone()).or_insert(0u32) += 1;
+                }
+                if plan.echo && *out.reply.as_ref().unwrap() != plan.data() {
+                    failures.push(format!("{}: the reply differs from the upload", plan.path));
+                }
+            }
+            Err(e) => failures.push(format!("{}: {e}", plan.path)),
+        }
+    }
+    (failures, transient)
+}
+
+/// `n` jobs named `{name}-{j}`, every other one upload-reply, sizes log-uniform in `sizes`,
+/// fragments log-uniform in `fragments`.
+pub fn plans(
+    name: &str,
+    n: usize,
+    seed: u64,
+    sizes: (u64, u64),
+    fragments: (u64, u64),
+) -> Vec<JobPlan> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|j| JobPlan {
+            echo: j % 2 == 0,
+            path: if j % 2 == 0 {
+                format!("/echo/{name}-{j}")
+            } else {
+                format!("/upload/{name}/{j}.bin")
+            },
+            size: rng.log_uniform(sizes.0, sizes.1) as usize,
+            data_seed: seed ^ (j as u64 + 1),
+            fragment_seed: rng.next(),
+            fragments,
+        })
+        .collect()
 }
