@@ -253,3 +253,80 @@ async fn a_node_sigkilled_mid_fragment_and_the_retry_on_another_node_resumes_fro
         tokio::task::block_in_place(|| garage.unfinished_uploads())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_download_while_the_object_store_or_postgres_is_down_is_a_transient_503() {
+    use bitsd::{SharedStorage, StorageConfig};
+    let pg = match tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::default()))
+        .await
+        .unwrap()
+    {
+        Ok(c) => Arc::new(c),
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    let Some(mut garage) = tokio::task::spawn_blocking(Garage::start).await.unwrap() else {
+        return;
+    };
+    let url = {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.fresh_database())
+            .await
+            .unwrap()
+    };
+    let shared = SharedStorage {
+        postgres_url: url,
+        postgres_max_connections: 4,
+        postgres_timeout: Duration::from_secs(2),
+        object_store: impatient(garage.object_store_config("replyout")),
+    };
+    let node = bitsd_tests::TestServer::start_with(move |c| {
+        c.storage = StorageConfig::Shared(Box::new(shared));
+    })
+    .await;
+    let data = pattern(40_000, 5);
+    let mut client = node.connect().await;
+    let (_sid, fin) = client.upload("/echo/replyout", &data, 40_000).await;
+    let reply = bitsd_tests::url_path(fin.header("bits-reply-url").unwrap());
+    let addr = node.addr();
+    let get = |reply: String| async move {
+        let mut c = RawClient::connect(addr).await;
+        c.get("GET", &reply, &[]).await
+    };
+
+    // The store down: the reply cannot be read now, but nothing is lost: a transient 503
+    // (a BITS client retries it), not 500.
+    tokio::task::block_in_place(|| garage.kill());
+    let res = get(reply.clone()).await;
+    assert_eq!(res.status, 503, "store down: {res:?}");
+    tokio::task::block_in_place(|| garage.restart());
+    let res = get(reply.clone()).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.body == data);
+
+    // PostgreSQL down: the reply's record cannot be looked up: the same transient 503.
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.stop())
+            .await
+            .unwrap();
+    }
+    let res = get(reply.clone()).await;
+    assert_eq!(res.status, 503, "PostgreSQL down: {res:?}");
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.restart())
+            .await
+            .unwrap();
+    }
+    let mut res = get(reply.clone()).await;
+    for _ in 0..20 {
+        if res.status == 200 {
+            break;
+        }
+        // The pool may still hand out a connection of the old server once.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        res = get(reply.clone()).await;
+    }
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.body == data);
+}
