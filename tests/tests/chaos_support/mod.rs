@@ -162,6 +162,11 @@ pub fn tally(
             Ok(out) => {
                 for t in &out.transient {
                     *transient.entry(t.clone()).or_insert(0u32) += 1;
+                    // Transient means 503 (bitsd), 502 (nginx: the node died under the
+                    // request) or a cut connection; a 500 says something broke.
+                    if t.contains(": 500 ") {
+                        failures.push(format!("{}: answered {t}", plan.path));
+                    }
                 }
                 if plan.echo && *out.reply.as_ref().unwrap() != plan.data() {
                     failures.push(format!("{}: the reply differs from the upload", plan.path));
