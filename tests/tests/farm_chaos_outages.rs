@@ -39,6 +39,16 @@ fn impatient(store: ObjectStoreConfig) -> ObjectStoreConfig {
     }
 }
 
+/// Waits (up to 30 s) until nginx has passed on `n` requests: the jobs are under way, most
+/// of them past Create-Session.
+async fn wait_for_requests(cluster: &FarmCluster, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.nginx().access_log().lines().count() < n {
+        assert!(Instant::now() < deadline, "the jobs did not get going");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_for_seconds_under_concurrent_jobs_through_bitsd_loses_nothing() {
     // Its own cluster: stopping the binary's shared one would hit the other tests.
@@ -71,7 +81,7 @@ async fn postgres_stopped_for_seconds_under_concurrent_jobs_through_bitsd_loses_
         let jobs = jobs.clone();
         async move { run_jobs(addr, &jobs, &RetryPolicy::default()).await }
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_requests(&cluster, 3 * jobs.len()).await;
     let stopped = Instant::now();
     {
         let pg = pg.clone();
@@ -135,7 +145,7 @@ async fn a_garage_node_killed_under_concurrent_jobs_through_bitsd_and_uploads_go
         let jobs = jobs.clone();
         async move { run_jobs(addr, &jobs, &RetryPolicy::default()).await }
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_requests(&cluster, 3 * jobs.len()).await;
     tokio::task::block_in_place(|| garage.kill(2));
     assert!(!run.is_finished(), "the jobs ended before the Garage node was killed");
     let results = run.await.unwrap();
