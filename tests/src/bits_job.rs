@@ -243,9 +243,7 @@ impl BitsJob<'_> {
         let request = format!("GET {path} HTTP/1.1\r\nHost: bits.example.test\r\n\r\n");
         loop {
             let mut conn = None;
-            let res = self
-                .attempt(&mut conn, request.as_bytes())
-                .await;
+            let res = self.attempt(&mut conn, request.as_bytes()).await;
             match res {
                 Ok(res) if res.status == 200 => return Ok(res.body),
                 Ok(res) if !is_transient_status(res.status) => {
@@ -255,7 +253,10 @@ impl BitsJob<'_> {
                 Err(e) => out.transient.push(format!("reply GET: {e}")),
             }
             if started.elapsed() > self.policy.stall_limit {
-                return Err(format!("reply never downloaded: {:?}", out.transient.last()));
+                return Err(format!(
+                    "reply never downloaded: {:?}",
+                    out.transient.last()
+                ));
             }
             tokio::time::sleep(self.policy.pause).await;
         }

@@ -311,8 +311,8 @@ pub fn bits_post_request(path: &str, headers: &[(&str, &str)], body: &[u8]) -> V
     let mut req = format!("BITS_POST {path} HTTP/1.1\r\nHost: bits.example.test\r\n");
     let mut has_len = false;
     for (k, v) in headers {
-        has_len |= k.eq_ignore_ascii_case("content-length")
-            || k.eq_ignore_ascii_case("transfer-encoding");
+        has_len |=
+            k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding");
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     if !has_len {

@@ -61,11 +61,11 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
     let scale = scale();
     let store = garage.object_store_config("chaos");
     let config = bitsd_tests::farm_cluster::shared_config("", &postgres_url, 8, 5, &store);
-    let Some(cluster) =
-        tokio::task::spawn_blocking(move || FarmCluster::start(&[config.clone(), config.clone(), config]))
-            .await
-            .unwrap()
-    else {
+    let Some(cluster) = tokio::task::spawn_blocking(move || {
+        FarmCluster::start(&[config.clone(), config.clone(), config])
+    })
+    .await
+    .unwrap() else {
         return;
     };
     let addr = cluster.addr();

@@ -75,7 +75,13 @@ async fn postgres_stopped_for_seconds_under_concurrent_jobs_through_bitsd_loses_
     };
     // 24 jobs of 1-4 MiB in 32-256 KiB fragments: several hundred packets, still going on
     // when PostgreSQL stops.
-    let jobs = plans("pgdown", 24, 14, (MIB as u64, 4 * MIB as u64), (32_768, 262_144));
+    let jobs = plans(
+        "pgdown",
+        24,
+        14,
+        (MIB as u64, 4 * MIB as u64),
+        (32_768, 262_144),
+    );
     let addr = cluster.addr();
     let run = tokio::spawn({
         let jobs = jobs.clone();
@@ -90,7 +96,10 @@ async fn postgres_stopped_for_seconds_under_concurrent_jobs_through_bitsd_loses_
             .unwrap();
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(!run.is_finished(), "the jobs ended before PostgreSQL came back");
+    assert!(
+        !run.is_finished(),
+        "the jobs ended before PostgreSQL came back"
+    );
     {
         let pg = pg.clone();
         tokio::task::spawn_blocking(move || pg.restart())
@@ -134,12 +143,26 @@ async fn a_garage_node_killed_under_concurrent_jobs_through_bitsd_and_uploads_go
     // its store (its packets get 503 and are retried on the others), and the writes of the
     // other two need the quorum of the two Garage nodes left.
     let configs: Vec<String> = (0..3)
-        .map(|i| shared_config("", &url, 8, 5, &impatient(garage.object_store_config(i, "g3"))))
+        .map(|i| {
+            shared_config(
+                "",
+                &url,
+                8,
+                5,
+                &impatient(garage.object_store_config(i, "g3")),
+            )
+        })
         .collect();
     let Some(cluster) = cluster(configs).await else {
         return;
     };
-    let jobs = plans("g3", 16, 33, (MIB as u64, 6 * MIB as u64), (65_536, 2 * MIB as u64));
+    let jobs = plans(
+        "g3",
+        16,
+        33,
+        (MIB as u64, 6 * MIB as u64),
+        (65_536, 2 * MIB as u64),
+    );
     let addr = cluster.addr();
     let run = tokio::spawn({
         let jobs = jobs.clone();
@@ -147,7 +170,10 @@ async fn a_garage_node_killed_under_concurrent_jobs_through_bitsd_and_uploads_go
     });
     wait_for_requests(&cluster, 3 * jobs.len()).await;
     tokio::task::block_in_place(|| garage.kill(2));
-    assert!(!run.is_finished(), "the jobs ended before the Garage node was killed");
+    assert!(
+        !run.is_finished(),
+        "the jobs ended before the Garage node was killed"
+    );
     let results = run.await.unwrap();
     let (mut failures, transient) = tally(&jobs, &results);
     println!("transient answers: {transient:?}");
@@ -161,8 +187,7 @@ async fn a_garage_node_killed_under_concurrent_jobs_through_bitsd_and_uploads_go
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_sigkilled_mid_fragment_and_the_retry_on_another_node_resumes_from_the_last_ack()
-{
+async fn a_node_sigkilled_mid_fragment_and_the_retry_on_another_node_resumes_from_the_last_ack() {
     let Some(FarmServers {
         pg: _pg,
         postgres_url: url,
@@ -237,9 +262,7 @@ async fn a_node_sigkilled_mid_fragment_and_the_retry_on_another_node_resumes_fro
         "the retry was answered by node 0: {last}"
     );
     tokio::task::block_in_place(|| cluster.restart(0));
-    let fin = client
-        .fragment(path, &sid, &data, 9 * MIB, 3 * MIB)
-        .await;
+    let fin = client.fragment(path, &sid, &data, 9 * MIB, 3 * MIB).await;
     fin.assert_ack();
     assert_eq!(fin.status, 200, "{fin:?}");
     let objects = Objects::new(&store).unwrap();
@@ -252,10 +275,7 @@ async fn a_node_sigkilled_mid_fragment_and_the_retry_on_another_node_resumes_fro
         .await
         .unwrap();
     assert!(stored == data, "the upload in the bucket differs");
-    let listed = objects
-        .list(&objects.prefix().join("files"))
-        .await
-        .unwrap();
+    let listed = objects.list(&objects.prefix().join("files")).await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     client.close_session(path, &sid).await.assert_ack();
     println!(

@@ -103,7 +103,10 @@ pub async fn run_jobs(
         .collect();
     let mut results = Vec::new();
     for t in tasks {
-        results.push(t.await.unwrap_or_else(|e| Err(format!("job panicked: {e}"))));
+        results.push(
+            t.await
+                .unwrap_or_else(|e| Err(format!("job panicked: {e}"))),
+        );
     }
     results
 }
@@ -112,10 +115,7 @@ pub async fn run_jobs(
 /// the listing of `files/`; the problems found.
 pub async fn check_plain_uploads(objects: &Objects, jobs: &[JobPlan]) -> Vec<String> {
     let mut problems = Vec::new();
-    let listed = objects
-        .list(&objects.prefix().join("files"))
-        .await
-        .unwrap();
+    let listed = objects.list(&objects.prefix().join("files")).await.unwrap();
     for plan in jobs.iter().filter(|j| !j.echo) {
         let key = objects.file_key(plan.file_name());
         let n = listed.iter().filter(|o| o.key == key).count();
