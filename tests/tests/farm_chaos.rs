@@ -113,14 +113,14 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
                 }
             };
             loop {
-                nap(rng.range(700, 2500), &done);
+                nap(rng.range(300, 1200), &done);
                 if done.load(Ordering::SeqCst) {
                     return;
                 }
                 let i = rng.range(0, 3) as usize;
                 cluster.lock().unwrap().kill(i);
                 kills.fetch_add(1, Ordering::SeqCst);
-                nap(rng.range(100, 1500), &done);
+                nap(rng.range(100, 800), &done);
                 cluster.lock().unwrap().restart(i);
             }
         })
