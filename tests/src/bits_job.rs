@@ -22,7 +22,7 @@ pub struct RetryPolicy {
     pub pause: Duration,
     /// One request's limit (writing it and reading the answer); over it counts as transient.
     pub request_timeout: Duration,
-    /// The job fails when it has made no progress (no new acknowledged byte) for this long.
+    /// The job fails when one packet has had nothing but transient answers for this long.
     pub stall_limit: Duration,
 }
 
@@ -101,7 +101,11 @@ impl BitsJob<'_> {
         let total = self.data.len() as u64;
         let mut at = 0u64;
         let final_ack = loop {
-            let len = ((self.next_fragment)() as u64).clamp(1, (total - at).max(1));
+            let len = if total == 0 {
+                0
+            } else {
+                ((self.next_fragment)() as u64).clamp(1, total - at)
+            };
             let range = if total == 0 {
                 "bytes */0".to_owned()
             } else {

@@ -15,9 +15,9 @@ use crate::garage::free_port;
 use crate::nginx::Nginx;
 use crate::BitsdProcess;
 
-/// The config file of a shared-backend node: `[storage]` on `postgres_url` (pool and timeout
-/// as given) and `[object_store]` from `store` (every field that is set), then `extra` TOML
-/// appended verbatim (top-level keys must come before the tables: give them in `top`).
+/// The config file of a shared-backend node: `top` (top-level keys, verbatim; TOML wants them
+/// before the tables), `[storage]` on `postgres_url` with this pool size and timeout in
+/// seconds, and `[object_store]` from `store` (every field that is set).
 pub fn shared_config(
     top: &str,
     postgres_url: &str,
