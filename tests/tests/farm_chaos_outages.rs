@@ -365,3 +365,91 @@ async fn reply_download_while_the_object_store_or_postgres_is_down_is_a_transien
     assert_eq!(res.status, 200, "{res:?}");
     assert!(res.body == data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_sigkilled_while_completing_a_plain_upload_and_the_retry_publishes_it_once() {
+    let Some(FarmServers {
+        pg: _pg,
+        postgres_url: url,
+        garage,
+    }) = FarmServers::start().await
+    else {
+        return;
+    };
+    let store = ObjectStoreConfig {
+        part_size: Some(5 * MIB as u64),
+        ..garage.object_store_config("completion")
+    };
+    let config = shared_config("", &url, 8, 5, &store);
+    let Some(mut cluster) = cluster(vec![config.clone(), config.clone(), config]).await else {
+        return;
+    };
+    // 24 MiB in 1 MiB fragments: completing it assembles 24 fragment objects into 5 parts.
+    let data = pattern(24 * MIB, 22);
+    let path = "/upload/completion/done.bin";
+    let mut client = RawClient::connect(cluster.addr()).await;
+    let sid = client.create_session(path).await;
+    for i in 0..23 {
+        let ack = client.fragment(path, &sid, &data, i * MIB, MIB).await;
+        assert_eq!(ack.status, 200, "{ack:?}");
+    }
+    // The final fragment straight to node 0, which is SIGKILLed as soon as it has committed
+    // the last byte, while it assembles the file (before the file is published).
+    let state = bitsd::storage::shared::pg::PgStateStore::connect(&url, Default::default())
+        .await
+        .unwrap();
+    let id: bitsd_protocol::SessionId = sid.trim_matches(['{', '}']).parse().unwrap();
+    let mut direct = RawClient::connect(cluster.node_addr(0)).await;
+    let request = bitsd_tests::bits_post_request(
+        path,
+        &[
+            ("BITS-Packet-Type", "Fragment"),
+            ("BITS-Session-Id", &sid),
+            (
+                "Content-Range",
+                &format!("bytes {}-{}/{}", 23 * MIB, 24 * MIB - 1, data.len()),
+            ),
+        ],
+        &data[23 * MIB..],
+    );
+    direct.write(&request).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state.load(&id).await.unwrap().unwrap().received < data.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never committed the last byte"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::task::block_in_place(|| cluster.kill(0));
+    let answered = direct.try_send(b"").await;
+    assert!(
+        answered.is_err(),
+        "node 0 answered before the kill: {answered:?}"
+    );
+    let objects = Objects::new(&store).unwrap();
+    let listed = objects.list(&objects.prefix().join("files")).await.unwrap();
+    assert!(
+        listed.is_empty(),
+        "node 0 published the file before the kill: the window was missed"
+    );
+
+    // The retry of the final fragment on another node completes the upload: published once,
+    // byte-exact.
+    let mut client = RawClient::connect(cluster.addr()).await;
+    let fin = client.fragment(path, &sid, &data, 23 * MIB, MIB).await;
+    fin.assert_ack();
+    assert_eq!(fin.status, 200, "{fin:?}");
+    assert_eq!(fin.header("bits-received-content-range"), Some("25165824"));
+    let listed = objects.list(&objects.prefix().join("files")).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let stored = objects
+        .read(&objects.file_key("completion/done.bin"), None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(stored == data, "the published file differs from the upload");
+    client.close_session(path, &sid).await.assert_ack();
+}
