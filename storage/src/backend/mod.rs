@@ -176,6 +176,31 @@ impl LiveCounts {
     }
 }
 
+/// Live-session limits a backend that counts sessions itself checks at Create-Session (see
+/// [`SessionBackend::create_within`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreateLimits {
+    /// Most live sessions in total (of every node sharing the backend); `None`: no limit.
+    pub total: Option<u64>,
+    /// Most live sessions of one owner; `None`: no limit. Sessions without an owner count
+    /// only toward the total.
+    pub per_user: Option<u64>,
+}
+
+/// What [`SessionBackend::create_within`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitedCreate {
+    /// The backend does not count sessions: nothing was written, the caller counts and
+    /// calls [`SessionBackend::create`].
+    NotCounted,
+    /// The session exists now, durably, within the limits.
+    Created,
+    /// The total limit is reached; nothing was written.
+    TotalLimit,
+    /// The owner's limit is reached; nothing was written.
+    UserLimit,
+}
+
 /// The sweeper's lock: while it is held, no other node (or task) sweeps. Released on drop.
 pub struct SweepLock {
     _held: Box<dyn Send + Sync>,
@@ -312,6 +337,19 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
         after: Option<SessionId>,
         limit: usize,
     ) -> Result<Vec<SessionRecord>, StorageError>;
+
+    /// Creates `record`'s session unless `limits` are reached, counting the live sessions of
+    /// every node that shares this backend (exactly, not per node). A backend whose sessions
+    /// belong to one node answers [`LimitedCreate::NotCounted`] (the default) and writes
+    /// nothing; the caller then counts in memory and calls [`SessionBackend::create`].
+    async fn create_within(
+        &self,
+        record: &SessionRecord,
+        limits: CreateLimits,
+    ) -> Result<LimitedCreate, StorageError> {
+        let _ = (record, limits);
+        Ok(LimitedCreate::NotCounted)
+    }
 
     /// Live sessions, in total and per owner.
     async fn count_live(&self) -> Result<LiveCounts, StorageError> {

@@ -33,10 +33,10 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
-use super::pg::{CasOutcome, PgOptions, PgStateStore};
+use super::pg::{CasOutcome, CreateOutcome, Limits, PgOptions, PgStateStore};
 use crate::backend::{
-    ByteStream, FragmentPlan, FragmentSink, LiveCounts, LocalUpload, ReplySink, SessionBackend,
-    SweepLock,
+    ByteStream, CreateLimits, FragmentPlan, FragmentSink, LimitedCreate, LiveCounts, LocalUpload,
+    ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
 use sinks::{reply_key, SharedFragment, SharedReply};
@@ -159,6 +159,28 @@ impl SessionBackend for SharedBackend {
                 record.id
             )))
         }
+    }
+
+    async fn create_within(
+        &self,
+        record: &SessionRecord,
+        limits: CreateLimits,
+    ) -> Result<LimitedCreate, StorageError> {
+        let limits = Limits {
+            total: limits.total,
+            per_user: limits.per_user,
+        };
+        Ok(match self.state.create_limited(record, limits).await? {
+            CreateOutcome::Created => LimitedCreate::Created,
+            CreateOutcome::TotalLimit => LimitedCreate::TotalLimit,
+            CreateOutcome::UserLimit => LimitedCreate::UserLimit,
+            CreateOutcome::Exists => {
+                return Err(StorageError::StateStore(format!(
+                    "session id {} exists already",
+                    record.id
+                )))
+            }
+        })
     }
 
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {

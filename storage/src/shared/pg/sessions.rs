@@ -56,10 +56,14 @@ pub enum CreateOutcome {
 pub struct Limits {
     /// Most live sessions one owner may have (exact: one owner's creates queue on a lock).
     pub per_user: Option<u64>,
-    /// Most live sessions of the farm (checked without a global lock, so nodes creating at
-    /// the same instant may pass it by at most their number of concurrent creates).
+    /// Most live sessions of the farm (exact: creates with a total limit queue on one
+    /// advisory lock for their count and insert; fragments and other writes never take it).
     pub total: Option<u64>,
 }
+
+/// Advisory-lock key (one `bigint`, a space apart from the per-owner two-key locks) that
+/// creates with a total limit take for their count and insert.
+const TOTAL_LIMIT_LOCK: i64 = 0x6269_7473_6400_0003;
 
 /// What a guarded [`PgStateStore::save`] expects to find.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +185,11 @@ impl PgStateStore {
                 }
             }
             if let Some(limit) = limits.total {
+                // Every limited create of the farm queues here for the count and the insert
+                // (one short transaction), so racing nodes cannot pass the total either.
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&TOTAL_LIMIT_LOCK])
+                    .await
+                    .map_err(pg_error)?;
                 let n: i64 = tx
                     .query_one(&format!("SELECT count(*) FROM bitsd_sessions WHERE {LIVE}"), &[])
                     .await
