@@ -360,6 +360,16 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// when someone does. Sweep (list, check expiry, purge) only while holding it.
     async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError>;
 
+    /// Deletes what fragment writes left behind without a commit (a race lost to another
+    /// node, a node or client gone mid-fragment) once it is older than `grace`; a writer still
+    /// sending after `grace` has its commit refused and the client re-sends the fragment.
+    /// Call only while holding the sweeper's lock. Returns how many objects went. Backends
+    /// whose lost writes leave nothing behind do nothing (the default).
+    async fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, StorageError> {
+        let _ = grace;
+        Ok(0)
+    }
+
     /// The local directory plain uploads are published under, when the backend has one
     /// (free-space and name-length checks).
     fn files_root(&self) -> Option<&Path> {

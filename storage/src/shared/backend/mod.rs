@@ -22,6 +22,7 @@
 //!   row becomes a tombstone (end) or goes (purge).
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
+mod gc;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -263,6 +264,9 @@ impl SessionBackend for SharedBackend {
             }
         }
         self.state.forget_pending_object(dest.as_str()).await?;
+        // Committed: the fragments are not read again, so their objects can go now rather
+        // than at Close (the bytes are not stored twice meanwhile).
+        self.drop_published_fragments(&fragments).await;
         Ok(CommitOutcome::Committed)
     }
 
@@ -399,5 +403,9 @@ impl SessionBackend for SharedBackend {
 
     async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError> {
         Ok(self.state.try_sweeper_lock().await?.map(SweepLock::new))
+    }
+
+    async fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, StorageError> {
+        self.collect_pending_objects(grace).await
     }
 }

@@ -335,6 +335,28 @@ impl PgStateStore {
     /// `received` is what the client is told); the caller then deletes its object and calls
     /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
     pub async fn commit_fragment(&self, c: &NewFragment) -> Result<CasOutcome, StorageError> {
+        self.commit_fragment_fenced(c, false).await
+    }
+
+    /// [`PgStateStore::commit_fragment`] that also requires the object's pending row (written
+    /// by [`PgStateStore::add_pending_object`] before the object) to be there still: the row
+    /// is locked for the statement, so the pending-object collector
+    /// ([`PgStateStore::claim_stale_pending_objects`]), which deletes the row before it
+    /// deletes the object, and this commit exclude each other. A commit whose row was claimed
+    /// answers `Raced` with the unchanged offset (the client re-sends the fragment); it never
+    /// references an object the collector deletes. What the shared backend's fragments use.
+    pub async fn commit_pending_fragment(
+        &self,
+        c: &NewFragment,
+    ) -> Result<CasOutcome, StorageError> {
+        self.commit_fragment_fenced(c, true).await
+    }
+
+    async fn commit_fragment_fenced(
+        &self,
+        c: &NewFragment,
+        fenced: bool,
+    ) -> Result<CasOutcome, StorageError> {
         if c.len == 0 {
             return Err(StorageError::StateStore(
                 "a fragment commit must add bytes".into(),
@@ -349,12 +371,17 @@ impl PgStateStore {
         let crc = i64::from(c.crc32c);
         let state = c.state.map(state_text);
         let now = to_i64(now_millis(), "time")?;
+        let fence = if fenced {
+            "AND EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $9 FOR UPDATE)"
+        } else {
+            ""
+        };
         let sql = format!(
             "WITH upd AS (
                 UPDATE bitsd_sessions
                    SET received = $3, total = coalesce($4, total),
                        state = coalesce($5, state), updated_ms = $6
-                 WHERE id = $1 AND received = $2 AND {LIVE}
+                 WHERE id = $1 AND received = $2 AND {LIVE} {fence}
                  RETURNING *),
              frag AS (
                 INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
