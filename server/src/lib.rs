@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+mod accept;
 mod admin;
 pub mod auth;
 mod auth_throttle;
@@ -25,11 +26,13 @@ pub mod fault;
 mod metrics;
 mod name_limits;
 mod packets;
+mod progress;
 mod reply_download;
 mod request_url;
 mod routes;
 mod server;
 mod service;
+mod service_builder;
 mod session_limits;
 mod session_locks;
 pub mod storage_config;
@@ -53,11 +56,11 @@ pub use fault::{
     ConnectionDropped, FaultAction, FaultInjectingService, FaultPacket, FaultPlan, FaultPlanError,
     FaultResponseBody, FaultRule,
 };
+pub use progress::{ReplyBytes, SessionProgress, UploadBytes};
 pub use routes::Route;
 pub use server::{start, RunningServer, ServerConfig, ServerError, SharedAuthenticator, TlsFiles};
-pub use service::{
-    BitsService, BitsServiceBuilder, BuildError, ReplyBytes, SessionProgress, UploadBytes,
-};
+pub use service::BitsService;
+pub use service_builder::{BitsServiceBuilder, BuildError};
 pub use session_limits::{FsyncPolicy, SessionLimits, E_TOO_MANY_SESSIONS};
 pub use storage_config::{SharedStorage, StorageConfig};
 pub use transcript::{Transcript, TranscriptEntry, TranscriptOptions};
