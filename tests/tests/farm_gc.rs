@@ -325,3 +325,95 @@ async fn a_crash_between_assembly_and_the_committed_record_never_loses_the_file(
     assert_eq!(got, data);
     assert!(n.a.load(&record.id).await.unwrap().unwrap().committed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let store = servers.garage.object_store_config("gc-node");
+    let shared = bitsd::SharedStorage {
+        postgres_url: servers.postgres_url.clone(),
+        postgres_max_connections: 4,
+        postgres_timeout: Duration::from_secs(5),
+        object_store: store.clone(),
+    };
+    let node = bitsd_tests::TestServer::start_with(move |c| {
+        c.storage = bitsd::StorageConfig::Shared(Box::new(shared));
+        c.cleanup_interval = Duration::from_millis(200);
+        c.pending_object_grace = Duration::from_millis(500);
+    })
+    .await;
+    // A session through the node, one fragment acknowledged.
+    let mut c = bitsd_tests::RawClient::connect(node.addr()).await;
+    let data = pattern(40_000, 7);
+    let sid = c.create_session("/upload/gc/dead.bin").await;
+    c.fragment("/upload/gc/dead.bin", &sid, &data, 0, 20_000)
+        .await
+        .assert_ack();
+    // Another "node" writes the next fragment's object and dies before its commit.
+    let scratch = tempfile::tempdir().unwrap();
+    let dead = SharedBackend::from_parts(
+        PgStateStore::connect(&servers.postgres_url, PgOptions::default())
+            .await
+            .unwrap(),
+        Objects::new(&store).unwrap(),
+        scratch.path().to_owned(),
+    );
+    let id: SessionId = sid.trim_matches(['{', '}']).parse().unwrap();
+    let mut sink = dead
+        .begin_fragment(&id, plan(20_000, 20_000))
+        .await
+        .unwrap();
+    sink.write(Bytes::copy_from_slice(&data[20_000..]))
+        .await
+        .unwrap();
+    // What the commit would do first: complete the object. Then the writer is gone.
+    let mut w = dead.objects().writer(
+        dead.objects()
+            .session_prefix(&id)
+            .join("frag/00000000000000020000-deadwriter"),
+    );
+    w.write_bytes(Bytes::copy_from_slice(&data[20_000..]))
+        .await
+        .unwrap();
+    w.finish().await.unwrap();
+    dead.state()
+        .add_pending_object(
+            &id,
+            dead.objects()
+                .session_prefix(&id)
+                .join("frag/00000000000000020000-deadwriter")
+                .as_str(),
+        )
+        .await
+        .unwrap();
+    drop(sink);
+    assert_eq!(objects_of(&dead, &id).await.len(), 2, "acknowledged + dead");
+    // The node's sweeper deletes the dead writer's object after the grace, not the
+    // acknowledged one.
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = objects_of(&dead, &id).await;
+        if left.len() == 1 {
+            break;
+        }
+    }
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(!left[0].key.as_str().contains("deadwriter"), "{left:?}");
+    // The client goes on from its last Ack; the file is whole.
+    let fin = c
+        .fragment("/upload/gc/dead.bin", &sid, &data, 20_000, 20_000)
+        .await;
+    fin.assert_ack();
+    let file = dead
+        .objects()
+        .read(&dead.objects().file_key("gc/dead.bin"), None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(file, data);
+}
