@@ -3,6 +3,7 @@
 //! and parses exact responses.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod examples;
 pub mod farm_servers;
 pub mod garage;
 pub mod nginx;
