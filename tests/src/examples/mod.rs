@@ -4,83 +4,16 @@
 //! (`tests/farm_examples.rs`).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::{fixtures_dir, pattern, url_path, RawClient, RawResponse, PROTOCOL};
 
-/// What a scenario runs against: a BITS listener and the place published files land.
-#[async_trait]
-pub trait Target: Send + Sync {
-    /// Where requests go.
-    fn addr(&self) -> SocketAddr;
-    /// Stores `bytes` at `rel` (a path like `files/x.bin`, relative to the data directory).
-    async fn put_file(&self, rel: &str, bytes: Vec<u8>) -> Result<(), String>;
-    /// The bytes at `rel`, or `None` when there is no such file.
-    async fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>, String>;
-    /// The names under the directory `rel` (empty when it is empty or missing).
-    async fn list_dir(&self, rel: &str) -> Result<Vec<String>, String>;
-    /// Checks made once the scenario's steps passed (e.g. where each packet went).
-    async fn finish(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
+mod target;
 
-/// Starts a fresh [`Target`] per scenario.
-#[async_trait]
-pub trait Targets: Send + Sync + 'static {
-    /// A fresh target with `config` applied.
-    async fn start(&self, config: ScenarioConfig) -> Result<Box<dyn Target>, String>;
-}
-
-/// The default target: one [`crate::TestServer`] on a fresh data directory.
-pub struct LocalServers;
-
-#[async_trait]
-impl Targets for LocalServers {
-    async fn start(&self, config: ScenarioConfig) -> Result<Box<dyn Target>, String> {
-        let server = crate::TestServer::start_with(move |cfg| config.apply(cfg)).await;
-        Ok(Box::new(server))
-    }
-}
-
-#[async_trait]
-impl Target for crate::TestServer {
-    fn addr(&self) -> SocketAddr {
-        crate::TestServer::addr(self)
-    }
-
-    async fn put_file(&self, rel: &str, bytes: Vec<u8>) -> Result<(), String> {
-        let path = self.data_dir().join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-        }
-        std::fs::write(&path, bytes).map_err(|e| format!("put_file {path:?}: {e}"))
-    }
-
-    async fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>, String> {
-        match std::fs::read(self.data_dir().join(rel)) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("read {rel}: {e}")),
-        }
-    }
-
-    async fn list_dir(&self, rel: &str) -> Result<Vec<String>, String> {
-        match std::fs::read_dir(self.data_dir().join(rel)) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(format!("list {rel}: {e}")),
-            Ok(entries) => entries
-                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| e.to_string()),
-        }
-    }
-}
+pub use target::{LocalServers, Target, Targets};
 
 /// Host header sent with every request unless a step names its own.
 const HOST: &str = "bits.example.test";
@@ -555,6 +488,11 @@ async fn run_scenario(scenario: Scenario, targets: Arc<dyn Targets>) -> Result<(
     let mut vars = Vars::new();
     vars.insert("PROTOCOL".to_owned(), PROTOCOL.to_owned());
     let mut conn = None;
+    let requests = scenario
+        .steps
+        .iter()
+        .filter(|s| s.request.is_some())
+        .count();
     for (i, step) in scenario.steps.iter().enumerate() {
         let name = step.name.as_deref().unwrap_or("");
         run_step(target.as_ref(), &mut conn, step, &mut vars)
@@ -562,7 +500,7 @@ async fn run_scenario(scenario: Scenario, targets: Arc<dyn Targets>) -> Result<(
             .map_err(|e| format!("step {} `{name}`: {e}", i + 1))?;
     }
     drop(conn);
-    target.finish().await
+    target.finish(requests).await
 }
 
 /// Loads `fixtures/examples/<file>` and replays every scenario, each on a fresh target from
