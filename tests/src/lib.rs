@@ -8,6 +8,7 @@ pub mod farm_servers;
 pub mod garage;
 pub mod nginx;
 pub mod pg;
+pub mod reply_suite;
 
 use std::path::{Path, PathBuf};
 

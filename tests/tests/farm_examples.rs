@@ -19,7 +19,7 @@ use bitsd::{SharedStorage, StorageConfig};
 use bitsd_tests::examples::{replay, ScenarioConfig, Target, Targets};
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::nginx::Nginx;
-use bitsd_tests::TestServer;
+use bitsd_tests::{reply_suite, TestServer};
 use bytes::Bytes;
 
 /// One database and bucket for a fixture file; each scenario gets three fresh nodes under a
@@ -33,7 +33,7 @@ struct Farms {
 struct Farm {
     nginx: Nginx,
     objects: Objects,
-    _nodes: Vec<TestServer>,
+    nodes: Vec<TestServer>,
 }
 
 #[async_trait]
@@ -70,7 +70,7 @@ impl Targets for Farms {
         Ok(Box::new(Farm {
             nginx,
             objects,
-            _nodes: nodes,
+            nodes,
         }))
     }
 }
@@ -87,6 +87,11 @@ impl Farm {
 impl Target for Farm {
     fn addr(&self) -> SocketAddr {
         self.nginx.addr()
+    }
+
+    /// The last node's: it lists every session of the farm from PostgreSQL.
+    fn admin_addr(&self) -> SocketAddr {
+        self.nodes.last().unwrap().admin_addr()
     }
 
     async fn put_file(&self, rel: &str, bytes: Vec<u8>) -> Result<(), String> {
@@ -147,7 +152,7 @@ impl Target for Farm {
     }
 }
 
-async fn farms() -> Option<Arc<dyn Targets>> {
+async fn farms() -> Option<Arc<Farms>> {
     // nginx first: without it nothing here can run.
     bitsd_tests::nginx::nginx_binary()?;
     let servers = FarmServers::start().await?;
@@ -179,4 +184,19 @@ async fn c_cancel_on_the_farm() {
 async fn d_error_cases_on_the_farm() {
     let Some(farms) = farms().await else { return };
     replay("d.json", "D", farms).await;
+}
+
+/// The reply-download checks of `reply_download.rs` on one farm, each through nginx with
+/// every request on another node than the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_download_and_progress_on_the_farm() {
+    let Some(farms) = farms().await else { return };
+    let farm = farms.start(ScenarioConfig::default()).await.unwrap();
+    let t = farm.as_ref();
+    reply_suite::head_full_ranged_resumed_and_past_end(t).await;
+    reply_suite::reply_progress_counts_distinct_bytes(t).await;
+    reply_suite::empty_reply_is_served_with_zero_length(t).await;
+    reply_suite::reply_urls_are_not_guessable_across_routes_or_ids(t).await;
+    reply_suite::multi_range_serves_the_first_satisfiable_range_and_huge_ends_are_clamped(t).await;
+    farm.finish(1).await.unwrap();
 }

@@ -12,6 +12,8 @@ use super::ScenarioConfig;
 pub trait Target: Send + Sync {
     /// Where requests go.
     fn addr(&self) -> SocketAddr;
+    /// An admin listener (on a farm: any node's, as each lists every session).
+    fn admin_addr(&self) -> SocketAddr;
     /// Stores `bytes` at `rel` (a path like `files/x.bin`, relative to the data directory).
     async fn put_file(&self, rel: &str, bytes: Vec<u8>) -> Result<(), String>;
     /// The bytes at `rel`, or `None` when there is no such file.
@@ -48,6 +50,10 @@ impl Targets for LocalServers {
 impl Target for crate::TestServer {
     fn addr(&self) -> SocketAddr {
         crate::TestServer::addr(self)
+    }
+
+    fn admin_addr(&self) -> SocketAddr {
+        crate::TestServer::admin_addr(self)
     }
 
     async fn put_file(&self, rel: &str, bytes: Vec<u8>) -> Result<(), String> {
