@@ -27,6 +27,8 @@ use bytes::Bytes;
 struct Farms {
     servers: FarmServers,
     next: AtomicUsize,
+    /// nginx keeps its upstream connections open between requests.
+    keepalive: bool,
 }
 
 /// Three nodes behind nginx, and the bucket under the scenario's prefix.
@@ -62,10 +64,17 @@ impl Targets for Farms {
             );
         }
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr()).collect();
-        let nginx = tokio::task::spawn_blocking(move || Nginx::start(&addrs))
-            .await
-            .unwrap()
-            .ok_or("nginx is not installed")?;
+        let keepalive = self.keepalive;
+        let nginx = tokio::task::spawn_blocking(move || {
+            if keepalive {
+                Nginx::start_keepalive(&addrs)
+            } else {
+                Nginx::start(&addrs)
+            }
+        })
+        .await
+        .unwrap()
+        .ok_or("nginx is not installed")?;
         let objects = Objects::new(&store).map_err(|e| e.to_string())?;
         Ok(Box::new(Farm {
             nginx,
@@ -153,12 +162,17 @@ impl Target for Farm {
 }
 
 async fn farms() -> Option<Arc<Farms>> {
+    farms_with(false).await
+}
+
+async fn farms_with(keepalive: bool) -> Option<Arc<Farms>> {
     // nginx first: without it nothing here can run.
     bitsd_tests::nginx::nginx_binary()?;
     let servers = FarmServers::start().await?;
     Some(Arc::new(Farms {
         servers,
         next: AtomicUsize::new(0),
+        keepalive,
     }))
 }
 
@@ -198,5 +212,19 @@ async fn reply_download_and_progress_on_the_farm() {
     reply_suite::empty_reply_is_served_with_zero_length(t).await;
     reply_suite::reply_urls_are_not_guessable_across_routes_or_ids(t).await;
     reply_suite::multi_range_serves_the_first_satisfiable_range_and_huge_ends_are_clamped(t).await;
+    farm.finish(1).await.unwrap();
+}
+
+/// Behind a balancer that keeps its upstream connections alive, a node counts a reply range
+/// once the balancer's TCP stack acknowledged it, not when the upstream connection ends
+/// (it does not end here): progress is current, and overlapping ranges count once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_progress_through_a_keepalive_balancer_is_counted_when_each_body_is_done() {
+    let Some(farms) = farms_with(true).await else {
+        return;
+    };
+    let farm = farms.start(ScenarioConfig::default()).await.unwrap();
+    let t = farm.as_ref();
+    reply_suite::reply_progress_counts_distinct_bytes(t).await;
     farm.finish(1).await.unwrap();
 }
