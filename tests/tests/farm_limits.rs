@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd::storage::shared::pg::{CreateOutcome, Limits, PgOptions, PgStateStore};
 use bitsd::{
     CredentialsAuthenticator, SessionLimits, SharedAuthenticator, SharedStorage, StorageConfig,
 };
@@ -200,4 +200,80 @@ async fn racing_creates_on_two_nodes_never_pass_the_limits() {
         "no user past its limit: {created:?}"
     );
     assert_eq!(state.live_count().await.unwrap(), TOTAL as u64);
+}
+
+/// Far from the total limit creates take its lock shared and run side by side; within
+/// PostgreSQL's `max_connections` of it they take it exclusive. Creates racing across that
+/// boundary on two nodes' pools still stop exactly at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_creates_across_the_shared_and_exclusive_paths_stop_exactly_at_the_limit() {
+    let pg = match tokio::task::spawn_blocking(bitsd_tests::pg::PgCluster::shared)
+        .await
+        .unwrap()
+    {
+        Ok(pg) => pg,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+    let url = {
+        let pg = Arc::clone(&pg);
+        tokio::task::spawn_blocking(move || pg.fresh_database())
+            .await
+            .unwrap()
+    };
+    let options = PgOptions {
+        max_connections: 16,
+        ..PgOptions::default()
+    };
+    let nodes = [
+        PgStateStore::connect(&url, options.clone()).await.unwrap(),
+        PgStateStore::connect(&url, options).await.unwrap(),
+    ];
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let max_connections: u64 = client
+        .query_one("SELECT current_setting('max_connections')::int8", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0) as u64;
+    // The first 30 creates may take the shared path, the rest must go one at a time.
+    let limit = max_connections + 30;
+    let tries = limit as usize + 40;
+    let barrier = Arc::new(tokio::sync::Barrier::new(32));
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let store = nodes[t % 2].clone();
+        let barrier = Arc::clone(&barrier);
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let mut outcomes = Vec::new();
+            for _ in (t..tries).step_by(32) {
+                let record = bitsd_tests::pg::session_record(None);
+                let limits = Limits {
+                    total: Some(limit),
+                    per_user: None,
+                };
+                outcomes.push(store.create_limited(&record, limits).await.unwrap());
+            }
+            outcomes
+        }));
+    }
+    let mut created = 0;
+    let mut refused = 0;
+    for t in tasks {
+        for outcome in t.await.unwrap() {
+            match outcome {
+                CreateOutcome::Created => created += 1,
+                CreateOutcome::TotalLimit => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(created, limit, "exactly the limit was created");
+    assert_eq!(refused, 40);
+    assert_eq!(nodes[0].live_count().await.unwrap(), limit);
 }

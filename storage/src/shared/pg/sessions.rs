@@ -56,13 +56,18 @@ pub enum CreateOutcome {
 pub struct Limits {
     /// Most live sessions one owner may have (exact: one owner's creates queue on a lock).
     pub per_user: Option<u64>,
-    /// Most live sessions of the farm (exact: creates with a total limit queue on one
-    /// advisory lock for their count and insert; fragments and other writes never take it).
+    /// Most live sessions of the farm (exact: see `TOTAL_LIMIT_LOCK`; creates queue on one
+    /// lock only within `max_connections` of the limit, and no other write takes it).
     pub total: Option<u64>,
 }
 
-/// Advisory-lock key (one `bigint`, a space apart from the per-owner two-key locks) that
-/// creates with a total limit take for their count and insert.
+/// Advisory-lock key (one `bigint`, a space apart from the per-owner two-key locks) of the
+/// total limit. A create far from the limit takes it shared: its count `n` plus every
+/// transaction that can be in flight at once (PostgreSQL's `max_connections`, `m`) stays
+/// below the limit, so creates in flight together cannot pass it, and they do not wait for
+/// each other. A create that finds `n + m` at or past the limit starts again with the lock
+/// exclusive: it counts and inserts alone, with no other create in flight. The limit is
+/// exact either way; only the last `max_connections` slots below it are taken one at a time.
 const TOTAL_LIMIT_LOCK: i64 = 0x6269_7473_6400_0003;
 
 /// What a guarded [`PgStateStore::save`] expects to find.
@@ -163,64 +168,90 @@ impl PgStateStore {
         let updated = to_i64(record.updated_ms, "updated_ms")?;
         self.timed(async {
             let mut conn = self.conn().await?;
-            let tx = conn.transaction().await.map_err(pg_error)?;
-            if let (Some(limit), Some(owner)) = (limits.per_user, &record.owner) {
-                // One owner's creates queue here, so the count cannot be passed.
-                tx.execute(
-                    "SELECT pg_advisory_xact_lock(1651078003, hashtext($1))",
-                    &[owner],
-                )
-                .await
-                .map_err(pg_error)?;
-                let n: i64 = tx
-                    .query_one(
-                        &format!("SELECT count(*) FROM bitsd_sessions WHERE owner = $1 AND {LIVE}"),
+            // First with the total lock shared (creates far from the limit run in parallel),
+            // then, near the limit, exclusive (see `TOTAL_LIMIT_LOCK`).
+            for exclusive in [false, true] {
+                let tx = conn.transaction().await.map_err(pg_error)?;
+                if let (Some(limit), Some(owner)) = (limits.per_user, &record.owner) {
+                    // One owner's creates queue here, so the count cannot be passed.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock(1651078003, hashtext($1))",
                         &[owner],
                     )
                     .await
-                    .map_err(pg_error)?
-                    .get(0);
-                if n as u64 >= limit {
-                    return Ok(CreateOutcome::UserLimit);
+                    .map_err(pg_error)?;
+                    let n: i64 = tx
+                        .query_one(
+                            &format!(
+                                "SELECT count(*) FROM bitsd_sessions WHERE owner = $1 AND {LIVE}"
+                            ),
+                            &[owner],
+                        )
+                        .await
+                        .map_err(pg_error)?
+                        .get(0);
+                    if n as u64 >= limit {
+                        return Ok(CreateOutcome::UserLimit);
+                    }
                 }
-            }
-            if let Some(limit) = limits.total {
-                // Every limited create of the farm queues here for the count and the insert
-                // (one short transaction), so racing nodes cannot pass the total either.
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&TOTAL_LIMIT_LOCK])
+                if let Some(limit) = limits.total {
+                    let lock = if exclusive {
+                        "SELECT pg_advisory_xact_lock($1)"
+                    } else {
+                        "SELECT pg_advisory_xact_lock_shared($1)"
+                    };
+                    tx.execute(lock, &[&TOTAL_LIMIT_LOCK])
+                        .await
+                        .map_err(pg_error)?;
+                    // A statement of its own: its snapshot is taken with the lock held.
+                    let row = tx
+                        .query_one(
+                            &format!(
+                                "SELECT count(*), current_setting('max_connections')::int8
+                                 FROM bitsd_sessions WHERE {LIVE}"
+                            ),
+                            &[],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    let (n, in_flight) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+                    if n >= limit {
+                        return Ok(CreateOutcome::TotalLimit);
+                    }
+                    if !exclusive && n.saturating_add(in_flight) >= limit {
+                        // Near the limit: again, alone.
+                        tx.rollback().await.map_err(pg_error)?;
+                        continue;
+                    }
+                }
+                let n = tx
+                    .execute(
+                        "INSERT INTO bitsd_sessions
+                            (id, state, owner, received, total, updated_ms, record)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                        &[
+                            record.id.as_uuid(),
+                            &state_text(record.state),
+                            &record.owner,
+                            &received,
+                            &total,
+                            &updated,
+                            &body,
+                        ],
+                    )
                     .await
                     .map_err(pg_error)?;
-                let n: i64 = tx
-                    .query_one(&format!("SELECT count(*) FROM bitsd_sessions WHERE {LIVE}"), &[])
-                    .await
-                    .map_err(pg_error)?
-                    .get(0);
-                if n as u64 >= limit {
-                    return Ok(CreateOutcome::TotalLimit);
-                }
+                tx.commit().await.map_err(pg_error)?;
+                return Ok(if n == 1 {
+                    CreateOutcome::Created
+                } else {
+                    CreateOutcome::Exists
+                });
             }
-            let n = tx
-                .execute(
-                    "INSERT INTO bitsd_sessions (id, state, owner, received, total, updated_ms, record)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-                    &[
-                        record.id.as_uuid(),
-                        &state_text(record.state),
-                        &record.owner,
-                        &received,
-                        &total,
-                        &updated,
-                        &body,
-                    ],
-                )
-                .await
-                .map_err(pg_error)?;
-            tx.commit().await.map_err(pg_error)?;
-            Ok(if n == 1 {
-                CreateOutcome::Created
-            } else {
-                CreateOutcome::Exists
-            })
+            // The exclusive attempt always returns above.
+            Err(StorageError::StateStore(
+                "a limited create settled in neither attempt".into(),
+            ))
         })
         .await
     }
