@@ -87,7 +87,7 @@ pub enum AuthFileError {
 /// costs the same argon2 check as a known one. After 5 failures from one client address or
 /// for one user name, further attempts are refused without a check (401 with `Retry-After`)
 /// for 1 s, doubling with each failure up to 60 s; a success, or 15 minutes without a
-/// failure, clears the count. Bearer tokens are checked at once (a SHA-256 lookup).
+/// failure, clears the count. Bearer tokens are checked at once (a SHA-256 lookup), with the same back-off per address.
 pub struct CredentialsAuthenticator {
     users: HashMap<String, String>,
     tokens: HashMap<[u8; 32], String>,
@@ -276,9 +276,9 @@ impl CredentialsAuthenticator {
             return Begin::Answer(Err(self.challenge()));
         };
         let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
+        let addr = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
         if scheme.eq_ignore_ascii_case("bearer") {
-            let user = self.tokens.get(&sha256(rest.trim().as_bytes())).cloned();
-            return Begin::Answer(user.ok_or_else(|| self.challenge()));
+            return Begin::Answer(self.bearer(rest.trim(), addr));
         }
         if !scheme.eq_ignore_ascii_case("basic") {
             return Begin::Answer(Err(self.challenge()));
@@ -295,8 +295,7 @@ impl CredentialsAuthenticator {
         if self.users.contains_key(&user) && self.throttle.is_cached(&key) {
             return Begin::Answer(Ok(user));
         }
-        let addr = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
-        if let Some(left) = self.throttle.blocked(addr, &user) {
+        if let Some(left) = self.throttle.blocked(addr, Some(&user)) {
             tracing::info!(user = %user, client = ?addr, retry_after_ms = left.as_millis() as u64,
                 "too many failed logins: refused without a check");
             let mut challenge = self.challenge();
@@ -312,6 +311,26 @@ impl CredentialsAuthenticator {
         })
     }
 
+    /// A bearer token: a SHA-256 lookup, with the same per-address back-off as passwords
+    /// (a token names no user, so only the address is counted and refused).
+    fn bearer(&self, token: &str, addr: Option<std::net::IpAddr>) -> Result<String, AuthChallenge> {
+        if let Some(left) = self.throttle.blocked(addr, None) {
+            tracing::info!(client = ?addr, retry_after_ms = left.as_millis() as u64,
+                "too many wrong bearer tokens: refused without a check");
+            let mut challenge = self.challenge();
+            challenge.retry_after = Some(left);
+            return Err(challenge);
+        }
+        match self.tokens.get(&sha256(token.as_bytes())) {
+            Some(user) => Ok(user.clone()),
+            None => {
+                tracing::info!(client = ?addr, "wrong bearer token");
+                self.throttle.failed(addr, None);
+                Err(self.challenge())
+            }
+        }
+    }
+
     /// Records the outcome of a check and answers.
     fn finish(&self, check: &PendingCheck, ok: bool) -> Result<String, AuthChallenge> {
         if ok {
@@ -319,7 +338,7 @@ impl CredentialsAuthenticator {
             Ok(check.user.clone())
         } else {
             tracing::info!(user = %check.user, client = ?check.addr, "failed login");
-            self.throttle.failed(check.addr, &check.user);
+            self.throttle.failed(check.addr, Some(&check.user));
             Err(self.challenge())
         }
     }

@@ -118,8 +118,9 @@ impl Throttle {
         }
     }
 
-    /// How long attempts from `addr` or for `user` are still refused, if they are.
-    pub(crate) fn blocked(&self, addr: Option<IpAddr>, user: &str) -> Option<Duration> {
+    /// How long attempts from `addr` or for `user` are still refused, if they are. A bearer
+    /// token names no user: `user` is `None` and only the address counts.
+    pub(crate) fn blocked(&self, addr: Option<IpAddr>, user: Option<&str>) -> Option<Duration> {
         let now = Instant::now();
         let left = |f: Option<&Failures>| {
             f.and_then(Failures::blocked_until)
@@ -127,12 +128,12 @@ impl Throttle {
                 .filter(|d| !d.is_zero())
         };
         let by_addr = addr.and_then(|a| left(lock(&self.by_addr).get(&a)));
-        let by_user = left(lock(&self.by_user).get(user));
+        let by_user = user.and_then(|u| left(lock(&self.by_user).get(u)));
         by_addr.max(by_user)
     }
 
-    /// Records a failed check.
-    pub(crate) fn failed(&self, addr: Option<IpAddr>, user: &str) {
+    /// Records a failed check (`user` is `None` for a bearer token).
+    pub(crate) fn failed(&self, addr: Option<IpAddr>, user: Option<&str>) {
         let now = Instant::now();
         let bump = |f: &mut Failures| {
             if now.duration_since(f.last) > FAILURE_WINDOW {
@@ -151,9 +152,11 @@ impl Throttle {
             make_room(&mut map, fresh);
             bump(map.entry(a).or_insert(new));
         }
-        let mut map = lock(&self.by_user);
-        make_room(&mut map, fresh);
-        bump(map.entry(user.to_owned()).or_insert(new));
+        if let Some(user) = user {
+            let mut map = lock(&self.by_user);
+            make_room(&mut map, fresh);
+            bump(map.entry(user.to_owned()).or_insert(new));
+        }
     }
 
     /// Records a successful check: remembered, and the failures of both keys forgotten.
@@ -201,25 +204,25 @@ mod tests {
         let t = Throttle::new();
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..FREE_FAILURES {
-            assert_eq!(t.blocked(Some(addr), "alice"), None);
-            t.failed(Some(addr), "alice");
+            assert_eq!(t.blocked(Some(addr), Some("alice")), None);
+            t.failed(Some(addr), Some("alice"));
         }
-        t.failed(Some(addr), "alice");
-        let left = t.blocked(Some(addr), "alice").unwrap();
+        t.failed(Some(addr), Some("alice"));
+        let left = t.blocked(Some(addr), Some("alice")).unwrap();
         assert!(left > Duration::from_millis(1500) && left <= Duration::from_secs(2));
         // Another user from the same address, and the same user from another address.
-        assert!(t.blocked(Some(addr), "bob").is_some());
+        assert!(t.blocked(Some(addr), Some("bob")).is_some());
         assert!(t
-            .blocked(Some("192.0.2.2".parse().unwrap()), "alice")
+            .blocked(Some("192.0.2.2".parse().unwrap()), Some("alice"))
             .is_some());
         assert!(t
-            .blocked(Some("192.0.2.2".parse().unwrap()), "bob")
+            .blocked(Some("192.0.2.2".parse().unwrap()), Some("bob"))
             .is_none());
         let key = t.key("alice", "pw");
         assert!(!t.is_cached(&key));
         t.succeeded(key, Some(addr), "alice");
         assert!(t.is_cached(&key));
-        assert!(t.blocked(Some(addr), "alice").is_none());
+        assert!(t.blocked(Some(addr), Some("alice")).is_none());
         assert_ne!(t.key("alice", "pw"), t.key("alicep", "w"));
     }
 }

@@ -49,6 +49,10 @@ async fn serve(
     let record = match shared.store.load(&id).await {
         Ok(Some(r)) => r,
         Ok(None) => return not_found(),
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "reply lookup failed for now");
+            return unavailable();
+        }
         Err(e) => {
             tracing::error!(error = %e, "reply lookup failed");
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n");
@@ -133,6 +137,10 @@ async fn serve(
                 if !still_served(shared, &id, reply.created_ms).await {
                     return not_found();
                 }
+                if e.is_transient() {
+                    tracing::warn!(error = %e, "reply unreadable for now");
+                    return unavailable();
+                }
                 tracing::error!(error = %e, backend = shared.store.kind(), "reply unreadable");
                 plain(StatusCode::INTERNAL_SERVER_ERROR, "reply unreadable\n")
             }
@@ -195,6 +203,15 @@ fn delivery_report(
 }
 
 /// Whether the reply created at `created_ms` is still the session's reply, ready to serve.
+/// 503 for a reply that cannot be read right now (PostgreSQL or the object store
+/// unreachable): a transient answer the client retries; nothing was lost.
+fn unavailable() -> Response<ResponseBody> {
+    plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage temporarily unavailable, retry later\n",
+    )
+}
+
 async fn still_served(shared: &Shared, id: &SessionId, created_ms: u64) -> bool {
     match shared.store.load(id).await {
         Ok(Some(r)) => {

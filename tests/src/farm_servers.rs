@@ -65,3 +65,20 @@ impl Garage {
         }
     }
 }
+
+impl crate::garage::GarageCluster {
+    /// Object-store settings for the cluster's bucket through node `i`'s S3 API under
+    /// `prefix` (timeouts and retries at their defaults).
+    pub fn object_store_config(&self, i: usize, prefix: &str) -> ObjectStoreConfig {
+        let access = self.access();
+        ObjectStoreConfig {
+            bucket: access.bucket.clone(),
+            prefix: prefix.into(),
+            endpoint: Some(self.endpoint(i)),
+            region: Some(access.region.clone()),
+            access_key_id: Some(access.access_key.clone()),
+            secret_access_key: Some(access.secret_key.clone()),
+            ..ObjectStoreConfig::default()
+        }
+    }
+}

@@ -3,7 +3,9 @@
 //! and parses exact responses.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod bits_job;
 pub mod examples;
+pub mod farm_cluster;
 pub mod farm_servers;
 pub mod garage;
 pub mod nginx;
@@ -48,5 +50,5 @@ mod raw_client;
 mod server;
 
 pub use process::{bitsd_binary, strace, BitsdProcess};
-pub use raw_client::{RawClient, RawResponse};
+pub use raw_client::{bits_post_request, RawClient, RawResponse};
 pub use server::TestServer;

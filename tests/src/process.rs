@@ -5,22 +5,34 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The `bitsd` binary of this build: next to the test executable's `deps/` directory, built
-/// on demand when this test crate runs alone.
+/// The `bitsd` binary of this build, next to the test executable's `deps/` directory.
+///
+/// The first call in a test process runs `cargo build -p bitsd --bin bitsd` for the same
+/// profile (a no-op when it is up to date, as under `cargo test --workspace`): a test crate
+/// run alone (`cargo test -p bitsd-tests --test ...`) would otherwise start a stale binary
+/// left from an older build and test old code.
 pub fn bitsd_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-    let bin = profile_dir.join(format!("bitsd{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--locked", "-p", "bitsd", "--bin", "bitsd"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building bitsd failed");
-    }
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+            let bin = profile_dir.join(format!("bitsd{}", std::env::consts::EXE_SUFFIX));
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut build = std::process::Command::new(cargo);
+            build
+                .args([
+                    "build", "--locked", "--quiet", "-p", "bitsd", "--bin", "bitsd",
+                ])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().unwrap();
+            assert!(status.success(), "building bitsd failed");
+            bin
+        })
+        .clone()
 }
 
 /// A `bitsd` process on ephemeral loopback ports.

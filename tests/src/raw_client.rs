@@ -195,20 +195,7 @@ impl RawClient {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> RawResponse {
-        let mut req = format!("BITS_POST {path} HTTP/1.1\r\nHost: bits.example.test\r\n");
-        let mut has_len = false;
-        for (k, v) in headers {
-            has_len |= k.eq_ignore_ascii_case("content-length")
-                || k.eq_ignore_ascii_case("transfer-encoding");
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if !has_len {
-            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        self.send(&bytes).await
+        self.send(&bits_post_request(path, headers, body)).await
     }
 
     /// Create-Session on `path`; returns the new session id.
@@ -316,4 +303,23 @@ impl RawClient {
             }
         }
     }
+}
+
+/// The bytes of a `BITS_POST` to `path` with these headers (plus `Content-Length` unless one
+/// of them frames the body) and body.
+pub fn bits_post_request(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = format!("BITS_POST {path} HTTP/1.1\r\nHost: bits.example.test\r\n");
+    let mut has_len = false;
+    for (k, v) in headers {
+        has_len |=
+            k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding");
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !has_len {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
 }

@@ -263,6 +263,30 @@ async fn repeated_failures_back_off_per_address_and_per_user_without_a_check() {
     assert_eq!(status, 200);
 }
 
+#[tokio::test]
+async fn wrong_bearer_tokens_back_off_per_address_like_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let guesser = Ipv4Addr::new(127, 0, 0, 40);
+    for i in 0..5 {
+        let (status, retry) = ping(guesser, server.addr, &format!("Bearer guess-{i}")).await;
+        assert_eq!((status, retry), (401, None), "guess {i}");
+    }
+    // From then on that address is refused at once, with the time to wait, even with the
+    // right token: guessing tokens costs the guesser time, as guessing passwords does.
+    let (status, retry) = ping(guesser, server.addr, &format!("Bearer {TOKEN}")).await;
+    assert_eq!(status, 401);
+    assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
+    // Another address with the right token is unaffected (there is no user name to lock).
+    let (status, _) = ping(
+        Ipv4Addr::new(127, 0, 0, 41),
+        server.addr,
+        &format!("Bearer {TOKEN}"),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The admin listener.
 // ---------------------------------------------------------------------------------------------
