@@ -47,11 +47,20 @@ struct SendState {
     /// acknowledged bytes at the same time: after a reset (the queue gone) the count still
     /// tells how far the acknowledgements went.
     acked_ref: Option<(u64, u64)>,
+    /// The furthest stream offset any sample showed acknowledged: what a body settling after
+    /// the socket is gone (a proxy that closed its upstream connection at once) still knows.
+    acked_upto: u64,
 }
 
 impl SendState {
     /// The stream offset the client acknowledged up to, by `s`.
     fn acked_offset(&mut self, s: TcpSample) -> Option<u64> {
+        let w = self.acked_offset_of(s)?;
+        self.acked_upto = self.acked_upto.max(w);
+        Some(w)
+    }
+
+    fn acked_offset_of(&mut self, s: TcpSample) -> Option<u64> {
         match (s.unacked, s.bytes_acked) {
             (Some(queued), acked) => {
                 let w = self.written.saturating_sub(queued);
@@ -223,6 +232,11 @@ impl ConnSend {
         };
         match (kernel, self.0.addrs, tokio::runtime::Handle::try_current()) {
             (true, Some((local, peer)), Ok(rt)) => {
+                // A reference while the socket surely exists: the kernel's count of
+                // acknowledged bytes then still tells how far they went if the connection is
+                // closed before the settling task first looks (a proxy that closes its
+                // upstream connection as soon as the response is in).
+                self.sample();
                 let conn = self.clone();
                 rt.spawn(async move {
                     let n = conn.settle(local, peer, taken, end).await;
@@ -245,8 +259,10 @@ impl ConnSend {
                 self.state().acked_offset(s).map(|w| (w, open))
             });
             let Some((w, open)) = offset else {
-                // The connection is gone: what was acknowledged at the last look.
-                return acked;
+                // The connection is gone: what was acknowledged at the last look, here or by
+                // the connection's own last sample when it ended.
+                let upto = self.state().acked_upto;
+                return acked.max(upto.saturating_sub(start).min(taken));
             };
             acked = acked.max(w.saturating_sub(start).min(taken));
             if !open || acked >= taken || Instant::now() >= deadline {

@@ -71,6 +71,10 @@ pub struct ServerConfig {
     pub session_timeout: Duration,
     /// How often the sweeper looks for expired sessions.
     pub cleanup_interval: Duration,
+    /// On a shared backend: how long an object written for a fragment may stay uncommitted
+    /// (its commit lost a race or never happened) before the sweeper deletes it. A writer
+    /// still sending after that has its commit refused; the client re-sends the fragment.
+    pub pending_object_grace: Duration,
     /// Session count, disk reserve and body idle limits.
     pub session_limits: SessionLimits,
     /// When fragment bytes are synced (default: per fragment).
@@ -126,6 +130,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             session_timeout: Duration::from_secs(14 * 24 * 3600),
             cleanup_interval: Duration::from_secs(3600),
+            pending_object_grace: Duration::from_secs(3600),
             session_limits: SessionLimits::default(),
             fsync: crate::session_limits::FsyncPolicy::default(),
             auth: None,
@@ -354,6 +359,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     tasks.push(tokio::spawn(sweep_loop(
         service.clone(),
         config.session_timeout,
+        config.pending_object_grace,
         config.cleanup_interval,
         rx2,
     )));
@@ -387,10 +393,12 @@ fn own_url(addr: SocketAddr, https: bool) -> String {
     format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
 }
 
-/// Removes expired sessions every `interval` until shutdown.
+/// Removes expired sessions, then collects uncommitted fragment objects older than `grace`,
+/// every `interval` until shutdown.
 async fn sweep_loop(
     service: BitsService,
     timeout: Duration,
+    grace: Duration,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -403,6 +411,11 @@ async fn sweep_loop(
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired sessions removed"),
             Err(e) => tracing::error!(error = %e, "session sweep failed"),
+        }
+        match service.collect_garbage(grace).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "uncommitted fragment objects deleted"),
+            Err(e) => tracing::error!(error = %e, "pending-object collection failed"),
         }
     }
 }

@@ -195,6 +195,17 @@ impl BitsService {
             .is_ok()
     }
 
+    /// Deletes what fragment writes left without a commit (a race lost to another node, a node
+    /// or client gone mid-fragment) once older than `grace`, on the one node of a farm that
+    /// holds the sweeper's lock (nothing to do on the local backend). Returns how many
+    /// objects went.
+    pub async fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, StorageError> {
+        let Some(_sweeping) = self.shared.store.try_sweep_lock().await? else {
+            return Ok(0);
+        };
+        self.shared.store.collect_garbage(grace).await
+    }
+
     /// Removes every session (live or tombstone) idle for longer than `idle`, with its upload,
     /// reply and record (BITSSessionTimeout, §7). Later packets of such a session get 500
     /// `BG_E_SESSION_NOT_FOUND`. Returns how many were removed.

@@ -120,22 +120,12 @@ impl SessionCounts {
     ) -> Result<(), BitsError> {
         let mut c = self.lock();
         if limits.max_sessions.is_some_and(|max| c.total >= max) {
-            return Err(BitsError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                E_TOO_MANY_SESSIONS,
-                bitsd_protocol::ErrorContext::Server,
-                format!("the server holds its maximum of {} live sessions", c.total),
-            ));
+            return Err(too_many_sessions(limits, None));
         }
         if let (Some(owner), Some(max)) = (owner, limits.max_sessions_per_user) {
             let n = c.per_user.get(owner).copied().unwrap_or(0);
             if n >= max {
-                return Err(BitsError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    E_TOO_MANY_SESSIONS,
-                    bitsd_protocol::ErrorContext::Server,
-                    format!("user {owner} holds its maximum of {max} live sessions"),
-                ));
+                return Err(too_many_sessions(limits, Some(owner)));
             }
         }
         c.total += 1;
@@ -158,6 +148,26 @@ impl SessionCounts {
             }
         }
     }
+}
+
+/// The answer to a Create-Session over a session limit: 503 with
+/// [`E_TOO_MANY_SESSIONS`]; `owner` when the user's limit is the one reached, else the total.
+pub(crate) fn too_many_sessions(limits: &SessionLimits, owner: Option<&str>) -> BitsError {
+    let why = match (owner, limits.max_sessions_per_user) {
+        (Some(owner), Some(max)) => {
+            format!("user {owner} holds its maximum of {max} live sessions")
+        }
+        _ => format!(
+            "the server holds its maximum of {} live sessions",
+            limits.max_sessions.unwrap_or(usize::MAX)
+        ),
+    };
+    BitsError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        E_TOO_MANY_SESSIONS,
+        bitsd_protocol::ErrorContext::Server,
+        why,
+    )
 }
 
 /// Refuses with 500 `E_DISK_FULL` when writing `extra` bytes would leave less than the reserve.

@@ -4,11 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod bits_job;
+pub mod examples;
 pub mod farm_cluster;
 pub mod farm_servers;
 pub mod garage;
 pub mod nginx;
 pub mod pg;
+pub mod reply_suite;
 
 use std::path::{Path, PathBuf};
 

@@ -47,6 +47,17 @@ impl Nginx {
     /// Starts nginx in front of `upstreams` (round robin, in this order) and waits until it
     /// listens; `None` (printed) when nginx is not installed.
     pub fn start(upstreams: &[SocketAddr]) -> Option<Self> {
+        Self::start_with(upstreams, false)
+    }
+
+    /// As [`Nginx::start`], but nginx keeps its upstream connections alive between requests
+    /// (`keepalive` in the upstream block, HTTP/1.1 without `Connection: close`), as a
+    /// production balancer usually does.
+    pub fn start_keepalive(upstreams: &[SocketAddr]) -> Option<Self> {
+        Self::start_with(upstreams, true)
+    }
+
+    fn start_with(upstreams: &[SocketAddr], keepalive: bool) -> Option<Self> {
         assert!(!upstreams.is_empty(), "nginx needs at least one upstream");
         let bin = nginx_binary()?;
         let dir = tempfile::Builder::new()
@@ -56,7 +67,7 @@ impl Nginx {
         let addr = SocketAddr::from(([127, 0, 0, 1], crate::garage::free_port()));
         std::fs::write(
             dir.path().join("nginx.conf"),
-            config(dir.path(), addr, upstreams),
+            config(dir.path(), addr, upstreams, keepalive),
         )
         .unwrap();
         let mut nginx = Nginx {
@@ -162,11 +173,17 @@ impl Drop for Nginx {
     }
 }
 
-/// The configuration: one worker, round robin over `upstreams` (no `keepalive` in the
-/// upstream block, so nginx opens a new upstream connection per request and closes it),
-/// bodies streamed both ways, no body size limit, long timeouts for slow uploads.
-fn config(prefix: &Path, listen: SocketAddr, upstreams: &[SocketAddr]) -> String {
+/// The configuration: one worker, round robin over `upstreams` (without `keepalive`, nginx
+/// opens a new upstream connection per request and closes it; with it, nginx keeps up to 16
+/// idle upstream connections open), bodies streamed both ways, no body size limit, long
+/// timeouts for slow uploads.
+fn config(prefix: &Path, listen: SocketAddr, upstreams: &[SocketAddr], keepalive: bool) -> String {
     let p = prefix.display();
+    let (pool, connection) = if keepalive {
+        ("        keepalive 16;\n", "\"\"")
+    } else {
+        ("", "close")
+    };
     let servers: String = upstreams
         .iter()
         .map(|u| format!("        server {u} max_fails=0;\n"))
@@ -186,14 +203,14 @@ fn config(prefix: &Path, listen: SocketAddr, upstreams: &[SocketAddr]) -> String
          \x20   fastcgi_temp_path {p}/fastcgi;\n\
          \x20   uwsgi_temp_path {p}/uwsgi;\n\
          \x20   scgi_temp_path {p}/scgi;\n\
-         \x20   upstream farm {{\n{servers}    }}\n\
+         \x20   upstream farm {{\n{servers}{pool}    }}\n\
          \x20   server {{\n\
          \x20       listen {listen};\n\
          \x20       client_max_body_size 0;\n\
          \x20       location / {{\n\
          \x20           proxy_pass http://farm;\n\
          \x20           proxy_http_version 1.1;\n\
-         \x20           proxy_set_header Connection close;\n\
+         \x20           proxy_set_header Connection {connection};\n\
          \x20           proxy_set_header Host $http_host;\n\
          \x20           proxy_request_buffering off;\n\
          \x20           proxy_buffering off;\n\

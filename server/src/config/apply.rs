@@ -30,6 +30,19 @@ impl ConfigFile {
         };
         let at_key = |key: &str| text.find(&format!("\n{key}")).map_or(0, |i| i + 1);
         let storage_at = text.find("[storage]").unwrap_or(0);
+        if let Some(s) = self
+            .storage
+            .as_ref()
+            .and_then(|e| e.pending_object_grace_secs)
+        {
+            if s == 0 {
+                return Err(err(
+                    storage_at,
+                    "pending_object_grace_secs must be positive".into(),
+                ));
+            }
+            config.pending_object_grace = Duration::from_secs(s);
+        }
         config.storage =
             super::storage::build_storage(self.storage.take(), self.object_store.take())
                 .map_err(|m| err(storage_at, m))?;

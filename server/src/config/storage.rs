@@ -33,6 +33,7 @@ pub(super) fn build_storage(
                 postgres_url: None,
                 postgres_max_connections: None,
                 postgres_timeout_secs: None,
+                pending_object_grace_secs: None,
             });
             let postgres_url = entry
                 .postgres_url
@@ -127,5 +128,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("postgres://"), "{e}");
+    }
+
+    #[test]
+    fn pending_object_grace_defaults_to_an_hour_and_must_be_positive() {
+        use std::time::Duration;
+        assert_eq!(
+            apply("").unwrap().pending_object_grace,
+            Duration::from_secs(3600)
+        );
+        let set = apply(
+            "[storage]\nbackend = \"shared\"\npostgres_url = \"postgres://h/d\"\n\
+             pending_object_grace_secs = 600\n[object_store]\nbucket = \"b\"\n",
+        )
+        .unwrap();
+        assert_eq!(set.pending_object_grace, Duration::from_secs(600));
+        let e = apply("[storage]\npending_object_grace_secs = 0\n").unwrap_err();
+        assert!(e.contains("must be positive"), "{e}");
     }
 }

@@ -1,7 +1,7 @@
 //! Create-Session (§4.2): a new session with a fresh random id.
 
 use bitsd_protocol::{Ack, BitsError, SessionId};
-use bitsd_storage::{SessionRecord, UploadMode};
+use bitsd_storage::{CreateLimits, LimitedCreate, SessionRecord, UploadMode};
 use http::request::Parts;
 use uuid::Uuid;
 
@@ -9,7 +9,7 @@ use crate::destination::destination_for;
 use crate::request_url::RequestOrigin;
 use crate::routes::Route;
 use crate::service::{storage_failure, Shared};
-use crate::session_limits::check_disk;
+use crate::session_limits::{check_disk, too_many_sessions};
 
 pub(super) async fn handle(
     shared: &Shared,
@@ -50,16 +50,42 @@ pub(super) async fn handle(
     );
     record.destination = destination;
     record.owner = user.map(str::to_owned);
-    let counts = shared.counts();
-    counts.reserve(user, &shared.session_limits)?;
-    if let Err(e) = shared.store.create(&record).await {
-        counts.release(user);
-        return Err(storage_failure(e));
-    }
+    create_counted(shared, &record, user).await?;
     tracing::info!(url = %record.remote_url, "session created");
     let mut ack = Ack::session_created(&id, protocol);
     if let Some((host, fallback)) = &shared.host_id {
         ack = ack.host_id(host.clone(), *fallback);
     }
     Ok(ack)
+}
+
+/// Creates the session within the live-session limits: counted by the backend when it counts
+/// sessions itself (a shared backend counts every node's in PostgreSQL), else by this node's
+/// counters.
+async fn create_counted(
+    shared: &Shared,
+    record: &SessionRecord,
+    user: Option<&str>,
+) -> Result<(), BitsError> {
+    let limits = &shared.session_limits;
+    let as_u64 = |n: Option<usize>| n.map(|n| u64::try_from(n).unwrap_or(u64::MAX));
+    let caps = CreateLimits {
+        total: as_u64(limits.max_sessions),
+        // Anonymous sessions count only toward the total.
+        per_user: as_u64(limits.max_sessions_per_user),
+    };
+    match shared.store.create_within(record, caps).await {
+        Ok(LimitedCreate::Created) => return Ok(()),
+        Ok(LimitedCreate::TotalLimit) => return Err(too_many_sessions(limits, None)),
+        Ok(LimitedCreate::UserLimit) => return Err(too_many_sessions(limits, user)),
+        Ok(LimitedCreate::NotCounted) => {}
+        Err(e) => return Err(storage_failure(e)),
+    }
+    let counts = shared.counts();
+    counts.reserve(user, limits)?;
+    if let Err(e) = shared.store.create(record).await {
+        counts.release(user);
+        return Err(storage_failure(e));
+    }
+    Ok(())
 }

@@ -176,6 +176,31 @@ impl LiveCounts {
     }
 }
 
+/// Live-session limits a backend that counts sessions itself checks at Create-Session (see
+/// [`SessionBackend::create_within`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreateLimits {
+    /// Most live sessions in total (of every node sharing the backend); `None`: no limit.
+    pub total: Option<u64>,
+    /// Most live sessions of one owner; `None`: no limit. Sessions without an owner count
+    /// only toward the total.
+    pub per_user: Option<u64>,
+}
+
+/// What [`SessionBackend::create_within`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitedCreate {
+    /// The backend does not count sessions: nothing was written, the caller counts and
+    /// calls [`SessionBackend::create`].
+    NotCounted,
+    /// The session exists now, durably, within the limits.
+    Created,
+    /// The total limit is reached; nothing was written.
+    TotalLimit,
+    /// The owner's limit is reached; nothing was written.
+    UserLimit,
+}
+
 /// The sweeper's lock: while it is held, no other node (or task) sweeps. Released on drop.
 pub struct SweepLock {
     _held: Box<dyn Send + Sync>,
@@ -313,6 +338,19 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
         limit: usize,
     ) -> Result<Vec<SessionRecord>, StorageError>;
 
+    /// Creates `record`'s session unless `limits` are reached, counting the live sessions of
+    /// every node that shares this backend (exactly, not per node). A backend whose sessions
+    /// belong to one node answers [`LimitedCreate::NotCounted`] (the default) and writes
+    /// nothing; the caller then counts in memory and calls [`SessionBackend::create`].
+    async fn create_within(
+        &self,
+        record: &SessionRecord,
+        limits: CreateLimits,
+    ) -> Result<LimitedCreate, StorageError> {
+        let _ = (record, limits);
+        Ok(LimitedCreate::NotCounted)
+    }
+
     /// Live sessions, in total and per owner.
     async fn count_live(&self) -> Result<LiveCounts, StorageError> {
         Ok(LiveCounts::from_records(&self.list().await?))
@@ -321,6 +359,16 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// Takes the sweeper's lock if no one (no other node, no other task) holds it; `None`
     /// when someone does. Sweep (list, check expiry, purge) only while holding it.
     async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError>;
+
+    /// Deletes what fragment writes left behind without a commit (a race lost to another
+    /// node, a node or client gone mid-fragment) once it is older than `grace`; a writer still
+    /// sending after `grace` has its commit refused and the client re-sends the fragment.
+    /// Call only while holding the sweeper's lock. Returns how many objects went. Backends
+    /// whose lost writes leave nothing behind do nothing (the default).
+    async fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, StorageError> {
+        let _ = grace;
+        Ok(0)
+    }
 
     /// The local directory plain uploads are published under, when the backend has one
     /// (free-space and name-length checks).

@@ -22,6 +22,7 @@
 //!   row becomes a tombstone (end) or goes (purge).
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
+mod gc;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -33,10 +34,10 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
-use super::pg::{CasOutcome, PgOptions, PgStateStore};
+use super::pg::{CasOutcome, CreateOutcome, Limits, PgOptions, PgStateStore};
 use crate::backend::{
-    ByteStream, FragmentPlan, FragmentSink, LiveCounts, LocalUpload, ReplySink, SessionBackend,
-    SweepLock,
+    ByteStream, CreateLimits, FragmentPlan, FragmentSink, LimitedCreate, LiveCounts, LocalUpload,
+    ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
 use sinks::{reply_key, SharedFragment, SharedReply};
@@ -161,6 +162,28 @@ impl SessionBackend for SharedBackend {
         }
     }
 
+    async fn create_within(
+        &self,
+        record: &SessionRecord,
+        limits: CreateLimits,
+    ) -> Result<LimitedCreate, StorageError> {
+        let limits = Limits {
+            total: limits.total,
+            per_user: limits.per_user,
+        };
+        Ok(match self.state.create_limited(record, limits).await? {
+            CreateOutcome::Created => LimitedCreate::Created,
+            CreateOutcome::TotalLimit => LimitedCreate::TotalLimit,
+            CreateOutcome::UserLimit => LimitedCreate::UserLimit,
+            CreateOutcome::Exists => {
+                return Err(StorageError::StateStore(format!(
+                    "session id {} exists already",
+                    record.id
+                )))
+            }
+        })
+    }
+
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
         self.state.load(id).await
     }
@@ -241,6 +264,9 @@ impl SessionBackend for SharedBackend {
             }
         }
         self.state.forget_pending_object(dest.as_str()).await?;
+        // Committed: the fragments are not read again, so their objects can go now rather
+        // than at Close (the bytes are not stored twice meanwhile).
+        self.drop_published_fragments(&fragments).await;
         Ok(CommitOutcome::Committed)
     }
 
@@ -377,5 +403,9 @@ impl SessionBackend for SharedBackend {
 
     async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError> {
         Ok(self.state.try_sweeper_lock().await?.map(SweepLock::new))
+    }
+
+    async fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, StorageError> {
+        self.collect_pending_objects(grace).await
     }
 }

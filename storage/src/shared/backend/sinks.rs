@@ -41,7 +41,9 @@ impl FragmentSink for SharedFragment {
 
     /// 1. the object is completed (durable on the store's write quorum), 2. one PostgreSQL
     /// statement advances `received` only if it still equals `expected` and records the
-    /// object in the fragment index. A lost commit's object stays pending for the sweeper.
+    /// object in the fragment index, provided the object's pending row is still there (the
+    /// pending-object collector claims rows before it deletes objects). A lost commit's object
+    /// stays pending for the collector.
     async fn commit(
         self: Box<Self>,
         expected: u64,
@@ -67,7 +69,7 @@ impl FragmentSink for SharedFragment {
         }
         let stored = writer.finish().await?;
         let outcome = state
-            .commit_fragment(&NewFragment {
+            .commit_pending_fragment(&NewFragment {
                 id,
                 expected_received: expected,
                 len: stored.len,

@@ -162,6 +162,50 @@ impl PgStateStore {
         .await
     }
 
+    /// Claims for deletion at most `limit` pending objects recorded before `before_ms` whose
+    /// keys start with `under` (the sessions' prefix: publish markers under `files/` are never
+    /// claimed), oldest first: their rows are deleted, durably, and returned; the caller then
+    /// deletes the objects.
+    ///
+    /// Rows first, objects second: a fragment commit needs its object's pending row
+    /// ([`PgStateStore::commit_pending_fragment`] locks it), so once a row is claimed no commit
+    /// can reference its object, and a commit that got the row first leaves nothing to claim.
+    /// A crash between the two steps leaves the objects in the bucket without a row (a leak
+    /// until their session is closed or swept, never a wrong byte). Rows locked by a commit in
+    /// flight are skipped, so two collectors never claim one row.
+    pub async fn claim_stale_pending_objects(
+        &self,
+        before_ms: u64,
+        under: &str,
+        limit: usize,
+    ) -> Result<Vec<PendingObject>, StorageError> {
+        let before = to_i64(before_ms, "time")?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "DELETE FROM bitsd_pending_objects WHERE object_key IN (
+                        SELECT object_key FROM bitsd_pending_objects
+                         WHERE created_ms < $1 AND starts_with(object_key, $2)
+                         ORDER BY created_ms LIMIT $3 FOR UPDATE SKIP LOCKED)
+                     RETURNING object_key, session_id, created_ms",
+                    &[&before, &under, &limit],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| PendingObject {
+                    object_key: r.get(0),
+                    session: SessionId::from_uuid(r.get(1)),
+                    created_ms: r.get::<_, i64>(2) as u64,
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// The fragment index of `id` in offset order: which object holds which bytes.
     pub async fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentObject>, StorageError> {
         self.timed(async {

@@ -56,10 +56,19 @@ pub enum CreateOutcome {
 pub struct Limits {
     /// Most live sessions one owner may have (exact: one owner's creates queue on a lock).
     pub per_user: Option<u64>,
-    /// Most live sessions of the farm (checked without a global lock, so nodes creating at
-    /// the same instant may pass it by at most their number of concurrent creates).
+    /// Most live sessions of the farm (exact: see `TOTAL_LIMIT_LOCK`; creates queue on one
+    /// lock only within `max_connections` of the limit, and no other write takes it).
     pub total: Option<u64>,
 }
+
+/// Advisory-lock key (one `bigint`, a space apart from the per-owner two-key locks) of the
+/// total limit. A create far from the limit takes it shared: its count `n` plus every
+/// transaction that can be in flight at once (PostgreSQL's `max_connections`, `m`) stays
+/// below the limit, so creates in flight together cannot pass it, and they do not wait for
+/// each other. A create that finds `n + m` at or past the limit starts again with the lock
+/// exclusive: it counts and inserts alone, with no other create in flight. The limit is
+/// exact either way; only the last `max_connections` slots below it are taken one at a time.
+const TOTAL_LIMIT_LOCK: i64 = 0x6269_7473_6400_0003;
 
 /// What a guarded [`PgStateStore::save`] expects to find.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,59 +168,90 @@ impl PgStateStore {
         let updated = to_i64(record.updated_ms, "updated_ms")?;
         self.timed(async {
             let mut conn = self.conn().await?;
-            let tx = conn.transaction().await.map_err(pg_error)?;
-            if let (Some(limit), Some(owner)) = (limits.per_user, &record.owner) {
-                // One owner's creates queue here, so the count cannot be passed.
-                tx.execute(
-                    "SELECT pg_advisory_xact_lock(1651078003, hashtext($1))",
-                    &[owner],
-                )
-                .await
-                .map_err(pg_error)?;
-                let n: i64 = tx
-                    .query_one(
-                        &format!("SELECT count(*) FROM bitsd_sessions WHERE owner = $1 AND {LIVE}"),
+            // First with the total lock shared (creates far from the limit run in parallel),
+            // then, near the limit, exclusive (see `TOTAL_LIMIT_LOCK`).
+            for exclusive in [false, true] {
+                let tx = conn.transaction().await.map_err(pg_error)?;
+                if let (Some(limit), Some(owner)) = (limits.per_user, &record.owner) {
+                    // One owner's creates queue here, so the count cannot be passed.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock(1651078003, hashtext($1))",
                         &[owner],
                     )
                     .await
-                    .map_err(pg_error)?
-                    .get(0);
-                if n as u64 >= limit {
-                    return Ok(CreateOutcome::UserLimit);
+                    .map_err(pg_error)?;
+                    let n: i64 = tx
+                        .query_one(
+                            &format!(
+                                "SELECT count(*) FROM bitsd_sessions WHERE owner = $1 AND {LIVE}"
+                            ),
+                            &[owner],
+                        )
+                        .await
+                        .map_err(pg_error)?
+                        .get(0);
+                    if n as u64 >= limit {
+                        return Ok(CreateOutcome::UserLimit);
+                    }
                 }
-            }
-            if let Some(limit) = limits.total {
-                let n: i64 = tx
-                    .query_one(&format!("SELECT count(*) FROM bitsd_sessions WHERE {LIVE}"), &[])
+                if let Some(limit) = limits.total {
+                    let lock = if exclusive {
+                        "SELECT pg_advisory_xact_lock($1)"
+                    } else {
+                        "SELECT pg_advisory_xact_lock_shared($1)"
+                    };
+                    tx.execute(lock, &[&TOTAL_LIMIT_LOCK])
+                        .await
+                        .map_err(pg_error)?;
+                    // A statement of its own: its snapshot is taken with the lock held.
+                    let row = tx
+                        .query_one(
+                            &format!(
+                                "SELECT count(*), current_setting('max_connections')::int8
+                                 FROM bitsd_sessions WHERE {LIVE}"
+                            ),
+                            &[],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    let (n, in_flight) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+                    if n >= limit {
+                        return Ok(CreateOutcome::TotalLimit);
+                    }
+                    if !exclusive && n.saturating_add(in_flight) >= limit {
+                        // Near the limit: again, alone.
+                        tx.rollback().await.map_err(pg_error)?;
+                        continue;
+                    }
+                }
+                let n = tx
+                    .execute(
+                        "INSERT INTO bitsd_sessions
+                            (id, state, owner, received, total, updated_ms, record)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                        &[
+                            record.id.as_uuid(),
+                            &state_text(record.state),
+                            &record.owner,
+                            &received,
+                            &total,
+                            &updated,
+                            &body,
+                        ],
+                    )
                     .await
-                    .map_err(pg_error)?
-                    .get(0);
-                if n as u64 >= limit {
-                    return Ok(CreateOutcome::TotalLimit);
-                }
+                    .map_err(pg_error)?;
+                tx.commit().await.map_err(pg_error)?;
+                return Ok(if n == 1 {
+                    CreateOutcome::Created
+                } else {
+                    CreateOutcome::Exists
+                });
             }
-            let n = tx
-                .execute(
-                    "INSERT INTO bitsd_sessions (id, state, owner, received, total, updated_ms, record)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-                    &[
-                        record.id.as_uuid(),
-                        &state_text(record.state),
-                        &record.owner,
-                        &received,
-                        &total,
-                        &updated,
-                        &body,
-                    ],
-                )
-                .await
-                .map_err(pg_error)?;
-            tx.commit().await.map_err(pg_error)?;
-            Ok(if n == 1 {
-                CreateOutcome::Created
-            } else {
-                CreateOutcome::Exists
-            })
+            // The exclusive attempt always returns above.
+            Err(StorageError::StateStore(
+                "a limited create settled in neither attempt".into(),
+            ))
         })
         .await
     }
@@ -326,6 +366,28 @@ impl PgStateStore {
     /// `received` is what the client is told); the caller then deletes its object and calls
     /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
     pub async fn commit_fragment(&self, c: &NewFragment) -> Result<CasOutcome, StorageError> {
+        self.commit_fragment_fenced(c, false).await
+    }
+
+    /// [`PgStateStore::commit_fragment`] that also requires the object's pending row (written
+    /// by [`PgStateStore::add_pending_object`] before the object) to be there still: the row
+    /// is locked for the statement, so the pending-object collector
+    /// ([`PgStateStore::claim_stale_pending_objects`]), which deletes the row before it
+    /// deletes the object, and this commit exclude each other. A commit whose row was claimed
+    /// answers `Raced` with the unchanged offset (the client re-sends the fragment); it never
+    /// references an object the collector deletes. What the shared backend's fragments use.
+    pub async fn commit_pending_fragment(
+        &self,
+        c: &NewFragment,
+    ) -> Result<CasOutcome, StorageError> {
+        self.commit_fragment_fenced(c, true).await
+    }
+
+    async fn commit_fragment_fenced(
+        &self,
+        c: &NewFragment,
+        fenced: bool,
+    ) -> Result<CasOutcome, StorageError> {
         if c.len == 0 {
             return Err(StorageError::StateStore(
                 "a fragment commit must add bytes".into(),
@@ -340,12 +402,17 @@ impl PgStateStore {
         let crc = i64::from(c.crc32c);
         let state = c.state.map(state_text);
         let now = to_i64(now_millis(), "time")?;
+        let fence = if fenced {
+            "AND EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $9 FOR UPDATE)"
+        } else {
+            ""
+        };
         let sql = format!(
             "WITH upd AS (
                 UPDATE bitsd_sessions
                    SET received = $3, total = coalesce($4, total),
                        state = coalesce($5, state), updated_ms = $6
-                 WHERE id = $1 AND received = $2 AND {LIVE}
+                 WHERE id = $1 AND received = $2 AND {LIVE} {fence}
                  RETURNING *),
              frag AS (
                 INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
