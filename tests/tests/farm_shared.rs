@@ -164,9 +164,8 @@ async fn reply_downloaded_in_three_ranges_through_three_nodes_counts_each_byte_o
     let reply = url_path(fin.header("bits-reply-url").unwrap());
     let mut body = vec![0u8; data.len()];
     // Overlapping ranges: 0..12000, 8000..22000, 20000..30000.
-    // Each range from another node, on a connection of its own that then closes (a node
-    // counts what a connection took once nothing more will be learned of it; behind nginx
-    // the upstream connections stay open, see the report in docs-pending/farm-shared.md).
+    // Each range straight from another node, on a connection of its own (the same through a
+    // balancer: farm_examples.rs, reply_progress_through_a_keepalive_balancer_is_counted_when_each_body_is_done).
     let addrs = farm.addrs();
     for (i, (a, b)) in [(0usize, 11_999usize), (8_000, 21_999), (20_000, 29_999)]
         .into_iter()
