@@ -424,7 +424,7 @@ impl SessionStore {
     /// Runs `save` (memory work on the meta store) if `expected` is `None`, or if the stored
     /// record of `record.id` is live with `received == expected`: checked and saved under the
     /// session's compare-and-set lock.
-    fn save_if(
+    pub(crate) fn save_if(
         &self,
         record: &SessionRecord,
         expected: Option<u64>,

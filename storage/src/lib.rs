@@ -26,6 +26,7 @@ mod backend;
 mod error;
 mod fragment_writer;
 mod fs_util;
+mod inline;
 mod meta;
 mod publish;
 mod record;
@@ -42,6 +43,7 @@ pub use backend::{
 };
 pub use error::StorageError;
 pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
+pub use inline::INLINE_BELOW;
 pub use meta::{FlushTicket, MetaStore};
 pub use publish::CommitOutcome;
 pub use record::{

@@ -7,8 +7,9 @@ use bitsd_protocol::SessionId;
 
 use crate::{FlushTicket, FragmentEntry, MetaStore, SessionRecord, StorageError};
 
-/// Session records and fragment index in a sled database: tree `sessions` (id → JSON record)
-/// and tree `fragments` (id ‖ offset → len ‖ crc32c).
+/// Session records and fragment index in a sled database: tree `sessions` (id → JSON record),
+/// tree `fragments` (id ‖ offset → len ‖ crc32c), and the bytes of small fragments and
+/// replies: tree `chunks` (id ‖ offset → bytes) and tree `replies` (id → bytes).
 ///
 /// Durable writes are group-committed: a flusher thread runs one sled flush for every request
 /// made before it started, so concurrent callers share flushes, and a caller can start a flush
@@ -19,6 +20,10 @@ pub struct SledMetaStore {
     db: sled::Db,
     sessions: sled::Tree,
     fragments: sled::Tree,
+    /// Small fragments' bytes: id ‖ offset → bytes.
+    chunks: sled::Tree,
+    /// Small replies' bytes: id → bytes.
+    replies: sled::Tree,
     flusher: Arc<Flusher>,
 }
 
@@ -203,11 +208,15 @@ impl SledMetaStore {
     pub fn from_db(db: sled::Db) -> Result<Self, StorageError> {
         let sessions = db.open_tree("sessions").map_err(meta_err)?;
         let fragments = db.open_tree("fragments").map_err(meta_err)?;
+        let chunks = db.open_tree("chunks").map_err(meta_err)?;
+        let replies = db.open_tree("replies").map_err(meta_err)?;
         let flusher = Arc::new(Flusher::start(db.clone())?);
         Ok(SledMetaStore {
             db,
             sessions,
             fragments,
+            chunks,
+            replies,
             flusher,
         })
     }
@@ -266,6 +275,8 @@ impl MetaStore for SledMetaStore {
 
     fn remove(&self, id: &SessionId) -> Result<(), StorageError> {
         self.remove_fragments(id)?;
+        self.remove_chunks_from(id, 0)?;
+        self.remove_reply(id)?;
         self.sessions
             .remove(id.as_uuid().as_bytes())
             .map_err(meta_err)?;
@@ -360,5 +371,87 @@ impl MetaStore for SledMetaStore {
 
     fn size_on_disk(&self) -> Option<u64> {
         self.db.size_on_disk().ok()
+    }
+
+    fn holds_bytes(&self) -> bool {
+        true
+    }
+
+    fn save_with_chunk(
+        &self,
+        record: &SessionRecord,
+        offset: u64,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<(), StorageError> {
+        // Bytes first, then the record, as plain inserts (see `save_with_fragment`): sled
+        // recovers a prefix of its log, so a durable record implies durable bytes, and one
+        // flush (the group commit) makes every session's bytes and offsets written before it
+        // durable together.
+        let value = encode(record)?;
+        self.chunks
+            .insert(&fragment_key(&record.id, offset)[..], bytes)
+            .map_err(meta_err)?;
+        self.sessions
+            .insert(record.id.as_uuid().as_bytes(), value)
+            .map_err(meta_err)?;
+        if durable {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn chunks(&self, id: &SessionId) -> Result<Vec<(u64, bytes::Bytes)>, StorageError> {
+        self.chunks
+            .scan_prefix(id.as_uuid().as_bytes())
+            .map(|kv| {
+                let (k, v) = kv.map_err(meta_err)?;
+                let offset = decode_fragment(id, &k, &[0u8; 12])?.offset;
+                Ok((offset, bytes::Bytes::copy_from_slice(&v)))
+            })
+            .collect()
+    }
+
+    fn has_chunks(&self, id: &SessionId) -> Result<bool, StorageError> {
+        Ok(self
+            .chunks
+            .scan_prefix(id.as_uuid().as_bytes())
+            .next()
+            .transpose()
+            .map_err(meta_err)?
+            .is_some())
+    }
+
+    fn remove_chunks_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError> {
+        let end = fragment_key(id, u64::MAX);
+        for key in self.chunks.range(fragment_key(id, offset)..=end).keys() {
+            self.chunks
+                .remove(key.map_err(meta_err)?)
+                .map_err(meta_err)?;
+        }
+        Ok(())
+    }
+
+    fn put_reply(&self, id: &SessionId, bytes: &[u8]) -> Result<(), StorageError> {
+        self.replies
+            .insert(id.as_uuid().as_bytes(), bytes)
+            .map_err(meta_err)?;
+        Ok(())
+    }
+
+    fn reply(&self, id: &SessionId) -> Result<Option<bytes::Bytes>, StorageError> {
+        Ok(self
+            .replies
+            .get(id.as_uuid().as_bytes())
+            .map_err(meta_err)?
+            .map(|v| bytes::Bytes::copy_from_slice(&v)))
+    }
+
+    fn remove_reply(&self, id: &SessionId) -> Result<(), StorageError> {
+        self.replies
+            .remove(id.as_uuid().as_bytes())
+            .map_err(meta_err)?;
+        Ok(())
     }
 }
