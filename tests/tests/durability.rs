@@ -215,3 +215,78 @@ async fn a_body_trickled_byte_by_byte_does_not_pin_a_buffer_per_byte() {
     );
     drop(streams);
 }
+
+/// A small fragment is held in the meta store's log, made durable by sled's flush
+/// (`sync_file_range` on its log file). With that failing (strace attached after the session
+/// was created, injecting EIO), the fragment gets a 500 and so does its re-send: nothing is
+/// acknowledged. After a restart without the fault the session resumes at 0 and the upload
+/// comes out exact.
+#[tokio::test]
+async fn a_failed_log_flush_acknowledges_no_small_fragment() {
+    let Some(strace) = strace() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("bitsd.log");
+    let proc = BitsdProcess::start_logging(dir.path(), &[], Some(&log));
+    let data = pattern(8192, 43);
+    let path = "/upload/log-eio.bin";
+    let mut c = RawClient::connect(proc.addr).await;
+    let sid = c.create_session(path).await;
+    let mut tracer = std::process::Command::new(strace)
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=sync_file_range",
+        ])
+        .args(["-e", "inject=sync_file_range:error=EIO", "-p"])
+        .arg(proc.pid().to_string())
+        .spawn()
+        .unwrap();
+    // Attached once every thread of the server has a tracer.
+    let attached = || {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", proc.pid())).unwrap();
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0"))
+            })
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !attached() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "strace did not attach"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = c.fragment(path, &sid, &data, 0, 4096).await;
+    assert_eq!(first.status, 500, "{first:?}");
+    let again = c.fragment(path, &sid, &data, 0, 4096).await;
+    assert_ne!(
+        (again.status, again.header("bits-received-content-range")),
+        (200, Some("4096")),
+        "bytes whose flush failed were acknowledged as held: {again:?}"
+    );
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    proc.kill();
+
+    let proc = BitsdProcess::start_logging(dir.path(), &[], Some(&log));
+    let mut c = RawClient::connect(proc.addr).await;
+    let res = c.fragment(path, &sid, &data, 0, 4096).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let held: usize = res
+        .header("bits-received-content-range")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(held == 0 || held == 4096, "{res:?}");
+    let fin = c.fragment(path, &sid, &data, 4096, 4096).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    assert!(std::fs::read(dir.path().join("files/log-eio.bin")).unwrap() == data);
+}
