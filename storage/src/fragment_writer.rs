@@ -360,7 +360,7 @@ impl SessionStore {
             FragmentDurability::Durable | FragmentDurability::BytesDurable => {
                 let (store, record) = (self.clone(), record.clone());
                 let flush = durability == FragmentDurability::Durable;
-                blocking(move || {
+                let outcome = blocking(move || {
                     let meta = store.meta.clone();
                     // 1. The bytes, then 2. the offset, then 3. the flush (or the caller's).
                     let synced = (if cut_early {
@@ -411,12 +411,15 @@ impl SessionStore {
                             return Ok(FragmentCommit::Committed);
                         }
                     }
-                    if flush {
-                        meta.flush()?;
-                    }
                     Ok(FragmentCommit::Committed)
                 })
-                .await
+                .await?;
+                // 3. The group commit, awaited on this task: the blocking thread is free as
+                // soon as the bytes are synced.
+                if flush && outcome == FragmentCommit::Committed {
+                    self.flush().await?;
+                }
+                Ok(outcome)
             }
         }
     }

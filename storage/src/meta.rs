@@ -79,6 +79,13 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Bytes the store takes on disk, if it can tell.
     fn size_on_disk(&self) -> Option<u64>;
 
+    /// Starts making every earlier change durable and returns a future that resolves when
+    /// that is done, without a thread waiting for it (`None`: the store has no such wait; the
+    /// caller runs [`MetaStore::flush`] off the runtime).
+    fn flush_async(&self) -> Option<FlushFuture> {
+        None
+    }
+
     /// Whether the store can hold small fragments' and replies' bytes in its own log (the
     /// `*_chunk*` and `*_reply*` calls below). The default: no (bytes go to files).
     fn holds_bytes(&self) -> bool {
@@ -135,6 +142,10 @@ pub trait MetaStore: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// What [`MetaStore::flush_async`] returns.
+pub type FlushFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StorageError>> + Send>>;
 
 /// A flush request of a [`MetaStore`]: changes made before it was taken are durable once
 /// [`MetaStore::wait_flush`] returns for it.

@@ -222,8 +222,12 @@ impl SessionStore {
         .await
     }
 
-    /// Makes every earlier meta change durable (shutdown).
+    /// Makes every earlier meta change durable: the meta store's group commit, awaited on the
+    /// calling task when the store can (no blocking-pool thread per waiter).
     pub async fn flush(&self) -> Result<(), StorageError> {
+        if let Some(wait) = self.meta.flush_async() {
+            return wait.await;
+        }
         let meta = self.meta.clone();
         blocking(move || meta.flush()).await
     }

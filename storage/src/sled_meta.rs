@@ -29,13 +29,29 @@ pub struct SledMetaStore {
 
 /// Group commit state: a ticket per flush request; one flush covers every ticket taken
 /// before it started.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct GroupFlush {
     state: Mutex<FlushState>,
     /// Signalled when tickets are requested or the store closes (the flusher waits on it).
     work: Condvar,
     /// Signalled when a flush ends (waiters wait on it).
     done: Condvar,
+    /// The same news for async waiters: `(flushed, failed)` after every flush.
+    progress: tokio::sync::watch::Sender<Progress>,
+}
+
+/// What async waiters watch: every ticket up to `.0` is durable; `.1` the last failure.
+type Progress = (u64, Option<(u64, String)>);
+
+impl Default for GroupFlush {
+    fn default() -> Self {
+        GroupFlush {
+            state: Mutex::default(),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            progress: tokio::sync::watch::channel((0, None)).0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +86,33 @@ impl GroupFlush {
         FlushTicket::new(st.requested)
     }
 
+    /// Takes a ticket and waits for it on the calling task: no thread sits in a wait, and the
+    /// flusher's news wakes the task directly.
+    fn flush_async(self: &Arc<Self>) -> crate::meta::FlushFuture {
+        let mut rx = self.progress.subscribe();
+        let ticket = self.request().get();
+        Box::pin(async move {
+            loop {
+                {
+                    let (flushed, failed) = &*rx.borrow_and_update();
+                    if *flushed >= ticket {
+                        return Ok(());
+                    }
+                    if let Some((upto, why)) = failed {
+                        if *upto >= ticket {
+                            return Err(StorageError::Meta(why.clone()));
+                        }
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(StorageError::Meta(
+                        "the meta store closed before the flush ended".into(),
+                    ));
+                }
+            }
+        })
+    }
+
     fn wait(&self, ticket: FlushTicket) -> Result<(), StorageError> {
         let ticket = ticket.get();
         let mut st = self.lock();
@@ -100,6 +143,7 @@ impl GroupFlush {
                     Err(e) => st.failed = Some((target, e.to_string())),
                 }
                 self.done.notify_all();
+                self.progress.send_replace((st.flushed, st.failed.clone()));
             } else if st.closing {
                 return;
             } else {
@@ -359,6 +403,10 @@ impl MetaStore for SledMetaStore {
 
     fn flush(&self) -> Result<(), StorageError> {
         self.flusher.group.wait(self.flusher.group.request())
+    }
+
+    fn flush_async(&self) -> Option<crate::meta::FlushFuture> {
+        Some(self.flusher.group.flush_async())
     }
 
     fn request_flush(&self) -> FlushTicket {
