@@ -102,7 +102,7 @@ async fn client_job(addr: SocketAddr, id: u64, data: Vec<u8>, fragment: usize) -
             // Every third fragment is 40 times longer: small fragments are held in the meta
             // store's log, large ones in the upload file, and a session mixes both.
             sent += 1;
-            let want = if sent % 3 == 0 {
+            let want = if sent.is_multiple_of(3) {
                 fragment * 40
             } else {
                 fragment

@@ -3,6 +3,11 @@
 //! It wraps the store's own operations and keeps their crash-safe orders unchanged:
 //!
 //! - create: the record is saved and the meta store flushed before the call returns.
+//! - small fragment (shorter than the store's inline limit, see `crate::inline`): its bytes
+//!   are inserted into sled's log, **then** the record with the new offset (compare-and-set
+//!   under the session's lock), **then** the meta store is flushed (group commit; the
+//!   caller's durable save for the completing fragment). No file is touched; sled recovers a
+//!   prefix of its log, so a durable offset implies durable bytes.
 //! - fragment: bytes are written into the upload file at their offset (gathered, page cache);
 //!   commit syncs them (`sync_data`, plus the directory entries of a new file), **then**
 //!   compares the stored offset with the caller's and saves the record under the session's
@@ -11,10 +16,16 @@
 //! - publish: the complete record is flushed first, then parents are made and synced, then
 //!   the upload inode is hard-linked (or linked and renamed) into place, then its directory
 //!   is fsynced.
-//! - reply: written under a temporary name, synced, renamed, directory fsynced.
+//! - reply: a small one is inserted into sled's log before the record that points at it (the
+//!   caller's durable save covers both); a larger one is written under a temporary name,
+//!   synced, renamed, directory fsynced.
+//! - handler input and reads: bytes held in sled are read from there (a chunk wins over file
+//!   bytes at its offset); a handler that needs a path gets the file written out from the log
+//!   (page cache only: the log stays the durable copy). Publish writes them out and syncs
+//!   the file once first.
 //! - end: tombstone saved (not flushed: a lost tombstone is ended again by a repeated Close),
-//!   then the session's files go.
-//! - purge: files first, then record and index, durably.
+//!   then the session's files and the bytes sled holds for it go.
+//! - purge: files first, then record, index and held bytes, durably.
 //! - sweep: an in-process lock (one node has all the sessions).
 
 use std::path::{Path, PathBuf};
