@@ -1,7 +1,8 @@
 //! Small fragments and small replies held in the meta store's log instead of files.
 //!
-//! A fragment shorter than the store's inline limit ([`INLINE_BELOW`] by default) is not
-//! written to the session's upload file: its bytes go into the meta store (sled's tree
+//! A fragment shorter than the store's inline limit ([`INLINE_BELOW`] by default) that lies
+//! within the upload's first [`INLINE_UPLOAD_MAX`] bytes is not written to the session's
+//! upload file: its bytes go into the meta store (sled's tree
 //! `chunks`, keyed by session and offset) **together with the record that carries the new
 //! offset**, and one flush of the meta store, the group commit shared by every session with a
 //! fragment in flight, makes them durable. No file, directory or inode is created or synced
@@ -48,6 +49,11 @@ use crate::{
 /// The default inline limit: fragments and replies shorter than this many bytes are held in
 /// the meta store's log (0 turns it off).
 pub const INLINE_BELOW: u64 = 64 * 1024;
+
+/// Only an upload's first this many bytes are held in the meta store; fragments past it go to
+/// the upload file whatever their size. This bounds what one session keeps in the log (and
+/// what a reader of it loads at once) while every small job fits whole.
+pub const INLINE_UPLOAD_MAX: u64 = 1024 * 1024;
 
 /// Size of the chunks a file is read in for a [`ByteStream`].
 const READ_CHUNK: usize = 256 * 1024;

@@ -44,7 +44,7 @@ pub use backend::{
 };
 pub use error::StorageError;
 pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
-pub use inline::INLINE_BELOW;
+pub use inline::{INLINE_BELOW, INLINE_UPLOAD_MAX};
 pub use meta::{FlushTicket, MetaStore};
 pub use publish::CommitOutcome;
 pub use record::{

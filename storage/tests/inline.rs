@@ -276,3 +276,44 @@ async fn limit_zero_keeps_every_byte_in_files() {
     assert!(store.meta().chunks(&rec.id).unwrap().is_empty());
     assert_eq!(std::fs::read(store.upload_path(&rec.id)).unwrap(), b"tiny");
 }
+
+/// Only an upload's first MiB is held in the log: small fragments past it go to the file, so
+/// a large upload sent in small fragments does not pile up in the meta store.
+#[tokio::test]
+async fn small_fragments_past_the_first_mib_go_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let b: &dyn SessionBackend = &store;
+    let mut rec = record(UploadMode::Upload);
+    b.create(&rec).await.unwrap();
+    let fragment_len = 32 * 1024;
+    let data = pattern(
+        bitsd_storage::INLINE_UPLOAD_MAX as usize + 2 * fragment_len,
+        7,
+    );
+    for part in data.chunks(fragment_len) {
+        let r = fragment(
+            b,
+            &mut rec,
+            part,
+            data.len() as u64,
+            FragmentDurability::Durable,
+        );
+        assert_eq!(r.await, FragmentCommit::Committed);
+    }
+    let held: usize = store
+        .meta()
+        .chunks(&rec.id)
+        .unwrap()
+        .iter()
+        .map(|(_, c)| c.len())
+        .sum();
+    assert_eq!(held as u64, bitsd_storage::INLINE_UPLOAD_MAX);
+    b.save(&rec).await.unwrap();
+    assert!(collect(b.read_upload(&rec.id).await.unwrap()).await == data);
+    assert_eq!(
+        b.publish_upload(&rec.id, "big.bin", false).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    assert!(std::fs::read(store.files_dir().join("big.bin")).unwrap() == data);
+}

@@ -140,7 +140,10 @@ impl SessionBackend for SessionStore {
         id: &SessionId,
         plan: FragmentPlan,
     ) -> Result<Box<dyn FragmentSink>, StorageError> {
-        if plan.len > 0 && self.inlines(plan.len) {
+        if plan.len > 0
+            && self.inlines(plan.len)
+            && plan.write_at.saturating_add(plan.len) <= crate::inline::INLINE_UPLOAD_MAX
+        {
             return Ok(Box::new(InlineFragment {
                 store: self.clone(),
                 id: *id,
