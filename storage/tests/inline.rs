@@ -317,3 +317,30 @@ async fn small_fragments_past_the_first_mib_go_to_the_file() {
     );
     assert!(std::fs::read(store.files_dir().join("big.bin")).unwrap() == data);
 }
+
+/// A handler that never reads the upload (echo) gets its path without a file being made; the
+/// path handed back is stored as "the upload itself", served from the log.
+#[tokio::test]
+async fn unread_upload_makes_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let b: &dyn SessionBackend = &store;
+    let mut rec = record(UploadMode::UploadReply);
+    b.create(&rec).await.unwrap();
+    let data = pattern(5000, 11);
+    let r = fragment(b, &mut rec, &data, 5000, FragmentDurability::BytesDurable).await;
+    assert_eq!(r, FragmentCommit::Committed);
+    let local = b.upload_unread(&rec.id).await.unwrap();
+    let kind = b.store_reply_file(&rec.id, &local.path).await.unwrap();
+    assert_eq!(
+        kind,
+        ReplyKind::Stored {
+            len: 5000,
+            crc32c: None,
+            in_upload: true
+        }
+    );
+    assert!(!store.session_dir(&rec.id).exists());
+    let range = collect(b.read_reply(&rec.id, &kind, 4990, 10).await.unwrap()).await;
+    assert_eq!(range, &data[4990..]);
+}

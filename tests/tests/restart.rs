@@ -217,7 +217,8 @@ async fn sigkill_resumes_a_mixed_small_and_large_upload_at_the_acked_offset() {
     assert_eq!(c.close_session(path, &sid).await.status, 200);
 }
 
-/// An echo reply of an upload held in the log survives a SIGKILL and is served by range.
+/// An echo job of small fragments makes no file or directory at all; its reply, the upload
+/// held in the log, survives a SIGKILL and is served by range.
 #[tokio::test]
 async fn sigkill_then_echo_reply_from_the_log_is_served_with_ranges() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,8 +226,13 @@ async fn sigkill_then_echo_reply_from_the_log_is_served_with_ranges() {
     let path = "/echo/small.bin";
     let proc = BitsdProcess::start(dir.path(), &[]);
     let mut c = RawClient::connect(proc.addr).await;
-    let (_sid, fin) = c.upload(path, &data, 1000).await;
+    let (sid, fin) = c.upload(path, &data, 1000).await;
     let url = url_path(fin.header("bits-reply-url").unwrap());
+    let id: bitsd::protocol::SessionId = sid.parse().unwrap();
+    assert!(
+        !dir.path().join("sessions").join(id.simple()).exists(),
+        "a small echo job made a session directory"
+    );
     proc.kill();
     let proc = BitsdProcess::start(dir.path(), &[]);
     let mut c = RawClient::connect(proc.addr).await;

@@ -201,6 +201,14 @@ impl SessionBackend for SessionStore {
         ))
     }
 
+    async fn upload_unread(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        // No file is written out: an upload held in the meta store stays there.
+        Ok(LocalUpload::kept(
+            self.upload_path(id),
+            self.session_dir(id),
+        ))
+    }
+
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
         if self.inlines(0) {
             return Ok(Box::new(InlineReply {
@@ -218,6 +226,17 @@ impl SessionBackend for SessionStore {
         id: &SessionId,
         src: &Path,
     ) -> Result<ReplyKind, StorageError> {
+        if src == self.upload_path(id) && self.meta.has_chunks(id)? {
+            // The upload itself, (partly) held in the meta store: served from there.
+            let record = SessionStore::load(self, id).await?.ok_or_else(|| {
+                StorageError::Meta(format!("session {id} has no record; its upload is gone"))
+            })?;
+            return Ok(ReplyKind::Stored {
+                len: record.received,
+                crc32c: None,
+                in_upload: true,
+            });
+        }
         if src != self.upload_path(id) && self.meta.holds_bytes() {
             let len = tokio::fs::metadata(src)
                 .await
