@@ -10,6 +10,10 @@ impl ReplyHandler for EchoHandler {
     fn reply(&self, upload: Upload) -> ReplyFuture {
         Box::pin(async move { Ok(Reply::file(upload.path)) })
     }
+
+    fn reads_upload(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

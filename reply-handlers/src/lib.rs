@@ -277,6 +277,14 @@ pub trait ReplyHandler: Send + Sync + 'static {
     /// Produces the reply for `upload`. Called once per completion attempt; a re-sent final
     /// fragment after a success does not call it again.
     fn reply(&self, upload: Upload) -> ReplyFuture;
+
+    /// Whether the handler reads the file at [`Upload::path`] (or uses
+    /// [`Upload::session_dir`]). A handler that only hands the path back (echo) or ignores
+    /// the upload (static) says `false`, and the server may then skip making that file
+    /// (a small upload is held in the meta store, not in a file). The default: `true`.
+    fn reads_upload(&self) -> bool {
+        true
+    }
 }
 
 impl<F, Fut> ReplyHandler for F

@@ -73,6 +73,10 @@ pub(crate) fn check_static_url(url: &str) -> Result<(), String> {
 }
 
 impl ReplyHandler for StaticHandler {
+    fn reads_upload(&self) -> bool {
+        false
+    }
+
     fn reply(&self, _upload: Upload) -> ReplyFuture {
         let target = self.target.clone();
         Box::pin(async move {

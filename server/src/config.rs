@@ -109,6 +109,9 @@ pub struct ConfigFile {
     pub min_send_rate_grace_secs: Option<u64>,
     /// `per-fragment` (default), `on-close` or `never`.
     pub fsync: Option<crate::FsyncPolicy>,
+    /// Fragments and replies shorter than this are kept in the meta store's log (local
+    /// storage; suffixes allowed; 0: never).
+    pub inline_below: Option<ByteSize>,
     /// PEM certificate chain: serve HTTPS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.

@@ -79,6 +79,9 @@ pub struct ServerConfig {
     pub session_limits: SessionLimits,
     /// When fragment bytes are synced (default: per fragment).
     pub fsync: crate::session_limits::FsyncPolicy,
+    /// Local storage: fragments and replies shorter than this many bytes are kept in the
+    /// meta store's log, group-committed, instead of per-session files (0: never).
+    pub inline_below: u64,
     /// Authentication of every request on the upload routes (`None`: anonymous, the default).
     pub auth: Option<SharedAuthenticator>,
     /// TLS for the BITS listener.
@@ -133,6 +136,7 @@ impl Default for ServerConfig {
             pending_object_grace: Duration::from_secs(3600),
             session_limits: SessionLimits::default(),
             fsync: crate::session_limits::FsyncPolicy::default(),
+            inline_below: bitsd_storage::INLINE_BELOW,
             auth: None,
             tls: None,
             max_connections: 10_000,
@@ -232,7 +236,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 .map_err(|source| ServerError::Storage {
                     path: config.data_dir.clone(),
                     source,
-                })?,
+                })?
+                .with_inline_below(config.inline_below),
         ),
         crate::StorageConfig::Shared(shared) => {
             BitsService::builder_for(

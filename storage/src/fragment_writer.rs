@@ -360,7 +360,7 @@ impl SessionStore {
             FragmentDurability::Durable | FragmentDurability::BytesDurable => {
                 let (store, record) = (self.clone(), record.clone());
                 let flush = durability == FragmentDurability::Durable;
-                blocking(move || {
+                let outcome = blocking(move || {
                     let meta = store.meta.clone();
                     // 1. The bytes, then 2. the offset, then 3. the flush (or the caller's).
                     let synced = (if cut_early {
@@ -411,12 +411,15 @@ impl SessionStore {
                             return Ok(FragmentCommit::Committed);
                         }
                     }
-                    if flush {
-                        meta.flush()?;
-                    }
                     Ok(FragmentCommit::Committed)
                 })
-                .await
+                .await?;
+                // 3. The group commit, awaited on this task: the blocking thread is free as
+                // soon as the bytes are synced.
+                if flush && outcome == FragmentCommit::Committed {
+                    self.flush().await?;
+                }
+                Ok(outcome)
             }
         }
     }
@@ -424,7 +427,7 @@ impl SessionStore {
     /// Runs `save` (memory work on the meta store) if `expected` is `None`, or if the stored
     /// record of `record.id` is live with `received == expected`: checked and saved under the
     /// session's compare-and-set lock.
-    fn save_if(
+    pub(crate) fn save_if(
         &self,
         record: &SessionRecord,
         expected: Option<u64>,

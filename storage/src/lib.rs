@@ -1,8 +1,9 @@
 //! Durable session storage for bitsd.
 //!
 //! Two places hold a session: a [`MetaStore`] (sled by default, [`SledMetaStore`]) keeps the
-//! session records and the fragment index, and plain per-session files keep the bytes
-//! (`<data>/sessions/<id>/upload` and `…/reply`). [`SessionStore`] ties them together and
+//! session records, the fragment index and the bytes of small fragments and replies (below
+//! [`SessionStore::inline_below`], group-committed with their offsets), and plain per-session
+//! files keep the other bytes (`<data>/sessions/<id>/upload` and `…/reply`). [`SessionStore`] ties them together and
 //! enforces the order that makes every Ack safe: bytes are written and `sync_data`'d first,
 //! then the new offset is committed to the meta store and flushed, and only then may the
 //! server acknowledge (an offset never becomes durable before its bytes). A plain upload is
@@ -16,7 +17,7 @@
 //! [`SessionStore`] is its local implementation.
 //!
 //! ```text
-//! <data>/meta/                 sled: session records, fragment index, tombstones
+//! <data>/meta/                 sled: session records, fragment index, tombstones, small bytes
 //! <data>/sessions/<id>/upload  upload bytes, written at their offsets
 //! <data>/sessions/<id>/reply   reply bytes (when the reply is stored here)
 //! <data>/files/<path>          committed plain uploads
@@ -26,6 +27,7 @@ mod backend;
 mod error;
 mod fragment_writer;
 mod fs_util;
+mod inline;
 mod meta;
 mod publish;
 mod record;
@@ -42,6 +44,7 @@ pub use backend::{
 };
 pub use error::StorageError;
 pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
+pub use inline::{INLINE_BELOW, INLINE_UPLOAD_MAX};
 pub use meta::{FlushTicket, MetaStore};
 pub use publish::CommitOutcome;
 pub use record::{

@@ -1,6 +1,7 @@
 //! The `MetaStore` trait: where session records and the fragment index live.
 
 use bitsd_protocol::SessionId;
+use bytes::Bytes;
 
 use crate::{FragmentEntry, SessionRecord, StorageError};
 
@@ -77,7 +78,74 @@ pub trait MetaStore: Send + Sync + 'static {
     }
     /// Bytes the store takes on disk, if it can tell.
     fn size_on_disk(&self) -> Option<u64>;
+
+    /// Starts making every earlier change durable and returns a future that resolves when
+    /// that is done, without a thread waiting for it (`None`: the store has no such wait; the
+    /// caller runs [`MetaStore::flush`] off the runtime).
+    fn flush_async(&self) -> Option<FlushFuture> {
+        None
+    }
+
+    /// Whether the store can hold small fragments' and replies' bytes in its own log (the
+    /// `*_chunk*` and `*_reply*` calls below). The default: no (bytes go to files).
+    fn holds_bytes(&self) -> bool {
+        false
+    }
+    /// Stores upload bytes `bytes` of `record.id` at `offset` and then `record` (durably when
+    /// `durable`), such that a durable record implies durable bytes: atomically, or the bytes
+    /// first on a store that recovers a prefix of its writes (sled). Memory work unless
+    /// `durable`.
+    fn save_with_chunk(
+        &self,
+        record: &SessionRecord,
+        offset: u64,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<(), StorageError> {
+        let _ = (record, offset, bytes, durable);
+        Err(StorageError::Meta(
+            "this meta store holds no upload bytes".into(),
+        ))
+    }
+    /// The upload bytes of `id` the store holds, as `(offset, bytes)` in offset order (chunks
+    /// never overlap). Memory work.
+    fn chunks(&self, id: &SessionId) -> Result<Vec<(u64, Bytes)>, StorageError> {
+        let _ = id;
+        Ok(Vec::new())
+    }
+    /// Whether the store holds any upload bytes of `id`. Memory work.
+    fn has_chunks(&self, id: &SessionId) -> Result<bool, StorageError> {
+        Ok(!self.chunks(id)?.is_empty())
+    }
+    /// Removes the upload bytes of `id` held at or past `offset`, without waiting for
+    /// durability.
+    fn remove_chunks_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError> {
+        let _ = (id, offset);
+        Ok(())
+    }
+    /// Stores `bytes` as the reply of `id` (replacing one held before), without waiting for
+    /// durability: the caller's next durable save makes it durable too (it is written first).
+    fn put_reply(&self, id: &SessionId, bytes: &[u8]) -> Result<(), StorageError> {
+        let _ = (id, bytes);
+        Err(StorageError::Meta(
+            "this meta store holds no reply bytes".into(),
+        ))
+    }
+    /// The reply bytes of `id` the store holds, if any. Memory work.
+    fn reply(&self, id: &SessionId) -> Result<Option<Bytes>, StorageError> {
+        let _ = id;
+        Ok(None)
+    }
+    /// Removes the reply bytes of `id`, without waiting for durability.
+    fn remove_reply(&self, id: &SessionId) -> Result<(), StorageError> {
+        let _ = id;
+        Ok(())
+    }
 }
+
+/// What [`MetaStore::flush_async`] returns.
+pub type FlushFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StorageError>> + Send>>;
 
 /// A flush request of a [`MetaStore`]: changes made before it was taken are durable once
 /// [`MetaStore::wait_flush`] returns for it.

@@ -40,6 +40,8 @@ impl SessionStore {
     /// Commits a complete upload to `destination` (relative to the files root, made only of
     /// normal components) atomically, in this order:
     ///
+    /// 0. Bytes the meta store holds (small fragments) are written into the upload file at
+    ///    their offsets and the file is synced, with its directory entries.
     /// 1. The session's record, which the caller saved with every byte received
     ///    (`received == total`, after the completing fragment's bytes were synced), is
     ///    **flushed**: from here on recovery knows the upload is complete and never cuts its
@@ -73,7 +75,7 @@ impl SessionStore {
             self.session_dir(id),
             commit_temp_name(id),
         );
-        let (meta, id) = (self.meta.clone(), *id);
+        let (meta, id, store) = (self.meta.clone(), *id, self.clone());
         blocking(move || {
             let src = dir.join(UPLOAD_FILE);
             let dst = files.join(&rel);
@@ -89,6 +91,9 @@ impl SessionStore {
                     ),
                 ));
             }
+            // Bytes held in the meta store are written out into the file once and synced
+            // (with its directory entries) before anything is published.
+            store.write_out_blocking(&id, record.received, true)?;
             match fs::symlink_metadata(&src) {
                 Ok(m) if m.len() != record.received => {
                     return Err(incomplete(

@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path};
 
 use crate::fs_util::{blocking, remove_dir_all_if_exists};
+use crate::inline::held_len;
 use crate::publish::commit_temp_name;
 use crate::{FragmentEntry, SessionRecord, SessionState, SessionStore, StorageError};
 
@@ -65,6 +66,7 @@ impl SessionStore {
             if record.state.is_terminal() {
                 remove_dir_all_if_exists(&dir)?;
                 self.meta.remove_fragments(&record.id)?;
+                SessionStore::remove_held(&*self.meta, &record.id)?;
                 continue;
             }
             remove_temp_files(&dir);
@@ -89,8 +91,18 @@ impl SessionStore {
         self.meta.flush()
     }
 
-    /// The upload file of a live session; whether `record` changed.
+    /// The upload of a live session (its file and the chunks the meta store holds); whether
+    /// `record` changed. Chunks at or past the offset kept are leftovers of a fragment that
+    /// was never acknowledged and are removed.
     fn recover_upload(&self, record: &mut SessionRecord) -> Result<bool, StorageError> {
+        let changed = self.recover_upload_file(record)?;
+        if self.meta.holds_bytes() {
+            self.meta.remove_chunks_from(&record.id, record.received)?;
+        }
+        Ok(changed)
+    }
+
+    fn recover_upload_file(&self, record: &mut SessionRecord) -> Result<bool, StorageError> {
         let upload = self.upload_path(&record.id);
         let plain = |d: &String| {
             Path::new(d)
@@ -108,6 +120,7 @@ impl SessionStore {
             }
         }
         let index = self.meta.fragments(&record.id)?;
+        let chunks = self.meta.chunks(&record.id)?;
         let acknowledged = record.received;
         let mut changed = false;
         let file = match fs::OpenOptions::new().read(true).write(true).open(&upload) {
@@ -116,10 +129,13 @@ impl SessionStore {
             Err(e) => return Err(StorageError::io("open upload", &upload)(e)),
         };
         let Some(file) = file else {
-            if record.received > 0 && !record.committed && record.state != SessionState::ReplyReady
+            let held = held_len(0, &chunks);
+            if record.received > held
+                && !record.committed
+                && record.state != SessionState::ReplyReady
             {
-                tracing::warn!(session = %record.id, received = record.received, "upload file missing; session restarts at 0");
-                record.received = 0;
+                tracing::warn!(session = %record.id, received = record.received, held, "upload file missing; session resumes from the bytes held");
+                record.received = held;
                 record.state = SessionState::Receiving;
                 changed = true;
             }
@@ -168,9 +184,10 @@ impl SessionStore {
             file.set_len(record.received)
                 .map_err(StorageError::io("truncate", &upload))?;
             tracing::debug!(session = %record.id, len, received = record.received, "cut unacknowledged upload bytes");
-        } else if len < record.received && !record.committed {
-            tracing::warn!(session = %record.id, len, received = record.received, "upload file shorter than acknowledged; resuming from the file length");
-            record.received = len;
+        } else if held_len(len, &chunks) < record.received && !record.committed {
+            let held = held_len(len, &chunks);
+            tracing::warn!(session = %record.id, len, held, received = record.received, "upload shorter than acknowledged; resuming from the bytes held");
+            record.received = held;
             if record.state == SessionState::Complete {
                 record.state = SessionState::Receiving;
             }
@@ -201,7 +218,24 @@ impl SessionStore {
             return false;
         };
         let path = self.reply_file(&record.id, &reply.kind);
-        if fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+        let in_upload = matches!(
+            reply.kind,
+            crate::ReplyKind::Stored {
+                in_upload: true,
+                ..
+            }
+        );
+        let file_len = fs::metadata(&path).map_or(0, |m| m.len());
+        let whole = if in_upload {
+            let chunks = self.meta.chunks(&record.id).unwrap_or_default();
+            held_len(file_len, &chunks) >= len
+        } else {
+            match self.meta.reply(&record.id) {
+                Ok(Some(held)) => held.len() as u64 == len,
+                _ => fs::metadata(&path).is_ok_and(|m| m.len() == len),
+            }
+        };
+        if whole {
             return false;
         }
         tracing::warn!(session = %record.id, "reply file missing or wrong size; the reply will be produced again");

@@ -31,6 +31,8 @@ pub struct SessionStore {
     pub(crate) sessions_dir: PathBuf,
     pub(crate) files_dir: PathBuf,
     pub(crate) locks: Arc<StoreLocks>,
+    /// Fragments and replies shorter than this are held in the meta store (see `inline`).
+    pub(crate) inline_below: u64,
 }
 
 /// In-process locks of a [`SessionStore`]: the compare-and-set of a fragment's offset
@@ -91,6 +93,7 @@ impl SessionStore {
             sessions_dir: data_dir.join("sessions"),
             files_dir: data_dir.join("files"),
             locks: Arc::default(),
+            inline_below: crate::INLINE_BELOW,
         };
         let (s, f) = (store.sessions_dir.clone(), store.files_dir.clone());
         blocking(move || {
@@ -182,7 +185,8 @@ impl SessionStore {
         self.meta.save_lazy(record)
     }
 
-    /// Ends a session: deletes its upload and reply files and its fragment index and keeps the
+    /// Ends a session: deletes its upload and reply files, the bytes the meta store holds for it
+    /// and its fragment index and keeps the
     /// record as a tombstone in `state` (Closed or Cancelled). The deletions run off the
     /// runtime.
     pub async fn end_session(
@@ -202,6 +206,7 @@ impl SessionStore {
         meta.save_lazy(&rec)?;
         blocking(move || {
             meta.remove_fragments(&rec.id)?;
+            SessionStore::remove_held(&*meta, &rec.id)?;
             remove_dir_all_if_exists(&dir)
         })
         .await
@@ -217,8 +222,12 @@ impl SessionStore {
         .await
     }
 
-    /// Makes every earlier meta change durable (shutdown).
+    /// Makes every earlier meta change durable: the meta store's group commit, awaited on the
+    /// calling task when the store can (no blocking-pool thread per waiter).
     pub async fn flush(&self) -> Result<(), StorageError> {
+        if let Some(wait) = self.meta.flush_async() {
+            return wait.await;
+        }
         let meta = self.meta.clone();
         blocking(move || meta.flush()).await
     }

@@ -7,8 +7,9 @@ use bitsd_protocol::SessionId;
 
 use crate::{FlushTicket, FragmentEntry, MetaStore, SessionRecord, StorageError};
 
-/// Session records and fragment index in a sled database: tree `sessions` (id → JSON record)
-/// and tree `fragments` (id ‖ offset → len ‖ crc32c).
+/// Session records and fragment index in a sled database: tree `sessions` (id → JSON record),
+/// tree `fragments` (id ‖ offset → len ‖ crc32c), and the bytes of small fragments and
+/// replies: tree `chunks` (id ‖ offset → bytes) and tree `replies` (id → bytes).
 ///
 /// Durable writes are group-committed: a flusher thread runs one sled flush for every request
 /// made before it started, so concurrent callers share flushes, and a caller can start a flush
@@ -19,18 +20,38 @@ pub struct SledMetaStore {
     db: sled::Db,
     sessions: sled::Tree,
     fragments: sled::Tree,
+    /// Small fragments' bytes: id ‖ offset → bytes.
+    chunks: sled::Tree,
+    /// Small replies' bytes: id → bytes.
+    replies: sled::Tree,
     flusher: Arc<Flusher>,
 }
 
 /// Group commit state: a ticket per flush request; one flush covers every ticket taken
 /// before it started.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct GroupFlush {
     state: Mutex<FlushState>,
     /// Signalled when tickets are requested or the store closes (the flusher waits on it).
     work: Condvar,
     /// Signalled when a flush ends (waiters wait on it).
     done: Condvar,
+    /// The same news for async waiters: `(flushed, failed)` after every flush.
+    progress: tokio::sync::watch::Sender<Progress>,
+}
+
+/// What async waiters watch: every ticket up to `.0` is durable; `.1` the last failure.
+type Progress = (u64, Option<(u64, String)>);
+
+impl Default for GroupFlush {
+    fn default() -> Self {
+        GroupFlush {
+            state: Mutex::default(),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            progress: tokio::sync::watch::channel((0, None)).0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +86,33 @@ impl GroupFlush {
         FlushTicket::new(st.requested)
     }
 
+    /// Takes a ticket and waits for it on the calling task: no thread sits in a wait, and the
+    /// flusher's news wakes the task directly.
+    fn flush_async(self: &Arc<Self>) -> crate::meta::FlushFuture {
+        let mut rx = self.progress.subscribe();
+        let ticket = self.request().get();
+        Box::pin(async move {
+            loop {
+                {
+                    let (flushed, failed) = &*rx.borrow_and_update();
+                    if *flushed >= ticket {
+                        return Ok(());
+                    }
+                    if let Some((upto, why)) = failed {
+                        if *upto >= ticket {
+                            return Err(StorageError::Meta(why.clone()));
+                        }
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(StorageError::Meta(
+                        "the meta store closed before the flush ended".into(),
+                    ));
+                }
+            }
+        })
+    }
+
     fn wait(&self, ticket: FlushTicket) -> Result<(), StorageError> {
         let ticket = ticket.get();
         let mut st = self.lock();
@@ -95,6 +143,7 @@ impl GroupFlush {
                     Err(e) => st.failed = Some((target, e.to_string())),
                 }
                 self.done.notify_all();
+                self.progress.send_replace((st.flushed, st.failed.clone()));
             } else if st.closing {
                 return;
             } else {
@@ -203,11 +252,15 @@ impl SledMetaStore {
     pub fn from_db(db: sled::Db) -> Result<Self, StorageError> {
         let sessions = db.open_tree("sessions").map_err(meta_err)?;
         let fragments = db.open_tree("fragments").map_err(meta_err)?;
+        let chunks = db.open_tree("chunks").map_err(meta_err)?;
+        let replies = db.open_tree("replies").map_err(meta_err)?;
         let flusher = Arc::new(Flusher::start(db.clone())?);
         Ok(SledMetaStore {
             db,
             sessions,
             fragments,
+            chunks,
+            replies,
             flusher,
         })
     }
@@ -266,6 +319,8 @@ impl MetaStore for SledMetaStore {
 
     fn remove(&self, id: &SessionId) -> Result<(), StorageError> {
         self.remove_fragments(id)?;
+        self.remove_chunks_from(id, 0)?;
+        self.remove_reply(id)?;
         self.sessions
             .remove(id.as_uuid().as_bytes())
             .map_err(meta_err)?;
@@ -350,6 +405,10 @@ impl MetaStore for SledMetaStore {
         self.flusher.group.wait(self.flusher.group.request())
     }
 
+    fn flush_async(&self) -> Option<crate::meta::FlushFuture> {
+        Some(self.flusher.group.flush_async())
+    }
+
     fn request_flush(&self) -> FlushTicket {
         self.flusher.group.request()
     }
@@ -360,5 +419,87 @@ impl MetaStore for SledMetaStore {
 
     fn size_on_disk(&self) -> Option<u64> {
         self.db.size_on_disk().ok()
+    }
+
+    fn holds_bytes(&self) -> bool {
+        true
+    }
+
+    fn save_with_chunk(
+        &self,
+        record: &SessionRecord,
+        offset: u64,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<(), StorageError> {
+        // Bytes first, then the record, as plain inserts (see `save_with_fragment`): sled
+        // recovers a prefix of its log, so a durable record implies durable bytes, and one
+        // flush (the group commit) makes every session's bytes and offsets written before it
+        // durable together.
+        let value = encode(record)?;
+        self.chunks
+            .insert(&fragment_key(&record.id, offset)[..], bytes)
+            .map_err(meta_err)?;
+        self.sessions
+            .insert(record.id.as_uuid().as_bytes(), value)
+            .map_err(meta_err)?;
+        if durable {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn chunks(&self, id: &SessionId) -> Result<Vec<(u64, bytes::Bytes)>, StorageError> {
+        self.chunks
+            .scan_prefix(id.as_uuid().as_bytes())
+            .map(|kv| {
+                let (k, v) = kv.map_err(meta_err)?;
+                let offset = decode_fragment(id, &k, &[0u8; 12])?.offset;
+                Ok((offset, bytes::Bytes::copy_from_slice(&v)))
+            })
+            .collect()
+    }
+
+    fn has_chunks(&self, id: &SessionId) -> Result<bool, StorageError> {
+        Ok(self
+            .chunks
+            .scan_prefix(id.as_uuid().as_bytes())
+            .next()
+            .transpose()
+            .map_err(meta_err)?
+            .is_some())
+    }
+
+    fn remove_chunks_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError> {
+        let end = fragment_key(id, u64::MAX);
+        for key in self.chunks.range(fragment_key(id, offset)..=end).keys() {
+            self.chunks
+                .remove(key.map_err(meta_err)?)
+                .map_err(meta_err)?;
+        }
+        Ok(())
+    }
+
+    fn put_reply(&self, id: &SessionId, bytes: &[u8]) -> Result<(), StorageError> {
+        self.replies
+            .insert(id.as_uuid().as_bytes(), bytes)
+            .map_err(meta_err)?;
+        Ok(())
+    }
+
+    fn reply(&self, id: &SessionId) -> Result<Option<bytes::Bytes>, StorageError> {
+        Ok(self
+            .replies
+            .get(id.as_uuid().as_bytes())
+            .map_err(meta_err)?
+            .map(|v| bytes::Bytes::copy_from_slice(&v)))
+    }
+
+    fn remove_reply(&self, id: &SessionId) -> Result<(), StorageError> {
+        self.replies
+            .remove(id.as_uuid().as_bytes())
+            .map_err(meta_err)?;
+        Ok(())
     }
 }

@@ -6,53 +6,16 @@ use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
 use bitsd_storage::{
-    ByteStream, CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, ReplyKind,
-    SessionBackend, SessionRecord, SessionState, UploadMode,
+    CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, ReplyKind, SessionBackend,
+    SessionState, UploadMode,
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
 
 mod common;
-use common::{open, record};
+use common::{collect, fragment, open, record};
 
 async fn backend(dir: &std::path::Path) -> Arc<dyn SessionBackend> {
     Arc::new(open(dir).await)
-}
-
-async fn collect(mut s: ByteStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(chunk) = s.next().await {
-        out.extend_from_slice(&chunk.unwrap());
-    }
-    out
-}
-
-/// Sends `bytes` as one fragment at `rec.received` (frames of `frame` bytes) and commits it
-/// from the offset the caller read.
-async fn fragment(
-    b: &dyn SessionBackend,
-    rec: &mut SessionRecord,
-    bytes: &[u8],
-    total: u64,
-    durability: FragmentDurability,
-) -> FragmentCommit {
-    let expected = rec.received;
-    let plan = FragmentPlan {
-        write_at: expected,
-        len: bytes.len() as u64,
-        durability,
-    };
-    let mut sink = b.begin_fragment(&rec.id, plan).await.unwrap();
-    for frame in bytes.chunks(7) {
-        sink.write(Bytes::copy_from_slice(frame)).await.unwrap();
-    }
-    assert_eq!(sink.written(), bytes.len() as u64);
-    rec.received = expected + bytes.len() as u64;
-    rec.total = Some(total);
-    if rec.received == total {
-        rec.state = SessionState::Complete;
-    }
-    sink.commit(expected, rec).await.unwrap()
 }
 
 /// Two commits from the same expected offset (two nodes or two requests racing on one

@@ -1,4 +1,5 @@
-//! Crash safety under SIGKILL: many concurrent upload-reply clients against the real binary,
+//! Crash safety under SIGKILL: many concurrent upload-reply clients against the real binary
+//! (small fragments held in the meta store's log mixed with large ones in upload files),
 //! killed at seeded random moments and restarted on the same data directory, each client
 //! resuming as a BITS client does. Every upload and reply must come out byte-exact, no
 //! acknowledged offset may go backwards, no acknowledged session may be lost, and restarts
@@ -96,8 +97,17 @@ async fn client_job(addr: SocketAddr, id: u64, data: Vec<u8>, fragment: usize) -
         let sid = res.header("bits-session-id").unwrap().to_owned();
         let mut offset = 0usize;
         let mut max_acked = 0usize;
+        let mut sent = 0usize;
         let reply_url = loop {
-            let len = fragment.min(data.len() - offset);
+            // Every third fragment is 40 times longer: small fragments are held in the meta
+            // store's log, large ones in the upload file, and a session mixes both.
+            sent += 1;
+            let want = if sent.is_multiple_of(3) {
+                fragment * 40
+            } else {
+                fragment
+            };
+            let len = want.min(data.len() - offset);
             let range = format!("bytes {}-{}/{}", offset, offset + len - 1, data.len());
             let req = bits_request(
                 &path,
@@ -203,7 +213,12 @@ async fn concurrent_clients_survive_repeated_sigkill() {
     let min_kills = kills.min(3);
     let mut jobs = Vec::new();
     for id in 0..clients {
-        let size = 300_000 + rng.below(1_000_000 * scale) as usize;
+        // A quarter of the jobs are small (their bytes and reply live in the log only).
+        let size = if id % 4 == 3 {
+            1 + rng.below(40_000) as usize
+        } else {
+            300_000 + rng.below(1_000_000 * scale) as usize
+        };
         let fragment = 2048 + rng.below(32_000) as usize;
         let data = pattern(size, seed ^ id);
         let killed_so_far = killed_so_far.clone();

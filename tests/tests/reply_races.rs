@@ -58,8 +58,10 @@ async fn reply_get_racing_a_close_answers_404_not_500() {
     let data_dir = tempfile::tempdir().unwrap();
     let server = BitsdProcess::start(data_dir.path(), &[]);
     let mut c = RawClient::connect(server.addr).await;
-    let data = pattern(100_000, 5);
-    let (sid, fin) = c.upload("/echo/race.bin", &data, 50_000).await;
+    // Fragments of 64 KiB or more: the bytes are in the upload file (smaller ones would be
+    // held in the meta store, with no file to hold open).
+    let data = pattern(200_000, 5);
+    let (sid, fin) = c.upload("/echo/race.bin", &data, 100_000).await;
     let reply = url_path(fin.header("bits-reply-url").unwrap());
     // The session's directory is named by its id, without the braces.
     let name = sid.trim_matches(['{', '}']).to_ascii_lowercase();

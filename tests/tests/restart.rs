@@ -4,9 +4,11 @@
 
 use bitsd_tests::{pattern, url_path, BitsdProcess, RawClient, TestServer};
 
+/// With every fragment in the upload file (`inline_below = 0`): unacknowledged file bytes
+/// are cut on open.
 #[tokio::test]
 async fn graceful_restart_resumes_at_acked_offset_and_cuts_unacked_bytes() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| c.inline_below = 0).await;
     let data = pattern(10_000, 31);
     let mut c = server.connect().await;
     let sid = c.create_session("/echo/report.bin").await;
@@ -38,7 +40,7 @@ async fn graceful_restart_resumes_at_acked_offset_and_cuts_unacked_bytes() {
     }
     assert_eq!(std::fs::metadata(&upload).unwrap().len(), 9192);
 
-    let server = TestServer::start_in(dir, |_| {}).await;
+    let server = TestServer::start_in(dir, |c| c.inline_below = 0).await;
     assert_eq!(
         std::fs::metadata(&upload).unwrap().len(),
         8192,
@@ -168,4 +170,74 @@ async fn sessions_survive_sigkill_right_after_their_create_ack() {
         let url = url_path(res.header("bits-reply-url").unwrap());
         assert_eq!(c.get("GET", &url, &[]).await.body, data);
     }
+}
+
+/// Small fragments live in the meta store's log, large ones in the upload file: a plain
+/// upload mixing both, killed (SIGKILL) right after every Ack, resumes each time at exactly
+/// the acknowledged offset and is published byte-exact; the small fragments before the first
+/// large one made no session directory.
+#[tokio::test]
+async fn sigkill_resumes_a_mixed_small_and_large_upload_at_the_acked_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [4096, 1000, 100_000, 4096, 70_000, 3000, 2];
+    let data = pattern(sizes.iter().sum(), 35);
+    let path = "/upload/mixed.bin";
+    let mut proc = BitsdProcess::start(dir.path(), &[]);
+    let mut c = RawClient::connect(proc.addr).await;
+    let sid = c.create_session(path).await;
+    let id: bitsd::protocol::SessionId = sid.parse().unwrap();
+    let session_dir = dir.path().join("sessions").join(id.simple());
+    let mut acked = 0usize;
+    for (i, len) in sizes.iter().enumerate() {
+        let res = c.fragment(path, &sid, &data, acked, *len).await;
+        assert_eq!(res.status, 200, "fragment {i}: {res:?}");
+        acked += len;
+        if i == 1 {
+            assert!(
+                !session_dir.exists(),
+                "small fragments made a session directory"
+            );
+        }
+        if acked == data.len() {
+            break;
+        }
+        proc.kill();
+        proc = BitsdProcess::start(dir.path(), &[]);
+        c = RawClient::connect(proc.addr).await;
+        // As after a lost Ack: the last fragment again; the server answers what it holds.
+        let res = c.fragment(path, &sid, &data, acked - len, *len).await;
+        assert_eq!(
+            (res.status, res.header("bits-received-content-range")),
+            (200, Some(acked.to_string().as_str())),
+            "after the kill following fragment {i}"
+        );
+    }
+    let published = std::fs::read(dir.path().join("files/mixed.bin")).unwrap();
+    assert!(published == data, "published upload differs");
+    assert_eq!(c.close_session(path, &sid).await.status, 200);
+}
+
+/// An echo job of small fragments makes no file or directory at all; its reply, the upload
+/// held in the log, survives a SIGKILL and is served by range.
+#[tokio::test]
+async fn sigkill_then_echo_reply_from_the_log_is_served_with_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(3000, 36);
+    let path = "/echo/small.bin";
+    let proc = BitsdProcess::start(dir.path(), &[]);
+    let mut c = RawClient::connect(proc.addr).await;
+    let (sid, fin) = c.upload(path, &data, 1000).await;
+    let url = url_path(fin.header("bits-reply-url").unwrap());
+    let id: bitsd::protocol::SessionId = sid.parse().unwrap();
+    assert!(
+        !dir.path().join("sessions").join(id.simple()).exists(),
+        "a small echo job made a session directory"
+    );
+    proc.kill();
+    let proc = BitsdProcess::start(dir.path(), &[]);
+    let mut c = RawClient::connect(proc.addr).await;
+    let res = c.get("GET", &url, &[("Range", "bytes=100-1199")]).await;
+    assert_eq!(res.status, 206, "{res:?}");
+    assert!(res.body == data[100..1200], "ranged reply differs");
+    assert!(c.get("GET", &url, &[]).await.body == data);
 }

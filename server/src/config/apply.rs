@@ -127,6 +127,9 @@ impl ConfigFile {
         if let Some(p) = self.fsync {
             config.fsync = p;
         }
+        if let Some(ByteSize(n)) = self.inline_below {
+            config.inline_below = n;
+        }
         if let Some(n) = self.max_connections {
             config.max_connections = n.max(1);
         }

@@ -29,6 +29,8 @@ fn keys_and_routes() {
     assert_eq!(c.limits.max_upload_size, 10);
     assert_eq!(c.routes.len(), 2);
     assert!(c.routes[0].overwrites_allowed());
+    let c = apply("inline_below = \"16KiB\"\n").unwrap();
+    assert_eq!(c.inline_below, 16 * 1024);
     let c = apply("fsync = \"on-close\"\n").unwrap();
     assert_eq!(c.fsync, crate::FsyncPolicy::OnClose);
     assert!(apply("fsync = \"sometimes\"\n").is_err());

@@ -277,11 +277,12 @@ async fn produce_reply(
         )
     })?;
     // Kept until the reply is stored: a handler's reply file may lie in its work directory.
-    let local = shared
-        .store
-        .upload_file(&record.id)
-        .await
-        .map_err(storage_failure)?;
+    let local = if handler.reads_upload() {
+        shared.store.upload_file(&record.id).await
+    } else {
+        shared.store.upload_unread(&record.id).await
+    }
+    .map_err(storage_failure)?;
     let upload = Upload {
         session_id: record.id,
         original_url: record.remote_url.clone(),

@@ -3,6 +3,11 @@
 //! It wraps the store's own operations and keeps their crash-safe orders unchanged:
 //!
 //! - create: the record is saved and the meta store flushed before the call returns.
+//! - small fragment (shorter than the store's inline limit, see `crate::inline`): its bytes
+//!   are inserted into sled's log, **then** the record with the new offset (compare-and-set
+//!   under the session's lock), **then** the meta store is flushed (group commit; the
+//!   caller's durable save for the completing fragment). No file is touched; sled recovers a
+//!   prefix of its log, so a durable offset implies durable bytes.
 //! - fragment: bytes are written into the upload file at their offset (gathered, page cache);
 //!   commit syncs them (`sync_data`, plus the directory entries of a new file), **then**
 //!   compares the stored offset with the caller's and saves the record under the session's
@@ -11,10 +16,16 @@
 //! - publish: the complete record is flushed first, then parents are made and synced, then
 //!   the upload inode is hard-linked (or linked and renamed) into place, then its directory
 //!   is fsynced.
-//! - reply: written under a temporary name, synced, renamed, directory fsynced.
+//! - reply: a small one is inserted into sled's log before the record that points at it (the
+//!   caller's durable save covers both); a larger one is written under a temporary name,
+//!   synced, renamed, directory fsynced.
+//! - handler input and reads: bytes held in sled are read from there (a chunk wins over file
+//!   bytes at its offset); a handler that needs a path gets the file written out from the log
+//!   (page cache only: the log stays the durable copy). Publish writes them out and syncs
+//!   the file once first.
 //! - end: tombstone saved (not flushed: a lost tombstone is ended again by a repeated Close),
-//!   then the session's files go.
-//! - purge: files first, then record and index, durably.
+//!   then the session's files and the bytes sled holds for it go.
+//! - purge: files first, then record, index and held bytes, durably.
 //! - sweep: an in-process lock (one node has all the sessions).
 
 use std::path::{Path, PathBuf};
@@ -22,13 +33,13 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
     ByteStream, FragmentCommit, FragmentPlan, FragmentSink, LocalUpload, ReplySink, SessionBackend,
     SweepLock,
 };
+use crate::fs_util::blocking;
+use crate::inline::{file_stream, InlineFragment, InlineReply};
 use crate::{
     CommitOutcome, FragmentDurability, FragmentWriter, ReplyKind, ReplyWriter, SessionRecord,
     SessionState, SessionStore, StorageError,
@@ -39,9 +50,6 @@ use crate::{
 /// the tail (on the benchmark machine, 1 MiB fragments gained 5–7%; starting writeback for a
 /// 64 KiB fragment cost as much CPU as it saved).
 pub const WRITEBACK_FROM: u64 = 1024 * 1024;
-
-/// Size of the chunks the local backend reads files in for a [`ByteStream`].
-const READ_CHUNK: usize = 256 * 1024;
 
 /// A fragment on its way into a local upload file.
 #[derive(Debug)]
@@ -101,27 +109,6 @@ impl ReplySink for LocalReply {
     }
 }
 
-/// `len` bytes of the file at `path` from `start`, read in chunks off the runtime.
-async fn file_stream(
-    path: PathBuf,
-    op: &'static str,
-    start: u64,
-    len: u64,
-) -> Result<ByteStream, StorageError> {
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(StorageError::io(op, &path))?;
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(StorageError::io(op, &path))?;
-    }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK);
-    Ok(Box::pin(stream.map(move |chunk| {
-        chunk.map_err(StorageError::io(op, &path))
-    })))
-}
-
 #[async_trait]
 impl SessionBackend for SessionStore {
     fn kind(&self) -> &'static str {
@@ -153,6 +140,19 @@ impl SessionBackend for SessionStore {
         id: &SessionId,
         plan: FragmentPlan,
     ) -> Result<Box<dyn FragmentSink>, StorageError> {
+        if plan.len > 0
+            && self.inlines(plan.len)
+            && plan.write_at.saturating_add(plan.len) <= crate::inline::INLINE_UPLOAD_MAX
+        {
+            return Ok(Box::new(InlineFragment {
+                store: self.clone(),
+                id: *id,
+                write_at: plan.write_at,
+                limit: plan.len,
+                buf: bytes::BytesMut::with_capacity(plan.len as usize),
+                durability: plan.durability,
+            }));
+        }
         let mut writer = self.fragment_writer(id, plan.write_at).await?;
         if plan.durability != FragmentDurability::Unsynced && plan.len >= WRITEBACK_FROM {
             writer.start_writeback_every(crate::GATHER_BYTES as u64);
@@ -181,10 +181,28 @@ impl SessionBackend for SessionStore {
         let record = SessionStore::load(self, id).await?.ok_or_else(|| {
             StorageError::Meta(format!("session {id} has no record; its upload is gone"))
         })?;
-        file_stream(self.upload_path(id), "read upload", 0, record.received).await
+        self.upload_stream(id, "read upload", 0, record.received)
+            .await
     }
 
     async fn upload_file(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        // Bytes held in the meta store are written out into the file (page cache only: the
+        // meta store stays their durable copy, and readers of the upload prefer it).
+        if self.meta.has_chunks(id)? {
+            let received = SessionStore::load(self, id)
+                .await?
+                .map_or(0, |r| r.received);
+            let (store, id) = (self.clone(), *id);
+            blocking(move || store.write_out_blocking(&id, received, false)).await?;
+        }
+        Ok(LocalUpload::kept(
+            self.upload_path(id),
+            self.session_dir(id),
+        ))
+    }
+
+    async fn upload_unread(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        // No file is written out: an upload held in the meta store stays there.
         Ok(LocalUpload::kept(
             self.upload_path(id),
             self.session_dir(id),
@@ -192,6 +210,14 @@ impl SessionBackend for SessionStore {
     }
 
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
+        if self.inlines(0) {
+            return Ok(Box::new(InlineReply {
+                store: self.clone(),
+                id: *id,
+                buf: bytes::BytesMut::new(),
+                file: None,
+            }));
+        }
         Ok(Box::new(LocalReply(self.reply_writer(id).await?)))
     }
 
@@ -200,7 +226,40 @@ impl SessionBackend for SessionStore {
         id: &SessionId,
         src: &Path,
     ) -> Result<ReplyKind, StorageError> {
-        self.reply_from_file(id, src).await
+        if src == self.upload_path(id) && self.meta.has_chunks(id)? {
+            // The upload itself, (partly) held in the meta store: served from there.
+            let record = SessionStore::load(self, id).await?.ok_or_else(|| {
+                StorageError::Meta(format!("session {id} has no record; its upload is gone"))
+            })?;
+            return Ok(ReplyKind::Stored {
+                len: record.received,
+                crc32c: None,
+                in_upload: true,
+            });
+        }
+        if src != self.upload_path(id) && self.meta.holds_bytes() {
+            let len = tokio::fs::metadata(src)
+                .await
+                .map_err(StorageError::io("stat reply", src))?
+                .len();
+            if self.inlines(len) {
+                let bytes = tokio::fs::read(src)
+                    .await
+                    .map_err(StorageError::io("read reply", src))?;
+                if self.inlines(bytes.len() as u64) {
+                    self.meta.put_reply(id, &bytes)?;
+                    return Ok(ReplyKind::Stored {
+                        len: bytes.len() as u64,
+                        crc32c: Some(crc32c::crc32c(&bytes)),
+                        in_upload: false,
+                    });
+                }
+            }
+        }
+        let kind = self.reply_from_file(id, src).await?;
+        // A reply an earlier attempt held in the meta store would shadow the file.
+        self.meta.remove_reply(id)?;
+        Ok(kind)
     }
 
     async fn read_reply(
@@ -210,11 +269,36 @@ impl SessionBackend for SessionStore {
         start: u64,
         len: u64,
     ) -> Result<ByteStream, StorageError> {
+        if let ReplyKind::Stored {
+            in_upload: true, ..
+        } = kind
+        {
+            return self.upload_stream(id, "read reply", start, len).await;
+        }
+        if let Some(held) = self.meta.reply(id)? {
+            let from = usize::try_from(start).unwrap_or(usize::MAX).min(held.len());
+            let to = usize::try_from(start.saturating_add(len))
+                .unwrap_or(usize::MAX)
+                .min(held.len());
+            return Ok(Box::pin(futures_util::stream::once(std::future::ready(
+                Ok(held.slice(from..to)),
+            ))));
+        }
         file_stream(self.reply_file(id, kind), "read reply", start, len).await
     }
 
     fn reply_local_path(&self, id: &SessionId, kind: &ReplyKind) -> Option<PathBuf> {
-        Some(self.reply_file(id, kind))
+        // Bytes held in the meta store are served through `read_reply`.
+        let held = match kind {
+            ReplyKind::Stored {
+                in_upload: true, ..
+            } => self.meta.has_chunks(id),
+            _ => self.meta.reply(id).map(|r| r.is_some()),
+        };
+        match held {
+            Ok(false) => Some(self.reply_file(id, kind)),
+            _ => None,
+        }
     }
 
     async fn record_reply_delivered(

@@ -279,6 +279,14 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// The complete upload of `id` as a local file (see [`LocalUpload`]).
     async fn upload_file(&self, id: &SessionId) -> Result<LocalUpload, StorageError>;
 
+    /// The complete upload of `id` as a [`LocalUpload`] whose file need not exist, for a reply
+    /// handler that never reads it (it hands the path back, as echo does, or ignores it);
+    /// [`SessionBackend::store_reply_file`] accepts that path as "the upload itself". The
+    /// default is [`SessionBackend::upload_file`].
+    async fn upload_unread(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        self.upload_file(id).await
+    }
+
     /// Starts storing the reply of session `id` (replacing none that is recorded: a reply is
     /// written once per completion attempt, under a name of its own, until it is finished).
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError>;

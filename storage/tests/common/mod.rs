@@ -2,7 +2,12 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use bitsd_protocol::SessionId;
-use bitsd_storage::{SessionRecord, SessionStore, UploadMode};
+use bitsd_storage::{
+    ByteStream, FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord,
+    SessionState, SessionStore, UploadMode,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
 
 /// Opens the store, waiting for a previous instance in this process to release sled's lock
 /// (sled lets go of it from a background thread after the last handle is dropped).
@@ -43,4 +48,41 @@ pub async fn write_fragment(
         .commit_fragment(w, rec, bitsd_storage::FragmentDurability::Durable)
         .await
         .unwrap();
+}
+
+/// Every byte of a stream, in order.
+pub async fn collect(mut s: ByteStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
+/// Sends `bytes` as one fragment at `rec.received` (frames of 7 bytes) and commits it
+/// from the offset the caller read.
+pub async fn fragment(
+    b: &dyn SessionBackend,
+    rec: &mut SessionRecord,
+    bytes: &[u8],
+    total: u64,
+    durability: FragmentDurability,
+) -> FragmentCommit {
+    let expected = rec.received;
+    let plan = FragmentPlan {
+        write_at: expected,
+        len: bytes.len() as u64,
+        durability,
+    };
+    let mut sink = b.begin_fragment(&rec.id, plan).await.unwrap();
+    for frame in bytes.chunks(7) {
+        sink.write(Bytes::copy_from_slice(frame)).await.unwrap();
+    }
+    assert_eq!(sink.written(), bytes.len() as u64);
+    rec.received = expected + bytes.len() as u64;
+    rec.total = Some(total);
+    if rec.received == total {
+        rec.state = SessionState::Complete;
+    }
+    sink.commit(expected, rec).await.unwrap()
 }
