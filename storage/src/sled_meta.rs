@@ -130,17 +130,26 @@ impl GroupFlush {
     }
 
     /// The flusher thread: flushes whenever tickets are waiting, until the store closes.
-    fn run(&self, db: &sled::Db) {
+    fn run(&self, db: &sled::Db, mut files: Option<LogFiles>) {
         let mut st = self.lock();
         loop {
             if st.requested > st.settled() {
                 let target = st.requested;
                 drop(st);
-                let result = db.flush();
+                // sled writes its log with `sync_file_range`, which neither flushes the
+                // drive's write cache nor the log's new size: after sled's flush, an
+                // `fdatasync` of the log (and of any new blob file) makes the group durable.
+                let result = db
+                    .flush()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| match &mut files {
+                        Some(files) => files.sync(),
+                        None => Ok(()),
+                    });
                 st = self.lock();
                 match result {
                     Ok(_) => st.flushed = st.flushed.max(target),
-                    Err(e) => st.failed = Some((target, e.to_string())),
+                    Err(e) => st.failed = Some((target, e)),
                 }
                 self.done.notify_all();
                 self.progress.send_replace((st.flushed, st.failed.clone()));
@@ -161,13 +170,65 @@ struct Flusher {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The files of a sled database that sled itself does not `fsync` at a flush: its log
+/// (`db`) and the blob files (`blobs/`) that large log entries are written to.
+#[derive(Debug)]
+struct LogFiles {
+    log: std::fs::File,
+    blobs: std::path::PathBuf,
+    /// Blob files already synced (sled never rewrites one in place).
+    synced: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl LogFiles {
+    fn open(dir: &Path) -> Result<Self, StorageError> {
+        let log = std::fs::File::open(dir.join("db")).map_err(|e| {
+            StorageError::Meta(format!("opening {}: {e}", dir.join("db").display()))
+        })?;
+        Ok(LogFiles {
+            log,
+            blobs: dir.join("blobs"),
+            synced: Default::default(),
+        })
+    }
+
+    /// `fdatasync` of the log, then of every blob file not synced yet and of their directory.
+    fn sync(&mut self) -> Result<(), String> {
+        let context = |what: &Path, e: std::io::Error| format!("syncing {}: {e}", what.display());
+        let mut present = std::collections::HashSet::new();
+        let mut new_blob = false;
+        if let Ok(entries) = std::fs::read_dir(&self.blobs) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if !self.synced.contains(&name) {
+                    let path = entry.path();
+                    match std::fs::File::open(&path) {
+                        Ok(f) => f.sync_data().map_err(|e| context(&path, e))?,
+                        // Removed by sled since the listing: nothing to make durable.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(context(&path, e)),
+                    }
+                    new_blob = true;
+                }
+                present.insert(name);
+            }
+        }
+        if new_blob {
+            crate::fs_util::sync_dir(&self.blobs).map_err(|e| e.to_string())?;
+        }
+        self.synced = present;
+        let log = Path::new("db");
+        self.log.sync_data().map_err(|e| context(log, e))
+    }
+}
+
 impl Flusher {
-    fn start(db: sled::Db) -> Result<Self, StorageError> {
+    fn start(db: sled::Db, files: Option<LogFiles>) -> Result<Self, StorageError> {
         let group = Arc::new(GroupFlush::default());
         let g = group.clone();
         let thread = std::thread::Builder::new()
             .name("bitsd-meta-flush".into())
-            .spawn(move || g.run(&db))
+            .spawn(move || g.run(&db, files))
             .map_err(|e| StorageError::Meta(format!("starting the flusher thread: {e}")))?;
         Ok(Flusher {
             group,
@@ -245,16 +306,23 @@ impl SledMetaStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         let db = sled::Config::new().path(dir).open().map_err(meta_err)?;
-        Self::from_db(db)
+        let files = LogFiles::open(dir)?;
+        Self::with_files(db, Some(files))
     }
 
-    /// Uses a database the host application already opened.
+    /// Uses a database the host application already opened. bitsd cannot find its files,
+    /// so a flush is only as durable as sled makes it (`sync_file_range` on Linux, which does
+    /// not flush the drive's write cache): prefer [`SledMetaStore::open`].
     pub fn from_db(db: sled::Db) -> Result<Self, StorageError> {
+        Self::with_files(db, None)
+    }
+
+    fn with_files(db: sled::Db, files: Option<LogFiles>) -> Result<Self, StorageError> {
         let sessions = db.open_tree("sessions").map_err(meta_err)?;
         let fragments = db.open_tree("fragments").map_err(meta_err)?;
         let chunks = db.open_tree("chunks").map_err(meta_err)?;
         let replies = db.open_tree("replies").map_err(meta_err)?;
-        let flusher = Arc::new(Flusher::start(db.clone())?);
+        let flusher = Arc::new(Flusher::start(db.clone(), files)?);
         Ok(SledMetaStore {
             db,
             sessions,

@@ -28,25 +28,22 @@ async fn a_failed_sync_acknowledges_nothing() {
     let Some(strace) = strace() else {
         return;
     };
-    let w = wrapper(
-        &strace.to_string_lossy(),
-        &[
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=fdatasync",
-            "-e",
-            "inject=fdatasync:error=EIO",
-        ],
-    );
-    let w: Vec<&str> = w.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("bitsd.log");
-    let proc = BitsdProcess::start_wrapped(&w, dir.path(), &[], Some(&log));
+    let proc = BitsdProcess::start_logging(dir.path(), &[], Some(&log));
     let data = pattern(128 * 1024, 41);
     let path = "/upload/eio.bin";
     let mut c = RawClient::connect(proc.addr).await;
     let sid = c.create_session(path).await;
+    // Attached after the start and the Create-Session: every fdatasync from here fails (the
+    // upload file's and the meta log's).
+    let mut tracer = attach_tracing(
+        &strace,
+        proc.pid(),
+        "fdatasync",
+        "inject=fdatasync:error=EIO",
+    )
+    .await;
     let first = c.fragment(path, &sid, &data, 0, 65536).await;
     first.assert_ack();
     assert_eq!(first.status, 500, "{first:?}");
@@ -57,6 +54,8 @@ async fn a_failed_sync_acknowledges_nothing() {
         "bytes whose sync failed were acknowledged as held: {again:?}"
     );
     assert_eq!(again.status, 500, "{again:?}");
+    let _ = tracer.kill();
+    let _ = tracer.wait();
     proc.kill();
 
     let proc = BitsdProcess::start_logging(dir.path(), &[], Some(&log));
@@ -261,18 +260,53 @@ async fn a_failed_log_flush_acknowledges_no_small_fragment() {
     assert!(std::fs::read(dir.path().join("files/log-eio.bin")).unwrap() == data);
 }
 
+/// sled makes its log durable with `sync_file_range`, which neither flushes the drive's
+/// write cache nor the file's size: the group commit adds an `fdatasync` of the log. A
+/// small fragment (held in the log) whose `fdatasync` fails is not acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fdatasync_of_the_log_acknowledges_no_small_fragment() {
+    let Some(strace) = strace() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let proc = BitsdProcess::start(dir.path(), &[]);
+    let data = pattern(8192, 44);
+    let path = "/upload/log-fdatasync.bin";
+    let mut c = RawClient::connect(proc.addr).await;
+    let sid = c.create_session(path).await;
+    let mut tracer = attach_tracing(
+        &strace,
+        proc.pid(),
+        "fdatasync",
+        "inject=fdatasync:error=EIO",
+    )
+    .await;
+    let first = c.fragment(path, &sid, &data, 0, 4096).await;
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    assert_ne!(
+        first.status, 200,
+        "a small fragment was acknowledged although the log's fdatasync failed: {first:?}"
+    );
+    proc.kill();
+}
+
 /// strace attached to the running server `pid`, tracing `sync_file_range` (sled's log flush)
 /// with `inject`; returns once every thread of the server is traced.
 async fn attach(strace: &std::path::Path, pid: u32, inject: &str) -> std::process::Child {
+    attach_tracing(strace, pid, "sync_file_range", inject).await
+}
+
+/// strace attached to the running server `pid`, tracing `syscall` with `inject`.
+async fn attach_tracing(
+    strace: &std::path::Path,
+    pid: u32,
+    syscall: &str,
+    inject: &str,
+) -> std::process::Child {
     let tracer = std::process::Command::new(strace)
-        .args([
-            "-f",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=sync_file_range",
-        ])
+        .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+        .arg(format!("trace={syscall}"))
         .args(["-e", inject, "-p"])
         .arg(pid.to_string())
         .spawn()
