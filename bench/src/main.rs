@@ -17,6 +17,12 @@
 mod child;
 mod client;
 mod download;
+// The farm scenario (`--farm`), kept apart from the other scenarios.
+mod farm;
+mod farm_env;
+mod farm_load;
+mod farm_pg;
+mod farm_report;
 mod file_baseline;
 mod jobs;
 mod report;
@@ -89,6 +95,9 @@ struct Args {
     /// page-cache memory, which a second run does not [default: 2, with --quick 1].
     #[arg(long)]
     repeat: Option<usize>,
+    /// The farm scenario (`--farm` and its `--farm-*` settings).
+    #[command(flatten)]
+    farm: farm::FarmArgs,
 }
 
 /// The parts of the benchmark.
@@ -255,6 +264,15 @@ fn free_page_reporting() -> Option<String> {
     Some(out)
 }
 
+/// `--farm`: the farm scenario alone, its own report.
+async fn run_farm(args: &Args) -> Result<String> {
+    let base = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = tempfile::Builder::new().prefix("bitsd-bench-").tempdir_in(&base)?;
+    let bin = child::find_bitsd(args.bitsd.as_deref())?;
+    let report = farm::run(&args.farm, &bin, work.path()).await?;
+    Ok(if args.json { serde_json::to_string_pretty(&report)? } else { report.markdown() })
+}
+
 async fn run(args: Args) -> Result<Report> {
     let plan = Plan::new(&args);
     let wants = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
@@ -357,6 +375,12 @@ async fn run(args: Args) -> Result<Report> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if args.farm.farm {
+        return match run_farm(&args).await {
+            Ok(out) => { print!("{out}"); ExitCode::SUCCESS }
+            Err(e) => { eprintln!("bitsd-bench: farm: {e}"); ExitCode::FAILURE }
+        };
+    }
     let json = args.json;
     match run(args).await {
         Ok(report) => {
