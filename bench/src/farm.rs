@@ -31,13 +31,13 @@ pub struct FarmArgs {
     #[arg(long)]
     pub farm: bool,
     /// Interleaved rounds (medians over them).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub farm_rounds: usize,
     /// Concurrent uploads in the fragment cases.
     #[arg(long, default_value_t = 1)]
     pub farm_sessions: usize,
     /// MiB per upload in the 1 MiB-fragment case (the 64 KiB case sends a quarter of it).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub farm_mib: u64,
     /// Clients of the small-job case in the rounds.
     #[arg(long, default_value_t = 8)]
@@ -119,13 +119,17 @@ async fn run_one(
     tag: &str,
     payload: &Bytes,
 ) -> Result<Run> {
+    // Every run uploads to names of its own: a published name is not taken twice.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = &format!("{tag}-{n}");
     let addr = match target {
         Target::Bare => None,
         Target::Farm1 => Some(env.nodes[0].addr),
         Target::Farm3 => Some(env.nginx.addr()),
         Target::Local => Some(env.local.addr),
     };
-    match (case, addr) {
+    let run = match (case, addr) {
         (Case::Fragments(f), Some(addr)) => {
             let each = upload_bytes(a, case);
             load::http_fragments(addr, tag, a.farm_sessions, each, f, payload).await
@@ -138,7 +142,8 @@ async fn run_one(
         (Case::Jobs, None) => {
             load::bare_jobs(&env.objects()?, tag, clients, a.farm_job_secs).await
         }
-    }
+    };
+    run.map_err(|e| format!("{} → {}: {e}", case.label(a), target.name()).into())
 }
 
 /// Runs the farm scenario and returns its report.

@@ -57,6 +57,9 @@ pub struct Run {
     pub fragment: Lat,
     /// Whole-job latency (job cases).
     pub job: Lat,
+    /// Job cases: Create-Session, GET of the reply, Close-Session latency (bare: —, GET,
+    /// DELETE).
+    pub packets: [Lat; 3],
 }
 
 /// `sessions` concurrent plain uploads of `each` bytes in `fragment`-byte fragments, each
@@ -162,11 +165,13 @@ pub async fn http_jobs(addr: SocketAddr, tag: &str, clients: usize, secs: f64) -
         let (body, tag) = (body.clone(), tag.to_owned());
         set.spawn(async move {
             let (mut frag, mut job) = (Lat::default(), Lat::default());
+            let mut packets: [Lat; 3] = Default::default();
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let path = format!("/echo/farmbench/{tag}-{i}-{n}.bin");
                 let t0 = Instant::now();
                 let sid = conn.create_session(&path).await?;
+                packets[0].push(t0.elapsed());
                 let t = Instant::now();
                 let ack = conn
                     .fragment(&path, &sid, 0, &body, JOB_BYTES as u64)
@@ -176,7 +181,9 @@ pub async fn http_jobs(addr: SocketAddr, tag: &str, clients: usize, secs: f64) -
                     ack.header("bits-reply-url")
                         .ok_or("final Ack without BITS-Reply-URL")?,
                 );
+                let t = Instant::now();
                 let res = conn.get(&reply).await?;
+                packets[1].push(t.elapsed());
                 if res.status != 200 || res.body_len != JOB_BYTES as u64 {
                     return Err(format!(
                         "reply GET {reply}: HTTP {} with {} bytes",
@@ -184,19 +191,24 @@ pub async fn http_jobs(addr: SocketAddr, tag: &str, clients: usize, secs: f64) -
                     )
                     .into());
                 }
+                let t = Instant::now();
                 conn.close_session(&path, &sid).await?;
+                packets[2].push(t.elapsed());
                 job.push(t0.elapsed());
                 n += 1;
             }
-            Ok::<_, BoxError>((n, frag, job))
+            Ok::<_, BoxError>((n, frag, job, packets))
         });
     }
     let mut run = Run::default();
     while let Some(r) = set.join_next().await {
-        let (n, frag, job) = r??;
+        let (n, frag, job, packets) = r??;
         run.jobs += n;
         run.fragment.extend(&frag);
         run.job.extend(&job);
+        for (all, one) in run.packets.iter_mut().zip(&packets) {
+            all.extend(one);
+        }
     }
     run.elapsed = started.elapsed();
     Ok(run)
@@ -214,6 +226,7 @@ pub async fn bare_jobs(objects: &Objects, tag: &str, clients: usize, secs: f64) 
         let prefix = objects.prefix().join(&format!("bare/{tag}-{i}"));
         set.spawn(async move {
             let (mut frag, mut job) = (Lat::default(), Lat::default());
+            let mut packets: [Lat; 3] = Default::default();
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let key = prefix.join(&n.to_string());
@@ -222,23 +235,30 @@ pub async fn bare_jobs(objects: &Objects, tag: &str, clients: usize, secs: f64) 
                 w.write_bytes(body.clone()).await?;
                 w.finish().await?;
                 frag.push(t0.elapsed());
+                let t = Instant::now();
                 let got = objects.read(&key, None).await?.bytes().await?;
+                packets[1].push(t.elapsed());
                 if got.len() != JOB_BYTES {
                     return Err(format!("bare GET returned {} bytes", got.len()).into());
                 }
+                let t = Instant::now();
                 objects.delete(&[key]).await?;
+                packets[2].push(t.elapsed());
                 job.push(t0.elapsed());
                 n += 1;
             }
-            Ok::<_, BoxError>((n, frag, job))
+            Ok::<_, BoxError>((n, frag, job, packets))
         });
     }
     let mut run = Run::default();
     while let Some(r) = set.join_next().await {
-        let (n, frag, job) = r??;
+        let (n, frag, job, packets) = r??;
         run.jobs += n;
         run.fragment.extend(&frag);
         run.job.extend(&job);
+        for (all, one) in run.packets.iter_mut().zip(&packets) {
+            all.extend(one);
+        }
     }
     run.elapsed = started.elapsed();
     Ok(run)

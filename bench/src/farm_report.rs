@@ -27,6 +27,8 @@ pub struct RoundFigures {
     pub job_p50_ms: f64,
     /// Whole-job latency p99, ms (job cases).
     pub job_p99_ms: f64,
+    /// Job cases: p50 of Create-Session, GET of the reply, Close-Session, ms.
+    pub packet_p50_ms: [f64; 3],
 }
 
 /// Everything measured of one target and case over the rounds.
@@ -113,6 +115,13 @@ pub struct FarmReport {
     rounds: usize,
 }
 
+fn case_label(case: Case) -> String {
+    match case {
+        Case::Fragments(f) => format!("{} fragments", crate::util::size_label(f as u64)),
+        Case::Jobs => "4 KiB echo jobs".into(),
+    }
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -174,6 +183,11 @@ impl FarmReport {
             p99_ms: run.fragment.ms(0.99),
             job_p50_ms: run.job.ms(0.5),
             job_p99_ms: run.job.ms(0.99),
+            packet_p50_ms: [
+                run.packets[0].ms(0.5),
+                run.packets[1].ms(0.5),
+                run.packets[2].ms(0.5),
+            ],
         };
         let m = match self
             .measured
@@ -184,7 +198,7 @@ impl FarmReport {
             None => {
                 self.measured.push(Measured {
                     target: target.name(),
-                    case: format!("{case:?}"),
+                    case: case_label(case),
                     kind: Some((target, case)),
                     rounds: Vec::new(),
                     cpu: CpuSnapshot::default(),
@@ -244,6 +258,7 @@ impl FarmReport {
     pub fn finish(&mut self) {
         self.context
             .push(("load average at end".into(), loadavg()));
+        let mut checks = Vec::new();
         for f in [MIB as usize, 64 * 1024] {
             let case = Case::Fragments(f);
             let (Some(bare), Some(farm), Some(local)) = (
@@ -260,6 +275,17 @@ impl FarmReport {
                 format!("{over:.2} ms (target < 2 ms)"),
                 over < 2.0,
             );
+            if let Some(farm3) = self.get(Target::Farm3, case) {
+                let over3 = farm3.median(|r| r.p50_ms) - bare.median(|r| r.p50_ms);
+                checks.push((
+                    format!(
+                        "per-fragment overhead of three farm nodes behind nginx over a bare PUT, \
+                         p50, {size}"
+                    ),
+                    format!("{over3:.2} ms (target < 2 ms)"),
+                    over3 < 2.0,
+                ));
+            }
             let node = farm.per_unit(own_cpu(Target::Farm1, &farm.cpu));
             let single = local.per_unit(own_cpu(Target::Local, &local.cpu));
             let client = bare.per_unit(own_cpu(Target::Bare, &bare.cpu));
@@ -272,9 +298,10 @@ impl FarmReport {
                 ),
                 node <= limit,
             );
-            self.checks.push(overhead);
-            self.checks.push(cpu);
+            checks.push(overhead);
+            checks.push(cpu);
         }
+        self.checks.extend(checks);
     }
 
     /// The report as markdown.
@@ -302,10 +329,7 @@ impl FarmReport {
         }
         type Pick = fn(&RoundFigures) -> f64;
         for case in &cases {
-            let label = match case {
-                Case::Fragments(f) => format!("{} fragments", crate::util::size_label(*f as u64)),
-                Case::Jobs => "4 KiB echo jobs".into(),
-            };
+            let label = case_label(*case);
             let mut figures: Vec<(&str, Pick, &str)> = vec![
                 (
                     if *case == Case::Jobs {
@@ -322,6 +346,9 @@ impl FarmReport {
             if *case == Case::Jobs {
                 figures.push(("whole job p50", |r| r.job_p50_ms, " ms"));
                 figures.push(("whole job p99", |r| r.job_p99_ms, " ms"));
+                figures.push(("Create-Session p50", |r| r.packet_p50_ms[0], " ms"));
+                figures.push(("GET reply p50", |r| r.packet_p50_ms[1], " ms"));
+                figures.push(("Close-Session (bare: DELETE) p50", |r| r.packet_p50_ms[2], " ms"));
             }
             for (name, pick, unit) in figures {
                 let cells: Vec<String> = Target::ALL
