@@ -17,7 +17,7 @@ use bytes::Bytes;
 use clap::Args as ClapArgs;
 
 use crate::client::Result;
-use crate::farm_env::{CpuSnapshot, FarmEnv};
+use crate::farm_env::{s3_since, CpuSnapshot, FarmEnv};
 use crate::farm_load::{self as load, Run};
 use crate::farm_pg::{PgSeen, PgWatch};
 use crate::farm_report::FarmReport;
@@ -180,11 +180,12 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
                     target.name()
                 );
                 let tag = format!("r{round}-{}", report.measured.len());
-                let before = env.cpu();
+                let (before, s3) = (env.cpu(), env.s3_requests().await);
                 let run = run_one(&env, target, case, a, a.farm_job_clients, &tag, &payload)
                     .await?;
                 let cpu = env.cpu().since(&before);
-                report.add(target, case, run, &cpu);
+                let s3 = s3_since(&env.s3_requests().await, &s3);
+                report.add(target, case, run, &cpu, &s3);
             }
         }
     }
@@ -196,17 +197,18 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
                 target.name()
             );
             let tag = format!("sweep-{}-{clients}", report.sweep.len());
-            let before = env.cpu();
+            let (before, s3) = (env.cpu(), env.s3_requests().await);
             let (run, seen) = watch
                 .watch(run_one(&env, target, Case::Jobs, a, clients, &tag, &payload))
                 .await?;
             let cpu = env.cpu().since(&before);
+            let s3 = s3_since(&env.s3_requests().await, &s3);
             let seen = if target == Target::Local {
                 PgSeen::default()
             } else {
                 seen
             };
-            report.add_sweep(target, clients, &run?, &cpu, seen);
+            report.add_sweep(target, clients, &run?, &cpu, seen, &s3);
         }
     }
     report.finish();

@@ -44,6 +44,8 @@ pub struct FarmEnv {
     pub garage_pid: u32,
     /// nginx's master process.
     pub nginx_pid: u32,
+    /// Garage's admin listener (its `/metrics` count the S3 requests by endpoint).
+    pub garage_admin: Option<std::net::SocketAddr>,
 }
 
 impl FarmEnv {
@@ -94,6 +96,7 @@ impl FarmEnv {
             .ok_or("cannot find the Garage process in /proc")?;
         let nginx_pid = find_process(|p| p.ppid == me && p.comm == "nginx")
             .ok_or("cannot find nginx's master process in /proc")?;
+        let garage_admin = garage_admin_addr(garage_pid);
         Ok(FarmEnv {
             pg,
             postgres_url,
@@ -105,7 +108,19 @@ impl FarmEnv {
             pg_pid,
             garage_pid,
             nginx_pid,
+            garage_admin,
         })
+    }
+
+    /// Garage's S3 request counters by endpoint (`PutObject`, `GetObject`, ...); empty when
+    /// its metrics cannot be read.
+    pub async fn s3_requests(&self) -> S3Counts {
+        let Some(addr) = self.garage_admin else {
+            return S3Counts::default();
+        };
+        tokio::task::spawn_blocking(move || garage_metrics(addr))
+            .await
+            .unwrap_or_default()
     }
 
     /// A client of the bucket built exactly as a node builds its own.
@@ -286,6 +301,61 @@ fn tree_cpu(root: u32) -> f64 {
         .map(|p| p.own + p.children)
         .sum();
     process_cpu(root, true) + kids as f64 / ticks_per_sec()
+}
+
+/// S3 requests by endpoint.
+pub type S3Counts = std::collections::BTreeMap<String, u64>;
+
+/// `later - earlier`, endpoint by endpoint (zeros left out).
+pub fn s3_since(later: &S3Counts, earlier: &S3Counts) -> S3Counts {
+    later
+        .iter()
+        .map(|(k, v)| (k.clone(), v - earlier.get(k).copied().unwrap_or(0).min(*v)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Garage's admin address from its config file (`garage -c FILE server`).
+fn garage_admin_addr(pid: u32) -> Option<std::net::SocketAddr> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmd
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let file = args.iter().position(|a| a == "-c").and_then(|i| args.get(i + 1))?;
+    let config = std::fs::read_to_string(file).ok()?;
+    let admin = config.split("[admin]").nth(1)?;
+    let line = admin.lines().find(|l| l.trim_start().starts_with("api_bind_addr"))?;
+    line.split('"').nth(1)?.parse().ok()
+}
+
+/// `GET /metrics` of Garage's admin API; the `api_s3_request_counter` lines.
+fn garage_metrics(addr: std::net::SocketAddr) -> S3Counts {
+    use std::io::{Read, Write};
+    let mut out = S3Counts::new();
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return out;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("api_s3_request_counter{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let endpoint = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("api_endpoint=\""))
+            .map(|e| e.trim_end_matches('"').to_owned());
+        if let (Some(e), Ok(v)) = (endpoint, value.trim().parse::<f64>()) {
+            *out.entry(e).or_default() += v as u64;
+        }
+    }
+    out
 }
 
 /// Where the run's temporary files go: `work/farm`.

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::farm::{own_cpu, Case, FarmArgs, Target};
-use crate::farm_env::{CpuSnapshot, FarmEnv};
+use crate::farm_env::{CpuSnapshot, FarmEnv, S3Counts};
 use crate::farm_load::Run;
 use crate::farm_pg::PgSeen;
 use crate::util::MIB;
@@ -48,6 +48,10 @@ pub struct Measured {
     pub bytes: u64,
     /// Jobs over the rounds.
     pub jobs: u64,
+    /// Fragments (or bare PUTs) over the rounds.
+    pub fragments: u64,
+    /// S3 requests Garage counted over the rounds, by endpoint.
+    pub s3: S3Counts,
 }
 
 impl Measured {
@@ -55,6 +59,12 @@ impl Measured {
         let mut v: Vec<f64> = self.rounds.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+
+    /// S3 requests per job (job cases) or per fragment.
+    fn s3_per_unit(&self) -> String {
+        let units = if self.jobs > 0 { self.jobs } else { self.fragments };
+        per_unit(&self.s3, units)
     }
 
     /// CPU seconds per GiB (fragment cases) or ms per job (job cases) of `secs`.
@@ -96,6 +106,8 @@ pub struct SweepRow {
     pub pg_ungranted: u64,
     /// The most frequent wait events of active backends.
     pub pg_top_waits: String,
+    /// S3 requests per job, by endpoint.
+    pub s3_per_job: String,
     /// CPU ms per job: the target's own processes, PostgreSQL, Garage.
     pub cpu_ms_per_job: [f64; 3],
 }
@@ -113,6 +125,16 @@ pub struct FarmReport {
     pub checks: Vec<(String, String, bool)>,
     #[serde(skip)]
     rounds: usize,
+}
+
+/// `PutObject 2.00, GetObject 1.00` per unit.
+fn per_unit(counts: &S3Counts, units: u64) -> String {
+    let mut v: Vec<_> = counts.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter()
+        .map(|(k, n)| format!("{k} {:.2}", **n as f64 / units.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn case_label(case: Case) -> String {
@@ -170,7 +192,7 @@ impl FarmReport {
     }
 
     /// Adds one round's run of `target` on `case`.
-    pub fn add(&mut self, target: Target, case: Case, run: Run, cpu: &CpuSnapshot) {
+    pub fn add(&mut self, target: Target, case: Case, run: Run, cpu: &CpuSnapshot, s3: &S3Counts) {
         let secs = run.elapsed.as_secs_f64().max(1e-9);
         let rate = if run.jobs > 0 {
             run.jobs as f64 / secs
@@ -204,6 +226,8 @@ impl FarmReport {
                     cpu: CpuSnapshot::default(),
                     bytes: 0,
                     jobs: 0,
+                    fragments: 0,
+                    s3: S3Counts::new(),
                 });
                 let last = self.measured.len() - 1;
                 &mut self.measured[last]
@@ -213,6 +237,12 @@ impl FarmReport {
         m.cpu.add(cpu);
         m.bytes += run.bytes;
         m.jobs += run.jobs;
+        if let Case::Fragments(f) = case {
+            m.fragments += run.bytes.div_ceil(f as u64);
+        }
+        for (k, v) in s3 {
+            *m.s3.entry(k.clone()).or_default() += v;
+        }
     }
 
     /// Adds one point of the sweep.
@@ -223,6 +253,7 @@ impl FarmReport {
         run: &Run,
         cpu: &CpuSnapshot,
         seen: PgSeen,
+        s3: &S3Counts,
     ) {
         let secs = run.elapsed.as_secs_f64().max(1e-9);
         let jobs = run.jobs.max(1) as f64;
@@ -240,6 +271,7 @@ impl FarmReport {
             pg_lock_waits: seen.lock_waits,
             pg_ungranted: seen.ungranted,
             pg_top_waits: seen.top_waits(4),
+            s3_per_job: per_unit(s3, run.jobs),
             cpu_ms_per_job: [
                 own_cpu(target, cpu) * 1000.0 / jobs,
                 cpu.postgres * 1000.0 / jobs,
@@ -375,9 +407,10 @@ impl FarmReport {
         );
         let _ = writeln!(
             o,
-            "| case | target | its own process(es) | benchmark process | Garage | PostgreSQL | nginx |"
+            "| case | target | its own process(es) | benchmark process | Garage | PostgreSQL | nginx | \
+             S3 requests per fragment (per job) |"
         );
-        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---|");
         for m in &self.measured {
             let Some((t, _)) = m.kind else { continue };
             let own = if t == Target::Bare {
@@ -387,13 +420,14 @@ impl FarmReport {
             };
             let _ = writeln!(
                 o,
-                "| {} | {} | {own} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                "| {} | {} | {own} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
                 m.case,
                 m.target,
                 m.per_unit(m.cpu.bench),
                 m.per_unit(m.cpu.garage),
                 m.per_unit(m.cpu.postgres),
-                m.per_unit(m.cpu.nginx)
+                m.per_unit(m.cpu.nginx),
+                m.s3_per_unit()
             );
         }
         let _ = writeln!(o, "\n## Checks\n");
@@ -414,14 +448,14 @@ impl FarmReport {
             o,
             "| target | clients | jobs/s | job p50 | job p99 | PG write txns/job | PG txns/s | \
              WAL/job | samples (active) | Lock waits | ungranted locks | top waits of active \
-             backends | CPU ms/job own / PG / Garage |"
+             backends | CPU ms/job own / PG / Garage | S3 requests per job |"
         );
-        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|");
         for s in &self.sweep {
             let _ = writeln!(
                 o,
                 "| {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} | {:.0} | {:.0} B | {} ({}) | {} | \
-                 {} | {} | {:.2} / {:.2} / {:.2} |",
+                 {} | {} | {:.2} / {:.2} / {:.2} | {} |",
                 s.target,
                 s.clients,
                 s.jobs_per_sec,
@@ -437,7 +471,8 @@ impl FarmReport {
                 s.pg_top_waits,
                 s.cpu_ms_per_job[0],
                 s.cpu_ms_per_job[1],
-                s.cpu_ms_per_job[2]
+                s.cpu_ms_per_job[2],
+                s.s3_per_job
             );
         }
         o
