@@ -139,9 +139,7 @@ async fn run_one(
             load::bare_fragments(&env.objects()?, tag, a.farm_sessions, each, f, payload).await
         }
         (Case::Jobs, Some(addr)) => load::http_jobs(addr, tag, clients, a.farm_job_secs).await,
-        (Case::Jobs, None) => {
-            load::bare_jobs(&env.objects()?, tag, clients, a.farm_job_secs).await
-        }
+        (Case::Jobs, None) => load::bare_jobs(&env.objects()?, tag, clients, a.farm_job_secs).await,
     };
     run.map_err(|e| format!("{} → {}: {e}", case.label(a), target.name()).into())
 }
@@ -161,8 +159,16 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
     ];
     // Warm-up: connections, the first objects, PostgreSQL's caches.
     for target in Target::ALL {
-        run_one(&env, target, Case::Fragments(MIB as usize), &warm(a), 1, "warm-f", &payload)
-            .await?;
+        run_one(
+            &env,
+            target,
+            Case::Fragments(MIB as usize),
+            &warm(a),
+            1,
+            "warm-f",
+            &payload,
+        )
+        .await?;
         let w = FarmArgs {
             farm_job_secs: 0.5,
             ..a.clone()
@@ -181,8 +187,8 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
                 );
                 let tag = format!("r{round}-{}", report.measured.len());
                 let (before, s3) = (env.cpu(), env.s3_requests().await);
-                let run = run_one(&env, target, case, a, a.farm_job_clients, &tag, &payload)
-                    .await?;
+                let run =
+                    run_one(&env, target, case, a, a.farm_job_clients, &tag, &payload).await?;
                 let cpu = env.cpu().since(&before);
                 let s3 = s3_since(&env.s3_requests().await, &s3);
                 report.add(target, case, run, &cpu, &s3);
@@ -199,7 +205,15 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             let tag = format!("sweep-{}-{clients}", report.sweep.len());
             let (before, s3) = (env.cpu(), env.s3_requests().await);
             let (run, seen) = watch
-                .watch(run_one(&env, target, Case::Jobs, a, clients, &tag, &payload))
+                .watch(run_one(
+                    &env,
+                    target,
+                    Case::Jobs,
+                    a,
+                    clients,
+                    &tag,
+                    &payload,
+                ))
                 .await?;
             let cpu = env.cpu().since(&before);
             let s3 = s3_since(&env.s3_requests().await, &s3);

@@ -322,10 +322,15 @@ fn garage_admin_addr(pid: u32) -> Option<std::net::SocketAddr> {
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let file = args.iter().position(|a| a == "-c").and_then(|i| args.get(i + 1))?;
+    let file = args
+        .iter()
+        .position(|a| a == "-c")
+        .and_then(|i| args.get(i + 1))?;
     let config = std::fs::read_to_string(file).ok()?;
     let admin = config.split("[admin]").nth(1)?;
-    let line = admin.lines().find(|l| l.trim_start().starts_with("api_bind_addr"))?;
+    let line = admin
+        .lines()
+        .find(|l| l.trim_start().starts_with("api_bind_addr"))?;
     line.split('"').nth(1)?.parse().ok()
 }
 
@@ -337,7 +342,10 @@ fn garage_metrics(addr: std::net::SocketAddr) -> S3Counts {
         return out;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     for line in text.lines() {

@@ -85,7 +85,8 @@ pub async fn http_fragments(
             while at < each {
                 let len = (fragment as u64).min(each - at) as usize;
                 let t = Instant::now();
-                conn.fragment(&path, &sid, at, &payload[..len], each).await?;
+                conn.fragment(&path, &sid, at, &payload[..len], each)
+                    .await?;
                 at += len as u64;
                 if at < each {
                     lat.push(t.elapsed());

@@ -83,7 +83,10 @@ impl PgWatch {
     }
 
     /// Runs `work` while sampling every 20 ms; returns its output and what was seen.
-    pub async fn watch<T>(&self, work: impl std::future::Future<Output = T>) -> Result<(T, PgSeen)> {
+    pub async fn watch<T>(
+        &self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<(T, PgSeen)> {
         let before = self.counters().await?;
         let seen = Arc::new(Mutex::new(PgSeen::default()));
         let stop = tokio_util::sync::CancellationToken::new();

@@ -63,7 +63,11 @@ impl Measured {
 
     /// S3 requests per job (job cases) or per fragment.
     fn s3_per_unit(&self) -> String {
-        let units = if self.jobs > 0 { self.jobs } else { self.fragments };
+        let units = if self.jobs > 0 {
+            self.jobs
+        } else {
+            self.fragments
+        };
         per_unit(&self.s3, units)
     }
 
@@ -288,8 +292,7 @@ impl FarmReport {
 
     /// Computes the targets' checks and the end-of-run load.
     pub fn finish(&mut self) {
-        self.context
-            .push(("load average at end".into(), loadavg()));
+        self.context.push(("load average at end".into(), loadavg()));
         let mut checks = Vec::new();
         for f in [MIB as usize, 64 * 1024] {
             let case = Case::Fragments(f);
@@ -380,7 +383,11 @@ impl FarmReport {
                 figures.push(("whole job p99", |r| r.job_p99_ms, " ms"));
                 figures.push(("Create-Session p50", |r| r.packet_p50_ms[0], " ms"));
                 figures.push(("GET reply p50", |r| r.packet_p50_ms[1], " ms"));
-                figures.push(("Close-Session (bare: DELETE) p50", |r| r.packet_p50_ms[2], " ms"));
+                figures.push((
+                    "Close-Session (bare: DELETE) p50",
+                    |r| r.packet_p50_ms[2],
+                    " ms",
+                ));
             }
             for (name, pick, unit) in figures {
                 let cells: Vec<String> = Target::ALL
@@ -450,7 +457,10 @@ impl FarmReport {
              WAL/job | samples (active) | Lock waits | ungranted locks | top waits of active \
              backends | CPU ms/job own / PG / Garage | S3 requests per job |"
         );
-        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|");
+        let _ = writeln!(
+            o,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"
+        );
         for s in &self.sweep {
             let _ = writeln!(
                 o,
