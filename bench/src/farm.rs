@@ -45,6 +45,9 @@ pub struct FarmArgs {
     /// Seconds of each small-job measurement.
     #[arg(long, default_value_t = 3.0)]
     pub farm_job_secs: f64,
+    /// Reach Garage through an nginx of its own (nodes and bare PUTs alike).
+    #[arg(long)]
+    pub farm_store_proxy: bool,
     /// Client counts of the concurrency sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
@@ -149,7 +152,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
     let dir = crate::farm_env::farm_dir(work);
     std::fs::create_dir_all(&dir)?;
     eprintln!("bench: farm: starting PostgreSQL, Garage, 3 farm nodes, nginx, a local bitsd");
-    let env = FarmEnv::start(bin, &dir).await?;
+    let env = FarmEnv::start(bin, &dir, a.farm_store_proxy).await?;
     let payload = Bytes::from(pattern(MIB as usize, 3));
     let mut report = FarmReport::new(a, &env);
     let cases = [

@@ -46,11 +46,15 @@ pub struct FarmEnv {
     pub nginx_pid: u32,
     /// Garage's admin listener (its `/metrics` count the S3 requests by endpoint).
     pub garage_admin: Option<std::net::SocketAddr>,
+    /// The nginx in front of Garage (`--farm-store-proxy`).
+    pub store_proxy: Option<Nginx>,
 }
 
 impl FarmEnv {
     /// Starts every server; `Err` says what is missing (PostgreSQL, Garage or nginx).
-    pub async fn start(bin: &Path, work: &Path) -> Result<FarmEnv> {
+    /// With `store_proxy`, the nodes and the bare PUTs reach Garage through an nginx of its
+    /// own (a fresh upstream connection per request, `tcp_nodelay` towards the client).
+    pub async fn start(bin: &Path, work: &Path, store_proxy: bool) -> Result<FarmEnv> {
         let pg = tokio::task::spawn_blocking(|| {
             PgCluster::start(ClusterOptions { durable: true }).map(Arc::new)
         })
@@ -62,9 +66,20 @@ impl FarmEnv {
         let garage = tokio::task::spawn_blocking(Garage::start)
             .await?
             .ok_or("Garage is not installed (cargo install garage --version 2.5.0 --locked)")?;
-        let store = garage.object_store_config("bench");
+        let mut store = garage.object_store_config("bench");
+        let store_proxy = if store_proxy {
+            let s3 = garage.s3_addr();
+            let proxy = tokio::task::spawn_blocking(move || Nginx::start(&[s3]))
+                .await?
+                .ok_or("nginx is not installed (apt-get install nginx)")?;
+            store.endpoint = Some(proxy.url());
+            Some(proxy)
+        } else {
+            None
+        };
+        let endpoint = store.endpoint.clone().unwrap_or_else(|| garage.endpoint());
         let config = work.join("farm.toml");
-        std::fs::write(&config, node_config(&postgres_url, &garage))?;
+        std::fs::write(&config, node_config(&postgres_url, &garage, &endpoint))?;
         let mut nodes = Vec::new();
         for i in 0..NODES {
             let dir = work.join(format!("node{i}"));
@@ -94,8 +109,10 @@ impl FarmEnv {
         let me = std::process::id();
         let garage_pid = find_process(|p| p.ppid == me && p.comm == "garage")
             .ok_or("cannot find the Garage process in /proc")?;
-        let nginx_pid = find_process(|p| p.ppid == me && p.comm == "nginx")
-            .ok_or("cannot find nginx's master process in /proc")?;
+        let nginx_pid = find_process(|p| {
+            p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, &nginx)
+        })
+        .ok_or("cannot find nginx's master process in /proc")?;
         let garage_admin = garage_admin_addr(garage_pid);
         Ok(FarmEnv {
             pg,
@@ -109,6 +126,7 @@ impl FarmEnv {
             garage_pid,
             nginx_pid,
             garage_admin,
+            store_proxy,
         })
     }
 
@@ -146,13 +164,13 @@ impl FarmEnv {
 }
 
 /// The shared config file of the farm nodes.
-fn node_config(url: &str, garage: &Garage) -> String {
+fn node_config(url: &str, garage: &Garage, endpoint: &str) -> String {
     format!(
         "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n\n\
          [object_store]\nbucket = \"{}\"\nprefix = \"farm\"\nendpoint = \"{}\"\n\
          region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
         garage.bucket(),
-        garage.endpoint(),
+        endpoint,
         garage.access().region,
         garage.access_key(),
         garage.secret_key()
@@ -301,6 +319,19 @@ fn tree_cpu(root: u32) -> f64 {
         .map(|p| p.own + p.children)
         .sum();
     process_cpu(root, true) + kids as f64 / ticks_per_sec()
+}
+
+/// Whether nginx process `p` is the balancer `balancer` (its prefix is in the command line)
+/// rather than the store's proxy.
+fn nginx_of(p: &Stat, balancer: &Nginx) -> bool {
+    let port = balancer.addr().port();
+    let conf = p
+        .cmdline
+        .split_whitespace()
+        .skip_while(|a| *a != "-c")
+        .nth(1)
+        .map(std::fs::read_to_string);
+    matches!(conf, Some(Ok(text)) if text.contains(&format!(":{port};")))
 }
 
 /// S3 requests by endpoint.
