@@ -147,6 +147,38 @@ async fn run_one(
     run.map_err(|e| format!("{} → {}: {e}", case.label(a), target.name()).into())
 }
 
+/// `--farm`: runs the farm scenario alone and prints its own report (markdown, or JSON).
+pub async fn main(
+    a: &FarmArgs,
+    bitsd: Option<&Path>,
+    work_dir: Option<&Path>,
+    json: bool,
+) -> std::process::ExitCode {
+    let run = async {
+        let base = work_dir.map_or_else(std::env::temp_dir, Path::to_owned);
+        let work = tempfile::Builder::new()
+            .prefix("bitsd-bench-")
+            .tempdir_in(&base)?;
+        let bin = crate::child::find_bitsd(bitsd)?;
+        let report = run(a, &bin, work.path()).await?;
+        Ok::<_, crate::client::BoxError>(if json {
+            serde_json::to_string_pretty(&report)?
+        } else {
+            report.markdown()
+        })
+    };
+    match run.await {
+        Ok(out) => {
+            print!("{out}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bitsd-bench: farm: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the farm scenario and returns its report.
 pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
     let dir = crate::farm_env::farm_dir(work);

@@ -264,21 +264,6 @@ fn free_page_reporting() -> Option<String> {
     Some(out)
 }
 
-/// `--farm`: the farm scenario alone, its own report.
-async fn run_farm(args: &Args) -> Result<String> {
-    let base = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let work = tempfile::Builder::new()
-        .prefix("bitsd-bench-")
-        .tempdir_in(&base)?;
-    let bin = child::find_bitsd(args.bitsd.as_deref())?;
-    let report = farm::run(&args.farm, &bin, work.path()).await?;
-    Ok(if args.json {
-        serde_json::to_string_pretty(&report)?
-    } else {
-        report.markdown()
-    })
-}
-
 async fn run(args: Args) -> Result<Report> {
     let plan = Plan::new(&args);
     let wants = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
@@ -382,16 +367,8 @@ async fn run(args: Args) -> Result<Report> {
 async fn main() -> ExitCode {
     let args = Args::parse();
     if args.farm.farm {
-        return match run_farm(&args).await {
-            Ok(out) => {
-                print!("{out}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("bitsd-bench: farm: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        let (bin, work) = (args.bitsd.as_deref(), args.work_dir.as_deref());
+        return farm::main(&args.farm, bin, work, args.json).await;
     }
     let json = args.json;
     match run(args).await {
