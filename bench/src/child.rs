@@ -72,10 +72,22 @@ impl BitsdChild {
     /// `timeout`) for the line `bitsd: BITS upload on http://ADDR/upload/`. Its stderr (logs at
     /// `warn`) goes to `log`.
     pub fn spawn(bin: &Path, data_dir: &Path, log: &Path, timeout: Duration) -> Result<Self> {
+        Self::spawn_with(bin, data_dir, &[], log, timeout)
+    }
+
+    /// Like [`BitsdChild::spawn`], with `extra` arguments appended (e.g. `--config FILE`).
+    pub fn spawn_with(
+        bin: &Path,
+        data_dir: &Path,
+        extra: &[&std::ffi::OsStr],
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<Self> {
         let started = Instant::now();
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--no-admin", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -121,6 +133,11 @@ impl BitsdChild {
                 .into())
             }
         }
+    }
+
+    /// The process id (for its CPU time in `/proc/<pid>/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in bytes.

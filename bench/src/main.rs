@@ -17,6 +17,12 @@
 mod child;
 mod client;
 mod download;
+// The farm scenario (`--farm`), kept apart from the other scenarios.
+mod farm;
+mod farm_env;
+mod farm_load;
+mod farm_pg;
+mod farm_report;
 mod file_baseline;
 mod jobs;
 mod report;
@@ -89,6 +95,9 @@ struct Args {
     /// page-cache memory, which a second run does not [default: 2, with --quick 1].
     #[arg(long)]
     repeat: Option<usize>,
+    /// The farm scenario (`--farm` and its `--farm-*` settings).
+    #[command(flatten)]
+    farm: farm::FarmArgs,
 }
 
 /// The parts of the benchmark.
@@ -357,6 +366,10 @@ async fn run(args: Args) -> Result<Report> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if args.farm.farm {
+        let (bin, work) = (args.bitsd.as_deref(), args.work_dir.as_deref());
+        return farm::main(&args.farm, bin, work, args.json).await;
+    }
     let json = args.json;
     match run(args).await {
         Ok(report) => {

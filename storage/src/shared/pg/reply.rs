@@ -59,8 +59,9 @@ impl PgStateStore {
         );
         self.timed(async {
             let conn = self.conn().await?;
+            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
             let row = conn
-                .query_opt(&sql, &[id.as_uuid(), &s, &e, &made])
+                .query_opt(&stmt, &[id.as_uuid(), &s, &e, &made])
                 .await
                 .map_err(pg_error)?;
             row.as_ref().map(decode).transpose()

@@ -260,11 +260,12 @@ impl PgStateStore {
     pub async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
         self.timed(async {
             let conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached(&format!("SELECT {COLS} FROM bitsd_sessions WHERE id = $1"))
+                .await
+                .map_err(pg_error)?;
             let row = conn
-                .query_opt(
-                    &format!("SELECT {COLS} FROM bitsd_sessions WHERE id = $1"),
-                    &[id.as_uuid()],
-                )
+                .query_opt(&stmt, &[id.as_uuid()])
                 .await
                 .map_err(pg_error)?;
             row.as_ref().map(decode).transpose()
@@ -282,7 +283,10 @@ impl PgStateStore {
     ) -> Result<CasOutcome, StorageError> {
         self.timed(async {
             let conn = self.conn().await?;
-            let rows = conn.query(sql, params).await.map_err(pg_error)?;
+            // Prepared once per pooled connection: one round trip per call instead of two
+            // (a parse-and-describe, then the execution), on every fragment's commit.
+            let stmt = conn.prepare_cached(sql).await.map_err(pg_error)?;
+            let rows = conn.query(&stmt, params).await.map_err(pg_error)?;
             match rows.first() {
                 Some(row) => Ok(CasOutcome::Committed(decode(row)?)),
                 None => Ok(match self.load(id).await? {

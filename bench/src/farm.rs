@@ -1,0 +1,288 @@
+//! The farm scenario (`--farm`): the same workloads sent (a) straight to the object store as
+//! bare PUTs through bitsd's own object-store client, (b) to one farm node (PostgreSQL 15 and
+//! a single-node Garage, both syncing to disk), (c) to three farm nodes behind nginx, and (d)
+//! to a single-node bitsd on the default local backend; in interleaved rounds (a b c d, a b c
+//! d, ...), medians over the rounds. Then a concurrency sweep of small jobs at 1, 8, 64
+//! clients with PostgreSQL watched for lock waits, and CPU seconds of every process.
+//!
+//! ```sh
+//! cargo build --release -p bitsd -p bitsd-bench
+//! target/release/bitsd-bench --farm
+//! target/release/bitsd-bench --farm --farm-rounds 5 --farm-sweep 1,8,64,128 --json
+//! ```
+
+use std::path::Path;
+
+use bytes::Bytes;
+use clap::Args as ClapArgs;
+
+use crate::client::Result;
+use crate::farm_env::{s3_since, CpuSnapshot, FarmEnv};
+use crate::farm_load::{self as load, Run};
+use crate::farm_pg::{PgSeen, PgWatch};
+use crate::farm_report::FarmReport;
+use crate::util::{pattern, MIB};
+
+/// The farm scenario's switches.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct FarmArgs {
+    /// Run the farm scenario (alone): bare object PUTs, one farm node, three behind nginx,
+    /// and a single-node bitsd, with real PostgreSQL, Garage and nginx.
+    #[arg(long)]
+    pub farm: bool,
+    /// Interleaved rounds (medians over them).
+    #[arg(long, default_value_t = 5)]
+    pub farm_rounds: usize,
+    /// Concurrent uploads in the fragment cases.
+    #[arg(long, default_value_t = 1)]
+    pub farm_sessions: usize,
+    /// MiB per upload in the 1 MiB-fragment case (the 64 KiB case sends a quarter of it).
+    #[arg(long, default_value_t = 32)]
+    pub farm_mib: u64,
+    /// Clients of the small-job case in the rounds.
+    #[arg(long, default_value_t = 8)]
+    pub farm_job_clients: usize,
+    /// Seconds of each small-job measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub farm_job_secs: f64,
+    /// Reach Garage through an nginx of its own (nodes and bare PUTs alike).
+    #[arg(long)]
+    pub farm_store_proxy: bool,
+    /// Client counts of the concurrency sweep (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub farm_sweep: Vec<usize>,
+}
+
+/// Where the bytes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Bare PUTs to the bucket.
+    Bare,
+    /// One farm node, directly.
+    Farm1,
+    /// Three farm nodes behind nginx.
+    Farm3,
+    /// Single-node bitsd, local backend.
+    Local,
+}
+
+impl Target {
+    /// Every target, in the order of a round.
+    pub const ALL: [Target; 4] = [Target::Bare, Target::Farm1, Target::Farm3, Target::Local];
+
+    /// Column name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Bare => "bare PUT",
+            Target::Farm1 => "farm, 1 node",
+            Target::Farm3 => "farm, 3 nodes + nginx",
+            Target::Local => "single node (local)",
+        }
+    }
+}
+
+/// One workload of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Case {
+    /// Plain upload in fragments of this many bytes.
+    Fragments(usize),
+    /// 4 KiB echo upload-reply jobs.
+    Jobs,
+}
+
+impl Case {
+    /// Row label.
+    pub fn label(self, a: &FarmArgs) -> String {
+        match self {
+            Case::Fragments(f) => format!(
+                "{} fragments, {} × {} MiB upload",
+                crate::util::size_label(f as u64),
+                a.farm_sessions,
+                upload_bytes(a, self) / MIB
+            ),
+            Case::Jobs => format!("4 KiB echo jobs, {} clients", a.farm_job_clients),
+        }
+    }
+}
+
+fn upload_bytes(a: &FarmArgs, case: Case) -> u64 {
+    match case {
+        Case::Fragments(f) if f as u64 >= MIB => a.farm_mib.max(1) * MIB,
+        Case::Fragments(_) => (a.farm_mib.max(4) * MIB) / 4,
+        Case::Jobs => 0,
+    }
+}
+
+async fn run_one(
+    env: &FarmEnv,
+    target: Target,
+    case: Case,
+    a: &FarmArgs,
+    clients: usize,
+    tag: &str,
+    payload: &Bytes,
+) -> Result<Run> {
+    // Every run uploads to names of its own: a published name is not taken twice.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = &format!("{tag}-{n}");
+    let addr = match target {
+        Target::Bare => None,
+        Target::Farm1 => Some(env.nodes[0].addr),
+        Target::Farm3 => Some(env.nginx.addr()),
+        Target::Local => Some(env.local.addr),
+    };
+    let run = match (case, addr) {
+        (Case::Fragments(f), Some(addr)) => {
+            let each = upload_bytes(a, case);
+            load::http_fragments(addr, tag, a.farm_sessions, each, f, payload).await
+        }
+        (Case::Fragments(f), None) => {
+            let each = upload_bytes(a, case);
+            load::bare_fragments(&env.objects()?, tag, a.farm_sessions, each, f, payload).await
+        }
+        (Case::Jobs, Some(addr)) => load::http_jobs(addr, tag, clients, a.farm_job_secs).await,
+        (Case::Jobs, None) => load::bare_jobs(&env.objects()?, tag, clients, a.farm_job_secs).await,
+    };
+    run.map_err(|e| format!("{} → {}: {e}", case.label(a), target.name()).into())
+}
+
+/// `--farm`: runs the farm scenario alone and prints its own report (markdown, or JSON).
+pub async fn main(
+    a: &FarmArgs,
+    bitsd: Option<&Path>,
+    work_dir: Option<&Path>,
+    json: bool,
+) -> std::process::ExitCode {
+    let run = async {
+        let base = work_dir.map_or_else(std::env::temp_dir, Path::to_owned);
+        let work = tempfile::Builder::new()
+            .prefix("bitsd-bench-")
+            .tempdir_in(&base)?;
+        let bin = crate::child::find_bitsd(bitsd)?;
+        let report = run(a, &bin, work.path()).await?;
+        Ok::<_, crate::client::BoxError>(if json {
+            serde_json::to_string_pretty(&report)?
+        } else {
+            report.markdown()
+        })
+    };
+    match run.await {
+        Ok(out) => {
+            print!("{out}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bitsd-bench: farm: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the farm scenario and returns its report.
+pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
+    let dir = crate::farm_env::farm_dir(work);
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("bench: farm: starting PostgreSQL, Garage, 3 farm nodes, nginx, a local bitsd");
+    let env = FarmEnv::start(bin, &dir, a.farm_store_proxy).await?;
+    let payload = Bytes::from(pattern(MIB as usize, 3));
+    let mut report = FarmReport::new(a, &env);
+    let cases = [
+        Case::Fragments(MIB as usize),
+        Case::Fragments(64 * 1024),
+        Case::Jobs,
+    ];
+    // Warm-up: connections, the first objects, PostgreSQL's caches.
+    for target in Target::ALL {
+        run_one(
+            &env,
+            target,
+            Case::Fragments(MIB as usize),
+            &warm(a),
+            1,
+            "warm-f",
+            &payload,
+        )
+        .await?;
+        let w = FarmArgs {
+            farm_job_secs: 0.5,
+            ..a.clone()
+        };
+        run_one(&env, target, Case::Jobs, &w, 2, "warm-j", &payload).await?;
+    }
+    for round in 0..a.farm_rounds.max(1) {
+        for case in cases {
+            for target in Target::ALL {
+                eprintln!(
+                    "bench: farm round {}/{}: {} → {}",
+                    round + 1,
+                    a.farm_rounds,
+                    case.label(a),
+                    target.name()
+                );
+                let tag = format!("r{round}-{}", report.measured.len());
+                let (before, s3) = (env.cpu(), env.s3_requests().await);
+                let run =
+                    run_one(&env, target, case, a, a.farm_job_clients, &tag, &payload).await?;
+                let cpu = env.cpu().since(&before);
+                let s3 = s3_since(&env.s3_requests().await, &s3);
+                report.add(target, case, run, &cpu, &s3);
+            }
+        }
+    }
+    let watch = PgWatch::connect(&env.postgres_url).await?;
+    for target in [Target::Farm1, Target::Farm3, Target::Local] {
+        for &clients in &a.farm_sweep {
+            eprintln!(
+                "bench: farm sweep: {clients} clients of 4 KiB jobs → {}",
+                target.name()
+            );
+            let tag = format!("sweep-{}-{clients}", report.sweep.len());
+            let (before, s3) = (env.cpu(), env.s3_requests().await);
+            let (run, seen) = watch
+                .watch(run_one(
+                    &env,
+                    target,
+                    Case::Jobs,
+                    a,
+                    clients,
+                    &tag,
+                    &payload,
+                ))
+                .await?;
+            let cpu = env.cpu().since(&before);
+            let s3 = s3_since(&env.s3_requests().await, &s3);
+            let seen = if target == Target::Local {
+                PgSeen::default()
+            } else {
+                seen
+            };
+            report.add_sweep(target, clients, &run?, &cpu, seen, &s3);
+        }
+    }
+    report.finish();
+    drop(env);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// Settings of the warm-up upload (1 MiB in 1 MiB fragments... at least 2 fragments).
+fn warm(a: &FarmArgs) -> FarmArgs {
+    FarmArgs {
+        farm_mib: 2,
+        farm_sessions: 1,
+        ..a.clone()
+    }
+}
+
+/// The CPU of one target's own processes in `cpu`: for the bare PUTs the benchmark process
+/// (the object-store client), for the farm its node processes, for the single node its
+/// process.
+pub fn own_cpu(target: Target, cpu: &CpuSnapshot) -> f64 {
+    match target {
+        Target::Bare => cpu.bench,
+        Target::Farm1 => cpu.nodes.first().copied().unwrap_or(0.0),
+        Target::Farm3 => cpu.nodes_total(),
+        Target::Local => cpu.local,
+    }
+}

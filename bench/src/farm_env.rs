@@ -1,0 +1,403 @@
+//! The farm scenario's servers and their CPU clocks: a durable PostgreSQL 15 cluster, a
+//! single-node Garage, three `bitsd` farm nodes (child processes on one shared config file),
+//! nginx round robin over them, and a single-node `bitsd` on the default local backend. The
+//! servers come from the `bitsd-tests` harness (the same ones the farm tests run).
+//!
+//! CPU time is read from `/proc/<pid>/stat` (user + system, plus reaped children's for
+//! process trees such as PostgreSQL's postmaster and its backends).
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
+use bitsd_tests::garage::Garage;
+use bitsd_tests::nginx::Nginx;
+use bitsd_tests::pg::{ClusterOptions, PgCluster};
+
+use crate::child::BitsdChild;
+use crate::client::Result;
+
+/// Farm nodes started (the one-node target uses the first of them, directly).
+pub const NODES: usize = 3;
+
+/// Everything the farm scenario runs against.
+pub struct FarmEnv {
+    /// PostgreSQL (fsync, synchronous_commit and full_page_writes on).
+    pub pg: Arc<PgCluster>,
+    /// The database the nodes share.
+    pub postgres_url: String,
+    /// Single-node Garage (data_fsync and metadata_fsync on).
+    pub garage: Garage,
+    /// The object-store settings of the nodes, for the bare PUT baseline.
+    pub store: ObjectStoreConfig,
+    /// The farm nodes.
+    pub nodes: Vec<BitsdChild>,
+    /// nginx over all nodes.
+    pub nginx: Nginx,
+    /// The single-node bitsd (local backend, default per-fragment fsync).
+    pub local: BitsdChild,
+    /// PostgreSQL's postmaster.
+    pub pg_pid: u32,
+    /// The Garage server.
+    pub garage_pid: u32,
+    /// nginx's master process.
+    pub nginx_pid: u32,
+    /// Garage's admin listener (its `/metrics` count the S3 requests by endpoint).
+    pub garage_admin: Option<std::net::SocketAddr>,
+    /// The nginx in front of Garage (`--farm-store-proxy`).
+    pub store_proxy: Option<Nginx>,
+}
+
+impl FarmEnv {
+    /// Starts every server; `Err` says what is missing (PostgreSQL, Garage or nginx).
+    /// With `store_proxy`, the nodes and the bare PUTs reach Garage through an nginx of its
+    /// own (a fresh upstream connection per request, `tcp_nodelay` towards the client).
+    pub async fn start(bin: &Path, work: &Path, store_proxy: bool) -> Result<FarmEnv> {
+        let pg = tokio::task::spawn_blocking(|| {
+            PgCluster::start(ClusterOptions { durable: true }).map(Arc::new)
+        })
+        .await??;
+        let postgres_url = {
+            let pg = Arc::clone(&pg);
+            tokio::task::spawn_blocking(move || pg.fresh_database()).await?
+        };
+        let garage = tokio::task::spawn_blocking(Garage::start)
+            .await?
+            .ok_or("Garage is not installed (cargo install garage --version 2.5.0 --locked)")?;
+        let mut store = garage.object_store_config("bench");
+        let store_proxy = if store_proxy {
+            let s3 = garage.s3_addr();
+            let proxy = tokio::task::spawn_blocking(move || Nginx::start(&[s3]))
+                .await?
+                .ok_or("nginx is not installed (apt-get install nginx)")?;
+            store.endpoint = Some(proxy.url());
+            Some(proxy)
+        } else {
+            None
+        };
+        let endpoint = store.endpoint.clone().unwrap_or_else(|| garage.endpoint());
+        let config = work.join("farm.toml");
+        std::fs::write(&config, node_config(&postgres_url, &garage, &endpoint))?;
+        let mut nodes = Vec::new();
+        for i in 0..NODES {
+            let dir = work.join(format!("node{i}"));
+            let args: [&OsStr; 2] = ["--config".as_ref(), config.as_os_str()];
+            nodes.push(BitsdChild::spawn_with(
+                bin,
+                &dir,
+                &args,
+                &work.join(format!("node{i}.log")),
+                Duration::from_secs(60),
+            )?);
+        }
+        let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
+        let nginx = tokio::task::spawn_blocking(move || Nginx::start(&addrs))
+            .await?
+            .ok_or("nginx is not installed (apt-get install nginx)")?;
+        let local = BitsdChild::spawn(
+            bin,
+            &work.join("local"),
+            &work.join("local.log"),
+            Duration::from_secs(60),
+        )?;
+        let pg_pid = find_process(|p| {
+            p.comm == "postgres" && p.cmdline.contains(&format!("-p {}", pg.port()))
+        })
+        .ok_or("cannot find the postmaster in /proc")?;
+        let me = std::process::id();
+        let garage_pid = find_process(|p| p.ppid == me && p.comm == "garage")
+            .ok_or("cannot find the Garage process in /proc")?;
+        let nginx_pid = find_process(|p| {
+            p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, &nginx)
+        })
+        .ok_or("cannot find nginx's master process in /proc")?;
+        let garage_admin = garage_admin_addr(garage_pid);
+        Ok(FarmEnv {
+            pg,
+            postgres_url,
+            garage,
+            store,
+            nodes,
+            nginx,
+            local,
+            pg_pid,
+            garage_pid,
+            nginx_pid,
+            garage_admin,
+            store_proxy,
+        })
+    }
+
+    /// Garage's S3 request counters by endpoint (`PutObject`, `GetObject`, ...); empty when
+    /// its metrics cannot be read.
+    pub async fn s3_requests(&self) -> S3Counts {
+        let Some(addr) = self.garage_admin else {
+            return S3Counts::default();
+        };
+        tokio::task::spawn_blocking(move || garage_metrics(addr))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// A client of the bucket built exactly as a node builds its own.
+    pub fn objects(&self) -> Result<Objects> {
+        Ok(Objects::new(&self.store)?)
+    }
+
+    /// CPU seconds so far of every process the scenario accounts for.
+    pub fn cpu(&self) -> CpuSnapshot {
+        CpuSnapshot {
+            bench: process_cpu(std::process::id(), false),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| process_cpu(n.pid(), false))
+                .collect(),
+            local: process_cpu(self.local.pid(), false),
+            garage: tree_cpu(self.garage_pid),
+            postgres: tree_cpu(self.pg_pid),
+            nginx: tree_cpu(self.nginx_pid),
+        }
+    }
+}
+
+/// The shared config file of the farm nodes.
+fn node_config(url: &str, garage: &Garage, endpoint: &str) -> String {
+    format!(
+        "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n\n\
+         [object_store]\nbucket = \"{}\"\nprefix = \"farm\"\nendpoint = \"{}\"\n\
+         region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        garage.bucket(),
+        endpoint,
+        garage.access().region,
+        garage.access_key(),
+        garage.secret_key()
+    )
+}
+
+/// CPU seconds of each accounted process at one moment.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CpuSnapshot {
+    /// This benchmark process (the load generator, and the object-store client of the bare
+    /// PUTs).
+    pub bench: f64,
+    /// Each farm node.
+    pub nodes: Vec<f64>,
+    /// The single-node bitsd.
+    pub local: f64,
+    /// Garage.
+    pub garage: f64,
+    /// PostgreSQL (postmaster, its backends and helpers, and the reaped ones).
+    pub postgres: f64,
+    /// nginx (master and worker).
+    pub nginx: f64,
+}
+
+impl CpuSnapshot {
+    /// `self - earlier`, field by field.
+    pub fn since(&self, earlier: &CpuSnapshot) -> CpuSnapshot {
+        CpuSnapshot {
+            bench: self.bench - earlier.bench,
+            nodes: self
+                .nodes
+                .iter()
+                .zip(earlier.nodes.iter().chain(std::iter::repeat(&0.0)))
+                .map(|(a, b)| a - b)
+                .collect(),
+            local: self.local - earlier.local,
+            garage: self.garage - earlier.garage,
+            postgres: self.postgres - earlier.postgres,
+            nginx: self.nginx - earlier.nginx,
+        }
+    }
+
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &CpuSnapshot) {
+        self.bench += other.bench;
+        if self.nodes.len() < other.nodes.len() {
+            self.nodes.resize(other.nodes.len(), 0.0);
+        }
+        for (a, b) in self.nodes.iter_mut().zip(&other.nodes) {
+            *a += b;
+        }
+        self.local += other.local;
+        self.garage += other.garage;
+        self.postgres += other.postgres;
+        self.nginx += other.nginx;
+    }
+
+    /// All farm nodes together.
+    pub fn nodes_total(&self) -> f64 {
+        self.nodes.iter().sum()
+    }
+}
+
+/// One line of `/proc/<pid>/stat`, the fields this module uses.
+struct Stat {
+    pid: u32,
+    comm: String,
+    ppid: u32,
+    cmdline: String,
+    /// utime + stime, in clock ticks.
+    own: u64,
+    /// cutime + cstime (reaped children), in clock ticks.
+    children: u64,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses; it ends at the last ')'.
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_owned();
+    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    // rest[0] is field 3 (state); field n is rest[n - 3].
+    let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .replace('\0', " ")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    Some(Stat {
+        pid,
+        comm,
+        ppid: field(4)? as u32,
+        cmdline,
+        own: field(14)? + field(15)?,
+        children: field(16)? + field(17)?,
+    })
+}
+
+fn all_processes() -> Vec<Stat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(read_stat)
+        .collect()
+}
+
+fn find_process(pred: impl Fn(&Stat) -> bool) -> Option<u32> {
+    all_processes().into_iter().find(|p| pred(p)).map(|p| p.pid)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on every Linux this runs on).
+fn ticks_per_sec() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds of one process (with its reaped children's when `with_children`).
+fn process_cpu(pid: u32, with_children: bool) -> f64 {
+    read_stat(pid).map_or(0.0, |s| {
+        let ticks = s.own + if with_children { s.children } else { 0 };
+        ticks as f64 / ticks_per_sec()
+    })
+}
+
+/// CPU seconds of a process, its reaped children, and its live children (PostgreSQL's
+/// backends, nginx's worker).
+fn tree_cpu(root: u32) -> f64 {
+    let kids: u64 = all_processes()
+        .iter()
+        .filter(|p| p.ppid == root)
+        .map(|p| p.own + p.children)
+        .sum();
+    process_cpu(root, true) + kids as f64 / ticks_per_sec()
+}
+
+/// Whether nginx process `p` is the balancer `balancer` (its prefix is in the command line)
+/// rather than the store's proxy.
+fn nginx_of(p: &Stat, balancer: &Nginx) -> bool {
+    let port = balancer.addr().port();
+    let conf = p
+        .cmdline
+        .split_whitespace()
+        .skip_while(|a| *a != "-c")
+        .nth(1)
+        .map(std::fs::read_to_string);
+    matches!(conf, Some(Ok(text)) if text.contains(&format!(":{port};")))
+}
+
+/// S3 requests by endpoint.
+pub type S3Counts = std::collections::BTreeMap<String, u64>;
+
+/// `later - earlier`, endpoint by endpoint (zeros left out).
+pub fn s3_since(later: &S3Counts, earlier: &S3Counts) -> S3Counts {
+    later
+        .iter()
+        .map(|(k, v)| (k.clone(), v - earlier.get(k).copied().unwrap_or(0).min(*v)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Garage's admin address from its config file (`garage -c FILE server`).
+fn garage_admin_addr(pid: u32) -> Option<std::net::SocketAddr> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmd
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let file = args
+        .iter()
+        .position(|a| a == "-c")
+        .and_then(|i| args.get(i + 1))?;
+    let config = std::fs::read_to_string(file).ok()?;
+    let admin = config.split("[admin]").nth(1)?;
+    let line = admin
+        .lines()
+        .find(|l| l.trim_start().starts_with("api_bind_addr"))?;
+    line.split('"').nth(1)?.parse().ok()
+}
+
+/// `GET /metrics` of Garage's admin API; the `api_s3_request_counter` lines.
+fn garage_metrics(addr: std::net::SocketAddr) -> S3Counts {
+    use std::io::{Read, Write};
+    let mut out = S3Counts::new();
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return out;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("api_s3_request_counter{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let endpoint = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("api_endpoint=\""))
+            .map(|e| e.trim_end_matches('"').to_owned());
+        if let (Some(e), Ok(v)) = (endpoint, value.trim().parse::<f64>()) {
+            *out.entry(e).or_default() += v as u64;
+        }
+    }
+    out
+}
+
+/// Where the run's temporary files go: `work/farm`.
+pub fn farm_dir(work: &Path) -> PathBuf {
+    work.join("farm")
+}

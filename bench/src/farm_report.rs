@@ -1,0 +1,495 @@
+//! The farm scenario's results: medians over the rounds, the per-fragment overhead over a bare
+//! PUT, CPU per GiB of every process, the concurrency sweep with what PostgreSQL waited on;
+//! printed as markdown or JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::farm::{own_cpu, Case, FarmArgs, Target};
+use crate::farm_env::{CpuSnapshot, FarmEnv, S3Counts};
+use crate::farm_load::Run;
+use crate::farm_pg::PgSeen;
+use crate::util::MIB;
+
+const GIB: f64 = (1024 * MIB) as f64;
+
+/// One round's figures of one target and case.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundFigures {
+    /// MiB/s (fragment cases) or jobs/s.
+    pub rate: f64,
+    /// Fragment Ack (or PUT) latency p50, ms.
+    pub p50_ms: f64,
+    /// p99, ms.
+    pub p99_ms: f64,
+    /// Whole-job latency p50, ms (job cases).
+    pub job_p50_ms: f64,
+    /// Whole-job latency p99, ms (job cases).
+    pub job_p99_ms: f64,
+    /// Job cases: p50 of Create-Session, GET of the reply, Close-Session, ms.
+    pub packet_p50_ms: [f64; 3],
+}
+
+/// Everything measured of one target and case over the rounds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measured {
+    /// Where the bytes went.
+    pub target: &'static str,
+    /// The workload.
+    pub case: String,
+    #[serde(skip)]
+    kind: Option<(Target, Case)>,
+    /// Each round.
+    pub rounds: Vec<RoundFigures>,
+    /// CPU seconds summed over the rounds.
+    pub cpu: CpuSnapshot,
+    /// Bytes uploaded over the rounds.
+    pub bytes: u64,
+    /// Jobs over the rounds.
+    pub jobs: u64,
+    /// Fragments (or bare PUTs) over the rounds.
+    pub fragments: u64,
+    /// S3 requests Garage counted over the rounds, by endpoint.
+    pub s3: S3Counts,
+}
+
+impl Measured {
+    fn median(&self, f: impl Fn(&RoundFigures) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+
+    /// S3 requests per job (job cases) or per fragment.
+    fn s3_per_unit(&self) -> String {
+        let units = if self.jobs > 0 {
+            self.jobs
+        } else {
+            self.fragments
+        };
+        per_unit(&self.s3, units)
+    }
+
+    /// CPU seconds per GiB (fragment cases) or ms per job (job cases) of `secs`.
+    fn per_unit(&self, secs: f64) -> f64 {
+        if self.jobs > 0 {
+            secs * 1000.0 / self.jobs as f64
+        } else {
+            secs * GIB / self.bytes.max(1) as f64
+        }
+    }
+}
+
+/// One point of the concurrency sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepRow {
+    /// Where the jobs went.
+    pub target: &'static str,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Jobs per second.
+    pub jobs_per_sec: f64,
+    /// Job latency p50, ms.
+    pub job_p50_ms: f64,
+    /// Job latency p99, ms.
+    pub job_p99_ms: f64,
+    /// PostgreSQL write transactions per job.
+    pub txns_per_job: f64,
+    /// PostgreSQL write transactions per second.
+    pub txns_per_sec: f64,
+    /// WAL bytes per job.
+    pub wal_per_job: f64,
+    /// What the sampler saw.
+    pub pg_samples: u64,
+    /// Active backend-samples.
+    pub pg_active: u64,
+    /// Backend-samples waiting on a heavyweight lock.
+    pub pg_lock_waits: u64,
+    /// Ungranted `pg_locks` rows over all samples.
+    pub pg_ungranted: u64,
+    /// The most frequent wait events of active backends.
+    pub pg_top_waits: String,
+    /// S3 requests per job, by endpoint.
+    pub s3_per_job: String,
+    /// CPU ms per job: the target's own processes, PostgreSQL, Garage.
+    pub cpu_ms_per_job: [f64; 3],
+}
+
+/// The farm scenario's report.
+#[derive(Clone, Debug, Serialize)]
+pub struct FarmReport {
+    /// Machine, load, plan, servers.
+    pub context: Vec<(String, String)>,
+    /// Targets × cases over the rounds.
+    pub measured: Vec<Measured>,
+    /// The concurrency sweep.
+    pub sweep: Vec<SweepRow>,
+    /// Targets with PASS/MISS: (what, figure, pass).
+    pub checks: Vec<(String, String, bool)>,
+    #[serde(skip)]
+    rounds: usize,
+}
+
+/// `PutObject 2.00, GetObject 1.00` per unit.
+fn per_unit(counts: &S3Counts, units: u64) -> String {
+    let mut v: Vec<_> = counts.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter()
+        .map(|(k, n)| format!("{k} {:.2}", **n as f64 / units.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn case_label(case: Case) -> String {
+    match case {
+        Case::Fragments(f) => format!("{} fragments", crate::util::size_label(f as u64)),
+        Case::Jobs => "4 KiB echo jobs".into(),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl FarmReport {
+    /// An empty report with the machine and plan.
+    pub fn new(a: &FarmArgs, env: &FarmEnv) -> Self {
+        let mut context = crate::machine();
+        context.push(("load average at start".into(), loadavg()));
+        context.push((
+            "plan".into(),
+            format!(
+                "{} interleaved rounds; fragment cases {} concurrent upload(s) of {} MiB (1 MiB \
+                 fragments) and {} MiB (64 KiB fragments); jobs {} clients × {} s; sweep {:?} \
+                 clients",
+                a.farm_rounds,
+                a.farm_sessions,
+                a.farm_mib.max(1),
+                a.farm_mib.max(4) / 4,
+                a.farm_job_clients,
+                a.farm_job_secs,
+                a.farm_sweep
+            ),
+        ));
+        context.push((
+            "servers".into(),
+            format!(
+                "PostgreSQL 15 on 127.0.0.1:{} (fsync, synchronous_commit, full_page_writes on); \
+                 Garage single node {} (data_fsync, metadata_fsync on); {} bitsd farm nodes and \
+                 one single-node bitsd (local backend, fsync per-fragment) as child processes; \
+                 nginx round robin, a new upstream connection per request{}",
+                env.pg.port(),
+                env.garage.endpoint(),
+                env.nodes.len(),
+                if env.store_proxy.is_some() {
+                    "; the store reached through an nginx of its own (--farm-store-proxy)"
+                } else {
+                    ""
+                }
+            ),
+        ));
+        FarmReport {
+            context,
+            measured: Vec::new(),
+            sweep: Vec::new(),
+            checks: Vec::new(),
+            rounds: a.farm_rounds,
+        }
+    }
+
+    /// Adds one round's run of `target` on `case`.
+    pub fn add(&mut self, target: Target, case: Case, run: Run, cpu: &CpuSnapshot, s3: &S3Counts) {
+        let secs = run.elapsed.as_secs_f64().max(1e-9);
+        let rate = if run.jobs > 0 {
+            run.jobs as f64 / secs
+        } else {
+            run.bytes as f64 / MIB as f64 / secs
+        };
+        let fig = RoundFigures {
+            rate,
+            p50_ms: run.fragment.ms(0.5),
+            p99_ms: run.fragment.ms(0.99),
+            job_p50_ms: run.job.ms(0.5),
+            job_p99_ms: run.job.ms(0.99),
+            packet_p50_ms: [
+                run.packets[0].ms(0.5),
+                run.packets[1].ms(0.5),
+                run.packets[2].ms(0.5),
+            ],
+        };
+        let m = match self
+            .measured
+            .iter_mut()
+            .position(|m| m.kind == Some((target, case)))
+        {
+            Some(i) => &mut self.measured[i],
+            None => {
+                self.measured.push(Measured {
+                    target: target.name(),
+                    case: case_label(case),
+                    kind: Some((target, case)),
+                    rounds: Vec::new(),
+                    cpu: CpuSnapshot::default(),
+                    bytes: 0,
+                    jobs: 0,
+                    fragments: 0,
+                    s3: S3Counts::new(),
+                });
+                let last = self.measured.len() - 1;
+                &mut self.measured[last]
+            }
+        };
+        m.rounds.push(fig);
+        m.cpu.add(cpu);
+        m.bytes += run.bytes;
+        m.jobs += run.jobs;
+        if let Case::Fragments(f) = case {
+            m.fragments += run.bytes.div_ceil(f as u64);
+        }
+        for (k, v) in s3 {
+            *m.s3.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    /// Adds one point of the sweep.
+    pub fn add_sweep(
+        &mut self,
+        target: Target,
+        clients: usize,
+        run: &Run,
+        cpu: &CpuSnapshot,
+        seen: PgSeen,
+        s3: &S3Counts,
+    ) {
+        let secs = run.elapsed.as_secs_f64().max(1e-9);
+        let jobs = run.jobs.max(1) as f64;
+        self.sweep.push(SweepRow {
+            target: target.name(),
+            clients,
+            jobs_per_sec: run.jobs as f64 / secs,
+            job_p50_ms: run.job.ms(0.5),
+            job_p99_ms: run.job.ms(0.99),
+            txns_per_job: seen.commits as f64 / jobs,
+            txns_per_sec: seen.commits as f64 / secs,
+            wal_per_job: seen.wal_bytes as f64 / jobs,
+            pg_samples: seen.samples,
+            pg_active: seen.active,
+            pg_lock_waits: seen.lock_waits,
+            pg_ungranted: seen.ungranted,
+            pg_top_waits: seen.top_waits(4),
+            s3_per_job: per_unit(s3, run.jobs),
+            cpu_ms_per_job: [
+                own_cpu(target, cpu) * 1000.0 / jobs,
+                cpu.postgres * 1000.0 / jobs,
+                cpu.garage * 1000.0 / jobs,
+            ],
+        });
+    }
+
+    fn get(&self, target: Target, case: Case) -> Option<&Measured> {
+        self.measured
+            .iter()
+            .find(|m| m.kind == Some((target, case)))
+    }
+
+    /// Computes the targets' checks and the end-of-run load.
+    pub fn finish(&mut self) {
+        self.context.push(("load average at end".into(), loadavg()));
+        let mut checks = Vec::new();
+        for f in [MIB as usize, 64 * 1024] {
+            let case = Case::Fragments(f);
+            let (Some(bare), Some(farm), Some(local)) = (
+                self.get(Target::Bare, case),
+                self.get(Target::Farm1, case),
+                self.get(Target::Local, case),
+            ) else {
+                continue;
+            };
+            let over = farm.median(|r| r.p50_ms) - bare.median(|r| r.p50_ms);
+            let size = crate::util::size_label(f as u64);
+            let overhead = (
+                format!("per-fragment overhead of one farm node over a bare PUT, p50, {size}"),
+                format!("{over:.2} ms (target < 2 ms)"),
+                over < 2.0,
+            );
+            if let Some(farm3) = self.get(Target::Farm3, case) {
+                let over3 = farm3.median(|r| r.p50_ms) - bare.median(|r| r.p50_ms);
+                checks.push((
+                    format!(
+                        "per-fragment overhead of three farm nodes behind nginx over a bare PUT, \
+                         p50, {size}"
+                    ),
+                    format!("{over3:.2} ms (target < 2 ms)"),
+                    over3 < 2.0,
+                ));
+            }
+            let node = farm.per_unit(own_cpu(Target::Farm1, &farm.cpu));
+            let single = local.per_unit(own_cpu(Target::Local, &local.cpu));
+            let client = bare.per_unit(own_cpu(Target::Bare, &bare.cpu));
+            let limit = 1.5 * single + client;
+            let cpu = (
+                format!("CPU per GiB of a farm node, {size} fragments"),
+                format!(
+                    "{node:.2} s/GiB; limit 1.5 × {single:.2} (single node) + {client:.2} \
+                     (object-store client) = {limit:.2} s/GiB"
+                ),
+                node <= limit,
+            );
+            checks.push(overhead);
+            checks.push(cpu);
+        }
+        self.checks.extend(checks);
+    }
+
+    /// The report as markdown.
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "# bitsd-bench --farm\n");
+        for (k, v) in &self.context {
+            let _ = writeln!(o, "- **{k}**: {v}");
+        }
+        let _ = writeln!(
+            o,
+            "\n## Throughput and latency (median of {} rounds)\n",
+            self.rounds
+        );
+        let heads: Vec<&str> = Target::ALL.iter().map(|t| t.name()).collect();
+        let _ = writeln!(o, "| case | figure | {} |", heads.join(" | "));
+        let _ = writeln!(o, "|---|---|{}", "---:|".repeat(heads.len()));
+        let mut cases: Vec<Case> = Vec::new();
+        for m in &self.measured {
+            if let Some((_, c)) = m.kind {
+                if !cases.contains(&c) {
+                    cases.push(c);
+                }
+            }
+        }
+        type Pick = fn(&RoundFigures) -> f64;
+        for case in &cases {
+            let label = case_label(*case);
+            let mut figures: Vec<(&str, Pick, &str)> = vec![
+                (
+                    if *case == Case::Jobs {
+                        "jobs/s"
+                    } else {
+                        "MiB/s"
+                    },
+                    |r| r.rate,
+                    "",
+                ),
+                ("Fragment Ack p50", |r| r.p50_ms, " ms"),
+                ("Fragment Ack p99", |r| r.p99_ms, " ms"),
+            ];
+            if *case == Case::Jobs {
+                figures.push(("whole job p50", |r| r.job_p50_ms, " ms"));
+                figures.push(("whole job p99", |r| r.job_p99_ms, " ms"));
+                figures.push(("Create-Session p50", |r| r.packet_p50_ms[0], " ms"));
+                figures.push(("GET reply p50", |r| r.packet_p50_ms[1], " ms"));
+                figures.push((
+                    "Close-Session (bare: DELETE) p50",
+                    |r| r.packet_p50_ms[2],
+                    " ms",
+                ));
+            }
+            for (name, pick, unit) in figures {
+                let cells: Vec<String> = Target::ALL
+                    .iter()
+                    .map(|t| {
+                        self.get(*t, *case)
+                            .map_or("—".into(), |m| format!("{:.2}{unit}", m.median(pick)))
+                    })
+                    .collect();
+                let _ = writeln!(o, "| {label} | {name} | {} |", cells.join(" | "));
+            }
+        }
+        let _ = writeln!(
+            o,
+            "\nFor the bare PUT target, \"Fragment Ack\" is one PUT of the same bytes and a job is \
+             PUT + GET + DELETE of 4 KiB. Fragment latencies leave out each upload's last \
+             fragment (its Ack also waits for the upload's completion); throughput includes it \
+             and Close-Session.\n"
+        );
+        let _ = writeln!(
+            o,
+            "## CPU (seconds per GiB uploaded; ms per job for the job case; summed over the \
+             rounds)\n"
+        );
+        let _ = writeln!(
+            o,
+            "| case | target | its own process(es) | benchmark process | Garage | PostgreSQL | nginx | \
+             S3 requests per fragment (per job) |"
+        );
+        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---|");
+        for m in &self.measured {
+            let Some((t, _)) = m.kind else { continue };
+            let own = if t == Target::Bare {
+                "— (client is the benchmark)".to_owned()
+            } else {
+                format!("{:.3}", m.per_unit(own_cpu(t, &m.cpu)))
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {own} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
+                m.case,
+                m.target,
+                m.per_unit(m.cpu.bench),
+                m.per_unit(m.cpu.garage),
+                m.per_unit(m.cpu.postgres),
+                m.per_unit(m.cpu.nginx),
+                m.s3_per_unit()
+            );
+        }
+        let _ = writeln!(o, "\n## Checks\n");
+        let _ = writeln!(o, "| what | measured | result |");
+        let _ = writeln!(o, "|---|---|---|");
+        for (what, fig, pass) in &self.checks {
+            let _ = writeln!(
+                o,
+                "| {what} | {fig} | {} |",
+                if *pass { "PASS" } else { "MISS" }
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\n## Concurrency sweep: 4 KiB echo jobs, PostgreSQL sampled every 20 ms\n"
+        );
+        let _ = writeln!(
+            o,
+            "| target | clients | jobs/s | job p50 | job p99 | PG write txns/job | PG txns/s | \
+             WAL/job | samples (active) | Lock waits | ungranted locks | top waits of active \
+             backends | CPU ms/job own / PG / Garage | S3 requests per job |"
+        );
+        let _ = writeln!(
+            o,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"
+        );
+        for s in &self.sweep {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} | {:.0} | {:.0} B | {} ({}) | {} | \
+                 {} | {} | {:.2} / {:.2} / {:.2} | {} |",
+                s.target,
+                s.clients,
+                s.jobs_per_sec,
+                s.job_p50_ms,
+                s.job_p99_ms,
+                s.txns_per_job,
+                s.txns_per_sec,
+                s.wal_per_job,
+                s.pg_samples,
+                s.pg_active,
+                s.pg_lock_waits,
+                s.pg_ungranted,
+                s.pg_top_waits,
+                s.cpu_ms_per_job[0],
+                s.cpu_ms_per_job[1],
+                s.cpu_ms_per_job[2],
+                s.s3_per_job
+            );
+        }
+        o
+    }
+}
