@@ -72,10 +72,22 @@ impl BitsdChild {
     /// `timeout`) for the line `bitsd: BITS upload on http://ADDR/upload/`. Its stderr (logs at
     /// `warn`) goes to `log`.
     pub fn spawn(bin: &Path, data_dir: &Path, log: &Path, timeout: Duration) -> Result<Self> {
+        Self::spawn_args(bin, data_dir, log, timeout, &[])
+    }
+
+    /// [`BitsdChild::spawn`] with more command-line arguments (e.g. `--fsync never`).
+    pub fn spawn_args(
+        bin: &Path,
+        data_dir: &Path,
+        log: &Path,
+        timeout: Duration,
+        extra: &[&str],
+    ) -> Result<Self> {
         let started = Instant::now();
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--no-admin", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -133,11 +145,34 @@ impl BitsdChild {
         })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds the process has used so far (utime + stime of `/proc/<pid>/stat`, all its
+    /// threads, in clock ticks of 1/100 s: USER_HZ is 100 on every Linux the project targets).
+    pub fn cpu_secs(&self) -> Option<f64> {
+        proc_cpu_secs(self.child.id())
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// utime + stime of process `pid` in seconds, from `/proc/<pid>/stat`.
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 impl Drop for BitsdChild {
