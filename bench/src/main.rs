@@ -2,10 +2,10 @@
 //!
 //! In one run on one machine it starts (a) a minimal hyper sink that discards request bodies
 //! and serves a file, (b) a plain file writer with the same fragment size and fsync policy,
-//! and (c) bitsd in-process on a temporary data directory (plus the real `bitsd` binary as a
-//! child process for the memory and process-startup figures), drives them with the same raw
-//! HTTP/1.1 client, and prints absolute figures, ratios against the baselines measured in the
-//! same run, and the issue's targets with PASS/MISS.
+//! and (c) bitsd: the real binary as a child process per fsync policy for the upload and job
+//! scenarios (its own CPU and RSS), in-process for the others; drives them with the same raw
+//! HTTP/1.1 client in interleaved rounds, and prints medians, spreads, per-round ratios against
+//! the baselines of the same run, and the issue's targets with PASS/MISS.
 //!
 //! ```sh
 //! CARGO_TARGET_DIR=target cargo build --release -p bitsd -p bitsd-bench
