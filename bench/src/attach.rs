@@ -66,3 +66,15 @@ pub async fn maybe(template: Option<&str>, pid: u32, case: &str) -> Option<Attac
         None => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn case_names_become_file_name_slugs() {
+        assert_eq!(
+            super::slug("upload 8 × 64 MiB, 1 MiB fragments per-fragment"),
+            "upload-8-64-mib-1-mib-fragments-per-fragment"
+        );
+        assert_eq!(super::slug("  jobs/../32 "), "jobs-32");
+    }
+}

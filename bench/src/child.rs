@@ -252,3 +252,19 @@ pub async fn run_rss(
     ));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_time_of_a_process_grows_with_its_work() {
+        let pid = std::process::id();
+        let before = super::proc_cpu_secs(pid).expect("own /proc/<pid>/stat");
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = super::proc_cpu_secs(pid).expect("own /proc/<pid>/stat");
+        assert!(after > before, "{before} -> {after}");
+    }
+}
