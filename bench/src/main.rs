@@ -17,6 +17,7 @@
 mod attach;
 mod child;
 mod client;
+mod compare;
 mod download;
 mod file_baseline;
 mod jobs;
@@ -98,6 +99,9 @@ struct Args {
     /// `--attach 'perf stat -e task-clock -p {pid} -o /tmp/{case}.txt'`.
     #[arg(long)]
     attach: Option<String>,
+    /// An earlier `--json` output: print this run's comparisons next to its (markdown only).
+    #[arg(long, value_name = "OLD.json")]
+    compare: Option<PathBuf>,
 }
 
 /// The parts of the benchmark.
@@ -407,6 +411,7 @@ async fn run(args: Args) -> Result<Report> {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let json = args.json;
+    let compare_with = args.compare.clone();
     match run(args).await {
         Ok(report) => {
             if json {
@@ -419,6 +424,12 @@ async fn main() -> ExitCode {
                 }
             } else {
                 print!("{}", report.markdown());
+                if let Some(old) = &compare_with {
+                    match compare::markdown(old, &report.comparisons) {
+                        Ok(table) => print!("{table}"),
+                        Err(e) => eprintln!("bitsd-bench: {e}"),
+                    }
+                }
             }
             if report.skipped.is_empty() {
                 ExitCode::SUCCESS
