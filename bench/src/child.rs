@@ -75,6 +75,18 @@ impl BitsdChild {
         Self::spawn_with(bin, data_dir, &[], log, timeout)
     }
 
+    /// [`BitsdChild::spawn`] with more command-line arguments (e.g. `--fsync never`).
+    pub fn spawn_args(
+        bin: &Path,
+        data_dir: &Path,
+        log: &Path,
+        timeout: Duration,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let extra: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+        Self::spawn_with(bin, data_dir, &extra, log, timeout)
+    }
+
     /// Like [`BitsdChild::spawn`], with `extra` arguments appended (e.g. `--config FILE`).
     pub fn spawn_with(
         bin: &Path,
@@ -150,11 +162,29 @@ impl BitsdChild {
         })
     }
 
+    /// CPU seconds the process has used so far (utime + stime of `/proc/<pid>/stat`, all its
+    /// threads, in clock ticks of 1/100 s: USER_HZ is 100 on every Linux the project targets).
+    pub fn cpu_secs(&self) -> Option<f64> {
+        proc_cpu_secs(self.child.id())
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// utime + stime of process `pid` in seconds, from `/proc/<pid>/stat`.
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 impl Drop for BitsdChild {
@@ -233,4 +263,20 @@ pub async fn run_rss(
         Value::MibPerSec(mib_per_sec(each * sessions as u64, elapsed)),
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_time_of_a_process_grows_with_its_work() {
+        let pid = std::process::id();
+        let before = super::proc_cpu_secs(pid).expect("own /proc/<pid>/stat");
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = super::proc_cpu_secs(pid).expect("own /proc/<pid>/stat");
+        assert!(after > before, "{before} -> {after}");
+    }
 }

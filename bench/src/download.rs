@@ -84,10 +84,10 @@ pub async fn run(plan: &Plan, work: &Path, payload: &Bytes, report: &mut Report)
         fetch(sink.addr(), "/file", size, 1, 1).await?;
         let repeats = plan.download_repeats;
         for &clients in &plan.download_clients {
-            // Best of `plan.upload_repeats` rounds for each side (same bytes every round).
+            // Best of up to 3 of `plan.rounds` rounds for each side (same bytes every round).
             let (mut st, mut bt, mut s64t) = (Duration::MAX, Duration::MAX, Duration::MAX);
             let (mut sb, mut bb, mut s64b) = (0, 0, 0);
-            for _ in 0..plan.upload_repeats {
+            for _ in 0..plan.rounds.min(3) {
                 let (b, t) = fetch(sink.addr(), "/file", size, clients, repeats).await?;
                 (sb, st) = (b, st.min(t));
                 let (b, t) = fetch(server.addr(), &reply, size, clients, repeats).await?;

@@ -2,7 +2,8 @@
 //! fragment is written at its offset (`pwrite`) and `sync_data`'d before the next one (the
 //! same chunk size and fsync policy as bitsd's per-fragment durability; with `--fsync
 //! on-close` once after the last fragment, with `never` not at all); the directory is fsynced
-//! once when the file is created.
+//! once when the file is created. Each writer thread measures its own CPU time
+//! (`getrusage(RUSAGE_THREAD)`), so the file writer's CPU per GiB sits next to bitsd's.
 
 use std::fs;
 use std::io;
@@ -10,8 +11,25 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Writes one upload of `total` bytes in fragments of `fragment` bytes to `path`.
-fn write_one(path: &Path, total: u64, fragment: usize, payload: &[u8]) -> io::Result<()> {
+/// CPU seconds (user + system) the calling thread has used so far.
+fn thread_cpu_secs() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD).map_or(0.0, |u| {
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        secs(u.user_time()) + secs(u.system_time())
+    })
+}
+
+/// Writes one upload of `total` bytes in fragments of `fragment` bytes to `path`; returns the
+/// CPU seconds the writing thread spent on it.
+fn write_one(
+    path: &Path,
+    total: u64,
+    fragment: usize,
+    payload: &[u8],
+    policy: bitsd::FsyncPolicy,
+) -> io::Result<f64> {
+    let cpu = thread_cpu_secs();
     let file = fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -20,7 +38,6 @@ fn write_one(path: &Path, total: u64, fragment: usize, payload: &[u8]) -> io::Re
     if let Some(dir) = path.parent() {
         fs::File::open(dir)?.sync_all()?;
     }
-    let policy = crate::util::fsync();
     let mut at = 0u64;
     while at < total {
         let len = (fragment as u64).min(total - at) as usize;
@@ -33,27 +50,29 @@ fn write_one(path: &Path, total: u64, fragment: usize, payload: &[u8]) -> io::Re
     if policy == bitsd::FsyncPolicy::OnClose {
         file.sync_data()?;
     }
-    Ok(())
+    Ok(thread_cpu_secs() - cpu)
 }
 
-/// `uploads` concurrent uploads (one thread each) of `each` bytes into `dir`; returns the wall
-/// time from the first byte to the last `sync_data`. The files are removed afterwards.
+/// `uploads` concurrent uploads (one thread each) of `each` bytes into `dir`, synced as
+/// `policy` says; returns the wall time from the first byte to the last `sync_data` and the
+/// CPU seconds of the writer threads. The files are removed afterwards.
 pub fn write_uploads(
     dir: &Path,
     uploads: usize,
     each: u64,
     fragment: usize,
     payload: &[u8],
-) -> io::Result<Duration> {
+    policy: bitsd::FsyncPolicy,
+) -> io::Result<(Duration, f64)> {
     fs::create_dir_all(dir)?;
     let paths: Vec<_> = (0..uploads)
         .map(|i| dir.join(format!("upload-{i}.bin")))
         .collect();
     let started = Instant::now();
-    let results: Vec<io::Result<()>> = std::thread::scope(|s| {
+    let results: Vec<io::Result<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = paths
             .iter()
-            .map(|p| s.spawn(move || write_one(p, each, fragment, payload)))
+            .map(|p| s.spawn(move || write_one(p, each, fragment, payload, policy)))
             .collect();
         handles
             .into_iter()
@@ -67,8 +86,9 @@ pub fn write_uploads(
     for p in &paths {
         let _ = fs::remove_file(p);
     }
+    let mut cpu = 0.0;
     for r in results {
-        r?;
+        cpu += r?;
     }
-    Ok(elapsed)
+    Ok((elapsed, cpu))
 }

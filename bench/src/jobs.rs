@@ -9,9 +9,11 @@ use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use crate::client::{url_path, BoxError, Conn, Result};
-use crate::report::{LatencyRow, Report, Row, Samples, Value};
-use crate::util::{pattern, settle, start_bitsd};
-use crate::{sink::Sink, Plan};
+use crate::report::{LatencyRow, Report, Samples};
+use crate::rounds::{fsync_name, Comparison, Cpu, Spread};
+use crate::upload::{finish_servers, start_servers};
+use crate::util::{pattern, settle};
+use crate::{attach, sink::Sink, Plan};
 
 /// Size of each job's upload.
 const JOB_BYTES: usize = 4096;
@@ -29,15 +31,6 @@ struct JobRun {
 impl JobRun {
     fn rate(&self) -> f64 {
         self.jobs as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-
-    /// p99 over every Ack (Create-Session, Fragment, Close-Session).
-    fn ack_p99_ms(&self) -> f64 {
-        let mut all = Samples::default();
-        for i in [0, 1, 3] {
-            all.extend(&self.latency[i]);
-        }
-        all.quantile_ms(0.99)
     }
 }
 
@@ -101,62 +94,120 @@ async fn run_jobs(addr: SocketAddr, clients: usize, secs: f64, tag: &str) -> Res
     Ok(run)
 }
 
-/// Runs the job scenario at every client count.
-pub async fn run(plan: &Plan, work: &Path, report: &mut Report) -> Result<()> {
-    let dir = work.join("jobs-bitsd");
-    let (server, _) = start_bitsd(&dir).await?;
+/// Runs the job scenario at every client count: `plan.rounds` interleaved rounds of the sink
+/// and of every bitsd process (one per fsync policy), each `plan.job_secs` long.
+pub async fn run(plan: &Plan, bin: &Path, work: &Path, report: &mut Report) -> Result<()> {
+    let servers = start_servers(plan, bin, work, "jobs-bitsd")?;
     let sink = Sink::start(None).await?;
     let result = async {
         // Warm both up (connections, first sled writes) before measuring.
         run_jobs(sink.addr(), 4, 0.3, "warm").await?;
-        run_jobs(server.addr(), 4, 0.3, "warm").await?;
+        for s in &servers {
+            run_jobs(s.child.addr, 4, 0.3, "warm").await?;
+        }
         for &clients in &plan.job_clients {
             eprintln!(
-                "bench: upload-reply jobs, {clients} clients, {} s each",
-                plan.job_secs
+                "bench: upload-reply jobs, {clients} clients, {} rounds of {} s",
+                plan.rounds, plan.job_secs
             );
-            let mut s = run_jobs(sink.addr(), clients, plan.job_secs, "sink").await?;
-            settle().await;
-            let mut b = run_jobs(server.addr(), clients, plan.job_secs, "bitsd").await?;
-            let mut row = Row::new(
-                "jobs",
-                format!("upload-reply jobs (4 KiB, echo), {clients} clients"),
-                Value::PerSec(b.rate()),
-            )
-            .baseline("sink", Value::PerSec(s.rate()));
-            if clients == 32 {
-                let rate = b.rate();
-                row = row.target("≥ 2000/s", rate >= 2000.0);
+            let mut sink_rate = Vec::new();
+            let mut sink_lat: [Samples; 4] = Default::default();
+            let mut rate: Vec<Vec<f64>> = servers.iter().map(|_| Vec::new()).collect();
+            let mut cpu: Vec<Vec<f64>> = servers.iter().map(|_| Vec::new()).collect();
+            let mut lat: Vec<[Samples; 4]> = servers.iter().map(|_| Default::default()).collect();
+            for round in 0..plan.rounds {
+                settle().await;
+                let s = run_jobs(sink.addr(), clients, plan.job_secs, "sink").await?;
+                sink_rate.push(s.rate());
+                for (all, one) in sink_lat.iter_mut().zip(&s.latency) {
+                    all.extend(one);
+                }
+                for (k, server) in servers.iter().enumerate() {
+                    settle().await;
+                    let case = format!("jobs {clients} clients {}", fsync_name(server.policy));
+                    let prof =
+                        attach::maybe(plan.attach.as_deref(), server.child.pid(), &case).await;
+                    let cpu0 = server.child.cpu_secs();
+                    let b = run_jobs(
+                        server.child.addr,
+                        clients,
+                        plan.job_secs,
+                        &format!("bitsd-c{clients}-r{round}"),
+                    )
+                    .await;
+                    let cpu1 = server.child.cpu_secs();
+                    if let Some(p) = prof {
+                        p.stop();
+                    }
+                    let b = b?;
+                    rate[k].push(b.rate());
+                    if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
+                        cpu[k].push((c1 - c0) * 1000.0 / b.jobs.max(1) as f64);
+                    }
+                    for (all, one) in lat[k].iter_mut().zip(&b.latency) {
+                        all.extend(one);
+                    }
+                }
             }
-            report.rows.push(row);
-            let (bp99, sp99) = (b.ack_p99_ms(), s.ack_p99_ms());
-            let mut row = Row::new(
-                "jobs",
-                format!("p99 Ack latency (Create/Fragment/Close), {clients} clients"),
-                Value::Millis(bp99),
-            )
-            .baseline("sink", Value::Millis(sp99));
-            if clients == 32 {
-                row = row.target("< 10 ms", bp99 < 10.0);
-            }
-            report.rows.push(row);
-            for (i, packet) in PACKETS.iter().enumerate() {
-                report.latencies.push(LatencyRow {
-                    clients,
-                    packet,
-                    bitsd_p50_ms: b.latency[i].quantile_ms(0.5),
-                    bitsd_p99_ms: b.latency[i].quantile_ms(0.99),
-                    bitsd_max_ms: b.latency[i].quantile_ms(1.0),
-                    sink_p50_ms: s.latency[i].quantile_ms(0.5),
-                    sink_p99_ms: s.latency[i].quantile_ms(0.99),
+            for (k, server) in servers.iter().enumerate() {
+                let durable = server.policy == bitsd::FsyncPolicy::PerFragment;
+                let bitsd = Spread::of(&rate[k]);
+                let fragment_p99 = lat[k][1].quantile_ms(0.99);
+                let (target, pass) = if clients == 32 && durable {
+                    (
+                        "≥ 5000/s, Fragment Ack p99 < 5 ms".to_owned(),
+                        Some(bitsd.median >= 5000.0 && fragment_p99 < 5.0),
+                    )
+                } else if clients == 256 && durable {
+                    (
+                        "≥ 5000/s (as many as at 32 clients)".to_owned(),
+                        Some(bitsd.median >= 5000.0),
+                    )
+                } else {
+                    ("—".to_owned(), None)
+                };
+                report.comparisons.push(Comparison {
+                    group: "jobs",
+                    scenario: format!("upload-reply jobs (4 KiB, echo), {clients} clients"),
+                    fsync: fsync_name(server.policy),
+                    unit: "jobs/s",
+                    rounds: plan.rounds,
+                    ratio: Spread::ratios(&rate[k], &sink_rate),
+                    bitsd,
+                    baseline_name: "sink",
+                    baseline: Spread::of(&sink_rate),
+                    sink: None,
+                    cpu: (!cpu[k].is_empty()).then(|| Cpu {
+                        unit: "ms/job",
+                        bitsd: Spread::of(&cpu[k]),
+                        baseline: None,
+                        ratio: None,
+                    }),
+                    target,
+                    pass,
                 });
+                for (i, packet) in PACKETS.iter().enumerate() {
+                    let (b, s) = (&mut lat[k][i], &mut sink_lat[i]);
+                    report.latencies.push(LatencyRow {
+                        clients,
+                        fsync: fsync_name(server.policy),
+                        packet,
+                        samples: b.count(),
+                        bitsd_p50_ms: b.quantile_ms(0.5),
+                        bitsd_p99_ms: b.quantile_ms(0.99),
+                        bitsd_p999_ms: b.quantile_ms(0.999),
+                        bitsd_max_ms: b.quantile_ms(1.0),
+                        sink_p50_ms: s.quantile_ms(0.5),
+                        sink_p99_ms: s.quantile_ms(0.99),
+                        sink_p999_ms: s.quantile_ms(0.999),
+                    });
+                }
             }
         }
         Ok::<_, BoxError>(())
     }
     .await;
     sink.stop();
-    server.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&dir);
+    finish_servers(servers, "job rounds", report);
     result
 }

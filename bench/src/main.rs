@@ -2,10 +2,10 @@
 //!
 //! In one run on one machine it starts (a) a minimal hyper sink that discards request bodies
 //! and serves a file, (b) a plain file writer with the same fragment size and fsync policy,
-//! and (c) bitsd in-process on a temporary data directory (plus the real `bitsd` binary as a
-//! child process for the memory and process-startup figures), drives them with the same raw
-//! HTTP/1.1 client, and prints absolute figures, ratios against the baselines measured in the
-//! same run, and the issue's targets with PASS/MISS.
+//! and (c) bitsd: the real binary as a child process per fsync policy for the upload and job
+//! scenarios (its own CPU and RSS), in-process for the others; drives them with the same raw
+//! HTTP/1.1 client in interleaved rounds, and prints medians, spreads, per-round ratios against
+//! the baselines of the same run, and the issue's targets with PASS/MISS.
 //!
 //! ```sh
 //! CARGO_TARGET_DIR=target cargo build --release -p bitsd -p bitsd-bench
@@ -14,8 +14,10 @@
 //! target/release/bitsd-bench --only jobs,download --json
 //! ```
 
+mod attach;
 mod child;
 mod client;
+mod compare;
 mod download;
 // The farm scenario (`--farm`), kept apart from the other scenarios.
 mod farm;
@@ -25,7 +27,9 @@ mod farm_pg;
 mod farm_report;
 mod file_baseline;
 mod jobs;
+mod machine;
 mod report;
+mod rounds;
 mod sink;
 mod startup;
 mod upload;
@@ -77,24 +81,33 @@ struct Args {
     #[arg(long)]
     rss_sessions: Option<usize>,
     /// Fragment sizes of the upload scenario, in KiB (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "64,1024,16384")]
+    #[arg(long, value_delimiter = ',', default_value = "64,1024")]
     fragment_kib: Vec<usize>,
     /// Concurrent upload counts of the upload scenario (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     uploads: Vec<usize>,
-    /// bitsd's fsync policy (per-fragment, on-close, never); the file baseline syncs the same
-    /// way (after every fragment, once at the end, never).
-    #[arg(long, default_value = "per-fragment")]
-    fsync: bitsd::FsyncPolicy,
+    /// bitsd's fsync policies (per-fragment, on-close, never; comma-separated): the upload and
+    /// job scenarios run one bitsd process per policy in the same rounds, and the file
+    /// baseline syncs the same way (after every fragment, once at the end, never). The other
+    /// scenarios use the first.
+    #[arg(long, value_delimiter = ',', default_value = "per-fragment,never")]
+    fsync: Vec<bitsd::FsyncPolicy>,
     /// Client counts of the small-job scenario (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
+    #[arg(long, value_delimiter = ',', default_value = "32,256")]
     job_clients: Vec<usize>,
-    /// Runs of every upload case and download measurement (file baseline or sink, and bitsd,
-    /// each); the best of each counts.
-    /// The first run of a file write on a fresh VM also pays for the guest's first touch of its
-    /// page-cache memory, which a second run does not [default: 2, with --quick 1].
+    /// Interleaved rounds of every upload and job comparison (each side once per round; the
+    /// median counts) and best-of runs of the download scenario [default: 5, with --quick 2].
+    #[arg(long, alias = "repeat")]
+    rounds: Option<usize>,
+    /// Shell command run during every bitsd measurement of the upload and job scenarios,
+    /// `{pid}` replaced by the bitsd process id and `{case}` by the case's name, stopped with
+    /// SIGINT when the measurement ends; e.g.
+    /// `--attach 'perf stat -e task-clock -p {pid} -o /tmp/{case}.txt'`.
     #[arg(long)]
-    repeat: Option<usize>,
+    attach: Option<String>,
+    /// An earlier `--json` output: print this run's comparisons next to its (markdown only).
+    #[arg(long, value_name = "OLD.json")]
+    compare: Option<PathBuf>,
     /// The farm scenario (`--farm` and its `--farm-*` settings).
     #[command(flatten)]
     farm: farm::FarmArgs,
@@ -126,8 +139,12 @@ pub struct Plan {
     pub each: u64,
     /// Fragment sizes.
     pub fragments: Vec<usize>,
-    /// Runs of each upload case and download measurement (best counts).
-    pub upload_repeats: usize,
+    /// Interleaved rounds of each comparison (download: runs, best counts).
+    pub rounds: usize,
+    /// fsync policies the upload and job scenarios compare.
+    pub fsync: Vec<bitsd::FsyncPolicy>,
+    /// Command attached to the server during each bitsd measurement (`--attach`).
+    pub attach: Option<String>,
     /// Upload concurrency levels.
     pub concurrency: Vec<usize>,
     /// Seconds per job measurement.
@@ -169,7 +186,13 @@ impl Plan {
             single: sized(1024),
             each: sized(64),
             fragments: args.fragment_kib.iter().map(|k| k.max(&1) * 1024).collect(),
-            upload_repeats: args.repeat.unwrap_or(if args.quick { 1 } else { 2 }).max(1),
+            rounds: args.rounds.unwrap_or(if args.quick { 2 } else { 5 }).max(1),
+            fsync: if args.fsync.is_empty() {
+                vec![bitsd::FsyncPolicy::PerFragment]
+            } else {
+                args.fsync.clone()
+            },
+            attach: args.attach.clone(),
             concurrency: args.uploads.iter().map(|&n| n.max(1)).collect(),
             job_secs: args.job_secs.unwrap_or(if args.quick { 1.5 } else { 5.0 }),
             job_clients: args.job_clients.iter().map(|&n| n.max(1)).collect(),
@@ -193,8 +216,9 @@ impl Plan {
 
     fn describe(&self) -> String {
         format!(
-            "single upload {}, concurrent uploads {} each, reply {}, jobs {} s per point, \
-             RSS {} sessions, startup {} sessions",
+            "{} interleaved rounds; single upload {}, concurrent uploads {} each, reply {}, \
+             jobs {} s per round, RSS {} sessions, startup {} sessions",
+            self.rounds,
             size_label(self.single),
             size_label(self.each),
             size_label(self.reply),
@@ -288,21 +312,39 @@ async fn run(args: Args) -> Result<Report> {
         .context
         .push(("work dir".into(), base.display().to_string()));
     report.context.push(("plan".into(), plan.describe()));
-    util::set_fsync(args.fsync);
+    report.context.push((
+        "disk fsync cost".into(),
+        machine::fsync_cost(work.path(), 100).unwrap_or_else(|e| format!("not measured: {e}")),
+    ));
+    report
+        .context
+        .push(("load average at start".into(), machine::loadavg()));
+    util::set_fsync(plan.fsync[0]);
     report.context.push((
         "fsync".into(),
-        match args.fsync {
-            bitsd::FsyncPolicy::PerFragment => {
-                "per-fragment (bitsd default); file baseline: sync_data after every fragment"
-            }
-            bitsd::FsyncPolicy::OnClose => {
-                "on-close; file baseline: sync_data once, after the last fragment"
-            }
-            bitsd::FsyncPolicy::Never => "never; file baseline: no sync_data",
-        }
-        .into(),
+        plan.fsync
+            .iter()
+            .map(|p| match p {
+                bitsd::FsyncPolicy::PerFragment => {
+                    "per-fragment (bitsd default; file baseline: sync_data after every fragment)"
+                }
+                bitsd::FsyncPolicy::OnClose => {
+                    "on-close (file baseline: sync_data once, after the last fragment)"
+                }
+                bitsd::FsyncPolicy::Never => "never (file baseline: no sync_data)",
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
     ));
-    let bin = if wants(Scenario::Rss) || wants(Scenario::Startup) {
+    let bin = if [
+        Scenario::Rss,
+        Scenario::Startup,
+        Scenario::Upload,
+        Scenario::Jobs,
+    ]
+    .into_iter()
+    .any(wants)
+    {
         child::find_bitsd(args.bitsd.as_deref())
     } else {
         Err("not needed".into())
@@ -317,16 +359,24 @@ async fn run(args: Args) -> Result<Report> {
             }
         };
     }
-    scenario!(
-        Scenario::Upload,
-        "upload",
-        upload::run(&plan, work.path(), &payload, &mut report)
-    );
-    scenario!(
-        Scenario::Jobs,
-        "jobs",
-        jobs::run(&plan, work.path(), &mut report)
-    );
+    for (s, name) in [(Scenario::Upload, "upload"), (Scenario::Jobs, "jobs")] {
+        if !wants(s) {
+            continue;
+        }
+        let Ok(bin) = &bin else {
+            report.skipped.push(format!("{name}: no bitsd binary"));
+            continue;
+        };
+        let r = if s == Scenario::Upload {
+            upload::run(&plan, bin, work.path(), &payload, &mut report).await
+        } else {
+            jobs::run(&plan, bin, work.path(), &mut report).await
+        };
+        if let Err(e) = r {
+            eprintln!("bench: {name} failed: {e}");
+            report.skipped.push(format!("{name}: {e}"));
+        }
+    }
     scenario!(
         Scenario::Download,
         "download",
@@ -360,6 +410,9 @@ async fn run(args: Args) -> Result<Report> {
         "disk",
         startup::run_disk(&plan, work.path(), &payload, &mut report)
     );
+    report
+        .context
+        .push(("load average at end".into(), machine::loadavg()));
     Ok(report)
 }
 
@@ -371,6 +424,7 @@ async fn main() -> ExitCode {
         return farm::main(&args.farm, bin, work, args.json).await;
     }
     let json = args.json;
+    let compare_with = args.compare.clone();
     match run(args).await {
         Ok(report) => {
             if json {
@@ -383,6 +437,12 @@ async fn main() -> ExitCode {
                 }
             } else {
                 print!("{}", report.markdown());
+                if let Some(old) = &compare_with {
+                    match compare::markdown(old, &report.comparisons) {
+                        Ok(table) => print!("{table}"),
+                        Err(e) => eprintln!("bitsd-bench: {e}"),
+                    }
+                }
             }
             if report.skipped.is_empty() {
                 ExitCode::SUCCESS

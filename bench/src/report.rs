@@ -111,13 +111,6 @@ impl Row {
         self
     }
 
-    /// Adds the HTTP sink figure and the ratio against it.
-    pub fn sink(mut self, value: Value) -> Self {
-        self.sink_ratio = ratio(self.bitsd, value);
-        self.sink = Some(value);
-        self
-    }
-
     /// Sets the target and whether it is met.
     pub fn target(mut self, target: impl Into<String>, pass: bool) -> Self {
         self.target = target.into();
@@ -152,23 +145,32 @@ fn fmt_ratio(r: Option<f64>, of: Value) -> String {
     }
 }
 
-/// Latency of one packet type at one concurrency, bitsd and sink.
+/// Latency of one packet type at one concurrency and fsync policy, bitsd and sink (samples
+/// of every round pooled).
 #[derive(Clone, Debug, Serialize)]
 pub struct LatencyRow {
     /// Concurrent clients.
     pub clients: usize,
+    /// bitsd's fsync policy.
+    pub fsync: &'static str,
     /// Packet (`Create-Session`, `Fragment`, `GET reply`, `Close-Session`).
     pub packet: &'static str,
+    /// bitsd samples behind the quantiles.
+    pub samples: usize,
     /// bitsd p50, ms.
     pub bitsd_p50_ms: f64,
     /// bitsd p99, ms.
     pub bitsd_p99_ms: f64,
+    /// bitsd p99.9, ms.
+    pub bitsd_p999_ms: f64,
     /// bitsd max, ms.
     pub bitsd_max_ms: f64,
     /// Sink p50, ms.
     pub sink_p50_ms: f64,
     /// Sink p99, ms.
     pub sink_p99_ms: f64,
+    /// Sink p99.9, ms.
+    pub sink_p999_ms: f64,
 }
 
 /// Everything one run measured.
@@ -177,7 +179,9 @@ pub struct Report {
     /// The machine and the run's parameters (a JSON object).
     #[serde(serialize_with = "context_object")]
     pub context: Vec<(String, String)>,
-    /// The main table.
+    /// Interleaved comparisons (uploads against the file writer, jobs against the sink).
+    pub comparisons: Vec<crate::rounds::Comparison>,
+    /// The other figures (single measurements or best of a few).
     pub rows: Vec<Row>,
     /// Per-packet latencies of the small-job scenario.
     pub latencies: Vec<LatencyRow>,
@@ -193,6 +197,18 @@ impl Report {
             out.push_str(&format!("- {k}: {v}\n"));
         }
         out.push('\n');
+        if !self.comparisons.is_empty() {
+            out.push_str(
+                "Interleaved rounds: median (min–max) of each side; the ratio is the median of \
+                 the per-round ratios. CPU is the server process's utime+stime (bitsd) and the \
+                 writer threads' own rusage (file).\n\n",
+            );
+            out.push_str(&crate::rounds::Comparison::markdown(&self.comparisons));
+            out.push('\n');
+        }
+        if self.rows.is_empty() {
+            return self.tail(out);
+        }
         out.push_str(
             "| scenario | bitsd | baseline | ratio | HTTP sink | bitsd/sink | target | result |\n",
         );
@@ -220,22 +236,34 @@ impl Report {
                 result
             ));
         }
+        self.tail(out)
+    }
+
+    /// The latency table and the skipped scenarios.
+    fn tail(&self, mut out: String) -> String {
         if !self.latencies.is_empty() {
-            out.push_str("\nSmall upload-reply jobs, latency per packet (ms):\n\n");
             out.push_str(
-                "| clients | packet | bitsd p50 | bitsd p99 | bitsd max | sink p50 | sink p99 |\n",
+                "\nSmall upload-reply jobs, latency per packet (ms, every round's samples):\n\n",
             );
-            out.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+            out.push_str(
+                "| clients | fsync | packet | samples | bitsd p50 | bitsd p99 | bitsd p999 \
+                 | bitsd max | sink p50 | sink p99 | sink p999 |\n",
+            );
+            out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
             for l in &self.latencies {
                 out.push_str(&format!(
-                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                    "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
                     l.clients,
+                    l.fsync,
                     l.packet,
+                    l.samples,
                     l.bitsd_p50_ms,
                     l.bitsd_p99_ms,
+                    l.bitsd_p999_ms,
                     l.bitsd_max_ms,
                     l.sink_p50_ms,
-                    l.sink_p99_ms
+                    l.sink_p99_ms,
+                    l.sink_p999_ms
                 ));
             }
         }
@@ -267,6 +295,11 @@ impl Samples {
     pub fn push(&mut self, d: std::time::Duration) {
         self.0
             .push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> usize {
+        self.0.len()
     }
 
     /// Adds another set.
