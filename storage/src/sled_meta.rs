@@ -303,6 +303,29 @@ fn decode(key: &[u8], value: &[u8]) -> Result<SessionRecord, StorageError> {
 }
 
 impl SledMetaStore {
+    /// Inserts `key`/`value` into `tree`, then the session's `record`, as plain inserts in that
+    /// order (sled recovers a prefix of its log, so a durable record implies the entry before
+    /// it), and flushes when `durable`.
+    fn insert_before_record(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        value: &[u8],
+        record: &SessionRecord,
+        durable: bool,
+    ) -> Result<(), StorageError> {
+        let encoded = encode(record)?;
+        tree.insert(key, value).map_err(meta_err)?;
+        self.sessions
+            .insert(record.id.as_uuid().as_bytes(), encoded)
+            .map_err(meta_err)?;
+        if durable {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         let db = sled::Config::new().path(dir).open().map_err(meta_err)?;
@@ -368,21 +391,13 @@ impl MetaStore for SledMetaStore {
         // log, so a durable record implies a durable index entry; an entry whose record was
         // lost (a crash between the two) lies at or past the recorded offset and is
         // overwritten when the client sends those bytes again.
-        let value = encode(record)?;
-        self.fragments
-            .insert(
-                &fragment_key(&record.id, fragment.offset)[..],
-                &fragment_value(fragment)[..],
-            )
-            .map_err(meta_err)?;
-        self.sessions
-            .insert(record.id.as_uuid().as_bytes(), value)
-            .map_err(meta_err)?;
-        if durable {
-            self.flush()
-        } else {
-            Ok(())
-        }
+        self.insert_before_record(
+            &self.fragments,
+            &fragment_key(&record.id, fragment.offset),
+            &fragment_value(fragment),
+            record,
+            durable,
+        )
     }
 
     fn remove(&self, id: &SessionId) -> Result<(), StorageError> {
@@ -504,18 +519,13 @@ impl MetaStore for SledMetaStore {
         // recovers a prefix of its log, so a durable record implies durable bytes, and one
         // flush (the group commit) makes every session's bytes and offsets written before it
         // durable together.
-        let value = encode(record)?;
-        self.chunks
-            .insert(&fragment_key(&record.id, offset)[..], bytes)
-            .map_err(meta_err)?;
-        self.sessions
-            .insert(record.id.as_uuid().as_bytes(), value)
-            .map_err(meta_err)?;
-        if durable {
-            self.flush()
-        } else {
-            Ok(())
-        }
+        self.insert_before_record(
+            &self.chunks,
+            &fragment_key(&record.id, offset),
+            bytes,
+            record,
+            durable,
+        )
     }
 
     fn chunks(&self, id: &SessionId) -> Result<Vec<(u64, bytes::Bytes)>, StorageError> {
