@@ -401,6 +401,20 @@ impl SessionBackend for SharedBackend {
         Ok(LiveCounts { total, per_user })
     }
 
+    async fn count_by_state(
+        &self,
+    ) -> Result<std::collections::HashMap<SessionState, u64>, StorageError> {
+        self.state.count_by_state().await
+    }
+
+    async fn idle_sessions(
+        &self,
+        updated_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        self.state.idle_sessions(updated_before_ms, limit).await
+    }
+
     async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError> {
         Ok(self.state.try_sweeper_lock().await?.map(SweepLock::new))
     }
