@@ -87,9 +87,9 @@ fn shapes() -> Vec<(&'static str, Vec<usize>, usize)> {
     vec![
         // 64 MiB in 8 MiB fragments: every byte copied by the store.
         ("eight-8mib", vec![8 * MIB; 8], 64 * MIB),
-        // Small ones, a 16 MiB one lending them 5 MiB - 250 KB (the rest copied), small ones,
-        // an 8 MiB one lending them 5 MiB - 100 KB (its rest, too short for a part in the
-        // middle, is streamed with the 1 MiB tail).
+        // Small ones, a 16 MiB one lending them 5 MiB - 250 KB, small ones taking the last
+        // 5 MiB - 100 KB of that 16 MiB copy (the 8 MiB one after them would keep too little
+        // to be copied if it lent them its first bytes), the 8 MiB one copied whole, a tail.
         (
             "mixed",
             [
@@ -100,7 +100,7 @@ fn shapes() -> Vec<(&'static str, Vec<usize>, usize)> {
                 vec![MIB],
             ]
             .concat(),
-            16 * MIB - (5 * MIB - 250_000),
+            16 * MIB - (5 * MIB - 250_000) - (5 * MIB - 100_000) + 8 * MIB,
         ),
         // Just over 5 MiB: 2 MiB, then 11 MiB of which 3 MiB are lent.
         ("lend", vec![2 * MIB, 11 * MIB], 8 * MIB),

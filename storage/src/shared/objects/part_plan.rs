@@ -10,8 +10,11 @@
 //! - smaller fragments are gathered into a streamed part, cut once it holds `stream_part`
 //!   bytes;
 //! - a run of small fragments shorter than `min_part` followed by a large fragment borrows the
-//!   first bytes of the large one to reach `min_part`, and the rest of the large one is copied
-//!   (or, when that rest is itself shorter than `min_part`, streamed with what follows);
+//!   first bytes of the large one to reach `min_part`, and the rest of the large one is
+//!   copied. When that rest would be shorter than `min_part`, the run instead takes the last
+//!   bytes of the copy before it (if that copy keeps `min_part`), or joins the streamed part
+//!   before it, and the large fragment is copied whole; failing both, the rest is streamed
+//!   with what follows;
 //! - whatever is gathered at the end is the last part, which may be short.
 //!
 //! Pure: no I/O, property-tested below.
@@ -100,12 +103,48 @@ pub fn plan_parts(lens: &[u64], min_part: u64, stream_part: u64) -> Option<Vec<P
         // A large fragment. What is gathered before it must become a part of its own first.
         let mut from = 0;
         if gathered_len > 0 && gathered_len < min_part {
-            from = min_part - gathered_len; // < min_part <= len
-            gathered.push(Piece {
-                fragment,
-                range: 0..from,
-            });
-            gathered_len = min_part;
+            let need = min_part - gathered_len; // < min_part <= len
+            match parts.last_mut() {
+                // This fragment would keep too little to be copied, but the copy before the
+                // gathered run can spare its last `need` bytes: they go first into the run.
+                Some(PlannedPart::Copy(prev))
+                    if len - need < min_part
+                        && prev.range.end - prev.range.start - need >= min_part =>
+                {
+                    prev.range.end -= need;
+                    gathered.insert(
+                        0,
+                        Piece {
+                            fragment: prev.fragment,
+                            range: prev.range.end..prev.range.end + need,
+                        },
+                    );
+                }
+                // A streamed part before the run: the run joins it.
+                Some(PlannedPart::Stream(prev))
+                    if len - need < min_part
+                        && prev
+                            .iter()
+                            .map(|p| p.range.end - p.range.start)
+                            .sum::<u64>()
+                            + gathered_len
+                            <= MAX_PART_SIZE =>
+                {
+                    prev.append(&mut gathered);
+                    gathered_len = 0;
+                }
+                // Otherwise this fragment lends its first bytes to the run.
+                _ => {
+                    from = need;
+                    gathered.push(Piece {
+                        fragment,
+                        range: 0..from,
+                    });
+                }
+            }
+            if gathered_len > 0 {
+                gathered_len = min_part;
+            }
         }
         if gathered_len > 0 {
             parts.push(PlannedPart::Stream(std::mem::take(&mut gathered)));
@@ -181,9 +220,39 @@ mod tests {
                 },
             ])
         );
-        // A large fragment whose rest after lending is too short goes with what follows.
+        // A large fragment whose rest after lending would be too short, with nothing before
+        // the run to take from: the rest goes with what follows.
         let plan = plan_parts(&[4 * MIB, 5 * MIB + MIB / 2, 10 * MIB], 5 * MIB, 8 * MIB).unwrap();
         assert_eq!(shape(&plan), vec![('s', 5), ('s', 5), ('c', 9)]);
+        // The same after a copy that can spare bytes: the run takes the copy's last bytes and
+        // the 6 MiB fragment is copied whole.
+        let plan = plan_parts(&[12 * MIB, MIB, 6 * MIB], 5 * MIB, 8 * MIB).unwrap();
+        assert_eq!(shape(&plan), vec![('c', 8), ('s', 5), ('c', 6)]);
+        assert_eq!(
+            plan[1],
+            PlannedPart::Stream(vec![
+                Piece {
+                    fragment: 0,
+                    range: 8 * MIB..12 * MIB
+                },
+                Piece {
+                    fragment: 1,
+                    range: 0..MIB
+                },
+            ])
+        );
+        // After a streamed part: the run joins it.
+        let plan = plan_parts(
+            &[MIB; 9]
+                .iter()
+                .copied()
+                .chain([6 * MIB])
+                .collect::<Vec<_>>(),
+            5 * MIB,
+            8 * MIB,
+        )
+        .unwrap();
+        assert_eq!(shape(&plan), vec![('s', 9), ('c', 6)]);
     }
 
     #[test]
