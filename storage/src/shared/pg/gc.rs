@@ -206,6 +206,34 @@ impl PgStateStore {
         .await
     }
 
+    /// Which of `ids` have no session row (neither live nor a tombstone), in one query: the
+    /// sweeper's check of session prefixes found in the bucket.
+    pub async fn sessions_without_row(
+        &self,
+        ids: &[SessionId],
+    ) -> Result<Vec<SessionId>, StorageError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT u FROM unnest($1::uuid[]) AS u
+                     WHERE NOT EXISTS (SELECT 1 FROM bitsd_sessions s WHERE s.id = u)",
+                    &[&ids],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| SessionId::from_uuid(r.get(0)))
+                .collect())
+        })
+        .await
+    }
+
     /// The fragment index of `id` in offset order: which object holds which bytes.
     pub async fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentObject>, StorageError> {
         self.timed(async {
