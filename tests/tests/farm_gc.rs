@@ -338,6 +338,20 @@ async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() 
         postgres_timeout: Duration::from_secs(5),
         object_store: store.clone(),
     };
+    // An orphan (objects of a session with no row) older than the grace when the node starts:
+    // the node's first sweep deletes it.
+    let orphan_store = Objects::new(&store).unwrap();
+    let orphan = orphan_store.session_prefix(&SessionId::random());
+    orphan_store
+        .put_stream(
+            orphan.join("frag/00000000000000000000-orphan"),
+            futures_util::stream::iter([Ok::<_, bitsd::storage::StorageError>(Bytes::from(
+                pattern(1_000, 8),
+            ))]),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let node = bitsd_tests::TestServer::start_with(move |c| {
         c.storage = bitsd::StorageConfig::Shared(Box::new(shared));
         c.cleanup_interval = Duration::from_millis(200);
@@ -402,6 +416,10 @@ async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() 
     }
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(!left[0].key.as_str().contains("deadwriter"), "{left:?}");
+    assert!(
+        orphan_store.list(&orphan).await.unwrap().is_empty(),
+        "the orphan's objects"
+    );
     // The client goes on from its last Ack; the file is whole.
     let fin = c
         .fragment("/upload/gc/dead.bin", &sid, &data, 20_000, 20_000)
