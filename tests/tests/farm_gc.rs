@@ -607,3 +607,49 @@ async fn sessions_without_a_row_lose_their_objects_after_the_grace_and_nothing_e
     let collected = n.a.collect_garbage(Duration::ZERO).await.unwrap();
     assert_eq!(collected, 0, "{:?}", all_keys(&n.a).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_farm_on_another_database_sharing_the_prefix_deletes_nothing() {
+    let Some(n) = two().await else { return };
+    let record = session_record(None);
+    n.a.create(&record).await.unwrap();
+    let data = pattern(6_000, 50);
+    assert_eq!(
+        fragment(&n.a, &record, 0, &data, 6_000).await,
+        FragmentCommit::Committed
+    );
+    // This farm's first scan claims the prefix for its database.
+    assert!(n.a.orphan_sessions().await.unwrap().is_empty());
+    // A second farm: its own database, the same bucket and prefix (a misconfiguration). To
+    // it every session of the first farm has no row; it must delete none of them.
+    let pg = Arc::clone(&n._pg);
+    let other_url = tokio::task::spawn_blocking(move || pg.fresh_database())
+        .await
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let other = SharedBackend::from_parts(
+        PgStateStore::connect(&other_url, PgOptions::default())
+            .await
+            .unwrap(),
+        n.a.objects().clone(),
+        scratch.path().to_owned(),
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let refused = other.collect_orphan_sessions(Duration::ZERO).await;
+    assert!(
+        matches!(refused, Err(bitsd::storage::StorageError::Corrupt { .. })),
+        "{refused:?}"
+    );
+    assert!(other.collect_garbage(Duration::ZERO).await.is_err());
+    assert_eq!(
+        read_all(&n.b, &record.id).await,
+        data,
+        "the first farm's bytes"
+    );
+    // The owner's own scans go on.
+    assert_eq!(
+        n.b.collect_orphan_sessions(Duration::ZERO).await.unwrap(),
+        0
+    );
+    assert_eq!(objects_of(&n.a, &record.id).await.len(), 1);
+}

@@ -15,6 +15,13 @@
 //! pending objects), so a writer still sending to a session removed a moment ago is not
 //! raced, and its object, if it lands later, goes at a later scan. Published files live under
 //! `<prefix>/files/` and are never listed here.
+//!
+//! One prefix of a bucket belongs to one PostgreSQL database: a second farm (another
+//! database) on the same prefix would see the first farm's sessions as orphans. The first
+//! scan writes the database's identity to `<prefix>/sessions.owner`; a scan that finds
+//! another database's identity there deletes nothing and fails with an error (the marker is
+//! written without a conditional PUT, which Garage ignores: two farms started on one prefix
+//! in the same instant could both miss each other; any later scan of either sees it).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -66,13 +73,58 @@ impl SharedBackend {
 
     /// The sessions that have objects in the bucket but no row in PostgreSQL (neither live
     /// nor a tombstone).
+    /// Fails, finding nothing, when the prefix belongs to another database (see the module
+    /// docs).
     pub async fn orphan_sessions(&self) -> Result<Vec<SessionId>, StorageError> {
+        self.check_owner().await?;
         let listed = self.objects.session_ids().await?;
         let mut orphans = Vec::new();
         for batch in listed.chunks(BATCH) {
             orphans.extend(self.state.sessions_without_row(batch).await?);
         }
         Ok(orphans)
+    }
+
+    /// Checks `<prefix>/sessions.owner` against this database's identity, writing it when
+    /// absent.
+    async fn check_owner(&self) -> Result<(), StorageError> {
+        let mine = self.state.database_identity().await?;
+        let key = self.owner_key();
+        match self.objects.read(&key, None).await {
+            Ok(read) => {
+                let found = read.bytes().await?;
+                if found == mine.as_bytes() {
+                    Ok(())
+                } else {
+                    Err(StorageError::Corrupt {
+                        key: key.to_string(),
+                        why: format!(
+                            "this bucket prefix belongs to PostgreSQL database {:?}, not to this \
+                             farm's {mine:?}: no orphaned session is deleted (give each farm \
+                             its own [object_store] prefix)",
+                            String::from_utf8_lossy(&found)
+                        ),
+                    })
+                }
+            }
+            Err(StorageError::ObjectNotFound { .. }) => {
+                let body = bytes::Bytes::from(mine.into_bytes());
+                self.objects
+                    .put_stream(
+                        key,
+                        futures_util::stream::iter([Ok::<_, StorageError>(body)]),
+                    )
+                    .await?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where the identity of the database that owns the session prefixes is kept (beside
+    /// `sessions/`, not under it, so no session listing sees it).
+    fn owner_key(&self) -> ObjectKey {
+        self.objects.prefix().join("sessions.owner")
     }
 
     /// Deletes the objects of every orphaned session (see the module docs) whose newest
