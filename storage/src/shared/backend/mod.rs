@@ -23,6 +23,7 @@
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
 mod gc;
+mod orphans;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,7 @@ pub struct SharedBackend {
     state: PgStateStore,
     objects: Objects,
     scratch: PathBuf,
+    orphan_scan: std::sync::Arc<orphans::OrphanSchedule>,
 }
 
 impl SharedBackend {
@@ -74,6 +76,7 @@ impl SharedBackend {
             state,
             objects,
             scratch,
+            orphan_scan: Default::default(),
         }
     }
 
@@ -420,6 +423,6 @@ impl SessionBackend for SharedBackend {
     }
 
     async fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, StorageError> {
-        self.collect_pending_objects(grace).await
+        Ok(self.collect_pending_objects(grace).await? + self.collect_orphans_if_due(grace).await?)
     }
 }
