@@ -5,9 +5,11 @@
 //! The crash-safe order of each verb:
 //!
 //! - create: one PostgreSQL insert, durable on return.
-//! - fragment: the object's key is recorded as pending in PostgreSQL **before** the first byte
-//!   is sent; the body streams into its own object (`…/frag/<offset>-<nonce>`); commit
-//!   completes the object first (durable on the store's write quorum), **then** one PostgreSQL
+//! - fragment: the object's key is recorded as pending in PostgreSQL while the body streams
+//!   into its own object (`…/frag/<offset>-<nonce>`), and that row is committed **before** the
+//!   object is completed (before its single PUT, or the completion of its multipart upload:
+//!   nothing is visible at the key earlier); commit then completes the object (durable on
+//!   the store's write quorum), **then** one PostgreSQL
 //!   statement advances `received` only if it still equals the offset the node read, records
 //!   the object in the fragment index and drops the pending row. A lost commit's object stays
 //!   pending until the sweeper deletes it; readers never see it (they follow the index).
@@ -41,7 +43,7 @@ use crate::backend::{
     ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
-use sinks::{reply_key, SharedFragment, SharedReply};
+use sinks::{reply_key, PendingRow, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.
 const FILE_CHUNK: usize = 256 * 1024;
@@ -211,13 +213,16 @@ impl SessionBackend for SharedBackend {
         plan: FragmentPlan,
     ) -> Result<Box<dyn FragmentSink>, StorageError> {
         let key = self.objects.fragment_key(id, plan.write_at);
-        // Pending BEFORE the first byte goes out: an object whose commit never happens is
-        // always known to the sweeper.
-        self.state.add_pending_object(id, key.as_str()).await?;
+        // The pending row goes in while the body streams (one PostgreSQL round trip off the
+        // fragment's latency); the commit waits for it BEFORE it completes the object, so an
+        // object whose commit never happens is always known to the sweeper: nothing is
+        // visible at the key until `ObjectWriter::finish`.
+        let pending = PendingRow::insert(&self.state, *id, key.as_str().to_string());
         Ok(Box::new(SharedFragment {
             id: *id,
             state: self.state.clone(),
             writer: self.objects.writer(key),
+            pending,
         }))
     }
 
