@@ -49,6 +49,17 @@ mod process;
 mod raw_client;
 mod server;
 
+/// The value of one series of a Prometheus text exposition (`/metrics`); panics, showing the
+/// text, when the series is missing.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
 pub use process::{bitsd_binary, strace, BitsdProcess};
 pub use raw_client::{bits_post_request, RawClient, RawResponse};
 pub use server::TestServer;

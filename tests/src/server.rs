@@ -98,4 +98,13 @@ impl TestServer {
         let json = serde_json::from_slice(&res.body).unwrap_or(serde_json::Value::Null);
         (res.status, json)
     }
+
+    /// `GET` on the admin listener; the status and the body as text (`/metrics`, `/healthz`).
+    pub async fn admin_text(&self, path: &str) -> (u16, String) {
+        let mut c = RawClient::connect(self.admin_addr()).await;
+        let res = c
+            .send(&format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").into_bytes())
+            .await;
+        (res.status, String::from_utf8_lossy(&res.body).into_owned())
+    }
 }

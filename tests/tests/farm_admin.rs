@@ -9,20 +9,25 @@ use std::time::Duration;
 
 use bitsd::{SharedStorage, StorageConfig};
 use bitsd_tests::farm_servers::FarmServers;
-use bitsd_tests::{pattern, url_path, RawClient, TestServer};
+use bitsd_tests::{metric, pattern, url_path, RawClient, TestServer};
 use serde_json::Value;
+
+/// The farm's storage settings on `servers`, objects under `prefix`.
+fn shared_storage(servers: &FarmServers, prefix: &str) -> SharedStorage {
+    SharedStorage {
+        postgres_url: servers.postgres_url.clone(),
+        postgres_max_connections: 4,
+        postgres_timeout: Duration::from_secs(5),
+        object_store: servers.garage.object_store_config(prefix),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_lists_every_session_of_the_farm_with_its_offsets() {
     let Some(servers) = FarmServers::start().await else {
         return;
     };
-    let shared = SharedStorage {
-        postgres_url: servers.postgres_url.clone(),
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: servers.garage.object_store_config("admin"),
-    };
+    let shared = shared_storage(&servers, "admin");
     let mut nodes = Vec::new();
     for _ in 0..2 {
         let s = shared.clone();
@@ -110,37 +115,12 @@ async fn any_node_lists_every_session_of_the_farm_with_its_offsets() {
     assert_eq!(paged, ids, "the pages together are the farm's sessions");
 }
 
-/// GET `path` on a node's admin listener as text.
-async fn admin_text(server: &TestServer, path: &str) -> String {
-    let mut c = RawClient::connect(server.admin_addr()).await;
-    let res = c
-        .send(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
-        .await;
-    assert_eq!(res.status, 200, "{path}: {res:?}");
-    String::from_utf8(res.body).unwrap()
-}
-
-/// The value of one series of a Prometheus text exposition.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_farms_sessions_and_one_nodes_sweeper_expires_another_nodes_sessions() {
     let Some(servers) = FarmServers::start().await else {
         return;
     };
-    let shared = SharedStorage {
-        postgres_url: servers.postgres_url.clone(),
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: servers.garage.object_store_config("sweep"),
-    };
+    let shared = shared_storage(&servers, "sweep");
     // Node A never expires anything; node B expires what is idle for 2 s.
     let s = shared.clone();
     let a = TestServer::start_with(move |c| {
@@ -174,7 +154,7 @@ async fn metrics_count_the_farms_sessions_and_one_nodes_sweeper_expires_another_
     let busy = c.create_session("/upload/sweep/busy.bin").await;
 
     // Node B has served none of these packets: its /metrics counts them from PostgreSQL.
-    let text = admin_text(&b, "/metrics").await;
+    let text = b.admin_text("/metrics").await.1;
     assert_eq!(metric(&text, "bitsd_sessions{state=\"receiving\"}"), 2.0);
     assert_eq!(metric(&text, "bitsd_sessions{state=\"closed\"}"), 1.0);
     assert_eq!(metric(&text, "bitsd_sessions{state=\"cancelled\"}"), 1.0);
@@ -201,7 +181,7 @@ async fn metrics_count_the_farms_sessions_and_one_nodes_sweeper_expires_another_
     let (status, json) = a.admin_get(&format!("/sessions/{busy}")).await;
     assert_eq!(status, 200, "the busy session stays: {json}");
     assert_eq!(json["upload"]["bytes_received"], 16_000);
-    let text = admin_text(&a, "/metrics").await;
+    let text = a.admin_text("/metrics").await.1;
     assert_eq!(metric(&text, "bitsd_sessions{state=\"receiving\"}"), 1.0);
     assert_eq!(metric(&text, "bitsd_sessions{state=\"closed\"}"), 0.0);
     assert_eq!(metric(&text, "bitsd_sessions{state=\"cancelled\"}"), 0.0);

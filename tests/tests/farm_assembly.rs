@@ -10,7 +10,7 @@
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::objects::{FragmentObject, ObjectKey, ObjectStoreConfig, Objects};
 use bitsd_storage::StorageError;
-use bitsd_tests::garage::{Garage, S3Access};
+use bitsd_tests::garage::Garage;
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
 use bytes::Bytes;
@@ -18,17 +18,13 @@ use futures_util::StreamExt;
 
 const MIB: usize = 1024 * 1024;
 
-fn config(endpoint: String, access: &S3Access, copies: bool) -> ObjectStoreConfig {
+/// Garage's bucket under `assembly/`, 8 MiB parts, part copies on or off, through `endpoint`.
+fn config(garage: &Garage, endpoint: String, copies: bool) -> ObjectStoreConfig {
     ObjectStoreConfig {
-        bucket: access.bucket.clone(),
-        prefix: "assembly".into(),
         endpoint: Some(endpoint),
-        region: Some(access.region.clone()),
-        access_key_id: Some(access.access_key.clone()),
-        secret_access_key: Some(access.secret_key.clone()),
         part_size: Some(8 * MIB as u64),
         server_side_copy: Some(copies),
-        ..ObjectStoreConfig::default()
+        ..garage.object_store_config("assembly")
     }
 }
 
@@ -116,8 +112,8 @@ async fn large_fragments_are_copied_by_the_store_and_every_shape_is_byte_exact()
     let Some(garage) = Garage::start() else {
         return;
     };
-    let with = Objects::new(&config(garage.endpoint(), garage.access(), true)).unwrap();
-    let without = Objects::new(&config(garage.endpoint(), garage.access(), false)).unwrap();
+    let with = Objects::new(&config(&garage, garage.endpoint(), true)).unwrap();
+    let without = Objects::new(&config(&garage, garage.endpoint(), false)).unwrap();
     for (name, sizes, copies) in shapes() {
         let (fragments, data) = put_fragments(&with, &sizes, 3).await;
         let total = data.len() as u64;
@@ -154,7 +150,7 @@ async fn a_failed_part_copy_leaves_no_object_and_no_unfinished_upload() {
     let Some(garage) = Garage::start() else {
         return;
     };
-    let objects = Objects::new(&config(garage.endpoint(), garage.access(), true)).unwrap();
+    let objects = Objects::new(&config(&garage, garage.endpoint(), true)).unwrap();
     let (fragments, _) = put_fragments(&objects, &[MIB, 8 * MIB, 8 * MIB, 500], 4).await;
     // The second large fragment's object is gone (say, deleted by hand): its copy fails.
     let gone = fragments
@@ -192,7 +188,7 @@ async fn a_store_that_refuses_part_copies_gets_the_upload_streamed() {
     let Some(nginx) = Nginx::start_refusing_part_copies(&[garage.s3_addr()]) else {
         return;
     };
-    let objects = Objects::new(&config(nginx.url(), garage.access(), true)).unwrap();
+    let objects = Objects::new(&config(&garage, nginx.url(), true)).unwrap();
     for (name, sizes, _) in shapes() {
         let (fragments, data) = put_fragments(&objects, &sizes, 5).await;
         let dest = objects.file_key(&format!("refused/{name}.bin"));

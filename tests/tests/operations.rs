@@ -1,24 +1,7 @@
 //! Operations: Prometheus metrics, health and readiness, JSON logs.
 #![allow(clippy::unwrap_used)]
 
-use bitsd_tests::{bitsd_binary, pattern, url_path, RawClient, TestServer};
-
-async fn admin_text(server: &TestServer, path: &str) -> (u16, String) {
-    let mut c = RawClient::connect(server.admin_addr()).await;
-    let res = c
-        .send(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
-        .await;
-    (res.status, String::from_utf8(res.body).unwrap())
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
-}
+use bitsd_tests::{bitsd_binary, metric, pattern, url_path, RawClient, TestServer};
 
 #[tokio::test]
 async fn metrics_health_and_readiness() {
@@ -39,7 +22,7 @@ async fn metrics_health_and_readiness() {
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 
-    let (status, text) = admin_text(&server, "/metrics").await;
+    let (status, text) = server.admin_text("/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(
         metric(
@@ -73,8 +56,8 @@ async fn metrics_health_and_readiness() {
     assert_eq!(metric(&text, "bitsd_sessions{state=\"reply-ready\"}"), 1.0);
     assert!(metric(&text, "bitsd_meta_store_bytes") > 0.0);
 
-    assert_eq!(admin_text(&server, "/healthz").await.0, 200);
-    assert_eq!(admin_text(&server, "/readyz").await.0, 200);
+    assert_eq!(server.admin_text("/healthz").await.0, 200);
+    assert_eq!(server.admin_text("/readyz").await.0, 200);
 }
 
 #[test]

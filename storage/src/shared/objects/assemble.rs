@@ -32,6 +32,22 @@ pub struct FragmentObject {
     pub key: ObjectKey,
 }
 
+impl FragmentObject {
+    /// Refuses an object whose length is not the one the fragment index gives it.
+    pub(super) fn check_size(&self, object_len: u64) -> Result<(), StorageError> {
+        if object_len == self.len {
+            return Ok(());
+        }
+        Err(StorageError::Corrupt {
+            key: self.key.to_string(),
+            why: format!(
+                "fragment object has {object_len} bytes, its index entry says {}",
+                self.len
+            ),
+        })
+    }
+}
+
 /// An upload assembled at its destination key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assembled {
@@ -167,15 +183,7 @@ impl Objects {
                         .get(f.key.path())
                         .await
                         .map_err(map_err("read fragment", f.key.as_str()))?;
-                    if got.meta.size != f.len {
-                        return Err(StorageError::Corrupt {
-                            key: f.key.to_string(),
-                            why: format!(
-                                "fragment object has {} bytes, its index entry says {}",
-                                got.meta.size, f.len
-                            ),
-                        });
-                    }
+                    f.check_size(got.meta.size)?;
                     let key = f.key.to_string();
                     Ok(got
                         .into_stream()

@@ -143,15 +143,7 @@ impl Objects {
                     .get(f.key.path())
                     .await
                     .map_err(map_err("read fragment", f.key.as_str()))?;
-                if got.meta.size != f.len {
-                    return Err(StorageError::Corrupt {
-                        key: f.key.to_string(),
-                        why: format!(
-                            "fragment object has {} bytes, its index entry says {}",
-                            got.meta.size, f.len
-                        ),
-                    });
-                }
+                f.check_size(got.meta.size)?;
                 got.bytes()
                     .await
                     .map_err(map_err("read fragment", f.key.as_str()))?
