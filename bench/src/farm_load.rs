@@ -9,11 +9,11 @@ use bitsd_storage::shared::objects::{ObjectKey, Objects};
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use crate::client::{url_path, BoxError, Conn, Result};
+use crate::client::{BoxError, Conn, Result};
+use crate::jobs::echo_job;
 use crate::util::pattern;
 
-/// Size of each small job's upload.
-pub const JOB_BYTES: usize = 4096;
+pub use crate::jobs::JOB_BYTES;
 
 /// Latencies in microseconds.
 #[derive(Clone, Debug, Default)]
@@ -171,30 +171,11 @@ pub async fn http_jobs(addr: SocketAddr, tag: &str, clients: usize, secs: f64) -
             while Instant::now() < deadline {
                 let path = format!("/echo/farmbench/{tag}-{i}-{n}.bin");
                 let t0 = Instant::now();
-                let sid = conn.create_session(&path).await?;
-                packets[0].push(t0.elapsed());
-                let t = Instant::now();
-                let ack = conn
-                    .fragment(&path, &sid, 0, &body, JOB_BYTES as u64)
-                    .await?;
-                frag.push(t.elapsed());
-                let reply = url_path(
-                    ack.header("bits-reply-url")
-                        .ok_or("final Ack without BITS-Reply-URL")?,
-                );
-                let t = Instant::now();
-                let res = conn.get(&reply).await?;
-                packets[1].push(t.elapsed());
-                if res.status != 200 || res.body_len != JOB_BYTES as u64 {
-                    return Err(format!(
-                        "reply GET {reply}: HTTP {} with {} bytes",
-                        res.status, res.body_len
-                    )
-                    .into());
+                let [create, fragment, get, close] = echo_job(&mut conn, &path, &body).await?;
+                frag.push(fragment);
+                for (samples, d) in packets.iter_mut().zip([create, get, close]) {
+                    samples.push(d);
                 }
-                let t = Instant::now();
-                conn.close_session(&path, &sid).await?;
-                packets[2].push(t.elapsed());
                 job.push(t0.elapsed());
                 n += 1;
             }

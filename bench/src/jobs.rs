@@ -16,7 +16,7 @@ use crate::util::{pattern, settle};
 use crate::{attach, sink::Sink, Plan};
 
 /// Size of each job's upload.
-const JOB_BYTES: usize = 4096;
+pub const JOB_BYTES: usize = 4096;
 
 /// The packets of one job, in order.
 const PACKETS: [&str; 4] = ["Create-Session", "Fragment", "GET reply", "Close-Session"];
@@ -34,6 +34,39 @@ impl JobRun {
     }
 }
 
+/// One 4 KiB echo job at `path` on `conn`: Create-Session, one Fragment, GET of the reply URL
+/// (checked: HTTP 200 with the job's length), Close-Session. Returns each packet's latency,
+/// in the order of [`PACKETS`]. The farm scenario runs the same job.
+pub async fn echo_job(conn: &mut Conn, path: &str, body: &Bytes) -> Result<[Duration; 4]> {
+    let mut took = [Duration::ZERO; 4];
+    let t = Instant::now();
+    let sid = conn.create_session(path).await?;
+    took[0] = t.elapsed();
+    let t = Instant::now();
+    let ack = conn
+        .fragment(path, &sid, 0, body, body.len() as u64)
+        .await?;
+    took[1] = t.elapsed();
+    let reply = url_path(
+        ack.header("bits-reply-url")
+            .ok_or("final Ack without BITS-Reply-URL")?,
+    );
+    let t = Instant::now();
+    let res = conn.get(&reply).await?;
+    took[2] = t.elapsed();
+    if res.status != 200 || res.body_len != body.len() as u64 {
+        return Err(format!(
+            "reply GET {reply}: HTTP {} with {} bytes",
+            res.status, res.body_len
+        )
+        .into());
+    }
+    let t = Instant::now();
+    conn.close_session(path, &sid).await?;
+    took[3] = t.elapsed();
+    Ok(took)
+}
+
 /// `clients` connections each running jobs back to back for `secs`.
 async fn run_jobs(addr: SocketAddr, clients: usize, secs: f64, tag: &str) -> Result<JobRun> {
     let body = Bytes::from(pattern(JOB_BYTES, 7));
@@ -48,31 +81,10 @@ async fn run_jobs(addr: SocketAddr, clients: usize, secs: f64, tag: &str) -> Res
             let mut jobs = 0u64;
             while Instant::now() < deadline {
                 let path = format!("/echo/jobs/{tag}-{i}-{jobs}.bin");
-                let t = Instant::now();
-                let sid = conn.create_session(&path).await?;
-                latency[0].push(t.elapsed());
-                let t = Instant::now();
-                let ack = conn
-                    .fragment(&path, &sid, 0, &body, JOB_BYTES as u64)
-                    .await?;
-                latency[1].push(t.elapsed());
-                let reply = url_path(
-                    ack.header("bits-reply-url")
-                        .ok_or("final Ack without BITS-Reply-URL")?,
-                );
-                let t = Instant::now();
-                let res = conn.get(&reply).await?;
-                latency[2].push(t.elapsed());
-                if res.status != 200 || res.body_len != JOB_BYTES as u64 {
-                    return Err(format!(
-                        "reply GET {reply}: HTTP {} with {} bytes",
-                        res.status, res.body_len
-                    )
-                    .into());
+                let took = echo_job(&mut conn, &path, &body).await?;
+                for (samples, d) in latency.iter_mut().zip(took) {
+                    samples.push(d);
                 }
-                let t = Instant::now();
-                conn.close_session(&path, &sid).await?;
-                latency[3].push(t.elapsed());
                 jobs += 1;
             }
             Ok::<_, BoxError>((jobs, latency))

@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 
 use common::{bounded, pattern, write_temp, Fake, Script};
 
+/// Builds the `bitsd` binary (once per test binary) before a test's time limit starts: the
+/// build can take minutes on a loaded machine, the test itself seconds.
+async fn binary_built() {
+    tokio::task::spawn_blocking(bitsd_tests::bitsd_binary)
+        .await
+        .unwrap();
+}
+
 fn upload_command(args: &[&str]) -> Command {
     let mut c = Command::new(bitsd_tests::bitsd_binary());
     c.arg("upload")
@@ -52,6 +60,7 @@ fn first_byte(range: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_suspends_and_resume_continues_from_the_server_offset() {
+    binary_built().await;
     bounded(async {
         let fake = Fake::new(Script {
             fragment_delay: Some(Duration::from_millis(40)),
@@ -112,6 +121,7 @@ async fn ctrl_c_suspends_and_resume_continues_from_the_server_offset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_on_interrupt_cancels_the_session() {
+    binary_built().await;
     bounded(async {
         let fake = Fake::new(Script {
             fragment_delay: Some(Duration::from_millis(40)),
@@ -150,6 +160,7 @@ async fn cancel_on_interrupt_cancels_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_flag_is_honoured() {
+    binary_built().await;
     bounded(async {
         let fake = Fake::new(Script {
             fragment_failures: vec![(503, None); 20],
@@ -189,6 +200,7 @@ async fn reply_is_not_written_to_a_terminal() {
         eprintln!("`script` (util-linux) is not installed; skipping the terminal test");
         return;
     }
+    binary_built().await;
     bounded(async {
         let fake = Fake::new(Script {
             echo: true,

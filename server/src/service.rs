@@ -159,7 +159,7 @@ impl BitsService {
     /// Prometheus text exposition of the server's metrics (sessions by state, bytes, fragments
     /// by outcome, errors by `BITS-Error-Code`, reply bytes, handler latency, sled size).
     pub async fn metrics_text(&self) -> Result<String, StorageError> {
-        let records = self.shared.store.list().await?;
+        let counts = self.shared.store.count_by_state().await?;
         let states = [
             bitsd_storage::SessionState::Receiving,
             bitsd_storage::SessionState::Complete,
@@ -170,7 +170,7 @@ impl BitsService {
         .map(|st| {
             (
                 st.as_str(),
-                records.iter().filter(|r| r.state == st).count() as i64,
+                i64::try_from(counts.get(&st).copied().unwrap_or(0)).unwrap_or(i64::MAX),
             )
         });
         Ok(self
@@ -218,19 +218,28 @@ impl BitsService {
         let Some(_sweeping) = self.shared.store.try_sweep_lock().await? else {
             return Ok(0);
         };
-        for record in self.shared.store.list().await? {
-            if !expired(record.updated_ms) {
-                continue;
-            }
-            let _guard = self.shared.locks.lock(record.id).await;
-            // Re-check under the lock: a packet may have arrived meanwhile.
-            match self.shared.store.load(&record.id).await? {
-                Some(current) if expired(current.updated_ms) => {
-                    self.purge_locked(&current).await?;
-                    tracing::info!(session = %record.id, state = current.state.as_str(), "session expired and removed");
-                    removed += 1;
+        // The candidates in batches, oldest first (a shared backend reads only these rows).
+        const BATCH: usize = 1000;
+        let before = now.saturating_sub(idle_ms);
+        loop {
+            let batch = self.shared.store.idle_sessions(before, BATCH).await?;
+            let mut removed_now = 0;
+            for record in &batch {
+                let _guard = self.shared.locks.lock(record.id).await;
+                // Re-check under the lock: a packet may have arrived meanwhile.
+                match self.shared.store.load(&record.id).await? {
+                    Some(current) if expired(current.updated_ms) => {
+                        self.purge_locked(&current).await?;
+                        tracing::info!(session = %record.id, state = current.state.as_str(), "session expired and removed");
+                        removed_now += 1;
+                    }
+                    _ => {}
                 }
-                _ => {}
+            }
+            removed += removed_now;
+            // A short batch was the last; one that removed nothing would come back the same.
+            if batch.len() < BATCH || removed_now == 0 {
+                break;
             }
         }
         Ok(removed)

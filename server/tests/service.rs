@@ -294,3 +294,32 @@ async fn multi_chunk_replies_stream_exactly_and_a_short_file_fails_the_body() {
     .expect("the body ends");
     assert!(collected.is_err(), "a short reply file fails the body");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sweep_removes_more_idle_sessions_than_one_batch_and_keeps_the_fresh_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    // More than the sweeper's batch of 1,000 candidates, then two fresh ones.
+    let mut idle = Vec::new();
+    for _ in 0..1_010 {
+        idle.push(create(&svc, "/echo/sweep").await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let fresh = [
+        create(&svc, "/echo/sweep").await,
+        create(&svc, "/echo/sweep").await,
+    ];
+    let removed = svc
+        .remove_expired(std::time::Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(removed, 1_010, "every idle session in one sweep");
+    for sid in [&idle[0], &idle[999], &idle[1_009]] {
+        let id: SessionId = sid.parse().unwrap();
+        assert!(svc.progress(&id).await.unwrap().is_none(), "{sid} removed");
+    }
+    for sid in &fresh {
+        let id: SessionId = sid.parse().unwrap();
+        assert!(svc.progress(&id).await.unwrap().is_some(), "{sid} kept");
+    }
+}

@@ -26,7 +26,7 @@ pub enum UploadMode {
 }
 
 /// Where a session is in its life (§12).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SessionState {
     /// Fragments are arriving.

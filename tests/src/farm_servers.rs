@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bitsd_storage::shared::objects::ObjectStoreConfig;
 
 use crate::garage::Garage;
-use crate::pg::PgCluster;
+use crate::pg::{ClusterOptions, PgCluster};
 
 /// PostgreSQL and Garage for one farm test.
 pub struct FarmServers {
@@ -23,7 +23,19 @@ impl FarmServers {
     /// Starts (or joins) both servers; `None` after printing why when either is not
     /// installed, so the test can return early.
     pub async fn start() -> Option<FarmServers> {
-        let pg = match tokio::task::spawn_blocking(PgCluster::shared)
+        Self::start_on(PgCluster::shared).await
+    }
+
+    /// Like [`FarmServers::start`], but on a PostgreSQL cluster of the test's own, which the
+    /// test may stop and restart (stopping the binary's shared one would hit the other tests).
+    pub async fn start_own() -> Option<FarmServers> {
+        Self::start_on(|| PgCluster::start(ClusterOptions::default()).map(Arc::new)).await
+    }
+
+    async fn start_on(
+        cluster: impl FnOnce() -> Result<Arc<PgCluster>, String> + Send + 'static,
+    ) -> Option<FarmServers> {
+        let pg = match tokio::task::spawn_blocking(cluster)
             .await
             .expect("PostgreSQL start task")
         {

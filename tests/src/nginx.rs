@@ -47,17 +47,30 @@ impl Nginx {
     /// Starts nginx in front of `upstreams` (round robin, in this order) and waits until it
     /// listens; `None` (printed) when nginx is not installed.
     pub fn start(upstreams: &[SocketAddr]) -> Option<Self> {
-        Self::start_with(upstreams, false)
+        Self::start_with(upstreams, false, "")
+    }
+
+    /// As [`Nginx::start`] in front of an S3 server, answering every `UploadPartCopy` with a
+    /// range (`x-amz-copy-source-range`) itself: 501 `NotImplemented`, as a store without the
+    /// call does.
+    pub fn start_refusing_part_copies(upstreams: &[SocketAddr]) -> Option<Self> {
+        Self::start_with(
+            upstreams,
+            false,
+            "            if ($http_x_amz_copy_source_range) {\n\
+             \x20               return 501 '<?xml version=\"1.0\"?><Error><Code>NotImplemented</Code><Message>part copies are not implemented here</Message></Error>';\n\
+             \x20           }\n",
+        )
     }
 
     /// As [`Nginx::start`], but nginx keeps its upstream connections alive between requests
     /// (`keepalive` in the upstream block, HTTP/1.1 without `Connection: close`), as a
     /// production balancer usually does.
     pub fn start_keepalive(upstreams: &[SocketAddr]) -> Option<Self> {
-        Self::start_with(upstreams, true)
+        Self::start_with(upstreams, true, "")
     }
 
-    fn start_with(upstreams: &[SocketAddr], keepalive: bool) -> Option<Self> {
+    fn start_with(upstreams: &[SocketAddr], keepalive: bool, location: &str) -> Option<Self> {
         assert!(!upstreams.is_empty(), "nginx needs at least one upstream");
         let bin = nginx_binary()?;
         let dir = tempfile::Builder::new()
@@ -67,7 +80,7 @@ impl Nginx {
         let addr = SocketAddr::from(([127, 0, 0, 1], crate::garage::free_port()));
         std::fs::write(
             dir.path().join("nginx.conf"),
-            config(dir.path(), addr, upstreams, keepalive),
+            config(dir.path(), addr, upstreams, keepalive, location),
         )
         .unwrap();
         let mut nginx = Nginx {
@@ -177,7 +190,14 @@ impl Drop for Nginx {
 /// opens a new upstream connection per request and closes it; with it, nginx keeps up to 16
 /// idle upstream connections open), bodies streamed both ways, no body size limit, long
 /// timeouts for slow uploads.
-fn config(prefix: &Path, listen: SocketAddr, upstreams: &[SocketAddr], keepalive: bool) -> String {
+/// nginx's configuration; `location` goes first into the `location /` block.
+fn config(
+    prefix: &Path,
+    listen: SocketAddr,
+    upstreams: &[SocketAddr],
+    keepalive: bool,
+    location: &str,
+) -> String {
     let p = prefix.display();
     let (pool, connection) = if keepalive {
         ("        keepalive 16;\n", "\"\"")
@@ -208,6 +228,7 @@ fn config(prefix: &Path, listen: SocketAddr, upstreams: &[SocketAddr], keepalive
          \x20       listen {listen};\n\
          \x20       client_max_body_size 0;\n\
          \x20       location / {{\n\
+         {location}\
          \x20           proxy_pass http://farm;\n\
          \x20           proxy_http_version 1.1;\n\
          \x20           proxy_set_header Connection {connection};\n\

@@ -109,3 +109,100 @@ async fn any_node_lists_every_session_of_the_farm_with_its_offsets() {
     ids.sort();
     assert_eq!(paged, ids, "the pages together are the farm's sessions");
 }
+
+/// GET `path` on a node's admin listener as text.
+async fn admin_text(server: &TestServer, path: &str) -> String {
+    let mut c = RawClient::connect(server.admin_addr()).await;
+    let res = c
+        .send(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(res.status, 200, "{path}: {res:?}");
+    String::from_utf8(res.body).unwrap()
+}
+
+/// The value of one series of a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_farms_sessions_and_one_nodes_sweeper_expires_another_nodes_sessions() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let shared = SharedStorage {
+        postgres_url: servers.postgres_url.clone(),
+        postgres_max_connections: 4,
+        postgres_timeout: Duration::from_secs(5),
+        object_store: servers.garage.object_store_config("sweep"),
+    };
+    // Node A never expires anything; node B expires what is idle for 2 s.
+    let s = shared.clone();
+    let a = TestServer::start_with(move |c| {
+        c.storage = StorageConfig::Shared(Box::new(s));
+        c.session_timeout = Duration::from_secs(3600);
+        c.cleanup_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let s = shared.clone();
+    let b = TestServer::start_with(move |c| {
+        c.storage = StorageConfig::Shared(Box::new(s));
+        c.session_timeout = Duration::from_secs(2);
+        c.cleanup_interval = Duration::from_millis(200);
+    })
+    .await;
+
+    // Through node A only: a half-done upload, a closed echo job (a tombstone), a cancelled
+    // session (a tombstone), and a session kept busy.
+    let mut c = RawClient::connect(a.addr()).await;
+    let data = pattern(20_000, 4);
+    let half = c.create_session("/upload/sweep/half.bin").await;
+    c.fragment("/upload/sweep/half.bin", &half, &data, 0, 5_000)
+        .await
+        .assert_ack();
+    let (closed, _) = c.upload("/echo/sweep", &data, 20_000).await;
+    c.close_session("/echo/sweep", &closed).await.assert_ack();
+    let cancelled = c.create_session("/echo/sweep").await;
+    c.cancel_session("/echo/sweep", &cancelled)
+        .await
+        .assert_ack();
+    let busy = c.create_session("/upload/sweep/busy.bin").await;
+
+    // Node B has served none of these packets: its /metrics counts them from PostgreSQL.
+    let text = admin_text(&b, "/metrics").await;
+    assert_eq!(metric(&text, "bitsd_sessions{state=\"receiving\"}"), 2.0);
+    assert_eq!(metric(&text, "bitsd_sessions{state=\"closed\"}"), 1.0);
+    assert_eq!(metric(&text, "bitsd_sessions{state=\"cancelled\"}"), 1.0);
+    assert_eq!(metric(&text, "bitsd_sessions{state=\"reply-ready\"}"), 0.0);
+
+    // The busy session gets a fragment every 250 ms through node A while node B's sweeper
+    // removes everything else (idle for more than 2 s).
+    let busy_data = pattern(100_000, 5);
+    let mut at = 0;
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        c.fragment("/upload/sweep/busy.bin", &busy, &busy_data, at, 1_000)
+            .await
+            .assert_ack();
+        at += 1_000;
+    }
+    for sid in [&half, &closed, &cancelled] {
+        let (status, _) = a.admin_get(&format!("/sessions/{sid}")).await;
+        assert_eq!(status, 404, "{sid} expired by node B, tombstone included");
+    }
+    c.fragment("/upload/sweep/half.bin", &half, &data, 5_000, 1_000)
+        .await
+        .assert_error(500, "0x8020001f");
+    let (status, json) = a.admin_get(&format!("/sessions/{busy}")).await;
+    assert_eq!(status, 200, "the busy session stays: {json}");
+    assert_eq!(json["upload"]["bytes_received"], 16_000);
+    let text = admin_text(&a, "/metrics").await;
+    assert_eq!(metric(&text, "bitsd_sessions{state=\"receiving\"}"), 1.0);
+    assert_eq!(metric(&text, "bitsd_sessions{state=\"closed\"}"), 0.0);
+    assert_eq!(metric(&text, "bitsd_sessions{state=\"cancelled\"}"), 0.0);
+}

@@ -8,15 +8,14 @@
 
 mod chaos_support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd_tests::bits_job::RetryPolicy;
 use bitsd_tests::farm_cluster::{shared_config, FarmCluster};
 use bitsd_tests::farm_servers::FarmServers;
-use bitsd_tests::garage::{Garage, GarageCluster};
-use bitsd_tests::pg::{ClusterOptions, PgCluster};
+use bitsd_tests::garage::GarageCluster;
+use bitsd_tests::pg::PgCluster;
 use bitsd_tests::{pattern, RawClient};
 
 use chaos_support::{check_plain_uploads, plans, run_jobs, tally, MIB};
@@ -51,22 +50,14 @@ async fn wait_for_requests(cluster: &FarmCluster, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_for_seconds_under_concurrent_jobs_through_bitsd_loses_nothing() {
-    // Its own cluster: stopping the binary's shared one would hit the other tests.
-    let pg = match tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::default()))
-        .await
-        .unwrap()
-    {
-        Ok(c) => Arc::new(c),
-        Err(why) => return eprintln!("skipping: {why}"),
-    };
-    let Some(garage) = tokio::task::spawn_blocking(Garage::start).await.unwrap() else {
+    // Its own cluster (`start_own`): stopping the binary's shared one would hit the other tests.
+    let Some(FarmServers {
+        pg,
+        postgres_url: url,
+        garage,
+    }) = FarmServers::start_own().await
+    else {
         return;
-    };
-    let url = {
-        let pg = pg.clone();
-        tokio::task::spawn_blocking(move || pg.fresh_database())
-            .await
-            .unwrap()
     };
     let store = garage.object_store_config("pgdown");
     let config = shared_config("", &url, 8, 2, &store);
@@ -292,21 +283,13 @@ async fn a_node_sigkilled_mid_fragment_and_the_retry_on_another_node_resumes_fro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_download_while_the_object_store_or_postgres_is_down_is_a_transient_503() {
     use bitsd::{SharedStorage, StorageConfig};
-    let pg = match tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::default()))
-        .await
-        .unwrap()
-    {
-        Ok(c) => Arc::new(c),
-        Err(why) => return eprintln!("skipping: {why}"),
-    };
-    let Some(mut garage) = tokio::task::spawn_blocking(Garage::start).await.unwrap() else {
+    let Some(FarmServers {
+        pg,
+        postgres_url: url,
+        mut garage,
+    }) = FarmServers::start_own().await
+    else {
         return;
-    };
-    let url = {
-        let pg = pg.clone();
-        tokio::task::spawn_blocking(move || pg.fresh_database())
-            .await
-            .unwrap()
     };
     let shared = SharedStorage {
         postgres_url: url,

@@ -6,116 +6,21 @@
 //! Garage is not installed.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd::storage::shared::objects::{ObjectInfo, Objects};
+use bitsd::storage::shared::objects::Objects;
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::storage::shared::SharedBackend;
-use bitsd::storage::{
-    CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord,
-    SessionState,
-};
+use bitsd::storage::{CommitOutcome, FragmentCommit, SessionBackend};
 use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::FarmServers;
-use bitsd_tests::garage::Garage;
 use bitsd_tests::pattern;
-use bitsd_tests::pg::{session_record, PgCluster};
+use bitsd_tests::pg::session_record;
 use bytes::Bytes;
-use futures_util::StreamExt;
 
-/// Two "nodes": two backends on one database and bucket.
-struct Two {
-    a: SharedBackend,
-    b: SharedBackend,
-    _garage: Garage,
-    _pg: Arc<PgCluster>,
-    _scratch: tempfile::TempDir,
-}
+mod gc_support;
 
-async fn two() -> Option<Two> {
-    let FarmServers {
-        pg,
-        postgres_url: url,
-        garage,
-    } = FarmServers::start().await?;
-    let store = garage.object_store_config("gc");
-    let scratch = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let state = PgStateStore::connect(&url, PgOptions::default())
-            .await
-            .unwrap();
-        nodes.push(SharedBackend::from_parts(
-            state,
-            Objects::new(&store).unwrap(),
-            scratch.path().to_owned(),
-        ));
-    }
-    let b = nodes.pop().unwrap();
-    let a = nodes.pop().unwrap();
-    Some(Two {
-        a,
-        b,
-        _garage: garage,
-        _pg: pg,
-        _scratch: scratch,
-    })
-}
-
-fn plan(write_at: u64, len: u64) -> FragmentPlan {
-    FragmentPlan {
-        write_at,
-        len,
-        durability: FragmentDurability::Durable,
-    }
-}
-
-async fn read_all(backend: &SharedBackend, id: &SessionId) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut s = backend.read_upload(id).await.unwrap();
-    while let Some(c) = s.next().await {
-        out.extend_from_slice(&c.unwrap());
-    }
-    out
-}
-
-async fn objects_of(backend: &SharedBackend, id: &SessionId) -> Vec<ObjectInfo> {
-    backend
-        .objects()
-        .list(&backend.objects().session_prefix(id))
-        .await
-        .unwrap()
-}
-
-/// `record` advanced to `received` (complete when it reaches `total`).
-fn at(record: &SessionRecord, received: u64, total: u64) -> SessionRecord {
-    let mut r = record.clone();
-    r.received = received;
-    r.total = Some(total);
-    if received == total {
-        r.state = SessionState::Complete;
-    }
-    r
-}
-
-/// Writes `bytes` at `offset` through `backend` and commits it.
-async fn fragment(
-    backend: &SharedBackend,
-    record: &SessionRecord,
-    offset: u64,
-    bytes: &[u8],
-    total: u64,
-) -> FragmentCommit {
-    let mut sink = backend
-        .begin_fragment(&record.id, plan(offset, bytes.len() as u64))
-        .await
-        .unwrap();
-    sink.write(Bytes::copy_from_slice(bytes)).await.unwrap();
-    sink.commit(offset, &at(record, offset + bytes.len() as u64, total))
-        .await
-        .unwrap()
-}
+use gc_support::{at, fragment, objects_of, plan, read_all, two};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_losing_writers_object_is_collected_and_the_winners_bytes_stay() {
@@ -338,6 +243,20 @@ async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() 
         postgres_timeout: Duration::from_secs(5),
         object_store: store.clone(),
     };
+    // An orphan (objects of a session with no row) older than the grace when the node starts:
+    // the node's first sweep deletes it.
+    let orphan_store = Objects::new(&store).unwrap();
+    let orphan = orphan_store.session_prefix(&SessionId::random());
+    orphan_store
+        .put_stream(
+            orphan.join("frag/00000000000000000000-orphan"),
+            futures_util::stream::iter([Ok::<_, bitsd::storage::StorageError>(Bytes::from(
+                pattern(1_000, 8),
+            ))]),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let node = bitsd_tests::TestServer::start_with(move |c| {
         c.storage = bitsd::StorageConfig::Shared(Box::new(shared));
         c.cleanup_interval = Duration::from_millis(200);
@@ -402,6 +321,10 @@ async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() 
     }
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(!left[0].key.as_str().contains("deadwriter"), "{left:?}");
+    assert!(
+        orphan_store.list(&orphan).await.unwrap().is_empty(),
+        "the orphan's objects"
+    );
     // The client goes on from its last Ack; the file is whole.
     let fin = c
         .fragment("/upload/gc/dead.bin", &sid, &data, 20_000, 20_000)

@@ -315,7 +315,9 @@ async fn garage_assembles_many_small_and_mixed_fragments_byte_exact() {
         .assemble(&dest, &fragments, data.len() as u64)
         .await
         .unwrap();
-    assert_eq!(assembled.crc32c, Some(crc32c::crc32c(&data)));
+    // The last 8 MiB fragment is copied by the store (tests/tests/farm_assembly.rs has the
+    // shapes of assembly with part copies); the rest is streamed through the node.
+    assert!(assembled.copied_bytes >= 5 * MIB as u64, "{assembled:?}");
     assert!(read_all(&objects, &dest).await == data);
 
     // A gap in the index is refused, nothing is written.

@@ -10,30 +10,17 @@ use std::time::Duration;
 use bitsd::storage::shared::objects::ObjectStoreConfig;
 use bitsd::{SharedStorage, StorageConfig};
 use bitsd_tests::farm_servers::FarmServers;
-use bitsd_tests::garage::Garage;
-use bitsd_tests::pg::{ClusterOptions, PgCluster};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_or_object_store_down_gives_503_and_the_retry_resumes_from_the_last_ack() {
-    let pg = match tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::default()))
-        .await
-        .unwrap()
-    {
-        Ok(c) => std::sync::Arc::new(c),
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            return;
-        }
-    };
-    let Some(garage) = tokio::task::spawn_blocking(Garage::start).await.unwrap() else {
+    let Some(FarmServers {
+        pg,
+        postgres_url: url,
+        garage,
+    }) = FarmServers::start_own().await
+    else {
         return;
-    };
-    let url = {
-        let pg = pg.clone();
-        tokio::task::spawn_blocking(move || pg.fresh_database())
-            .await
-            .unwrap()
     };
     let shared = SharedStorage {
         postgres_url: url,

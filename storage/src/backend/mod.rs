@@ -364,6 +364,37 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
         Ok(LiveCounts::from_records(&self.list().await?))
     }
 
+    /// How many records (live and tombstones) are in each state, for `/metrics`. The default
+    /// counts [`SessionBackend::list`]; a backend that can count without reading every record
+    /// (a shared one: one `GROUP BY` query) overrides it.
+    async fn count_by_state(&self) -> Result<HashMap<SessionState, u64>, StorageError> {
+        let mut counts = HashMap::new();
+        for record in self.list().await? {
+            *counts.entry(record.state).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+
+    /// At most `limit` records (live and tombstones) untouched since `updated_before_ms`
+    /// (milliseconds since the epoch), oldest first: the sweeper's candidates. The default
+    /// filters [`SessionBackend::list`]; a shared backend reads only these rows (an index on
+    /// the update time).
+    async fn idle_sessions(
+        &self,
+        updated_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        let mut idle: Vec<SessionRecord> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| r.updated_ms < updated_before_ms)
+            .collect();
+        idle.sort_by_key(|r| r.updated_ms);
+        idle.truncate(limit);
+        Ok(idle)
+    }
+
     /// Takes the sweeper's lock if no one (no other node, no other task) holds it; `None`
     /// when someone does. Sweep (list, check expiry, purge) only while holding it.
     async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError>;

@@ -5,9 +5,11 @@
 //! The crash-safe order of each verb:
 //!
 //! - create: one PostgreSQL insert, durable on return.
-//! - fragment: the object's key is recorded as pending in PostgreSQL **before** the first byte
-//!   is sent; the body streams into its own object (`…/frag/<offset>-<nonce>`); commit
-//!   completes the object first (durable on the store's write quorum), **then** one PostgreSQL
+//! - fragment: the object's key is recorded as pending in PostgreSQL while the body streams
+//!   into its own object (`…/frag/<offset>-<nonce>`), and that row is committed **before** the
+//!   object is completed (before its single PUT, or the completion of its multipart upload:
+//!   nothing is visible at the key earlier); commit then completes the object (durable on
+//!   the store's write quorum), **then** one PostgreSQL
 //!   statement advances `received` only if it still equals the offset the node read, records
 //!   the object in the fragment index and drops the pending row. A lost commit's object stays
 //!   pending until the sweeper deletes it; readers never see it (they follow the index).
@@ -23,6 +25,7 @@
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
 mod gc;
+mod orphans;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -40,7 +43,7 @@ use crate::backend::{
     ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
-use sinks::{reply_key, SharedFragment, SharedReply};
+use sinks::{reply_key, PendingRow, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.
 const FILE_CHUNK: usize = 256 * 1024;
@@ -51,6 +54,7 @@ pub struct SharedBackend {
     state: PgStateStore,
     objects: Objects,
     scratch: PathBuf,
+    orphan_scan: std::sync::Arc<orphans::OrphanSchedule>,
 }
 
 impl SharedBackend {
@@ -74,6 +78,7 @@ impl SharedBackend {
             state,
             objects,
             scratch,
+            orphan_scan: Default::default(),
         }
     }
 
@@ -208,13 +213,16 @@ impl SessionBackend for SharedBackend {
         plan: FragmentPlan,
     ) -> Result<Box<dyn FragmentSink>, StorageError> {
         let key = self.objects.fragment_key(id, plan.write_at);
-        // Pending BEFORE the first byte goes out: an object whose commit never happens is
-        // always known to the sweeper.
-        self.state.add_pending_object(id, key.as_str()).await?;
+        // The pending row goes in while the body streams (one PostgreSQL round trip off the
+        // fragment's latency); the commit waits for it BEFORE it completes the object, so an
+        // object whose commit never happens is always known to the sweeper: nothing is
+        // visible at the key until `ObjectWriter::finish`.
+        let pending = PendingRow::insert(&self.state, *id, key.as_str().to_string());
         Ok(Box::new(SharedFragment {
             id: *id,
             state: self.state.clone(),
             writer: self.objects.writer(key),
+            pending,
         }))
     }
 
@@ -401,11 +409,25 @@ impl SessionBackend for SharedBackend {
         Ok(LiveCounts { total, per_user })
     }
 
+    async fn count_by_state(
+        &self,
+    ) -> Result<std::collections::HashMap<SessionState, u64>, StorageError> {
+        self.state.count_by_state().await
+    }
+
+    async fn idle_sessions(
+        &self,
+        updated_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>, StorageError> {
+        self.state.idle_sessions(updated_before_ms, limit).await
+    }
+
     async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, StorageError> {
         Ok(self.state.try_sweeper_lock().await?.map(SweepLock::new))
     }
 
     async fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, StorageError> {
-        self.collect_pending_objects(grace).await
+        Ok(self.collect_pending_objects(grace).await? + self.collect_orphans_if_due(grace).await?)
     }
 }

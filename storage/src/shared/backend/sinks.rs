@@ -4,19 +4,58 @@
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
 use bytes::Bytes;
+use tokio::task::JoinHandle;
 
 use super::super::objects::{ObjectKey, ObjectWriter, Objects};
 use super::super::pg::{CasOutcome, Expect, NewFragment, PgStateStore};
 use crate::backend::{FragmentCommit, FragmentSink, ReplySink};
 use crate::{ReplyKind, SessionRecord, StorageError};
 
-/// A fragment on its way into its own object (`…/frag/<offset>-<nonce>`). Its pending row was
-/// written before the first byte was sent, so an object whose commit never happens is found
-/// by the sweeper.
+/// A fragment on its way into its own object (`…/frag/<offset>-<nonce>`). Its pending row is
+/// inserted while the body streams and is committed before the object is completed, so an
+/// object whose commit never happens is found by the sweeper.
 pub(super) struct SharedFragment {
     pub(super) id: SessionId,
     pub(super) state: PgStateStore,
     pub(super) writer: ObjectWriter,
+    pub(super) pending: PendingRow,
+}
+
+/// A fragment's pending-object row on its way into PostgreSQL, in a task of its own so that
+/// its round trip overlaps the body. A sink dropped before its commit (the client went away)
+/// leaves the task to finish: the row then names an object that never came to be, which the
+/// collector forgets after the grace (deleting a missing object is not an error).
+pub(super) struct PendingRow(Option<JoinHandle<Result<(), StorageError>>>);
+
+impl PendingRow {
+    /// Starts inserting the pending row of `key` for session `id`.
+    pub(super) fn insert(state: &PgStateStore, id: SessionId, key: String) -> Self {
+        let state = state.clone();
+        PendingRow(Some(tokio::spawn(async move {
+            state.add_pending_object(&id, &key).await
+        })))
+    }
+
+    /// The insert's error if it has failed already (so a fragment whose row cannot be
+    /// written stops early instead of after its whole body), without waiting.
+    async fn check(&mut self) -> Result<(), StorageError> {
+        match &self.0 {
+            Some(task) if task.is_finished() => self.wait().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until the row is committed (or the insert failed).
+    async fn wait(&mut self) -> Result<(), StorageError> {
+        match self.0.take() {
+            None => Ok(()),
+            Some(task) => task.await.unwrap_or_else(|e| {
+                Err(StorageError::StateStore(format!(
+                    "the pending-object insert did not finish: {e}"
+                )))
+            }),
+        }
+    }
 }
 
 impl std::fmt::Debug for SharedFragment {
@@ -32,6 +71,7 @@ impl std::fmt::Debug for SharedFragment {
 #[async_trait]
 impl FragmentSink for SharedFragment {
     async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        self.pending.check().await?;
         self.writer.write_bytes(bytes).await
     }
 
@@ -39,7 +79,9 @@ impl FragmentSink for SharedFragment {
         self.writer.len()
     }
 
-    /// 1. the object is completed (durable on the store's write quorum), 2. one PostgreSQL
+    /// 0. the pending row is committed (inserted while the body streamed): no object is
+    /// visible at the key before it, 1. the object is completed (durable on the store's write
+    /// quorum), 2. one PostgreSQL
     /// statement advances `received` only if it still equals `expected` and records the
     /// object in the fragment index, provided the object's pending row is still there (the
     /// pending-object collector claims rows before it deletes objects). A lost commit's object
@@ -49,12 +91,20 @@ impl FragmentSink for SharedFragment {
         expected: u64,
         record: &SessionRecord,
     ) -> Result<FragmentCommit, StorageError> {
-        let SharedFragment { id, state, writer } = *self;
+        let SharedFragment {
+            id,
+            state,
+            writer,
+            mut pending,
+        } = *self;
         if writer.is_empty() {
             // No new bytes (a repeated last fragment): nothing to store; the record is saved
             // under the same compare-and-set.
             let key = writer.key().as_str().to_string();
             writer.abort().await;
+            // The row is forgotten only once it is in (else the forget could come first and
+            // leave the row to the collector); a failed insert left nothing to forget.
+            let inserted = pending.wait().await.is_ok();
             let outcome = state
                 .save(
                     record,
@@ -64,8 +114,15 @@ impl FragmentSink for SharedFragment {
                     },
                 )
                 .await?;
-            let _ = state.forget_pending_object(&key).await;
+            if inserted {
+                let _ = state.forget_pending_object(&key).await;
+            }
             return Ok(settle(outcome));
+        }
+        // The order the collector relies on: the row is committed BEFORE the object exists.
+        if let Err(e) = pending.wait().await {
+            writer.abort().await;
+            return Err(e);
         }
         let stored = writer.finish().await?;
         let outcome = state

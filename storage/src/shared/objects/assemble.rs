@@ -1,15 +1,19 @@
 //! Assembly of a complete upload from its fragment objects, and reading it as one stream.
 //!
 //! One fragment: a server-side copy (CopyObject, one request, no bytes through the node).
-//! Several: the fragments are read in offset order (up to [`READ_AHEAD`] GETs open at once,
-//! so many small fragments do not cost one round trip each in sequence) and streamed into
-//! one [`ObjectWriter`], which coalesces them into parts of the part size (S3 wants at least
-//! 5 MiB in every part but the last) or sends one PUT when the whole upload is shorter.
-//! `object_store` offers no `UploadPartCopy`, so large fragments pass through the node too.
+//! Several, at least one of them 5 MiB or longer (and `server_side_copy` on): a multipart
+//! upload whose parts the store copies from the large fragments (`UploadPartCopy`) while the
+//! node streams runs of small ones as parts of their own (see [`super::part_plan`] and
+//! [`super::assemble_copy`]). Otherwise, or when the store refuses part copies: the fragments
+//! are read in offset order (up to [`READ_AHEAD`] GETs open at once, so many small fragments
+//! do not cost one round trip each in sequence) and streamed into one [`ObjectWriter`],
+//! which coalesces them into parts of the part size (S3 wants at least 5 MiB in every part
+//! but the last) or sends one PUT when the whole upload is shorter.
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 
+use super::assemble_copy::CopyAssembly;
 use super::error::map_err;
 use super::{ByteStream, ObjectKey, Objects};
 use crate::StorageError;
@@ -39,6 +43,9 @@ pub struct Assembled {
     pub crc32c: Option<u32>,
     /// Requests sent to the store (GETs, PUTs, parts, copy), for the metrics and the docs.
     pub requests: u64,
+    /// Bytes the store copied itself (CopyObject, UploadPartCopy): they did not pass through
+    /// the node. The rest of `len` was read and written by the node.
+    pub copied_bytes: u64,
 }
 
 /// Sorts `fragments` by offset and checks that they cover `0..total` exactly, without gaps
@@ -80,7 +87,12 @@ impl Objects {
         total: u64,
     ) -> Result<Assembled, StorageError> {
         let fragments = in_order(fragments, total, dest)?;
-        if let [only] = fragments.as_slice() {
+        // CopyObject takes objects up to 5 GiB; a longer single fragment is copied in parts.
+        let single = match fragments.as_slice() {
+            [only] if only.len <= super::part_plan::MAX_PART_SIZE => Some(only),
+            _ => None,
+        };
+        if let Some(only) = single {
             self.store
                 .copy(only.key.path(), dest.path())
                 .await
@@ -90,7 +102,17 @@ impl Objects {
                 len: total,
                 crc32c: None,
                 requests: 1,
+                copied_bytes: total,
             });
+        }
+        if let Some(plan) = self.copy_plan(&fragments) {
+            match self
+                .assemble_with_copies(dest, &fragments, plan, total)
+                .await?
+            {
+                CopyAssembly::Done(assembled) => return Ok(assembled),
+                CopyAssembly::Refused => {} // streamed below
+            }
         }
         let mut writer = self.writer(dest.clone());
         let mut stream = self.read_fragments_checked(&fragments);
@@ -117,6 +139,7 @@ impl Objects {
             len: stored.len,
             crc32c: Some(stored.crc32c),
             requests: fragments.len() as u64 + writes,
+            copied_bytes: 0,
         })
     }
 

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+
+use super::part_copy::S3Location;
 use object_store::{ClientOptions, RetryConfig};
 
 use crate::StorageError;
@@ -51,6 +53,11 @@ pub struct ObjectStoreConfig {
     pub max_retries: Option<usize>,
     /// Stop retrying a request after this many seconds (default 10).
     pub retry_timeout_secs: Option<u64>,
+    /// Assemble a finished upload's large fragments with server-side copies
+    /// (`UploadPartCopy`: their bytes never pass through the node) where the store has them
+    /// (default true; a store that refuses is detected and streamed to instead). `false`
+    /// streams every upload's bytes through the node at assembly.
+    pub server_side_copy: Option<bool>,
 }
 
 impl std::fmt::Debug for ObjectStoreConfig {
@@ -67,6 +74,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("allow_http", &self.allow_http)
             .field("virtual_hosted_style", &self.virtual_hosted_style)
             .field("part_size", &self.part_size)
+            .field("server_side_copy", &self.server_side_copy)
             .finish_non_exhaustive()
     }
 }
@@ -81,7 +89,22 @@ impl ObjectStoreConfig {
         usize::try_from(size).unwrap_or(usize::MAX)
     }
 
-    pub(crate) fn build(&self) -> Result<AmazonS3, StorageError> {
+    /// Whether uploads are assembled with server-side part copies where possible.
+    pub fn server_side_copy(&self) -> bool {
+        self.server_side_copy.unwrap_or(true)
+    }
+
+    /// The connect timeout, the timeout of one request, and the retries of a failed one.
+    pub(crate) fn timeouts(&self) -> (Duration, Duration, usize) {
+        (
+            Duration::from_millis(self.connect_timeout_ms.unwrap_or(2000)),
+            Duration::from_secs(self.request_timeout_secs.unwrap_or(60)),
+            self.max_retries.unwrap_or(3),
+        )
+    }
+
+    /// The S3 client, and where its bucket is (for the requests `object_store` cannot send).
+    pub(crate) fn build(&self) -> Result<(AmazonS3, S3Location), StorageError> {
         let refuse = |why: String| StorageError::ObjectStore {
             op: "configure",
             key: self.bucket.clone(),
@@ -115,23 +138,43 @@ impl ObjectStoreConfig {
         if let Some(token) = &self.session_token {
             builder = builder.with_token(token);
         }
+        let (connect_timeout, timeout, max_retries) = self.timeouts();
         let client = ClientOptions::new()
-            .with_connect_timeout(Duration::from_millis(
-                self.connect_timeout_ms.unwrap_or(2000),
-            ))
-            .with_timeout(Duration::from_secs(self.request_timeout_secs.unwrap_or(60)))
+            .with_connect_timeout(connect_timeout)
+            .with_timeout(timeout)
             .with_allow_http(allow_http);
         let retry = RetryConfig {
-            max_retries: self.max_retries.unwrap_or(3),
+            max_retries,
             retry_timeout: Duration::from_secs(self.retry_timeout_secs.unwrap_or(10)),
             ..RetryConfig::default()
         };
-        builder
+        // The bucket's URL as object_store forms it (endpoint from the config or AWS_ENDPOINT_URL).
+        let region = builder
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".into());
+        let endpoint = builder
+            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+        let bucket_endpoint = match (endpoint, self.virtual_hosted_style) {
+            (Some(endpoint), true) => endpoint.trim_end_matches('/').to_string(),
+            (Some(endpoint), false) => {
+                format!("{}/{}", endpoint.trim_end_matches('/'), self.bucket)
+            }
+            (None, true) => format!("https://{}.s3.{region}.amazonaws.com", self.bucket),
+            (None, false) => format!("https://s3.{region}.amazonaws.com/{}", self.bucket),
+        };
+        let location = S3Location {
+            bucket_endpoint,
+            bucket: self.bucket.clone(),
+            region,
+        };
+        let s3 = builder
             .with_client_options(client)
             .with_allow_http(allow_http)
             .with_virtual_hosted_style_request(self.virtual_hosted_style)
             .with_retry(retry)
             .build()
-            .map_err(|e| refuse(e.to_string()))
+            .map_err(|e| refuse(e.to_string()))?;
+        Ok((s3, location))
     }
 }

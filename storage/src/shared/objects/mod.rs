@@ -21,9 +21,12 @@
 //! day, for a node killed mid-upload).
 
 mod assemble;
+mod assemble_copy;
 mod config;
 mod error;
 mod keys;
+mod part_copy;
+mod part_plan;
 mod writer;
 
 use std::ops::Range;
@@ -111,6 +114,10 @@ impl ObjectRead {
 #[derive(Clone, Debug)]
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
+    /// The same client, for the multipart calls of assembly with part copies.
+    s3: Arc<object_store::aws::AmazonS3>,
+    /// `UploadPartCopy` requests (`None`: `server_side_copy = false`).
+    copier: Option<Arc<part_copy::PartCopier>>,
     prefix: ObjectKey,
     part_size: usize,
 }
@@ -118,9 +125,24 @@ pub struct Objects {
 impl Objects {
     /// Connects to the store `config` describes (nothing is sent until the first request).
     pub fn new(config: &ObjectStoreConfig) -> Result<Self, StorageError> {
-        let store = config.build()?;
+        let (s3, location) = config.build()?;
+        let s3 = Arc::new(s3);
+        let copier = if config.server_side_copy() {
+            let (connect, timeout, retries) = config.timeouts();
+            Some(Arc::new(part_copy::PartCopier::new(
+                location,
+                Arc::clone(s3.credentials()),
+                connect,
+                timeout,
+                retries,
+            )?))
+        } else {
+            None
+        };
         Ok(Objects {
-            store: Arc::new(store),
+            store: Arc::clone(&s3) as Arc<dyn ObjectStore>,
+            s3,
+            copier,
             prefix: ObjectKey::new(&config.prefix),
             part_size: config.part_size(),
         })

@@ -206,6 +206,56 @@ impl PgStateStore {
         .await
     }
 
+    /// What tells this database apart from any other: its name and when bitsd created its
+    /// schema (the first migration's time, to the microsecond). The sweeper writes it next
+    /// to the session prefixes so that it never takes another database's sessions for
+    /// orphans.
+    pub async fn database_identity(&self) -> Result<String, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one(
+                    "SELECT current_database()::text || ' created '
+                            || coalesce((SELECT to_char(min(applied_at) AT TIME ZONE 'UTC',
+                                                'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+                                         FROM bitsd_schema_version), 'never')",
+                    &[],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
+    /// Which of `ids` have no session row (neither live nor a tombstone), in one query: the
+    /// sweeper's check of session prefixes found in the bucket.
+    pub async fn sessions_without_row(
+        &self,
+        ids: &[SessionId],
+    ) -> Result<Vec<SessionId>, StorageError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT u FROM unnest($1::uuid[]) AS u
+                     WHERE NOT EXISTS (SELECT 1 FROM bitsd_sessions s WHERE s.id = u)",
+                    &[&ids],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| SessionId::from_uuid(r.get(0)))
+                .collect())
+        })
+        .await
+    }
+
     /// The fragment index of `id` in offset order: which object holds which bytes.
     pub async fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentObject>, StorageError> {
         self.timed(async {

@@ -6,7 +6,7 @@ use bitsd_protocol::SessionId;
 
 use super::sessions::{decode, to_i64, COLS, LIVE};
 use super::{pg_error, PgStateStore};
-use crate::{SessionRecord, StorageError};
+use crate::{SessionRecord, SessionState, StorageError};
 
 impl PgStateStore {
     /// Live (not tombstoned) sessions of the farm.
@@ -116,6 +116,35 @@ impl PgStateStore {
                 }
             }
             Ok((total, per_user))
+        })
+        .await
+    }
+
+    /// Records of the farm (live and tombstones) per state: one `GROUP BY` over the state
+    /// column, whatever the number of sessions (what `/metrics` reports).
+    pub async fn count_by_state(&self) -> Result<HashMap<SessionState, u64>, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT state, count(*) FROM bitsd_sessions GROUP BY state",
+                    &[],
+                )
+                .await
+                .map_err(pg_error)?;
+            let mut counts = HashMap::new();
+            for row in rows {
+                let name: String = row.get(0);
+                let state: SessionState = serde_json::from_value(serde_json::Value::String(
+                    name.clone(),
+                ))
+                .map_err(|e| StorageError::Corrupt {
+                    key: "bitsd_sessions".into(),
+                    why: format!("unknown session state {name:?}: {e}"),
+                })?;
+                counts.insert(state, row.get::<_, i64>(1) as u64);
+            }
+            Ok(counts)
         })
         .await
     }

@@ -1,0 +1,218 @@
+//! Assembly of a finished upload from its fragment objects with server-side part copies
+//! (`UploadPartCopy`), against a real Garage: byte-exact for every shape (large fragments
+//! copied, runs of small ones streamed as parts, a large fragment lending its first bytes to
+//! the part before it), the bytes that pass through the node counted, the same shapes
+//! streamed when the switch is off or the store refuses part copies (nginx in front of Garage
+//! answering them 501), and a failed copy leaving no object and no unfinished upload. Skips
+//! with a printed reason when Garage (or nginx) is not installed.
+#![allow(clippy::unwrap_used)]
+
+use bitsd_protocol::SessionId;
+use bitsd_storage::shared::objects::{FragmentObject, ObjectKey, ObjectStoreConfig, Objects};
+use bitsd_storage::StorageError;
+use bitsd_tests::garage::{Garage, S3Access};
+use bitsd_tests::nginx::Nginx;
+use bitsd_tests::pattern;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+const MIB: usize = 1024 * 1024;
+
+fn config(endpoint: String, access: &S3Access, copies: bool) -> ObjectStoreConfig {
+    ObjectStoreConfig {
+        bucket: access.bucket.clone(),
+        prefix: "assembly".into(),
+        endpoint: Some(endpoint),
+        region: Some(access.region.clone()),
+        access_key_id: Some(access.access_key.clone()),
+        secret_access_key: Some(access.secret_key.clone()),
+        part_size: Some(8 * MIB as u64),
+        server_side_copy: Some(copies),
+        ..ObjectStoreConfig::default()
+    }
+}
+
+/// Puts `sizes` as consecutive fragment objects of one new session (8 PUTs at once).
+async fn put_fragments(
+    objects: &Objects,
+    sizes: &[usize],
+    seed: u64,
+) -> (Vec<FragmentObject>, Vec<u8>) {
+    let session = SessionId::random();
+    let data = pattern(sizes.iter().sum(), seed);
+    let mut jobs = Vec::new();
+    let mut offset = 0;
+    for &size in sizes {
+        let key = objects.fragment_key(&session, offset as u64);
+        jobs.push((offset, size, key));
+        offset += size;
+    }
+    let data_ref = &data;
+    let fragments = futures_util::stream::iter(jobs)
+        .map(|(offset, size, key)| async move {
+            let bytes = Bytes::copy_from_slice(&data_ref[offset..offset + size]);
+            let stored = objects
+                .put_stream(
+                    key.clone(),
+                    futures_util::stream::iter([Ok::<_, StorageError>(bytes)]),
+                )
+                .await
+                .unwrap();
+            assert_eq!(stored.len, size as u64);
+            FragmentObject {
+                offset: offset as u64,
+                len: size as u64,
+                key,
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    (fragments, data)
+}
+
+async fn read_all(objects: &Objects, key: &ObjectKey) -> Vec<u8> {
+    objects
+        .read(key, None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+}
+
+/// The shapes every test assembles: (name, fragment sizes, bytes the store should copy when
+/// part copies work).
+fn shapes() -> Vec<(&'static str, Vec<usize>, usize)> {
+    vec![
+        // 64 MiB in 8 MiB fragments: every byte copied by the store.
+        ("eight-8mib", vec![8 * MIB; 8], 64 * MIB),
+        // Small ones, a 16 MiB one lending them 5 MiB - 250 KB, small ones taking the last
+        // 5 MiB - 100 KB of that 16 MiB copy (the 8 MiB one after them would keep too little
+        // to be copied if it lent them its first bytes), the 8 MiB one copied whole, a tail.
+        (
+            "mixed",
+            [
+                vec![5_000; 50],
+                vec![16 * MIB],
+                vec![5_000; 20],
+                vec![8 * MIB],
+                vec![MIB],
+            ]
+            .concat(),
+            16 * MIB - (5 * MIB - 250_000) - (5 * MIB - 100_000) + 8 * MIB,
+        ),
+        // Just over 5 MiB: 2 MiB, then 11 MiB of which 3 MiB are lent.
+        ("lend", vec![2 * MIB, 11 * MIB], 8 * MIB),
+        // Exactly 5 MiB copied, then a 3-byte last part.
+        ("five-and-three", vec![5 * MIB, 3], 5 * MIB),
+        // Small fragments only (nothing to copy: streamed).
+        ("small-only", vec![700_000; 12], 0),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_fragments_are_copied_by_the_store_and_every_shape_is_byte_exact() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let with = Objects::new(&config(garage.endpoint(), garage.access(), true)).unwrap();
+    let without = Objects::new(&config(garage.endpoint(), garage.access(), false)).unwrap();
+    for (name, sizes, copies) in shapes() {
+        let (fragments, data) = put_fragments(&with, &sizes, 3).await;
+        let total = data.len() as u64;
+        // With part copies: only the small fragments' bytes pass through the node.
+        let dest = with.file_key(&format!("copied/{name}.bin"));
+        let assembled = with.assemble(&dest, &fragments, total).await.unwrap();
+        assert_eq!(assembled.len, total, "{name}");
+        assert_eq!(assembled.copied_bytes, copies as u64, "{name}");
+        assert!(
+            read_all(&with, &dest).await == data,
+            "{name}: copied bytes differ"
+        );
+        println!(
+            "{name}: {total} bytes, {} copied by the store, {} through the node, {} requests",
+            assembled.copied_bytes,
+            total - assembled.copied_bytes,
+            assembled.requests
+        );
+        // The switch off: every byte through the node, the same result.
+        let dest = without.file_key(&format!("streamed/{name}.bin"));
+        let assembled = without.assemble(&dest, &fragments, total).await.unwrap();
+        assert_eq!(assembled.copied_bytes, 0, "{name}");
+        assert_eq!(assembled.crc32c, Some(crc32c::crc32c(&data)), "{name}");
+        assert!(
+            read_all(&without, &dest).await == data,
+            "{name}: streamed bytes differ"
+        );
+    }
+    assert_eq!(garage.unfinished_uploads(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_part_copy_leaves_no_object_and_no_unfinished_upload() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let objects = Objects::new(&config(garage.endpoint(), garage.access(), true)).unwrap();
+    let (fragments, _) = put_fragments(&objects, &[MIB, 8 * MIB, 8 * MIB, 500], 4).await;
+    // The second large fragment's object is gone (say, deleted by hand): its copy fails.
+    let gone = fragments
+        .iter()
+        .find(|f| f.offset == 9 * MIB as u64)
+        .unwrap();
+    objects
+        .delete(std::slice::from_ref(&gone.key))
+        .await
+        .unwrap();
+    let dest = objects.file_key("failed/copy.bin");
+    let failed = objects
+        .assemble(&dest, &fragments, (17 * MIB + 500) as u64)
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(
+        matches!(
+            objects.head(&dest).await,
+            Err(StorageError::ObjectNotFound { .. })
+        ),
+        "nothing at the destination"
+    );
+    assert_eq!(
+        garage.unfinished_uploads(),
+        0,
+        "the multipart upload was aborted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_part_copies_gets_the_upload_streamed() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let Some(nginx) = Nginx::start_refusing_part_copies(&[garage.s3_addr()]) else {
+        return;
+    };
+    let objects = Objects::new(&config(nginx.url(), garage.access(), true)).unwrap();
+    for (name, sizes, _) in shapes() {
+        let (fragments, data) = put_fragments(&objects, &sizes, 5).await;
+        let dest = objects.file_key(&format!("refused/{name}.bin"));
+        let assembled = objects
+            .assemble(&dest, &fragments, data.len() as u64)
+            .await
+            .unwrap();
+        let single_copy = sizes.len() == 1;
+        if !single_copy {
+            assert_eq!(
+                assembled.copied_bytes, 0,
+                "{name}: streamed after the refusal"
+            );
+        }
+        assert!(read_all(&objects, &dest).await == data, "{name}");
+    }
+    assert!(
+        nginx.access_log().contains("status=501"),
+        "the refusal was seen: {}",
+        nginx.access_log()
+    );
+    assert_eq!(garage.unfinished_uploads(), 0);
+}
