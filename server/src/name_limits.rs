@@ -2,7 +2,9 @@
 //! name the file system cannot hold is refused at once (fatal 400) instead of failing with a
 //! transient 500 at the final fragment, which a client would retry forever.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use bitsd_protocol::{BitsError, ErrorContext, HResult};
 use http::StatusCode;
@@ -25,15 +27,43 @@ fn name_too_long(reason: String) -> BitsError {
     )
 }
 
+/// The file system's `NAME_MAX` for `files_dir`, read once per directory and kept (a
+/// `statfs` per Create-Session otherwise; the limit is the file system's and does not change
+/// while it is mounted). Readings are kept for at most [`NAME_MAX_KEPT`] directories.
+fn name_max(files_dir: &Path) -> usize {
+    static KEPT: OnceLock<Mutex<HashMap<PathBuf, usize>>> = OnceLock::new();
+    let kept = KEPT.get_or_init(Mutex::default);
+    if let Some(&n) = kept
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(files_dir)
+    {
+        return n;
+    }
+    let read = nix::sys::statvfs::statvfs(files_dir)
+        .ok()
+        .and_then(|s| usize::try_from(s.name_max()).ok())
+        .filter(|&n| n > 0);
+    let Some(n) = read else {
+        // Not kept: the next check asks again.
+        return DEFAULT_NAME_MAX;
+    };
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() >= NAME_MAX_KEPT {
+        kept.clear();
+    }
+    kept.insert(files_dir.to_path_buf(), n);
+    n
+}
+
+/// Directories whose `NAME_MAX` is kept at most; past that the map starts over.
+const NAME_MAX_KEPT: usize = 64;
+
 /// Refuses `dest` (a destination below `files_dir`, `/`-separated) when a segment is longer
 /// than the file system's `NAME_MAX` or the whole path, with room for the commit's temporary
 /// name, would reach `PATH_MAX`: 400 with `0x800700ce` (ERROR_FILENAME_EXCED_RANGE).
 pub(crate) fn check_name_lengths(files_dir: &Path, dest: &str) -> Result<(), BitsError> {
-    let name_max = nix::sys::statvfs::statvfs(files_dir)
-        .ok()
-        .and_then(|s| usize::try_from(s.name_max()).ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(DEFAULT_NAME_MAX);
+    let name_max = name_max(files_dir);
     if let Some(long) = dest.split('/').find(|s| s.len() > name_max) {
         return Err(name_too_long(format!(
             "a path segment is {} bytes long; the file system holds names up to {name_max} bytes",

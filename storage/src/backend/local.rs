@@ -45,12 +45,6 @@ use crate::{
     SessionState, SessionStore, StorageError,
 };
 
-/// Fragments of at least this many bytes whose bytes will be synced start writeback every
-/// [`crate::GATHER_BYTES`] while their body arrives, so the sync before the Ack waits only for
-/// the tail (on the benchmark machine, 1 MiB fragments gained 5–7%; starting writeback for a
-/// 64 KiB fragment cost as much CPU as it saved).
-pub const WRITEBACK_FROM: u64 = 1024 * 1024;
-
 /// A fragment on its way into a local upload file.
 #[derive(Debug)]
 struct LocalFragment {
@@ -153,10 +147,12 @@ impl SessionBackend for SessionStore {
                 durability: plan.durability,
             }));
         }
-        let mut writer = self.fragment_writer(id, plan.write_at).await?;
-        if plan.durability != FragmentDurability::Unsynced && plan.len >= WRITEBACK_FROM {
-            writer.start_writeback_every(crate::GATHER_BYTES as u64);
-        }
+        // No writeback hints (`FragmentWriter::start_writeback_every`): measured with 1 MiB
+        // fragments at 1/8/64 uploads (bitsd-bench, two interleaved A/B pairs), the hints'
+        // `posix_fadvise` calls, each on a blocking-pool thread, cost 25-40% more server CPU
+        // per GiB and about 1.5-1.8x the context switches, with no throughput gain the runs
+        // could show; the commit's `sync_data` writes the bytes either way.
+        let writer = self.fragment_writer(id, plan.write_at).await?;
         Ok(Box::new(LocalFragment {
             store: self.clone(),
             writer,
