@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use bitsd_protocol::SessionId;
 
-use super::sessions::{decode, to_i64, COLS, LIVE};
+use super::sessions::{decode, state_of, to_i64, COLS, LIVE};
 use super::{pg_error, PgStateStore};
 use crate::{SessionRecord, SessionState, StorageError};
 
@@ -134,14 +134,7 @@ impl PgStateStore {
                 .map_err(pg_error)?;
             let mut counts = HashMap::new();
             for row in rows {
-                let name: String = row.get(0);
-                let state: SessionState = serde_json::from_value(serde_json::Value::String(
-                    name.clone(),
-                ))
-                .map_err(|e| StorageError::Corrupt {
-                    key: "bitsd_sessions".into(),
-                    why: format!("unknown session state {name:?}: {e}"),
-                })?;
+                let state = state_of(row.get(0))?;
                 counts.insert(state, row.get::<_, i64>(1) as u64);
             }
             Ok(counts)

@@ -119,6 +119,14 @@ pub(super) fn state_text(state: SessionState) -> &'static str {
     state.as_str()
 }
 
+/// A session state from its `state` column (`receiving`, `reply-ready`, ...).
+pub(super) fn state_of(name: String) -> Result<SessionState, StorageError> {
+    serde_json::from_value(serde_json::Value::String(name)).map_err(|e| StorageError::Corrupt {
+        key: "bitsd_sessions".into(),
+        why: format!("session state column: {e}"),
+    })
+}
+
 /// A record from a row of [`COLS`].
 pub(super) fn decode(row: &Row) -> Result<SessionRecord, StorageError> {
     let json: serde_json::Value = row.get(0);
@@ -128,9 +136,7 @@ pub(super) fn decode(row: &Row) -> Result<SessionRecord, StorageError> {
     };
     let mut record: SessionRecord =
         serde_json::from_value(json).map_err(|e| corrupt(e.to_string()))?;
-    let state: String = row.get(1);
-    record.state = serde_json::from_value(serde_json::Value::String(state))
-        .map_err(|e| corrupt(e.to_string()))?;
+    record.state = state_of(row.get(1))?;
     record.received = row.get::<_, i64>(2) as u64;
     record.total = row.get::<_, Option<i64>>(3).map(|t| t as u64);
     record.updated_ms = row.get::<_, i64>(4) as u64;
