@@ -69,7 +69,7 @@ impl FarmEnv {
         let mut store = garage.object_store_config("bench");
         let store_proxy = if store_proxy {
             let s3 = garage.s3_addr();
-            let proxy = tokio::task::spawn_blocking(move || Nginx::start(&[s3]))
+            let proxy = tokio::task::spawn_blocking(move || Nginx::start_keepalive(&[s3]))
                 .await?
                 .ok_or("nginx is not installed (apt-get install nginx)")?;
             store.endpoint = Some(proxy.url());
@@ -93,7 +93,7 @@ impl FarmEnv {
             )?);
         }
         let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
-        let nginx = tokio::task::spawn_blocking(move || Nginx::start(&addrs))
+        let nginx = tokio::task::spawn_blocking(move || Nginx::start_keepalive(&addrs))
             .await?
             .ok_or("nginx is not installed (apt-get install nginx)")?;
         let local = BitsdChild::spawn(
