@@ -205,6 +205,11 @@ impl Report {
             );
             out.push_str(&crate::rounds::Comparison::markdown(&self.comparisons));
             out.push('\n');
+            let ceiling = crate::rounds::Comparison::ceiling_markdown(&self.comparisons);
+            if !ceiling.is_empty() {
+                out.push_str(&ceiling);
+                out.push('\n');
+            }
         }
         if self.rows.is_empty() {
             return self.tail(out);

@@ -117,6 +117,63 @@ pub struct Comparison {
 }
 
 impl Comparison {
+    /// For one upload at a time against the file writer: the share of the file writer's
+    /// throughput a server that cost nothing of its own could reach, per round. The client
+    /// sends the next fragment only after the Ack (stop-and-wait), so each fragment pays the
+    /// HTTP transfer (the sink's time for it) and the disk (the file writer's) one after the
+    /// other: `1 / (1/file + 1/sink)` of throughput, that is `sink / (file + sink)` of the
+    /// file writer's. With many uploads at once the sessions overlap and this bound does not
+    /// apply.
+    pub fn stop_and_wait_ceiling(&self) -> Option<Spread> {
+        if self.baseline_name != "file" || !self.scenario.starts_with("upload 1 ×") {
+            return None;
+        }
+        let sink = self.sink.as_ref()?;
+        let ceiling: Vec<f64> = self
+            .baseline
+            .rounds
+            .iter()
+            .zip(&sink.rounds)
+            .filter(|(f, s)| **f + **s > 0.0)
+            .map(|(f, s)| s / (f + s))
+            .collect();
+        (!ceiling.is_empty()).then(|| Spread::of(&ceiling))
+    }
+
+    /// The stop-and-wait ceilings of `rows` (see [`Comparison::stop_and_wait_ceiling`]) as a
+    /// markdown table, empty when no row has one.
+    pub fn ceiling_markdown(rows: &[Comparison]) -> String {
+        let mut out = String::new();
+        for r in rows {
+            let Some(c) = r.stop_and_wait_ceiling() else {
+                continue;
+            };
+            if out.is_empty() {
+                out.push_str(
+                    "One upload at a time is stop-and-wait (the next fragment leaves after the \
+                     Ack): each fragment pays its HTTP transfer (the sink's time) and the disk \
+                     (the file writer's) in a row, so even a server that cost nothing would \
+                     reach only sink / (file + sink) of the file writer:\n\n\
+                     | scenario | fsync | ceiling (per-round median) | bitsd/file | bitsd/ceiling |\n\
+                     |---|---|---:|---:|---:|\n",
+                );
+            }
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.0}% | {:.0}% |\n",
+                r.scenario,
+                r.fsync,
+                c.show_pct(),
+                r.ratio.median * 100.0,
+                if c.median > 0.0 {
+                    r.ratio.median / c.median * 100.0
+                } else {
+                    0.0
+                }
+            ));
+        }
+        out
+    }
+
     /// The markdown table of `rows`.
     pub fn markdown(rows: &[Comparison]) -> String {
         let mut out = String::from(
@@ -187,6 +244,35 @@ mod tests {
         let s = Spread::of(&[4.0, 1.0, 2.0, 3.0]);
         assert_eq!(s.median, 2.5);
         assert_eq!(Spread::of(&[]).median, 0.0);
+    }
+
+    #[test]
+    fn the_stop_and_wait_ceiling_is_sink_over_file_plus_sink_for_one_upload() {
+        let row = |scenario: &str| Comparison {
+            group: "upload",
+            scenario: scenario.into(),
+            fsync: "per-fragment",
+            unit: "MiB/s",
+            rounds: 2,
+            bitsd: Spread::of(&[50.0, 60.0]),
+            baseline_name: "file",
+            baseline: Spread::of(&[100.0, 300.0]),
+            ratio: Spread::of(&[0.5, 0.2]),
+            sink: Some(Spread::of(&[300.0, 100.0])),
+            cpu: None,
+            target: "—".into(),
+            pass: None,
+        };
+        // Round 1: 300 / (100 + 300) = 0.75; round 2: 100 / (300 + 100) = 0.25.
+        let c = row("upload 1 × 256 MiB, 1 MiB fragments")
+            .stop_and_wait_ceiling()
+            .unwrap();
+        assert_eq!(c.rounds, vec![0.75, 0.25]);
+        assert!(row("upload 8 × 16 MiB, 1 MiB fragments")
+            .stop_and_wait_ceiling()
+            .is_none());
+        let table = Comparison::ceiling_markdown(&[row("upload 1 × 256 MiB, 1 MiB fragments")]);
+        assert!(table.contains("| 50% (25%–75%) | 35% | 70% |"), "{table}");
     }
 
     #[test]
