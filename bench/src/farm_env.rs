@@ -69,7 +69,10 @@ impl FarmEnv {
         let mut store = garage.object_store_config("bench");
         let store_proxy = if store_proxy {
             let s3 = garage.s3_addr();
-            let proxy = tokio::task::spawn_blocking(move || Nginx::start_keepalive(&[s3]))
+            // A fresh upstream connection per request: Garage does not set TCP_NODELAY, and on
+            // a kept-alive connection a small response body waits for nginx's delayed ACK
+            // (about 40 ms, docs/performance.md).
+            let proxy = tokio::task::spawn_blocking(move || Nginx::start(&[s3]))
                 .await?
                 .ok_or("nginx is not installed (apt-get install nginx)")?;
             store.endpoint = Some(proxy.url());

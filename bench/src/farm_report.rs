@@ -180,7 +180,7 @@ impl FarmReport {
                 "PostgreSQL 15 on 127.0.0.1:{} (fsync, synchronous_commit, full_page_writes on); \
                  Garage single node {} (data_fsync, metadata_fsync on); {} bitsd farm nodes and \
                  one single-node bitsd (local backend, fsync per-fragment) as child processes; \
-                 nginx round robin with upstream keepalive (up to 16 idle connections per worker, as production balancers run){}",
+                 nginx round robin over the nodes with upstream keepalive (up to 16 idle connections, as production balancers run){}",
                 env.pg.port(),
                 env.garage.endpoint(),
                 env.nodes.len(),
