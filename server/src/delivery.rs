@@ -237,6 +237,12 @@ impl ConnSend {
                 // closed before the settling task first looks (a proxy that closes its
                 // upstream connection as soon as the response is in).
                 self.sample();
+                // Often the client has acknowledged everything already (a small reply on a
+                // fast link): then no settling task and no second sample.
+                if self.state().acked_upto >= end {
+                    report(taken);
+                    return;
+                }
                 let conn = self.clone();
                 rt.spawn(async move {
                     let n = conn.settle(local, peer, taken, end).await;
