@@ -6,6 +6,7 @@
 //! socket count, never those still in the server's own buffers.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,10 @@ use tokio::time::Instant;
 use crate::body::DeliveryReport;
 use crate::conn_send::SendLimits;
 use crate::tcp_unacked::{sample as tcp_sample, TcpSample};
+
+/// Set once a send-queue sample of any connection was answered: the kernel can tell what
+/// clients acknowledged (sock_diag works here), so a new body need not ask to find out.
+static KERNEL_TELLS: AtomicBool = AtomicBool::new(false);
 
 /// How long a reply whose bytes all went out waits for the client to acknowledge them before
 /// its progress is recorded with what was acknowledged by then.
@@ -147,8 +152,13 @@ impl ConnSend {
         if let Some((n, report)) = previous {
             report(n);
         }
-        // Learn early whether the kernel can tell what the client acknowledged.
-        self.sample();
+        // Learn early whether the kernel can tell what the client acknowledged: once any
+        // connection's sample was answered, it can (one sock_diag round trip less per reply).
+        if KERNEL_TELLS.load(Ordering::Relaxed) && self.0.addrs.is_some() {
+            self.state().kernel = true;
+        } else {
+            self.sample();
+        }
     }
 
     /// The streamed response body has handed `taken` bytes to the connection and ended (or
@@ -286,6 +296,7 @@ impl ConnSend {
         let Some(s) = tcp_sample(local, peer) else {
             return;
         };
+        KERNEL_TELLS.store(true, Ordering::Relaxed);
         let mut st = self.state();
         st.kernel = true;
         let Some(w) = st.acked_offset(s) else {
