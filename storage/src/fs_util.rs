@@ -126,6 +126,13 @@ pub(crate) fn remove_dir_all_if_exists(dir: &Path) -> Result<(), StorageError> {
     }
 }
 
+/// Whether `dir` may exist: `false` only when `lstat` says it does not (any other answer
+/// leaves the removal to [`remove_dir_all_if_exists`], which reports real errors). One
+/// `statx`, cheap enough for the runtime.
+pub(crate) fn dir_exists(dir: &Path) -> bool {
+    !matches!(fs::symlink_metadata(dir), Err(e) if e.kind() == io::ErrorKind::NotFound)
+}
+
 /// Whether `src` is the inode `dst` describes.
 pub(crate) fn same_inode(src: &Path, dst: &fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;

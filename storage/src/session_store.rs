@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
 
-use crate::fs_util::{blocking, create_dir_all_private, make_private, remove_dir_all_if_exists};
+use crate::fs_util::{
+    blocking, create_dir_all_private, dir_exists, make_private, remove_dir_all_if_exists,
+};
 use crate::{MetaStore, ReplyKind, SessionRecord, SessionState, SledMetaStore, StorageError};
 
 pub(crate) const UPLOAD_FILE: &str = "upload";
@@ -204,17 +206,26 @@ impl SessionStore {
         // Not flushed: if a crash loses the tombstone, the record still says the session was
         // live, a repeated Close finds it and ends it again; nothing acknowledged is lost.
         meta.save_lazy(&rec)?;
-        blocking(move || {
-            meta.remove_fragments(&rec.id)?;
-            SessionStore::remove_held(&*meta, &rec.id)?;
-            remove_dir_all_if_exists(&dir)
-        })
-        .await
+        // The meta store's removals are memory work (sled's cache), done right here. Only a
+        // session that has a directory needs the blocking pool: an inline-only session (its
+        // bytes all held in the meta store) never had one, and one `lstat` on the runtime
+        // costs less than the hand-off to a blocking thread and back.
+        meta.remove_fragments(&rec.id)?;
+        SessionStore::remove_held(&*meta, &rec.id)?;
+        if !dir_exists(&dir) {
+            return Ok(());
+        }
+        blocking(move || remove_dir_all_if_exists(&dir)).await
     }
 
     /// Removes every trace of a session: files, record, index (timeouts, cleanup).
     pub async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
         let (meta, id, dir) = (self.meta.clone(), *id, self.session_dir(id));
+        // No files (an inline-only session): the removals are memory work and the flush is
+        // the group commit, awaited here instead of on a blocking thread.
+        if !dir_exists(&dir) && meta.remove_lazy(&id)? {
+            return self.flush().await;
+        }
         blocking(move || {
             remove_dir_all_if_exists(&dir)?;
             meta.remove(&id)

@@ -401,13 +401,18 @@ impl MetaStore for SledMetaStore {
     }
 
     fn remove(&self, id: &SessionId) -> Result<(), StorageError> {
+        self.remove_lazy(id)?;
+        self.flush()
+    }
+
+    fn remove_lazy(&self, id: &SessionId) -> Result<bool, StorageError> {
         self.remove_fragments(id)?;
         self.remove_chunks_from(id, 0)?;
         self.remove_reply(id)?;
         self.sessions
             .remove(id.as_uuid().as_bytes())
             .map_err(meta_err)?;
-        self.flush()
+        Ok(true)
     }
 
     fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError> {
