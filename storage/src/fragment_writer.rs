@@ -411,14 +411,15 @@ impl SessionStore {
                             return Ok(FragmentCommit::Committed);
                         }
                     }
+                    // 3. The group commit, on this thread: it leads the flush when none runs
+                    // (no hand-off to the flusher thread and back), else it follows the one
+                    // that covers this record.
+                    if flush {
+                        meta.flush()?;
+                    }
                     Ok(FragmentCommit::Committed)
                 })
                 .await?;
-                // 3. The group commit, awaited on this task: the blocking thread is free as
-                // soon as the bytes are synced.
-                if flush && outcome == FragmentCommit::Committed {
-                    self.flush().await?;
-                }
                 Ok(outcome)
             }
         }

@@ -27,6 +27,7 @@ mod backend;
 mod error;
 mod fragment_writer;
 mod fs_util;
+mod group_flush;
 mod inline;
 mod meta;
 mod publish;

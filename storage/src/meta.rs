@@ -124,6 +124,11 @@ pub trait MetaStore: Send + Sync + 'static {
     fn has_chunks(&self, id: &SessionId) -> Result<bool, StorageError> {
         Ok(!self.chunks(id)?.is_empty())
     }
+    /// How many chunks of upload bytes of `id` the store holds, counting at most `limit`.
+    /// Memory work, bounded by `limit`.
+    fn count_chunks(&self, id: &SessionId, limit: usize) -> Result<usize, StorageError> {
+        Ok(self.chunks(id)?.len().min(limit))
+    }
     /// Removes the upload bytes of `id` held at or past `offset`, without waiting for
     /// durability.
     fn remove_chunks_from(&self, id: &SessionId, offset: u64) -> Result<(), StorageError> {

@@ -206,16 +206,29 @@ impl SessionStore {
         // Not flushed: if a crash loses the tombstone, the record still says the session was
         // live, a repeated Close finds it and ends it again; nothing acknowledged is lost.
         meta.save_lazy(&rec)?;
-        // The meta store's removals are memory work (sled's cache), done right here. Only a
-        // session that has a directory needs the blocking pool: an inline-only session (its
-        // bytes all held in the meta store) never had one, and one `lstat` on the runtime
-        // costs less than the hand-off to a blocking thread and back.
-        meta.remove_fragments(&rec.id)?;
-        SessionStore::remove_held(&*meta, &rec.id)?;
-        if !dir_exists(&dir) {
-            return Ok(());
+        if self.small_without_files(&rec.id, &dir)? {
+            meta.remove_fragments(&rec.id)?;
+            return SessionStore::remove_held(&*meta, &rec.id);
         }
-        blocking(move || remove_dir_all_if_exists(&dir)).await
+        blocking(move || {
+            meta.remove_fragments(&rec.id)?;
+            SessionStore::remove_held(&*meta, &rec.id)?;
+            remove_dir_all_if_exists(&dir)
+        })
+        .await
+    }
+
+    /// Whether ending or purging session `id` is quick memory work, right for the calling
+    /// task: it has no directory (an inline-only session never had one; one `lstat` on the
+    /// runtime costs less than a hand-off to a blocking thread and back), no fragment index
+    /// and only a few held chunks (an upload sent in tiny fragments can hold many: removing
+    /// them stays off the runtime).
+    fn small_without_files(&self, id: &SessionId, dir: &Path) -> Result<bool, StorageError> {
+        /// More held chunks than this are removed on the blocking pool.
+        const FEW_CHUNKS: usize = 16;
+        Ok(!dir_exists(dir)
+            && self.meta.last_fragment(id)?.is_none()
+            && self.meta.count_chunks(id, FEW_CHUNKS + 1)? <= FEW_CHUNKS)
     }
 
     /// Removes every trace of a session: files, record, index (timeouts, cleanup).
@@ -223,7 +236,7 @@ impl SessionStore {
         let (meta, id, dir) = (self.meta.clone(), *id, self.session_dir(id));
         // No files (an inline-only session): the removals are memory work and the flush is
         // the group commit, awaited here instead of on a blocking thread.
-        if !dir_exists(&dir) && meta.remove_lazy(&id)? {
+        if self.small_without_files(&id, &dir)? && meta.remove_lazy(&id)? {
             return self.flush().await;
         }
         blocking(move || {
