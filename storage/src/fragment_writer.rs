@@ -59,6 +59,10 @@ pub const COPY_BELOW: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct FragmentWriter {
     file: Option<Arc<fs::File>>,
+    /// The session, and the token its kept handle was checked out with (see
+    /// `handle_cache`): the handle goes back to the store's cache after a won commit.
+    id: SessionId,
+    token: u64,
     path: std::path::PathBuf,
     dir: std::path::PathBuf,
     /// The upload file is new: its directory entry needs an fsync of `dir`.
@@ -237,18 +241,31 @@ impl SessionStore {
     ) -> Result<FragmentWriter, StorageError> {
         let dir = self.session_dir(id);
         let path = dir.join(UPLOAD_FILE);
-        let created = fs::symlink_metadata(&path).is_err();
-        // A new directory is made here (metadata in memory, quick) and fsynced into its parent
-        // by the commit, with the bytes: one trip off the runtime instead of two.
-        let created_dir = created && make_dir(&dir)?;
-        let file = private_file()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(StorageError::io("open upload", &path))?;
+        let kept = self.handles.check_out(id);
+        let (file, created, created_dir) = match kept.file {
+            // Kept open since an earlier fragment's commit won: the file exists, and its
+            // directory entries were synced by that commit when it was durable (or will be by
+            // the next sync that covers all of them, as for any later fragment).
+            Some(file) => (file, false, false),
+            None => {
+                let created = fs::symlink_metadata(&path).is_err();
+                // A new directory is made here (metadata in memory, quick) and fsynced into
+                // its parent by the commit, with the bytes: one trip off the runtime instead
+                // of two.
+                let created_dir = created && make_dir(&dir)?;
+                let file = private_file()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(StorageError::io("open upload", &path))?;
+                (Arc::new(file), created, created_dir)
+            }
+        };
         Ok(FragmentWriter {
-            file: Some(Arc::new(file)),
+            file: Some(file),
+            id: *id,
+            token: kept.token,
             path,
             dir,
             created,
@@ -314,6 +331,8 @@ impl SessionStore {
         let end = entry.offset + entry.len;
         let (path, dir, created, created_dir) =
             (writer.path, writer.dir, writer.created, writer.created_dir);
+        // Given back to the store's cache only if the commit wins (see `handle_cache`).
+        let (keep, token, id) = (file.clone(), writer.token, writer.id);
         let sessions_dir = self.sessions_dir.clone();
         // `all`: also entries an earlier (unsynced) fragment may have created.
         let sync_entries = move |all: bool| -> Result<(), StorageError> {
@@ -339,7 +358,7 @@ impl SessionStore {
             }
             save(meta)
         };
-        match durability {
+        let outcome = match durability {
             FragmentDurability::Unsynced => {
                 // Nothing to wait for: memory work and a stat, done right here.
                 if cut_early {
@@ -411,17 +430,22 @@ impl SessionStore {
                             return Ok(FragmentCommit::Committed);
                         }
                     }
+                    // 3. The group commit, on this thread: it leads the flush when none runs
+                    // (no hand-off to the flusher thread and back), else it follows the one
+                    // that covers this record.
+                    if flush {
+                        meta.flush()?;
+                    }
                     Ok(FragmentCommit::Committed)
                 })
                 .await?;
-                // 3. The group commit, awaited on this task: the blocking thread is free as
-                // soon as the bytes are synced.
-                if flush && outcome == FragmentCommit::Committed {
-                    self.flush().await?;
-                }
                 Ok(outcome)
             }
+        }?;
+        if outcome == FragmentCommit::Committed {
+            self.handles.give_back(&id, token, keep);
         }
+        Ok(outcome)
     }
 
     /// Runs `save` (memory work on the meta store) if `expected` is `None`, or if the stored

@@ -118,12 +118,27 @@ pub(crate) fn cut_past(file: &fs::File, end: u64, path: &Path) -> Result<(), Sto
 }
 
 /// Removes `dir` and everything in it; a missing directory is fine.
+///
+/// A fragment racing the removal (begun before its session ended) may create the upload file
+/// in `dir` after its listing: the removal is tried again (that fragment's commit loses, so
+/// the file it made holds nothing acknowledged).
 pub(crate) fn remove_dir_all_if_exists(dir: &Path) -> Result<(), StorageError> {
-    match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(StorageError::io("remove directory", dir)(e)),
+    let mut tries = 0;
+    loop {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && tries < 8 => tries += 1,
+            Err(e) => return Err(StorageError::io("remove directory", dir)(e)),
+        }
     }
+}
+
+/// Whether `dir` may exist: `false` only when `lstat` says it does not (any other answer
+/// leaves the removal to [`remove_dir_all_if_exists`], which reports real errors). One
+/// `statx`, cheap enough for the runtime.
+pub(crate) fn dir_exists(dir: &Path) -> bool {
+    !matches!(fs::symlink_metadata(dir), Err(e) if e.kind() == io::ErrorKind::NotFound)
 }
 
 /// Whether `src` is the inode `dst` describes.

@@ -27,6 +27,8 @@ mod backend;
 mod error;
 mod fragment_writer;
 mod fs_util;
+mod group_flush;
+mod handle_cache;
 mod inline;
 mod meta;
 mod publish;
@@ -44,6 +46,7 @@ pub use backend::{
 };
 pub use error::StorageError;
 pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};
+pub use handle_cache::HANDLE_CACHE_SIZE;
 pub use inline::{INLINE_BELOW, INLINE_UPLOAD_MAX};
 pub use meta::{FlushTicket, MetaStore};
 pub use publish::CommitOutcome;

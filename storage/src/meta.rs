@@ -32,6 +32,13 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
     /// Removes the record of `id` and its fragment index, durably.
     fn remove(&self, id: &SessionId) -> Result<(), StorageError>;
+    /// Removes what [`MetaStore::remove`] removes, without waiting for durability (memory
+    /// work; the caller flushes). Returns `false` when the store cannot (the default): the
+    /// caller then uses [`MetaStore::remove`] off the runtime.
+    fn remove_lazy(&self, id: &SessionId) -> Result<bool, StorageError> {
+        let _ = id;
+        Ok(false)
+    }
     /// Removes the fragment index of `id` (the record stays), without waiting for durability.
     fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError>;
     /// Every record.
@@ -116,6 +123,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Whether the store holds any upload bytes of `id`. Memory work.
     fn has_chunks(&self, id: &SessionId) -> Result<bool, StorageError> {
         Ok(!self.chunks(id)?.is_empty())
+    }
+    /// How many chunks of upload bytes of `id` the store holds, counting at most `limit`.
+    /// Memory work, bounded by `limit`.
+    fn count_chunks(&self, id: &SessionId, limit: usize) -> Result<usize, StorageError> {
+        Ok(self.chunks(id)?.len().min(limit))
     }
     /// Removes the upload bytes of `id` held at or past `offset`, without waiting for
     /// durability.

@@ -76,6 +76,8 @@ impl SessionStore {
             commit_temp_name(id),
         );
         let (meta, id, store) = (self.meta.clone(), *id, self.clone());
+        // The file is about to become a published file: no kept handle may write into it.
+        self.handles.forget(&id);
         blocking(move || {
             let src = dir.join(UPLOAD_FILE);
             let dst = files.join(&rel);

@@ -58,6 +58,8 @@ impl SessionStore {
     }
 
     fn recover_blocking(&self) -> Result<(), StorageError> {
+        // Files are cut and removed below: no handle kept open from before may write again.
+        self.handles.forget_all();
         let records = self.meta.list()?;
         let mut known = HashSet::new();
         for mut record in records {

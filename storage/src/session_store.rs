@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
 
-use crate::fs_util::{blocking, create_dir_all_private, make_private, remove_dir_all_if_exists};
+use crate::fs_util::{
+    blocking, create_dir_all_private, dir_exists, make_private, remove_dir_all_if_exists,
+};
+use crate::handle_cache::{HandleCache, HANDLE_CACHE_SIZE};
 use crate::{MetaStore, ReplyKind, SessionRecord, SessionState, SledMetaStore, StorageError};
 
 pub(crate) const UPLOAD_FILE: &str = "upload";
@@ -33,6 +36,8 @@ pub struct SessionStore {
     pub(crate) locks: Arc<StoreLocks>,
     /// Fragments and replies shorter than this are held in the meta store (see `inline`).
     pub(crate) inline_below: u64,
+    /// Upload files kept open across a session's fragments (see `handle_cache`).
+    pub(crate) handles: Arc<HandleCache>,
 }
 
 /// In-process locks of a [`SessionStore`]: the compare-and-set of a fragment's offset
@@ -94,6 +99,7 @@ impl SessionStore {
             files_dir: data_dir.join("files"),
             locks: Arc::default(),
             inline_below: crate::INLINE_BELOW,
+            handles: Arc::new(HandleCache::new(HANDLE_CACHE_SIZE)),
         };
         let (s, f) = (store.sessions_dir.clone(), store.files_dir.clone());
         blocking(move || {
@@ -103,6 +109,14 @@ impl SessionStore {
         .await?;
         store.recover().await?;
         Ok(store)
+    }
+
+    /// Keeps at most `files` upload files open across their sessions' fragments (0: every
+    /// fragment opens and closes its file; the default is 256). Set it before the store is
+    /// shared.
+    pub fn with_open_upload_files(mut self, files: usize) -> Self {
+        self.handles = Arc::new(HandleCache::new(files));
+        self
     }
 
     /// The meta store.
@@ -204,6 +218,12 @@ impl SessionStore {
         // Not flushed: if a crash loses the tombstone, the record still says the session was
         // live, a repeated Close finds it and ends it again; nothing acknowledged is lost.
         meta.save_lazy(&rec)?;
+        // A fragment in flight cannot give its handle back after this (see `handle_cache`).
+        self.handles.forget(&rec.id);
+        if self.small_without_files(&rec.id, &dir)? {
+            meta.remove_fragments(&rec.id)?;
+            return SessionStore::remove_held(&*meta, &rec.id);
+        }
         blocking(move || {
             meta.remove_fragments(&rec.id)?;
             SessionStore::remove_held(&*meta, &rec.id)?;
@@ -212,9 +232,28 @@ impl SessionStore {
         .await
     }
 
+    /// Whether ending or purging session `id` is quick memory work, right for the calling
+    /// task: it has no directory (an inline-only session never had one; one `lstat` on the
+    /// runtime costs less than a hand-off to a blocking thread and back), no fragment index
+    /// and only a few held chunks (an upload sent in tiny fragments can hold many: removing
+    /// them stays off the runtime).
+    fn small_without_files(&self, id: &SessionId, dir: &Path) -> Result<bool, StorageError> {
+        /// More held chunks than this are removed on the blocking pool.
+        const FEW_CHUNKS: usize = 16;
+        Ok(!dir_exists(dir)
+            && self.meta.last_fragment(id)?.is_none()
+            && self.meta.count_chunks(id, FEW_CHUNKS + 1)? <= FEW_CHUNKS)
+    }
+
     /// Removes every trace of a session: files, record, index (timeouts, cleanup).
     pub async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
         let (meta, id, dir) = (self.meta.clone(), *id, self.session_dir(id));
+        self.handles.forget(&id);
+        // No files (an inline-only session): the removals are memory work and the flush is
+        // the group commit, awaited here instead of on a blocking thread.
+        if self.small_without_files(&id, &dir)? && meta.remove_lazy(&id)? {
+            return self.flush().await;
+        }
         blocking(move || {
             remove_dir_all_if_exists(&dir)?;
             meta.remove(&id)

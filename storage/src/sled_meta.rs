@@ -1,20 +1,22 @@
 //! The default [`MetaStore`]: sled.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
 
+use crate::group_flush::{Flusher, LogFiles};
 use crate::{FlushTicket, FragmentEntry, MetaStore, SessionRecord, StorageError};
 
 /// Session records and fragment index in a sled database: tree `sessions` (id → JSON record),
 /// tree `fragments` (id ‖ offset → len ‖ crc32c), and the bytes of small fragments and
 /// replies: tree `chunks` (id ‖ offset → bytes) and tree `replies` (id → bytes).
 ///
-/// Durable writes are group-committed: a flusher thread runs one sled flush for every request
-/// made before it started, so concurrent callers share flushes, and a caller can start a flush
-/// ([`MetaStore::request_flush`]), do other work (sync its file) and only then wait for it.
-/// The thread ends when the last clone of the store is dropped.
+/// Durable writes are group-committed (see `group_flush`): one sled flush covers every
+/// request made before it started, so concurrent callers share flushes. A blocking caller of
+/// [`MetaStore::flush`] runs the flush itself when none is running; async waiters and
+/// [`MetaStore::request_flush`] (start a flush, do other work, then wait) are served by a
+/// flusher thread, which ends when the last clone of the store is dropped.
 #[derive(Clone, Debug)]
 pub struct SledMetaStore {
     db: sled::Db,
@@ -25,226 +27,6 @@ pub struct SledMetaStore {
     /// Small replies' bytes: id → bytes.
     replies: sled::Tree,
     flusher: Arc<Flusher>,
-}
-
-/// Group commit state: a ticket per flush request; one flush covers every ticket taken
-/// before it started.
-#[derive(Debug)]
-struct GroupFlush {
-    state: Mutex<FlushState>,
-    /// Signalled when tickets are requested or the store closes (the flusher waits on it).
-    work: Condvar,
-    /// Signalled when a flush ends (waiters wait on it).
-    done: Condvar,
-    /// The same news for async waiters: `(flushed, failed)` after every flush.
-    progress: tokio::sync::watch::Sender<Progress>,
-}
-
-/// What async waiters watch: every ticket up to `.0` is durable; `.1` the last failure.
-type Progress = (u64, Option<(u64, String)>);
-
-impl Default for GroupFlush {
-    fn default() -> Self {
-        GroupFlush {
-            state: Mutex::default(),
-            work: Condvar::new(),
-            done: Condvar::new(),
-            progress: tokio::sync::watch::channel((0, None)).0,
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct FlushState {
-    /// Tickets handed out.
-    requested: u64,
-    /// Every ticket up to this one is durable.
-    flushed: u64,
-    /// The last failed flush: the tickets it covered and its error.
-    failed: Option<(u64, String)>,
-    /// The store is closing: the flusher finishes what was requested and ends.
-    closing: bool,
-}
-
-impl FlushState {
-    /// Every ticket up to this one has an outcome.
-    fn settled(&self) -> u64 {
-        self.flushed
-            .max(self.failed.as_ref().map_or(0, |(upto, _)| *upto))
-    }
-}
-
-impl GroupFlush {
-    fn lock(&self) -> MutexGuard<'_, FlushState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn request(&self) -> FlushTicket {
-        let mut st = self.lock();
-        st.requested += 1;
-        self.work.notify_one();
-        FlushTicket::new(st.requested)
-    }
-
-    /// Takes a ticket and waits for it on the calling task: no thread sits in a wait, and the
-    /// flusher's news wakes the task directly.
-    fn flush_async(self: &Arc<Self>) -> crate::meta::FlushFuture {
-        let mut rx = self.progress.subscribe();
-        let ticket = self.request().get();
-        Box::pin(async move {
-            loop {
-                {
-                    let (flushed, failed) = &*rx.borrow_and_update();
-                    if *flushed >= ticket {
-                        return Ok(());
-                    }
-                    if let Some((upto, why)) = failed {
-                        if *upto >= ticket {
-                            return Err(StorageError::Meta(why.clone()));
-                        }
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    return Err(StorageError::Meta(
-                        "the meta store closed before the flush ended".into(),
-                    ));
-                }
-            }
-        })
-    }
-
-    fn wait(&self, ticket: FlushTicket) -> Result<(), StorageError> {
-        let ticket = ticket.get();
-        let mut st = self.lock();
-        loop {
-            if st.flushed >= ticket {
-                return Ok(());
-            }
-            if let Some((upto, why)) = &st.failed {
-                if *upto >= ticket {
-                    return Err(StorageError::Meta(why.clone()));
-                }
-            }
-            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// The flusher thread: flushes whenever tickets are waiting, until the store closes.
-    fn run(&self, db: &sled::Db, mut files: Option<LogFiles>) {
-        let mut st = self.lock();
-        loop {
-            if st.requested > st.settled() {
-                let target = st.requested;
-                drop(st);
-                // sled writes its log with `sync_file_range`, which neither flushes the
-                // drive's write cache nor the log's new size: after sled's flush, an
-                // `fdatasync` of the log (and of any new blob file) makes the group durable.
-                let result = db
-                    .flush()
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| match &mut files {
-                        Some(files) => files.sync(),
-                        None => Ok(()),
-                    });
-                st = self.lock();
-                match result {
-                    Ok(_) => st.flushed = st.flushed.max(target),
-                    Err(e) => st.failed = Some((target, e)),
-                }
-                self.done.notify_all();
-                self.progress.send_replace((st.flushed, st.failed.clone()));
-            } else if st.closing {
-                return;
-            } else {
-                st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
-            }
-        }
-    }
-}
-
-/// Owns the flusher thread; dropped with the last clone of the store, it lets the thread
-/// finish the requested flushes and waits for it (so sled's lock is released afterwards).
-#[derive(Debug)]
-struct Flusher {
-    group: Arc<GroupFlush>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// The files of a sled database that sled itself does not `fsync` at a flush: its log
-/// (`db`) and the blob files (`blobs/`) that large log entries are written to.
-#[derive(Debug)]
-struct LogFiles {
-    log: std::fs::File,
-    blobs: std::path::PathBuf,
-    /// Blob files already synced (sled never rewrites one in place).
-    synced: std::collections::HashSet<std::ffi::OsString>,
-}
-
-impl LogFiles {
-    fn open(dir: &Path) -> Result<Self, StorageError> {
-        let log = std::fs::File::open(dir.join("db")).map_err(|e| {
-            StorageError::Meta(format!("opening {}: {e}", dir.join("db").display()))
-        })?;
-        Ok(LogFiles {
-            log,
-            blobs: dir.join("blobs"),
-            synced: Default::default(),
-        })
-    }
-
-    /// `fdatasync` of the log, then of every blob file not synced yet and of their directory.
-    fn sync(&mut self) -> Result<(), String> {
-        let context = |what: &Path, e: std::io::Error| format!("syncing {}: {e}", what.display());
-        let mut present = std::collections::HashSet::new();
-        let mut new_blob = false;
-        if let Ok(entries) = std::fs::read_dir(&self.blobs) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                if !self.synced.contains(&name) {
-                    let path = entry.path();
-                    match std::fs::File::open(&path) {
-                        Ok(f) => f.sync_data().map_err(|e| context(&path, e))?,
-                        // Removed by sled since the listing: nothing to make durable.
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(context(&path, e)),
-                    }
-                    new_blob = true;
-                }
-                present.insert(name);
-            }
-        }
-        if new_blob {
-            crate::fs_util::sync_dir(&self.blobs).map_err(|e| e.to_string())?;
-        }
-        self.synced = present;
-        let log = Path::new("db");
-        self.log.sync_data().map_err(|e| context(log, e))
-    }
-}
-
-impl Flusher {
-    fn start(db: sled::Db, files: Option<LogFiles>) -> Result<Self, StorageError> {
-        let group = Arc::new(GroupFlush::default());
-        let g = group.clone();
-        let thread = std::thread::Builder::new()
-            .name("bitsd-meta-flush".into())
-            .spawn(move || g.run(&db, files))
-            .map_err(|e| StorageError::Meta(format!("starting the flusher thread: {e}")))?;
-        Ok(Flusher {
-            group,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        self.group.lock().closing = true;
-        self.group.work.notify_all();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 fn meta_err(e: sled::Error) -> StorageError {
@@ -401,13 +183,18 @@ impl MetaStore for SledMetaStore {
     }
 
     fn remove(&self, id: &SessionId) -> Result<(), StorageError> {
+        self.remove_lazy(id)?;
+        self.flush()
+    }
+
+    fn remove_lazy(&self, id: &SessionId) -> Result<bool, StorageError> {
         self.remove_fragments(id)?;
         self.remove_chunks_from(id, 0)?;
         self.remove_reply(id)?;
         self.sessions
             .remove(id.as_uuid().as_bytes())
             .map_err(meta_err)?;
-        self.flush()
+        Ok(true)
     }
 
     fn remove_fragments(&self, id: &SessionId) -> Result<(), StorageError> {
@@ -485,7 +272,8 @@ impl MetaStore for SledMetaStore {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.flusher.group.wait(self.flusher.group.request())
+        // The calling (blocking) thread leads the flush when none runs (see `group_flush`).
+        self.flusher.group.wait(self.flusher.group.request_quiet())
     }
 
     fn flush_async(&self) -> Option<crate::meta::FlushFuture> {
@@ -537,6 +325,20 @@ impl MetaStore for SledMetaStore {
                 Ok((offset, bytes::Bytes::copy_from_slice(&v)))
             })
             .collect()
+    }
+
+    fn count_chunks(&self, id: &SessionId, limit: usize) -> Result<usize, StorageError> {
+        let mut n = 0;
+        for key in self
+            .chunks
+            .scan_prefix(id.as_uuid().as_bytes())
+            .keys()
+            .take(limit)
+        {
+            key.map_err(meta_err)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn has_chunks(&self, id: &SessionId) -> Result<bool, StorageError> {

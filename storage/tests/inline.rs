@@ -344,3 +344,62 @@ async fn unread_upload_makes_no_file() {
     let range = collect(b.read_reply(&rec.id, &kind, 4990, 10).await.unwrap()).await;
     assert_eq!(range, &data[4990..]);
 }
+
+/// Close and purge of sessions whose bytes are all held in the log (no directory: the store
+/// skips the blocking-pool trip) still remove everything, and the purge is durable: after a
+/// reopen the purged record is gone, the closed one is a tombstone with no held bytes. A
+/// session with a directory (a large fragment) still has it removed by both.
+#[tokio::test]
+async fn close_and_purge_of_inline_only_sessions_remove_everything_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let b: Arc<dyn SessionBackend> = Arc::new(store.clone());
+    let mut recs = Vec::new();
+    for (i, len) in [
+        4096usize,
+        4096,
+        2 * INLINE_BELOW as usize,
+        2 * INLINE_BELOW as usize,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rec = record(UploadMode::UploadReply);
+        b.create(&rec).await.unwrap();
+        let data = pattern(len, i as u8);
+        let r = fragment(
+            &*b,
+            &mut rec,
+            &data,
+            len as u64 * 2,
+            FragmentDurability::Durable,
+        );
+        assert_eq!(r.await, FragmentCommit::Committed);
+        assert_eq!(store.session_dir(&rec.id).exists(), len > 4096);
+        recs.push(rec);
+    }
+    let (closed, purged) = ([0usize, 2], [1usize, 3]);
+    for i in closed {
+        b.end_session(&mut recs[i], SessionState::Closed)
+            .await
+            .unwrap();
+    }
+    for i in purged {
+        b.purge(&recs[i].id).await.unwrap();
+    }
+    for rec in &recs {
+        assert!(!store.session_dir(&rec.id).exists());
+        assert!(!store.meta().has_chunks(&rec.id).unwrap());
+    }
+    drop((b, store));
+    let store = open(dir.path()).await;
+    for i in closed {
+        let got = store.load(&recs[i].id).await.unwrap().unwrap();
+        assert_eq!(got.state, SessionState::Closed);
+        assert!(!store.meta().has_chunks(&recs[i].id).unwrap());
+    }
+    for i in purged {
+        assert!(store.load(&recs[i].id).await.unwrap().is_none());
+        assert!(!store.meta().has_chunks(&recs[i].id).unwrap());
+    }
+}

@@ -182,6 +182,8 @@ impl SessionBackend for SessionStore {
     }
 
     async fn upload_file(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        // A handler gets the path and may move or replace the file: no kept handle may write.
+        self.handles.forget(id);
         // Bytes held in the meta store are written out into the file (page cache only: the
         // meta store stays their durable copy, and readers of the upload prefer it).
         if self.meta.has_chunks(id)? {
@@ -198,6 +200,7 @@ impl SessionBackend for SessionStore {
     }
 
     async fn upload_unread(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        self.handles.forget(id);
         // No file is written out: an upload held in the meta store stays there.
         Ok(LocalUpload::kept(
             self.upload_path(id),
