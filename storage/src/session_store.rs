@@ -217,7 +217,13 @@ impl SessionStore {
         );
         // Not flushed: if a crash loses the tombstone, the record still says the session was
         // live, a repeated Close finds it and ends it again; nothing acknowledged is lost.
-        meta.save_lazy(&rec)?;
+        // Saved under the session's compare-and-set lock: a fragment commit that checked the
+        // record as live cannot then write it back over the tombstone (it commits before the
+        // tombstone, or finds it and loses).
+        {
+            let _cas = self.locks.cas(&rec.id);
+            meta.save_lazy(&rec)?;
+        }
         // A fragment in flight cannot give its handle back after this (see `handle_cache`).
         self.handles.forget(&rec.id);
         if self.small_without_files(&rec.id, &dir)? {
