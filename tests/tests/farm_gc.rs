@@ -103,8 +103,19 @@ async fn a_writer_whose_pending_object_was_collected_cannot_commit_it() {
             .await
             .unwrap();
     slow.write(Bytes::from(data.clone())).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(n.b.collect_garbage(Duration::ZERO).await.unwrap(), 1);
+    // The pending row goes in from a task of its own while the body streams: collect as soon
+    // as it is there (and a millisecond older than now), however long that takes on a busy
+    // machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match n.b.collect_garbage(Duration::ZERO).await.unwrap() {
+            1 => break,
+            0 if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            other => panic!("collected {other} pending objects, expected the slow writer's one"),
+        }
+    }
     // Its commit must not reference an object the collector deletes: it loses, the offset
     // stays at 0 and the client re-sends the fragment.
     match slow.commit(0, &at(&record, 8_000, 8_000)).await.unwrap() {
