@@ -63,6 +63,18 @@ impl Nginx {
         )
     }
 
+    /// As [`Nginx::start`], but every PUT signed with `x-amz-content-sha256: UNSIGNED-PAYLOAD`
+    /// is answered 501 `NotImplemented` (a store that does not take unsigned payloads).
+    pub fn start_refusing_unsigned_payloads(upstreams: &[SocketAddr]) -> Option<Self> {
+        Self::start_with(
+            upstreams,
+            false,
+            "            if ($http_x_amz_content_sha256 = \"UNSIGNED-PAYLOAD\") {\n\
+             \x20               return 501 '<?xml version=\"1.0\"?><Error><Code>NotImplemented</Code><Message>unsigned payloads are not taken here</Message></Error>';\n\
+             \x20           }\n",
+        )
+    }
+
     /// As [`Nginx::start`], but nginx keeps its upstream connections alive between requests
     /// (`keepalive` in the upstream block, HTTP/1.1 without `Connection: close`), as a
     /// production balancer usually does.

@@ -221,7 +221,7 @@ impl SessionBackend for SharedBackend {
         Ok(Box::new(SharedFragment {
             id: *id,
             state: self.state.clone(),
-            writer: self.objects.writer(key),
+            writer: self.objects.fragment_writer(key, plan.len),
             pending,
         }))
     }

@@ -58,6 +58,14 @@ pub struct ObjectStoreConfig {
     /// (default true; a store that refuses is detected and streamed to instead). `false`
     /// streams every upload's bytes through the node at assembly.
     pub server_side_copy: Option<bool>,
+    /// Stream a fragment shorter than `part_size` to the store while its body arrives (one
+    /// PUT opened at its first byte with the fragment's length, signed with
+    /// `UNSIGNED-PAYLOAD`), instead of sending it after its last byte (default true). The
+    /// signature then covers the request but not the body: over plain `http://` the body is
+    /// protected only by the network (use TLS, or a private network, as for the rest of the
+    /// farm's traffic). A store that refuses unsigned payloads is detected and sent whole
+    /// fragments from then on.
+    pub stream_fragments: Option<bool>,
 }
 
 impl std::fmt::Debug for ObjectStoreConfig {
@@ -75,6 +83,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("virtual_hosted_style", &self.virtual_hosted_style)
             .field("part_size", &self.part_size)
             .field("server_side_copy", &self.server_side_copy)
+            .field("stream_fragments", &self.stream_fragments)
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +101,11 @@ impl ObjectStoreConfig {
     /// Whether uploads are assembled with server-side part copies where possible.
     pub fn server_side_copy(&self) -> bool {
         self.server_side_copy.unwrap_or(true)
+    }
+
+    /// Whether fragments shorter than the part size are streamed while they arrive.
+    pub fn stream_fragments(&self) -> bool {
+        self.stream_fragments.unwrap_or(true)
     }
 
     /// The connect timeout, the timeout of one request, and the retries of a failed one.

@@ -27,6 +27,7 @@ mod error;
 mod keys;
 mod part_copy;
 mod part_plan;
+mod stream_put;
 mod writer;
 
 use std::ops::Range;
@@ -118,6 +119,8 @@ pub struct Objects {
     s3: Arc<object_store::aws::AmazonS3>,
     /// `UploadPartCopy` requests (`None`: `server_side_copy = false`).
     copier: Option<Arc<part_copy::PartCopier>>,
+    /// Cut-through PUTs of fragments (`None`: `stream_fragments = false`).
+    streamer: Option<Arc<stream_put::StreamPutter>>,
     prefix: ObjectKey,
     part_size: usize,
 }
@@ -127,8 +130,18 @@ impl Objects {
     pub fn new(config: &ObjectStoreConfig) -> Result<Self, StorageError> {
         let (s3, location) = config.build()?;
         let s3 = Arc::new(s3);
+        let (connect, timeout, retries) = config.timeouts();
+        let streamer = if config.stream_fragments() {
+            Some(Arc::new(stream_put::StreamPutter::new(
+                location.clone(),
+                Arc::clone(s3.credentials()),
+                connect,
+                timeout,
+            )?))
+        } else {
+            None
+        };
         let copier = if config.server_side_copy() {
-            let (connect, timeout, retries) = config.timeouts();
             Some(Arc::new(part_copy::PartCopier::new(
                 location,
                 Arc::clone(s3.credentials()),
@@ -143,6 +156,7 @@ impl Objects {
             store: Arc::clone(&s3) as Arc<dyn ObjectStore>,
             s3,
             copier,
+            streamer,
             prefix: ObjectKey::new(&config.prefix),
             part_size: config.part_size(),
         })
@@ -162,6 +176,20 @@ impl Objects {
     /// Starts writing an object at `key`; nothing is visible before [`ObjectWriter::finish`].
     pub fn writer(&self, key: ObjectKey) -> ObjectWriter {
         ObjectWriter::new(Arc::clone(&self.store), key, self.part_size)
+    }
+
+    /// Starts writing a fragment of `len` bytes at `key`: as [`Objects::writer`], but a
+    /// fragment shorter than the part size is streamed to the store while it arrives
+    /// (`stream_fragments`, see `stream_put.rs`); nothing is visible before
+    /// [`ObjectWriter::finish`] either way.
+    pub fn fragment_writer(&self, key: ObjectKey, len: u64) -> ObjectWriter {
+        let mut writer = self.writer(key);
+        if let Some(streamer) = &self.streamer {
+            if len > 0 && len < self.part_size as u64 && streamer.enabled() {
+                writer.stream_through(streamer.start(writer.key(), len));
+            }
+        }
+        writer
     }
 
     /// Writes the bytes of `body` to `key` (bounded memory: see [`ObjectWriter`]); the object

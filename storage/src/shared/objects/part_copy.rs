@@ -25,7 +25,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use crate::StorageError;
 
 /// What S3 leaves unencoded in a key of a URL path (and in `x-amz-copy-source`).
-const KEY_ENCODE: AsciiSet = NON_ALPHANUMERIC
+pub(crate) const KEY_ENCODE: AsciiSet = NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')

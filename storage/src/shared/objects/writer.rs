@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use super::error::map_err;
+use super::stream_put::StreamPut;
 use super::ObjectKey;
 use crate::StorageError;
 
@@ -58,6 +59,8 @@ pub struct ObjectWriter {
     copies: BytesMut,
     held_len: usize,
     multipart: Option<WriteMultipart>,
+    /// A cut-through PUT the held bytes are also forwarded to (see `stream_put.rs`).
+    stream: Option<StreamPut>,
     len: u64,
     crc32c: u32,
 }
@@ -82,9 +85,16 @@ impl ObjectWriter {
             copies: BytesMut::new(),
             held_len: 0,
             multipart: None,
+            stream: None,
             len: 0,
             crc32c: 0,
         }
+    }
+
+    /// Forwards the bytes of a single-PUT object through `stream` as they come (they are
+    /// still held, for the ordinary PUT should the stream break).
+    pub(crate) fn stream_through(&mut self, stream: StreamPut) {
+        self.stream = Some(stream);
     }
 
     /// The key being written.
@@ -120,6 +130,9 @@ impl ObjectWriter {
             }
             return Ok(());
         }
+        if let Some(stream) = self.stream.as_mut() {
+            stream.send(bytes.clone()).await;
+        }
         self.held_len += bytes.len();
         if bytes.len() < COPY_BELOW {
             self.copies.extend_from_slice(&bytes);
@@ -145,6 +158,8 @@ impl ObjectWriter {
     }
 
     async fn start_multipart(&mut self) -> Result<(), StorageError> {
+        // Past the part size: no single PUT (the stream never sends its last byte).
+        self.stream = None;
         self.flush_copies();
         let upload = self
             .store
@@ -169,6 +184,11 @@ impl ObjectWriter {
             mp.finish()
                 .await
                 .map_err(map_err("complete multipart upload", key.as_str()))?;
+        } else if match self.stream.take() {
+            Some(stream) => stream.finish().await,
+            None => false,
+        } {
+            // Streamed while the body arrived: stored.
         } else {
             self.flush_copies();
             let payload: PutPayload = self.held.drain(..).collect();
