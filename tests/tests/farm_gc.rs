@@ -11,7 +11,7 @@ use std::time::Duration;
 use bitsd::storage::shared::objects::Objects;
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::storage::shared::SharedBackend;
-use bitsd::storage::{CommitOutcome, FragmentCommit, SessionBackend};
+use bitsd::storage::{CommitOutcome, FragmentCommit, SessionBackend, SessionState};
 use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::pattern;
@@ -350,4 +350,53 @@ async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() 
         .await
         .unwrap();
     assert_eq!(file, data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_of_a_session_ended_on_another_node_writes_no_object() {
+    let Some(n) = two().await else { return };
+    let mut record = session_record(None);
+    n.a.create(&record).await.unwrap();
+    let other = session_record(None);
+    n.a.create(&other).await.unwrap();
+    // Node a loaded the record (live); node b cancels the session before a's body arrives.
+    n.b.end_session(&mut record, SessionState::Cancelled)
+        .await
+        .unwrap();
+    for (len, frames) in [(8_000usize, 1usize), (3 * 1024 * 1024, 7)] {
+        let data = pattern(len, 6);
+        let mut sink =
+            n.a.begin_fragment(&record.id, plan(0, len as u64))
+                .await
+                .unwrap();
+        for chunk in data.chunks(len.div_ceil(frames)) {
+            sink.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        match sink
+            .commit(0, &at(&record, len as u64, len as u64))
+            .await
+            .unwrap()
+        {
+            FragmentCommit::Lost { current } => assert!(
+                current
+                    .as_ref()
+                    .is_none_or(|r| r.state == SessionState::Cancelled),
+                "{current:?}"
+            ),
+            other => panic!("a fragment of an ended session must not commit: {other:?}"),
+        }
+    }
+    // Nothing reached the bucket for the ended session (not even for the collector to find).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = objects_of(&n.a, &record.id).await;
+    assert!(
+        left.is_empty(),
+        "objects written for an ended session: {left:?}"
+    );
+    // Another session is untouched and takes its fragment.
+    assert_eq!(
+        fragment(&n.a, &other, 0, &pattern(5000, 7), 5000).await,
+        FragmentCommit::Committed
+    );
+    assert_eq!(read_all(&n.b, &other.id).await, pattern(5000, 7));
 }

@@ -25,36 +25,47 @@ pub(super) struct SharedFragment {
 /// its round trip overlaps the body. A sink dropped before its commit (the client went away)
 /// leaves the task to finish: the row then names an object that never came to be, which the
 /// collector forgets after the grace (deleting a missing object is not an error).
-pub(super) struct PendingRow(Option<JoinHandle<Result<(), StorageError>>>);
+pub(super) struct PendingRow {
+    task: Option<JoinHandle<Result<bool, StorageError>>>,
+    /// The insert's outcome once learned: the row went in (`true`) or the session was found
+    /// ended or gone (`false`).
+    inserted: Option<bool>,
+}
 
 impl PendingRow {
-    /// Starts inserting the pending row of `key` for session `id`.
+    /// Starts inserting the pending row of `key` for session `id`, only while the session
+    /// is live (another node may have ended it since this one loaded it).
     pub(super) fn insert(state: &PgStateStore, id: SessionId, key: String) -> Self {
         let state = state.clone();
-        PendingRow(Some(tokio::spawn(async move {
-            state.add_pending_object(&id, &key).await
-        })))
+        PendingRow {
+            task: Some(tokio::spawn(async move {
+                state.add_fragment_pending_object(&id, &key).await
+            })),
+            inserted: None,
+        }
     }
 
     /// The insert's error if it has failed already (so a fragment whose row cannot be
     /// written stops early instead of after its whole body), without waiting.
     async fn check(&mut self) -> Result<(), StorageError> {
-        match &self.0 {
-            Some(task) if task.is_finished() => self.wait().await,
-            _ => Ok(()),
+        if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+            self.wait().await?;
         }
+        Ok(())
     }
 
-    /// Waits until the row is committed (or the insert failed).
-    async fn wait(&mut self) -> Result<(), StorageError> {
-        match self.0.take() {
-            None => Ok(()),
-            Some(task) => task.await.unwrap_or_else(|e| {
+    /// Waits until the row is committed (`true`), the session was found ended or gone and
+    /// no row went in (`false`), or the insert failed.
+    async fn wait(&mut self) -> Result<bool, StorageError> {
+        if let Some(task) = self.task.take() {
+            let inserted = task.await.unwrap_or_else(|e| {
                 Err(StorageError::StateStore(format!(
                     "the pending-object insert did not finish: {e}"
                 )))
-            }),
+            })?;
+            self.inserted = Some(inserted);
         }
+        Ok(self.inserted.unwrap_or(false))
     }
 }
 
@@ -104,7 +115,7 @@ impl FragmentSink for SharedFragment {
             writer.abort().await;
             // The row is forgotten only once it is in (else the forget could come first and
             // leave the row to the collector); a failed insert left nothing to forget.
-            let inserted = pending.wait().await.is_ok();
+            let inserted = matches!(pending.wait().await, Ok(true));
             let outcome = state
                 .save(
                     record,
@@ -120,9 +131,22 @@ impl FragmentSink for SharedFragment {
             return Ok(settle(outcome));
         }
         // The order the collector relies on: the row is committed BEFORE the object exists.
-        if let Err(e) = pending.wait().await {
-            writer.abort().await;
-            return Err(e);
+        match pending.wait().await {
+            Err(e) => {
+                writer.abort().await;
+                return Err(e);
+            }
+            Ok(false) => {
+                // The session ended or went on another node after this one loaded it: no
+                // object is completed (a streamed body never gets its last byte), the commit
+                // loses with what is stored now.
+                writer.abort().await;
+                let current = state.load(&id).await?;
+                return Ok(FragmentCommit::Lost {
+                    current: current.map(Box::new),
+                });
+            }
+            Ok(true) => {}
         }
         let stored = writer.finish().await?;
         let outcome = state

@@ -12,7 +12,7 @@
 use bitsd_protocol::SessionId;
 use tokio_postgres::NoTls;
 
-use super::sessions::to_i64;
+use super::sessions::{to_i64, LIVE};
 use super::{pg_error, FragmentObject, PgStateStore};
 use crate::{now_millis, FragmentEntry, StorageError};
 
@@ -112,6 +112,46 @@ impl PgStateStore {
         self.timed(async {
             let conn = self.conn().await?;
             conn.batch_execute(&sql).await.map_err(pg_error)
+        })
+        .await
+    }
+
+    /// [`PgStateStore::add_pending_object`] for a fragment's object, only while `session` is
+    /// live (receiving, complete or reply-ready): `false` when the session is gone or ended
+    /// (another node cancelled, closed or purged it), and no row went in. One round trip, as
+    /// the unconditional insert.
+    pub async fn add_fragment_pending_object(
+        &self,
+        session: &SessionId,
+        object_key: &str,
+    ) -> Result<bool, StorageError> {
+        if object_key.contains('\0') {
+            return Err(StorageError::StateStore(
+                "an object key must not contain NUL".into(),
+            ));
+        }
+        let now = to_i64(now_millis(), "time")?;
+        let id = session.as_uuid();
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = off;
+             INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
+             SELECT E'{}', '{id}', {now}
+              WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = '{id}' AND {LIVE})
+             ON CONFLICT (object_key) DO NOTHING; COMMIT;",
+            object_key.replace('\\', "\\\\").replace('\'', "\\'"),
+        );
+        self.timed(async {
+            let conn = self.conn().await?;
+            let messages = conn.simple_query(&sql).await.map_err(pg_error)?;
+            // BEGIN, SET, INSERT, COMMIT: the third command's row count.
+            let counts: Vec<u64> = messages
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                    _ => None,
+                })
+                .collect();
+            Ok(counts.get(2).copied().unwrap_or(0) == 1)
         })
         .await
     }
