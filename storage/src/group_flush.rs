@@ -13,6 +13,13 @@
 //!
 //! Only one flush runs at a time. Whoever ends a flush wakes the flusher thread when tickets
 //! are still waiting, so a follower's ticket is always flushed by someone.
+//!
+//! **A failed flush poisons the store until the process restarts.** After a failed
+//! `fdatasync` the kernel may have dropped the dirty pages it could not write, and a later
+//! `fdatasync` succeeds without them ("fsyncgate"); sled's memory, meanwhile, already holds
+//! the changes the failed flush was to make durable. So once a flush fails, no ticket not
+//! flushed before it is ever reported durable, no further flush runs, and the store refuses
+//! work ([`GroupFlush::poisoned`]) until a restart recovers what the disk really holds.
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -33,12 +40,13 @@ pub(crate) struct GroupFlush {
     /// Signalled when a flush ends: flush number `n` signals `done[n % 2]`, so followers
     /// waiting for the next flush are not woken by the end of the running one.
     done: [Condvar; 2],
-    /// The same news for async waiters: `(flushed, failed)` after every flush.
+    /// The same news for async waiters: `(flushed, poisoned)` after every flush.
     progress: tokio::sync::watch::Sender<Progress>,
 }
 
-/// What async waiters watch: every ticket up to `.0` is durable; `.1` the last failure.
-type Progress = (u64, Option<(u64, String)>);
+/// What async waiters watch: every ticket up to `.0` is durable; `.1` the failure that
+/// poisoned the store (every later ticket fails with it).
+type Progress = (u64, Option<String>);
 
 #[derive(Debug, Default)]
 struct FlushState {
@@ -46,8 +54,8 @@ struct FlushState {
     requested: u64,
     /// Every ticket up to this one is durable.
     flushed: u64,
-    /// The last failed flush: the tickets it covered and its error.
-    failed: Option<(u64, String)>,
+    /// The first failed flush's error: from then on no ticket past `flushed` is durable.
+    poisoned: Option<String>,
     /// The flush in progress, if any: the last ticket it covers.
     running: Option<u64>,
     /// Flushes started so far (the running one's number while one runs).
@@ -57,10 +65,13 @@ struct FlushState {
 }
 
 impl FlushState {
-    /// Every ticket up to this one has an outcome.
+    /// Every ticket up to this one has an outcome (all of them once poisoned).
     fn settled(&self) -> u64 {
-        self.flushed
-            .max(self.failed.as_ref().map_or(0, |(upto, _)| *upto))
+        if self.poisoned.is_some() {
+            u64::MAX
+        } else {
+            self.flushed
+        }
     }
 
     /// The outcome of `ticket`, once it has one.
@@ -68,10 +79,7 @@ impl FlushState {
         if self.flushed >= ticket {
             return Some(Ok(()));
         }
-        match &self.failed {
-            Some((upto, why)) if *upto >= ticket => Some(Err(StorageError::Meta(why.clone()))),
-            _ => None,
-        }
+        self.poisoned.as_deref().map(|why| Err(poison_error(why)))
     }
 }
 
@@ -107,6 +115,12 @@ impl GroupFlush {
         FlushTicket::new(st.requested)
     }
 
+    /// The error of the failed flush that poisoned the store, if one failed: from then on
+    /// the store acknowledges nothing until the process restarts.
+    pub(crate) fn poisoned(&self) -> Option<String> {
+        self.lock().poisoned.clone()
+    }
+
     /// Takes a ticket and waits for it on the calling task: no thread sits in a wait, and the
     /// flusher's news wakes the task directly.
     pub(crate) fn flush_async(self: &Arc<Self>) -> crate::meta::FlushFuture {
@@ -115,14 +129,12 @@ impl GroupFlush {
         Box::pin(async move {
             loop {
                 {
-                    let (flushed, failed) = &*rx.borrow_and_update();
+                    let (flushed, poisoned) = &*rx.borrow_and_update();
                     if *flushed >= ticket {
                         return Ok(());
                     }
-                    if let Some((upto, why)) = failed {
-                        if *upto >= ticket {
-                            return Err(StorageError::Meta(why.clone()));
-                        }
+                    if let Some(why) = poisoned {
+                        return Err(poison_error(why));
                     }
                 }
                 if rx.changed().await.is_err() {
@@ -163,6 +175,10 @@ impl GroupFlush {
     /// Runs one flush covering every ticket requested so far on the calling thread (none may
     /// be running), then publishes its outcome.
     fn lead<'a>(&'a self, st: MutexGuard<'a, FlushState>) -> MutexGuard<'a, FlushState> {
+        if st.poisoned.is_some() {
+            // Nothing a flush does now can vouch for what the failed one lost.
+            return st;
+        }
         let (target, round) = Self::begin(st);
         // sled writes its log with `sync_file_range`, which neither flushes the drive's write
         // cache nor the log's new size: after sled's flush, an `fdatasync` of the log (and of
@@ -195,12 +211,30 @@ impl GroupFlush {
     ) -> MutexGuard<'_, FlushState> {
         let mut st = self.lock();
         match result {
-            Ok(()) => st.flushed = st.flushed.max(target),
-            Err(e) => st.failed = Some((target, e)),
+            // A flush that succeeds after one failed proves nothing about the failed one's
+            // changes: `flushed` stays where the failure found it.
+            Ok(()) if st.poisoned.is_none() => st.flushed = st.flushed.max(target),
+            Ok(()) => {}
+            Err(e) => {
+                if st.poisoned.is_none() {
+                    tracing::error!(
+                        error = %e,
+                        "the meta store could not make its log durable: nothing more is \
+                         acknowledged; check the disk, then restart bitsd (recovery keeps \
+                         everything acknowledged before the failure)"
+                    );
+                    st.poisoned = Some(e);
+                }
+            }
         }
         st.running = None;
         self.done[(round % 2) as usize].notify_all();
-        self.progress.send_replace((st.flushed, st.failed.clone()));
+        if st.poisoned.is_some() {
+            // Followers of the next flush too: there will be none, their tickets failed.
+            self.done[((round + 1) % 2) as usize].notify_all();
+        }
+        self.progress
+            .send_replace((st.flushed, st.poisoned.clone()));
         if st.requested > st.settled() || st.closing {
             // Followers of the next flush (and async waiters) need someone to run it.
             self.work.notify_one();
@@ -222,6 +256,14 @@ impl GroupFlush {
             }
         }
     }
+}
+
+/// The error every ticket gets once a flush failed: what failed and what to do.
+pub(crate) fn poison_error(why: &str) -> StorageError {
+    StorageError::Meta(format!(
+        "a flush of the meta store failed ({why}); nothing is acknowledged until bitsd \
+         restarts: check the disk, then restart"
+    ))
 }
 
 /// Owns the flusher thread; dropped with the last clone of the store, it lets the thread
@@ -365,7 +407,7 @@ mod tests {
         let st = flusher.group.lock();
         assert_eq!(st.requested, 12 * 40 * 2);
         assert_eq!(st.flushed, st.requested);
-        assert!(st.running.is_none() && st.failed.is_none());
+        assert!(st.running.is_none() && st.poisoned.is_none());
         // Shared flushes: never more rounds than tickets.
         assert!(st.rounds <= st.requested, "{} rounds", st.rounds);
         drop(st);
@@ -378,8 +420,7 @@ mod tests {
     /// A blocking follower whose ticket came after the running flush started waits for the
     /// next flush, which someone must run even when no one else asks: here the running
     /// flush is the test's own, ended by hand, and only the flusher thread is left to run
-    /// the next one. A failed flush fails the tickets it covered, unless a later flush succeeded
-    /// first.
+    /// the next one.
     #[test]
     fn a_follower_of_the_next_flush_is_never_stranded() {
         let dir = tempfile::tempdir().unwrap();
@@ -405,22 +446,54 @@ mod tests {
             rx.try_recv().is_err(),
             "a follower returned during the flush"
         );
-        drop(g.finish(target, round, Err("injected".into())));
-        // The failure reaches the early ticket unless the flusher thread's next flush (run
-        // for the late follower) succeeded before the early waiter looked: a later flush of
-        // sled covers every earlier write, and a ticket counts as durable once any flush at
-        // or after it succeeded (the order the group commit has always had).
-        let early = early_waiter.join().unwrap();
-        match early {
-            Err(StorageError::Meta(m)) => assert_eq!(m, "injected"),
-            Err(e) => panic!("unexpected error {e}"),
-            Ok(()) => assert!(g.lock().flushed >= target, "Ok without a flush covering it"),
-        }
+        drop(g.finish(target, round, Ok(())));
+        early_waiter.join().unwrap().unwrap();
         let late = rx
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("the follower of the next flush was stranded")
             .unwrap();
         assert!(g.lock().flushed >= late.get());
+    }
+
+    /// fsyncgate: a failed flush fails the tickets it covered, the follower waiting for the
+    /// next flush (woken at once: no next flush runs), and every ticket after it, blocking or
+    /// async, even when a flush is later reported to have succeeded; tickets flushed before
+    /// the failure stay durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_flush_poisons_every_later_ticket() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let flusher = Flusher::start(db, None).unwrap();
+        let g = flusher.group.clone();
+        let before = g.request_quiet();
+        g.wait(before).unwrap();
+        let (early, (target, round)) = {
+            let mut st = g.lock();
+            st.requested += 1;
+            (FlushTicket::new(st.requested), GroupFlush::begin(st))
+        };
+        let (g2, g3) = (g.clone(), g.clone());
+        let early_waiter = std::thread::spawn(move || g3.wait(early));
+        let late_waiter = std::thread::spawn(move || g2.wait(g2.request_quiet()));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(g.finish(target, round, Err("injected EIO".into())));
+        let is_poison = |r: Result<(), StorageError>| match r {
+            Err(StorageError::Meta(m)) => m.contains("injected EIO") && m.contains("restart"),
+            _ => false,
+        };
+        assert!(is_poison(early_waiter.join().unwrap()));
+        assert!(is_poison(late_waiter.join().unwrap()));
+        // A flush that "succeeds" afterwards (as a later fdatasync would) changes nothing.
+        let (t, r) = GroupFlush::begin(g.lock());
+        drop(g.finish(t, r, Ok(())));
+        assert!(is_poison(g.wait(g.request_quiet())));
+        assert!(is_poison(
+            tokio::time::timeout(std::time::Duration::from_secs(10), g.flush_async())
+                .await
+                .expect("an async waiter hung on a poisoned store")
+        ));
+        assert!(g.poisoned().is_some());
+        assert!(matches!(g.lock().outcome(before.get()), Some(Ok(()))));
     }
 
     /// A blocking waiter with no flush running leads: its flush runs on its own thread, and

@@ -141,6 +141,12 @@ impl SledMetaStore {
 
 impl MetaStore for SledMetaStore {
     fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
+        // After a failed flush sled's memory may hold offsets the disk does not: nothing read
+        // from it may be acknowledged until a restart (see `group_flush`). Every packet of a
+        // session starts with this load, and `/readyz` probes it.
+        if let Some(why) = self.flusher.group.poisoned() {
+            return Err(crate::group_flush::poison_error(&why));
+        }
         let key = id.as_uuid().as_bytes();
         match self.sessions.get(key).map_err(meta_err)? {
             None => Ok(None),

@@ -291,6 +291,76 @@ async fn a_failed_fdatasync_of_the_log_acknowledges_no_small_fragment() {
     proc.kill();
 }
 
+/// fsyncgate: after a failed `fdatasync` the kernel may have dropped the dirty pages, and a
+/// later `fdatasync` succeeds without writing them. So one failed flush of the meta store's
+/// log must stop every later acknowledgement until a restart: here only the **first**
+/// `fdatasync` fails, and neither the client's re-send of that fragment nor anything after
+/// it may be acknowledged (sled's memory already holds the advanced offset; a later flush
+/// succeeding proves nothing about the failed one). `/readyz` says so. After a restart the
+/// upload goes on from what is really durable and comes out exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failed_log_flush_stops_every_later_ack_until_restart() {
+    let Some(strace) = strace() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("bitsd.log");
+    let proc = BitsdProcess::start_logging(dir.path(), &[], Some(&log));
+    let data = pattern(8192, 45);
+    let path = "/upload/fsyncgate.bin";
+    let mut c = RawClient::connect(proc.addr).await;
+    let sid = c.create_session(path).await;
+    let mut tracer = attach_tracing(
+        &strace,
+        proc.pid(),
+        "fdatasync",
+        "inject=fdatasync:error=EIO:when=1",
+    )
+    .await;
+    let first = c.fragment(path, &sid, &data, 0, 4096).await;
+    assert_ne!(first.status, 200, "{first:?}");
+    // The fault is spent: every fdatasync from here succeeds.
+    let again = c.fragment(path, &sid, &data, 0, 4096).await;
+    assert_ne!(
+        again.status, 200,
+        "the re-sent fragment was acknowledged after its flush failed: {again:?}"
+    );
+    let mut other = RawClient::connect(proc.addr).await;
+    let created = other
+        .bits_post(
+            "/upload/other.bin",
+            &[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", bitsd_tests::PROTOCOL),
+            ],
+            b"",
+        )
+        .await;
+    assert_ne!(
+        created.status, 200,
+        "a new session was acknowledged after a failed flush: {created:?}"
+    );
+    let mut admin = RawClient::connect(proc.admin_addr.unwrap()).await;
+    let ready = admin.get("GET", "/readyz", &[]).await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    proc.kill();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("restart"),
+        "the log does not say what to do: {logged}"
+    );
+
+    let proc = BitsdProcess::start_logging(dir.path(), &[], Some(&log));
+    let mut c = RawClient::connect(proc.addr).await;
+    let res = c.fragment(path, &sid, &data, 0, 4096).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let fin = c.fragment(path, &sid, &data, 4096, 4096).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    assert!(std::fs::read(dir.path().join("files/fsyncgate.bin")).unwrap() == data);
+}
+
 /// strace attached to the running server `pid`, tracing `sync_file_range` (sled's log flush)
 /// with `inject`; returns once every thread of the server is traced.
 async fn attach(strace: &std::path::Path, pid: u32, inject: &str) -> std::process::Child {
