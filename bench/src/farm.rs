@@ -62,6 +62,9 @@ pub enum Target {
     Farm1,
     /// Three farm nodes behind nginx.
     Farm3,
+    /// One farm node behind the same kind of nginx (the sweep's fair comparison for
+    /// `Farm3`: the balancer's hop and CPU on both sides).
+    Farm1Lb,
     /// Single-node bitsd, local backend.
     Local,
 }
@@ -76,6 +79,7 @@ impl Target {
             Target::Bare => "bare PUT",
             Target::Farm1 => "farm, 1 node",
             Target::Farm3 => "farm, 3 nodes + nginx",
+            Target::Farm1Lb => "farm, 1 node + nginx",
             Target::Local => "single node (local)",
         }
     }
@@ -130,6 +134,7 @@ async fn run_one(
         Target::Bare => None,
         Target::Farm1 => Some(env.nodes[0].addr),
         Target::Farm3 => Some(env.nginx.addr()),
+        Target::Farm1Lb => Some(env.nginx1.addr()),
         Target::Local => Some(env.local.addr),
     };
     let run = match (case, addr) {
@@ -231,7 +236,9 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
         }
     }
     let watch = PgWatch::connect(&env.postgres_url).await?;
-    for target in [Target::Farm1, Target::Farm3, Target::Local] {
+    // One node behind nginx next to three behind nginx: the same balancer on both sides, so
+    // the comparison is of node counts alone.
+    for target in [Target::Farm1, Target::Farm1Lb, Target::Farm3, Target::Local] {
         for &clients in &a.farm_sweep {
             eprintln!(
                 "bench: farm sweep: {clients} clients of 4 KiB jobs → {}",
@@ -281,7 +288,7 @@ fn warm(a: &FarmArgs) -> FarmArgs {
 pub fn own_cpu(target: Target, cpu: &CpuSnapshot) -> f64 {
     match target {
         Target::Bare => cpu.bench,
-        Target::Farm1 => cpu.nodes.first().copied().unwrap_or(0.0),
+        Target::Farm1 | Target::Farm1Lb => cpu.nodes.first().copied().unwrap_or(0.0),
         Target::Farm3 => cpu.nodes_total(),
         Target::Local => cpu.local,
     }

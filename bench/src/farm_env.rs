@@ -36,6 +36,8 @@ pub struct FarmEnv {
     pub nodes: Vec<BitsdChild>,
     /// nginx over all nodes.
     pub nginx: Nginx,
+    /// nginx over the first node alone (configured as `nginx`).
+    pub nginx1: Nginx,
     /// The single-node bitsd (local backend, default per-fragment fsync).
     pub local: BitsdChild,
     /// PostgreSQL's postmaster.
@@ -96,7 +98,11 @@ impl FarmEnv {
             )?);
         }
         let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
+        let first = addrs[..1].to_vec();
         let nginx = tokio::task::spawn_blocking(move || Nginx::start_keepalive(&addrs))
+            .await?
+            .ok_or("nginx is not installed (apt-get install nginx)")?;
+        let nginx1 = tokio::task::spawn_blocking(move || Nginx::start_keepalive(&first))
             .await?
             .ok_or("nginx is not installed (apt-get install nginx)")?;
         let local = BitsdChild::spawn(
@@ -124,6 +130,7 @@ impl FarmEnv {
             store,
             nodes,
             nginx,
+            nginx1,
             local,
             pg_pid,
             garage_pid,

@@ -27,6 +27,9 @@ pub struct PgSeen {
     pub ungranted: u64,
     /// Active backend-samples by `wait_event_type:wait_event` (`CPU` when not waiting).
     pub waits: BTreeMap<String, u64>,
+    /// Lock-waiting backend-samples by `waiting statement ← statement of the first backend
+    /// it waits for` (each cut to its first words): which work waits on which.
+    pub lock_statements: BTreeMap<String, u64>,
     /// Write transactions committed in the cluster (transaction ids assigned; read-only
     /// statements take none and are not counted).
     pub commits: u64,
@@ -96,9 +99,14 @@ impl PgWatch {
                 while !stop.is_cancelled() {
                     if let Ok(rows) = client
                         .query(
-                            "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') \
-                             FROM pg_stat_activity WHERE datname = current_database() \
-                             AND state = 'active' AND pid <> pg_backend_pid()",
+                            "SELECT coalesce(a.wait_event_type || ':' || a.wait_event, 'CPU'), \
+                             CASE WHEN a.wait_event_type = 'Lock' THEN \
+                               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) || ' <- ' || \
+                               coalesce((SELECT left(regexp_replace(b.query, '\\s+', ' ', 'g'), \
+                               60) || ' [' || b.state || ']' FROM pg_stat_activity b \
+                               WHERE b.pid = (pg_blocking_pids(a.pid))[1]), '?') END \
+                             FROM pg_stat_activity a WHERE a.datname = current_database() \
+                             AND a.state = 'active' AND a.pid <> pg_backend_pid()",
                             &[],
                         )
                         .await
@@ -115,6 +123,8 @@ impl PgWatch {
                             s.active += 1;
                             if w.starts_with("Lock:") {
                                 s.lock_waits += 1;
+                                let on: Option<String> = r.get(1);
+                                *s.lock_statements.entry(on.unwrap_or_default()).or_default() += 1;
                             }
                             *s.waits.entry(w).or_default() += 1;
                         }

@@ -110,6 +110,8 @@ pub struct SweepRow {
     pub pg_ungranted: u64,
     /// The most frequent wait events of active backends.
     pub pg_top_waits: String,
+    /// Lock waits by waiting statement and the statement it waited for, with counts.
+    pub pg_lock_statements: Vec<(String, u64)>,
     /// S3 requests per job, by endpoint.
     pub s3_per_job: String,
     /// CPU ms per job: the target's own processes, PostgreSQL, Garage.
@@ -280,6 +282,15 @@ impl FarmReport {
             pg_lock_waits: seen.lock_waits,
             pg_ungranted: seen.ungranted,
             pg_top_waits: seen.top_waits(4),
+            pg_lock_statements: {
+                let mut v: Vec<_> = seen
+                    .lock_statements
+                    .iter()
+                    .map(|(k, n)| (k.clone(), *n))
+                    .collect();
+                v.sort_by_key(|e| std::cmp::Reverse(e.1));
+                v
+            },
             s3_per_job: per_unit(s3, run.jobs),
             cpu_ms_per_job: [
                 own_cpu(target, cpu) * 1000.0 / jobs,
@@ -489,6 +500,23 @@ impl FarmReport {
                 s.cpu_ms_per_job[2],
                 s.s3_per_job
             );
+        }
+        let waits: Vec<_> = self
+            .sweep
+            .iter()
+            .filter(|s| !s.pg_lock_statements.is_empty())
+            .collect();
+        if !waits.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nLock waits by statement (waiting ← the statement of the backend it waited \
+                 for, and that backend's state):\n"
+            );
+            for s in waits {
+                for (what, n) in s.pg_lock_statements.iter().take(4) {
+                    let _ = writeln!(o, "- {}, {} clients: {n} × `{what}`", s.target, s.clients);
+                }
+            }
         }
         o
     }

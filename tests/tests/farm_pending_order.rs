@@ -251,3 +251,163 @@ async fn a_fragment_begun_while_postgres_is_down_fails_transiently_without_an_ob
         .unwrap();
     assert_eq!(node.load(&record.id).await.unwrap().unwrap().received, 0);
 }
+
+/// The pending rows of `record`'s session.
+async fn pending_of(backend: &SharedBackend, record: &SessionRecord) -> Vec<String> {
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000;
+    backend
+        .state()
+        .stale_pending_objects(later, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.session == record.id)
+        .map(|p| p.object_key)
+        .collect()
+}
+
+/// Waits up to 10 s for `record`'s session to have no pending row.
+async fn no_pending_left(backend: &SharedBackend, record: &SessionRecord) {
+    for _ in 0..200 {
+        if pending_of(backend, record).await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("pending rows left: {:?}", pending_of(backend, record).await);
+}
+
+/// A Fragment's load records its object key as pending in the same round trip: the row is
+/// there before any byte is written, the commit that references the object removes it, and
+/// nothing is left for the collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reserved_with_the_load_is_pending_before_the_write_and_cleared_by_the_commit() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let node = backend(&servers, "reserve", &scratch).await;
+    let record = session_record(None);
+    node.create(&record).await.unwrap();
+    let (loaded, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
+    assert_eq!(loaded.unwrap().received, 0);
+    let slot = slot.expect("a live session's load reserves the fragment's key");
+    let reserved = pending_of(&node, &record).await;
+    assert_eq!(reserved.len(), 1, "{reserved:?}");
+    let data = pattern(70_000, 8);
+    let mut sink = node
+        .begin_reserved_fragment(&record.id, plan(0, data.len() as u64), slot)
+        .await
+        .unwrap();
+    sink.write(Bytes::from(data.clone())).await.unwrap();
+    let next = at(&record, data.len() as u64, 2 * data.len() as u64);
+    assert_eq!(
+        sink.commit(0, &next).await.unwrap(),
+        FragmentCommit::Committed
+    );
+    assert!(pending_of(&node, &record).await.is_empty());
+    let keys = node.state().session_objects(&record.id).await.unwrap();
+    assert!(keys.contains(&reserved[0]), "{keys:?} lacks {reserved:?}");
+    assert_eq!(node.collect_garbage(Duration::ZERO).await.unwrap(), 0);
+    assert_eq!(read_all(&node, &record).await, data);
+}
+
+/// A missing session or a tombstone reserves nothing; a reservation that is not used (the
+/// packet was answered without new bytes) is forgotten; a fragment that overlaps held bytes
+/// (its new bytes start elsewhere than the reserved offset) records a key of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_or_mismatched_reservations_leave_no_pending_rows() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let node = backend(&servers, "reserve2", &scratch).await;
+    let missing = session_record(None);
+    let (loaded, slot) = node.load_for_fragment(&missing.id, 0).await.unwrap();
+    assert!(loaded.is_none() && slot.is_none());
+    assert!(pending_of(&node, &missing).await.is_empty());
+
+    let mut ended = session_record(None);
+    node.create(&ended).await.unwrap();
+    node.end_session(&mut ended, SessionState::Cancelled)
+        .await
+        .unwrap();
+    let (loaded, slot) = node.load_for_fragment(&ended.id, 0).await.unwrap();
+    assert_eq!(loaded.unwrap().state, SessionState::Cancelled);
+    assert!(slot.is_none(), "a tombstone's load reserved a key");
+    assert!(pending_of(&node, &ended).await.is_empty());
+
+    let record = session_record(None);
+    node.create(&record).await.unwrap();
+    let (_, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
+    assert!(slot.is_some());
+    drop(slot);
+    no_pending_left(&node, &record).await;
+
+    let data = pattern(3000, 9);
+    let (_, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
+    let mut sink = node
+        .begin_reserved_fragment(&record.id, plan(0, 1000), slot.unwrap())
+        .await
+        .unwrap();
+    sink.write(Bytes::copy_from_slice(&data[..1000]))
+        .await
+        .unwrap();
+    let next = at(&record, 1000, 3000);
+    assert_eq!(
+        sink.commit(0, &next).await.unwrap(),
+        FragmentCommit::Committed
+    );
+    // The client re-sends from 500: the load reserves for 500, the new bytes start at 1000.
+    let (_, slot) = node.load_for_fragment(&record.id, 500).await.unwrap();
+    let mut sink = node
+        .begin_reserved_fragment(&record.id, plan(1000, 2000), slot.unwrap())
+        .await
+        .unwrap();
+    sink.write(Bytes::copy_from_slice(&data[1000..]))
+        .await
+        .unwrap();
+    let last = at(&next, 3000, 3000);
+    assert_eq!(
+        sink.commit(1000, &last).await.unwrap(),
+        FragmentCommit::Committed
+    );
+    no_pending_left(&node, &record).await;
+    assert_eq!(read_all(&node, &record).await, data);
+}
+
+/// The collector claims a reserved row (older than its grace) between the load and the
+/// commit: the commit must not reference the object the collector may delete; it loses,
+/// and the offset stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_claimed_by_the_collector_cannot_commit() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let node = backend(&servers, "reserve3", &scratch).await;
+    let record = session_record(None);
+    node.create(&record).await.unwrap();
+    let (_, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
+    let data = pattern(5000, 10);
+    let mut sink = node
+        .begin_reserved_fragment(&record.id, plan(0, 5000), slot.unwrap())
+        .await
+        .unwrap();
+    sink.write(Bytes::from(data)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    node.collect_garbage(Duration::ZERO).await.unwrap();
+    assert!(pending_of(&node, &record).await.is_empty());
+    let next = at(&record, 5000, 5000);
+    match sink.commit(0, &next).await.unwrap() {
+        FragmentCommit::Lost { current } => {
+            assert_eq!(current.unwrap().received, 0)
+        }
+        other => panic!("a commit whose pending row was collected went through: {other:?}"),
+    }
+    assert_eq!(node.load(&record.id).await.unwrap().unwrap().received, 0);
+}

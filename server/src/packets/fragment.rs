@@ -84,11 +84,14 @@ where
         return outcome;
     }
     let guard = shared.locks.lock(id).await;
-    let mut record = shared
+    // The backend may prepare this fragment's write in the same step (the shared backend
+    // records its object key as pending in the load's round trip).
+    let (loaded, slot) = shared
         .store
-        .load(&id)
+        .load_for_fragment(&id, packet.range.first)
         .await
-        .map_err(storage_failure)?
+        .map_err(storage_failure)?;
+    let mut record = loaded
         .filter(|r| {
             !r.state.is_terminal() && r.route == route.prefix() && r.owner.as_deref() == user
         })
@@ -149,11 +152,11 @@ where
                 len: write.len,
                 durability: durability(shared.fsync, write.completes),
             };
-            let mut sink = shared
-                .store
-                .begin_fragment(&id, plan)
-                .await
-                .map_err(storage_failure)?;
+            let mut sink = match slot {
+                Some(slot) => shared.store.begin_reserved_fragment(&id, plan, slot).await,
+                None => shared.store.begin_fragment(&id, plan).await,
+            }
+            .map_err(storage_failure)?;
             let body = body
                 .take()
                 .ok_or_else(|| BitsError::invalid_arg("body already read"))?;

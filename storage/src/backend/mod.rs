@@ -46,6 +46,29 @@ pub struct FragmentPlan {
     pub durability: FragmentDurability,
 }
 
+/// Something a backend prepared for a fragment's bytes while it loaded the session (see
+/// [`SessionBackend::load_for_fragment`]): handed back to
+/// [`SessionBackend::begin_reserved_fragment`]. Dropping it unused releases what it holds.
+pub struct FragmentSlot(Box<dyn std::any::Any + Send + Sync>);
+
+impl FragmentSlot {
+    /// A slot holding `held` (the backend's own type).
+    pub fn new(held: impl std::any::Any + Send + Sync) -> Self {
+        FragmentSlot(Box::new(held))
+    }
+
+    /// What the slot holds, if it is a `T` (else the slot back).
+    pub fn downcast<T: std::any::Any>(self) -> Result<Box<T>, Self> {
+        self.0.downcast::<T>().map_err(FragmentSlot)
+    }
+}
+
+impl Debug for FragmentSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FragmentSlot")
+    }
+}
+
 /// How a fragment's commit ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FragmentCommit {
@@ -240,6 +263,19 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// The record of `id`, if there is one (live or tombstone).
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError>;
 
+    /// The record of `id` for a Fragment whose first byte is at upload offset `first`, and
+    /// possibly a [`FragmentSlot`] the backend prepared in the same step for the fragment's
+    /// bytes (the shared backend records the object key as pending in the same PostgreSQL
+    /// round trip). The default is [`SessionBackend::load`] and no slot.
+    async fn load_for_fragment(
+        &self,
+        id: &SessionId,
+        first: u64,
+    ) -> Result<(Option<SessionRecord>, Option<FragmentSlot>), StorageError> {
+        let _ = first;
+        Ok((self.load(id).await?, None))
+    }
+
     /// Stores `record` durably (and everything saved before it, such as a
     /// [`FragmentDurability::BytesDurable`] commit).
     async fn save(&self, record: &SessionRecord) -> Result<(), StorageError>;
@@ -257,6 +293,18 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
         id: &SessionId,
         plan: FragmentPlan,
     ) -> Result<Box<dyn FragmentSink>, StorageError>;
+
+    /// [`SessionBackend::begin_fragment`] with the slot [`SessionBackend::load_for_fragment`]
+    /// gave for this fragment. The default drops the slot and begins as usual.
+    async fn begin_reserved_fragment(
+        &self,
+        id: &SessionId,
+        plan: FragmentPlan,
+        slot: FragmentSlot,
+    ) -> Result<Box<dyn FragmentSink>, StorageError> {
+        drop(slot);
+        self.begin_fragment(id, plan).await
+    }
 
     /// Publishes a complete plain upload at `destination` (relative to the upload root, made
     /// of normal components only), atomically: the published object is whole or absent,

@@ -5,8 +5,10 @@
 //! The crash-safe order of each verb:
 //!
 //! - create: one PostgreSQL insert, durable on return.
-//! - fragment: the object's key is recorded as pending in PostgreSQL while the body streams
-//!   into its own object (`…/frag/<offset>-<nonce>`), and that row is committed **before** the
+//! - fragment: the object's key is recorded as pending in PostgreSQL by the statement that
+//!   loads the session (`load_for_fragment`; or, when the new bytes start elsewhere than the
+//!   packet's first byte, while the body streams) into its own object
+//!   (`…/frag/<offset>-<nonce>`), and that row is committed **before** the
 //!   object is completed (before its single PUT, or the completion of its multipart upload:
 //!   nothing is visible at the key earlier); commit then completes the object (durable on
 //!   the store's write quorum), **then** one PostgreSQL
@@ -39,11 +41,11 @@ use tokio::io::AsyncWriteExt;
 use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
 use super::pg::{CasOutcome, CreateOutcome, Limits, PgOptions, PgStateStore};
 use crate::backend::{
-    ByteStream, CreateLimits, FragmentPlan, FragmentSink, LimitedCreate, LiveCounts, LocalUpload,
-    ReplySink, SessionBackend, SweepLock,
+    ByteStream, CreateLimits, FragmentPlan, FragmentSink, FragmentSlot, LimitedCreate, LiveCounts,
+    LocalUpload, ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
-use sinks::{reply_key, PendingRow, SharedFragment, SharedReply};
+use sinks::{reply_key, PendingRow, ReservedKey, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.
 const FILE_CHUNK: usize = 256 * 1024;
@@ -193,6 +195,26 @@ impl SessionBackend for SharedBackend {
         self.state.load(id).await
     }
 
+    /// One round trip: the record, and the fragment's object key recorded as pending (only
+    /// while the session is live), so the fragment's write needs no insert of its own.
+    async fn load_for_fragment(
+        &self,
+        id: &SessionId,
+        first: u64,
+    ) -> Result<(Option<SessionRecord>, Option<FragmentSlot>), StorageError> {
+        let key = self.objects.fragment_key(id, first);
+        let (record, reserved) = self.state.load_reserving(id, key.as_str()).await?;
+        let slot = reserved.then(|| {
+            FragmentSlot::new(ReservedKey {
+                id: *id,
+                offset: first,
+                key: Some(key),
+                state: self.state.clone(),
+            })
+        });
+        Ok((record, slot))
+    }
+
     async fn save(&self, record: &SessionRecord) -> Result<(), StorageError> {
         // A tombstone (the session ended meanwhile on some node) stays one; the caller sees
         // it on its next load.
@@ -223,6 +245,29 @@ impl SessionBackend for SharedBackend {
             state: self.state.clone(),
             writer: self.objects.fragment_writer(key, plan.len),
             pending,
+        }))
+    }
+
+    async fn begin_reserved_fragment(
+        &self,
+        id: &SessionId,
+        plan: FragmentPlan,
+        slot: FragmentSlot,
+    ) -> Result<Box<dyn FragmentSink>, StorageError> {
+        let key = match slot.downcast::<ReservedKey>() {
+            Ok(mut reserved) => reserved.take_for(id, plan.write_at),
+            Err(_) => None,
+        };
+        let Some(key) = key else {
+            // Reserved for another offset (the fragment overlaps held bytes): the unused
+            // reservation is forgotten; this fragment records its own key.
+            return self.begin_fragment(id, plan).await;
+        };
+        Ok(Box::new(SharedFragment {
+            id: *id,
+            state: self.state.clone(),
+            writer: self.objects.fragment_writer(key, plan.len),
+            pending: PendingRow::already_inserted(),
         }))
     }
 

@@ -45,6 +45,14 @@ impl PendingRow {
         }
     }
 
+    /// A row that is in already (recorded with the session's load, see [`ReservedKey`]).
+    pub(super) fn already_inserted() -> Self {
+        PendingRow {
+            task: None,
+            inserted: Some(true),
+        }
+    }
+
     /// The insert's error if it has failed already (so a fragment whose row cannot be
     /// written stops early instead of after its whole body), without waiting.
     async fn check(&mut self) -> Result<(), StorageError> {
@@ -66,6 +74,46 @@ impl PendingRow {
             self.inserted = Some(inserted);
         }
         Ok(self.inserted.unwrap_or(false))
+    }
+}
+
+/// A fragment object key recorded as pending together with the session's load
+/// ([`PgStateStore::load_reserving`]), for the fragment starting at `offset`. Taken by the
+/// fragment that uses it; dropped unused (the packet was answered without new bytes, or
+/// failed first), it forgets its row in the background (the collector would after the grace).
+pub(super) struct ReservedKey {
+    pub(super) id: SessionId,
+    pub(super) offset: u64,
+    pub(super) key: Option<ObjectKey>,
+    pub(super) state: PgStateStore,
+}
+
+impl ReservedKey {
+    /// The key, for a fragment of session `id` whose first new byte is at `offset`; `None`
+    /// when it was reserved for another one (the caller begins as usual and this reservation
+    /// is forgotten).
+    pub(super) fn take_for(&mut self, id: &SessionId, offset: u64) -> Option<ObjectKey> {
+        if self.id == *id && self.offset == offset {
+            self.key.take()
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for ReservedKey {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let state = self.state.clone();
+            rt.spawn(async move {
+                if let Err(e) = state.forget_pending_object(key.as_str()).await {
+                    tracing::debug!(key = key.as_str(), error = %e, "an unused reserved key stays pending for the collector");
+                }
+            });
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 use bitsd_protocol::SessionId;
 use tokio_postgres::NoTls;
 
-use super::sessions::{to_i64, LIVE};
+use super::sessions::{decode, to_i64, COLS, LIVE};
 use super::{pg_error, FragmentObject, PgStateStore};
 use crate::{now_millis, FragmentEntry, StorageError};
 
@@ -152,6 +152,49 @@ impl PgStateStore {
                 })
                 .collect();
             Ok(counts.get(2).copied().unwrap_or(0) == 1)
+        })
+        .await
+    }
+
+    /// [`PgStateStore::load`] and [`PgStateStore::add_fragment_pending_object`] in one round
+    /// trip (one prepared statement): the record of `id` (live or tombstone), and whether
+    /// `object_key` went in as pending, which it does only while the session is live. A
+    /// Fragment's first step, so that its object's pending row costs no round trip of its
+    /// own. The row's commit is not waited for on disk (`synchronous_commit` off for this
+    /// transaction, as the separate insert): a row lost with PostgreSQL's last moments
+    /// leaves at worst an object for the orphan collector, never a wrong byte.
+    pub async fn load_reserving(
+        &self,
+        id: &SessionId,
+        object_key: &str,
+    ) -> Result<(Option<crate::SessionRecord>, bool), StorageError> {
+        let now = to_i64(now_millis(), "time")?;
+        // A data-modifying CTE runs to completion whether or not the query reads it, and
+        // `set_config(.., true)` lasts for this statement's transaction.
+        let sql = format!(
+            "WITH cfg AS (SELECT set_config('synchronous_commit', 'off', true)),
+             ins AS (
+                INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
+                SELECT $2, $1, $3 FROM cfg
+                 WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = $1 AND {LIVE})
+                ON CONFLICT (object_key) DO NOTHING RETURNING 1)
+             SELECT {COLS}, (SELECT count(*) FROM ins) AS reserved
+               FROM bitsd_sessions WHERE id = $1"
+        );
+        self.timed(async {
+            let conn = self.conn().await?;
+            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
+            let row = conn
+                .query_opt(&stmt, &[id.as_uuid(), &object_key, &now])
+                .await
+                .map_err(pg_error)?;
+            match row {
+                None => Ok((None, false)),
+                Some(row) => {
+                    let reserved = row.get::<_, i64>("reserved") == 1;
+                    Ok((Some(decode(&row)?), reserved))
+                }
+            }
         })
         .await
     }
