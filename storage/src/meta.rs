@@ -66,6 +66,14 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Entries at or past the record's `received` are leftovers of an unacknowledged fragment
     /// (recovery removes them).
     fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentEntry>, StorageError>;
+    /// The ids (their 16 bytes) of every session that has fragment index entries or held
+    /// upload chunks, read in one pass (recovery looks at the others no further); `None`
+    /// when the store cannot tell, and each session is asked on its own. The default: `None`.
+    fn sessions_with_entries(
+        &self,
+    ) -> Result<Option<std::collections::HashSet<[u8; 16]>>, StorageError> {
+        Ok(None)
+    }
     /// The last entry of the fragment index of `id` (recovery checks its bytes).
     fn last_fragment(&self, id: &SessionId) -> Result<Option<FragmentEntry>, StorageError> {
         Ok(self.fragments(id)?.pop())

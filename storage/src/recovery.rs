@@ -61,18 +61,28 @@ impl SessionStore {
         // Files are cut and removed below: no handle kept open from before may write again.
         self.handles.forget_all();
         let records = self.meta.list()?;
+        // One pass over the index and the held chunks instead of three lookups per session
+        // (most sessions of a large store have neither).
+        let with_entries = self.meta.sessions_with_entries()?;
         let mut known = HashSet::new();
         for mut record in records {
             known.insert(record.id.simple());
             let dir = self.session_dir(&record.id);
+            let entries = with_entries
+                .as_ref()
+                .is_none_or(|ids| ids.contains(record.id.as_uuid().as_bytes()));
             if record.state.is_terminal() {
                 remove_dir_all_if_exists(&dir)?;
-                self.meta.remove_fragments(&record.id)?;
-                SessionStore::remove_held(&*self.meta, &record.id)?;
+                if entries {
+                    self.meta.remove_fragments(&record.id)?;
+                    SessionStore::remove_held(&*self.meta, &record.id)?;
+                } else {
+                    self.meta.remove_reply(&record.id)?;
+                }
                 continue;
             }
             remove_temp_files(&dir);
-            if self.recover_upload(&mut record)? | self.recover_reply(&mut record) {
+            if self.recover_upload(&mut record, entries)? | self.recover_reply(&mut record) {
                 self.meta.save_lazy(&record)?;
             }
         }
@@ -96,15 +106,24 @@ impl SessionStore {
     /// The upload of a live session (its file and the chunks the meta store holds); whether
     /// `record` changed. Chunks at or past the offset kept are leftovers of a fragment that
     /// was never acknowledged and are removed.
-    fn recover_upload(&self, record: &mut SessionRecord) -> Result<bool, StorageError> {
-        let changed = self.recover_upload_file(record)?;
-        if self.meta.holds_bytes() {
+    /// `entries`: whether the session may have fragment index entries or held chunks.
+    fn recover_upload(
+        &self,
+        record: &mut SessionRecord,
+        entries: bool,
+    ) -> Result<bool, StorageError> {
+        let changed = self.recover_upload_file(record, entries)?;
+        if entries && self.meta.holds_bytes() {
             self.meta.remove_chunks_from(&record.id, record.received)?;
         }
         Ok(changed)
     }
 
-    fn recover_upload_file(&self, record: &mut SessionRecord) -> Result<bool, StorageError> {
+    fn recover_upload_file(
+        &self,
+        record: &mut SessionRecord,
+        entries: bool,
+    ) -> Result<bool, StorageError> {
         let upload = self.upload_path(&record.id);
         let plain = |d: &String| {
             Path::new(d)
@@ -121,8 +140,11 @@ impl SessionStore {
                 let _ = fs::remove_file(parent.join(commit_temp_name(&record.id)));
             }
         }
-        let index = self.meta.fragments(&record.id)?;
-        let chunks = self.meta.chunks(&record.id)?;
+        let (index, chunks) = if entries {
+            (self.meta.fragments(&record.id)?, self.meta.chunks(&record.id)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let acknowledged = record.received;
         let mut changed = false;
         let file = match fs::OpenOptions::new().read(true).write(true).open(&upload) {

@@ -302,6 +302,23 @@ impl MetaStore for SledMetaStore {
         true
     }
 
+    fn sessions_with_entries(
+        &self,
+    ) -> Result<Option<std::collections::HashSet<[u8; 16]>>, StorageError> {
+        // Keys are the session's 16 bytes then the offset: consecutive keys of one session
+        // share their first 16 bytes.
+        let mut ids = std::collections::HashSet::new();
+        for tree in [&self.fragments, &self.chunks] {
+            for key in tree.iter().keys() {
+                let key = key.map_err(meta_err)?;
+                if let Some(id) = key.get(..16).and_then(|k| <[u8; 16]>::try_from(k).ok()) {
+                    ids.insert(id);
+                }
+            }
+        }
+        Ok(Some(ids))
+    }
+
     fn save_with_chunk(
         &self,
         record: &SessionRecord,
