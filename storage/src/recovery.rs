@@ -141,7 +141,10 @@ impl SessionStore {
             }
         }
         let (index, chunks) = if entries {
-            (self.meta.fragments(&record.id)?, self.meta.chunks(&record.id)?)
+            (
+                self.meta.fragments(&record.id)?,
+                self.meta.chunks(&record.id)?,
+            )
         } else {
             (Vec::new(), Vec::new())
         };

@@ -163,14 +163,71 @@ async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes
         .await
         .unwrap();
     assert_eq!(r.state, SessionState::Closed);
-    let left = backend
-        .objects()
-        .list(&backend.objects().session_prefix(&id))
-        .await
-        .unwrap();
+    // The objects go in the background, after the Ack.
+    let mut left = Vec::new();
+    for _ in 0..200 {
+        left = backend
+            .objects()
+            .list(&backend.objects().session_prefix(&id))
+            .await
+            .unwrap();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(left.is_empty(), "{left:?}");
     assert!(backend.destination_exists("race/out.bin").await);
     backend.purge(&id).await.unwrap();
     assert!(backend.load(&id).await.unwrap().is_none());
     assert!(backend.try_sweep_lock().await.unwrap().is_some());
+}
+
+/// A Close's objects go in the background after its tombstone is committed. A node that dies
+/// in between (here: the tombstone written straight to PostgreSQL, no delete at all) leaves
+/// them only until the sweeper expires the tombstone: `remove_expired` deletes them with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone() {
+    let Some((backend, _garage, _pg, _scratch)) = backend().await else {
+        return;
+    };
+    let record = session_record(None);
+    backend.create(&record).await.unwrap();
+    let data = pattern(20_000, 4);
+    let mut sink = backend
+        .begin_fragment(&record.id, plan(0, data.len() as u64))
+        .await
+        .unwrap();
+    sink.write(Bytes::from(data.clone())).await.unwrap();
+    let mut next = record.clone();
+    next.received = data.len() as u64;
+    next.total = Some(2 * data.len() as u64);
+    assert_eq!(
+        sink.commit(0, &next).await.unwrap(),
+        FragmentCommit::Committed
+    );
+    backend
+        .state()
+        .close(&record.id, SessionState::Closed)
+        .await
+        .unwrap();
+    let prefix = backend.objects().session_prefix(&record.id);
+    assert_eq!(backend.objects().list(&prefix).await.unwrap().len(), 1);
+
+    let backend: Arc<dyn SessionBackend> = Arc::new(backend);
+    let service = bitsd::BitsService::builder_for(backend.clone())
+        .await
+        .route(bitsd::Route::upload("/up/"))
+        .build()
+        .unwrap();
+    assert_eq!(
+        service
+            .remove_expired(std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(backend.load(&record.id).await.unwrap().is_none());
+    let shared = Objects::new(&_garage.object_store_config("backend")).unwrap();
+    assert!(shared.list(&prefix).await.unwrap().is_empty());
 }

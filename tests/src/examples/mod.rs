@@ -434,12 +434,21 @@ async fn run_step(
     }
     if let Some(rel) = &step.expect_dir_empty {
         checked(rel)?;
-        let names = target.list_dir(rel).await?;
-        return if names.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("expect_dir_empty {rel}: holds {names:?}"))
-        };
+        // A farm deletes an ended session's objects right after the Ack, in the background
+        // (one node deletes its files before the Ack): empty within 10 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let names = target.list_dir(rel).await?;
+            if names.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "expect_dir_empty {rel}: holds {names:?} after 10 s"
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
     let (Some(req), Some(expect)) = (&step.request, &step.response) else {
         unreachable!("checked above");

@@ -22,8 +22,10 @@
 //!   says a crashed attempt of the same session wrote it.
 //! - reply: streamed into `<prefix>/sessions/<id>/reply` (whole or absent), served by range.
 //! - reply progress: `int8multirange` union in PostgreSQL.
-//! - end and purge: the session's objects are deleted (never a published file), then the
-//!   row becomes a tombstone (end) or goes (purge).
+//! - end: the row becomes a tombstone (durable), then the Ack; the session's objects (never
+//!   a published file) are deleted in the background, and by the sweeper's purge of the
+//!   tombstone if this node dies first.
+//! - purge: the session's objects are deleted, then the row goes.
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
 mod gc;
@@ -425,9 +427,17 @@ impl SessionBackend for SharedBackend {
             CasOutcome::Committed(r) | CasOutcome::Raced(r) => *record = r,
             CasOutcome::Missing => record.state = state,
         }
-        // The tombstone is stored first: no node takes another fragment of this session, so
-        // its objects can go (published files lie under files/ and stay).
-        self.objects.delete_session(&record.id).await?;
+        // The tombstone is durable first: no node takes another fragment of this session, and
+        // the Ack needs nothing more. Its objects go in the background (published files lie
+        // under files/ and stay): the Close's latency is one PostgreSQL commit, not a LIST and
+        // a DeleteObjects. Should this node die first, or the store refuse, the sweeper's
+        // purge of the tombstone (after the session timeout) deletes them.
+        let (objects, id) = (self.objects.clone(), record.id);
+        tokio::spawn(async move {
+            if let Err(e) = objects.delete_session(&id).await {
+                tracing::warn!(session = %id, error = %e, "deleting an ended session's objects failed; the sweeper deletes them with the tombstone");
+            }
+        });
         Ok(())
     }
 
