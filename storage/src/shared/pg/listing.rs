@@ -4,18 +4,15 @@ use std::collections::HashMap;
 
 use bitsd_protocol::SessionId;
 
-use super::sessions::{decode, state_of, to_i64, COLS, LIVE};
+use super::sessions::{decode, state_of, to_i64, COLS, LIVE, LIVE_COUNT};
 use super::{pg_error, PgStateStore};
 use crate::{SessionRecord, SessionState, StorageError};
 
 impl PgStateStore {
-    /// Live (not tombstoned) sessions of the farm.
+    /// Live (not tombstoned) sessions of the farm: the sum of the trigger-kept counter
+    /// (64 rows, whatever the number of sessions; see the schema's `LIVE_COUNTER`).
     pub async fn live_count(&self) -> Result<u64, StorageError> {
-        self.count(
-            &format!("SELECT count(*) FROM bitsd_sessions WHERE {LIVE}"),
-            None,
-        )
-        .await
+        self.count(LIVE_COUNT, None).await
     }
 
     /// Live sessions of `owner`.

@@ -5,7 +5,7 @@ use super::{pg_error, PgStateStore};
 use crate::StorageError;
 
 /// The schema version this build creates and understands.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Advisory-lock key held (per transaction) while migrating.
 const MIGRATE_LOCK: i64 = 0x6269_7473_6400_0001;
@@ -40,7 +40,63 @@ const MIGRATIONS: &[&str] = &[
         created_ms  bigint NOT NULL
     );
     CREATE INDEX bitsd_pending_objects_created ON bitsd_pending_objects (created_ms);",
+    // 1 -> 2: the live-session counter (see `LIVE_COUNTER`).
+    LIVE_COUNTER,
 ];
+
+/// Live sessions counted by triggers in 64 shard rows, so that a Create-Session under a total
+/// limit sums 64 small rows instead of counting every live session (`count(*)` grows with the
+/// farm). A session's shard is `hashtext(id::text) & 63`; a row's count changes only when a
+/// session enters or leaves the live states (`receiving`, `complete`, `reply-ready`): its
+/// insert, its delete, or an update of `state` across that line. Every bitsd statement writes
+/// one session row, so a transaction holds at most one shard row and two can never deadlock
+/// on them; two sessions wait for each other only when they share a shard and both start or
+/// end at once (no global hot row). The shard row is updated in the transaction that changes
+/// the session, so the counter's sum in any snapshot equals a count of live rows in it.
+///
+/// The table is locked against writes first: a node of the old version creating sessions while
+/// this migrates waits, and its session is counted by the trigger once it goes on.
+const LIVE_COUNTER: &str = "LOCK TABLE bitsd_sessions IN SHARE ROW EXCLUSIVE MODE;
+    CREATE TABLE bitsd_live_counts (
+        shard integer PRIMARY KEY,
+        n     bigint  NOT NULL
+    ) WITH (fillfactor = 50);
+    INSERT INTO bitsd_live_counts (shard, n)
+        SELECT s.shard, coalesce(c.n, 0)
+          FROM generate_series(0, 63) AS s (shard)
+          LEFT JOIN (SELECT hashtext(id::text) & 63 AS shard, count(*) AS n
+                       FROM bitsd_sessions
+                      WHERE state IN ('receiving', 'complete', 'reply-ready')
+                      GROUP BY 1) AS c USING (shard);
+    CREATE FUNCTION bitsd_count_live() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        was_live boolean := false;
+        is_live  boolean := false;
+        sid      uuid;
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN
+            was_live := OLD.state IN ('receiving', 'complete', 'reply-ready');
+            sid := OLD.id;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            is_live := NEW.state IN ('receiving', 'complete', 'reply-ready');
+            sid := NEW.id;
+        END IF;
+        IF was_live <> is_live THEN
+            UPDATE bitsd_live_counts
+               SET n = n + CASE WHEN is_live THEN 1 ELSE -1 END
+             WHERE shard = hashtext(sid::text) & 63;
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER bitsd_live_count_rows AFTER INSERT OR DELETE ON bitsd_sessions
+        FOR EACH ROW EXECUTE FUNCTION bitsd_count_live();
+    CREATE TRIGGER bitsd_live_count_state AFTER UPDATE OF state ON bitsd_sessions
+        FOR EACH ROW
+        WHEN ((OLD.state IN ('receiving', 'complete', 'reply-ready'))
+              IS DISTINCT FROM (NEW.state IN ('receiving', 'complete', 'reply-ready')))
+        EXECUTE FUNCTION bitsd_count_live();";
 
 impl PgStateStore {
     /// Creates the schema or migrates it to [`SCHEMA_VERSION`]; idempotent, and safe when

@@ -22,6 +22,9 @@ pub(super) const COLS: &str = "record, state, received, total, updated_ms, \
 /// SQL predicate: the session is not a tombstone.
 pub(super) const LIVE: &str = "state IN ('receiving', 'complete', 'reply-ready')";
 
+/// SQL query: the farm's live sessions, from the trigger-kept counter (see the schema).
+pub(super) const LIVE_COUNT: &str = "SELECT coalesce(sum(n), 0)::bigint FROM bitsd_live_counts";
+
 /// SQL assignment: a reply made anew (another `created_ms`, or none) starts with no delivered
 /// ranges; `$6` is the new record.
 const RESET_DELIVERED: &str = "delivered = CASE WHEN (record -> 'reply' -> 'created_ms') \
@@ -209,12 +212,14 @@ impl PgStateStore {
                     tx.execute(lock, &[&TOTAL_LIMIT_LOCK])
                         .await
                         .map_err(pg_error)?;
-                    // A statement of its own: its snapshot is taken with the lock held.
+                    // A statement of its own: its snapshot is taken with the lock held. The
+                    // counter's rows change in the transactions that start and end sessions,
+                    // so its sum here is the count of live rows in the same snapshot.
                     let row = tx
                         .query_one(
                             &format!(
-                                "SELECT count(*), current_setting('max_connections')::int8
-                                 FROM bitsd_sessions WHERE {LIVE}"
+                                "SELECT ({LIVE_COUNT}),
+                                        current_setting('max_connections')::int8"
                             ),
                             &[],
                         )
