@@ -28,6 +28,7 @@
 //! - purge: the session's objects are deleted, then the row goes.
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
+mod coalesce;
 mod gc;
 mod orphans;
 mod sinks;
@@ -47,6 +48,8 @@ use crate::backend::{
     LocalUpload, ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
+use coalesce::Coalescer;
+pub use coalesce::{Coalesced, COALESCE_SPAN};
 use sinks::{reply_key, PendingRow, ReservedKey, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.
@@ -59,6 +62,8 @@ pub struct SharedBackend {
     objects: Objects,
     scratch: PathBuf,
     orphan_scan: std::sync::Arc<orphans::OrphanSchedule>,
+    /// Merges small fragments behind the upload (`None`: `coalesce_fragments = false`).
+    coalescer: Option<Coalescer>,
 }
 
 impl SharedBackend {
@@ -78,11 +83,15 @@ impl SharedBackend {
 
     /// A backend over components already connected.
     pub fn from_parts(state: PgStateStore, objects: Objects, scratch: PathBuf) -> Self {
+        let coalescer = objects
+            .coalesce_fragments()
+            .then(|| Coalescer::new(state.clone(), objects.clone()));
         SharedBackend {
             state,
             objects,
             scratch,
             orphan_scan: Default::default(),
+            coalescer,
         }
     }
 
@@ -94,6 +103,22 @@ impl SharedBackend {
     /// The object store.
     pub fn objects(&self) -> &Objects {
         &self.objects
+    }
+
+    /// Merges the run of small fragments of `id` that ends with its fragment `start..end`
+    /// into one object, now (a node does this by itself in the background after the commit
+    /// of a fragment that reaches a [`COALESCE_SPAN`] boundary, unless `coalesce_fragments`
+    /// is off); see [`Coalesced`] for the outcomes. Safe at any time: it changes the index
+    /// only while the session is receiving and the run is as it read it.
+    pub async fn coalesce(
+        &self,
+        id: &SessionId,
+        start: u64,
+        end: u64,
+    ) -> Result<Coalesced, StorageError> {
+        Coalescer::new(self.state.clone(), self.objects.clone())
+            .merge(id, start, end)
+            .await
     }
 
     async fn record(&self, id: &SessionId) -> Result<SessionRecord, StorageError> {
@@ -247,6 +272,7 @@ impl SessionBackend for SharedBackend {
             state: self.state.clone(),
             writer: self.objects.fragment_writer(key, plan.len),
             pending,
+            coalescer: self.coalescer.clone(),
         }))
     }
 
@@ -270,6 +296,7 @@ impl SessionBackend for SharedBackend {
             state: self.state.clone(),
             writer: self.objects.fragment_writer(key, plan.len),
             pending: PendingRow::already_inserted(),
+            coalescer: self.coalescer.clone(),
         }))
     }
 

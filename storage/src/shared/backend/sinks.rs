@@ -8,8 +8,9 @@ use tokio::task::JoinHandle;
 
 use super::super::objects::{ObjectKey, ObjectWriter, Objects};
 use super::super::pg::{CasOutcome, Expect, NewFragment, PgStateStore};
+use super::coalesce::Coalescer;
 use crate::backend::{FragmentCommit, FragmentSink, ReplySink};
-use crate::{ReplyKind, SessionRecord, StorageError};
+use crate::{ReplyKind, SessionRecord, SessionState, StorageError};
 
 /// A fragment on its way into its own object (`…/frag/<offset>-<nonce>`). Its pending row is
 /// inserted while the body streams and is committed before the object is completed, so an
@@ -19,6 +20,7 @@ pub(super) struct SharedFragment {
     pub(super) state: PgStateStore,
     pub(super) writer: ObjectWriter,
     pub(super) pending: PendingRow,
+    pub(super) coalescer: Option<Coalescer>,
 }
 
 /// A fragment's pending-object row on its way into PostgreSQL, in a task of its own so that
@@ -155,6 +157,7 @@ impl FragmentSink for SharedFragment {
             state,
             writer,
             mut pending,
+            coalescer,
         } = *self;
         if writer.is_empty() {
             // No new bytes (a repeated last fragment): nothing to store; the record is saved
@@ -208,6 +211,12 @@ impl FragmentSink for SharedFragment {
                 state: Some(record.state),
             })
             .await?;
+        // After the Ack's commit, behind the upload: small fragments before a boundary merged.
+        if let (Some(c), CasOutcome::Committed(now)) = (&coalescer, &outcome) {
+            if now.state == SessionState::Receiving {
+                c.after_commit(id, expected, expected + stored.len);
+            }
+        }
         Ok(settle(outcome))
     }
 }

@@ -66,6 +66,11 @@ pub struct ObjectStoreConfig {
     /// farm's traffic). A store that refuses unsigned payloads is detected and sent whole
     /// fragments from then on.
     pub stream_fragments: Option<bool>,
+    /// Merge runs of fragments shorter than 1 MiB into one object per MiB of the upload, in
+    /// the background while the upload goes on (default true), so that completing an upload
+    /// sent in small fragments reads a few objects instead of one per fragment. Costs a
+    /// second write of those bytes to the store.
+    pub coalesce_fragments: Option<bool>,
 }
 
 impl std::fmt::Debug for ObjectStoreConfig {
@@ -84,6 +89,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("part_size", &self.part_size)
             .field("server_side_copy", &self.server_side_copy)
             .field("stream_fragments", &self.stream_fragments)
+            .field("coalesce_fragments", &self.coalesce_fragments)
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +112,11 @@ impl ObjectStoreConfig {
     /// Whether fragments shorter than the part size are streamed while they arrive.
     pub fn stream_fragments(&self) -> bool {
         self.stream_fragments.unwrap_or(true)
+    }
+
+    /// Whether runs of small fragments are merged while the upload goes on.
+    pub fn coalesce_fragments(&self) -> bool {
+        self.coalesce_fragments.unwrap_or(true)
     }
 
     /// The connect timeout, the timeout of one request, and the retries of a failed one.

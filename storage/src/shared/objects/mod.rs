@@ -123,6 +123,8 @@ pub struct Objects {
     streamer: Option<Arc<stream_put::StreamPutter>>,
     prefix: ObjectKey,
     part_size: usize,
+    /// `coalesce_fragments`.
+    coalesce: bool,
 }
 
 impl Objects {
@@ -159,6 +161,7 @@ impl Objects {
             streamer,
             prefix: ObjectKey::new(&config.prefix),
             part_size: config.part_size(),
+            coalesce: config.coalesce_fragments(),
         })
     }
 
@@ -171,6 +174,12 @@ impl Objects {
     /// long; shorter ones with one PUT. Also the part size of assembled uploads.
     pub fn part_size(&self) -> usize {
         self.part_size
+    }
+
+    /// Whether runs of small fragments are merged while an upload goes on
+    /// (`coalesce_fragments`).
+    pub fn coalesce_fragments(&self) -> bool {
+        self.coalesce
     }
 
     /// Starts writing an object at `key`; nothing is visible before [`ObjectWriter::finish`].

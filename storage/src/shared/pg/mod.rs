@@ -22,6 +22,7 @@
 //! longer than [`PgOptions::timeout`] come back as [`StorageError::StateStoreUnreachable`]
 //! (transient: the server answers the packet with a 5xx and the client retries).
 
+mod coalesce;
 mod gc;
 mod listing;
 mod reply;

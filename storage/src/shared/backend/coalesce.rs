@@ -1,0 +1,359 @@
+//! Small fragments merged behind the upload, so that completion does not read one tiny object
+//! per fragment.
+//!
+//! Every fragment is its own object, durable before its Ack. A client on a slow link sends
+//! fragments of a few kilobytes; left alone, assembling 64 MiB of 5 KB fragments would read
+//! over 13,000 objects. Instead the upload is cut at every [`COALESCE_SPAN`] boundary of its
+//! offsets: the fragment whose bytes reach a boundary (it "crosses" it) starts, after its
+//! Ack and in the background, a merge of the run of small fragments before it: the
+//! consecutive fragments shorter than the span that cross no boundary, plus the crossing
+//! fragment itself when it is short too. The merged object contains a crossing fragment or
+//! ends where a long one starts, so it is never merged again, and two merges never take the
+//! same fragment. What is left for completion is one object per span and the fragments after
+//! the last boundary.
+//!
+//! The crash-safe order: 1. the merged object's key is recorded as pending (only while the
+//! session is live), 2. the run's objects are read, each checked against the length and
+//! CRC-32C of its index entry, and written to the merged object (durable on the store's
+//! write quorum), 3. one PostgreSQL transaction swaps the run for the merged object in the
+//! index and drops its pending row, only if the session is still `receiving` and the index
+//! still holds exactly the run ([`PgStateStore::replace_fragments`]), 4. the run's objects
+//! are deleted. A crash before 3 leaves the merged object pending for the collector; after
+//! 3, the old objects go with the session's prefix at Close or expiry. A merge that loses
+//! (the upload completed, the session ended, another merge won) deletes its object. Nothing
+//! reads fragments before the upload is complete, and completing needs the session's row,
+//! which the swap holds locked: a reader sees the old index or the new one, never half.
+
+use std::sync::Arc;
+
+use bitsd_protocol::SessionId;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+
+use super::super::objects::{ObjectKey, Objects, StoredObject};
+use super::super::pg::{FragmentObject, PgStateStore};
+use crate::{FragmentEntry, StorageError};
+
+/// Fragments shorter than this are merged, in runs that end at a multiple of it (1 MiB).
+pub const COALESCE_SPAN: u64 = 1 << 20;
+
+/// Merges running at once on one node (each holds at most about two spans in memory).
+const MERGES_AT_ONCE: usize = 4;
+
+/// Fragment reads of one merge in flight at once.
+const READ_AHEAD: usize = 8;
+
+/// What [`crate::shared::SharedBackend::coalesce`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coalesced {
+    /// `fragments` fragments, `bytes` bytes in all, are one object now.
+    Merged {
+        /// Fragments replaced.
+        fragments: usize,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// No run of two or more small fragments ends there: nothing to do.
+    Nothing,
+    /// The index or the session changed first (the upload completed or ended, another merge
+    /// won): nothing changed, the merged object is deleted.
+    Lost,
+}
+
+/// Whether the fragment `offset..offset + len` reaches a multiple of [`COALESCE_SPAN`]: its
+/// last byte is in a later span than its first, or it ends exactly on a boundary.
+pub(super) fn crosses(offset: u64, len: u64) -> bool {
+    len > 0 && offset / COALESCE_SPAN != offset.saturating_add(len) / COALESCE_SPAN
+}
+
+/// The run to merge for the crossing fragment `start..end`, from `rows` (the index, in
+/// offset order, from at least one span before `start`): the small non-crossing fragments
+/// that end at `start` one after another, plus the crossing fragment when it is small.
+fn run_ending_at(rows: &[FragmentObject], start: u64, end: u64) -> Vec<FragmentObject> {
+    let Some(pos) = rows
+        .iter()
+        .position(|r| r.entry.offset == start && r.entry.offset + r.entry.len == end)
+    else {
+        return Vec::new();
+    };
+    let mut run = Vec::new();
+    if end - start < COALESCE_SPAN {
+        run.push(rows[pos].clone());
+    }
+    let mut at = start;
+    for r in rows[..pos].iter().rev() {
+        let e = r.entry;
+        if e.offset + e.len != at || e.len >= COALESCE_SPAN || crosses(e.offset, e.len) {
+            break;
+        }
+        run.push(r.clone());
+        at = e.offset;
+    }
+    run.reverse();
+    run
+}
+
+/// Merges a session's small fragments (see the module docs); one per backend, shared by its
+/// fragment sinks.
+#[derive(Clone, Debug)]
+pub(super) struct Coalescer {
+    state: PgStateStore,
+    objects: Objects,
+    permits: Arc<Semaphore>,
+}
+
+impl Coalescer {
+    pub(super) fn new(state: PgStateStore, objects: Objects) -> Self {
+        Coalescer {
+            state,
+            objects,
+            permits: Arc::new(Semaphore::new(MERGES_AT_ONCE)),
+        }
+    }
+
+    /// After the commit of the fragment `start..end` of `id`: starts its merge in the
+    /// background when the fragment crosses a boundary. A failed merge changes nothing.
+    pub(super) fn after_commit(&self, id: SessionId, start: u64, end: u64) {
+        if !crosses(start, end - start) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = Arc::clone(&this.permits).acquire_owned().await else {
+                return;
+            };
+            match this.merge(&id, start, end).await {
+                Ok(done) => tracing::debug!(session = %id, end, ?done, "fragments merged"),
+                Err(e) => {
+                    tracing::warn!(session = %id, end, error = %e, "small fragments stay unmerged")
+                }
+            }
+        });
+    }
+
+    /// Merges the run ending with the fragment `start..end` of `id` (see the module docs).
+    pub(super) async fn merge(
+        &self,
+        id: &SessionId,
+        start: u64,
+        end: u64,
+    ) -> Result<Coalesced, StorageError> {
+        let rows = self
+            .state
+            .fragments_between(id, start.saturating_sub(COALESCE_SPAN), end)
+            .await?;
+        let run = run_ending_at(&rows, start, end);
+        if run.len() < 2 {
+            return Ok(Coalesced::Nothing);
+        }
+        let first = run[0].entry.offset;
+        let key = self.objects.fragment_key(id, first);
+        // 1. Pending before the object exists.
+        if !self
+            .state
+            .add_fragment_pending_object(id, key.as_str())
+            .await?
+        {
+            return Ok(Coalesced::Lost);
+        }
+        // 2. The bytes, checked.
+        let stored = match self.write_merged(&key, &run).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.discard(&key).await;
+                return Err(e);
+            }
+        };
+        let merged = FragmentObject {
+            entry: FragmentEntry {
+                offset: first,
+                len: stored.len,
+                crc32c: stored.crc32c,
+            },
+            object_key: key.as_str().to_owned(),
+        };
+        // 3. The swap. An error here may have committed or not: the merged object stays
+        // (referenced, or pending for the collector).
+        if !self.state.replace_fragments(id, &run, &merged).await? {
+            self.discard(&key).await;
+            return Ok(Coalesced::Lost);
+        }
+        // 4. The old objects; on failure they go with the session's prefix.
+        let old: Vec<ObjectKey> = run
+            .iter()
+            .filter_map(|f| ObjectKey::parse(&f.object_key))
+            .collect();
+        if let Err(e) = self.objects.delete(&old).await {
+            tracing::debug!(session = %id, error = %e, "merged fragments' objects stay until the session ends");
+        }
+        Ok(Coalesced::Merged {
+            fragments: run.len(),
+            bytes: stored.len,
+        })
+    }
+
+    /// Reads the run's objects in order, each checked against its index entry, into one
+    /// new object at `key`.
+    async fn write_merged(
+        &self,
+        key: &ObjectKey,
+        run: &[FragmentObject],
+    ) -> Result<StoredObject, StorageError> {
+        let objects = self.objects.clone();
+        let mut reads = futures_util::stream::iter(run.to_vec())
+            .map(move |f| {
+                let objects = objects.clone();
+                async move { read_checked(&objects, &f).await }
+            })
+            .buffered(READ_AHEAD);
+        let mut writer = self.objects.writer(key.clone());
+        while let Some(bytes) = reads.next().await {
+            let written = match bytes {
+                Ok(bytes) => writer.write_bytes(bytes).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                writer.abort().await;
+                return Err(e);
+            }
+        }
+        writer.finish().await
+    }
+
+    /// Deletes a merged object that did not go into the index, then its pending row (left
+    /// for the collector if either fails).
+    async fn discard(&self, key: &ObjectKey) {
+        if self.objects.delete(std::slice::from_ref(key)).await.is_ok() {
+            let _ = self.state.forget_pending_object(key.as_str()).await;
+        }
+    }
+}
+
+/// One fragment's bytes, refused unless they have its index entry's length and CRC-32C.
+async fn read_checked(objects: &Objects, f: &FragmentObject) -> Result<Bytes, StorageError> {
+    let corrupt = |why: String| StorageError::Corrupt {
+        key: f.object_key.clone(),
+        why,
+    };
+    let key = ObjectKey::parse(&f.object_key)
+        .ok_or_else(|| corrupt("the index holds an invalid object key".into()))?;
+    let bytes = objects.read(&key, None).await?.bytes().await?;
+    if bytes.len() as u64 != f.entry.len {
+        return Err(corrupt(format!(
+            "fragment object has {} bytes, its index entry says {}",
+            bytes.len(),
+            f.entry.len
+        )));
+    }
+    let crc = crc32c::crc32c(&bytes);
+    if crc != f.entry.crc32c {
+        return Err(corrupt(format!(
+            "fragment object's CRC-32C is {crc:08x}, its index entry says {:08x}",
+            f.entry.crc32c
+        )));
+    }
+    Ok(Bytes::from(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(offset: u64, len: u64) -> FragmentObject {
+        FragmentObject {
+            entry: FragmentEntry {
+                offset,
+                len,
+                crc32c: 0,
+            },
+            object_key: format!("k{offset}"),
+        }
+    }
+
+    /// The index of consecutive fragments of these lengths from offset 0.
+    fn index(lens: &[u64]) -> Vec<FragmentObject> {
+        let mut at = 0;
+        lens.iter()
+            .map(|&l| {
+                let r = row(at, l);
+                at += l;
+                r
+            })
+            .collect()
+    }
+
+    fn offsets(run: &[FragmentObject]) -> Vec<u64> {
+        run.iter().map(|r| r.entry.offset).collect()
+    }
+
+    const K: u64 = 1024;
+
+    #[test]
+    fn a_boundary_belongs_to_the_one_fragment_that_reaches_it() {
+        assert!(!crosses(0, 1));
+        assert!(!crosses(0, COALESCE_SPAN - 1));
+        assert!(crosses(0, COALESCE_SPAN));
+        assert!(crosses(COALESCE_SPAN - 1, 1));
+        assert!(!crosses(COALESCE_SPAN, 1));
+        assert!(!crosses(5, 0));
+        // The last offsets do not overflow.
+        assert!(!crosses(u64::MAX - 1, 1));
+    }
+
+    #[test]
+    fn the_run_is_the_small_fragments_since_the_last_crossing_one() {
+        // 300 KiB fragments: the 4th (900..1200 KiB) crosses 1 MiB and takes the 3 before.
+        let rows = index(&[300 * K; 8]);
+        let run = run_ending_at(&rows, 900 * K, 1200 * K);
+        assert_eq!(offsets(&run), vec![0, 300 * K, 600 * K, 900 * K]);
+        // The 7th (1800..2100 KiB) crosses 2 MiB and stops at the 4th (which crossed 1 MiB).
+        let run = run_ending_at(&rows, 1800 * K, 2100 * K);
+        assert_eq!(offsets(&run), vec![1200 * K, 1500 * K, 1800 * K]);
+    }
+
+    #[test]
+    fn a_long_fragment_ends_a_run_without_joining_it() {
+        let rows = index(&[100 * K, 100 * K, 100 * K, 2 * COALESCE_SPAN, 100 * K]);
+        let run = run_ending_at(&rows, 300 * K, 300 * K + 2 * COALESCE_SPAN);
+        assert_eq!(offsets(&run), vec![0, 100 * K, 200 * K]);
+        // A run after a long fragment starts after it (2 MiB + 300 KiB + 900 KiB crosses 3 MiB).
+        let end = 300 * K + 2 * COALESCE_SPAN;
+        let rows = index(&[
+            100 * K,
+            100 * K,
+            100 * K,
+            2 * COALESCE_SPAN,
+            100 * K,
+            100 * K,
+            700 * K,
+        ]);
+        let run = run_ending_at(&rows, end + 200 * K, end + 900 * K);
+        assert_eq!(offsets(&run), vec![end, end + 100 * K, end + 200 * K]);
+    }
+
+    #[test]
+    fn a_merged_object_is_never_merged_again() {
+        // After a merge of 0..1200 KiB the index has one row there: it crosses, so the next
+        // run stops at it.
+        let mut rows = vec![row(0, 1200 * K)];
+        rows.extend(index(&[300 * K; 3]).into_iter().map(|mut r| {
+            r.entry.offset += 1200 * K;
+            r
+        }));
+        let run = run_ending_at(&rows, 1800 * K, 2100 * K);
+        assert_eq!(offsets(&run), vec![1200 * K, 1500 * K, 1800 * K]);
+    }
+
+    #[test]
+    fn a_gap_or_a_missing_trigger_means_nothing() {
+        let rows = index(&[300 * K; 4]);
+        assert!(run_ending_at(&rows, 900 * K, 1100 * K).is_empty());
+        let mut gapped = rows.clone();
+        gapped.remove(1);
+        assert_eq!(
+            offsets(&run_ending_at(&gapped, 900 * K, 1200 * K)),
+            vec![600 * K, 900 * K]
+        );
+    }
+}

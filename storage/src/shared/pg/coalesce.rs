@@ -1,0 +1,133 @@
+//! Swapping a run of small fragments in the index for the one object that now holds their
+//! bytes (see the shared backend's `coalesce` module for when and why).
+
+use bitsd_protocol::SessionId;
+
+use super::sessions::{to_i64, FragmentObject};
+use super::{pg_error, PgStateStore};
+use crate::StorageError;
+
+impl PgStateStore {
+    /// The fragments of `id` whose first byte is in `from..to`, in offset order.
+    pub async fn fragments_between(
+        &self,
+        id: &SessionId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<FragmentObject>, StorageError> {
+        let (from, to) = (to_i64(from, "offset")?, to_i64(to, "offset")?);
+        self.timed(async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
+                      WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3
+                      ORDER BY start_offset",
+                    &[id.as_uuid(), &from, &to],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows.iter().map(fragment_of).collect())
+        })
+        .await
+    }
+
+    /// Replaces the fragments `run` (consecutive, in offset order, as read before) of `id` in
+    /// the index with `merged`, whose object holds the same bytes; `false` (and nothing
+    /// changed) unless, in one transaction, the session is still `receiving`, the index still
+    /// holds exactly `run` over its range, and `merged`'s pending row is still there (the
+    /// collector has not claimed it). The pending row goes with the swap.
+    ///
+    /// Locks in the order a fragment commit takes them (the session's row, then pending
+    /// rows), so the two cannot deadlock; once this commits no reader follows the old
+    /// objects (nothing reads fragments before the upload is complete, and completion needs
+    /// the session's row).
+    pub async fn replace_fragments(
+        &self,
+        id: &SessionId,
+        run: &[FragmentObject],
+        merged: &FragmentObject,
+    ) -> Result<bool, StorageError> {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Ok(false);
+        };
+        let from = to_i64(first.entry.offset, "offset")?;
+        let to = to_i64(last.entry.offset + last.entry.len, "offset")?;
+        let len = to_i64(merged.entry.len, "length")?;
+        let crc = i64::from(merged.entry.crc32c);
+        if merged.entry.offset != first.entry.offset || to - from != len {
+            return Err(StorageError::StateStore(format!(
+                "a merged fragment of {len} bytes at {} cannot replace {from}..{to}",
+                merged.entry.offset
+            )));
+        }
+        self.timed(async {
+            let mut conn = self.conn().await?;
+            let tx = conn.transaction().await.map_err(pg_error)?;
+            let live = tx
+                .query_opt(
+                    "SELECT 1 FROM bitsd_sessions WHERE id = $1 AND state = 'receiving'
+                     FOR UPDATE",
+                    &[id.as_uuid()],
+                )
+                .await
+                .map_err(pg_error)?;
+            if live.is_none() {
+                return Ok(false);
+            }
+            let now: Vec<FragmentObject> = tx
+                .query(
+                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
+                      WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3
+                      ORDER BY start_offset",
+                    &[id.as_uuid(), &from, &to],
+                )
+                .await
+                .map_err(pg_error)?
+                .iter()
+                .map(fragment_of)
+                .collect();
+            if now != run {
+                return Ok(false);
+            }
+            let pending = tx
+                .execute(
+                    "DELETE FROM bitsd_pending_objects WHERE object_key = $1 AND session_id = $2",
+                    &[&merged.object_key, id.as_uuid()],
+                )
+                .await
+                .map_err(pg_error)?;
+            if pending != 1 {
+                return Ok(false);
+            }
+            tx.execute(
+                "DELETE FROM bitsd_fragments
+                  WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3",
+                &[id.as_uuid(), &from, &to],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.execute(
+                "INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[id.as_uuid(), &from, &len, &crc, &merged.object_key],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.commit().await.map_err(pg_error)?;
+            Ok(true)
+        })
+        .await
+    }
+}
+
+fn fragment_of(r: &tokio_postgres::Row) -> FragmentObject {
+    FragmentObject {
+        entry: crate::FragmentEntry {
+            offset: r.get::<_, i64>(0) as u64,
+            len: r.get::<_, i64>(1) as u64,
+            crc32c: r.get::<_, i64>(2) as u32,
+        },
+        object_key: r.get(3),
+    }
+}

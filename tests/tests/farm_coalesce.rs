@@ -1,0 +1,388 @@
+//! Small fragments merged behind the upload on a real PostgreSQL and a real Garage: the index
+//! after a node's own background merges is exactly the expected runs; a merge racing another,
+//! racing the upload's completion, dying before its swap, or finding a fragment object that
+//! does not match its index entry leaves the index and the bytes as they were and no stray
+//! object (or one the collector takes). Skips with a printed reason when PostgreSQL or Garage
+//! is not installed.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitsd::storage::shared::objects::{ObjectKey, Objects};
+use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd::storage::shared::{Coalesced, SharedBackend};
+use bitsd::storage::{
+    FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord, SessionState,
+};
+use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::garage::Garage;
+use bitsd_tests::pattern;
+use bitsd_tests::pg::{session_record, PgCluster};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+struct Farm {
+    backend: SharedBackend,
+    url: String,
+    _garage: Garage,
+    _pg: Arc<PgCluster>,
+    _scratch: tempfile::TempDir,
+}
+
+async fn farm(coalesce: bool) -> Option<Farm> {
+    let FarmServers {
+        pg,
+        postgres_url: url,
+        garage,
+    } = FarmServers::start().await?;
+    let mut store = garage.object_store_config("coalesce");
+    store.coalesce_fragments = Some(coalesce);
+    let scratch = tempfile::tempdir().unwrap();
+    let state = PgStateStore::connect(&url, PgOptions::default())
+        .await
+        .unwrap();
+    let backend = SharedBackend::from_parts(
+        state,
+        Objects::new(&store).unwrap(),
+        scratch.path().to_owned(),
+    );
+    Some(Farm {
+        backend,
+        url,
+        _garage: garage,
+        _pg: pg,
+        _scratch: scratch,
+    })
+}
+
+/// Commits `data[at..at + len]` as one fragment; the last byte of the upload makes it Complete.
+async fn send(backend: &SharedBackend, record: &mut SessionRecord, data: &[u8], len: usize) {
+    let at = record.received as usize;
+    let plan = FragmentPlan {
+        write_at: at as u64,
+        len: len as u64,
+        durability: FragmentDurability::Durable,
+    };
+    let mut sink = backend.begin_fragment(&record.id, plan).await.unwrap();
+    sink.write(Bytes::copy_from_slice(&data[at..at + len]))
+        .await
+        .unwrap();
+    let mut next = record.clone();
+    next.received = (at + len) as u64;
+    next.total = Some(data.len() as u64);
+    if next.received == data.len() as u64 {
+        next.state = SessionState::Complete;
+    }
+    assert_eq!(
+        sink.commit(at as u64, &next).await.unwrap(),
+        FragmentCommit::Committed
+    );
+    *record = next;
+}
+
+/// The index as (offset, length) pairs.
+async fn index(backend: &SharedBackend, id: &bitsd_protocol::SessionId) -> Vec<(u64, u64)> {
+    let rows = backend.state().fragments(id).await.unwrap();
+    rows.iter().map(|f| (f.entry.offset, f.entry.len)).collect()
+}
+
+/// The keys of the session's fragment objects in the bucket, and in the index.
+async fn objects_and_index(
+    backend: &SharedBackend,
+    id: &bitsd_protocol::SessionId,
+) -> (Vec<String>, Vec<String>) {
+    let prefix = backend.objects().session_prefix(id).join("frag");
+    let mut listed: Vec<String> = backend
+        .objects()
+        .list(&prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key.as_str().to_owned())
+        .collect();
+    listed.sort();
+    let mut indexed: Vec<String> = backend
+        .state()
+        .fragments(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.object_key)
+        .collect();
+    indexed.sort();
+    (listed, indexed)
+}
+
+async fn read_all(backend: &SharedBackend, id: &bitsd_protocol::SessionId) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = backend.read_upload(id).await.unwrap();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+async fn pending_rows(url: &str) -> i64 {
+    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    db.query_one("SELECT count(*) FROM bitsd_pending_objects", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+const F: usize = 40_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_fragments_are_merged_behind_the_upload_which_completes_byte_exact() {
+    let Some(farm) = farm(true).await else { return };
+    let backend = &farm.backend;
+    // 92 fragments of 40,000 bytes (crossing 1, 2 and 3 MiB at the 27th, 53rd and 79th),
+    // one of 1,500,000 (crossing 4 MiB: long, not merged), then 30 of 40,000.
+    let total = 92 * F + 1_500_000 + 30 * F;
+    let data = pattern(total, 7);
+    let mut record = session_record(None);
+    record.destination = Some("coalesce/whole.bin".into());
+    backend.create(&record).await.unwrap();
+    let id = record.id;
+    for _ in 0..92 {
+        send(backend, &mut record, &data, F).await;
+    }
+    send(backend, &mut record, &data, 1_500_000).await;
+    for _ in 0..29 {
+        send(backend, &mut record, &data, F).await;
+    }
+    let expected = vec![
+        (0, 1_080_000),
+        (1_080_000, 1_040_000),
+        (2_120_000, 1_040_000),
+        (3_160_000, 520_000), // the run before the long fragment
+        (3_680_000, 1_500_000),
+        (5_180_000, 80_000), // after it, up to 5 MiB
+        (5_260_000, 1_040_000),
+        (6_300_000, 40_000), // the tail: no boundary after it yet
+    ];
+    let mut now = Vec::new();
+    for _ in 0..400 {
+        now = index(backend, &id).await;
+        if now == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(now, expected, "the merges a node starts by itself");
+    // The merged runs' objects are gone from the bucket (deleted after each swap).
+    let mut seen = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        seen = objects_and_index(backend, &id).await;
+        if seen.0 == seen.1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen.0, seen.1,
+        "the bucket holds exactly the index's objects"
+    );
+    assert_eq!(pending_rows(&farm.url).await, 0);
+
+    // The last fragment: completion reads 9 objects instead of 123.
+    send(backend, &mut record, &data, F).await;
+    assert_eq!(index(backend, &id).await.len(), 9);
+    assert!(read_all(backend, &id).await == data, "read back byte-exact");
+    backend
+        .publish_upload(&id, "coalesce/whole.bin", false)
+        .await
+        .unwrap();
+    let key = backend.objects().file_key("coalesce/whole.bin");
+    let published = backend
+        .objects()
+        .read(&key, None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(published == data, "published byte-exact");
+}
+
+/// 27 fragments of 40,000 bytes: the last one crosses 1 MiB (the run is all of them).
+async fn one_run(backend: &SharedBackend) -> (SessionRecord, Vec<u8>) {
+    let data = pattern(28 * F, 11);
+    let mut record = session_record(None);
+    backend.create(&record).await.unwrap();
+    for _ in 0..27 {
+        send(backend, &mut record, &data, F).await;
+    }
+    assert_eq!(index(backend, &record.id).await.len(), 27, "nothing merged");
+    (record, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_merges_of_one_run_one_wins_and_the_loser_leaves_nothing() {
+    let Some(farm) = farm(false).await else {
+        return;
+    };
+    let backend = &farm.backend;
+    let (mut record, data) = one_run(backend).await;
+    let id = record.id;
+    let (start, end) = (26 * F as u64, 27 * F as u64);
+    let (a, b) = tokio::join!(
+        backend.coalesce(&id, start, end),
+        backend.coalesce(&id, start, end)
+    );
+    let outcomes = [a.unwrap(), b.unwrap()];
+    let merged = Coalesced::Merged {
+        fragments: 27,
+        bytes: 27 * F as u64,
+    };
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == merged).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(outcomes
+        .iter()
+        .all(|o| *o == merged || matches!(o, Coalesced::Lost | Coalesced::Nothing)));
+    assert_eq!(index(backend, &id).await, vec![(0, 27 * F as u64)]);
+    let (listed, indexed) = objects_and_index(backend, &id).await;
+    assert_eq!(listed, indexed);
+    assert_eq!(pending_rows(&farm.url).await, 0);
+    // Again: nothing left to merge.
+    assert_eq!(
+        backend.coalesce(&id, start, end).await.unwrap(),
+        Coalesced::Nothing
+    );
+    send(backend, &mut record, &data, F).await;
+    assert!(read_all(backend, &id).await == data);
+}
+
+/// Holds the session's row locked from another connection, so a merge stops before its swap.
+async fn lock_row(url: &str, id: &bitsd_protocol::SessionId) -> tokio_postgres::Client {
+    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute(
+        "SELECT 1 FROM bitsd_sessions WHERE id = $1 FOR UPDATE",
+        &[id.as_uuid()],
+    )
+    .await
+    .unwrap();
+    db
+}
+
+/// Waits until the bucket holds one fragment object more than the index (the merged one).
+async fn merged_object_written(backend: &SharedBackend, id: &bitsd_protocol::SessionId) {
+    for _ in 0..400 {
+        let (listed, indexed) = objects_and_index(backend, id).await;
+        if listed.len() == indexed.len() + 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the merged object never appeared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_that_finds_the_upload_completed_changes_nothing_and_deletes_its_object() {
+    let Some(farm) = farm(false).await else {
+        return;
+    };
+    let backend = farm.backend.clone();
+    let (record, _data) = one_run(&backend).await;
+    let id = record.id;
+    let before = index(&backend, &id).await;
+    let db = lock_row(&farm.url, &id).await;
+    let merge = {
+        let backend = backend.clone();
+        tokio::spawn(async move { backend.coalesce(&id, 26 * F as u64, 27 * F as u64).await })
+    };
+    merged_object_written(&backend, &id).await;
+    // The upload completes (as a last fragment's commit would) while the merge waits.
+    db.batch_execute(&format!(
+        "UPDATE bitsd_sessions SET state = 'complete' WHERE id = '{}'; COMMIT;",
+        id.as_uuid()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(merge.await.unwrap().unwrap(), Coalesced::Lost);
+    assert_eq!(index(&backend, &id).await, before);
+    let (listed, indexed) = objects_and_index(&backend, &id).await;
+    assert_eq!(listed, indexed, "the merged object is deleted");
+    assert_eq!(pending_rows(&farm.url).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dying_before_the_swap_leaves_its_object_to_the_collector() {
+    let Some(farm) = farm(false).await else {
+        return;
+    };
+    let backend = farm.backend.clone();
+    let (mut record, data) = one_run(&backend).await;
+    let id = record.id;
+    let before = index(&backend, &id).await;
+    let db = lock_row(&farm.url, &id).await;
+    let merge = {
+        let backend = backend.clone();
+        tokio::spawn(async move { backend.coalesce(&id, 26 * F as u64, 27 * F as u64).await })
+    };
+    merged_object_written(&backend, &id).await;
+    merge.abort(); // the node is gone between the write and the swap
+    let _ = merge.await;
+    db.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(index(&backend, &id).await, before);
+    assert_eq!(
+        pending_rows(&farm.url).await,
+        1,
+        "the merged object is pending"
+    );
+    assert_eq!(
+        backend
+            .collect_pending_objects(Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    let (listed, indexed) = objects_and_index(&backend, &id).await;
+    assert_eq!(listed, indexed);
+    send(&backend, &mut record, &data, F).await;
+    assert!(read_all(&backend, &id).await == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_object_unlike_its_index_entry_is_not_merged() {
+    let Some(farm) = farm(false).await else {
+        return;
+    };
+    let backend = &farm.backend;
+    let (record, _data) = one_run(backend).await;
+    let id = record.id;
+    let before = index(backend, &id).await;
+    // The 6th fragment's object rewritten with other bytes of the same length.
+    let victim = backend.state().fragments(&id).await.unwrap()[5]
+        .object_key
+        .clone();
+    let other = Bytes::from(pattern(F, 99));
+    backend
+        .objects()
+        .put_stream(
+            ObjectKey::parse(&victim).unwrap(),
+            futures_util::stream::iter([Ok::<_, bitsd::storage::StorageError>(other)]),
+        )
+        .await
+        .unwrap();
+    let err = backend
+        .coalesce(&id, 26 * F as u64, 27 * F as u64)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("CRC-32C"), "{err}");
+    assert_eq!(index(backend, &id).await, before);
+    let (listed, indexed) = objects_and_index(backend, &id).await;
+    assert_eq!(listed, indexed, "no merged object left");
+    assert_eq!(pending_rows(&farm.url).await, 0);
+}
