@@ -36,7 +36,8 @@ pub struct FarmArgs {
     /// Concurrent uploads in the fragment cases.
     #[arg(long, default_value_t = 1)]
     pub farm_sessions: usize,
-    /// MiB per upload in the 1 MiB-fragment case (the 64 KiB case sends a quarter of it).
+    /// MiB per upload in the 1 MiB-fragment case (the 64 KiB case sends a quarter of it, the
+    /// 8 KiB case an eighth).
     #[arg(long, default_value_t = 32)]
     pub farm_mib: u64,
     /// Clients of the small-job case in the rounds.
@@ -48,6 +49,9 @@ pub struct FarmArgs {
     /// Reach Garage through an nginx of its own (nodes and bare PUTs alike).
     #[arg(long)]
     pub farm_store_proxy: bool,
+    /// Nodes run with `coalesce_fragments = false` (small fragments stay one object each).
+    #[arg(long)]
+    pub farm_no_coalesce: bool,
     /// Client counts of the concurrency sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
@@ -112,6 +116,9 @@ impl Case {
 fn upload_bytes(a: &FarmArgs, case: Case) -> u64 {
     match case {
         Case::Fragments(f) if f as u64 >= MIB => a.farm_mib.max(1) * MIB,
+        // An eighth: 512 fragments of 8 KiB by default (nginx closes a client connection
+        // after 1000 requests, which the benchmark's connections do not survive).
+        Case::Fragments(f) if f < 64 * 1024 => (a.farm_mib.max(8) * MIB) / 8,
         Case::Fragments(_) => (a.farm_mib.max(4) * MIB) / 4,
         Case::Jobs => 0,
     }
@@ -189,12 +196,13 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
     let dir = crate::farm_env::farm_dir(work);
     std::fs::create_dir_all(&dir)?;
     eprintln!("bench: farm: starting PostgreSQL, Garage, 3 farm nodes, nginx, a local bitsd");
-    let env = FarmEnv::start(bin, &dir, a.farm_store_proxy).await?;
+    let env = FarmEnv::start(bin, &dir, a.farm_store_proxy, !a.farm_no_coalesce).await?;
     let payload = Bytes::from(pattern(MIB as usize, 3));
     let mut report = FarmReport::new(a, &env);
     let cases = [
         Case::Fragments(MIB as usize),
         Case::Fragments(64 * 1024),
+        Case::Fragments(8 * 1024),
         Case::Jobs,
     ];
     // Warm-up: connections, the first objects, PostgreSQL's caches.

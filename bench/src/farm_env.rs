@@ -56,7 +56,12 @@ impl FarmEnv {
     /// Starts every server; `Err` says what is missing (PostgreSQL, Garage or nginx).
     /// With `store_proxy`, the nodes and the bare PUTs reach Garage through an nginx of its
     /// own (a fresh upstream connection per request, `tcp_nodelay` towards the client).
-    pub async fn start(bin: &Path, work: &Path, store_proxy: bool) -> Result<FarmEnv> {
+    pub async fn start(
+        bin: &Path,
+        work: &Path,
+        store_proxy: bool,
+        coalesce: bool,
+    ) -> Result<FarmEnv> {
         let pg = tokio::task::spawn_blocking(|| {
             PgCluster::start(ClusterOptions { durable: true }).map(Arc::new)
         })
@@ -84,7 +89,10 @@ impl FarmEnv {
         };
         let endpoint = store.endpoint.clone().unwrap_or_else(|| garage.endpoint());
         let config = work.join("farm.toml");
-        std::fs::write(&config, node_config(&postgres_url, &garage, &endpoint))?;
+        std::fs::write(
+            &config,
+            node_config(&postgres_url, &garage, &endpoint, coalesce),
+        )?;
         let mut nodes = Vec::new();
         for i in 0..NODES {
             let dir = work.join(format!("node{i}"));
@@ -174,11 +182,12 @@ impl FarmEnv {
 }
 
 /// The shared config file of the farm nodes.
-fn node_config(url: &str, garage: &Garage, endpoint: &str) -> String {
+fn node_config(url: &str, garage: &Garage, endpoint: &str, coalesce: bool) -> String {
     format!(
         "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n\n\
          [object_store]\nbucket = \"{}\"\nprefix = \"farm\"\nendpoint = \"{}\"\n\
-         region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+         region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
+         coalesce_fragments = {coalesce}\n",
         garage.bucket(),
         endpoint,
         garage.access().region,

@@ -55,6 +55,9 @@ pub struct Run {
     /// Per-fragment latency (Fragment Ack, or one PUT), every fragment but each upload's last
     /// (whose Ack also waits for the upload's completion).
     pub fragment: Lat,
+    /// Each upload's last Fragment Ack (fragment cases): the upload's completion (assembly)
+    /// included. For bare PUTs, the last PUT.
+    pub last: Lat,
     /// Whole-job latency (job cases).
     pub job: Lat,
     /// Job cases: Create-Session, GET of the reply, Close-Session latency (bare: —, GET,
@@ -79,7 +82,7 @@ pub async fn http_fragments(
         let path = format!("/upload/farmbench/{tag}-{i}.bin");
         let payload = payload.clone();
         set.spawn(async move {
-            let mut lat = Lat::default();
+            let (mut lat, mut last) = (Lat::default(), Lat::default());
             let sid = conn.create_session(&path).await?;
             let mut at = 0u64;
             while at < each {
@@ -90,15 +93,19 @@ pub async fn http_fragments(
                 at += len as u64;
                 if at < each {
                     lat.push(t.elapsed());
+                } else {
+                    last.push(t.elapsed());
                 }
             }
             conn.close_session(&path, &sid).await?;
-            Ok::<_, BoxError>(lat)
+            Ok::<_, BoxError>((lat, last))
         });
     }
     let mut run = Run::default();
     while let Some(r) = set.join_next().await {
-        run.fragment.extend(&r??);
+        let (lat, last) = r??;
+        run.fragment.extend(&lat);
+        run.last.extend(&last);
     }
     run.elapsed = started.elapsed();
     run.bytes = each * sessions as u64;
@@ -122,7 +129,7 @@ pub async fn bare_fragments(
         let (objects, payload) = (objects.clone(), payload.clone());
         let prefix = objects.prefix().join(&format!("bare/{tag}-{i}"));
         set.spawn(async move {
-            let mut lat = Lat::default();
+            let (mut lat, mut last) = (Lat::default(), Lat::default());
             let mut keys = Vec::new();
             let mut at = 0u64;
             while at < each {
@@ -135,17 +142,20 @@ pub async fn bare_fragments(
                 at += len as u64;
                 if at < each {
                     lat.push(t.elapsed());
+                } else {
+                    last.push(t.elapsed());
                 }
                 keys.push(key);
             }
-            Ok::<_, BoxError>((lat, keys))
+            Ok::<_, BoxError>((lat, last, keys))
         });
     }
     let mut run = Run::default();
     let mut keys: Vec<ObjectKey> = Vec::new();
     while let Some(r) = set.join_next().await {
-        let (lat, k) = r??;
+        let (lat, last, k) = r??;
         run.fragment.extend(&lat);
+        run.last.extend(&last);
         keys.extend(k);
     }
     run.elapsed = started.elapsed();

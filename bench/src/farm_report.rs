@@ -23,6 +23,8 @@ pub struct RoundFigures {
     pub p50_ms: f64,
     /// p99, ms.
     pub p99_ms: f64,
+    /// The last Fragment Ack of an upload (its completion included) p50, ms (fragment cases).
+    pub last_p50_ms: f64,
     /// Whole-job latency p50, ms (job cases).
     pub job_p50_ms: f64,
     /// Whole-job latency p99, ms (job cases).
@@ -214,6 +216,7 @@ impl FarmReport {
             rate,
             p50_ms: run.fragment.ms(0.5),
             p99_ms: run.fragment.ms(0.99),
+            last_p50_ms: run.last.ms(0.5),
             job_p50_ms: run.job.ms(0.5),
             job_p99_ms: run.job.ms(0.99),
             packet_p50_ms: [
@@ -394,6 +397,13 @@ impl FarmReport {
                 ("Fragment Ack p50", |r| r.p50_ms, " ms"),
                 ("Fragment Ack p99", |r| r.p99_ms, " ms"),
             ];
+            if *case != Case::Jobs {
+                figures.push((
+                    "last Fragment Ack (completion) p50",
+                    |r| r.last_p50_ms,
+                    " ms",
+                ));
+            }
             if *case == Case::Jobs {
                 figures.push(("whole job p50", |r| r.job_p50_ms, " ms"));
                 figures.push(("whole job p99", |r| r.job_p99_ms, " ms"));

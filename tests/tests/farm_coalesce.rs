@@ -134,37 +134,44 @@ async fn pending_rows(url: &str) -> i64 {
         .get(0)
 }
 
-const F: usize = 40_000;
+const F: usize = 20_000;
+
+/// The index rows of `n` fragments of `F` bytes from `at`.
+fn small(at: u64, n: u64) -> Vec<(u64, u64)> {
+    (0..n).map(|i| (at + i * F as u64, F as u64)).collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_fragments_are_merged_behind_the_upload_which_completes_byte_exact() {
     let Some(farm) = farm(true).await else { return };
     let backend = &farm.backend;
-    // 92 fragments of 40,000 bytes (crossing 1, 2 and 3 MiB at the 27th, 53rd and 79th),
-    // one of 1,500,000 (crossing 4 MiB: long, not merged), then 30 of 40,000.
-    let total = 92 * F + 1_500_000 + 30 * F;
+    // 184 fragments of 20,000 bytes (crossing 1, 2 and 3 MiB at the 53rd, 105th and 158th),
+    // one of 1,500,000 (crossing 4 MiB: long, not merged), then 60 of 20,000.
+    let total = 184 * F + 1_500_000 + 60 * F;
     let data = pattern(total, 7);
     let mut record = session_record(None);
     record.destination = Some("coalesce/whole.bin".into());
     backend.create(&record).await.unwrap();
     let id = record.id;
-    for _ in 0..92 {
+    for _ in 0..184 {
         send(backend, &mut record, &data, F).await;
     }
     send(backend, &mut record, &data, 1_500_000).await;
-    for _ in 0..29 {
+    for _ in 0..59 {
         send(backend, &mut record, &data, F).await;
     }
-    let expected = vec![
-        (0, 1_080_000),
-        (1_080_000, 1_040_000),
-        (2_120_000, 1_040_000),
-        (3_160_000, 520_000), // the run before the long fragment
-        (3_680_000, 1_500_000),
-        (5_180_000, 80_000), // after it, up to 5 MiB
-        (5_260_000, 1_040_000),
-        (6_300_000, 40_000), // the tail: no boundary after it yet
+    let mut expected = vec![
+        (0, 1_060_000),
+        (1_060_000, 1_040_000),
+        (2_100_000, 1_060_000),
     ];
+    // Before the long fragment a run of 26 (fewer than MIN_RUN): left as it is.
+    expected.extend(small(3_160_000, 26));
+    expected.push((3_680_000, 1_500_000));
+    // After it, 4 up to 5 MiB (left), then a run of 52 up to 6 MiB, then the tail.
+    expected.extend(small(5_180_000, 4));
+    expected.push((5_260_000, 1_040_000));
+    expected.extend(small(6_300_000, 3));
     let mut now = Vec::new();
     for _ in 0..400 {
         now = index(backend, &id).await;
@@ -189,9 +196,9 @@ async fn small_fragments_are_merged_behind_the_upload_which_completes_byte_exact
     );
     assert_eq!(pending_rows(&farm.url).await, 0);
 
-    // The last fragment: completion reads 9 objects instead of 123.
+    // The last fragment: completion reads 39 objects instead of 245.
     send(backend, &mut record, &data, F).await;
-    assert_eq!(index(backend, &id).await.len(), 9);
+    assert_eq!(index(backend, &id).await.len(), 39);
     assert!(read_all(backend, &id).await == data, "read back byte-exact");
     backend
         .publish_upload(&id, "coalesce/whole.bin", false)
@@ -209,15 +216,24 @@ async fn small_fragments_are_merged_behind_the_upload_which_completes_byte_exact
     assert!(published == data, "published byte-exact");
 }
 
-/// 27 fragments of 40,000 bytes: the last one crosses 1 MiB (the run is all of them).
+/// Fragments in [`one_run`]: the last of 53 fragments of 20,000 bytes crosses 1 MiB.
+const RUN: usize = 53;
+const RUN_START: u64 = (RUN as u64 - 1) * F as u64;
+const RUN_END: u64 = RUN as u64 * F as u64;
+
+/// An upload with one run to merge (all its fragments so far), nothing merged yet.
 async fn one_run(backend: &SharedBackend) -> (SessionRecord, Vec<u8>) {
-    let data = pattern(28 * F, 11);
+    let data = pattern((RUN + 1) * F, 11);
     let mut record = session_record(None);
     backend.create(&record).await.unwrap();
-    for _ in 0..27 {
+    for _ in 0..RUN {
         send(backend, &mut record, &data, F).await;
     }
-    assert_eq!(index(backend, &record.id).await.len(), 27, "nothing merged");
+    assert_eq!(
+        index(backend, &record.id).await.len(),
+        RUN,
+        "nothing merged"
+    );
     (record, data)
 }
 
@@ -229,15 +245,15 @@ async fn two_merges_of_one_run_one_wins_and_the_loser_leaves_nothing() {
     let backend = &farm.backend;
     let (mut record, data) = one_run(backend).await;
     let id = record.id;
-    let (start, end) = (26 * F as u64, 27 * F as u64);
+    let (start, end) = (RUN_START, RUN_END);
     let (a, b) = tokio::join!(
         backend.coalesce(&id, start, end),
         backend.coalesce(&id, start, end)
     );
     let outcomes = [a.unwrap(), b.unwrap()];
     let merged = Coalesced::Merged {
-        fragments: 27,
-        bytes: 27 * F as u64,
+        fragments: RUN,
+        bytes: RUN_END,
     };
     assert_eq!(
         outcomes.iter().filter(|o| **o == merged).count(),
@@ -247,7 +263,7 @@ async fn two_merges_of_one_run_one_wins_and_the_loser_leaves_nothing() {
     assert!(outcomes
         .iter()
         .all(|o| *o == merged || matches!(o, Coalesced::Lost | Coalesced::Nothing)));
-    assert_eq!(index(backend, &id).await, vec![(0, 27 * F as u64)]);
+    assert_eq!(index(backend, &id).await, vec![(0, RUN_END)]);
     let (listed, indexed) = objects_and_index(backend, &id).await;
     assert_eq!(listed, indexed);
     assert_eq!(pending_rows(&farm.url).await, 0);
@@ -300,7 +316,7 @@ async fn a_merge_that_finds_the_upload_completed_changes_nothing_and_deletes_its
     let db = lock_row(&farm.url, &id).await;
     let merge = {
         let backend = backend.clone();
-        tokio::spawn(async move { backend.coalesce(&id, 26 * F as u64, 27 * F as u64).await })
+        tokio::spawn(async move { backend.coalesce(&id, RUN_START, RUN_END).await })
     };
     merged_object_written(&backend, &id).await;
     // The upload completes (as a last fragment's commit would) while the merge waits.
@@ -329,7 +345,7 @@ async fn a_node_dying_before_the_swap_leaves_its_object_to_the_collector() {
     let db = lock_row(&farm.url, &id).await;
     let merge = {
         let backend = backend.clone();
-        tokio::spawn(async move { backend.coalesce(&id, 26 * F as u64, 27 * F as u64).await })
+        tokio::spawn(async move { backend.coalesce(&id, RUN_START, RUN_END).await })
     };
     merged_object_written(&backend, &id).await;
     merge.abort(); // the node is gone between the write and the swap
@@ -376,10 +392,7 @@ async fn a_fragment_object_unlike_its_index_entry_is_not_merged() {
         )
         .await
         .unwrap();
-    let err = backend
-        .coalesce(&id, 26 * F as u64, 27 * F as u64)
-        .await
-        .unwrap_err();
+    let err = backend.coalesce(&id, RUN_START, RUN_END).await.unwrap_err();
     assert!(err.to_string().contains("CRC-32C"), "{err}");
     assert_eq!(index(backend, &id).await, before);
     let (listed, indexed) = objects_and_index(backend, &id).await;

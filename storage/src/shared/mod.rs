@@ -4,4 +4,4 @@ mod backend;
 pub mod objects;
 pub mod pg;
 
-pub use backend::{Coalesced, SharedBackend, COALESCE_SPAN};
+pub use backend::{Coalesced, SharedBackend, COALESCE_SPAN, MIN_RUN};

@@ -7,7 +7,7 @@
 //! offsets: the fragment whose bytes reach a boundary (it "crosses" it) starts, after its
 //! Ack and in the background, a merge of the run of small fragments before it: the
 //! consecutive fragments shorter than the span that cross no boundary, plus the crossing
-//! fragment itself when it is short too. The merged object contains a crossing fragment or
+//! fragment itself when it is short too, when they are at least [`MIN_RUN`]. The merged object contains a crossing fragment or
 //! ends where a long one starts, so it is never merged again, and two merges never take the
 //! same fragment. What is left for completion is one object per span and the fragments after
 //! the last boundary.
@@ -38,11 +38,19 @@ use crate::{FragmentEntry, StorageError};
 /// Fragments shorter than this are merged, in runs that end at a multiple of it (1 MiB).
 pub const COALESCE_SPAN: u64 = 1 << 20;
 
+/// Fewest fragments in a run worth merging: a span of 1 MiB in fragments of 32 KiB or more is
+/// left as it is (completion reads at most 31 objects per MiB that way), since merging costs
+/// a second write of the bytes while the upload goes on. Measured with `bitsd-bench --farm`
+/// (docs/performance.md): merging 64 KiB fragments cut an 8 MiB upload's completion from about
+/// 200 to 85 ms but added about 1 ms to every fragment's Ack on a shared 2-core machine.
+pub const MIN_RUN: usize = 32;
+
 /// Merges running at once on one node (each holds at most about two spans in memory).
 const MERGES_AT_ONCE: usize = 4;
 
-/// Fragment reads of one merge in flight at once.
-const READ_AHEAD: usize = 8;
+/// Fragment reads of one merge in flight at once (a run holds about 2 MiB at most, so that
+/// is what a merge can hold in memory whatever this is).
+const READ_AHEAD: usize = 32;
 
 /// What [`crate::shared::SharedBackend::coalesce`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +62,7 @@ pub enum Coalesced {
         /// Their bytes.
         bytes: u64,
     },
-    /// No run of two or more small fragments ends there: nothing to do.
+    /// No run of [`MIN_RUN`] or more small fragments ends there: nothing to do.
     Nothing,
     /// The index or the session changed first (the upload completed or ended, another merge
     /// won): nothing changed, the merged object is deleted.
@@ -144,7 +152,7 @@ impl Coalescer {
             .fragments_between(id, start.saturating_sub(COALESCE_SPAN), end)
             .await?;
         let run = run_ending_at(&rows, start, end);
-        if run.len() < 2 {
+        if run.len() < MIN_RUN {
             return Ok(Coalesced::Nothing);
         }
         let first = run[0].entry.offset;

@@ -18,8 +18,11 @@ use super::error::map_err;
 use super::{ByteStream, ObjectKey, Objects};
 use crate::StorageError;
 
-/// Fragment GETs opened ahead of the one being copied.
-const READ_AHEAD: usize = 8;
+/// Fragment GETs opened ahead of the one being copied. Small objects cost a store round trip
+/// each (on Garage about 40 ms on a kept-alive connection, see docs/performance.md), so many
+/// are asked for at once; an opened GET whose body is not read yet holds only its socket's
+/// buffers.
+const READ_AHEAD: usize = 32;
 
 /// One committed fragment of an upload: where its bytes are.
 #[derive(Clone, Debug, PartialEq, Eq)]

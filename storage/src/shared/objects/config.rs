@@ -66,10 +66,11 @@ pub struct ObjectStoreConfig {
     /// farm's traffic). A store that refuses unsigned payloads is detected and sent whole
     /// fragments from then on.
     pub stream_fragments: Option<bool>,
-    /// Merge runs of fragments shorter than 1 MiB into one object per MiB of the upload, in
-    /// the background while the upload goes on (default true), so that completing an upload
-    /// sent in small fragments reads a few objects instead of one per fragment. Costs a
-    /// second write of those bytes to the store.
+    /// Merge runs of 32 or more fragments that end within one MiB of the upload (fragments
+    /// of under 32 KiB or so) into one object, in the background while the upload goes on
+    /// (default true), so that completing an upload sent in tiny fragments reads about one
+    /// object per MiB instead of one per fragment. Costs a second write of those bytes to the
+    /// store.
     pub coalesce_fragments: Option<bool>,
 }
 
