@@ -340,3 +340,31 @@ pub fn fragment(
         state: None,
     }
 }
+
+/// The shared cluster of this test binary, or `None` after printing why a test skips
+/// (PostgreSQL is not installed).
+pub fn cluster_or_skip() -> Option<Arc<PgCluster>> {
+    match PgCluster::shared() {
+        Ok(c) => Some(c),
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            None
+        }
+    }
+}
+
+/// A farm node's state store on `url` (its own pool; the schema migrated).
+pub async fn state_store(url: &str) -> bitsd_storage::shared::pg::PgStateStore {
+    bitsd_storage::shared::pg::PgStateStore::connect(url, Default::default())
+        .await
+        .unwrap()
+}
+
+/// A plain client of `url`, its connection driven by a task of its own.
+pub async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}

@@ -18,7 +18,7 @@ use bitsd::storage::{
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pattern;
-use bitsd_tests::pg::{session_record, PgCluster};
+use bitsd_tests::pg::{raw_client, session_record, PgCluster};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -124,11 +124,9 @@ async fn read_all(backend: &SharedBackend, id: &bitsd_protocol::SessionId) -> Ve
 }
 
 async fn pending_rows(url: &str) -> i64 {
-    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    raw_client(url)
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    db.query_one("SELECT count(*) FROM bitsd_pending_objects", &[])
+        .query_one("SELECT count(*) FROM bitsd_pending_objects", &[])
         .await
         .unwrap()
         .get(0)
@@ -278,10 +276,7 @@ async fn two_merges_of_one_run_one_wins_and_the_loser_leaves_nothing() {
 
 /// Holds the session's row locked from another connection, so a merge stops before its swap.
 async fn lock_row(url: &str, id: &bitsd_protocol::SessionId) -> tokio_postgres::Client {
-    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let db = raw_client(url).await;
     db.batch_execute("BEGIN").await.unwrap();
     db.execute(
         "SELECT 1 FROM bitsd_sessions WHERE id = $1 FOR UPDATE",

@@ -6,38 +6,14 @@
 //! check reads the counter. Skips with a printed reason when PostgreSQL is not installed.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::pg::{
-    CasOutcome, CreateOutcome, Expect, Limits, PgOptions, PgStateStore, SCHEMA_VERSION,
+    CasOutcome, CreateOutcome, Expect, Limits, PgStateStore, SCHEMA_VERSION,
 };
 use bitsd_storage::{ReplyKind, ReplyRecord, SessionState};
-use bitsd_tests::pg::{fragment, session_record, PgCluster};
-
-fn cluster() -> Option<Arc<PgCluster>> {
-    match PgCluster::shared() {
-        Ok(c) => Some(c),
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            None
-        }
-    }
-}
-
-async fn node(url: &str) -> PgStateStore {
-    PgStateStore::connect(url, PgOptions::default())
-        .await
-        .unwrap()
-}
-
-async fn raw(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
+use bitsd_tests::pg::{
+    cluster_or_skip as cluster, fragment, raw_client as raw, session_record, state_store as node,
+};
 
 /// The counter's sum and a plain count of live rows, read in one snapshot.
 async fn counter_and_count(db: &tokio_postgres::Client) -> (i64, i64) {

@@ -12,31 +12,9 @@ use bitsd_storage::shared::pg::{
     CasOutcome, CreateOutcome, Expect, Limits, PgOptions, PgStateStore, SCHEMA_VERSION,
 };
 use bitsd_storage::{ReplyKind, ReplyRecord, SessionState};
-use bitsd_tests::pg::{fragment, session_record, PgCluster};
-
-fn cluster() -> Option<Arc<PgCluster>> {
-    match PgCluster::shared() {
-        Ok(c) => Some(c),
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            None
-        }
-    }
-}
-
-async fn node(url: &str) -> PgStateStore {
-    PgStateStore::connect(url, PgOptions::default())
-        .await
-        .unwrap()
-}
-
-async fn raw(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
+use bitsd_tests::pg::{
+    cluster_or_skip as cluster, fragment, raw_client as raw, session_record, state_store as node,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_migrates_once_when_nodes_start_together_and_again() {

@@ -7,6 +7,10 @@ use super::sessions::{to_i64, FragmentObject};
 use super::{pg_error, PgStateStore};
 use crate::StorageError;
 
+/// The fragments of session `$1` whose first byte is in `$2..$3`, in offset order.
+const BETWEEN: &str = "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
+    WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3 ORDER BY start_offset";
+
 impl PgStateStore {
     /// The fragments of `id` whose first byte is in `from..to`, in offset order.
     pub async fn fragments_between(
@@ -19,12 +23,7 @@ impl PgStateStore {
         self.timed(async {
             let conn = self.conn().await?;
             let rows = conn
-                .query(
-                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
-                      WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3
-                      ORDER BY start_offset",
-                    &[id.as_uuid(), &from, &to],
-                )
+                .query(BETWEEN, &[id.as_uuid(), &from, &to])
                 .await
                 .map_err(pg_error)?;
             Ok(rows.iter().map(fragment_of).collect())
@@ -76,12 +75,7 @@ impl PgStateStore {
                 return Ok(false);
             }
             let now: Vec<FragmentObject> = tx
-                .query(
-                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
-                      WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3
-                      ORDER BY start_offset",
-                    &[id.as_uuid(), &from, &to],
-                )
+                .query(BETWEEN, &[id.as_uuid(), &from, &to])
                 .await
                 .map_err(pg_error)?
                 .iter()
