@@ -183,7 +183,8 @@ impl FarmCluster {
         self.nodes[i].process.as_ref().map(BitsdProcess::server_pid)
     }
 
-    /// Node `i`'s log (its stderr at `RUST_LOG=warn`, across restarts).
+    /// Node `i`'s log (its stderr at `RUST_LOG=warn` plus merges of tiny fragments at debug,
+    /// across restarts).
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }

@@ -130,7 +130,11 @@ impl BitsdProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // Warnings, and a farm node's merges of tiny fragments (tests count them).
+            .env(
+                "RUST_LOG",
+                "warn,bitsd_storage::shared::backend::coalesce=debug",
+            )
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)
             .spawn()

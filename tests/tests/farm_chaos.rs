@@ -71,13 +71,18 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
     let addr = cluster.addr();
     let cluster = Arc::new(Mutex::new(cluster));
 
-    // The workload: 64 jobs (times the scale), half upload-reply, two of them 64 MiB, the
-    // rest log-uniform from 4 KB to 12 MiB; fragments log-uniform from 5 KB to 8 MiB.
+    // The workload: 64 jobs (times the scale), half upload-reply, two of them 64 MiB, six in
+    // tiny fragments (1.5 to 3 MiB in fragments of 5 to 24 KB: what nodes merge behind the
+    // upload, so merges are killed too), the rest log-uniform from 4 KB to 12 MiB; fragments
+    // log-uniform from 5 KB to 8 MiB.
     let mut rng = Rng::new(seed);
+    let tiny = 2 * scale..8 * scale;
     let jobs: Vec<JobPlan> = (0..64 * scale)
         .map(|j| {
             let size = if j < 2 * scale {
                 64 * MIB
+            } else if tiny.contains(&j) {
+                rng.log_uniform(3 * MIB as u64 / 2, 3 * MIB as u64) as usize
             } else {
                 rng.log_uniform(4_000, 12 * MIB as u64) as usize
             };
@@ -91,7 +96,11 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
                 size,
                 data_seed: seed ^ (j as u64 + 1),
                 fragment_seed: rng.next(),
-                fragments: (5_000, 8 * MIB as u64),
+                fragments: if tiny.contains(&j) {
+                    (5_000, 24_000)
+                } else {
+                    (5_000, 8 * MIB as u64)
+                },
             }
         })
         .collect();
@@ -148,5 +157,17 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
         cluster.lock().unwrap().log_tails(20)
     );
     assert!(kills >= 2, "seed {seed}: the run ended before two kills");
+    // The tiny-fragment jobs were merged behind (some merges may have died with a node).
+    let merged: usize = {
+        let cluster = cluster.lock().unwrap();
+        (0..3)
+            .map(|i| cluster.log(i).matches("Merged {").count())
+            .sum()
+    };
+    println!("{merged} merges of tiny fragments");
+    assert!(
+        merged > 0,
+        "seed {seed}: no run of tiny fragments was merged"
+    );
     drop(garage);
 }
