@@ -257,14 +257,31 @@ impl SessionStore {
         self.handles.forget(&id);
         // No files (an inline-only session): the removals are memory work and the flush is
         // the group commit, awaited here instead of on a blocking thread.
-        if self.small_without_files(&id, &dir)? && meta.remove_lazy(&id)? {
-            return self.flush().await;
-        }
-        blocking(move || {
-            remove_dir_all_if_exists(&dir)?;
-            meta.remove(&id)
-        })
-        .await
+        // The record goes under the session's compare-and-set lock: a fragment commit that
+        // found it live cannot then save it back (it commits before, or finds none and
+        // loses), as for the tombstone in `end_session`.
+        let lazy = self.small_without_files(&id, &dir)? && {
+            let _cas = self.locks.cas(&id);
+            meta.remove_lazy(&id)?
+        };
+        let removed = if lazy {
+            self.flush().await
+        } else {
+            let locks = Arc::clone(&self.locks);
+            blocking(move || {
+                remove_dir_all_if_exists(&dir)?;
+                let _cas = locks.cas(&id);
+                meta.remove(&id)
+            })
+            .await
+        };
+        // Again, now that the record is gone: a fragment that checked a slot out after the
+        // forget above and won its commit before the record went may have given its handle
+        // back (to a file that is now unlinked; a session re-created with this id would write
+        // into it). From here on no commit of this session can win, so none can give one
+        // back.
+        self.handles.forget(&id);
+        removed
     }
 
     /// Makes every earlier meta change durable: the meta store's group commit, awaited on the
