@@ -413,8 +413,17 @@ mod tests {
         drop(st);
         drop(flusher);
         drop(db);
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        assert_eq!(db.len(), 12 * 40 * 2);
+        // The flusher thread lets go of its handle (and sled's file lock) as it exits, which
+        // may be a moment after the drop: reopen until the lock is free.
+        let mut reopened = sled::Config::new().path(dir.path()).open();
+        for _ in 0..200 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+            reopened = sled::Config::new().path(dir.path()).open();
+        }
+        assert_eq!(reopened.unwrap().len(), 12 * 40 * 2);
     }
 
     /// A blocking follower whose ticket came after the running flush started waits for the
