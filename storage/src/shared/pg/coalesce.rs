@@ -115,7 +115,8 @@ impl PgStateStore {
     }
 }
 
-fn fragment_of(r: &tokio_postgres::Row) -> FragmentObject {
+/// A fragment from a row of `start_offset, len, crc32c, object_key`.
+pub(super) fn fragment_of(r: &tokio_postgres::Row) -> FragmentObject {
     FragmentObject {
         entry: crate::FragmentEntry {
             offset: r.get::<_, i64>(0) as u64,

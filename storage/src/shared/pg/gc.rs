@@ -12,9 +12,10 @@
 use bitsd_protocol::SessionId;
 use tokio_postgres::NoTls;
 
+use super::coalesce::fragment_of;
 use super::sessions::{decode, to_i64, COLS, LIVE};
 use super::{pg_error, FragmentObject, PgStateStore};
-use crate::{now_millis, FragmentEntry, StorageError};
+use crate::{now_millis, StorageError};
 
 /// Advisory-lock key of the sweeper (one node of the farm sweeps at a time).
 const SWEEPER_LOCK: i64 = 0x6269_7473_6400_0002;
@@ -351,17 +352,7 @@ impl PgStateStore {
                 )
                 .await
                 .map_err(pg_error)?;
-            Ok(rows
-                .iter()
-                .map(|r| FragmentObject {
-                    entry: FragmentEntry {
-                        offset: r.get::<_, i64>(0) as u64,
-                        len: r.get::<_, i64>(1) as u64,
-                        crc32c: r.get::<_, i64>(2) as u32,
-                    },
-                    object_key: r.get(3),
-                })
-                .collect())
+            Ok(rows.iter().map(fragment_of).collect())
         })
         .await
     }
