@@ -7,7 +7,9 @@ use std::sync::Arc;
 use bitsd_protocol::SessionId;
 use bytes::{Bytes, BytesMut};
 
-use crate::fs_util::{blocking, cut_past, make_dir, private_file, sync_dir};
+use crate::fs_util::{
+    blocking, cut_past, make_dir, private_file, remove_dir_all_if_exists, sync_dir,
+};
 use crate::session_store::UPLOAD_FILE;
 use crate::{FragmentCommit, FragmentEntry, SessionRecord, SessionStore, StorageError};
 
@@ -331,6 +333,7 @@ impl SessionStore {
         let end = entry.offset + entry.len;
         let (path, dir, created, created_dir) =
             (writer.path, writer.dir, writer.created, writer.created_dir);
+        let litter = dir.clone();
         // Given back to the store's cache only if the commit wins (see `handle_cache`).
         let (keep, token, id) = (file.clone(), writer.token, writer.id);
         let sessions_dir = self.sessions_dir.clone();
@@ -442,8 +445,20 @@ impl SessionStore {
                 Ok(outcome)
             }
         }?;
-        if outcome == FragmentCommit::Committed {
-            self.handles.give_back(&id, token, keep);
+        match &outcome {
+            FragmentCommit::Committed => self.handles.give_back(&id, token, keep),
+            // This writer opened the upload file after a Close, Cancel or purge had removed
+            // the session's directory, and so made it again: it goes again (the ended
+            // session's own removal may have run already). Nothing of it is acknowledged.
+            FragmentCommit::Lost { current }
+                if created && current.as_ref().is_none_or(|c| c.state.is_terminal()) =>
+            {
+                drop(keep);
+                if let Err(e) = blocking(move || remove_dir_all_if_exists(&litter)).await {
+                    tracing::warn!(session = %id, error = %e, "could not remove the directory a late fragment re-created");
+                }
+            }
+            FragmentCommit::Lost { .. } => {}
         }
         Ok(outcome)
     }

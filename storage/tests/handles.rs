@@ -120,6 +120,59 @@ async fn ending_a_session_with_a_fragment_in_flight() {
     }
 }
 
+/// A fragment begun after its session was closed, cancelled or purged (its packet loaded the
+/// record just before the end): opening the upload file re-creates the removed directory, the
+/// commit loses, and the directory it brought back goes again: nothing of the ended session is
+/// left on disk.
+#[tokio::test]
+async fn a_fragment_begun_after_the_end_leaves_no_directory_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = files_only(dir.path()).await;
+    let b: Arc<dyn SessionBackend> = Arc::new(store.clone());
+    for end in 0..3 {
+        for durability in [FragmentDurability::Durable, FragmentDurability::Unsynced] {
+            let mut rec = record(UploadMode::Upload);
+            b.create(&rec).await.unwrap();
+            let first = fragment(&*b, &mut rec, &pattern(4096, 1), 8192, durability).await;
+            assert_eq!(first, FragmentCommit::Committed);
+            let mut ended = rec.clone();
+            match end {
+                0 => b
+                    .end_session(&mut ended, SessionState::Cancelled)
+                    .await
+                    .unwrap(),
+                1 => b
+                    .end_session(&mut ended, SessionState::Closed)
+                    .await
+                    .unwrap(),
+                _ => b.purge(&rec.id).await.unwrap(),
+            }
+            let sdir = store.session_dir(&rec.id);
+            assert!(!sdir.exists());
+            let plan = FragmentPlan {
+                write_at: 4096,
+                len: 4096,
+                durability,
+            };
+            let mut sink = b.begin_fragment(&rec.id, plan).await.unwrap();
+            sink.write(Bytes::from(pattern(4096, 2))).await.unwrap();
+            let mut next = rec.clone();
+            next.received = 8192;
+            let outcome = sink.commit(4096, &next).await.unwrap();
+            assert!(
+                matches!(outcome, FragmentCommit::Lost { .. }),
+                "{outcome:?}"
+            );
+            assert!(
+                !sdir.exists(),
+                "end #{end}, {durability:?}: the lost fragment left {}",
+                sdir.display()
+            );
+            assert_eq!(fds_under(&sdir), Vec::<String>::new(), "end #{end}");
+        }
+    }
+}
+
 /// Sessions ended (or purged) while their fragments race on other threads: whatever the
 /// interleaving, no handle of a removed file stays open, and a live session's bytes are all
 /// there.
