@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bitsd_protocol::{ReplyRange as RangeRequest, SessionId};
-use bitsd_storage::{ReplyKind, SessionState};
+use bitsd_storage::{ReplyKind, ReplyRecord, SessionState};
 use http::header::{
-    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED,
-    RANGE,
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE,
+    LAST_MODIFIED, LOCATION, RANGE,
 };
 use http::request::Parts;
 use http::{HeaderValue, Method, Response, StatusCode};
@@ -78,6 +78,9 @@ async fn serve(
         Some(v) => RangeRequest::parse(v, len),
         None => RangeRequest::Full,
     };
+    if let Some(res) = redirect(shared, &id, &reply, req, &range).await {
+        return res;
+    }
     if let Some(cond) = req.headers.get(IF_RANGE).and_then(|v| v.to_str().ok()) {
         if cond.trim() != etag && cond.trim() != httpdate::fmt_http_date(modified) {
             range = RangeRequest::Full;
@@ -175,6 +178,72 @@ async fn serve(
     let conn = req.extensions.get::<ConnSend>().cloned();
     *res.body_mut() = ResponseBody::file(file, start, count, first, report, conn);
     res
+}
+
+/// `307 Temporary Redirect` to a presigned URL of the reply in the backend's store, when the
+/// backend hands reply downloads off (`presigned_reply_secs`) and there are bytes to send:
+/// the client then sends the same request (its `Range` included) to the store, which answers
+/// with the store's own `ETag` and `Last-Modified` (HEAD is redirected too, so a client sees
+/// one kind). An unsatisfiable range and an empty reply are answered here. A GET's range is
+/// counted as delivered now, since no node sees the bytes: the whole reply when the request
+/// is conditional (`If-Range`: the store decides whether the range holds). A URL that cannot
+/// be signed (credentials unavailable) falls back to serving the reply here.
+async fn redirect(
+    shared: &Arc<Shared>,
+    id: &SessionId,
+    reply: &ReplyRecord,
+    req: &Parts,
+    range: &RangeRequest,
+) -> Option<Response<ResponseBody>> {
+    let len = match reply.kind {
+        ReplyKind::Stored { len, .. } => len,
+        _ => return None,
+    };
+    if len == 0 || matches!(range, RangeRequest::Unsatisfiable) {
+        return None;
+    }
+    let url = match shared
+        .store
+        .reply_redirect(id, &reply.kind, &req.method)
+        .await
+    {
+        Ok(Some(url)) => url,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not presign the reply's URL; serving it here");
+            return None;
+        }
+    };
+    let location = match HeaderValue::from_str(&url) {
+        Ok(v) => v,
+        Err(_) => {
+            tracing::warn!("the presigned reply URL is not a header value; serving it here");
+            return None;
+        }
+    };
+    if req.method == Method::GET {
+        let (start, end) = match range {
+            RangeRequest::Partial { start, end } if !req.headers.contains_key(IF_RANGE) => {
+                (*start, end + 1)
+            }
+            _ => (0, len),
+        };
+        tokio::spawn(record_delivery(
+            shared.clone(),
+            *id,
+            reply.created_ms,
+            start,
+            end,
+        ));
+    }
+    let mut res = Response::new(ResponseBody::empty());
+    *res.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    let h = res.headers_mut();
+    h.insert(LOCATION, location);
+    // The URL expires: no cache may keep this answer.
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    Some(res)
 }
 
 /// Records, once the body is done, the bytes from `start` that the connection took.

@@ -360,6 +360,21 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
         None
     }
 
+    /// A URL at which the client may send `method` (GET or HEAD) for the stored reply `kind`
+    /// of `id` to the backend's store itself, for a while, when the backend hands reply
+    /// downloads off (the shared backend with `presigned_reply_secs`). `None`: the server
+    /// serves the reply (the default). The caller has checked the session, its route and its
+    /// owner.
+    async fn reply_redirect(
+        &self,
+        id: &SessionId,
+        kind: &ReplyKind,
+        method: &http::Method,
+    ) -> Result<Option<String>, StorageError> {
+        let _ = (id, kind, method);
+        Ok(None)
+    }
+
     /// Adds `[start, end)` to the delivered ranges of the reply of `id` made at `created_ms`
     /// (a reply produced again later is counted afresh), counting each byte once whichever
     /// node served it. Not durable on return (progress). Returns the updated record, `None`

@@ -433,6 +433,27 @@ impl SessionBackend for SharedBackend {
         Ok(read.stream)
     }
 
+    async fn reply_redirect(
+        &self,
+        id: &SessionId,
+        kind: &ReplyKind,
+        method: &http::Method,
+    ) -> Result<Option<String>, StorageError> {
+        let Some(ttl) = self.objects.presigned_reply_ttl() else {
+            return Ok(None);
+        };
+        if !matches!(kind, ReplyKind::Stored { .. })
+            || !(method == http::Method::GET || method == http::Method::HEAD)
+        {
+            return Ok(None);
+        }
+        let key = reply_key(&self.objects, id);
+        self.objects
+            .presigned_url(method.clone(), &key, ttl)
+            .await
+            .map(Some)
+    }
+
     async fn record_reply_delivered(
         &self,
         id: &SessionId,

@@ -72,7 +72,18 @@ pub struct ObjectStoreConfig {
     /// object per MiB instead of one per fragment. Costs a second write of those bytes to the
     /// store.
     pub coalesce_fragments: Option<bool>,
+    /// Answer a reply download (GET or HEAD of a session's reply URL, after the node has
+    /// checked the session, its route and its owner) with `307 Temporary Redirect` to a
+    /// presigned URL of the reply object, valid this many seconds, so that the reply's bytes
+    /// go from the store to the client without passing through a node. Unset or 0: off (the
+    /// node streams the reply). Clients must reach `endpoint` under the same name; the reply
+    /// progress of a redirected GET is counted when the redirect is given (the node never
+    /// sees the bytes). At most 604800 (7 days, the longest a SigV4 signature lasts).
+    pub presigned_reply_secs: Option<u64>,
 }
+
+/// The longest validity of a presigned URL (SigV4: 7 days).
+pub const MAX_PRESIGNED_SECS: u64 = 7 * 24 * 60 * 60;
 
 impl std::fmt::Debug for ObjectStoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,6 +102,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("server_side_copy", &self.server_side_copy)
             .field("stream_fragments", &self.stream_fragments)
             .field("coalesce_fragments", &self.coalesce_fragments)
+            .field("presigned_reply_secs", &self.presigned_reply_secs)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +132,14 @@ impl ObjectStoreConfig {
         self.coalesce_fragments.unwrap_or(true)
     }
 
+    /// How long a presigned reply URL is valid, when reply downloads are redirected to the
+    /// store (`presigned_reply_secs` set and not 0).
+    pub fn presigned_reply_ttl(&self) -> Option<Duration> {
+        self.presigned_reply_secs
+            .filter(|&s| s > 0)
+            .map(Duration::from_secs)
+    }
+
     /// The connect timeout, the timeout of one request, and the retries of a failed one.
     pub(crate) fn timeouts(&self) -> (Duration, Duration, usize) {
         (
@@ -140,6 +160,13 @@ impl ObjectStoreConfig {
             return Err(refuse(
                 "no bucket configured: set [object_store] bucket".into(),
             ));
+        }
+        if self.presigned_reply_secs.unwrap_or(0) > MAX_PRESIGNED_SECS {
+            return Err(refuse(format!(
+                "presigned_reply_secs = {} is longer than a presigned URL can last: \
+                 set at most {MAX_PRESIGNED_SECS} (7 days), or 0 to serve replies through the nodes",
+                self.presigned_reply_secs.unwrap_or(0)
+            )));
         }
         // The HTTP client's TLS needs a process-wide rustls provider; bitsd uses ring
         // everywhere (a provider installed earlier by the embedding program stays).

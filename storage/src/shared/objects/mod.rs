@@ -33,14 +33,14 @@ mod writer;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 pub use assemble::{Assembled, FragmentObject};
-pub use config::{ObjectStoreConfig, DEFAULT_PART_SIZE, MIN_PART_SIZE};
+pub use config::{ObjectStoreConfig, DEFAULT_PART_SIZE, MAX_PRESIGNED_SECS, MIN_PART_SIZE};
 pub use keys::ObjectKey;
 pub use writer::{ObjectWriter, StoredObject};
 
@@ -125,6 +125,8 @@ pub struct Objects {
     part_size: usize,
     /// `coalesce_fragments`.
     coalesce: bool,
+    /// `presigned_reply_secs` (`None`: replies are served through the nodes).
+    presigned_reply_ttl: Option<Duration>,
 }
 
 impl Objects {
@@ -162,6 +164,7 @@ impl Objects {
             prefix: ObjectKey::new(&config.prefix),
             part_size: config.part_size(),
             coalesce: config.coalesce_fragments(),
+            presigned_reply_ttl: config.presigned_reply_ttl(),
         })
     }
 
@@ -180,6 +183,29 @@ impl Objects {
     /// (`coalesce_fragments`).
     pub fn coalesce_fragments(&self) -> bool {
         self.coalesce
+    }
+
+    /// How long a presigned reply URL lasts, when reply downloads are redirected to the store
+    /// (`presigned_reply_secs`).
+    pub fn presigned_reply_ttl(&self) -> Option<Duration> {
+        self.presigned_reply_ttl
+    }
+
+    /// A URL that lets whoever holds it send `method` (GET or HEAD) for the object at `key`
+    /// for `ttl`, signed with this store's credentials (SigV4 query parameters). Computed
+    /// locally (no request; temporary credentials may be fetched first).
+    pub async fn presigned_url(
+        &self,
+        method: http::Method,
+        key: &ObjectKey,
+        ttl: Duration,
+    ) -> Result<String, StorageError> {
+        use object_store::signer::Signer;
+        self.s3
+            .signed_url(method, key.path(), ttl)
+            .await
+            .map(String::from)
+            .map_err(map_err("presign", key.as_str()))
     }
 
     /// Starts writing an object at `key`; nothing is visible before [`ObjectWriter::finish`].
