@@ -8,7 +8,7 @@ use bitsd_protocol::SessionId;
 use bytes::{Bytes, BytesMut};
 
 use crate::fs_util::{
-    blocking, cut_past, make_dir, private_file, remove_dir_all_if_exists, sync_dir,
+    blocking, cut_past, make_dir, open_upload, remove_dir_all_if_exists, sync_dir,
 };
 use crate::session_store::UPLOAD_FILE;
 use crate::{FragmentCommit, FragmentEntry, SessionRecord, SessionStore, StorageError};
@@ -255,12 +255,7 @@ impl SessionStore {
                 // its parent by the commit, with the bytes: one trip off the runtime instead
                 // of two.
                 let created_dir = created && make_dir(&dir)?;
-                let file = private_file()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .map_err(StorageError::io("open upload", &path))?;
+                let file = open_upload(&path)?;
                 (Arc::new(file), created, created_dir)
             }
         };

@@ -83,6 +83,17 @@ pub(crate) fn private_file() -> fs::OpenOptions {
     o
 }
 
+/// Opens a session's upload file at `path` for writing at any offset, creating it (with
+/// [`FILE_MODE`]) if missing and keeping what it holds.
+pub(crate) fn open_upload(path: &Path) -> Result<fs::File, StorageError> {
+    private_file()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(StorageError::io("open upload", path))
+}
+
 /// Takes group and other permissions away from `path` and, for a directory, everything in it
 /// (the meta store's own files, which its library creates with the process umask).
 pub(crate) fn make_private(path: &Path) -> Result<(), StorageError> {

@@ -39,7 +39,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::fs_util::{blocking, cut_past, make_dir, private_file, sync_dir};
+use crate::fs_util::{blocking, cut_past, make_dir, open_upload, sync_dir};
 use crate::session_store::UPLOAD_FILE;
 use crate::{
     ByteStream, FragmentCommit, FragmentDurability, FragmentSink, ReplyKind, ReplySink,
@@ -207,12 +207,7 @@ impl SessionStore {
             return Ok(());
         }
         let created_dir = make_dir(&dir)?;
-        let file = private_file()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(StorageError::io("open upload", &path))?;
+        let file = open_upload(&path)?;
         for (off, bytes) in chunks.iter().filter(|(off, _)| *off < received) {
             let n = bytes.len().min((received - off) as usize);
             file.write_all_at(&bytes[..n], *off)

@@ -20,7 +20,9 @@
 //!   existing destination is refused (checked with a HEAD), unless this session's own
 //!   publish marker (a pending row for the destination key, written before the assembly)
 //!   says a crashed attempt of the same session wrote it.
-//! - reply: streamed into `<prefix>/sessions/<id>/reply` (whole or absent), served by range.
+//! - reply: streamed into `<prefix>/sessions/<id>/reply` (whole or absent), served by range;
+//!   a reply that is the upload itself (echo) is assembled there from the fragment objects
+//!   (`handler_files.rs`).
 //! - reply progress: `int8multirange` union in PostgreSQL.
 //! - end: the row becomes a tombstone (durable), then the Ack; the session's objects (never
 //!   a published file) are deleted in the background, and by the sweeper's purge of the
@@ -30,6 +32,7 @@
 
 mod coalesce;
 mod gc;
+mod handler_files;
 mod orphans;
 mod sinks;
 
@@ -37,9 +40,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
-use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
 
 use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
 use super::pg::{CasOutcome, CreateOutcome, Limits, PgOptions, PgStateStore};
@@ -370,36 +371,11 @@ impl SessionBackend for SharedBackend {
     }
 
     async fn upload_file(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
-        let dir = self
-            .scratch
-            .join(format!("{}-{}", id.simple(), uuid::Uuid::new_v4().simple()));
-        let work = dir.join("work");
-        let path = dir.join("upload");
-        {
-            let mut builder = std::fs::DirBuilder::new();
-            builder.recursive(true);
-            #[cfg(unix)]
-            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-            builder
-                .create(&work)
-                .map_err(StorageError::io("make work directory", &work))?;
-        }
-        // From here on the directory goes when `local` is dropped (also on error).
-        let local = LocalUpload::temporary(path.clone(), work, dir);
-        let mut file = tokio::fs::File::create(&path)
-            .await
-            .map_err(StorageError::io("copy upload", &path))?;
-        let mut stream = self.read_upload(id).await?;
-        while let Some(chunk) = stream.next().await {
-            let chunk: Bytes = chunk?;
-            file.write_all(&chunk)
-                .await
-                .map_err(StorageError::io("copy upload", &path))?;
-        }
-        file.flush()
-            .await
-            .map_err(StorageError::io("copy upload", &path))?;
-        Ok(local)
+        self.upload_copy(id).await
+    }
+
+    async fn upload_unread(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        self.upload_path_only(id)
     }
 
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
@@ -413,6 +389,9 @@ impl SessionBackend for SharedBackend {
         id: &SessionId,
         src: &Path,
     ) -> Result<ReplyKind, StorageError> {
+        if self.is_the_upload_itself(id, src).await {
+            return self.reply_from_upload(id).await;
+        }
         self.put_file(id, src).await
     }
 
