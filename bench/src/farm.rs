@@ -17,7 +17,7 @@ use bytes::Bytes;
 use clap::Args as ClapArgs;
 
 use crate::client::Result;
-use crate::farm_env::{s3_since, CpuSnapshot, FarmEnv};
+use crate::farm_env::{s3_since, CpuSnapshot, FarmEnv, NodeSettings};
 use crate::farm_load::{self as load, Run};
 use crate::farm_pg::{PgSeen, PgWatch};
 use crate::farm_report::FarmReport;
@@ -52,6 +52,9 @@ pub struct FarmArgs {
     /// Nodes run with `coalesce_fragments = false` (small fragments stay one object each).
     #[arg(long)]
     pub farm_no_coalesce: bool,
+    /// Each node's PostgreSQL pool (`postgres_max_connections`; bitsd's default is 16).
+    #[arg(long)]
+    pub farm_pool: Option<usize>,
     /// Client counts of the concurrency sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
@@ -196,7 +199,16 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
     let dir = crate::farm_env::farm_dir(work);
     std::fs::create_dir_all(&dir)?;
     eprintln!("bench: farm: starting PostgreSQL, Garage, 3 farm nodes, nginx, a local bitsd");
-    let env = FarmEnv::start(bin, &dir, a.farm_store_proxy, !a.farm_no_coalesce).await?;
+    let env = FarmEnv::start(
+        bin,
+        &dir,
+        a.farm_store_proxy,
+        NodeSettings {
+            coalesce: !a.farm_no_coalesce,
+            pool: a.farm_pool,
+        },
+    )
+    .await?;
     let payload = Bytes::from(pattern(MIB as usize, 3));
     let mut report = FarmReport::new(a, &env);
     let cases = [

@@ -60,7 +60,7 @@ impl FarmEnv {
         bin: &Path,
         work: &Path,
         store_proxy: bool,
-        coalesce: bool,
+        settings: NodeSettings,
     ) -> Result<FarmEnv> {
         let pg = tokio::task::spawn_blocking(|| {
             PgCluster::start(ClusterOptions { durable: true }).map(Arc::new)
@@ -91,7 +91,7 @@ impl FarmEnv {
         let config = work.join("farm.toml");
         std::fs::write(
             &config,
-            node_config(&postgres_url, &garage, &endpoint, coalesce),
+            node_config(&postgres_url, &garage, &endpoint, settings),
         )?;
         let mut nodes = Vec::new();
         for i in 0..NODES {
@@ -181,10 +181,24 @@ impl FarmEnv {
     }
 }
 
+/// What the farm nodes' config varies by (`--farm-no-coalesce`, `--farm-pool`).
+#[derive(Clone, Copy, Debug)]
+pub struct NodeSettings {
+    /// `coalesce_fragments`.
+    pub coalesce: bool,
+    /// `postgres_max_connections` (`None`: bitsd's default).
+    pub pool: Option<usize>,
+}
+
 /// The shared config file of the farm nodes.
-fn node_config(url: &str, garage: &Garage, endpoint: &str, coalesce: bool) -> String {
+fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: NodeSettings) -> String {
+    let coalesce = settings.coalesce;
+    let pool = settings
+        .pool
+        .map(|n| format!("postgres_max_connections = {n}\n"))
+        .unwrap_or_default();
     format!(
-        "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n\n\
+        "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n{pool}\n\
          [object_store]\nbucket = \"{}\"\nprefix = \"farm\"\nendpoint = \"{}\"\n\
          region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
          coalesce_fragments = {coalesce}\n",

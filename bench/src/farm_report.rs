@@ -184,10 +184,11 @@ impl FarmReport {
                 "PostgreSQL 15 on 127.0.0.1:{} (fsync, synchronous_commit, full_page_writes on); \
                  Garage single node {} (data_fsync, metadata_fsync on); {} bitsd farm nodes and \
                  one single-node bitsd (local backend, fsync per-fragment) as child processes; \
-                 nginx round robin over the nodes with upstream keepalive (up to 16 idle connections, as production balancers run){}",
+                 nginx round robin over the nodes with upstream keepalive (up to 16 idle connections, as production balancers run); each node's PostgreSQL pool {} connections{}",
                 env.pg.port(),
                 env.garage.endpoint(),
                 env.nodes.len(),
+                a.farm_pool.map_or("16 (default)".to_string(), |n| n.to_string()),
                 if env.store_proxy.is_some() {
                     "; the store reached through an nginx of its own (--farm-store-proxy)"
                 } else {
