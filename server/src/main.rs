@@ -236,6 +236,12 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                             .map(|e| format!(" at {e}"))
                             .unwrap_or_default()
                     );
+                    if let Some(ttl) = s.object_store.presigned_reply_ttl() {
+                        println!(
+                            "  replies       redirected to presigned store URLs valid {} s",
+                            ttl.as_secs()
+                        );
+                    }
                 }
             }
             for r in &config.routes {

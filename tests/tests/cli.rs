@@ -155,6 +155,38 @@ fn config_errors_say_what_is_wrong_and_where() {
 }
 
 #[test]
+fn check_config_refuses_a_presigned_validity_no_signature_lasts_and_shows_a_valid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |secs: u64| {
+        let p = dir.path().join(format!("p{secs}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "[storage]\nbackend = \"shared\"\npostgres_url = \"postgres://u:p@127.0.0.1:1/d\"\n\n\
+                 [object_store]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n\
+                 presigned_reply_secs = {secs}\n"
+            ),
+        )
+        .unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let out = bitsd(&["check-config", &config(700_000)]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("presigned_reply_secs must be at most 604800"),
+        "{err}"
+    );
+    let out = bitsd(&["check-config", &config(900)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("redirected to presigned store URLs valid 900 s"),
+        "{text}"
+    );
+}
+
+#[test]
 fn data_directory_problems_are_named_with_the_path() {
     let dir = tempfile::tempdir().unwrap();
     // In use by another bitsd.

@@ -60,6 +60,13 @@ pub(super) fn build_storage(
             if object_store.bucket.is_empty() {
                 return Err("[object_store] bucket must be set".into());
             }
+            let max = bitsd_storage::shared::objects::MAX_PRESIGNED_SECS;
+            if object_store.presigned_reply_secs.is_some_and(|s| s > max) {
+                return Err(format!(
+                    "[object_store] presigned_reply_secs must be at most {max} (7 days, the \
+                     longest a presigned URL lasts), or 0 to serve replies through the nodes"
+                ));
+            }
             if entry.postgres_max_connections == Some(0) {
                 return Err("postgres_max_connections must be at least 1".into());
             }
@@ -128,6 +135,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("postgres://"), "{e}");
+        let shared = "[storage]\nbackend = \"shared\"\npostgres_url = \"postgres://h/d\"\n\
+                      [object_store]\nbucket = \"b\"\n";
+        let e = apply(&format!("{shared}presigned_reply_secs = 604801\n")).unwrap_err();
+        assert!(e.contains("at most 604800"), "{e}");
+        match apply(&format!("{shared}presigned_reply_secs = 900\n"))
+            .unwrap()
+            .storage
+        {
+            StorageConfig::Shared(s) => assert_eq!(s.object_store.presigned_reply_secs, Some(900)),
+            StorageConfig::Local => panic!("expected shared"),
+        }
     }
 
     #[test]
