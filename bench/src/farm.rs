@@ -55,6 +55,10 @@ pub struct FarmArgs {
     /// Each node's PostgreSQL pool (`postgres_max_connections`; bitsd's default is 16).
     #[arg(long)]
     pub farm_pool: Option<usize>,
+    /// nginx's `client_body_buffer_size` in front of the nodes (e.g. `1m`; nginx's default is
+    /// 16k): how much of a fragment's body it reads from the client per write to a node.
+    #[arg(long)]
+    pub farm_balancer_body_buffer: Option<String>,
     /// Client counts of the concurrency sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
@@ -206,6 +210,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
         NodeSettings {
             coalesce: !a.farm_no_coalesce,
             pool: a.farm_pool,
+            balancer_body_buffer: a.farm_balancer_body_buffer.clone(),
         },
     )
     .await?;

@@ -91,7 +91,7 @@ impl FarmEnv {
         let config = work.join("farm.toml");
         std::fs::write(
             &config,
-            node_config(&postgres_url, &garage, &endpoint, settings),
+            node_config(&postgres_url, &garage, &endpoint, &settings),
         )?;
         let mut nodes = Vec::new();
         for i in 0..NODES {
@@ -107,12 +107,18 @@ impl FarmEnv {
         }
         let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
         let first = addrs[..1].to_vec();
-        let nginx = tokio::task::spawn_blocking(move || Nginx::start_keepalive(&addrs))
+        let directives = settings
+            .balancer_body_buffer
+            .map(|size| format!("client_body_buffer_size {size};"))
+            .unwrap_or_default();
+        let also = directives.clone();
+        let nginx = tokio::task::spawn_blocking(move || Nginx::start_keepalive_with(&addrs, &also))
             .await?
             .ok_or("nginx is not installed (apt-get install nginx)")?;
-        let nginx1 = tokio::task::spawn_blocking(move || Nginx::start_keepalive(&first))
-            .await?
-            .ok_or("nginx is not installed (apt-get install nginx)")?;
+        let nginx1 =
+            tokio::task::spawn_blocking(move || Nginx::start_keepalive_with(&first, &directives))
+                .await?
+                .ok_or("nginx is not installed (apt-get install nginx)")?;
         let local = BitsdChild::spawn(
             bin,
             &work.join("local"),
@@ -181,17 +187,20 @@ impl FarmEnv {
     }
 }
 
-/// What the farm nodes' config varies by (`--farm-no-coalesce`, `--farm-pool`).
-#[derive(Clone, Copy, Debug)]
+/// What the farm's config varies by (`--farm-no-coalesce`, `--farm-pool`,
+/// `--farm-balancer-body-buffer`).
+#[derive(Clone, Debug)]
 pub struct NodeSettings {
     /// `coalesce_fragments`.
     pub coalesce: bool,
     /// `postgres_max_connections` (`None`: bitsd's default).
     pub pool: Option<usize>,
+    /// nginx's `client_body_buffer_size` in front of the nodes (`None`: nginx's default).
+    pub balancer_body_buffer: Option<String>,
 }
 
 /// The shared config file of the farm nodes.
-fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: NodeSettings) -> String {
+fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: &NodeSettings) -> String {
     let coalesce = settings.coalesce;
     let pool = settings
         .pool

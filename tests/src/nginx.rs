@@ -82,6 +82,16 @@ impl Nginx {
         Self::start_with(upstreams, true, "")
     }
 
+    /// As [`Nginx::start_keepalive`], with `directives` (complete lines, e.g.
+    /// `client_body_buffer_size 1m;`) added to the proxying location.
+    pub fn start_keepalive_with(upstreams: &[SocketAddr], directives: &str) -> Option<Self> {
+        let location: String = directives
+            .lines()
+            .map(|l| format!("            {}\n", l.trim()))
+            .collect();
+        Self::start_with(upstreams, true, &location)
+    }
+
     fn start_with(upstreams: &[SocketAddr], keepalive: bool, location: &str) -> Option<Self> {
         assert!(!upstreams.is_empty(), "nginx needs at least one upstream");
         let bin = nginx_binary()?;
