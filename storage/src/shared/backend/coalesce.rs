@@ -140,6 +140,22 @@ impl Coalescer {
         });
     }
 
+    /// [`Coalescer::merge`] under one of this coalescer's permits (at most
+    /// `MERGES_AT_ONCE` merges of a node run at once, whoever starts them).
+    pub(super) async fn merge_now(
+        &self,
+        id: &SessionId,
+        start: u64,
+        end: u64,
+    ) -> Result<Coalesced, StorageError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StorageError::Task("the merge limiter is closed".into()))?;
+        self.merge(id, start, end).await
+    }
+
     /// Merges the run ending with the fragment `start..end` of `id` (see the module docs).
     pub(super) async fn merge(
         &self,

@@ -117,9 +117,12 @@ impl SharedBackend {
         start: u64,
         end: u64,
     ) -> Result<Coalesced, StorageError> {
-        Coalescer::new(self.state.clone(), self.objects.clone())
-            .merge(id, start, end)
-            .await
+        // The node's own merger when it has one, so that its limit counts this merge too.
+        let merger = self
+            .coalescer
+            .clone()
+            .unwrap_or_else(|| Coalescer::new(self.state.clone(), self.objects.clone()));
+        merger.merge_now(id, start, end).await
     }
 
     async fn record(&self, id: &SessionId) -> Result<SessionRecord, StorageError> {
