@@ -1,5 +1,7 @@
 //! The reply download (§10): GET and HEAD on `{prefix}BITS-Sessions/{id}/response`, with
 //! single byte ranges (the first satisfiable one of a multi-range request), a stable `ETag` and `Last-Modified`, and reply progress counting.
+//! A backend that hands downloads to its store (`presigned_reply_secs`) gets a `307` to a
+//! presigned URL instead, after the same checks ([`redirect`]).
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
