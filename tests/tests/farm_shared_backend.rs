@@ -231,3 +231,115 @@ async fn objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tomb
     let shared = Objects::new(&_garage.object_store_config("backend")).unwrap();
     assert!(shared.list(&prefix).await.unwrap().is_empty());
 }
+
+/// A Close deletes what PostgreSQL knows of the session (its fragment objects, a merge's or a
+/// writer's pending object, its reply) with one request and no listing, and never a published
+/// file, even one whose publish marker is still pending (a publish that crashed before its
+/// `committed` record). An object PostgreSQL does not know goes with the purge, which lists.
+/// Every S3 request is logged by an nginx in front of Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_deletes_the_known_objects_without_listing_and_never_a_published_file() {
+    use bitsd_tests::nginx::Nginx;
+    let FarmServers {
+        pg: _pg,
+        postgres_url: url,
+        garage,
+    } = match FarmServers::start().await {
+        Some(s) => s,
+        None => return,
+    };
+    let s3 = garage.s3_addr();
+    let Some(proxy) = tokio::task::spawn_blocking(move || Nginx::start(&[s3]))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let direct = Objects::new(&garage.object_store_config("close")).unwrap();
+    let mut via_proxy = garage.object_store_config("close");
+    via_proxy.endpoint = Some(proxy.url());
+    let scratch = tempfile::tempdir().unwrap();
+    let state = PgStateStore::connect(&url, PgOptions::default())
+        .await
+        .unwrap();
+    let backend = SharedBackend::from_parts(
+        state.clone(),
+        Objects::new(&via_proxy).unwrap(),
+        scratch.path().to_owned(),
+    );
+    let mut record = session_record(None);
+    record.destination = Some("kept/file.bin".into());
+    backend.create(&record).await.unwrap();
+    let id = record.id;
+    // Two committed fragments, one pending object, a reply.
+    let data = pattern(20_000, 5);
+    let mut held = record.clone();
+    held.total = Some(40_000);
+    for (i, part) in data.chunks(10_000).enumerate() {
+        let at = (i * 10_000) as u64;
+        let mut sink = backend
+            .begin_fragment(&id, plan(at, part.len() as u64))
+            .await
+            .unwrap();
+        sink.write(Bytes::copy_from_slice(part)).await.unwrap();
+        held.received = at + part.len() as u64;
+        assert_eq!(
+            sink.commit(at, &held).await.unwrap(),
+            FragmentCommit::Committed
+        );
+    }
+    let prefix = direct.session_prefix(&id);
+    let pending = prefix.join("frag/00000000000000020000-pending");
+    state
+        .add_pending_object(&id, pending.as_str())
+        .await
+        .unwrap();
+    let put = |key: bitsd::storage::shared::objects::ObjectKey| {
+        let direct = direct.clone();
+        async move {
+            let body = futures_util::stream::iter([Ok::<_, bitsd::StorageError>(
+                Bytes::from_static(b"x"),
+            )]);
+            direct.put_stream(key, body).await.unwrap();
+        }
+    };
+    put(pending.clone()).await;
+    let mut reply = backend.begin_reply(&id).await.unwrap();
+    reply.write(Bytes::from_static(b"reply")).await.unwrap();
+    reply.finish().await.unwrap();
+    // A publish that crashed after writing the file, its marker still pending.
+    let file = direct.file_key("kept/file.bin");
+    state.add_pending_object(&id, file.as_str()).await.unwrap();
+    put(file.clone()).await;
+    // An object no row names (as if its pending row was lost with PostgreSQL).
+    let stray = prefix.join("frag/99999999999999999999-stray");
+    put(stray.clone()).await;
+    assert_eq!(direct.list(&prefix).await.unwrap().len(), 5);
+
+    let mut ended = record.clone();
+    backend
+        .end_session(&mut ended, SessionState::Closed)
+        .await
+        .unwrap();
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        left = direct.list(&prefix).await.unwrap();
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let left: Vec<_> = left.into_iter().map(|o| o.key).collect();
+    assert_eq!(left, vec![stray], "only the unknown object is left");
+    assert!(direct.head(&file).await.is_ok(), "a published file went");
+    let log = proxy.access_log();
+    assert!(
+        !log.contains("list-type"),
+        "the Close listed the bucket:\n{log}"
+    );
+
+    // The purge lists the prefix and takes the rest; the file stays.
+    backend.purge(&id).await.unwrap();
+    assert!(direct.list(&prefix).await.unwrap().is_empty());
+    assert!(direct.head(&file).await.is_ok(), "a published file went");
+}

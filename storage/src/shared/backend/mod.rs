@@ -24,9 +24,10 @@
 //!   a reply that is the upload itself (echo) is assembled there from the fragment objects
 //!   (`handler_files.rs`).
 //! - reply progress: `int8multirange` union in PostgreSQL.
-//! - end: the row becomes a tombstone (durable), then the Ack; the session's objects (never
-//!   a published file) are deleted in the background, and by the sweeper's purge of the
-//!   tombstone if this node dies first.
+//! - end: the row becomes a tombstone (durable), then the Ack; the session's objects that
+//!   PostgreSQL knows (never a published file) are deleted in the background, without a
+//!   listing; the sweeper's purge of the tombstone lists the prefix and deletes the rest
+//!   (and everything, if this node died first).
 //! - purge: the session's objects are deleted, then the row goes.
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
@@ -123,6 +124,25 @@ impl SharedBackend {
             .clone()
             .unwrap_or_else(|| Coalescer::new(self.state.clone(), self.objects.clone()));
         merger.merge_now(id, start, end).await
+    }
+
+    /// Deletes the objects of session `id` that PostgreSQL knows of (its fragment index, its
+    /// pending rows under the session's prefix) and its reply: one request, no listing. Never
+    /// a published file (a publish marker names a key under `files/`). An object PostgreSQL
+    /// does not know (a pending row lost with PostgreSQL's last moments) goes with the purge
+    /// of the tombstone, which lists the session's prefix.
+    async fn delete_known_objects(&self, id: &SessionId) -> Result<(), StorageError> {
+        let prefix = self.objects.session_prefix(id);
+        let mut keys: Vec<ObjectKey> = self
+            .state
+            .session_objects(id)
+            .await?
+            .iter()
+            .filter_map(|k| ObjectKey::parse(k))
+            .filter(|k| k.starts_with(&prefix))
+            .collect();
+        keys.push(reply_key(&self.objects, id));
+        self.objects.delete(&keys).await
     }
 
     async fn record(&self, id: &SessionId) -> Result<SessionRecord, StorageError> {
@@ -462,9 +482,9 @@ impl SessionBackend for SharedBackend {
         // under files/ and stay): the Close's latency is one PostgreSQL commit, not a LIST and
         // a DeleteObjects. Should this node die first, or the store refuse, the sweeper's
         // purge of the tombstone (after the session timeout) deletes them.
-        let (objects, id) = (self.objects.clone(), record.id);
+        let (this, id) = (self.clone(), record.id);
         tokio::spawn(async move {
-            if let Err(e) = objects.delete_session(&id).await {
+            if let Err(e) = this.delete_known_objects(&id).await {
                 tracing::warn!(session = %id, error = %e, "deleting an ended session's objects failed; the sweeper deletes them with the tombstone");
             }
         });
