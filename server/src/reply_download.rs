@@ -186,7 +186,8 @@ async fn serve(
 /// backend hands reply downloads off (`presigned_reply_secs`) and there are bytes to send:
 /// the client then sends the same request (its `Range` included) to the store, which answers
 /// with the store's own `ETag` and `Last-Modified` (HEAD is redirected too, so a client sees
-/// one kind). An unsatisfiable range and an empty reply are answered here. A GET's range is
+/// one kind). An unsatisfiable range, a multi-range request and an empty reply are answered
+/// here. A GET's range is
 /// counted as delivered now, since no node sees the bytes: the whole reply when the request
 /// is conditional (`If-Range`: the store decides whether the range holds). A URL that cannot
 /// be signed (credentials unavailable) falls back to serving the reply here.
@@ -201,7 +202,13 @@ async fn redirect(
         ReplyKind::Stored { len, .. } => len,
         _ => return None,
     };
-    if len == 0 || matches!(range, RangeRequest::Unsatisfiable) {
+    // A multi-range request is answered here with its first satisfiable range (a store may
+    // answer it otherwise, and the count would not match what the client got).
+    let multi = req
+        .headers
+        .get(RANGE)
+        .is_some_and(|v| v.as_bytes().contains(&b','));
+    if len == 0 || multi || matches!(range, RangeRequest::Unsatisfiable) {
         return None;
     }
     let url = match shared

@@ -212,6 +212,14 @@ async fn the_node_answers_itself_what_is_not_to_be_handed_off() {
     assert_eq!(res.header("content-range"), Some("bytes */20000"));
     assert_eq!(res.header("location"), None);
     assert_eq!(farm.covered(&sid).await, 0);
+    // Several ranges: the node serves the first one itself and counts it.
+    let res = node
+        .get("GET", &reply, &[("Range", "bytes=100-199,500-599")])
+        .await;
+    assert_eq!(res.status, 206, "{res:?}");
+    assert_eq!(res.header("location"), None);
+    assert_eq!(res.body, data[100..200]);
+    assert_eq!(farm.wait_covered(&sid, 100).await, 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
