@@ -85,6 +85,38 @@ pub struct FragmentWriter {
     writeback_every: Option<u64>,
     /// File offset up to which writeback was started.
     kicked_to: u64,
+    /// Set when this writer created the upload file: dropped without a commit (the client
+    /// went away), it removes the session's directory again if the session has ended since
+    /// (see the `Drop` impl).
+    ended_check: Option<SessionStore>,
+}
+
+impl Drop for FragmentWriter {
+    /// A writer that made the upload file and is dropped uncommitted, for a session that was
+    /// closed, cancelled or purged meanwhile, re-created that session's directory: it goes
+    /// again (checked and removed under the session's compare-and-set lock, off the runtime).
+    fn drop(&mut self) {
+        let Some(store) = self.ended_check.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (id, dir) = (self.id, std::mem::take(&mut self.dir));
+        self.file = None;
+        rt.spawn_blocking(move || {
+            let _cas = store.locks.cas(&id);
+            let ended = match store.meta.load(&id) {
+                Ok(current) => current.is_none_or(|c| c.state.is_terminal()),
+                Err(_) => false,
+            };
+            if ended {
+                if let Err(e) = remove_dir_all_if_exists(&dir) {
+                    tracing::warn!(session = %id, error = %e, "could not remove the directory a late fragment re-created");
+                }
+            }
+        });
+    }
 }
 
 impl FragmentWriter {
@@ -275,6 +307,7 @@ impl SessionStore {
             crc32c: 0,
             writeback_every: None,
             kicked_to: write_at,
+            ended_check: created.then(|| self.clone()),
         })
     }
 
@@ -326,8 +359,14 @@ impl SessionStore {
             crc32c: writer.crc32c,
         };
         let end = entry.offset + entry.len;
-        let (path, dir, created, created_dir) =
-            (writer.path, writer.dir, writer.created, writer.created_dir);
+        // Committed from here on (won or lost): the drop-time check is not this writer's.
+        writer.ended_check = None;
+        let (path, dir, created, created_dir) = (
+            std::mem::take(&mut writer.path),
+            std::mem::take(&mut writer.dir),
+            writer.created,
+            writer.created_dir,
+        );
         let litter = dir.clone();
         // Given back to the store's cache only if the commit wins (see `handle_cache`).
         let (keep, token, id) = (file.clone(), writer.token, writer.id);

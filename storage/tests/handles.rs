@@ -90,6 +90,64 @@ async fn a_fragment_begun_after_the_end_leaves_no_directory_behind() {
     fragment_against_an_end(false).await;
 }
 
+/// A fragment begun after its session ended whose client then went away (the writer is
+/// dropped, never committed) removes the directory it re-created; one of a live session that
+/// is abandoned leaves the session as it was, and the re-sent fragment is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_fragment_removes_only_an_ended_sessions_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = files_only(dir.path()).await;
+    let b: Arc<dyn SessionBackend> = Arc::new(store.clone());
+    let plan = FragmentPlan {
+        write_at: 0,
+        len: 4096,
+        durability: FragmentDurability::Durable,
+    };
+    // Ended: Cancel, Close, purge.
+    for end in 0..3 {
+        let rec = record(UploadMode::Upload);
+        b.create(&rec).await.unwrap();
+        let mut ended = rec.clone();
+        match end {
+            0 => b
+                .end_session(&mut ended, SessionState::Cancelled)
+                .await
+                .unwrap(),
+            1 => b
+                .end_session(&mut ended, SessionState::Closed)
+                .await
+                .unwrap(),
+            _ => b.purge(&rec.id).await.unwrap(),
+        }
+        let mut sink = b.begin_fragment(&rec.id, plan).await.unwrap();
+        sink.write(Bytes::from(pattern(4096, 3))).await.unwrap();
+        let sdir = store.session_dir(&rec.id);
+        assert!(sdir.exists(), "the late fragment re-created the directory");
+        drop(sink);
+        let mut gone = false;
+        for _ in 0..100 {
+            if !sdir.exists() {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(gone, "end #{end}: {} left", sdir.display());
+    }
+    // Live: the abandoned first fragment leaves the session usable.
+    let mut rec = record(UploadMode::Upload);
+    b.create(&rec).await.unwrap();
+    let mut sink = b.begin_fragment(&rec.id, plan).await.unwrap();
+    sink.write(Bytes::from(pattern(2048, 4))).await.unwrap();
+    drop(sink);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(store.session_dir(&rec.id).exists());
+    let data = pattern(4096, 5);
+    let r = fragment(&*b, &mut rec, &data, 4096, FragmentDurability::Durable).await;
+    assert_eq!(r, FragmentCommit::Committed);
+    assert_eq!(collect(b.read_upload(&rec.id).await.unwrap()).await, data);
+}
+
 /// For each end (Cancel, Close, purge) and durability: a session's second fragment begun
 /// before the end (`begun_before`) or after it, then committed. The commit loses, and no
 /// directory, file or handle of the session is left.
