@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bitsd_storage::{
-    CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionState,
-    SessionStore, UploadMode, HANDLE_CACHE_SIZE,
+    CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord,
+    SessionState, SessionStore, UploadMode, HANDLE_CACHE_SIZE,
 };
 use bytes::Bytes;
 
@@ -107,18 +107,7 @@ async fn an_abandoned_fragment_removes_only_an_ended_sessions_directory() {
     for end in 0..3 {
         let rec = record(UploadMode::Upload);
         b.create(&rec).await.unwrap();
-        let mut ended = rec.clone();
-        match end {
-            0 => b
-                .end_session(&mut ended, SessionState::Cancelled)
-                .await
-                .unwrap(),
-            1 => b
-                .end_session(&mut ended, SessionState::Closed)
-                .await
-                .unwrap(),
-            _ => b.purge(&rec.id).await.unwrap(),
-        }
+        end_by(&*b, &rec, end).await;
         let mut sink = b.begin_fragment(&rec.id, plan).await.unwrap();
         sink.write(Bytes::from(pattern(4096, 3))).await.unwrap();
         let sdir = store.session_dir(&rec.id);
@@ -146,6 +135,22 @@ async fn an_abandoned_fragment_removes_only_an_ended_sessions_directory() {
     let r = fragment(&*b, &mut rec, &data, 4096, FragmentDurability::Durable).await;
     assert_eq!(r, FragmentCommit::Committed);
     assert_eq!(collect(b.read_upload(&rec.id).await.unwrap()).await, data);
+}
+
+/// Ends `rec`'s session by Cancel (`end` 0), Close (1) or purge (2).
+async fn end_by(b: &dyn SessionBackend, rec: &SessionRecord, end: u8) {
+    let mut ended = rec.clone();
+    match end {
+        0 => b
+            .end_session(&mut ended, SessionState::Cancelled)
+            .await
+            .unwrap(),
+        1 => b
+            .end_session(&mut ended, SessionState::Closed)
+            .await
+            .unwrap(),
+        _ => b.purge(&rec.id).await.unwrap(),
+    }
 }
 
 /// For each end (Cancel, Close, purge) and durability: a session's second fragment begun
@@ -176,18 +181,7 @@ async fn fragment_against_an_end(begun_before: bool) {
             } else {
                 None
             };
-            let mut ended = rec.clone();
-            match end {
-                0 => b
-                    .end_session(&mut ended, SessionState::Cancelled)
-                    .await
-                    .unwrap(),
-                1 => b
-                    .end_session(&mut ended, SessionState::Closed)
-                    .await
-                    .unwrap(),
-                _ => b.purge(&rec.id).await.unwrap(),
-            }
+            end_by(&*b, &rec, end).await;
             let sdir = store.session_dir(&rec.id);
             if !begun_before {
                 assert!(!sdir.exists());
