@@ -17,7 +17,7 @@ use bytes::Bytes;
 use clap::Args as ClapArgs;
 
 use crate::client::Result;
-use crate::farm_env::{s3_since, CpuSnapshot, FarmEnv, NodeSettings};
+use crate::farm_env::{s3_since, CpuSnapshot, FarmEnv, FarmSettings};
 use crate::farm_load::{self as load, Run};
 use crate::farm_pg::{PgSeen, PgWatch};
 use crate::farm_report::FarmReport;
@@ -207,7 +207,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
         bin,
         &dir,
         a.farm_store_proxy,
-        NodeSettings {
+        FarmSettings {
             coalesce: !a.farm_no_coalesce,
             pool: a.farm_pool,
             balancer_body_buffer: a.farm_balancer_body_buffer.clone(),

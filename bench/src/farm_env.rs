@@ -60,7 +60,7 @@ impl FarmEnv {
         bin: &Path,
         work: &Path,
         store_proxy: bool,
-        settings: NodeSettings,
+        settings: FarmSettings,
     ) -> Result<FarmEnv> {
         let pg = tokio::task::spawn_blocking(|| {
             PgCluster::start(ClusterOptions { durable: true }).map(Arc::new)
@@ -190,7 +190,7 @@ impl FarmEnv {
 /// What the farm's config varies by (`--farm-no-coalesce`, `--farm-pool`,
 /// `--farm-balancer-body-buffer`).
 #[derive(Clone, Debug)]
-pub struct NodeSettings {
+pub struct FarmSettings {
     /// `coalesce_fragments`.
     pub coalesce: bool,
     /// `postgres_max_connections` (`None`: bitsd's default).
@@ -200,7 +200,7 @@ pub struct NodeSettings {
 }
 
 /// The shared config file of the farm nodes.
-fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: &NodeSettings) -> String {
+fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: &FarmSettings) -> String {
     let coalesce = settings.coalesce;
     let pool = settings
         .pool
