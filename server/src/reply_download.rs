@@ -80,7 +80,7 @@ async fn serve(
         Some(v) => RangeRequest::parse(v, len),
         None => RangeRequest::Full,
     };
-    if let Some(res) = redirect(shared, &id, &reply, req, &range).await {
+    if let Some(res) = redirect(shared, &id, &reply, len, req, &range).await {
         return res;
     }
     if let Some(cond) = req.headers.get(IF_RANGE).and_then(|v| v.to_str().ok()) {
@@ -182,26 +182,23 @@ async fn serve(
     res
 }
 
-/// `307 Temporary Redirect` to a presigned URL of the reply in the backend's store, when the
-/// backend hands reply downloads off (`presigned_reply_secs`) and there are bytes to send:
-/// the client then sends the same request (its `Range` included) to the store, which answers
-/// with the store's own `ETag` and `Last-Modified` (HEAD is redirected too, so a client sees
-/// one kind). An unsatisfiable range, a multi-range request and an empty reply are answered
-/// here. A GET's range is
-/// counted as delivered now, since no node sees the bytes: the whole reply when the request
-/// is conditional (`If-Range`: the store decides whether the range holds). A URL that cannot
-/// be signed (credentials unavailable) falls back to serving the reply here.
+/// `307 Temporary Redirect` to a presigned URL of the stored reply (`len` bytes) in the
+/// backend's store, when the backend hands reply downloads off (`presigned_reply_secs`) and
+/// there are bytes to send: the client then sends the same request (its `Range` included) to
+/// the store, which answers with the store's own `ETag` and `Last-Modified` (HEAD is
+/// redirected too, so a client sees one kind). An unsatisfiable range, a multi-range request
+/// and an empty reply are answered here. A GET's range is counted as delivered now, since no
+/// node sees the bytes: the whole reply when the request is conditional (`If-Range`: the
+/// store decides whether the range holds). A URL that cannot be signed (credentials
+/// unavailable) falls back to serving the reply here.
 async fn redirect(
     shared: &Arc<Shared>,
     id: &SessionId,
     reply: &ReplyRecord,
+    len: u64,
     req: &Parts,
     range: &RangeRequest,
 ) -> Option<Response<ResponseBody>> {
-    let len = match reply.kind {
-        ReplyKind::Stored { len, .. } => len,
-        _ => return None,
-    };
     // A multi-range request is answered here with its first satisfiable range (a store may
     // answer it otherwise, and the count would not match what the client got).
     let multi = req

@@ -104,18 +104,25 @@ impl Drop for FragmentWriter {
         };
         let (id, dir) = (self.id, std::mem::take(&mut self.dir));
         self.file = None;
-        rt.spawn_blocking(move || {
-            let _cas = store.locks.cas(&id);
-            let ended = match store.meta.load(&id) {
-                Ok(current) => current.is_none_or(|c| c.state.is_terminal()),
-                Err(_) => false,
-            };
-            if ended {
-                if let Err(e) = remove_dir_all_if_exists(&dir) {
-                    tracing::warn!(session = %id, error = %e, "could not remove the directory a late fragment re-created");
-                }
+        rt.spawn_blocking(move || store.remove_dir_if_ended(&id, &dir));
+    }
+}
+
+impl SessionStore {
+    /// Removes `dir`, the directory of session `id` that a late fragment re-created, if the
+    /// session has ended (no record, or a tombstone): checked under the session's
+    /// compare-and-set lock, so a session that is live keeps it. Blocking.
+    fn remove_dir_if_ended(&self, id: &SessionId, dir: &std::path::Path) {
+        let _cas = self.locks.cas(id);
+        let ended = match self.meta.load(id) {
+            Ok(current) => current.is_none_or(|c| c.state.is_terminal()),
+            Err(_) => false,
+        };
+        if ended {
+            if let Err(e) = remove_dir_all_if_exists(dir) {
+                tracing::warn!(session = %id, error = %e, "could not remove the directory a late fragment re-created");
             }
-        });
+        }
     }
 }
 
@@ -488,9 +495,12 @@ impl SessionStore {
                 if created && current.as_ref().is_none_or(|c| c.state.is_terminal()) =>
             {
                 drop(keep);
-                if let Err(e) = blocking(move || remove_dir_all_if_exists(&litter)).await {
-                    tracing::warn!(session = %id, error = %e, "could not remove the directory a late fragment re-created");
-                }
+                let store = self.clone();
+                let _ = blocking(move || {
+                    store.remove_dir_if_ended(&id, &litter);
+                    Ok(())
+                })
+                .await;
             }
             FragmentCommit::Lost { .. } => {}
         }

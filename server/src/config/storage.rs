@@ -57,16 +57,7 @@ pub(super) fn build_storage(
                 "[storage] backend = \"shared\" needs an [object_store] table with at least bucket"
                     .to_owned()
             })?;
-            if object_store.bucket.is_empty() {
-                return Err("[object_store] bucket must be set".into());
-            }
-            let max = bitsd_storage::shared::objects::MAX_PRESIGNED_SECS;
-            if object_store.presigned_reply_secs.is_some_and(|s| s > max) {
-                return Err(format!(
-                    "[object_store] presigned_reply_secs must be at most {max} (7 days, the \
-                     longest a presigned URL lasts), or 0 to serve replies through the nodes"
-                ));
-            }
+            object_store.check()?;
             if entry.postgres_max_connections == Some(0) {
                 return Err("postgres_max_connections must be at least 1".into());
             }

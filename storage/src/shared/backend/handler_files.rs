@@ -23,10 +23,11 @@ use crate::{ReplyKind, StorageError};
 const UPLOAD: &str = "upload";
 
 impl SharedBackend {
-    /// A new scratch directory for session `id` (`<scratch>/<id>-<nonce>/`, with `work/`
-    /// for the handler), removed when the returned upload is dropped; its `path` names
-    /// `upload` in it, which is not written here.
-    fn scratch_upload(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+    /// The upload's path for a handler that does not read it: a new scratch directory for
+    /// session `id` (`<scratch>/<id>-<nonce>/`, with `work/` for the handler), removed when
+    /// the returned upload is dropped; its `path` names `upload` in it, which is not written
+    /// (nothing is read from the store).
+    pub(super) fn upload_path_only(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
         let dir = self
             .scratch
             .join(format!("{}-{}", id.simple(), uuid::Uuid::new_v4().simple()));
@@ -44,7 +45,7 @@ impl SharedBackend {
 
     /// The upload of `id` copied into a scratch directory, for a handler that reads it.
     pub(super) async fn upload_copy(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
-        let local = self.scratch_upload(id)?;
+        let local = self.upload_path_only(id)?;
         let path = local.path.clone();
         let mut file = tokio::fs::File::create(&path)
             .await
@@ -60,12 +61,6 @@ impl SharedBackend {
             .await
             .map_err(StorageError::io("copy upload", &path))?;
         Ok(local)
-    }
-
-    /// The upload's path for a handler that does not read it: a scratch directory (its
-    /// `work/` is the handler's) and no file; nothing is read from the store.
-    pub(super) fn upload_path_only(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
-        self.scratch_upload(id)
     }
 
     /// Whether `src` is an upload path [`SharedBackend::upload_path_only`] gave out for `id`

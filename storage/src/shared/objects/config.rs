@@ -149,6 +149,25 @@ impl ObjectStoreConfig {
         )
     }
 
+    /// What makes the table unusable before anything is sent: no bucket, or a presigned URL
+    /// validity no signature can have. The message names the key and what to set.
+    pub fn check(&self) -> Result<(), String> {
+        if self.bucket.is_empty() {
+            return Err("[object_store] bucket must be set".into());
+        }
+        if self
+            .presigned_reply_secs
+            .is_some_and(|s| s > MAX_PRESIGNED_SECS)
+        {
+            return Err(format!(
+                "[object_store] presigned_reply_secs must be at most {MAX_PRESIGNED_SECS} (7 \
+                 days, the longest a presigned URL lasts), or 0 to serve replies through the \
+                 nodes"
+            ));
+        }
+        Ok(())
+    }
+
     /// The S3 client, and where its bucket is (for the requests `object_store` cannot send).
     pub(crate) fn build(&self) -> Result<(AmazonS3, S3Location), StorageError> {
         let refuse = |why: String| StorageError::ObjectStore {
@@ -156,18 +175,7 @@ impl ObjectStoreConfig {
             key: self.bucket.clone(),
             why,
         };
-        if self.bucket.is_empty() {
-            return Err(refuse(
-                "no bucket configured: set [object_store] bucket".into(),
-            ));
-        }
-        if self.presigned_reply_secs.unwrap_or(0) > MAX_PRESIGNED_SECS {
-            return Err(refuse(format!(
-                "presigned_reply_secs = {} is longer than a presigned URL can last: \
-                 set at most {MAX_PRESIGNED_SECS} (7 days), or 0 to serve replies through the nodes",
-                self.presigned_reply_secs.unwrap_or(0)
-            )));
-        }
+        self.check().map_err(refuse)?;
         // The HTTP client's TLS needs a process-wide rustls provider; bitsd uses ring
         // everywhere (a provider installed earlier by the embedding program stays).
         let _ = rustls::crypto::ring::default_provider().install_default();
