@@ -95,12 +95,26 @@ impl BitsdChild {
         log: &Path,
         timeout: Duration,
     ) -> Result<Self> {
+        Self::spawn_env(bin, data_dir, extra, &[], log, timeout)
+    }
+
+    /// Like [`BitsdChild::spawn_with`], with environment variables set for the child (e.g.
+    /// `TOKIO_WORKER_THREADS`).
+    pub fn spawn_env(
+        bin: &Path,
+        data_dir: &Path,
+        extra: &[&std::ffi::OsStr],
+        envs: &[(&str, String)],
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<Self> {
         let started = Instant::now();
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--no-admin", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log)?)

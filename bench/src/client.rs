@@ -57,9 +57,13 @@ impl Response {
     }
 }
 
-/// A keep-alive HTTP/1.1 connection.
+/// A keep-alive HTTP/1.1 connection; when a response says `Connection: close` (nginx does
+/// after `keepalive_requests`, 1000 by default), the next request opens a new one, as a
+/// client does.
 pub struct Conn {
     stream: TcpStream,
+    peer: SocketAddr,
+    closing: bool,
     buf: Vec<u8>,
     scratch: Vec<u8>,
 }
@@ -71,6 +75,8 @@ impl Conn {
         stream.set_nodelay(true)?;
         Ok(Conn {
             stream,
+            peer: addr,
+            closing: false,
             buf: Vec::with_capacity(16 * 1024),
             scratch: vec![0u8; 256 * 1024],
         })
@@ -88,6 +94,9 @@ impl Conn {
     /// Sends a request (head and body) and reads its response (the response body is read
     /// and discarded).
     pub async fn request(&mut self, head: &[u8], body: &[u8]) -> Result<Response> {
+        if self.closing {
+            *self = Conn::connect(self.peer).await?;
+        }
         if body.len() <= COALESCE {
             let mut all = Vec::with_capacity(head.len() + body.len());
             all.extend_from_slice(head);
@@ -133,6 +142,9 @@ impl Conn {
                     None => 0,
                 };
                 self.buf.drain(..head_len);
+                self.closing = headers
+                    .iter()
+                    .any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close"));
                 self.skip_body(len).await?;
                 return Ok(Response {
                     status,

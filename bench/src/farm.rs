@@ -38,7 +38,7 @@ pub struct FarmArgs {
     pub farm_sessions: usize,
     /// MiB per upload in the 1 MiB-fragment case (the 64 KiB case sends a quarter of it, the
     /// 8 KiB case an eighth).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     pub farm_mib: u64,
     /// Clients of the small-job case in the rounds.
     #[arg(long, default_value_t = 8)]
@@ -59,6 +59,14 @@ pub struct FarmArgs {
     /// 16k): how much of a fragment's body it reads from the client per write to a node.
     #[arg(long)]
     pub farm_balancer_body_buffer: Option<String>,
+    /// Idle upstream connections nginx keeps in front of the nodes (its `keepalive`, for the
+    /// whole group of nodes).
+    #[arg(long, default_value_t = bitsd_tests::nginx::KEEPALIVE)]
+    pub farm_balancer_keepalive: usize,
+    /// Each farm node's async runtime threads (`TOKIO_WORKER_THREADS`; by default one per
+    /// core): three nodes sharing two cores run six worker threads otherwise.
+    #[arg(long)]
+    pub farm_node_threads: Option<usize>,
     /// Client counts of the concurrency sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
@@ -211,6 +219,8 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             coalesce: !a.farm_no_coalesce,
             pool: a.farm_pool,
             balancer_body_buffer: a.farm_balancer_body_buffer.clone(),
+            node_threads: a.farm_node_threads,
+            balancer_keepalive: a.farm_balancer_keepalive,
         },
     )
     .await?;

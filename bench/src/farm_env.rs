@@ -97,10 +97,16 @@ impl FarmEnv {
         for i in 0..NODES {
             let dir = work.join(format!("node{i}"));
             let args: [&OsStr; 2] = ["--config".as_ref(), config.as_os_str()];
-            nodes.push(BitsdChild::spawn_with(
+            let threads: Vec<(&str, String)> = settings
+                .node_threads
+                .map(|n| ("TOKIO_WORKER_THREADS", n.to_string()))
+                .into_iter()
+                .collect();
+            nodes.push(BitsdChild::spawn_env(
                 bin,
                 &dir,
                 &args,
+                &threads,
                 &work.join(format!("node{i}.log")),
                 Duration::from_secs(60),
             )?);
@@ -112,13 +118,16 @@ impl FarmEnv {
             .map(|size| format!("client_body_buffer_size {size};"))
             .unwrap_or_default();
         let also = directives.clone();
-        let nginx = tokio::task::spawn_blocking(move || Nginx::start_keepalive_with(&addrs, &also))
-            .await?
-            .ok_or("nginx is not installed (apt-get install nginx)")?;
-        let nginx1 =
-            tokio::task::spawn_blocking(move || Nginx::start_keepalive_with(&first, &directives))
+        let idle = settings.balancer_keepalive;
+        let nginx =
+            tokio::task::spawn_blocking(move || Nginx::start_keepalive_pool(&addrs, idle, &also))
                 .await?
                 .ok_or("nginx is not installed (apt-get install nginx)")?;
+        let nginx1 = tokio::task::spawn_blocking(move || {
+            Nginx::start_keepalive_pool(&first, idle, &directives)
+        })
+        .await?
+        .ok_or("nginx is not installed (apt-get install nginx)")?;
         let local = BitsdChild::spawn(
             bin,
             &work.join("local"),
@@ -188,7 +197,7 @@ impl FarmEnv {
 }
 
 /// What the farm's config varies by (`--farm-no-coalesce`, `--farm-pool`,
-/// `--farm-balancer-body-buffer`).
+/// `--farm-balancer-body-buffer`, `--farm-balancer-keepalive`, `--farm-node-threads`).
 #[derive(Clone, Debug)]
 pub struct FarmSettings {
     /// `coalesce_fragments`.
@@ -197,6 +206,10 @@ pub struct FarmSettings {
     pub pool: Option<usize>,
     /// nginx's `client_body_buffer_size` in front of the nodes (`None`: nginx's default).
     pub balancer_body_buffer: Option<String>,
+    /// nginx's idle upstream connections (`keepalive`).
+    pub balancer_keepalive: usize,
+    /// Each farm node's runtime worker threads (`TOKIO_WORKER_THREADS`; `None`: one per core).
+    pub node_threads: Option<usize>,
 }
 
 /// The shared config file of the farm nodes.

@@ -160,8 +160,26 @@ pub async fn bare_fragments(
     }
     run.elapsed = started.elapsed();
     run.bytes = each * sessions as u64;
-    objects.delete(&keys).await?;
+    delete_retrying(objects, &keys).await?;
     Ok(run)
+}
+
+/// Deletes `keys`, trying up to three times: Garage's SQLite metadata engine now and then
+/// answers a DeleteObjects under load with a transient `database is locked` (503), which
+/// would otherwise end the whole benchmark run on the baseline's own clean-up.
+async fn delete_retrying(objects: &Objects, keys: &[ObjectKey]) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match objects.delete(keys).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 3 && e.is_transient() => {
+                eprintln!("bench: bare DELETE failed ({e}); trying again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// `clients` connections each running 4 KiB echo jobs (Create-Session, one Fragment, GET of
@@ -234,7 +252,7 @@ pub async fn bare_jobs(objects: &Objects, tag: &str, clients: usize, secs: f64) 
                     return Err(format!("bare GET returned {} bytes", got.len()).into());
                 }
                 let t = Instant::now();
-                objects.delete(&[key]).await?;
+                delete_retrying(&objects, &[key]).await?;
                 packets[2].push(t.elapsed());
                 job.push(t0.elapsed());
                 n += 1;

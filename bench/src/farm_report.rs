@@ -83,6 +83,24 @@ impl Measured {
     }
 }
 
+/// The per-fragment overhead of `farm` over `bare` at p50, ms: the median over the rounds of
+/// each round's difference (the two ran seconds apart, so a round's load is on both sides),
+/// and, beside it, the difference of the two medians over the rounds (rounds unpaired).
+fn overhead(farm: &Measured, bare: &Measured) -> (f64, f64) {
+    let mut paired: Vec<f64> = farm
+        .rounds
+        .iter()
+        .zip(&bare.rounds)
+        .map(|(f, b)| f.p50_ms - b.p50_ms)
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    let median = paired.get(paired.len() / 2).copied().unwrap_or(0.0);
+    (
+        median,
+        farm.median(|r| r.p50_ms) - bare.median(|r| r.p50_ms),
+    )
+}
+
 /// One point of the concurrency sweep.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepRow {
@@ -184,11 +202,14 @@ impl FarmReport {
                 "PostgreSQL 15 on 127.0.0.1:{} (fsync, synchronous_commit, full_page_writes on); \
                  Garage single node {} (data_fsync, metadata_fsync on); {} bitsd farm nodes and \
                  one single-node bitsd (local backend, fsync per-fragment) as child processes; \
-                 nginx round robin over the nodes with upstream keepalive (up to 16 idle connections, as production balancers run); each node's PostgreSQL pool {} connections; nginx client_body_buffer_size {}{}",
+                 nginx round robin over the nodes with upstream keepalive (up to {} idle connections, as production balancers run); each node's PostgreSQL pool {} connections and runtime worker threads {}; nginx client_body_buffer_size {}{}",
                 env.pg.port(),
                 env.garage.endpoint(),
                 env.nodes.len(),
+                a.farm_balancer_keepalive,
                 a.farm_pool.map_or("16 (default)".to_string(), |n| n.to_string()),
+                a.farm_node_threads
+                    .map_or("one per core (default)".to_string(), |n| n.to_string()),
                 a.farm_balancer_body_buffer.as_deref().unwrap_or("16k (default)"),
                 if env.store_proxy.is_some() {
                     "; the store reached through an nginx of its own (--farm-store-proxy)"
@@ -324,21 +345,23 @@ impl FarmReport {
             ) else {
                 continue;
             };
-            let over = farm.median(|r| r.p50_ms) - bare.median(|r| r.p50_ms);
             let size = crate::util::size_label(f as u64);
-            let overhead = (
+            let (over, apart) = overhead(farm, bare);
+            let overhead1 = (
                 format!("per-fragment overhead of one farm node over a bare PUT, p50, {size}"),
-                format!("{over:.2} ms (target < 2 ms)"),
+                format!("{over:.2} ms (target < 2 ms; difference of the medians {apart:.2} ms)"),
                 over < 2.0,
             );
             if let Some(farm3) = self.get(Target::Farm3, case) {
-                let over3 = farm3.median(|r| r.p50_ms) - bare.median(|r| r.p50_ms);
+                let (over3, apart3) = overhead(farm3, bare);
                 checks.push((
                     format!(
                         "per-fragment overhead of three farm nodes behind nginx over a bare PUT, \
                          p50, {size}"
                     ),
-                    format!("{over3:.2} ms (target < 2 ms)"),
+                    format!(
+                        "{over3:.2} ms (target < 2 ms; difference of the medians {apart3:.2} ms)"
+                    ),
                     over3 < 2.0,
                 ));
             }
@@ -354,7 +377,7 @@ impl FarmReport {
                 ),
                 node <= limit,
             );
-            checks.push(overhead);
+            checks.push(overhead1);
             checks.push(cpu);
         }
         self.checks.extend(checks);

@@ -43,11 +43,14 @@ pub struct Nginx {
     child: Option<Child>,
 }
 
+/// Idle upstream connections nginx keeps by default here (`keepalive 16`).
+pub const KEEPALIVE: usize = 16;
+
 impl Nginx {
     /// Starts nginx in front of `upstreams` (round robin, in this order) and waits until it
     /// listens; `None` (printed) when nginx is not installed.
     pub fn start(upstreams: &[SocketAddr]) -> Option<Self> {
-        Self::start_with(upstreams, false, "")
+        Self::start_with(upstreams, None, "")
     }
 
     /// As [`Nginx::start`] in front of an S3 server, answering every `UploadPartCopy` with a
@@ -56,7 +59,7 @@ impl Nginx {
     pub fn start_refusing_part_copies(upstreams: &[SocketAddr]) -> Option<Self> {
         Self::start_with(
             upstreams,
-            false,
+            None,
             "            if ($http_x_amz_copy_source_range) {\n\
              \x20               return 501 '<?xml version=\"1.0\"?><Error><Code>NotImplemented</Code><Message>part copies are not implemented here</Message></Error>';\n\
              \x20           }\n",
@@ -68,31 +71,62 @@ impl Nginx {
     pub fn start_refusing_unsigned_payloads(upstreams: &[SocketAddr]) -> Option<Self> {
         Self::start_with(
             upstreams,
-            false,
+            None,
             "            if ($http_x_amz_content_sha256 = \"UNSIGNED-PAYLOAD\") {\n\
              \x20               return 501 '<?xml version=\"1.0\"?><Error><Code>NotImplemented</Code><Message>unsigned payloads are not taken here</Message></Error>';\n\
              \x20           }\n",
         )
     }
 
+    /// As [`Nginx::start`] in front of an S3 server, answering every bulk delete
+    /// (`POST ?delete`) itself with a DeleteObjects result that reports `key` failed with the
+    /// S3 error `code` (as Garage's SQLite engine reports `ServiceUnavailable` when its
+    /// database is locked). `key` must be the one key the request names.
+    pub fn start_failing_deletes(upstreams: &[SocketAddr], key: &str, code: &str) -> Option<Self> {
+        let location = format!(
+            "            set $bulk_delete \"\";\n\
+             \x20           if ($request_method = POST) {{ set $bulk_delete P; }}\n\
+             \x20           if ($args = delete) {{ set $bulk_delete \"${{bulk_delete}}D\"; }}\n\
+             \x20           if ($bulk_delete = PD) {{\n\
+             \x20               return 200 '<?xml version=\"1.0\" encoding=\"UTF-8\"?><DeleteResult><Error><Key>{key}</Key><Code>{code}</Code><Message>database is locked</Message></Error></DeleteResult>';\n\
+             \x20           }}\n"
+        );
+        Self::start_with(upstreams, None, &location)
+    }
+
     /// As [`Nginx::start`], but nginx keeps its upstream connections alive between requests
     /// (`keepalive` in the upstream block, HTTP/1.1 without `Connection: close`), as a
     /// production balancer usually does.
     pub fn start_keepalive(upstreams: &[SocketAddr]) -> Option<Self> {
-        Self::start_with(upstreams, true, "")
+        Self::start_with(upstreams, Some(KEEPALIVE), "")
     }
 
     /// As [`Nginx::start_keepalive`], with `directives` (complete lines, e.g.
     /// `client_body_buffer_size 1m;`) added to the proxying location.
     pub fn start_keepalive_with(upstreams: &[SocketAddr], directives: &str) -> Option<Self> {
+        Self::start_keepalive_pool(upstreams, KEEPALIVE, directives)
+    }
+
+    /// As [`Nginx::start_keepalive_with`], keeping up to `idle` idle upstream connections
+    /// (nginx's `keepalive`, for the whole upstream group: with several nodes, a request
+    /// finds an idle connection only to the node round robin picked).
+    pub fn start_keepalive_pool(
+        upstreams: &[SocketAddr],
+        idle: usize,
+        directives: &str,
+    ) -> Option<Self> {
         let location: String = directives
             .lines()
             .map(|l| format!("            {}\n", l.trim()))
             .collect();
-        Self::start_with(upstreams, true, &location)
+        Self::start_with(upstreams, Some(idle), &location)
     }
 
-    fn start_with(upstreams: &[SocketAddr], keepalive: bool, location: &str) -> Option<Self> {
+    fn start_with(
+        upstreams: &[SocketAddr],
+        keepalive: Option<usize>,
+        location: &str,
+    ) -> Option<Self> {
         assert!(!upstreams.is_empty(), "nginx needs at least one upstream");
         let bin = nginx_binary()?;
         let dir = tempfile::Builder::new()
@@ -209,22 +243,21 @@ impl Drop for Nginx {
 }
 
 /// The configuration: one worker, round robin over `upstreams` (without `keepalive`, nginx
-/// opens a new upstream connection per request and closes it; with it, nginx keeps up to 16
-/// idle upstream connections open), bodies streamed both ways, no body size limit, long
+/// opens a new upstream connection per request and closes it; with it, nginx keeps up to
+/// that many idle upstream connections open), bodies streamed both ways, no body size limit, long
 /// timeouts for slow uploads.
 /// nginx's configuration; `location` goes first into the `location /` block.
 fn config(
     prefix: &Path,
     listen: SocketAddr,
     upstreams: &[SocketAddr],
-    keepalive: bool,
+    keepalive: Option<usize>,
     location: &str,
 ) -> String {
     let p = prefix.display();
-    let (pool, connection) = if keepalive {
-        ("        keepalive 16;\n", "\"\"")
-    } else {
-        ("", "close")
+    let (pool, connection) = match keepalive {
+        Some(idle) => (format!("        keepalive {idle};\n"), "\"\""),
+        None => (String::new(), "close"),
     };
     let servers: String = upstreams
         .iter()

@@ -513,3 +513,33 @@ async fn object_store_unreachable_is_the_transient_error() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_delete_reporting_a_busy_store_is_the_transient_error() {
+    // A store can answer DeleteObjects 200 and report a key failed inside: "busy" codes
+    // (Garage: ServiceUnavailable, "database is locked") are worth a retry, a refusal is not.
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let objects = Objects::new(&config(garage.endpoint(), garage.access(), 5 * MIB)).unwrap();
+    let key = objects.fragment_key(&SessionId::random(), 0);
+    for (code, transient) in [
+        ("ServiceUnavailable", true),
+        ("SlowDown", true),
+        ("AccessDenied", false),
+    ] {
+        let Some(proxy) = Nginx::start_failing_deletes(&[garage.s3_addr()], key.as_str(), code)
+        else {
+            return;
+        };
+        let through = Objects::new(&config(proxy.url(), garage.access(), 5 * MIB)).unwrap();
+        let err = through
+            .delete(std::slice::from_ref(&key))
+            .await
+            .unwrap_err();
+        assert_eq!(err.is_transient(), transient, "{code}: {err}");
+        assert!(err.to_string().contains(code), "{err}");
+    }
+    // Straight to Garage the same delete succeeds (the key is simply absent).
+    objects.delete(&[key]).await.unwrap();
+}

@@ -26,16 +26,53 @@ fn classify(op: &'static str, key: String, e: object_store::Error) -> StorageErr
     }
 }
 
-/// Connection failures, timeouts, interrupted transfers, 5xx and 429 answers.
+/// S3 error codes that mean "busy, try again" when a store reports them in a successful
+/// answer: per key inside a DeleteObjects result (Garage's SQLite engine answers
+/// `ServiceUnavailable` with `database is locked` under load), or as the body of a 200 that
+/// the client's own retries gave up on (`SlowDown`).
+const RETRYABLE_CODES: [&str; 4] = [
+    "ServiceUnavailable",
+    "SlowDown",
+    "InternalError",
+    "RequestTimeout",
+];
+
+/// Whether `text` (one error of the chain) is a store's "busy" code in a 200 answer:
+/// `Some(true)` busy, `Some(false)` another code, `None` not such an answer.
+fn busy_code(text: &str) -> Option<bool> {
+    if text.contains("DeleteObjects request failed for key") {
+        // A per-key failure (not a public type) ends with its code; a message could name
+        // another.
+        return Some(
+            RETRYABLE_CODES
+                .iter()
+                .any(|code| text.ends_with(&format!("(code: {code})"))),
+        );
+    }
+    if text.contains("Server returned error response") {
+        return Some(
+            RETRYABLE_CODES
+                .iter()
+                .any(|code| text.contains(&format!("<Code>{code}</Code>"))),
+        );
+    }
+    None
+}
+
+/// Connection failures, timeouts, interrupted transfers, 5xx and 429 answers, and a store's
+/// "busy" codes in a 200 answer ([`busy_code`]).
 fn is_transient(e: &object_store::Error) -> bool {
     if let object_store::Error::JoinError { .. } = e {
         return false;
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
+        let text = err.to_string();
+        if let Some(busy) = busy_code(&text) {
+            return busy;
+        }
         // The client's retry error (not a public type) shows its status in its text.
-        if let Some(status) = err
-            .to_string()
+        if let Some(status) = text
             .split_once("non-2xx status code: ")
             .and_then(|(_, rest)| rest.get(..3))
             .and_then(|code| code.parse::<u16>().ok())

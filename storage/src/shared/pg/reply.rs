@@ -40,7 +40,13 @@ impl PgStateStore {
     /// Adds `[start, end)` to the delivered ranges of the reply of `id` made at `created_ms`
     /// and returns the record as it now is; `None` when the session is gone or its reply is
     /// not that one any more (a reply produced again is counted afresh: storing a reply with
-    /// a new `created_ms` empties the ranges). Durable on return, like every write here.
+    /// a new `created_ms` empties the ranges).
+    ///
+    /// Progress, so **not** waited for on disk (`synchronous_commit` off for this one
+    /// statement's transaction, as the seam allows): no WAL flush of its own, and the session's
+    /// row lock is let go that much sooner (the client's Close, often on another node, waits
+    /// for it). Only a crash of PostgreSQL itself within its WAL writer delay can lose the
+    /// last ranges; they are counted again when the client downloads them again.
     pub async fn record_reply_delivered(
         &self,
         id: &SessionId,
@@ -51,9 +57,13 @@ impl PgStateStore {
         let (s, e) = (to_i64(start, "range start")?, to_i64(end, "range end")?);
         let e = e.max(s);
         let made = to_i64(created_ms, "reply time")?;
+        // `set_config(.., true)` lasts for this statement's transaction; the join makes the
+        // update read `cfg` (a volatile CTE, evaluated once) for the row it changes.
         let sql = format!(
-            "UPDATE bitsd_sessions
+            "WITH cfg AS (SELECT set_config('synchronous_commit', 'off', true))
+             UPDATE bitsd_sessions
                 SET delivered = delivered + int8multirange(int8range($2, $3))
+               FROM cfg
               WHERE id = $1 AND (record -> 'reply' ->> 'created_ms')::bigint = $4
               RETURNING {COLS}"
         );
