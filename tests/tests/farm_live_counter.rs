@@ -3,7 +3,7 @@
 //! of counting every live session. These tests hold the counter against `count(*)` through
 //! every way a session enters or leaves the live states, under concurrent nodes, across the
 //! migration of a database that had sessions before the counter, and show that the limit
-//! check reads the counter. Skips with a printed reason when PostgreSQL is not installed.
+//! check reads the counter and that sessions never wait for each other's counter row. Skips with a printed reason when PostgreSQL is not installed.
 #![allow(clippy::unwrap_used)]
 
 use bitsd_protocol::SessionId;
@@ -330,4 +330,120 @@ async fn the_documented_recompute_repairs_a_counter_set_off_by_hand() {
         .await
         .unwrap();
     assert_counted(&db, &a, 25, "after an end following the recompute").await;
+}
+
+/// `n` fresh session ids whose counter shard (`hashtext(id::text) & 63`) is `shard`.
+async fn ids_of_shard(db: &tokio_postgres::Client, shard: i32, n: i64) -> Vec<SessionId> {
+    db.query(
+        "SELECT id FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 50000)) g
+          WHERE hashtext(id::text) & 63 = $1 LIMIT $2",
+        &[&shard, &n],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| SessionId::from_uuid(r.get(0)))
+    .collect()
+}
+
+/// Inserts a live session row in `tx` (the counter's trigger takes a shard row in it).
+async fn insert_live(tx: &tokio_postgres::Transaction<'_>, id: &SessionId) {
+    tx.execute(
+        "INSERT INTO bitsd_sessions (id, state, received, updated_ms, record)
+         VALUES ($1, 'receiving', 0, 0, '{}'::jsonb)",
+        &[id.as_uuid()],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_and_ends_never_wait_on_the_counter_for_another_session() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let a = node(&url).await;
+    let db = raw(&url).await;
+    let quick = std::time::Duration::from_secs(3);
+    let held = SessionId::random();
+    let shard: i32 = db
+        .query_one(
+            "SELECT hashtext($1::text) & 63",
+            &[&held.as_uuid().to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Sessions of the same shard, two of them live before the holder begins.
+    let same = ids_of_shard(&db, shard, 5).await;
+    assert_eq!(same.len(), 5);
+    let record_of = |id: SessionId| {
+        let mut r = session_record(None);
+        r.id = id;
+        r
+    };
+    for id in &same[..2] {
+        assert!(a.create(&record_of(*id)).await.unwrap());
+    }
+    // Another session's Create in the middle of its commit: its transaction holds a row.
+    let mut holder = raw(&url).await;
+    let tx = holder.transaction().await.unwrap();
+    insert_live(&tx, &held).await;
+    // Creates and ends of sessions of that shard go on meanwhile.
+    for id in &same[2..] {
+        let created = tokio::time::timeout(quick, a.create(&record_of(*id))).await;
+        assert!(
+            matches!(created, Ok(Ok(true))),
+            "a Create waited for another session's counter row: {created:?}"
+        );
+    }
+    for id in &same[..2] {
+        let ended = tokio::time::timeout(quick, a.close(id, SessionState::Closed)).await;
+        assert!(
+            matches!(ended, Ok(Ok(_))),
+            "a Close waited for another session's counter row"
+        );
+    }
+    tx.commit().await.unwrap();
+    assert_counted(&db, &a, 4, "after creates and ends beside a held row").await;
+
+    // Every row held (64 transactions that each created a session): a Create waits, then
+    // goes on once they commit, and the count is exact.
+    let mut holders = Vec::new();
+    for _ in 0..64 {
+        holders.push(raw(&url).await);
+    }
+    let mut txs = Vec::new();
+    for h in holders.iter_mut() {
+        let tx = h.transaction().await.unwrap();
+        insert_live(&tx, &SessionId::random()).await;
+        txs.push(tx);
+    }
+    let busy: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+              WHERE c.relname = 'bitsd_live_counts' AND l.mode = 'RowExclusiveLock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(busy >= 64, "the 64 holders hold the table: {busy}");
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.create(&session_record(None)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "every row is held: the Create waits"
+    );
+    for tx in txs {
+        tx.commit().await.unwrap();
+    }
+    assert!(tokio::time::timeout(quick, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap());
+    assert_counted(&db, &a, 4 + 64 + 1, "after the all-held wait").await;
 }

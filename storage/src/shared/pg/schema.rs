@@ -5,7 +5,7 @@ use super::{pg_error, PgStateStore};
 use crate::StorageError;
 
 /// The schema version this build creates and understands.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Advisory-lock key held (per transaction) while migrating.
 const MIGRATE_LOCK: i64 = 0x6269_7473_6400_0001;
@@ -42,6 +42,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX bitsd_pending_objects_created ON bitsd_pending_objects (created_ms);",
     // 1 -> 2: the live-session counter (see `LIVE_COUNTER`).
     LIVE_COUNTER,
+    // 2 -> 3: the counter's trigger takes a shard no other transaction holds (see
+    // `COUNT_LIVE_SKIPPING`).
+    COUNT_LIVE_SKIPPING,
 ];
 
 /// Live sessions counted by triggers in 64 shard rows, so that a Create-Session under a total
@@ -50,8 +53,9 @@ const MIGRATIONS: &[&str] = &[
 /// session enters or leaves the live states (`receiving`, `complete`, `reply-ready`): its
 /// insert, its delete, or an update of `state` across that line. Every bitsd statement writes
 /// one session row, so a transaction holds at most one shard row and two can never deadlock
-/// on them; two sessions wait for each other only when they share a shard and both start or
-/// end at once (no global hot row). The shard row is updated in the transaction that changes
+/// on them; with this version's trigger two sessions waited for each other when they shared a
+/// shard and both started or ended at once (version 3's trigger skips held rows:
+/// [`COUNT_LIVE_SKIPPING`]). The shard row is updated in the transaction that changes
 /// the session, so the counter's sum in any snapshot equals a count of live rows in it.
 ///
 /// The table is locked against writes first: a node of the old version creating sessions while
@@ -97,6 +101,46 @@ const LIVE_COUNTER: &str = "LOCK TABLE bitsd_sessions IN SHARE ROW EXCLUSIVE MOD
         WHEN ((OLD.state IN ('receiving', 'complete', 'reply-ready'))
               IS DISTINCT FROM (NEW.state IN ('receiving', 'complete', 'reply-ready')))
         EXECUTE FUNCTION bitsd_count_live();";
+
+/// The counter's trigger from version 3 on. What counts is the sum of the 64 rows, not which
+/// row holds which session, so a session entering or leaving the live states updates the
+/// first shard row, from its own (`hashtext(id::text) & 63`) on, that **no other transaction
+/// holds** (`FOR UPDATE SKIP LOCKED`): Create-Sessions and ends of different sessions never
+/// wait for each other on the counter while fewer than 64 of them commit at once (with
+/// version 2 two sessions of one shard waited for each other's commit, WAL flush included).
+/// Only when all 64 rows are held does it wait, for the session's own row. Every bitsd
+/// statement writes one session row, so a transaction holds at most one shard row and waits,
+/// if ever, while holding none: no deadlock. (A session's +1 and its -1 may land on
+/// different rows; a row can go negative; the sum stays exact.)
+const COUNT_LIVE_SKIPPING: &str = "CREATE OR REPLACE FUNCTION bitsd_count_live()
+    RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        was_live boolean := false;
+        is_live  boolean := false;
+        sid      uuid;
+        own      integer;
+        picked   integer;
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN
+            was_live := OLD.state IN ('receiving', 'complete', 'reply-ready');
+            sid := OLD.id;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            is_live := NEW.state IN ('receiving', 'complete', 'reply-ready');
+            sid := NEW.id;
+        END IF;
+        IF was_live <> is_live THEN
+            own := hashtext(sid::text) & 63;
+            SELECT shard INTO picked FROM bitsd_live_counts
+             ORDER BY (shard - own) & 63
+             LIMIT 1 FOR UPDATE SKIP LOCKED;
+            UPDATE bitsd_live_counts
+               SET n = n + CASE WHEN is_live THEN 1 ELSE -1 END
+             WHERE shard = coalesce(picked, own);
+        END IF;
+        RETURN NULL;
+    END
+    $$;";
 
 impl PgStateStore {
     /// Creates the schema or migrates it to [`SCHEMA_VERSION`]; idempotent, and safe when
