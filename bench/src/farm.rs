@@ -81,8 +81,8 @@ pub enum Target {
     Farm1,
     /// Three farm nodes behind nginx.
     Farm3,
-    /// One farm node behind the same kind of nginx (the sweep's fair comparison for
-    /// `Farm3`: the balancer's hop and CPU on both sides).
+    /// One farm node behind the same kind of nginx (the fair comparison for `Farm3`: the
+    /// balancer's hop and CPU on both sides).
     Farm1Lb,
     /// Single-node bitsd, local backend.
     Local,
@@ -90,7 +90,13 @@ pub enum Target {
 
 impl Target {
     /// Every target, in the order of a round.
-    pub const ALL: [Target; 4] = [Target::Bare, Target::Farm1, Target::Farm3, Target::Local];
+    pub const ALL: [Target; 5] = [
+        Target::Bare,
+        Target::Farm1,
+        Target::Farm1Lb,
+        Target::Farm3,
+        Target::Local,
+    ];
 
     /// Column name.
     pub fn name(self) -> &'static str {

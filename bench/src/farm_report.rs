@@ -352,6 +352,19 @@ impl FarmReport {
                 format!("{over:.2} ms (target < 2 ms; difference of the medians {apart:.2} ms)"),
                 over < 2.0,
             );
+            if let Some(farm1lb) = self.get(Target::Farm1Lb, case) {
+                let (over, apart) = overhead(farm1lb, bare);
+                checks.push((
+                    format!(
+                        "per-fragment overhead of one farm node behind nginx over a bare PUT, \
+                         p50, {size}"
+                    ),
+                    format!(
+                        "{over:.2} ms (target < 2 ms; difference of the medians {apart:.2} ms)"
+                    ),
+                    over < 2.0,
+                ));
+            }
             if let Some(farm3) = self.get(Target::Farm3, case) {
                 let (over3, apart3) = overhead(farm3, bare);
                 checks.push((
