@@ -415,19 +415,21 @@ async fn creates_and_ends_never_wait_on_the_counter_for_another_session() {
     let mut txs = Vec::new();
     for h in holders.iter_mut() {
         let tx = h.transaction().await.unwrap();
-        insert_live(&tx, &SessionId::random()).await;
+        // Each takes a row no other holder has: none of them waits.
+        tokio::time::timeout(quick, insert_live(&tx, &SessionId::random()))
+            .await
+            .expect("a holder waited for another's counter row");
         txs.push(tx);
     }
-    let busy: i64 = db
+    let free: i64 = db
         .query_one(
-            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-              WHERE c.relname = 'bitsd_live_counts' AND l.mode = 'RowExclusiveLock'",
+            "SELECT count(*) FROM (SELECT 1 FROM bitsd_live_counts FOR UPDATE SKIP LOCKED) s",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert!(busy >= 64, "the 64 holders hold the table: {busy}");
+    assert_eq!(free, 0, "the 64 holders hold every row of the counter");
     let waiting = {
         let a = a.clone();
         tokio::spawn(async move { a.create(&session_record(None)).await })
@@ -446,4 +448,58 @@ async fn creates_and_ends_never_wait_on_the_counter_for_another_session() {
         .unwrap()
         .unwrap());
     assert_counted(&db, &a, 4 + 64 + 1, "after the all-held wait").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_hold_when_the_database_defaults_to_repeatable_read() {
+    // An operator's `default_transaction_isolation = 'repeatable read'` once let racing
+    // creates pass the limits: the create's snapshot was taken before it waited for its
+    // advisory lock, so it did not see the creates that committed meanwhile.
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let db = raw(&url).await;
+    let name: String = db
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!(
+        "ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"
+    ))
+    .await
+    .unwrap();
+    let seen: String = raw(&url)
+        .await
+        .query_one("SHOW default_transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, "repeatable read", "new connections get the default");
+    let (a, b) = (node(&url).await, node(&url).await);
+    let limit = Limits {
+        per_user: Some(5),
+        total: Some(30),
+    };
+    let race = |owner: Option<&'static str>, n: usize| {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move { s.create_limited(&session_record(owner), limit).await })
+            })
+            .collect();
+        async move {
+            let mut created = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(CreateOutcome::Created) => created += 1,
+                    Ok(CreateOutcome::UserLimit | CreateOutcome::TotalLimit) => {}
+                    other => panic!("a create failed instead of counting: {other:?}"),
+                }
+            }
+            created
+        }
+    };
+    assert_eq!(race(Some("rr"), 40).await, 5, "the per-user limit");
+    assert_eq!(race(None, 60).await, 25, "the total limit");
+    assert_counted(&db, &a, 30, "at the limits").await;
 }

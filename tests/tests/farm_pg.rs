@@ -525,3 +525,50 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pending_row_insert_leaves_the_pooled_connection_usable() {
+    // The pending-row inserts once sent `BEGIN; ...; INSERT ...; COMMIT;` as one message: an
+    // INSERT that failed left that pooled connection in an aborted transaction, and every
+    // later call on it failed ("current transaction is aborted").
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let store = PgStateStore::connect(
+        &url,
+        PgOptions {
+            max_connections: 1,
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let rec = session_record(None);
+    store.create(&rec).await.unwrap();
+    raw(&url)
+        .await
+        .batch_execute(
+            "ALTER TABLE bitsd_pending_objects
+               ADD CONSTRAINT no_poison CHECK (object_key NOT LIKE '%poison%')",
+        )
+        .await
+        .unwrap();
+    assert!(store.add_pending_object(&rec.id, "poison/a").await.is_err());
+    assert!(store.load(&rec.id).await.unwrap().is_some());
+    assert!(store
+        .add_fragment_pending_object(&rec.id, "poison/b")
+        .await
+        .is_err());
+    assert!(store.load(&rec.id).await.unwrap().is_some());
+    store.add_pending_object(&rec.id, "fine/a").await.unwrap();
+    assert!(store
+        .add_fragment_pending_object(&rec.id, "fine/b")
+        .await
+        .unwrap());
+    let pending: i64 = raw(&url)
+        .await
+        .query_one("SELECT count(*) FROM bitsd_pending_objects", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 2);
+}

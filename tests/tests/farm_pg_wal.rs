@@ -13,16 +13,32 @@ use bitsd_storage::shared::pg::{CasOutcome, Expect, PgOptions, PgStateStore};
 use bitsd_storage::{ReplyKind, ReplyRecord, SessionState};
 use bitsd_tests::pg::{fragment, raw_client, session_record, ClusterOptions, PgCluster};
 
-/// WAL bytes written but not yet flushed: 0 right after a commit that waited for the flush
-/// (nothing else writes to this cluster), more after one that did not.
-async fn unflushed(raw: &tokio_postgres::Client) -> i64 {
-    raw.query_one(
-        "SELECT (pg_current_wal_insert_lsn() - pg_current_wal_flush_lsn())::int8",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+/// The WAL's insert position, then its flush position, in bytes.
+async fn wal(raw: &tokio_postgres::Client) -> (i64, i64) {
+    let row = raw
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0')::int8,
+                    (pg_current_wal_flush_lsn() - '0/0')::int8",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Runs `call` and says whether the WAL it wrote was flushed by the time it returned: the
+/// flush position passed the insert position from before the call (a commit that waits for
+/// the flush), or it did not (one that does not; nothing else flushes in the meantime: the
+/// WAL writer sleeps 10 s, the background writer and autovacuum are off).
+async fn flushed<T>(
+    raw: &tokio_postgres::Client,
+    call: impl std::future::Future<Output = T>,
+) -> (T, bool) {
+    let (before, _) = wal(raw).await;
+    let out = call.await;
+    let (after, flushed) = wal(raw).await;
+    assert!(after > before, "the call wrote no WAL");
+    (out, flushed > before)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,10 +53,17 @@ async fn only_the_writes_meant_to_skip_the_wal_flush_skip_it_and_never_the_next_
     let url = pg.fresh_database();
     let raw = raw_client(&url).await;
     // The WAL writer flushes asynchronous commits on its own every `wal_writer_delay`: make
-    // that 10 s so an unflushed commit stays visible while the test looks.
-    raw.batch_execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
-        .await
-        .unwrap();
+    // that 10 s so an unflushed commit stays unflushed while the test looks, and let nothing
+    // else write dirty pages (which flushes the WAL up to them) or WAL of its own.
+    for setting in [
+        "wal_writer_delay = '10s'",
+        "bgwriter_lru_maxpages = 0",
+        "autovacuum = off",
+    ] {
+        raw.batch_execute(&format!("ALTER SYSTEM SET {setting}"))
+            .await
+            .unwrap();
+    }
     raw.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // One pooled connection: every call below runs on the same PostgreSQL backend.
@@ -54,31 +77,26 @@ async fn only_the_writes_meant_to_skip_the_wal_flush_skip_it_and_never_the_next_
     .await
     .unwrap();
     let mut rec = session_record(None);
-    node.create(&rec).await.unwrap();
-    assert_eq!(
-        unflushed(&raw).await,
-        0,
-        "Create-Session waits for the flush"
-    );
+    let (created, sync) = flushed(&raw, node.create(&rec)).await;
+    created.unwrap();
+    assert!(sync, "Create-Session waits for the flush");
 
     // The pending-object row rides on the load without a flush of its own...
     let key = format!("sessions/{}/frag/0-a", rec.id.as_uuid());
-    let (loaded, reserved) = node.load_reserving(&rec.id, &key).await.unwrap();
+    let (loaded, sync) = flushed(&raw, node.load_reserving(&rec.id, &key)).await;
+    let (loaded, reserved) = loaded.unwrap();
     assert!(loaded.is_some() && reserved);
-    assert!(
-        unflushed(&raw).await > 0,
-        "the reserved row's commit was flushed"
-    );
+    assert!(!sync, "the reserved row's commit was flushed");
     // ...and the fragment commit that follows on the same connection flushes (it and the
     // row before it).
-    let c = node
-        .commit_pending_fragment(&fragment(rec.id, 0, 1000, &key))
-        .await
-        .unwrap();
-    assert!(matches!(c, CasOutcome::Committed(_)), "{c:?}");
-    assert_eq!(
-        unflushed(&raw).await,
-        0,
+    let (c, sync) = flushed(
+        &raw,
+        node.commit_pending_fragment(&fragment(rec.id, 0, 1000, &key)),
+    )
+    .await;
+    assert!(matches!(c.unwrap(), CasOutcome::Committed(_)));
+    assert!(
+        sync,
         "the fragment commit after a reserving load was not flushed: the load's \
          synchronous_commit = off outlived its transaction"
     );
@@ -96,49 +114,30 @@ async fn only_the_writes_meant_to_skip_the_wal_flush_skip_it_and_never_the_next_
         created_ms: 7,
         delivered: Default::default(),
     });
-    let saved = node
-        .save(
-            &rec,
-            Expect {
-                received: 1000,
-                state: None,
-            },
-        )
-        .await
-        .unwrap();
-    assert!(matches!(saved, CasOutcome::Committed(_)), "{saved:?}");
+    let expect = Expect {
+        received: 1000,
+        state: None,
+    };
+    let (saved, sync) = flushed(&raw, node.save(&rec, expect)).await;
+    assert!(matches!(saved.unwrap(), CasOutcome::Committed(_)));
+    assert!(sync, "storing the reply waits for the flush");
+    let (after, sync) = flushed(&raw, node.record_reply_delivered(&rec.id, 7, 0, 200)).await;
     assert_eq!(
-        unflushed(&raw).await,
-        0,
-        "storing the reply waits for the flush"
+        after.unwrap().unwrap().reply.unwrap().delivered.covered(),
+        200
     );
-    let after = node
-        .record_reply_delivered(&rec.id, 7, 0, 200)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(after.reply.unwrap().delivered.covered(), 200);
-    assert!(
-        unflushed(&raw).await > 0,
-        "reply progress waited for the WAL flush"
-    );
+    assert!(!sync, "reply progress waited for the WAL flush");
     // ...and the next write on that connection (the client's Close) is durable again.
     let mut closing = node.load(&rec.id).await.unwrap().unwrap();
     closing.state = SessionState::Closed;
-    let closed = node
-        .save(
-            &closing,
-            Expect {
-                received: 1000,
-                state: Some(SessionState::ReplyReady),
-            },
-        )
-        .await
-        .unwrap();
-    assert!(matches!(closed, CasOutcome::Committed(_)), "{closed:?}");
-    assert_eq!(
-        unflushed(&raw).await,
-        0,
+    let expect = Expect {
+        received: 1000,
+        state: Some(SessionState::ReplyReady),
+    };
+    let (closed, sync) = flushed(&raw, node.save(&closing, expect)).await;
+    assert!(matches!(closed.unwrap(), CasOutcome::Committed(_)));
+    assert!(
+        sync,
         "the Close after reply progress was not flushed: progress's synchronous_commit = \
          off outlived its transaction"
     );

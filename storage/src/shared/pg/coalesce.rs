@@ -62,7 +62,7 @@ impl PgStateStore {
         }
         self.timed(async {
             let mut conn = self.conn().await?;
-            let tx = conn.transaction().await.map_err(pg_error)?;
+            let tx = super::read_committed(&mut conn).await?;
             let live = tx
                 .query_opt(
                     "SELECT 1 FROM bitsd_sessions WHERE id = $1 AND state = 'receiving'

@@ -100,19 +100,19 @@ impl PgStateStore {
             ));
         }
         let now = to_i64(now_millis(), "time")?;
-        // One round trip: the simple-query protocol runs the whole transaction in one message.
-        // The key is an escape-string literal (E'...': the same meaning whatever the server's
-        // standard_conforming_strings), backslashes and quotes escaped.
-        let sql = format!(
-            "BEGIN; SET LOCAL synchronous_commit = off;
+        // One statement (autocommit): a failure leaves no transaction open on the pooled
+        // connection. `set_config(.., true)` lasts for this statement's transaction.
+        let sql = "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
              INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
-             VALUES (E'{}', '{}', {now}) ON CONFLICT (object_key) DO NOTHING; COMMIT;",
-            object_key.replace('\\', "\\\\").replace('\'', "\\'"),
-            session.as_uuid()
-        );
+             SELECT $1, $2, $3 FROM cfg
+             ON CONFLICT (object_key) DO NOTHING";
         self.timed(async {
             let conn = self.conn().await?;
-            conn.batch_execute(&sql).await.map_err(pg_error)
+            let stmt = conn.prepare_cached(sql).await.map_err(pg_error)?;
+            conn.execute(&stmt, &[&object_key, session.as_uuid(), &now])
+                .await
+                .map_err(pg_error)?;
+            Ok(())
         })
         .await
     }
@@ -132,27 +132,21 @@ impl PgStateStore {
             ));
         }
         let now = to_i64(now_millis(), "time")?;
-        let id = session.as_uuid();
         let sql = format!(
-            "BEGIN; SET LOCAL synchronous_commit = off;
+            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
              INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
-             SELECT E'{}', '{id}', {now}
-              WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = '{id}' AND {LIVE})
-             ON CONFLICT (object_key) DO NOTHING; COMMIT;",
-            object_key.replace('\\', "\\\\").replace('\'', "\\'"),
+             SELECT $1, $2, $3 FROM cfg
+              WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = $2 AND {LIVE})
+             ON CONFLICT (object_key) DO NOTHING"
         );
         self.timed(async {
             let conn = self.conn().await?;
-            let messages = conn.simple_query(&sql).await.map_err(pg_error)?;
-            // BEGIN, SET, INSERT, COMMIT: the third command's row count.
-            let counts: Vec<u64> = messages
-                .iter()
-                .filter_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
-                    _ => None,
-                })
-                .collect();
-            Ok(counts.get(2).copied().unwrap_or(0) == 1)
+            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
+            let inserted = conn
+                .execute(&stmt, &[&object_key, session.as_uuid(), &now])
+                .await
+                .map_err(pg_error)?;
+            Ok(inserted == 1)
         })
         .await
     }
@@ -173,7 +167,7 @@ impl PgStateStore {
         // A data-modifying CTE runs to completion whether or not the query reads it, and
         // `set_config(.., true)` lasts for this statement's transaction.
         let sql = format!(
-            "WITH cfg AS (SELECT set_config('synchronous_commit', 'off', true)),
+            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
              ins AS (
                 INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
                 SELECT $2, $1, $3 FROM cfg

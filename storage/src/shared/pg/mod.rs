@@ -164,3 +164,17 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
         other => StorageError::StateStoreUnreachable(other.to_string()),
     }
 }
+
+/// Starts a transaction at READ COMMITTED, whatever the database's or role's
+/// `default_transaction_isolation`: bitsd's explicit transactions wait for advisory locks and
+/// then read what committed meanwhile, which a snapshot taken at a higher level (before the
+/// wait) would not show.
+pub(super) async fn read_committed(
+    conn: &mut Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StorageError> {
+    conn.build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(pg_error)
+}

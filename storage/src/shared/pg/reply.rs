@@ -45,8 +45,9 @@ impl PgStateStore {
     /// Progress, so **not** waited for on disk (`synchronous_commit` off for this one
     /// statement's transaction, as the seam allows): no WAL flush of its own, and the session's
     /// row lock is let go that much sooner (the client's Close, often on another node, waits
-    /// for it). Only a crash of PostgreSQL itself within its WAL writer delay can lose the
-    /// last ranges; they are counted again when the client downloads them again.
+    /// for it). A crash of PostgreSQL itself can lose the ranges of the last moments (up to
+    /// three times its `wal_writer_delay`), and so can a failover (the setting skips a
+    /// synchronous standby too); they count again when the client downloads them again.
     pub async fn record_reply_delivered(
         &self,
         id: &SessionId,
@@ -60,7 +61,7 @@ impl PgStateStore {
         // `set_config(.., true)` lasts for this statement's transaction; the join makes the
         // update read `cfg` (a volatile CTE, evaluated once) for the row it changes.
         let sql = format!(
-            "WITH cfg AS (SELECT set_config('synchronous_commit', 'off', true))
+            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
              UPDATE bitsd_sessions
                 SET delivered = delivered + int8multirange(int8range($2, $3))
                FROM cfg

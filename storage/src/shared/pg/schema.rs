@@ -148,7 +148,7 @@ impl PgStateStore {
     /// others find the work done). A database migrated by a newer bitsd is refused.
     pub async fn migrate(&self) -> Result<(), StorageError> {
         let mut conn = self.conn().await?;
-        let tx = conn.transaction().await.map_err(pg_error)?;
+        let tx = super::read_committed(&mut conn).await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
             .await
             .map_err(pg_error)?;

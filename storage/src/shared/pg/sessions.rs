@@ -11,7 +11,7 @@ use bitsd_protocol::SessionId;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::{pg_error, PgStateStore};
+use super::{pg_error, read_committed, PgStateStore};
 use crate::{now_millis, ByteRanges, FragmentEntry, SessionRecord, SessionState, StorageError};
 
 /// The columns a record is read from, in [`decode`]'s order.
@@ -180,7 +180,11 @@ impl PgStateStore {
             // First with the total lock shared (creates far from the limit run in parallel),
             // then, near the limit, exclusive (see `TOTAL_LIMIT_LOCK`).
             for exclusive in [false, true] {
-                let tx = conn.transaction().await.map_err(pg_error)?;
+                // READ COMMITTED whatever the database's default: each count below must see
+                // what committed while this transaction waited for its advisory lock (under
+                // REPEATABLE READ the snapshot is taken before the wait, and the limits could
+                // be passed).
+                let tx = read_committed(&mut conn).await?;
                 if let (Some(limit), Some(owner)) = (limits.per_user, &record.owner) {
                     // One owner's creates queue here, so the count cannot be passed.
                     tx.execute(
