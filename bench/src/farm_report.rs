@@ -346,37 +346,22 @@ impl FarmReport {
                 continue;
             };
             let size = crate::util::size_label(f as u64);
-            let (over, apart) = overhead(farm, bare);
-            let overhead1 = (
-                format!("per-fragment overhead of one farm node over a bare PUT, p50, {size}"),
-                format!("{over:.2} ms (target < 2 ms; difference of the medians {apart:.2} ms)"),
-                over < 2.0,
-            );
-            if let Some(farm1lb) = self.get(Target::Farm1Lb, case) {
-                let (over, apart) = overhead(farm1lb, bare);
-                checks.push((
-                    format!(
-                        "per-fragment overhead of one farm node behind nginx over a bare PUT, \
-                         p50, {size}"
-                    ),
-                    format!(
-                        "{over:.2} ms (target < 2 ms; difference of the medians {apart:.2} ms)"
-                    ),
-                    over < 2.0,
-                ));
-            }
-            if let Some(farm3) = self.get(Target::Farm3, case) {
-                let (over3, apart3) = overhead(farm3, bare);
-                checks.push((
-                    format!(
-                        "per-fragment overhead of three farm nodes behind nginx over a bare PUT, \
-                         p50, {size}"
-                    ),
-                    format!(
-                        "{over3:.2} ms (target < 2 ms; difference of the medians {apart3:.2} ms)"
-                    ),
-                    over3 < 2.0,
-                ));
+            let mut overheads = Vec::new();
+            for (target, what) in [
+                (Target::Farm1Lb, "one farm node behind nginx"),
+                (Target::Farm3, "three farm nodes behind nginx"),
+                (Target::Farm1, "one farm node"),
+            ] {
+                if let Some(m) = self.get(target, case) {
+                    let (over, apart) = overhead(m, bare);
+                    overheads.push((
+                        format!("per-fragment overhead of {what} over a bare PUT, p50, {size}"),
+                        format!(
+                            "{over:.2} ms (target < 2 ms; difference of the medians {apart:.2} ms)"
+                        ),
+                        over < 2.0,
+                    ));
+                }
             }
             let node = farm.per_unit(own_cpu(Target::Farm1, &farm.cpu));
             let single = local.per_unit(own_cpu(Target::Local, &local.cpu));
@@ -390,7 +375,7 @@ impl FarmReport {
                 ),
                 node <= limit,
             );
-            checks.push(overhead1);
+            checks.extend(overheads);
             checks.push(cpu);
         }
         self.checks.extend(checks);

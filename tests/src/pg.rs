@@ -323,6 +323,21 @@ pub fn session_record(owner: Option<&str>) -> bitsd_storage::SessionRecord {
     r
 }
 
+/// A stored reply of `len` bytes made at `created_ms`, nothing delivered yet, for state-store
+/// tests.
+pub fn stored_reply(len: u64, created_ms: u64) -> bitsd_storage::ReplyRecord {
+    bitsd_storage::ReplyRecord {
+        url: "http://farm/reply/x".into(),
+        kind: bitsd_storage::ReplyKind::Stored {
+            len,
+            crc32c: None,
+            in_upload: false,
+        },
+        created_ms,
+        delivered: Default::default(),
+    }
+}
+
 /// A fragment commit of `len` bytes at `expected` held in object `key` (a made-up CRC).
 pub fn fragment(
     id: bitsd_protocol::SessionId,
@@ -351,6 +366,20 @@ pub fn cluster_or_skip() -> Option<Arc<PgCluster>> {
             None
         }
     }
+}
+
+/// A state store on `url` with a pool of one connection: every call runs on the same
+/// PostgreSQL backend (the schema migrated).
+pub async fn single_connection_store(url: &str) -> bitsd_storage::shared::pg::PgStateStore {
+    bitsd_storage::shared::pg::PgStateStore::connect(
+        url,
+        bitsd_storage::shared::pg::PgOptions {
+            max_connections: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// A farm node's state store on `url` (its own pool; the schema migrated).

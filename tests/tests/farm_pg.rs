@@ -11,9 +11,10 @@ use bitsd_protocol::SessionId;
 use bitsd_storage::shared::pg::{
     CasOutcome, CreateOutcome, Expect, Limits, PgOptions, PgStateStore, SCHEMA_VERSION,
 };
-use bitsd_storage::{ReplyKind, ReplyRecord, SessionState};
+use bitsd_storage::SessionState;
 use bitsd_tests::pg::{
-    cluster_or_skip as cluster, fragment, raw_client as raw, session_record, state_store as node,
+    cluster_or_skip as cluster, fragment, raw_client as raw, session_record,
+    single_connection_store, state_store as node, stored_reply,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,16 +141,7 @@ async fn reply_ranges_from_three_nodes_count_each_byte_once() {
     let mut rec = session_record(None);
     nodes[0].create(&rec).await.unwrap();
     rec.state = SessionState::ReplyReady;
-    rec.reply = Some(ReplyRecord {
-        url: "http://farm/reply/x".into(),
-        kind: ReplyKind::Stored {
-            len: 1000,
-            crc32c: None,
-            in_upload: false,
-        },
-        created_ms: 1,
-        delivered: Default::default(),
-    });
+    rec.reply = Some(stored_reply(1000, 1));
     let expect = Expect {
         received: 0,
         state: Some(SessionState::Receiving),
@@ -244,16 +236,7 @@ async fn put_never_moves_back_and_a_new_reply_is_counted_afresh() {
     // Reply made at t=1, partly delivered; made again at t=2: counted afresh.
     let mut done = now.clone();
     done.state = SessionState::ReplyReady;
-    done.reply = Some(ReplyRecord {
-        url: "http://farm/reply".into(),
-        kind: ReplyKind::Stored {
-            len: 100,
-            crc32c: None,
-            in_upload: false,
-        },
-        created_ms: 1,
-        delivered: Default::default(),
-    });
+    done.reply = Some(stored_reply(100, 1));
     a.put(&done).await.unwrap();
     let r = b
         .record_reply_delivered(&rec.id, 1, 0, 60)
@@ -533,15 +516,7 @@ async fn a_failed_pending_row_insert_leaves_the_pooled_connection_usable() {
     // later call on it failed ("current transaction is aborted").
     let Some(pg) = cluster() else { return };
     let url = pg.fresh_database();
-    let store = PgStateStore::connect(
-        &url,
-        PgOptions {
-            max_connections: 1,
-            ..PgOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let store = single_connection_store(&url).await;
     let rec = session_record(None);
     store.create(&rec).await.unwrap();
     raw(&url)

@@ -9,9 +9,12 @@
 
 use std::time::Duration;
 
-use bitsd_storage::shared::pg::{CasOutcome, Expect, PgOptions, PgStateStore};
-use bitsd_storage::{ReplyKind, ReplyRecord, SessionState};
-use bitsd_tests::pg::{fragment, raw_client, session_record, ClusterOptions, PgCluster};
+use bitsd_storage::shared::pg::{CasOutcome, Expect};
+use bitsd_storage::SessionState;
+use bitsd_tests::pg::{
+    fragment, raw_client, session_record, single_connection_store, stored_reply, ClusterOptions,
+    PgCluster,
+};
 
 /// The WAL's insert position, then its flush position, in bytes.
 async fn wal(raw: &tokio_postgres::Client) -> (i64, i64) {
@@ -67,15 +70,7 @@ async fn only_the_writes_meant_to_skip_the_wal_flush_skip_it_and_never_the_next_
     raw.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // One pooled connection: every call below runs on the same PostgreSQL backend.
-    let node = PgStateStore::connect(
-        &url,
-        PgOptions {
-            max_connections: 1,
-            ..PgOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let node = single_connection_store(&url).await;
     let mut rec = session_record(None);
     let (created, sync) = flushed(&raw, node.create(&rec)).await;
     created.unwrap();
@@ -104,16 +99,7 @@ async fn only_the_writes_meant_to_skip_the_wal_flush_skip_it_and_never_the_next_
     // A reply, then progress: recorded without a flush...
     rec.received = 1000;
     rec.state = SessionState::ReplyReady;
-    rec.reply = Some(ReplyRecord {
-        url: "http://farm/reply/x".into(),
-        kind: ReplyKind::Stored {
-            len: 500,
-            crc32c: None,
-            in_upload: false,
-        },
-        created_ms: 7,
-        delivered: Default::default(),
-    });
+    rec.reply = Some(stored_reply(500, 7));
     let expect = Expect {
         received: 1000,
         state: None,
