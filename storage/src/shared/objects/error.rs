@@ -30,11 +30,14 @@ fn classify(op: &'static str, key: String, e: object_store::Error) -> StorageErr
 /// answer: per key inside a DeleteObjects result (Garage's SQLite engine answers
 /// `ServiceUnavailable` with `database is locked` under load), or as the body of a 200 that
 /// the client's own retries gave up on (`SlowDown`).
-const RETRYABLE_CODES: [&str; 4] = [
+const RETRYABLE_CODES: [&str; 7] = [
     "ServiceUnavailable",
     "SlowDown",
     "InternalError",
     "RequestTimeout",
+    "OperationAborted",
+    "TooManyRequests",
+    "Throttling",
 ];
 
 /// Whether `text` (one error of the chain) is a store's "busy" code in a 200 answer:
