@@ -93,15 +93,15 @@ impl FarmEnv {
             &config,
             node_config(&postgres_url, &garage, &endpoint, &settings),
         )?;
+        let threads: Vec<(&str, String)> = settings
+            .node_threads
+            .map(|n| ("TOKIO_WORKER_THREADS", n.to_string()))
+            .into_iter()
+            .collect();
         let mut nodes = Vec::new();
         for i in 0..NODES {
             let dir = work.join(format!("node{i}"));
             let args: [&OsStr; 2] = ["--config".as_ref(), config.as_os_str()];
-            let threads: Vec<(&str, String)> = settings
-                .node_threads
-                .map(|n| ("TOKIO_WORKER_THREADS", n.to_string()))
-                .into_iter()
-                .collect();
             nodes.push(BitsdChild::spawn_env(
                 bin,
                 &dir,

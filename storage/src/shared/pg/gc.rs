@@ -14,7 +14,7 @@ use tokio_postgres::NoTls;
 
 use super::coalesce::fragment_of;
 use super::sessions::{decode, to_i64, COLS, LIVE};
-use super::{pg_error, FragmentObject, PgStateStore};
+use super::{pg_error, FragmentObject, PgStateStore, NO_FLUSH_CTE};
 use crate::{now_millis, StorageError};
 
 /// Advisory-lock key of the sweeper (one node of the farm sweeps at a time).
@@ -94,27 +94,9 @@ impl PgStateStore {
         session: &SessionId,
         object_key: &str,
     ) -> Result<(), StorageError> {
-        if object_key.contains('\0') {
-            return Err(StorageError::StateStore(
-                "an object key must not contain NUL".into(),
-            ));
-        }
-        let now = to_i64(now_millis(), "time")?;
-        // One statement (autocommit): a failure leaves no transaction open on the pooled
-        // connection. `set_config(.., true)` lasts for this statement's transaction.
-        let sql = "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
-             INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
-             SELECT $1, $2, $3 FROM cfg
-             ON CONFLICT (object_key) DO NOTHING";
-        self.timed(async {
-            let conn = self.conn().await?;
-            let stmt = conn.prepare_cached(sql).await.map_err(pg_error)?;
-            conn.execute(&stmt, &[&object_key, session.as_uuid(), &now])
-                .await
-                .map_err(pg_error)?;
-            Ok(())
-        })
-        .await
+        self.insert_pending(session, object_key, false)
+            .await
+            .map(|_| ())
     }
 
     /// [`PgStateStore::add_pending_object`] for a fragment's object, only while `session` is
@@ -126,17 +108,33 @@ impl PgStateStore {
         session: &SessionId,
         object_key: &str,
     ) -> Result<bool, StorageError> {
+        self.insert_pending(session, object_key, true).await
+    }
+
+    /// The pending-row insert of both: one statement (autocommit, so a failure leaves no
+    /// transaction open on the pooled connection) without a WAL flush of its own; with
+    /// `only_live`, only while the session is live. Whether the row went in.
+    async fn insert_pending(
+        &self,
+        session: &SessionId,
+        object_key: &str,
+        only_live: bool,
+    ) -> Result<bool, StorageError> {
         if object_key.contains('\0') {
             return Err(StorageError::StateStore(
                 "an object key must not contain NUL".into(),
             ));
         }
         let now = to_i64(now_millis(), "time")?;
+        let live = if only_live {
+            format!("WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = $2 AND {LIVE})")
+        } else {
+            String::new()
+        };
         let sql = format!(
-            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+            "WITH {NO_FLUSH_CTE}
              INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
-             SELECT $1, $2, $3 FROM cfg
-              WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = $2 AND {LIVE})
+             SELECT $1, $2, $3 FROM cfg {live}
              ON CONFLICT (object_key) DO NOTHING"
         );
         self.timed(async {
@@ -167,7 +165,7 @@ impl PgStateStore {
         // A data-modifying CTE runs to completion whether or not the query reads it, and
         // `set_config(.., true)` lasts for this statement's transaction.
         let sql = format!(
-            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
+            "WITH {NO_FLUSH_CTE},
              ins AS (
                 INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
                 SELECT $2, $1, $3 FROM cfg

@@ -165,6 +165,13 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
     }
 }
 
+/// The CTE that makes a single statement's transaction commit without waiting for the WAL
+/// flush: `set_config(.., true)` lasts for that transaction only, never for the pooled
+/// connection's next one. `MATERIALIZED` and a `FROM cfg` in the statement make it run.
+/// Used as `WITH {NO_FLUSH_CTE} ...` (tests/tests/farm_pg_wal.rs checks each user).
+pub(super) const NO_FLUSH_CTE: &str =
+    "cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))";
+
 /// Starts a transaction at READ COMMITTED, whatever the database's or role's
 /// `default_transaction_isolation`: bitsd's explicit transactions wait for advisory locks and
 /// then read what committed meanwhile, which a snapshot taken at a higher level (before the

@@ -4,7 +4,7 @@
 use bitsd_protocol::SessionId;
 
 use super::sessions::{decode, to_i64, COLS};
-use super::{pg_error, PgStateStore};
+use super::{pg_error, PgStateStore, NO_FLUSH_CTE};
 use crate::{SessionRecord, StorageError};
 
 impl PgStateStore {
@@ -58,10 +58,9 @@ impl PgStateStore {
         let (s, e) = (to_i64(start, "range start")?, to_i64(end, "range end")?);
         let e = e.max(s);
         let made = to_i64(created_ms, "reply time")?;
-        // `set_config(.., true)` lasts for this statement's transaction; the join makes the
-        // update read `cfg` (a volatile CTE, evaluated once) for the row it changes.
+        // The join makes the update read `cfg` for the row it changes.
         let sql = format!(
-            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+            "WITH {NO_FLUSH_CTE}
              UPDATE bitsd_sessions
                 SET delivered = delivered + int8multirange(int8range($2, $3))
                FROM cfg
