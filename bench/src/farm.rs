@@ -55,6 +55,11 @@ pub struct FarmArgs {
     /// Each node's PostgreSQL pool (`postgres_max_connections`; bitsd's default is 16).
     #[arg(long)]
     pub farm_pool: Option<usize>,
+    /// The nodes' `merge_parts_from` in bytes (uploads from this length have their
+    /// fragments under 5 MiB merged into part-sized objects; 0: never; unset: bitsd's
+    /// default, 256 MiB).
+    #[arg(long)]
+    pub farm_merge_parts_from: Option<u64>,
     /// nginx's `client_body_buffer_size` in front of the nodes (e.g. `1m`; nginx's default is
     /// 16k): how much of a fragment's body it reads from the client per write to a node.
     #[arg(long)]
@@ -224,6 +229,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
         FarmSettings {
             coalesce: !a.farm_no_coalesce,
             pool: a.farm_pool,
+            merge_parts_from: a.farm_merge_parts_from,
             balancer_body_buffer: a.farm_balancer_body_buffer.clone(),
             node_threads: a.farm_node_threads,
             balancer_keepalive: a.farm_balancer_keepalive,

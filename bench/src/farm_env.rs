@@ -197,6 +197,7 @@ impl FarmEnv {
 }
 
 /// What the farm's config varies by (`--farm-no-coalesce`, `--farm-pool`,
+/// `--farm-merge-parts-from`,
 /// `--farm-balancer-body-buffer`, `--farm-balancer-keepalive`, `--farm-node-threads`).
 #[derive(Clone, Debug)]
 pub struct FarmSettings {
@@ -204,6 +205,8 @@ pub struct FarmSettings {
     pub coalesce: bool,
     /// `postgres_max_connections` (`None`: bitsd's default).
     pub pool: Option<usize>,
+    /// `merge_parts_from` (`None`: bitsd's default).
+    pub merge_parts_from: Option<u64>,
     /// nginx's `client_body_buffer_size` in front of the nodes (`None`: nginx's default).
     pub balancer_body_buffer: Option<String>,
     /// nginx's idle upstream connections (`keepalive`).
@@ -219,11 +222,15 @@ fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: &FarmSettin
         .pool
         .map(|n| format!("postgres_max_connections = {n}\n"))
         .unwrap_or_default();
+    let merge_parts = settings
+        .merge_parts_from
+        .map(|n| format!("merge_parts_from = {n}\n"))
+        .unwrap_or_default();
     format!(
         "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n{pool}\n\
          [object_store]\nbucket = \"{}\"\nprefix = \"farm\"\nendpoint = \"{}\"\n\
          region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
-         coalesce_fragments = {coalesce}\n",
+         coalesce_fragments = {coalesce}\n{merge_parts}",
         garage.bucket(),
         endpoint,
         garage.access().region,

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod bits_job;
+pub mod coalesce_kit;
 pub mod examples;
 pub mod farm_cluster;
 pub mod farm_servers;

@@ -6,130 +6,22 @@
 //! is not installed.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd::storage::shared::objects::{ObjectKey, Objects};
-use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd::storage::shared::objects::ObjectKey;
 use bitsd::storage::shared::{Coalesced, SharedBackend};
-use bitsd::storage::{
-    FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord, SessionState,
+use bitsd::storage::{SessionBackend, SessionRecord};
+use bitsd_tests::coalesce_kit::{
+    bucket_matches_index, farm, index, index_becomes, objects_and_index, pending_rows,
+    publish_and_read, read_all, send, Farm,
 };
-use bitsd_tests::farm_servers::FarmServers;
-use bitsd_tests::garage::Garage;
 use bitsd_tests::pattern;
-use bitsd_tests::pg::{raw_client, session_record, PgCluster};
+use bitsd_tests::pg::{raw_client, session_record};
 use bytes::Bytes;
-use futures_util::StreamExt;
 
-struct Farm {
-    backend: SharedBackend,
-    url: String,
-    _garage: Garage,
-    _pg: Arc<PgCluster>,
-    _scratch: tempfile::TempDir,
-}
-
-async fn farm(coalesce: bool) -> Option<Farm> {
-    let FarmServers {
-        pg,
-        postgres_url: url,
-        garage,
-    } = FarmServers::start().await?;
-    let mut store = garage.object_store_config("coalesce");
-    store.coalesce_fragments = Some(coalesce);
-    let scratch = tempfile::tempdir().unwrap();
-    let state = PgStateStore::connect(&url, PgOptions::default())
-        .await
-        .unwrap();
-    let backend = SharedBackend::from_parts(
-        state,
-        Objects::new(&store).unwrap(),
-        scratch.path().to_owned(),
-    );
-    Some(Farm {
-        backend,
-        url,
-        _garage: garage,
-        _pg: pg,
-        _scratch: scratch,
-    })
-}
-
-/// Commits `data[at..at + len]` as one fragment; the last byte of the upload makes it Complete.
-async fn send(backend: &SharedBackend, record: &mut SessionRecord, data: &[u8], len: usize) {
-    let at = record.received as usize;
-    let plan = FragmentPlan {
-        write_at: at as u64,
-        len: len as u64,
-        durability: FragmentDurability::Durable,
-    };
-    let mut sink = backend.begin_fragment(&record.id, plan).await.unwrap();
-    sink.write(Bytes::copy_from_slice(&data[at..at + len]))
-        .await
-        .unwrap();
-    let mut next = record.clone();
-    next.received = (at + len) as u64;
-    next.total = Some(data.len() as u64);
-    if next.received == data.len() as u64 {
-        next.state = SessionState::Complete;
-    }
-    assert_eq!(
-        sink.commit(at as u64, &next).await.unwrap(),
-        FragmentCommit::Committed
-    );
-    *record = next;
-}
-
-/// The index as (offset, length) pairs.
-async fn index(backend: &SharedBackend, id: &bitsd_protocol::SessionId) -> Vec<(u64, u64)> {
-    let rows = backend.state().fragments(id).await.unwrap();
-    rows.iter().map(|f| (f.entry.offset, f.entry.len)).collect()
-}
-
-/// The keys of the session's fragment objects in the bucket, and in the index.
-async fn objects_and_index(
-    backend: &SharedBackend,
-    id: &bitsd_protocol::SessionId,
-) -> (Vec<String>, Vec<String>) {
-    let prefix = backend.objects().session_prefix(id).join("frag");
-    let mut listed: Vec<String> = backend
-        .objects()
-        .list(&prefix)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key.as_str().to_owned())
-        .collect();
-    listed.sort();
-    let mut indexed: Vec<String> = backend
-        .state()
-        .fragments(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|f| f.object_key)
-        .collect();
-    indexed.sort();
-    (listed, indexed)
-}
-
-async fn read_all(backend: &SharedBackend, id: &bitsd_protocol::SessionId) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut s = backend.read_upload(id).await.unwrap();
-    while let Some(c) = s.next().await {
-        out.extend_from_slice(&c.unwrap());
-    }
-    out
-}
-
-async fn pending_rows(url: &str) -> i64 {
-    raw_client(url)
-        .await
-        .query_one("SELECT count(*) FROM bitsd_pending_objects", &[])
-        .await
-        .unwrap()
-        .get(0)
+/// A farm with merging on or off, under `coalesce/`.
+async fn coalescing(on: bool) -> Option<Farm> {
+    farm("coalesce", |store| store.coalesce_fragments = Some(on)).await
 }
 
 const F: usize = 20_000;
@@ -141,7 +33,9 @@ fn small(at: u64, n: u64) -> Vec<(u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_fragments_are_merged_behind_the_upload_which_completes_byte_exact() {
-    let Some(farm) = farm(true).await else { return };
+    let Some(farm) = coalescing(true).await else {
+        return;
+    };
     let backend = &farm.backend;
     // 184 fragments of 20,000 bytes (crossing 1, 2 and 3 MiB at the 53rd, 105th and 158th),
     // one of 1,500,000 (crossing 4 MiB: long, not merged), then 60 of 20,000.
@@ -170,24 +64,10 @@ async fn small_fragments_are_merged_behind_the_upload_which_completes_byte_exact
     expected.extend(small(5_180_000, 4));
     expected.push((5_260_000, 1_040_000));
     expected.extend(small(6_300_000, 3));
-    let mut now = Vec::new();
-    for _ in 0..400 {
-        now = index(backend, &id).await;
-        if now == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let now = index_becomes(backend, &id, &expected).await;
     assert_eq!(now, expected, "the merges a node starts by itself");
     // The merged runs' objects are gone from the bucket (deleted after each swap).
-    let mut seen = (Vec::new(), Vec::new());
-    for _ in 0..200 {
-        seen = objects_and_index(backend, &id).await;
-        if seen.0 == seen.1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = bucket_matches_index(backend, &id).await;
     assert_eq!(
         seen.0, seen.1,
         "the bucket holds exactly the index's objects"
@@ -198,19 +78,7 @@ async fn small_fragments_are_merged_behind_the_upload_which_completes_byte_exact
     send(backend, &mut record, &data, F).await;
     assert_eq!(index(backend, &id).await.len(), 39);
     assert!(read_all(backend, &id).await == data, "read back byte-exact");
-    backend
-        .publish_upload(&id, "coalesce/whole.bin", false)
-        .await
-        .unwrap();
-    let key = backend.objects().file_key("coalesce/whole.bin");
-    let published = backend
-        .objects()
-        .read(&key, None)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let published = publish_and_read(backend, &id, "coalesce/whole.bin").await;
     assert!(published == data, "published byte-exact");
 }
 
@@ -237,7 +105,7 @@ async fn one_run(backend: &SharedBackend) -> (SessionRecord, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_merges_of_one_run_one_wins_and_the_loser_leaves_nothing() {
-    let Some(farm) = farm(false).await else {
+    let Some(farm) = coalescing(false).await else {
         return;
     };
     let backend = &farm.backend;
@@ -301,7 +169,7 @@ async fn merged_object_written(backend: &SharedBackend, id: &bitsd_protocol::Ses
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_that_finds_the_upload_completed_changes_nothing_and_deletes_its_object() {
-    let Some(farm) = farm(false).await else {
+    let Some(farm) = coalescing(false).await else {
         return;
     };
     let backend = farm.backend.clone();
@@ -330,7 +198,7 @@ async fn a_merge_that_finds_the_upload_completed_changes_nothing_and_deletes_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_dying_before_the_swap_leaves_its_object_to_the_collector() {
-    let Some(farm) = farm(false).await else {
+    let Some(farm) = coalescing(false).await else {
         return;
     };
     let backend = farm.backend.clone();
@@ -367,7 +235,7 @@ async fn a_node_dying_before_the_swap_leaves_its_object_to_the_collector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fragment_object_unlike_its_index_entry_is_not_merged() {
-    let Some(farm) = farm(false).await else {
+    let Some(farm) = coalescing(false).await else {
         return;
     };
     let backend = &farm.backend;

@@ -1,16 +1,27 @@
-//! Small fragments merged behind the upload, so that completion does not read one tiny object
-//! per fragment.
+//! Small fragments merged behind the upload, so that completion does not read one small
+//! object per fragment.
 //!
 //! Every fragment is its own object, durable before its Ack. A client on a slow link sends
 //! fragments of a few kilobytes; left alone, assembling 64 MiB of 5 KB fragments would read
-//! over 13,000 objects. Instead the upload is cut at every [`COALESCE_SPAN`] boundary of its
-//! offsets: the fragment whose bytes reach a boundary (it "crosses" it) starts, after its
-//! Ack and in the background, a merge of the run of small fragments before it: the
-//! consecutive fragments shorter than the span that cross no boundary, plus the crossing
-//! fragment itself when it is short too, when they are at least [`MIN_RUN`]. The merged object contains a crossing fragment or
-//! ends where a long one starts, so it is never merged again, and two merges never take the
-//! same fragment. What is left for completion is one object per span and the fragments after
-//! the last boundary.
+//! over 13,000 objects. Instead the upload is cut at every `span` boundary of its offsets:
+//! the fragment whose bytes reach a boundary (it "crosses" it) starts, after its Ack and in
+//! the background, a merge of the run of small fragments before it: the consecutive fragments
+//! shorter than the rule's `small_below` that cross no boundary, plus the crossing fragment
+//! itself when it is short too, when they are enough to be worth it. The merged object
+//! contains a crossing fragment or ends where a long one starts, so it is never merged again,
+//! and two merges never take the same fragment. What is left for completion is one object
+//! per span and the fragments after the last boundary. Two rules ([`Rule`]), one per upload:
+//!
+//! - **tiny** (every upload by default): spans of [`COALESCE_SPAN`] (1 MiB), fragments under
+//!   1 MiB, runs of at least [`MIN_RUN`] fragments. Completion then reads about one object per
+//!   MiB and streams it.
+//! - **parts** (uploads of at least `merge_parts_from` bytes, 256 MiB by default, while the
+//!   store copies parts itself): spans of `part_size`, fragments under 5 MiB, runs of at
+//!   least 5 MiB. Completion then copies every merged object server-side (`UploadPartCopy`)
+//!   and streams at most the last span's small fragments, so the final Ack of a large upload
+//!   sent in fragments of a few MiB does not wait for all its bytes to pass through the node.
+//!   The bytes pass through a node once either way; the merges move that work from the final
+//!   Ack to while the upload goes on.
 //!
 //! The crash-safe order: 1. the merged object's key is recorded as pending (only while the
 //! session is live), 2. the run's objects are read, each checked against the length and
@@ -31,7 +42,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
-use super::super::objects::{ObjectKey, Objects, StoredObject};
+use super::super::objects::{ObjectKey, Objects, StoredObject, MIN_PART_SIZE};
 use super::super::pg::{FragmentObject, PgStateStore};
 use crate::{FragmentEntry, StorageError};
 
@@ -48,9 +59,68 @@ pub const MIN_RUN: usize = 32;
 /// Merges running at once on one node (each holds at most about two spans in memory).
 const MERGES_AT_ONCE: usize = 4;
 
-/// Fragment reads of one merge in flight at once (a run holds about 2 MiB at most, so that
-/// is what a merge can hold in memory whatever this is).
+/// Fragment reads of one merge in flight at once, at most.
 const READ_AHEAD: usize = 32;
+
+/// Bytes of fragment reads of one merge in flight at once, at most (a read of a longer
+/// fragment is alone): with the writer's part buffer, what one merge holds in memory.
+const READ_AHEAD_BYTES: u64 = 8 << 20;
+
+/// Which fragments one kind of merge takes (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Rule {
+    /// Runs end with the fragment that reaches a multiple of this.
+    span: u64,
+    /// Fragments shorter than this are merged.
+    small_below: u64,
+    /// Fewest fragments in a run worth merging.
+    min_run: usize,
+    /// Fewest bytes in a run worth merging.
+    min_bytes: u64,
+}
+
+impl Rule {
+    /// 1 MiB spans of fragments under 1 MiB, runs of [`MIN_RUN`] or more.
+    pub(super) const TINY: Rule = Rule {
+        span: COALESCE_SPAN,
+        small_below: COALESCE_SPAN,
+        min_run: MIN_RUN,
+        min_bytes: 0,
+    };
+
+    /// Spans of `part_size` (at least 5 MiB) of fragments under 5 MiB, runs of 5 MiB or more:
+    /// objects the assembly copies as parts.
+    pub(super) fn parts(part_size: u64) -> Rule {
+        Rule {
+            span: part_size.max(MIN_PART_SIZE),
+            small_below: MIN_PART_SIZE,
+            min_run: 2,
+            min_bytes: MIN_PART_SIZE,
+        }
+    }
+
+    /// The rule of an upload of `total` bytes on `objects`.
+    pub(super) fn for_upload(objects: &Objects, total: Option<u64>) -> Rule {
+        match total {
+            Some(total) if objects.merges_into_parts(total) => {
+                Rule::parts(objects.part_size() as u64)
+            }
+            _ => Rule::TINY,
+        }
+    }
+
+    /// Whether the fragment `offset..offset + len` reaches a multiple of the span: its last
+    /// byte is in a later span than its first, or it ends exactly on a boundary.
+    fn crosses(&self, offset: u64, len: u64) -> bool {
+        len > 0 && offset / self.span != offset.saturating_add(len) / self.span
+    }
+
+    /// Whether `run` is worth merging.
+    fn worth(&self, run: &[FragmentObject]) -> bool {
+        let bytes: u64 = run.iter().map(|f| f.entry.len).sum();
+        run.len() >= self.min_run.max(2) && bytes >= self.min_bytes
+    }
+}
 
 /// What [`crate::shared::SharedBackend::coalesce`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,23 +132,31 @@ pub enum Coalesced {
         /// Their bytes.
         bytes: u64,
     },
-    /// No run of [`MIN_RUN`] or more small fragments ends there: nothing to do.
+    /// No run worth merging ends there (under the tiny rule [`MIN_RUN`] or more fragments,
+    /// under the parts rule 5 MiB or more): nothing to do.
     Nothing,
     /// The index or the session changed first (the upload completed or ended, another merge
     /// won): nothing changed, the merged object is deleted.
     Lost,
 }
 
-/// Whether the fragment `offset..offset + len` reaches a multiple of [`COALESCE_SPAN`]: its
-/// last byte is in a later span than its first, or it ends exactly on a boundary.
-pub(super) fn crosses(offset: u64, len: u64) -> bool {
-    len > 0 && offset / COALESCE_SPAN != offset.saturating_add(len) / COALESCE_SPAN
+/// Whether the fragment `offset..offset + len` reaches a multiple of [`COALESCE_SPAN`] (the
+/// tiny rule's boundaries).
+#[cfg(test)]
+fn crosses(offset: u64, len: u64) -> bool {
+    Rule::TINY.crosses(offset, len)
 }
 
-/// The run to merge for the crossing fragment `start..end`, from `rows` (the index, in
-/// offset order, from at least one span before `start`): the small non-crossing fragments
-/// that end at `start` one after another, plus the crossing fragment when it is small.
-fn run_ending_at(rows: &[FragmentObject], start: u64, end: u64) -> Vec<FragmentObject> {
+/// The run to merge under `rule` for the crossing fragment `start..end`, from `rows` (the
+/// index, in offset order, from at least one span before `start`): the small non-crossing
+/// fragments that end at `start` one after another, plus the crossing fragment when it is
+/// small.
+fn run_ending_at(
+    rule: &Rule,
+    rows: &[FragmentObject],
+    start: u64,
+    end: u64,
+) -> Vec<FragmentObject> {
     let Some(pos) = rows
         .iter()
         .position(|r| r.entry.offset == start && r.entry.offset + r.entry.len == end)
@@ -86,13 +164,13 @@ fn run_ending_at(rows: &[FragmentObject], start: u64, end: u64) -> Vec<FragmentO
         return Vec::new();
     };
     let mut run = Vec::new();
-    if end - start < COALESCE_SPAN {
+    if end - start < rule.small_below {
         run.push(rows[pos].clone());
     }
     let mut at = start;
     for r in rows[..pos].iter().rev() {
         let e = r.entry;
-        if e.offset + e.len != at || e.len >= COALESCE_SPAN || crosses(e.offset, e.len) {
+        if e.offset + e.len != at || e.len >= rule.small_below || rule.crosses(e.offset, e.len) {
             break;
         }
         run.push(r.clone());
@@ -120,10 +198,12 @@ impl Coalescer {
         }
     }
 
-    /// After the commit of the fragment `start..end` of `id`: starts its merge in the
-    /// background when the fragment crosses a boundary. A failed merge changes nothing.
-    pub(super) fn after_commit(&self, id: SessionId, start: u64, end: u64) {
-        if !crosses(start, end - start) {
+    /// After the commit of the fragment `start..end` of `id`, an upload of `total` bytes:
+    /// starts its merge in the background when the fragment crosses a boundary of the
+    /// upload's rule. A failed merge changes nothing.
+    pub(super) fn after_commit(&self, id: SessionId, start: u64, end: u64, total: Option<u64>) {
+        let rule = Rule::for_upload(&self.objects, total);
+        if !rule.crosses(start, end - start) {
             return;
         }
         let this = self.clone();
@@ -131,7 +211,7 @@ impl Coalescer {
             let Ok(_permit) = Arc::clone(&this.permits).acquire_owned().await else {
                 return;
             };
-            match this.merge(&id, start, end).await {
+            match this.merge(&id, &rule, start, end).await {
                 Ok(done) => tracing::debug!(session = %id, end, ?done, "fragments merged"),
                 Err(e) => {
                     tracing::warn!(session = %id, end, error = %e, "small fragments stay unmerged")
@@ -141,34 +221,39 @@ impl Coalescer {
     }
 
     /// [`Coalescer::merge`] under one of this coalescer's permits (at most
-    /// `MERGES_AT_ONCE` merges of a node run at once, whoever starts them).
+    /// `MERGES_AT_ONCE` merges of a node run at once, whoever starts them), with the rule of
+    /// an upload of `total` bytes.
     pub(super) async fn merge_now(
         &self,
         id: &SessionId,
         start: u64,
         end: u64,
+        total: Option<u64>,
     ) -> Result<Coalesced, StorageError> {
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| StorageError::Task("the merge limiter is closed".into()))?;
-        self.merge(id, start, end).await
+        let rule = Rule::for_upload(&self.objects, total);
+        self.merge(id, &rule, start, end).await
     }
 
-    /// Merges the run ending with the fragment `start..end` of `id` (see the module docs).
-    pub(super) async fn merge(
+    /// Merges the run under `rule` ending with the fragment `start..end` of `id` (see the
+    /// module docs).
+    async fn merge(
         &self,
         id: &SessionId,
+        rule: &Rule,
         start: u64,
         end: u64,
     ) -> Result<Coalesced, StorageError> {
         let rows = self
             .state
-            .fragments_between(id, start.saturating_sub(COALESCE_SPAN), end)
+            .fragments_between(id, start.saturating_sub(rule.span), end)
             .await?;
-        let run = run_ending_at(&rows, start, end);
-        if run.len() < MIN_RUN {
+        let run = run_ending_at(rule, &rows, start, end);
+        if !rule.worth(&run) {
             return Ok(Coalesced::Nothing);
         }
         let first = run[0].entry.offset;
@@ -225,12 +310,16 @@ impl Coalescer {
         run: &[FragmentObject],
     ) -> Result<StoredObject, StorageError> {
         let objects = self.objects.clone();
+        let longest = run.iter().map(|f| f.entry.len).max().unwrap_or(1).max(1);
+        let ahead = usize::try_from(READ_AHEAD_BYTES / longest)
+            .unwrap_or(READ_AHEAD)
+            .clamp(1, READ_AHEAD);
         let mut reads = futures_util::stream::iter(run.to_vec())
             .map(move |f| {
                 let objects = objects.clone();
                 async move { read_checked(&objects, &f).await }
             })
-            .buffered(READ_AHEAD);
+            .buffered(ahead);
         let mut writer = self.objects.writer(key.clone());
         while let Some(bytes) = reads.next().await {
             let written = match bytes {
@@ -329,17 +418,17 @@ mod tests {
     fn the_run_is_the_small_fragments_since_the_last_crossing_one() {
         // 300 KiB fragments: the 4th (900..1200 KiB) crosses 1 MiB and takes the 3 before.
         let rows = index(&[300 * K; 8]);
-        let run = run_ending_at(&rows, 900 * K, 1200 * K);
+        let run = run_ending_at(&Rule::TINY, &rows, 900 * K, 1200 * K);
         assert_eq!(offsets(&run), vec![0, 300 * K, 600 * K, 900 * K]);
         // The 7th (1800..2100 KiB) crosses 2 MiB and stops at the 4th (which crossed 1 MiB).
-        let run = run_ending_at(&rows, 1800 * K, 2100 * K);
+        let run = run_ending_at(&Rule::TINY, &rows, 1800 * K, 2100 * K);
         assert_eq!(offsets(&run), vec![1200 * K, 1500 * K, 1800 * K]);
     }
 
     #[test]
     fn a_long_fragment_ends_a_run_without_joining_it() {
         let rows = index(&[100 * K, 100 * K, 100 * K, 2 * COALESCE_SPAN, 100 * K]);
-        let run = run_ending_at(&rows, 300 * K, 300 * K + 2 * COALESCE_SPAN);
+        let run = run_ending_at(&Rule::TINY, &rows, 300 * K, 300 * K + 2 * COALESCE_SPAN);
         assert_eq!(offsets(&run), vec![0, 100 * K, 200 * K]);
         // A run after a long fragment starts after it (2 MiB + 300 KiB + 900 KiB crosses 3 MiB).
         let end = 300 * K + 2 * COALESCE_SPAN;
@@ -352,7 +441,7 @@ mod tests {
             100 * K,
             700 * K,
         ]);
-        let run = run_ending_at(&rows, end + 200 * K, end + 900 * K);
+        let run = run_ending_at(&Rule::TINY, &rows, end + 200 * K, end + 900 * K);
         assert_eq!(offsets(&run), vec![end, end + 100 * K, end + 200 * K]);
     }
 
@@ -365,19 +454,70 @@ mod tests {
             r.entry.offset += 1200 * K;
             r
         }));
-        let run = run_ending_at(&rows, 1800 * K, 2100 * K);
+        let run = run_ending_at(&Rule::TINY, &rows, 1800 * K, 2100 * K);
         assert_eq!(offsets(&run), vec![1200 * K, 1500 * K, 1800 * K]);
     }
 
     #[test]
     fn a_gap_or_a_missing_trigger_means_nothing() {
         let rows = index(&[300 * K; 4]);
-        assert!(run_ending_at(&rows, 900 * K, 1100 * K).is_empty());
+        assert!(run_ending_at(&Rule::TINY, &rows, 900 * K, 1100 * K).is_empty());
         let mut gapped = rows.clone();
         gapped.remove(1);
         assert_eq!(
-            offsets(&run_ending_at(&gapped, 900 * K, 1200 * K)),
+            offsets(&run_ending_at(&Rule::TINY, &gapped, 900 * K, 1200 * K)),
             vec![600 * K, 900 * K]
         );
+    }
+
+    const M: u64 = 1024 * 1024;
+
+    #[test]
+    fn part_merges_take_the_fragments_under_5_mib_of_one_part_span() {
+        let rule = Rule::parts(8 * M);
+        // 1 MiB fragments: the 8th ends on 8 MiB and takes all eight; the 16th takes 8..16.
+        let rows = index(&[M; 20]);
+        assert!(!rule.crosses(6 * M, M));
+        assert!(rule.crosses(7 * M, M));
+        let run = run_ending_at(&rule, &rows, 7 * M, 8 * M);
+        assert_eq!(run.len(), 8);
+        assert!(rule.worth(&run));
+        // After that merge the index holds 0..8 MiB as one object, which crosses: never again.
+        let mut merged = vec![row(0, 8 * M)];
+        merged.extend(rows[8..].iter().cloned());
+        let run = run_ending_at(&rule, &merged, 15 * M, 16 * M);
+        assert_eq!(offsets(&run), (8..16).map(|i| i * M).collect::<Vec<_>>());
+        // 3 MiB fragments: the one over 8 MiB (6..9) joins the two before it.
+        let rows = index(&[3 * M; 4]);
+        assert_eq!(
+            offsets(&run_ending_at(&rule, &rows, 6 * M, 9 * M)),
+            vec![0, 3 * M, 6 * M]
+        );
+    }
+
+    #[test]
+    fn part_merges_leave_fragments_of_5_mib_and_runs_under_5_mib_alone() {
+        let rule = Rule::parts(8 * M);
+        // A 6 MiB fragment is a part of its own and ends the run before it.
+        let rows = index(&[M, 6 * M, M]);
+        let run = run_ending_at(&rule, &rows, 7 * M, 8 * M);
+        assert_eq!(offsets(&run), vec![7 * M]);
+        assert!(!rule.worth(&run), "one fragment");
+        // 3 MiB of small fragments after it: too short to be a part (the assembly lends).
+        let rows = index(&[5 * M + M / 2, M / 2, M, M, M]);
+        let run = run_ending_at(&rule, &rows, 7 * M, 8 * M);
+        assert_eq!(run.len(), 3);
+        assert!(!rule.worth(&run), "2.5 MiB");
+        // The crossing fragment itself is long: the run is the small ones before it.
+        let rows = index(&[2 * M, 2 * M, 2 * M, 5 * M]);
+        let run = run_ending_at(&rule, &rows, 6 * M, 11 * M);
+        assert_eq!(offsets(&run), vec![0, 2 * M, 4 * M]);
+        assert!(rule.worth(&run));
+    }
+
+    #[test]
+    fn the_part_span_is_never_under_s3s_smallest_part() {
+        assert_eq!(Rule::parts(1).span, MIN_PART_SIZE);
+        assert_eq!(Rule::parts(16 * M).span, 16 * M);
     }
 }

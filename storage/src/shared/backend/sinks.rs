@@ -214,7 +214,7 @@ impl FragmentSink for SharedFragment {
         // After the Ack's commit, behind the upload: small fragments before a boundary merged.
         if let (Some(c), CasOutcome::Committed(now)) = (&coalescer, &outcome) {
             if now.state == SessionState::Receiving {
-                c.after_commit(id, expected, expected + stored.len);
+                c.after_commit(id, expected, expected + stored.len, now.total);
             }
         }
         Ok(settle(outcome))

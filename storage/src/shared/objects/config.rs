@@ -15,6 +15,10 @@ pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 /// Default part size, and the size below which an object is written with one PUT.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
+/// Default of `merge_parts_from`: uploads of 256 MiB and more (about two seconds of
+/// streaming at assembly on the machine of docs/performance.md).
+pub const DEFAULT_MERGE_PARTS_FROM: u64 = 256 * 1024 * 1024;
+
 /// Where the farm's bytes live: an S3-compatible bucket (the `[object_store]` table).
 ///
 /// Unset credentials and region come from the usual environment variables
@@ -72,6 +76,16 @@ pub struct ObjectStoreConfig {
     /// object per MiB instead of one per fragment. Costs a second write of those bytes to the
     /// store.
     pub coalesce_fragments: Option<bool>,
+    /// Uploads of at least this many bytes (their Content-Range total) have their fragments
+    /// shorter than 5 MiB merged, in the background while the upload goes on, into objects of
+    /// at least 5 MiB that end at a multiple of `part_size` of the upload's offsets, so that
+    /// completion copies them server-side (`UploadPartCopy`) instead of streaming them through
+    /// the node: the final fragment's Ack, which waits for the assembly, then waits for part
+    /// copies and at most the last `part_size` of small fragments. The bytes pass through the
+    /// node once either way (at the merge instead of at completion). Default 256 MiB; 0 turns
+    /// it off. Needs `coalesce_fragments` and `server_side_copy`; for such uploads these
+    /// merges replace the 1 MiB ones.
+    pub merge_parts_from: Option<u64>,
     /// Answer a reply download (GET or HEAD of a session's reply URL, after the node has
     /// checked the session, its route and its owner) with `307 Temporary Redirect` to a
     /// presigned URL of the reply object, valid this many seconds, so that the reply's bytes
@@ -102,6 +116,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("server_side_copy", &self.server_side_copy)
             .field("stream_fragments", &self.stream_fragments)
             .field("coalesce_fragments", &self.coalesce_fragments)
+            .field("merge_parts_from", &self.merge_parts_from)
             .field("presigned_reply_secs", &self.presigned_reply_secs)
             .finish_non_exhaustive()
     }
@@ -130,6 +145,15 @@ impl ObjectStoreConfig {
     /// Whether runs of small fragments are merged while the upload goes on.
     pub fn coalesce_fragments(&self) -> bool {
         self.coalesce_fragments.unwrap_or(true)
+    }
+
+    /// The upload length from which small fragments are merged into part-sized objects
+    /// (`merge_parts_from`; `None`: never).
+    pub fn merge_parts_from(&self) -> Option<u64> {
+        match self.merge_parts_from.unwrap_or(DEFAULT_MERGE_PARTS_FROM) {
+            0 => None,
+            n => Some(n),
+        }
     }
 
     /// How long a presigned reply URL is valid, when reply downloads are redirected to the

@@ -40,7 +40,10 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 pub use assemble::{Assembled, FragmentObject};
-pub use config::{ObjectStoreConfig, DEFAULT_PART_SIZE, MAX_PRESIGNED_SECS, MIN_PART_SIZE};
+pub use config::{
+    ObjectStoreConfig, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PRESIGNED_SECS,
+    MIN_PART_SIZE,
+};
 pub use keys::ObjectKey;
 pub use writer::{ObjectWriter, StoredObject};
 
@@ -125,6 +128,8 @@ pub struct Objects {
     part_size: usize,
     /// `coalesce_fragments`.
     coalesce: bool,
+    /// `merge_parts_from`.
+    merge_parts_from: Option<u64>,
     /// `presigned_reply_secs` (`None`: replies are served through the nodes).
     presigned_reply_ttl: Option<Duration>,
 }
@@ -164,6 +169,7 @@ impl Objects {
             prefix: ObjectKey::new(&config.prefix),
             part_size: config.part_size(),
             coalesce: config.coalesce_fragments(),
+            merge_parts_from: config.merge_parts_from(),
             presigned_reply_ttl: config.presigned_reply_ttl(),
         })
     }
@@ -183,6 +189,13 @@ impl Objects {
     /// (`coalesce_fragments`).
     pub fn coalesce_fragments(&self) -> bool {
         self.coalesce
+    }
+
+    /// Whether the small fragments of an upload of `total` bytes are merged into part-sized
+    /// objects (`merge_parts_from`), which pays only while the store copies parts itself.
+    pub fn merges_into_parts(&self, total: u64) -> bool {
+        let copies = self.copier.as_ref().is_some_and(|c| !c.refused());
+        self.coalesce && copies && self.merge_parts_from.is_some_and(|from| total >= from)
     }
 
     /// How long a presigned reply URL lasts, when reply downloads are redirected to the store

@@ -1,0 +1,185 @@
+//! What the merge tests (farm_coalesce.rs, farm_part_merge.rs) share: a shared backend on a
+//! real PostgreSQL and a real Garage, fragments committed through it one by one, and the
+//! fragment index and the bucket looked at side by side.
+
+use std::sync::Arc;
+
+use bitsd_protocol::SessionId;
+use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
+use bitsd_storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd_storage::shared::SharedBackend;
+use bitsd_storage::{
+    FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord, SessionState,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::farm_servers::FarmServers;
+use crate::garage::Garage;
+use crate::pg::{raw_client, PgCluster};
+
+/// A shared backend and the servers behind it (stopped when dropped).
+pub struct Farm {
+    /// The backend, as a node builds it.
+    pub backend: SharedBackend,
+    /// Its PostgreSQL URL.
+    pub url: String,
+    _garage: Garage,
+    _pg: Arc<PgCluster>,
+    _scratch: tempfile::TempDir,
+}
+
+/// A farm whose `[object_store]` table is Garage's under `prefix`, changed by `configure`;
+/// `None` (with a printed reason) when PostgreSQL or Garage is not installed.
+pub async fn farm(prefix: &str, configure: impl FnOnce(&mut ObjectStoreConfig)) -> Option<Farm> {
+    let FarmServers {
+        pg,
+        postgres_url: url,
+        garage,
+    } = FarmServers::start().await?;
+    let mut store = garage.object_store_config(prefix);
+    configure(&mut store);
+    let scratch = tempfile::tempdir().unwrap();
+    let state = PgStateStore::connect(&url, PgOptions::default())
+        .await
+        .unwrap();
+    let backend = SharedBackend::from_parts(
+        state,
+        Objects::new(&store).unwrap(),
+        scratch.path().to_owned(),
+    );
+    Some(Farm {
+        backend,
+        url,
+        _garage: garage,
+        _pg: pg,
+        _scratch: scratch,
+    })
+}
+
+/// Commits `data[at..at + len]` (`at` = the bytes received so far) as one fragment; the last
+/// byte of the upload makes it Complete.
+pub async fn send(backend: &SharedBackend, record: &mut SessionRecord, data: &[u8], len: usize) {
+    let at = record.received as usize;
+    let plan = FragmentPlan {
+        write_at: at as u64,
+        len: len as u64,
+        durability: FragmentDurability::Durable,
+    };
+    let mut sink = backend.begin_fragment(&record.id, plan).await.unwrap();
+    sink.write(Bytes::copy_from_slice(&data[at..at + len]))
+        .await
+        .unwrap();
+    let mut next = record.clone();
+    next.received = (at + len) as u64;
+    next.total = Some(data.len() as u64);
+    if next.received == data.len() as u64 {
+        next.state = SessionState::Complete;
+    }
+    assert_eq!(
+        sink.commit(at as u64, &next).await.unwrap(),
+        FragmentCommit::Committed
+    );
+    *record = next;
+}
+
+/// The fragment index as (offset, length) pairs.
+pub async fn index(backend: &SharedBackend, id: &SessionId) -> Vec<(u64, u64)> {
+    let rows = backend.state().fragments(id).await.unwrap();
+    rows.iter().map(|f| (f.entry.offset, f.entry.len)).collect()
+}
+
+/// Polls the index (every 50 ms, up to 20 s) until it is `expected`; returns what it saw last.
+pub async fn index_becomes(
+    backend: &SharedBackend,
+    id: &SessionId,
+    expected: &[(u64, u64)],
+) -> Vec<(u64, u64)> {
+    let mut now = Vec::new();
+    for _ in 0..400 {
+        now = index(backend, id).await;
+        if now == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    now
+}
+
+/// The keys of the session's fragment objects in the bucket, and in the index.
+pub async fn objects_and_index(
+    backend: &SharedBackend,
+    id: &SessionId,
+) -> (Vec<String>, Vec<String>) {
+    let prefix = backend.objects().session_prefix(id).join("frag");
+    let mut listed: Vec<String> = backend
+        .objects()
+        .list(&prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key.as_str().to_owned())
+        .collect();
+    listed.sort();
+    let mut indexed: Vec<String> = backend
+        .state()
+        .fragments(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.object_key)
+        .collect();
+    indexed.sort();
+    (listed, indexed)
+}
+
+/// Polls (every 50 ms, up to 10 s) until the bucket holds exactly the index's fragment
+/// objects; returns what it saw last.
+pub async fn bucket_matches_index(
+    backend: &SharedBackend,
+    id: &SessionId,
+) -> (Vec<String>, Vec<String>) {
+    let mut seen = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        seen = objects_and_index(backend, id).await;
+        if seen.0 == seen.1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    seen
+}
+
+/// The finished upload read back through the backend.
+pub async fn read_all(backend: &SharedBackend, id: &SessionId) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = backend.read_upload(id).await.unwrap();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+/// Publishes the finished upload at `path` and reads the published object back.
+pub async fn publish_and_read(backend: &SharedBackend, id: &SessionId, path: &str) -> Vec<u8> {
+    backend.publish_upload(id, path, false).await.unwrap();
+    let key = backend.objects().file_key(path);
+    backend
+        .objects()
+        .read(&key, None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+}
+
+/// Rows in `bitsd_pending_objects`.
+pub async fn pending_rows(url: &str) -> i64 {
+    raw_client(url)
+        .await
+        .query_one("SELECT count(*) FROM bitsd_pending_objects", &[])
+        .await
+        .unwrap()
+        .get(0)
+}

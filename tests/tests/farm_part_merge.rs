@@ -1,0 +1,188 @@
+//! Part merges on a real PostgreSQL and a real Garage: an upload of at least
+//! `merge_parts_from` bytes has its fragments under 5 MiB merged behind the upload into
+//! objects of 5 MiB or more, one per `part_size` span, which completion copies server-side;
+//! tiny fragments go straight into those merges; a smaller upload, or a store without part
+//! copies, keeps the 1 MiB merges; merges racing the upload's completion never change what is
+//! published. Skips with a printed reason when PostgreSQL or Garage is not installed.
+#![allow(clippy::unwrap_used)]
+
+use bitsd::storage::shared::objects::{FragmentObject, ObjectKey, MIN_PART_SIZE};
+use bitsd::storage::shared::SharedBackend;
+use bitsd::storage::SessionBackend;
+use bitsd_protocol::SessionId;
+use bitsd_tests::coalesce_kit::{
+    bucket_matches_index, farm, index, index_becomes, pending_rows, publish_and_read, read_all,
+    send, Farm,
+};
+use bitsd_tests::pattern;
+use bitsd_tests::pg::session_record;
+
+const MIB: usize = 1024 * 1024;
+const TINY: usize = 20_000;
+
+/// A farm with 5 MiB parts, part copies as given, part merges from `from` bytes.
+async fn parts_farm(from: u64, copies: bool) -> Option<Farm> {
+    farm("parts", |store| {
+        store.part_size = Some(MIN_PART_SIZE);
+        store.server_side_copy = Some(copies);
+        store.merge_parts_from = Some(from);
+    })
+    .await
+}
+
+/// The fragment lengths of the upload every test sends: 60 tiny fragments (1.2 MB), then
+/// 1 MiB ones, then 100,000 bytes. The 4th 1 MiB fragment crosses 5 MiB, the 9th 10 MiB.
+fn shape() -> Vec<usize> {
+    let mut lens = vec![TINY; 60];
+    lens.extend([MIB; 11]);
+    lens.push(100_000);
+    lens
+}
+
+const FIRST_PART: u64 = 60 * TINY as u64 + 4 * MIB as u64;
+const SECOND_PART: u64 = 5 * MIB as u64;
+
+/// Creates a session and sends every fragment of `lens` but the last.
+async fn all_but_the_last(
+    backend: &SharedBackend,
+    lens: &[usize],
+    seed: u64,
+) -> (bitsd::storage::SessionRecord, Vec<u8>) {
+    let data = pattern(lens.iter().sum(), seed);
+    let mut record = session_record(None);
+    backend.create(&record).await.unwrap();
+    for &len in &lens[..lens.len() - 1] {
+        send(backend, &mut record, &data, len).await;
+    }
+    (record, data)
+}
+
+/// What the assembly copies server-side from the session's index as it is now.
+async fn copied_by_the_store(backend: &SharedBackend, id: &SessionId, total: u64) -> u64 {
+    let fragments: Vec<FragmentObject> = backend
+        .state()
+        .fragments(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| FragmentObject {
+            offset: f.entry.offset,
+            len: f.entry.len,
+            key: ObjectKey::parse(&f.object_key).unwrap(),
+        })
+        .collect();
+    let dest = backend.objects().file_key(&format!("check/{id}.bin"));
+    let assembled = backend
+        .objects()
+        .assemble(&dest, &fragments, total)
+        .await
+        .unwrap();
+    assert_eq!(assembled.len, total);
+    assembled.copied_bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_is_merged_into_parts_that_completion_copies() {
+    let Some(farm) = parts_farm(1, true).await else {
+        return;
+    };
+    let backend = &farm.backend;
+    let lens = shape();
+    let (mut record, data) = all_but_the_last(backend, &lens, 21).await;
+    let id = record.id;
+    let total = data.len() as u64;
+    // Tiny fragments went straight into the first part merge (no 1 MiB merge of their own);
+    // the two 1 MiB fragments after 10 MiB wait for the next span.
+    let expected = vec![
+        (0, FIRST_PART),
+        (FIRST_PART, SECOND_PART),
+        (FIRST_PART + SECOND_PART, MIB as u64),
+        (FIRST_PART + SECOND_PART + MIB as u64, MIB as u64),
+    ];
+    assert_eq!(index_becomes(backend, &id, &expected).await, expected);
+    let (listed, indexed) = bucket_matches_index(backend, &id).await;
+    assert_eq!(listed, indexed, "the merged fragments' objects are deleted");
+    assert_eq!(pending_rows(&farm.url).await, 0);
+
+    send(backend, &mut record, &data, 100_000).await;
+    assert_eq!(
+        copied_by_the_store(backend, &id, total).await,
+        FIRST_PART + SECOND_PART,
+        "both merged objects are copied by the store, the tail streamed"
+    );
+    assert!(read_all(backend, &id).await == data, "read back byte-exact");
+    assert!(
+        publish_and_read(backend, &id, "parts/whole.bin").await == data,
+        "published byte-exact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_upload_or_a_store_without_part_copies_keeps_the_1_mib_merges() {
+    let total: u64 = shape().iter().sum::<usize>() as u64;
+    for (from, copies, why) in [
+        (total + 1, true, "under merge_parts_from"),
+        (1, false, "server_side_copy off"),
+    ] {
+        let Some(farm) = parts_farm(from, copies).await else {
+            return;
+        };
+        let backend = &farm.backend;
+        let lens = shape();
+        let (mut record, data) = all_but_the_last(backend, &lens, 22).await;
+        let id = record.id;
+        // The 53rd tiny fragment crosses 1 MiB: those 53 are merged; 1 MiB fragments are not.
+        let mut expected = vec![(0, 53 * TINY as u64)];
+        expected.extend((53..60).map(|i| (i * TINY as u64, TINY as u64)));
+        expected.extend((0..11).map(|i| (60 * TINY as u64 + i * MIB as u64, MIB as u64)));
+        assert_eq!(
+            index_becomes(backend, &id, &expected).await,
+            expected,
+            "{why}"
+        );
+        send(backend, &mut record, &data, 100_000).await;
+        assert!(read_all(backend, &id).await == data, "{why}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn part_merges_racing_the_completion_never_change_what_is_published() {
+    let Some(farm) = parts_farm(1, true).await else {
+        return;
+    };
+    let backend = &farm.backend;
+    // Each upload ends right after a fragment that crosses a part boundary, so its merge runs
+    // while the last fragment completes the upload (before, during or after its commit).
+    for (i, last) in [1usize, 1000, 300_000, MIB, 3 * MIB]
+        .into_iter()
+        .enumerate()
+    {
+        let mut lens = vec![MIB; 10];
+        lens.push(last);
+        let (mut record, data) = all_but_the_last(backend, &lens, 30 + i as u64).await;
+        send(backend, &mut record, &data, last).await;
+        let id = record.id;
+        assert!(read_all(backend, &id).await == data, "upload {i} read back");
+        // Whatever the merge did, no object outside the index is left once it is done.
+        let (listed, indexed) = bucket_matches_index(backend, &id).await;
+        assert_eq!(listed, indexed, "upload {i}");
+        let rows = index(backend, &id).await;
+        assert_eq!(rows.iter().map(|r| r.1).sum::<u64>(), data.len() as u64);
+        let path = format!("parts/race-{i}.bin");
+        assert!(
+            publish_and_read(backend, &id, &path).await == data,
+            "upload {i} published byte-exact"
+        );
+    }
+    for _ in 0..100 {
+        if pending_rows(&farm.url).await == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        pending_rows(&farm.url).await,
+        0,
+        "no merge left a pending row"
+    );
+}
