@@ -57,13 +57,15 @@ pub struct FarmArgs {
     pub farm_pool: Option<usize>,
     /// The nodes' `merge_parts_from` in bytes (uploads from this length have their
     /// fragments under 5 MiB merged into part-sized objects; 0: never; unset: bitsd's
-    /// default, 256 MiB).
+    /// default, 1 GiB).
     #[arg(long)]
     pub farm_merge_parts_from: Option<u64>,
-    /// nginx's `client_body_buffer_size` in front of the nodes (e.g. `1m`; nginx's default is
-    /// 16k): how much of a fragment's body it reads from the client per write to a node.
-    #[arg(long)]
-    pub farm_balancer_body_buffer: Option<String>,
+    /// nginx's `client_body_buffer_size` in front of the nodes: how much of a fragment's body
+    /// it reads from the client per write to a node. The default is `1m`, what docs/farm.md
+    /// advises for large fragments; `16k` is nginx's own default (the benchmark's before
+    /// 2026-12-04, evening).
+    #[arg(long, default_value = "1m")]
+    pub farm_balancer_body_buffer: String,
     /// Idle upstream connections nginx keeps in front of the nodes (its `keepalive`, for the
     /// whole group of nodes).
     #[arg(long, default_value_t = bitsd_tests::nginx::KEEPALIVE)]
@@ -230,7 +232,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             coalesce: !a.farm_no_coalesce,
             pool: a.farm_pool,
             merge_parts_from: a.farm_merge_parts_from,
-            balancer_body_buffer: a.farm_balancer_body_buffer.clone(),
+            balancer_body_buffer: Some(a.farm_balancer_body_buffer.clone()),
             node_threads: a.farm_node_threads,
             balancer_keepalive: a.farm_balancer_keepalive,
         },

@@ -213,8 +213,8 @@ impl FarmReport {
                 a.farm_node_threads
                     .map_or("one per core (default)".to_string(), |n| n.to_string()),
                 a.farm_merge_parts_from
-                    .map_or("256 MiB (default)".to_string(), |n| format!("{n} bytes")),
-                a.farm_balancer_body_buffer.as_deref().unwrap_or("16k (default)"),
+                    .map_or("1 GiB (default)".to_string(), |n| format!("{n} bytes")),
+                a.farm_balancer_body_buffer,
                 if env.store_proxy.is_some() {
                     "; the store reached through an nginx of its own (--farm-store-proxy)"
                 } else {

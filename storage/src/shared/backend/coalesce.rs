@@ -15,7 +15,7 @@
 //! - **tiny** (every upload by default): spans of [`COALESCE_SPAN`] (1 MiB), fragments under
 //!   1 MiB, runs of at least [`MIN_RUN`] fragments. Completion then reads about one object per
 //!   MiB and streams it.
-//! - **parts** (uploads of at least `merge_parts_from` bytes, 256 MiB by default, while the
+//! - **parts** (uploads of at least `merge_parts_from` bytes, 1 GiB by default, while the
 //!   store copies parts itself): spans of `part_size`, fragments under 5 MiB, runs of at
 //!   least 5 MiB. Completion then copies every merged object server-side (`UploadPartCopy`)
 //!   and streams at most the last span's small fragments, so the final Ack of a large upload

@@ -15,9 +15,10 @@ pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 /// Default part size, and the size below which an object is written with one PUT.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
-/// Default of `merge_parts_from`: uploads of 256 MiB and more (about two seconds of
-/// streaming at assembly on the machine of docs/performance.md).
-pub const DEFAULT_MERGE_PARTS_FROM: u64 = 256 * 1024 * 1024;
+/// Default of `merge_parts_from`: uploads of 1 GiB and more, whose assembly would stream for
+/// about 8 s (1 MiB fragments) to 26 s (64 KiB fragments) on the machine of
+/// docs/performance.md before the final Ack.
+pub const DEFAULT_MERGE_PARTS_FROM: u64 = 1 << 30;
 
 /// Where the farm's bytes live: an S3-compatible bucket (the `[object_store]` table).
 ///
@@ -82,7 +83,7 @@ pub struct ObjectStoreConfig {
     /// completion copies them server-side (`UploadPartCopy`) instead of streaming them through
     /// the node: the final fragment's Ack, which waits for the assembly, then waits for part
     /// copies and at most the last `part_size` of small fragments. The bytes pass through the
-    /// node once either way (at the merge instead of at completion). Default 256 MiB; 0 turns
+    /// node once either way (at the merge instead of at completion). Default 1 GiB; 0 turns
     /// it off. Needs `coalesce_fragments` and `server_side_copy`; for such uploads these
     /// merges replace the 1 MiB ones.
     pub merge_parts_from: Option<u64>,
