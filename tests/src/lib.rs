@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod bits_job;
-pub mod coalesce_kit;
 pub mod examples;
 pub mod farm_cluster;
 pub mod farm_servers;
@@ -12,6 +11,7 @@ pub mod garage;
 pub mod nginx;
 pub mod pg;
 pub mod reply_suite;
+pub mod shared_backend;
 
 use std::path::{Path, PathBuf};
 

@@ -11,12 +11,12 @@ use std::time::Duration;
 use bitsd::storage::shared::objects::ObjectKey;
 use bitsd::storage::shared::{Coalesced, SharedBackend};
 use bitsd::storage::{SessionBackend, SessionRecord};
-use bitsd_tests::coalesce_kit::{
+use bitsd_tests::pattern;
+use bitsd_tests::pg::{raw_client, session_record};
+use bitsd_tests::shared_backend::{
     bucket_matches_index, farm, index, index_becomes, objects_and_index, pending_rows,
     publish_and_read, read_all, send, Farm,
 };
-use bitsd_tests::pattern;
-use bitsd_tests::pg::{raw_client, session_record};
 use bytes::Bytes;
 
 /// A farm with merging on or off, under `coalesce/`.
@@ -260,5 +260,39 @@ async fn a_fragment_object_unlike_its_index_entry_is_not_merged() {
     assert_eq!(index(backend, &id).await, before);
     let (listed, indexed) = objects_and_index(backend, &id).await;
     assert_eq!(listed, indexed, "no merged object left");
+    assert_eq!(pending_rows(&farm.url).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_that_starts_after_the_upload_completed_reads_nothing() {
+    let Some(farm) = coalescing(false).await else {
+        return;
+    };
+    let backend = &farm.backend;
+    let (record, _data) = one_run(backend).await;
+    let id = record.id;
+    // The upload completed (as a last fragment's commit would), and one fragment object is
+    // gone: a merge that read the run would fail on it.
+    raw_client(&farm.url)
+        .await
+        .execute(
+            "UPDATE bitsd_sessions SET state = 'complete' WHERE id = $1",
+            &[id.as_uuid()],
+        )
+        .await
+        .unwrap();
+    let victim = backend.state().fragments(&id).await.unwrap()[7]
+        .object_key
+        .clone();
+    backend
+        .objects()
+        .delete(&[ObjectKey::parse(&victim).unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.coalesce(&id, RUN_START, RUN_END).await.unwrap(),
+        Coalesced::Lost,
+        "refused before reading anything"
+    );
     assert_eq!(pending_rows(&farm.url).await, 0);
 }

@@ -1,21 +1,22 @@
-//! Part merges on a real PostgreSQL and a real Garage: an upload of at least
+//! Part merges on a real PostgreSQL and a real Garage: an upload of exactly
 //! `merge_parts_from` bytes has its fragments under 5 MiB merged behind the upload into
 //! objects of 5 MiB or more, one per `part_size` span, which completion copies server-side;
-//! tiny fragments go straight into those merges; a smaller upload, or a store without part
-//! copies, keeps the 1 MiB merges; merges racing the upload's completion never change what is
-//! published. Skips with a printed reason when PostgreSQL or Garage is not installed.
+//! tiny fragments are merged per MiB first and those objects join the part; one byte less
+//! than the threshold, or a store without part copies, keeps the 1 MiB merges only; merges
+//! racing the upload's completion never change what is published. Skips with a printed
+//! reason when PostgreSQL or Garage is not installed.
 #![allow(clippy::unwrap_used)]
 
 use bitsd::storage::shared::objects::{FragmentObject, ObjectKey, MIN_PART_SIZE};
-use bitsd::storage::shared::SharedBackend;
+use bitsd::storage::shared::{SharedBackend, MAX_RUN};
 use bitsd::storage::SessionBackend;
 use bitsd_protocol::SessionId;
-use bitsd_tests::coalesce_kit::{
+use bitsd_tests::pattern;
+use bitsd_tests::pg::{raw_client, session_record};
+use bitsd_tests::shared_backend::{
     bucket_matches_index, farm, index, index_becomes, pending_rows, publish_and_read, read_all,
     send, Farm,
 };
-use bitsd_tests::pattern;
-use bitsd_tests::pg::session_record;
 
 const MIB: usize = 1024 * 1024;
 const TINY: usize = 20_000;
@@ -83,16 +84,28 @@ async fn copied_by_the_store(backend: &SharedBackend, id: &SessionId, total: u64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_upload_is_merged_into_parts_that_completion_copies() {
-    let Some(farm) = parts_farm(1, true).await else {
+    let lens = shape();
+    let total: u64 = lens.iter().sum::<usize>() as u64;
+    let Some(farm) = parts_farm(total, true).await else {
         return;
     };
     let backend = &farm.backend;
-    let lens = shape();
-    let (mut record, data) = all_but_the_last(backend, &lens, 21).await;
+    let data = pattern(total as usize, 21);
+    let mut record = session_record(None);
+    backend.create(&record).await.unwrap();
     let id = record.id;
-    let total = data.len() as u64;
-    // Tiny fragments went straight into the first part merge (no 1 MiB merge of their own);
-    // the two 1 MiB fragments after 10 MiB wait for the next span.
+    // The 53rd tiny fragment crosses 1 MiB (not a part boundary): a 1 MiB merge first.
+    for _ in 0..60 {
+        send(backend, &mut record, &data, TINY).await;
+    }
+    let mut tiny = vec![(0, 53 * TINY as u64)];
+    tiny.extend((53..60).map(|i| (i * TINY as u64, TINY as u64)));
+    assert_eq!(index_becomes(backend, &id, &tiny).await, tiny);
+    for &len in &lens[60..lens.len() - 1] {
+        send(backend, &mut record, &data, len).await;
+    }
+    // The first part took the 1 MiB merge's object, the 7 tiny fragments after it and four
+    // 1 MiB ones; the two 1 MiB fragments after 10 MiB wait for the next span.
     let expected = vec![
         (0, FIRST_PART),
         (FIRST_PART, SECOND_PART),
@@ -121,7 +134,7 @@ async fn a_large_upload_is_merged_into_parts_that_completion_copies() {
 async fn a_smaller_upload_or_a_store_without_part_copies_keeps_the_1_mib_merges() {
     let total: u64 = shape().iter().sum::<usize>() as u64;
     for (from, copies, why) in [
-        (total + 1, true, "under merge_parts_from"),
+        (total + 1, true, "one byte under merge_parts_from"),
         (1, false, "server_side_copy off"),
     ] {
         let Some(farm) = parts_farm(from, copies).await else {
@@ -153,6 +166,7 @@ async fn part_merges_racing_the_completion_never_change_what_is_published() {
     let backend = &farm.backend;
     // Each upload ends right after a fragment that crosses a part boundary, so its merge runs
     // while the last fragment completes the upload (before, during or after its commit).
+    let mut part_merges_won = 0;
     for (i, last) in [1usize, 1000, 300_000, MIB, 3 * MIB]
         .into_iter()
         .enumerate()
@@ -163,17 +177,20 @@ async fn part_merges_racing_the_completion_never_change_what_is_published() {
         send(backend, &mut record, &data, last).await;
         let id = record.id;
         assert!(read_all(backend, &id).await == data, "upload {i} read back");
-        // Whatever the merge did, no object outside the index is left once it is done.
+        // Whatever the merges did, no object outside the index is left once it is done.
         let (listed, indexed) = bucket_matches_index(backend, &id).await;
         assert_eq!(listed, indexed, "upload {i}");
         let rows = index(backend, &id).await;
         assert_eq!(rows.iter().map(|r| r.1).sum::<u64>(), data.len() as u64);
+        part_merges_won += rows.iter().filter(|r| r.1 == SECOND_PART).count();
         let path = format!("parts/race-{i}.bin");
         assert!(
             publish_and_read(backend, &id, &path).await == data,
             "upload {i} published byte-exact"
         );
     }
+    // The merge of 0..5 MiB had the time of five fragments: it ran (and won) in most uploads.
+    assert!(part_merges_won > 0, "no part merge ever ran");
     for _ in 0..100 {
         if pending_rows(&farm.url).await == 0 {
             break;
@@ -185,4 +202,34 @@ async fn part_merges_racing_the_completion_never_change_what_is_published() {
         0,
         "no merge left a pending row"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_reads_at_most_the_last_max_run_fragments_of_its_run() {
+    let Some(farm) = parts_farm(1, true).await else {
+        return;
+    };
+    let backend = &farm.backend;
+    let record = session_record(None);
+    backend.create(&record).await.unwrap();
+    // 5,000 one-byte fragments in the index (as a client sending one byte per fragment
+    // leaves it), written straight into PostgreSQL.
+    raw_client(&farm.url)
+        .await
+        .execute(
+            "INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
+             SELECT $1, n, 1, 0, 'k' || n FROM generate_series(0, 4999) AS n",
+            &[record.id.as_uuid()],
+        )
+        .await
+        .unwrap();
+    let rows = backend
+        .state()
+        .fragments_before(&record.id, 0, 5000, MAX_RUN)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), MAX_RUN);
+    let offsets: Vec<u64> = rows.iter().map(|r| r.entry.offset).collect();
+    let last: Vec<u64> = (5000 - MAX_RUN as u64..5000).collect();
+    assert_eq!(offsets, last, "the last ones, in offset order");
 }

@@ -13,30 +13,10 @@ use bitsd::storage::{
     CommitOutcome, FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionState,
 };
 use bitsd_tests::farm_servers::FarmServers;
-use bitsd_tests::garage::Garage;
 use bitsd_tests::pattern;
-use bitsd_tests::pg::{session_record, PgCluster};
+use bitsd_tests::pg::session_record;
+use bitsd_tests::shared_backend::{farm, read_all};
 use bytes::Bytes;
-use futures_util::StreamExt;
-
-async fn backend() -> Option<(SharedBackend, Garage, Arc<PgCluster>, tempfile::TempDir)> {
-    let FarmServers {
-        pg,
-        postgres_url: url,
-        garage,
-    } = FarmServers::start().await?;
-    let store = garage.object_store_config("backend");
-    let scratch = tempfile::tempdir().unwrap();
-    let state = PgStateStore::connect(&url, PgOptions::default())
-        .await
-        .unwrap();
-    let backend = SharedBackend::from_parts(
-        state,
-        Objects::new(&store).unwrap(),
-        scratch.path().to_owned(),
-    );
-    Some((backend, garage, pg, scratch))
-}
 
 fn plan(write_at: u64, len: u64) -> FragmentPlan {
     FragmentPlan {
@@ -46,20 +26,12 @@ fn plan(write_at: u64, len: u64) -> FragmentPlan {
     }
 }
 
-async fn read_all(backend: &SharedBackend, id: &bitsd_protocol::SessionId) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut s = backend.read_upload(id).await.unwrap();
-    while let Some(c) = s.next().await {
-        out.extend_from_slice(&c.unwrap());
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes() {
-    let Some((backend, _garage, _pg, _scratch)) = backend().await else {
+    let Some(farm) = farm("backend", |_| {}).await else {
         return;
     };
+    let backend = farm.backend.clone();
     // Two "nodes" (one backend is as good: nothing is cached) write the same offset.
     let mut record = session_record(None);
     record.destination = Some("race/out.bin".into());
@@ -188,9 +160,10 @@ async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes
 /// them only until the sweeper expires the tombstone: `remove_expired` deletes them with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone() {
-    let Some((backend, _garage, _pg, _scratch)) = backend().await else {
+    let Some(farm) = farm("backend", |_| {}).await else {
         return;
     };
+    let backend = farm.backend.clone();
     let record = session_record(None);
     backend.create(&record).await.unwrap();
     let data = pattern(20_000, 4);
@@ -228,7 +201,7 @@ async fn objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tomb
         1
     );
     assert!(backend.load(&record.id).await.unwrap().is_none());
-    let shared = Objects::new(&_garage.object_store_config("backend")).unwrap();
+    let shared = Objects::new(&farm.garage.object_store_config("backend")).unwrap();
     assert!(shared.list(&prefix).await.unwrap().is_empty());
 }
 

@@ -4,4 +4,4 @@ mod backend;
 pub mod objects;
 pub mod pg;
 
-pub use backend::{Coalesced, SharedBackend, COALESCE_SPAN, MIN_RUN};
+pub use backend::{Coalesced, SharedBackend, COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};

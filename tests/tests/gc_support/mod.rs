@@ -15,8 +15,8 @@ use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
+pub use bitsd_tests::shared_backend::read_all;
 use bytes::Bytes;
-use futures_util::StreamExt;
 
 /// Two "nodes": two backends on one database and bucket.
 pub struct Two {
@@ -63,15 +63,6 @@ pub fn plan(write_at: u64, len: u64) -> FragmentPlan {
         len,
         durability: FragmentDurability::Durable,
     }
-}
-
-pub async fn read_all(backend: &SharedBackend, id: &SessionId) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut s = backend.read_upload(id).await.unwrap();
-    while let Some(c) = s.next().await {
-        out.extend_from_slice(&c.unwrap());
-    }
-    out
 }
 
 pub async fn objects_of(backend: &SharedBackend, id: &SessionId) -> Vec<ObjectInfo> {

@@ -6,34 +6,44 @@
 //! over 13,000 objects. Instead the upload is cut at every `span` boundary of its offsets:
 //! the fragment whose bytes reach a boundary (it "crosses" it) starts, after its Ack and in
 //! the background, a merge of the run of small fragments before it: the consecutive fragments
-//! shorter than the rule's `small_below` that cross no boundary, plus the crossing fragment
-//! itself when it is short too, when they are enough to be worth it. The merged object
-//! contains a crossing fragment or ends where a long one starts, so it is never merged again,
-//! and two merges never take the same fragment. What is left for completion is one object
-//! per span and the fragments after the last boundary. Two rules ([`Rule`]), one per upload:
+//! shorter than the rule's `small_below` that cross no boundary of the rule, plus the
+//! crossing fragment itself when it is short too, when they are enough to be worth it (at
+//! most [`MAX_RUN`] fragments, the last ones). Two rules ([`Rule`]):
 //!
-//! - **tiny** (every upload by default): spans of [`COALESCE_SPAN`] (1 MiB), fragments under
-//!   1 MiB, runs of at least [`MIN_RUN`] fragments. Completion then reads about one object per
-//!   MiB and streams it.
+//! - **tiny** (every upload): spans of [`COALESCE_SPAN`] (1 MiB), fragments under 1 MiB,
+//!   runs of at least [`MIN_RUN`] fragments. Completion then reads about one object per MiB
+//!   and streams it.
 //! - **parts** (uploads of at least `merge_parts_from` bytes, 1 GiB by default, while the
-//!   store copies parts itself): spans of `part_size`, fragments under 5 MiB, runs of at
-//!   least 5 MiB. Completion then copies every merged object server-side (`UploadPartCopy`)
-//!   and streams at most the last span's small fragments, so the final Ack of a large upload
-//!   sent in fragments of a few MiB does not wait for all its bytes to pass through the node.
-//!   The bytes pass through a node once either way; the merges move that work from the final
-//!   Ack to while the upload goes on.
+//!   store copies parts itself): spans of `part_size` (at most [`MAX_PART_SPAN`]), fragments
+//!   under 5 MiB (tiny-merged objects included), runs of at least 5 MiB. A fragment that
+//!   crosses a part boundary starts this merge instead of a tiny one. Completion then copies
+//!   every such object server-side (`UploadPartCopy`) and streams at most the last span's
+//!   small fragments, so the final Ack of a large upload sent in fragments of a few MiB does
+//!   not wait for all its bytes to pass through the node. The bytes pass through a node once
+//!   more either way; the merges move that work from the final Ack to while the upload goes
+//!   on (and make the store copy them: docs/farm.md says what that costs).
+//!
+//! Within one rule a merged object contains a crossing fragment or ends where a long one
+//! starts, so the same rule never merges it again and two merges of one rule never take the
+//! same fragment; a part merge takes the tiny merges' objects of its span. Merges whose runs
+//! overlap anyway (a tiny merge still running when the part merge reads the index, nodes
+//! configured differently) are settled by the swap: the index must still hold exactly the
+//! run, so one wins and the other deletes its object (a part merge that loses that way reads
+//! the index once more and tries again, once).
 //!
 //! The crash-safe order: 1. the merged object's key is recorded as pending (only while the
-//! session is live), 2. the run's objects are read, each checked against the length and
-//! CRC-32C of its index entry, and written to the merged object (durable on the store's
-//! write quorum), 3. one PostgreSQL transaction swaps the run for the merged object in the
-//! index and drops its pending row, only if the session is still `receiving` and the index
-//! still holds exactly the run ([`PgStateStore::replace_fragments`]), 4. the run's objects
-//! are deleted. A crash before 3 leaves the merged object pending for the collector; after
-//! 3, the old objects go with the session's prefix at Close or expiry. A merge that loses
-//! (the upload completed, the session ended, another merge won) deletes its object. Nothing
-//! reads fragments before the upload is complete, and completing needs the session's row,
-//! which the swap holds locked: a reader sees the old index or the new one, never half.
+//! session is still receiving), 2. the run's objects are read, each checked against the
+//! length and CRC-32C of its index entry, and written to the merged object (durable on the
+//! store's write quorum), 3. one PostgreSQL transaction swaps the run for the merged object
+//! in the index and drops its pending row, only if the session is still `receiving` and the
+//! index still holds exactly the run ([`PgStateStore::replace_fragments`]), 4. the run's
+//! objects are deleted. A crash before 3 leaves the merged object pending for the collector
+//! (an object of `part_size` or more is a multipart upload: one cut short leaves parts only
+//! the bucket's lifecycle rule removes); after 3, the old objects go with the session's
+//! prefix at Close or expiry. A merge that loses (the upload completed, the session ended,
+//! another merge won) deletes its object. Nothing reads fragments before the upload is
+//! complete, and completing needs the session's row, which the swap holds locked: a reader
+//! sees the old index or the new one, never half.
 
 use std::sync::Arc;
 
@@ -56,8 +66,21 @@ pub const COALESCE_SPAN: u64 = 1 << 20;
 /// 200 to 85 ms but added about 1 ms to every fragment's Ack on a shared 2-core machine.
 pub const MIN_RUN: usize = 32;
 
-/// Merges running at once on one node (each holds at most about two spans in memory).
-const MERGES_AT_ONCE: usize = 4;
+/// Permits of one node's merges: a tiny merge takes one (it holds about 2 MiB), a part merge
+/// [`PART_MERGE_PERMITS`] (it holds up to about [`MAX_PART_SPAN`] + 5 MiB written and
+/// [`READ_AHEAD_BYTES`] read): at most 4 tiny or 2 part merges of a node at once.
+const MERGES_AT_ONCE: u32 = 4;
+
+/// Permits a part merge takes.
+const PART_MERGE_PERMITS: u32 = 2;
+
+/// The longest part span, whatever `part_size` is (any object of 5 MiB or more can be copied
+/// as a part, so longer spans would only hold more in memory).
+pub const MAX_PART_SPAN: u64 = 16 << 20;
+
+/// Most fragments one merge takes (the last ones of its run): what a merge reads from
+/// PostgreSQL and the store stays bounded even for a client that sends one-byte fragments.
+pub const MAX_RUN: usize = 4096;
 
 /// Fragment reads of one merge in flight at once, at most.
 const READ_AHEAD: usize = 32;
@@ -77,6 +100,8 @@ pub(super) struct Rule {
     min_run: usize,
     /// Fewest bytes in a run worth merging.
     min_bytes: u64,
+    /// Permits of the node's merge limiter it takes.
+    permits: u32,
 }
 
 impl Rule {
@@ -86,26 +111,33 @@ impl Rule {
         small_below: COALESCE_SPAN,
         min_run: MIN_RUN,
         min_bytes: 0,
+        permits: 1,
     };
 
-    /// Spans of `part_size` (at least 5 MiB) of fragments under 5 MiB, runs of 5 MiB or more:
-    /// objects the assembly copies as parts.
+    /// Spans of `part_size` (at least 5 MiB, at most [`MAX_PART_SPAN`]) of fragments under
+    /// 5 MiB, runs of 5 MiB or more: objects the assembly copies as parts.
     pub(super) fn parts(part_size: u64) -> Rule {
         Rule {
-            span: part_size.max(MIN_PART_SIZE),
+            span: part_size.clamp(MIN_PART_SIZE, MAX_PART_SPAN),
             small_below: MIN_PART_SIZE,
             min_run: 2,
             min_bytes: MIN_PART_SIZE,
+            permits: PART_MERGE_PERMITS,
         }
     }
 
-    /// The rule of an upload of `total` bytes on `objects`.
-    pub(super) fn for_upload(objects: &Objects, total: Option<u64>) -> Rule {
-        match total {
-            Some(total) if objects.merges_into_parts(total) => {
-                Rule::parts(objects.part_size() as u64)
-            }
-            _ => Rule::TINY,
+    /// The merge the fragment `start..end` of an upload of `total` bytes on `objects` starts:
+    /// a part merge when the upload takes them and the fragment crosses a part boundary,
+    /// else a tiny merge when it crosses a MiB boundary, else none.
+    pub(super) fn at(objects: &Objects, total: Option<u64>, start: u64, end: u64) -> Option<Rule> {
+        let len = end.saturating_sub(start);
+        let parts = total
+            .filter(|&t| objects.merges_into_parts(t))
+            .map(|_| Rule::parts(objects.part_size() as u64));
+        match parts {
+            Some(p) if p.crosses(start, len) => Some(p),
+            _ if Rule::TINY.crosses(start, len) => Some(Rule::TINY),
+            _ => None,
         }
     }
 
@@ -113,6 +145,11 @@ impl Rule {
     /// byte is in a later span than its first, or it ends exactly on a boundary.
     fn crosses(&self, offset: u64, len: u64) -> bool {
         len > 0 && offset / self.span != offset.saturating_add(len) / self.span
+    }
+
+    /// Whether this is the part rule.
+    fn is_parts(&self) -> bool {
+        self.small_below == MIN_PART_SIZE
     }
 
     /// Whether `run` is worth merging.
@@ -194,23 +231,29 @@ impl Coalescer {
         Coalescer {
             state,
             objects,
-            permits: Arc::new(Semaphore::new(MERGES_AT_ONCE)),
+            permits: Arc::new(Semaphore::new(MERGES_AT_ONCE as usize)),
         }
     }
 
     /// After the commit of the fragment `start..end` of `id`, an upload of `total` bytes:
-    /// starts its merge in the background when the fragment crosses a boundary of the
-    /// upload's rule. A failed merge changes nothing.
+    /// starts its merge in the background when the fragment crosses a boundary
+    /// ([`Rule::at`]). A failed merge changes nothing.
     pub(super) fn after_commit(&self, id: SessionId, start: u64, end: u64, total: Option<u64>) {
-        let rule = Rule::for_upload(&self.objects, total);
-        if !rule.crosses(start, end - start) {
+        let Some(rule) = Rule::at(&self.objects, total, start, end) else {
             return;
-        }
+        };
         let this = self.clone();
         tokio::spawn(async move {
-            let Ok(_permit) = Arc::clone(&this.permits).acquire_owned().await else {
+            let Ok(_permit) = Arc::clone(&this.permits)
+                .acquire_many_owned(rule.permits)
+                .await
+            else {
                 return;
             };
+            // Decided again: the store may have refused a part copy meanwhile.
+            if Rule::at(&this.objects, total, start, end) != Some(rule) {
+                return;
+            }
             match this.merge(&id, &rule, start, end).await {
                 Ok(done) => tracing::debug!(session = %id, end, ?done, "fragments merged"),
                 Err(e) => {
@@ -220,9 +263,9 @@ impl Coalescer {
         });
     }
 
-    /// [`Coalescer::merge`] under one of this coalescer's permits (at most
-    /// `MERGES_AT_ONCE` merges of a node run at once, whoever starts them), with the rule of
-    /// an upload of `total` bytes.
+    /// The merge [`Rule::at`] picks for the fragment `start..end` of `id`, an upload of
+    /// `total` bytes, now, under this coalescer's limit (at most `MERGES_AT_ONCE` permits of
+    /// a node's merges at once, whoever starts them).
     pub(super) async fn merge_now(
         &self,
         id: &SessionId,
@@ -230,18 +273,39 @@ impl Coalescer {
         end: u64,
         total: Option<u64>,
     ) -> Result<Coalesced, StorageError> {
+        let Some(rule) = Rule::at(&self.objects, total, start, end) else {
+            return Ok(Coalesced::Nothing);
+        };
         let _permit = self
             .permits
-            .acquire()
+            .acquire_many(rule.permits)
             .await
             .map_err(|_| StorageError::Task("the merge limiter is closed".into()))?;
-        let rule = Rule::for_upload(&self.objects, total);
         self.merge(id, &rule, start, end).await
     }
 
     /// Merges the run under `rule` ending with the fragment `start..end` of `id` (see the
-    /// module docs).
+    /// module docs); a part merge that loses to a change of the index tries once more.
     async fn merge(
+        &self,
+        id: &SessionId,
+        rule: &Rule,
+        start: u64,
+        end: u64,
+    ) -> Result<Coalesced, StorageError> {
+        let tries = if rule.is_parts() { 2 } else { 1 };
+        let mut outcome = Coalesced::Nothing;
+        for _ in 0..tries {
+            outcome = self.merge_once(id, rule, start, end).await?;
+            if outcome != Coalesced::Lost {
+                break;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// One attempt of [`Coalescer::merge`].
+    async fn merge_once(
         &self,
         id: &SessionId,
         rule: &Rule,
@@ -250,7 +314,7 @@ impl Coalescer {
     ) -> Result<Coalesced, StorageError> {
         let rows = self
             .state
-            .fragments_between(id, start.saturating_sub(rule.span), end)
+            .fragments_before(id, start.saturating_sub(rule.span), end, MAX_RUN)
             .await?;
         let run = run_ending_at(rule, &rows, start, end);
         if !rule.worth(&run) {
@@ -258,10 +322,11 @@ impl Coalescer {
         }
         let first = run[0].entry.offset;
         let key = self.objects.fragment_key(id, first);
-        // 1. Pending before the object exists.
+        // 1. Pending before the object exists (only while the upload goes on: a merge that
+        // starts after the last fragment would only lose at the swap).
         if !self
             .state
-            .add_fragment_pending_object(id, key.as_str())
+            .add_merge_pending_object(id, key.as_str())
             .await?
         {
             return Ok(Coalesced::Lost);
@@ -503,7 +568,7 @@ mod tests {
         let run = run_ending_at(&rule, &rows, 7 * M, 8 * M);
         assert_eq!(offsets(&run), vec![7 * M]);
         assert!(!rule.worth(&run), "one fragment");
-        // 3 MiB of small fragments after it: too short to be a part (the assembly lends).
+        // 2.5 MiB of small fragments after it: too short to be a part (the assembly lends).
         let rows = index(&[5 * M + M / 2, M / 2, M, M, M]);
         let run = run_ending_at(&rule, &rows, 7 * M, 8 * M);
         assert_eq!(run.len(), 3);
@@ -519,5 +584,10 @@ mod tests {
     fn the_part_span_is_never_under_s3s_smallest_part() {
         assert_eq!(Rule::parts(1).span, MIN_PART_SIZE);
         assert_eq!(Rule::parts(16 * M).span, 16 * M);
+        assert_eq!(
+            Rule::parts(1 << 30).span,
+            MAX_PART_SPAN,
+            "nor over its longest"
+        );
     }
 }

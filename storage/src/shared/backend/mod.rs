@@ -51,7 +51,7 @@ use crate::backend::{
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
 use coalesce::Coalescer;
-pub use coalesce::{Coalesced, COALESCE_SPAN, MIN_RUN};
+pub use coalesce::{Coalesced, COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
 use sinks::{reply_key, PendingRow, ReservedKey, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.

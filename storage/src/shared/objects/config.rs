@@ -12,6 +12,9 @@ use crate::StorageError;
 /// S3's smallest part of a multipart upload (all but the last part).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 
+/// S3's largest part of a multipart upload (5 GiB).
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
 /// Default part size, and the size below which an object is written with one PUT.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
@@ -79,13 +82,12 @@ pub struct ObjectStoreConfig {
     pub coalesce_fragments: Option<bool>,
     /// Uploads of at least this many bytes (their Content-Range total) have their fragments
     /// shorter than 5 MiB merged, in the background while the upload goes on, into objects of
-    /// at least 5 MiB that end at a multiple of `part_size` of the upload's offsets, so that
-    /// completion copies them server-side (`UploadPartCopy`) instead of streaming them through
-    /// the node: the final fragment's Ack, which waits for the assembly, then waits for part
-    /// copies and at most the last `part_size` of small fragments. The bytes pass through the
-    /// node once either way (at the merge instead of at completion). Default 1 GiB; 0 turns
-    /// it off. Needs `coalesce_fragments` and `server_side_copy`; for such uploads these
-    /// merges replace the 1 MiB ones.
+    /// at least 5 MiB, each ending with the fragment that reaches a multiple of `part_size`
+    /// (at most 16 MiB) of the upload's offsets, so that completion copies them server-side
+    /// (`UploadPartCopy`) instead of streaming them through the node before the final
+    /// fragment's Ack. The bytes pass through the node once more either way, and the store
+    /// copies them: the whole upload takes longer, its last Ack less. Default 1 GiB; 0 turns
+    /// it off. Needs `coalesce_fragments` and `server_side_copy`.
     pub merge_parts_from: Option<u64>,
     /// Answer a reply download (GET or HEAD of a session's reply URL, after the node has
     /// checked the session, its route and its owner) with `307 Temporary Redirect` to a
@@ -124,12 +126,13 @@ impl std::fmt::Debug for ObjectStoreConfig {
 }
 
 impl ObjectStoreConfig {
-    /// The effective part size (the configured one, at least [`MIN_PART_SIZE`]).
+    /// The effective part size (the configured one, at least [`MIN_PART_SIZE`], at most
+    /// [`MAX_PART_SIZE`]).
     pub fn part_size(&self) -> usize {
         let size = self
             .part_size
             .unwrap_or(DEFAULT_PART_SIZE)
-            .max(MIN_PART_SIZE);
+            .clamp(MIN_PART_SIZE, MAX_PART_SIZE);
         usize::try_from(size).unwrap_or(usize::MAX)
     }
 
@@ -262,5 +265,36 @@ impl ObjectStoreConfig {
             .build()
             .map_err(|e| refuse(e.to_string()))?;
         Ok((s3, location))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_part_size_stays_within_s3s_limits() {
+        let with = |n| ObjectStoreConfig {
+            part_size: Some(n),
+            ..ObjectStoreConfig::default()
+        };
+        assert_eq!(with(1).part_size() as u64, MIN_PART_SIZE);
+        assert_eq!(with(16 << 20).part_size() as u64, 16 << 20);
+        assert_eq!(with(u64::MAX).part_size() as u64, MAX_PART_SIZE);
+        assert_eq!(
+            ObjectStoreConfig::default().part_size() as u64,
+            DEFAULT_PART_SIZE
+        );
+    }
+
+    #[test]
+    fn part_merges_start_at_1_gib_unless_set_and_0_turns_them_off() {
+        let with = |n| ObjectStoreConfig {
+            merge_parts_from: n,
+            ..ObjectStoreConfig::default()
+        };
+        assert_eq!(with(None).merge_parts_from(), Some(1 << 30));
+        assert_eq!(with(Some(0)).merge_parts_from(), None);
+        assert_eq!(with(Some(5)).merge_parts_from(), Some(5));
     }
 }

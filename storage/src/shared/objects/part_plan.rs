@@ -21,10 +21,7 @@
 
 use std::ops::Range;
 
-pub(crate) use super::config::MIN_PART_SIZE;
-
-/// S3's largest part (5 GiB).
-pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+pub(crate) use super::config::{MAX_PART_SIZE, MIN_PART_SIZE};
 
 /// S3's most parts in one multipart upload.
 pub const MAX_PARTS: usize = 10_000;

@@ -12,21 +12,28 @@ const BETWEEN: &str = "SELECT start_offset, len, crc32c, object_key FROM bitsd_f
     WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3 ORDER BY start_offset";
 
 impl PgStateStore {
-    /// The fragments of `id` whose first byte is in `from..to`, in offset order.
-    pub async fn fragments_between(
+    /// The last `limit` fragments of `id` whose first byte is in `from..to`, in offset order.
+    pub async fn fragments_before(
         &self,
         id: &SessionId,
         from: u64,
         to: u64,
+        limit: usize,
     ) -> Result<Vec<FragmentObject>, StorageError> {
         let (from, to) = (to_i64(from, "offset")?, to_i64(to, "offset")?);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.timed(async {
             let conn = self.conn().await?;
             let rows = conn
-                .query(BETWEEN, &[id.as_uuid(), &from, &to])
+                .query(
+                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
+                      WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3
+                      ORDER BY start_offset DESC LIMIT $4",
+                    &[id.as_uuid(), &from, &to, &limit],
+                )
                 .await
                 .map_err(pg_error)?;
-            Ok(rows.iter().map(fragment_of).collect())
+            Ok(rows.iter().rev().map(fragment_of).collect())
         })
         .await
     }

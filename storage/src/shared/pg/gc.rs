@@ -94,7 +94,7 @@ impl PgStateStore {
         session: &SessionId,
         object_key: &str,
     ) -> Result<(), StorageError> {
-        self.insert_pending(session, object_key, false)
+        self.insert_pending(session, object_key, None)
             .await
             .map(|_| ())
     }
@@ -108,17 +108,29 @@ impl PgStateStore {
         session: &SessionId,
         object_key: &str,
     ) -> Result<bool, StorageError> {
-        self.insert_pending(session, object_key, true).await
+        self.insert_pending(session, object_key, Some(LIVE)).await
     }
 
-    /// The pending-row insert of both: one statement (autocommit, so a failure leaves no
-    /// transaction open on the pooled connection) without a WAL flush of its own; with
-    /// `only_live`, only while the session is live. Whether the row went in.
+    /// [`PgStateStore::add_pending_object`] for a merge of a session's fragments, only while
+    /// `session` is receiving (a merge that starts after the upload completed or ended would
+    /// only lose at its swap): `false`, and no row, otherwise.
+    pub async fn add_merge_pending_object(
+        &self,
+        session: &SessionId,
+        object_key: &str,
+    ) -> Result<bool, StorageError> {
+        self.insert_pending(session, object_key, Some("state = 'receiving'"))
+            .await
+    }
+
+    /// The pending-row insert of all three: one statement (autocommit, so a failure leaves
+    /// no transaction open on the pooled connection) without a WAL flush of its own; with a
+    /// condition on the session's row, only while it holds. Whether the row went in.
     async fn insert_pending(
         &self,
         session: &SessionId,
         object_key: &str,
-        only_live: bool,
+        only_while: Option<&str>,
     ) -> Result<bool, StorageError> {
         if object_key.contains('\0') {
             return Err(StorageError::StateStore(
@@ -126,11 +138,11 @@ impl PgStateStore {
             ));
         }
         let now = to_i64(now_millis(), "time")?;
-        let live = if only_live {
-            format!("WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = $2 AND {LIVE})")
-        } else {
-            String::new()
-        };
+        let live = only_while
+            .map(|cond| {
+                format!("WHERE EXISTS (SELECT 1 FROM bitsd_sessions WHERE id = $2 AND {cond})")
+            })
+            .unwrap_or_default();
         let sql = format!(
             "WITH {NO_FLUSH_CTE}
              INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)

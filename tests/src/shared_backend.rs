@@ -1,6 +1,6 @@
-//! What the merge tests (farm_coalesce.rs, farm_part_merge.rs) share: a shared backend on a
-//! real PostgreSQL and a real Garage, fragments committed through it one by one, and the
-//! fragment index and the bucket looked at side by side.
+//! A shared backend on a real PostgreSQL and a real Garage, driven directly (no server), and
+//! what the tests that do so share: fragments committed one by one, the fragment index and
+//! the bucket looked at side by side, an upload or a published file read back.
 
 use std::sync::Arc;
 
@@ -24,7 +24,8 @@ pub struct Farm {
     pub backend: SharedBackend,
     /// Its PostgreSQL URL.
     pub url: String,
-    _garage: Garage,
+    /// The Garage behind it.
+    pub garage: Garage,
     _pg: Arc<PgCluster>,
     _scratch: tempfile::TempDir,
 }
@@ -51,7 +52,7 @@ pub async fn farm(prefix: &str, configure: impl FnOnce(&mut ObjectStoreConfig)) 
     Some(Farm {
         backend,
         url,
-        _garage: garage,
+        garage,
         _pg: pg,
         _scratch: scratch,
     })
