@@ -7,10 +7,12 @@
 //! reason when PostgreSQL or Garage is not installed.
 #![allow(clippy::unwrap_used)]
 
-use bitsd::storage::shared::objects::{FragmentObject, ObjectKey, MIN_PART_SIZE};
+use bitsd::storage::shared::objects::{FragmentObject, ObjectKey, Objects, MIN_PART_SIZE};
+use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::storage::shared::{SharedBackend, MAX_RUN};
 use bitsd::storage::SessionBackend;
 use bitsd_protocol::SessionId;
+use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::{raw_client, session_record};
 use bitsd_tests::shared_backend::{
@@ -232,4 +234,69 @@ async fn a_merge_reads_at_most_the_last_max_run_fragments_of_its_run() {
     let offsets: Vec<u64> = rows.iter().map(|r| r.entry.offset).collect();
     let last: Vec<u64> = (5000 - MAX_RUN as u64..5000).collect();
     assert_eq!(offsets, last, "the last ones, in offset order");
+}
+
+/// Whether the index of `id` holds an object of 5 MiB or more (a part merge's), checked every
+/// 50 ms for `secs` seconds.
+async fn part_merged_within(backend: &SharedBackend, id: &SessionId, secs: u64) -> bool {
+    for _ in 0..secs * 20 {
+        if index(backend, id)
+            .await
+            .iter()
+            .any(|r| r.1 >= MIN_PART_SIZE)
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_saw_the_store_refuse_a_part_copy_stops_merging_into_parts() {
+    let Some(farm) = parts_farm(1, true).await else {
+        return;
+    };
+    let garage = farm.garage.s3_addr();
+    let Some(proxy) =
+        tokio::task::spawn_blocking(move || Nginx::start_refusing_part_copies(&[garage]))
+            .await
+            .unwrap()
+    else {
+        return;
+    };
+    let mut store = farm.garage.object_store_config("parts");
+    store.endpoint = Some(proxy.url());
+    store.part_size = Some(MIN_PART_SIZE);
+    store.merge_parts_from = Some(1);
+    let scratch = tempfile::tempdir().unwrap();
+    let backend = SharedBackend::from_parts(
+        PgStateStore::connect(&farm.url, PgOptions::default())
+            .await
+            .unwrap(),
+        Objects::new(&store).unwrap(),
+        scratch.path().to_owned(),
+    );
+    let lens = [vec![MIB; 10], vec![1000]].concat();
+    // Before any refusal the node merges into parts; the publish then meets the 501 and
+    // streams the upload instead.
+    let (mut record, data) = all_but_the_last(&backend, &lens, 40).await;
+    assert!(
+        part_merged_within(&backend, &record.id, 10).await,
+        "part merges ran"
+    );
+    send(&backend, &mut record, &data, 1000).await;
+    assert!(publish_and_read(&backend, &record.id, "parts/refused-a.bin").await == data);
+    assert!(
+        proxy.access_log().contains("status=501"),
+        "the refusal was seen"
+    );
+    // From then on that node merges nothing into parts (it would only stream them again).
+    let (mut record, data) = all_but_the_last(&backend, &lens, 41).await;
+    assert!(
+        !part_merged_within(&backend, &record.id, 2).await,
+        "no part merge after the refusal"
+    );
+    send(&backend, &mut record, &data, 1000).await;
+    assert!(publish_and_read(&backend, &record.id, "parts/refused-b.bin").await == data);
 }

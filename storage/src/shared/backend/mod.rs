@@ -34,6 +34,7 @@
 mod coalesce;
 mod gc;
 mod handler_files;
+mod merge_rule;
 mod orphans;
 mod sinks;
 
@@ -50,8 +51,9 @@ use crate::backend::{
     LocalUpload, ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
+pub use coalesce::Coalesced;
 use coalesce::Coalescer;
-pub use coalesce::{Coalesced, COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
+pub use merge_rule::{COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
 use sinks::{reply_key, PendingRow, ReservedKey, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.

@@ -41,8 +41,8 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 pub use assemble::{Assembled, FragmentObject};
 pub use config::{
-    ObjectStoreConfig, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PRESIGNED_SECS,
-    MIN_PART_SIZE,
+    ObjectStoreConfig, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PART_SIZE,
+    MAX_PRESIGNED_SECS, MIN_PART_SIZE,
 };
 pub use keys::ObjectKey;
 pub use writer::{ObjectWriter, StoredObject};
