@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bitsd_protocol::SessionId;
-use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
+use bitsd_storage::shared::objects::{ObjectKey, ObjectStoreConfig, Objects};
 use bitsd_storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{
@@ -161,18 +161,21 @@ pub async fn read_all(backend: &SharedBackend, id: &SessionId) -> Vec<u8> {
     out
 }
 
-/// Publishes the finished upload at `path` and reads the published object back.
-pub async fn publish_and_read(backend: &SharedBackend, id: &SessionId, path: &str) -> Vec<u8> {
-    backend.publish_upload(id, path, false).await.unwrap();
-    let key = backend.objects().file_key(path);
-    backend
-        .objects()
-        .read(&key, None)
+/// The whole object at `key`.
+pub async fn read_object(objects: &Objects, key: &ObjectKey) -> Vec<u8> {
+    objects
+        .read(key, None)
         .await
         .unwrap()
         .bytes()
         .await
         .unwrap()
+}
+
+/// Publishes the finished upload at `path` and reads the published object back.
+pub async fn publish_and_read(backend: &SharedBackend, id: &SessionId, path: &str) -> Vec<u8> {
+    backend.publish_upload(id, path, false).await.unwrap();
+    read_object(backend.objects(), &backend.objects().file_key(path)).await
 }
 
 /// Rows in `bitsd_pending_objects`.

@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 mod gc_support;
 
+use bitsd_tests::shared_backend::read_object;
 use gc_support::{at, fragment, objects_of, plan, read_all, two};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,17 +166,8 @@ async fn a_published_upload_loses_its_fragment_objects_and_survives_the_collecto
     whole.extend_from_slice(&two_);
     let key = n.a.objects().file_key("gc/out.bin");
     let read = |b: &SharedBackend| {
-        let objects = b.objects().clone();
-        let key = key.clone();
-        async move {
-            objects
-                .read(&key, None)
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap()
-        }
+        let (objects, key) = (b.objects().clone(), key.clone());
+        async move { read_object(&objects, &key).await }
     };
     assert_eq!(read(&n.a).await, whole);
     // A repeated publish (a retried final packet) still answers from the record.

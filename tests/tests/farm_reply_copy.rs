@@ -87,13 +87,7 @@ impl Node {
 
     async fn reply_object(&self, sid: &str) -> Vec<u8> {
         let key = self.objects.session_prefix(&session(sid)).join("reply");
-        self.objects
-            .read(&key, None)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
+        bitsd_tests::shared_backend::read_object(&self.objects, &key).await
     }
 }
 

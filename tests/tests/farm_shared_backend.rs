@@ -15,7 +15,7 @@ use bitsd::storage::{
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::session_record;
-use bitsd_tests::shared_backend::{farm, read_all};
+use bitsd_tests::shared_backend::{farm, read_all, read_object};
 use bytes::Bytes;
 
 fn plan(write_at: u64, len: u64) -> FragmentPlan {
@@ -99,15 +99,7 @@ async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes
     );
     assert!(backend.destination_exists("race/out.bin").await);
     let key = backend.objects().file_key("race/out.bin");
-    let published = backend
-        .objects()
-        .read(&key, None)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(published, whole);
+    assert_eq!(read_object(backend.objects(), &key).await, whole);
     assert!(backend.load(&id).await.unwrap().unwrap().committed);
     let mut other = session_record(None);
     other.received = 0;
