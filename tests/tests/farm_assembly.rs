@@ -8,11 +8,12 @@
 #![allow(clippy::unwrap_used)]
 
 use bitsd_protocol::SessionId;
-use bitsd_storage::shared::objects::{FragmentObject, ObjectKey, ObjectStoreConfig, Objects};
+use bitsd_storage::shared::objects::{FragmentObject, ObjectStoreConfig, Objects};
 use bitsd_storage::StorageError;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
+use bitsd_tests::shared_backend::read_object;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -67,16 +68,6 @@ async fn put_fragments(
     (fragments, data)
 }
 
-async fn read_all(objects: &Objects, key: &ObjectKey) -> Vec<u8> {
-    objects
-        .read(key, None)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-}
-
 /// The shapes every test assembles: (name, fragment sizes, bytes the store should copy when
 /// part copies work).
 fn shapes() -> Vec<(&'static str, Vec<usize>, usize)> {
@@ -123,7 +114,7 @@ async fn large_fragments_are_copied_by_the_store_and_every_shape_is_byte_exact()
         assert_eq!(assembled.len, total, "{name}");
         assert_eq!(assembled.copied_bytes, copies as u64, "{name}");
         assert!(
-            read_all(&with, &dest).await == data,
+            read_object(&with, &dest).await == data,
             "{name}: copied bytes differ"
         );
         println!(
@@ -138,7 +129,7 @@ async fn large_fragments_are_copied_by_the_store_and_every_shape_is_byte_exact()
         assert_eq!(assembled.copied_bytes, 0, "{name}");
         assert_eq!(assembled.crc32c, Some(crc32c::crc32c(&data)), "{name}");
         assert!(
-            read_all(&without, &dest).await == data,
+            read_object(&without, &dest).await == data,
             "{name}: streamed bytes differ"
         );
     }
@@ -203,7 +194,7 @@ async fn a_store_that_refuses_part_copies_gets_the_upload_streamed() {
                 "{name}: streamed after the refusal"
             );
         }
-        assert!(read_all(&objects, &dest).await == data, "{name}");
+        assert!(read_object(&objects, &dest).await == data, "{name}");
     }
     assert!(
         nginx.access_log().contains("status=501"),

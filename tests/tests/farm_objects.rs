@@ -9,6 +9,7 @@ use bitsd_storage::StorageError;
 use bitsd_tests::garage::{Garage, GarageCluster, S3Access};
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
+use bitsd_tests::shared_backend::read_object;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -56,16 +57,6 @@ async fn put(objects: &Objects, key: ObjectKey, data: &[u8]) -> FragmentObject {
     }
 }
 
-async fn read_all(objects: &Objects, key: &ObjectKey) -> Vec<u8> {
-    objects
-        .read(key, None)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garage_fragment_put_and_ranged_reads_are_byte_exact() {
     let Some(garage) = Garage::start() else {
@@ -84,7 +75,11 @@ async fn garage_fragment_put_and_ranged_reads_are_byte_exact() {
         let info = objects.head(&key).await.unwrap();
         assert_eq!(info.len, size as u64, "head of {size}");
         assert!(info.e_tag.is_some());
-        assert_eq!(read_all(&objects, &key).await, data, "whole read of {size}");
+        assert_eq!(
+            read_object(&objects, &key).await,
+            data,
+            "whole read of {size}"
+        );
         let n = size as u64;
         for range in [0..1, 0..100, n / 2..n / 2 + 4097, n - 1..n, 17..n] {
             let read = objects.read(&key, Some(range.clone())).await.unwrap();
@@ -122,7 +117,7 @@ async fn garage_fragment_put_and_ranged_reads_are_byte_exact() {
     put(&objects, odd.clone(), b"odd").await;
     let listed = objects.list(&objects.prefix().join("files")).await.unwrap();
     assert!(listed.iter().any(|o| o.key == odd), "{listed:?}");
-    assert_eq!(read_all(&objects, &odd).await, b"odd");
+    assert_eq!(read_object(&objects, &odd).await, b"odd");
     objects.delete(std::slice::from_ref(&odd)).await.unwrap();
     let gone = objects.fragment_key(&session, 0);
     assert!(matches!(
@@ -213,8 +208,8 @@ async fn garage_unfinished_writes_leave_no_object_and_racing_writes_never_collid
         put(&objects, first.clone(), &a),
         put(&objects, second.clone(), &b)
     );
-    assert!(read_all(&objects, &fa.key).await == a);
-    assert!(read_all(&objects, &fb.key).await == b);
+    assert!(read_object(&objects, &fa.key).await == a);
+    assert!(read_object(&objects, &fb.key).await == b);
     // A fragment object shorter than its index entry is refused at assembly.
     let lying = FragmentObject {
         offset: 0,
@@ -293,7 +288,7 @@ async fn garage_assembles_many_small_and_mixed_fragments_byte_exact() {
     assert_eq!(assembled.len, data.len() as u64);
     assert_eq!(assembled.crc32c, Some(crc32c::crc32c(&data)));
     assert_eq!(assembled.requests, 300 + 2 + 2);
-    assert!(read_all(&objects, &dest).await == data);
+    assert!(read_object(&objects, &dest).await == data);
     // The same bytes straight from the fragments, for a reply handler.
     let mut stream = objects
         .read_upload(&fragments, data.len() as u64, &dest)
@@ -318,7 +313,7 @@ async fn garage_assembles_many_small_and_mixed_fragments_byte_exact() {
     // The last 8 MiB fragment is copied by the store (tests/tests/farm_assembly.rs has the
     // shapes of assembly with part copies); the rest is streamed through the node.
     assert!(assembled.copied_bytes >= 5 * MIB as u64, "{assembled:?}");
-    assert!(read_all(&objects, &dest).await == data);
+    assert!(read_object(&objects, &dest).await == data);
 
     // A gap in the index is refused, nothing is written.
     let holed: Vec<_> = fragments.iter().filter(|f| f.len != 3).cloned().collect();
@@ -340,7 +335,7 @@ async fn garage_assembles_many_small_and_mixed_fragments_byte_exact() {
         .await
         .unwrap();
     assert_eq!(assembled.requests, 1);
-    assert!(read_all(&objects, &dest).await == data);
+    assert!(read_object(&objects, &dest).await == data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,11 +393,11 @@ async fn garage_cluster_with_a_node_killed_keeps_taking_puts_and_reads() {
     let written = writer.await.unwrap();
     if let Some(balanced) = &balanced {
         for (key, data) in &written {
-            assert!(read_all(balanced, key).await == *data, "{key} via nginx");
+            assert!(read_object(balanced, key).await == *data, "{key} via nginx");
         }
     }
     for (key, data) in &written {
-        assert!(read_all(&objects, key).await == *data, "{key}");
+        assert!(read_object(&objects, key).await == *data, "{key}");
     }
     let (fragments, upload) = put_fragments(&objects, &session, &[50_000; 20], 11).await;
     let dest = objects.file_key("cluster/assembled.bin");
@@ -414,9 +409,9 @@ async fn garage_cluster_with_a_node_killed_keeps_taking_puts_and_reads() {
     tokio::task::block_in_place(|| cluster.restart(2));
     let via_restarted =
         Objects::new(&config(cluster.endpoint(2), cluster.access(), 5 * MIB)).unwrap();
-    assert!(read_all(&via_restarted, &dest).await == upload);
+    assert!(read_object(&via_restarted, &dest).await == upload);
     for (key, data) in &written {
-        assert!(read_all(&via_restarted, key).await == *data, "{key}");
+        assert!(read_object(&via_restarted, key).await == *data, "{key}");
     }
 
     // Two nodes down: no write quorum. The node still answers (503), and that is the
@@ -498,7 +493,7 @@ async fn object_store_unreachable_is_the_transient_error() {
         .unwrap_err();
     assert!(err.is_object_store_unreachable(), "{err}");
     tokio::task::block_in_place(|| garage.restart());
-    assert!(read_all(&objects, &key).await == data);
+    assert!(read_object(&objects, &key).await == data);
 
     // Wrong credentials are a refusal, not an outage: no retrying that as transient.
     let mut wrong = garage.access().clone();

@@ -13,6 +13,7 @@ use bitsd_storage::shared::objects::{ObjectKey, ObjectStoreConfig, Objects};
 use bitsd_tests::garage::{Garage, S3Access};
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
+use bitsd_tests::shared_backend::read_object;
 use bytes::Bytes;
 
 const MIB: usize = 1024 * 1024;
@@ -45,16 +46,6 @@ async fn write_frames(writer: &mut bitsd_storage::shared::objects::ObjectWriter,
     }
 }
 
-async fn read_all(objects: &Objects, key: &ObjectKey) -> Vec<u8> {
-    objects
-        .read(key, None)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-}
-
 async fn exists(objects: &Objects, key: &ObjectKey) -> bool {
     objects.head(key).await.is_ok()
 }
@@ -82,7 +73,7 @@ async fn streamed_fragments_are_byte_exact_and_invisible_until_finished() {
         let stored = writer.finish().await.unwrap();
         assert_eq!(stored.len, len as u64);
         assert_eq!(stored.crc32c, crc32c::crc32c(&data));
-        assert_eq!(read_all(&objects, &key).await, data, "{len} bytes");
+        assert_eq!(read_object(&objects, &key).await, data, "{len} bytes");
     }
 }
 
@@ -116,7 +107,7 @@ async fn a_streamed_writer_dropped_mid_body_or_unfinished_leaves_no_object() {
     let mut writer = objects.fragment_writer(whole.clone(), data.len() as u64);
     write_frames(&mut writer, &data).await;
     writer.finish().await.unwrap();
-    assert_eq!(read_all(&objects, &whole).await, data);
+    assert_eq!(read_object(&objects, &whole).await, data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +123,7 @@ async fn a_body_of_another_length_than_announced_is_stored_as_written() {
         write_frames(&mut writer, &data).await;
         let stored = writer.finish().await.unwrap();
         assert_eq!(stored.len, len as u64, "{name}");
-        assert_eq!(read_all(&objects, &key).await, data, "{name}");
+        assert_eq!(read_object(&objects, &key).await, data, "{name}");
     }
 }
 
@@ -152,7 +143,7 @@ async fn a_store_refusing_unsigned_payloads_is_noticed_and_sent_whole_fragments(
         let mut writer = objects.fragment_writer(key.clone(), data.len() as u64);
         write_frames(&mut writer, &data).await;
         writer.finish().await.unwrap();
-        assert_eq!(read_all(&objects, &key).await, data);
+        assert_eq!(read_object(&objects, &key).await, data);
         keys.push(key);
     }
     let log = proxy.access_log();
