@@ -562,6 +562,14 @@ async fn a_bulk_delete_answer_naming_a_key_not_asked_for_is_an_error_not_a_panic
         .unwrap_err();
     assert!(err.to_string().contains("DeleteObjects answer"), "{err}");
     // The same client goes on working.
-    through.head(&asked).await.unwrap_err();
+    let bytes = Bytes::from_static(b"still here");
+    through
+        .put_stream(
+            asked.clone(),
+            futures_util::stream::iter([Ok::<_, StorageError>(bytes.clone())]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read_object(&through, &asked).await, bytes.to_vec());
     objects.delete(&[asked]).await.unwrap();
 }

@@ -300,3 +300,42 @@ async fn a_node_that_saw_the_store_refuse_a_part_copy_stops_merging_into_parts()
     send(&backend, &mut record, &data, 1000).await;
     assert!(publish_and_read(&backend, &record.id, "parts/refused-b.bin").await == data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_boundary_without_5_mib_to_merge_still_gets_its_1_mib_merge() {
+    let Some(farm) = parts_farm(1, true).await else {
+        return;
+    };
+    let backend = &farm.backend;
+    // A 6 MiB fragment (a part of its own), then 4.5 MiB of tiny ones: at the 10 MiB part
+    // boundary there are only 4 MiB of small fragments, too few for a part; the tiny ones
+    // just before that boundary are merged per MiB all the same.
+    let mut lens = vec![6 * MIB];
+    lens.extend(std::iter::repeat_n(TINY, 236));
+    lens.push(TINY);
+    let (record, _data) = all_but_the_last(backend, &lens, 50).await;
+    let boundary = 10 * MIB as u64;
+    let mut covering = 0;
+    for _ in 0..400 {
+        let rows = index(backend, &record.id).await;
+        covering = rows
+            .iter()
+            .find(|r| r.0 < boundary && boundary <= r.0 + r.1)
+            .map_or(0, |r| r.1);
+        if covering > TINY as u64 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        covering > TINY as u64,
+        "the fragment reaching 10 MiB was merged with the ones before it ({covering} bytes)"
+    );
+    assert!(
+        !index(backend, &record.id)
+            .await
+            .iter()
+            .any(|r| r.1 >= MIN_PART_SIZE && r.0 > 0),
+        "no part merged (the 6 MiB fragment is the only entry of 5 MiB or more)"
+    );
+}

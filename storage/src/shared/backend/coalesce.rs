@@ -10,9 +10,10 @@
 //! crossing fragment itself when it is short too, when they are enough to be worth it (at
 //! most [`MAX_RUN`] fragments, the last ones). Two rules ([`Rule`]):
 //!
-//! - **tiny** (every upload): spans of [`COALESCE_SPAN`](super::COALESCE_SPAN) (1 MiB), fragments under 1 MiB,
-//!   runs of at least [`MIN_RUN`](super::MIN_RUN) fragments. Completion then reads about one object per MiB
-//!   and streams it.
+//! - **tiny** (every upload): spans of [`COALESCE_SPAN`](super::COALESCE_SPAN) (1 MiB),
+//!   fragments under 1 MiB, runs of at least [`MIN_RUN`](super::MIN_RUN) fragments.
+//!   Completion then reads about one object per MiB and streams it (more with fragments
+//!   under about 256 bytes, since a merge takes at most [`MAX_RUN`] of them).
 //! - **parts** (uploads of at least `merge_parts_from` bytes, 1 GiB by default, while the
 //!   store copies parts itself): spans of `part_size` (at most [`MAX_PART_SPAN`](super::MAX_PART_SPAN)), fragments
 //!   under 5 MiB (tiny-merged objects included), runs of at least 5 MiB. A fragment that
@@ -83,7 +84,7 @@ pub enum Coalesced {
     /// under the parts rule 5 MiB or more): nothing to do.
     Nothing,
     /// The index or the session changed first (the upload completed or ended, another merge
-    /// won): nothing changed, the merged object is deleted.
+    /// won): nothing changed, and a merged object already written is deleted.
     Lost,
 }
 
@@ -120,10 +121,13 @@ impl Coalescer {
             else {
                 return;
             };
-            // Decided again: the store may have refused a part copy meanwhile.
-            if Rule::at(&this.objects, total, start, end) != Some(rule) {
+            // Decided again: the store may have refused a part copy meanwhile (then the tiny
+            // merge this fragment also starts, which needs fewer permits).
+            let Some(rule) = Rule::at(&this.objects, total, start, end)
+                .filter(|now| now.permits <= rule.permits)
+            else {
                 return;
-            }
+            };
             match this.merge(&id, &rule, start, end).await {
                 Ok(done) => tracing::debug!(session = %id, end, ?done, "fragments merged"),
                 Err(e) => {
@@ -155,7 +159,9 @@ impl Coalescer {
     }
 
     /// Merges the run under `rule` ending with the fragment `start..end` of `id` (see the
-    /// module docs); a part merge that loses to a change of the index tries once more.
+    /// module docs). A part merge that loses to a change of the index tries once more; one
+    /// with no run worth merging falls back to the tiny merge the fragment would start
+    /// otherwise (a part boundary is a MiB boundary too).
     async fn merge(
         &self,
         id: &SessionId,
@@ -170,6 +176,12 @@ impl Coalescer {
             if outcome != Coalesced::Lost {
                 break;
             }
+        }
+        if outcome == Coalesced::Nothing
+            && rule.is_parts()
+            && Rule::TINY.crosses(start, end.saturating_sub(start))
+        {
+            outcome = self.merge_once(id, &Rule::TINY, start, end).await?;
         }
         Ok(outcome)
     }

@@ -103,9 +103,9 @@ fn crosses(offset: u64, len: u64) -> bool {
 }
 
 /// The run to merge under `rule` for the crossing fragment `start..end`, from `rows` (the
-/// index, in offset order, from at least one span before `start`): the small non-crossing
-/// fragments that end at `start` one after another, plus the crossing fragment when it is
-/// small.
+/// index in offset order, from one span before `start` or its last [`MAX_RUN`] rows up to
+/// the crossing fragment): the small non-crossing fragments that end at `start` one after
+/// another, plus the crossing fragment when it is small.
 pub(super) fn run_ending_at(
     rule: &Rule,
     rows: &[FragmentObject],

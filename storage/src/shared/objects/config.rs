@@ -51,7 +51,8 @@ pub struct ObjectStoreConfig {
     /// Address buckets as `https://<bucket>.<endpoint>` instead of `<endpoint>/<bucket>`.
     pub virtual_hosted_style: bool,
     /// Part size of multipart uploads in bytes, also the size from which one object is
-    /// written as a multipart upload (default 8 MiB, at least 5 MiB).
+    /// written as a multipart upload (default 8 MiB, at least 5 MiB, at most 5 GiB). A
+    /// fragment writer holds up to this much in memory.
     pub part_size: Option<u64>,
     /// Connect timeout in milliseconds (default 2000).
     pub connect_timeout_ms: Option<u64>,

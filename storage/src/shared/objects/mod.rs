@@ -335,7 +335,7 @@ impl Objects {
         match deleted {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(map_err("delete", keys[0].as_str())(e)),
-            Err(join) => Err(StorageError::ObjectStore {
+            Err(join) if join.is_panic() => Err(StorageError::ObjectStore {
                 op: "delete",
                 key: keys[0].as_str().to_owned(),
                 why: format!(
@@ -343,6 +343,10 @@ impl Objects {
                      check the store's logs"
                 ),
             }),
+            Err(join) => Err(StorageError::Task(format!(
+                "deleting {} was cancelled: {join}",
+                keys[0].as_str()
+            ))),
         }
     }
 
