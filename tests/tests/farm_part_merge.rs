@@ -9,7 +9,7 @@
 
 use bitsd::storage::shared::objects::{FragmentObject, ObjectKey, Objects, MIN_PART_SIZE};
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
-use bitsd::storage::shared::{SharedBackend, MAX_RUN};
+use bitsd::storage::shared::{Coalesced, SharedBackend, MAX_RUN};
 use bitsd::storage::SessionBackend;
 use bitsd_protocol::SessionId;
 use bitsd_tests::nginx::Nginx;
@@ -17,8 +17,9 @@ use bitsd_tests::pattern;
 use bitsd_tests::pg::{raw_client, session_record};
 use bitsd_tests::shared_backend::{
     bucket_matches_index, farm, index, index_becomes, pending_rows, publish_and_read, read_all,
-    send, Farm,
+    read_object, send, Farm,
 };
+use futures_util::StreamExt;
 
 const MIB: usize = 1024 * 1024;
 const TINY: usize = 20_000;
@@ -207,33 +208,81 @@ async fn part_merges_racing_the_completion_never_change_what_is_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_merge_reads_at_most_the_last_max_run_fragments_of_its_run() {
-    let Some(farm) = parts_farm(1, true).await else {
+async fn a_merge_takes_at_most_the_last_max_run_fragments_of_its_run() {
+    let Some(farm) = parts_farm(0, true).await else {
         return;
     };
     let backend = &farm.backend;
-    let record = session_record(None);
+    // 5,300 fragments of 200 bytes (a client sending tiny fragments), stored and indexed
+    // straight away (32 PUTs at once, one INSERT) instead of 5,300 commits.
+    const LEN: usize = 200;
+    const N: usize = 5300;
+    let data = pattern(N * LEN, 60);
+    let mut record = session_record(None);
+    record.total = Some(data.len() as u64);
     backend.create(&record).await.unwrap();
-    // 5,000 one-byte fragments in the index (as a client sending one byte per fragment
-    // leaves it), written straight into PostgreSQL.
+    let id = record.id;
+    let objects = backend.objects();
+    let keys: Vec<ObjectKey> = (0..N)
+        .map(|i| objects.fragment_key(&id, (i * LEN) as u64))
+        .collect();
+    let data_ref = &data;
+    futures_util::stream::iter(keys.iter().enumerate())
+        .map(|(i, key)| async move {
+            let bytes = bytes::Bytes::copy_from_slice(&data_ref[i * LEN..(i + 1) * LEN]);
+            objects
+                .put_stream(
+                    key.clone(),
+                    futures_util::stream::iter([Ok::<_, bitsd::storage::StorageError>(bytes)]),
+                )
+                .await
+                .unwrap();
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    let offsets: Vec<i64> = (0..N).map(|i| (i * LEN) as i64).collect();
+    let crcs: Vec<i64> = (0..N)
+        .map(|i| i64::from(crc32c::crc32c(&data[i * LEN..(i + 1) * LEN])))
+        .collect();
+    let names: Vec<String> = keys.iter().map(|k| k.as_str().to_owned()).collect();
     raw_client(&farm.url)
         .await
         .execute(
             "INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
-             SELECT $1, n, 1, 0, 'k' || n FROM generate_series(0, 4999) AS n",
-            &[record.id.as_uuid()],
+             SELECT $1, o, $2, c, k FROM unnest($3::bigint[], $4::bigint[], $5::text[]) AS t(o, c, k)",
+            &[id.as_uuid(), &(LEN as i64), &offsets, &crcs, &names],
         )
         .await
         .unwrap();
-    let rows = backend
-        .state()
-        .fragments_before(&record.id, 0, 5000, MAX_RUN)
-        .await
+    // The 5,243rd fragment reaches 1 MiB: its run is all 5,243, of which the merge takes the
+    // last 4,096.
+    let crossing = (1 << 20) / LEN;
+    let (start, end) = ((crossing * LEN) as u64, ((crossing + 1) * LEN) as u64);
+    assert_eq!(
+        backend.coalesce(&id, start, end).await.unwrap(),
+        Coalesced::Merged {
+            fragments: MAX_RUN,
+            bytes: (MAX_RUN * LEN) as u64,
+        }
+    );
+    let rows = backend.state().fragments(&id).await.unwrap();
+    let first = (crossing + 1 - MAX_RUN) * LEN;
+    let merged = rows
+        .iter()
+        .find(|r| r.entry.offset == first as u64)
         .unwrap();
-    assert_eq!(rows.len(), MAX_RUN);
-    let offsets: Vec<u64> = rows.iter().map(|r| r.entry.offset).collect();
-    let last: Vec<u64> = (5000 - MAX_RUN as u64..5000).collect();
-    assert_eq!(offsets, last, "the last ones, in offset order");
+    assert_eq!(merged.entry.len, (MAX_RUN * LEN) as u64);
+    let bytes = read_object(objects, &ObjectKey::parse(&merged.object_key).unwrap()).await;
+    assert!(
+        bytes == data[first..first + MAX_RUN * LEN],
+        "merged byte-exact"
+    );
+    assert_eq!(
+        rows.len(),
+        N - MAX_RUN + 1,
+        "the fragments before it stay as they were"
+    );
 }
 
 /// Whether the index of `id` holds an object of 5 MiB or more (a part merge's), checked every
