@@ -232,7 +232,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             coalesce: !a.farm_no_coalesce,
             pool: a.farm_pool,
             merge_parts_from: a.farm_merge_parts_from,
-            balancer_body_buffer: Some(a.farm_balancer_body_buffer.clone()),
+            balancer_body_buffer: a.farm_balancer_body_buffer.clone(),
             node_threads: a.farm_node_threads,
             balancer_keepalive: a.farm_balancer_keepalive,
         },

@@ -113,10 +113,7 @@ impl FarmEnv {
         }
         let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
         let first = addrs[..1].to_vec();
-        let directives = settings
-            .balancer_body_buffer
-            .map(|size| format!("client_body_buffer_size {size};"))
-            .unwrap_or_default();
+        let directives = format!("client_body_buffer_size {};", settings.balancer_body_buffer);
         let also = directives.clone();
         let idle = settings.balancer_keepalive;
         let nginx =
@@ -207,8 +204,8 @@ pub struct FarmSettings {
     pub pool: Option<usize>,
     /// `merge_parts_from` (`None`: bitsd's default).
     pub merge_parts_from: Option<u64>,
-    /// nginx's `client_body_buffer_size` in front of the nodes (`None`: nginx's default).
-    pub balancer_body_buffer: Option<String>,
+    /// nginx's `client_body_buffer_size` in front of the nodes.
+    pub balancer_body_buffer: String,
     /// nginx's idle upstream connections (`keepalive`).
     pub balancer_keepalive: usize,
     /// Each farm node's runtime worker threads (`TOKIO_WORKER_THREADS`; `None`: one per core).

@@ -212,8 +212,13 @@ impl FarmReport {
                 a.farm_pool.map_or("16 (default)".to_string(), |n| n.to_string()),
                 a.farm_node_threads
                     .map_or("one per core (default)".to_string(), |n| n.to_string()),
-                a.farm_merge_parts_from
-                    .map_or("1 GiB (default)".to_string(), |n| format!("{n} bytes")),
+                a.farm_merge_parts_from.map_or(
+                    format!(
+                        "{} bytes (default)",
+                        bitsd_storage::shared::objects::DEFAULT_MERGE_PARTS_FROM
+                    ),
+                    |n| format!("{n} bytes")
+                ),
                 a.farm_balancer_body_buffer,
                 if env.store_proxy.is_some() {
                     "; the store reached through an nginx of its own (--farm-store-proxy)"

@@ -15,8 +15,9 @@
 //!   Completion then reads about one object per MiB and streams it (more with fragments
 //!   under about 256 bytes, since a merge takes at most [`MAX_RUN`] of them).
 //! - **parts** (uploads of at least `merge_parts_from` bytes, 1 GiB by default, while the
-//!   store copies parts itself): spans of `part_size` (at most [`MAX_PART_SPAN`](super::MAX_PART_SPAN)), fragments
-//!   under 5 MiB (tiny-merged objects included), runs of at least 5 MiB. A fragment that
+//!   store copies parts itself): spans of `part_size` (at most
+//!   [`MAX_PART_SPAN`](super::MAX_PART_SPAN)), fragments under 5 MiB (tiny-merged objects
+//!   included), runs of at least 5 MiB. A fragment that
 //!   crosses a part boundary starts this merge instead of a tiny one. Completion then copies
 //!   every such object server-side (`UploadPartCopy`) and streams at most the last span's
 //!   small fragments, so the final Ack of a large upload sent in fragments of a few MiB does
@@ -59,8 +60,9 @@ use super::merge_rule::{run_ending_at, Rule, MAX_RUN};
 use crate::{FragmentEntry, StorageError};
 
 /// Permits of one node's merges: a tiny merge takes one (it holds about 2 MiB), a part merge
-/// [`PART_MERGE_PERMITS`](super::merge_rule::PART_MERGE_PERMITS) (it holds up to about [`MAX_PART_SPAN`](super::MAX_PART_SPAN) + 5 MiB written and
-/// [`READ_AHEAD_BYTES`] read): at most 4 tiny or 2 part merges of a node at once.
+/// [`PART_MERGE_PERMITS`](super::merge_rule::PART_MERGE_PERMITS) (it holds up to about
+/// [`MAX_PART_SPAN`](super::MAX_PART_SPAN) + 5 MiB written and [`READ_AHEAD_BYTES`] read):
+/// at most 4 tiny or 2 part merges of a node at once.
 const MERGES_AT_ONCE: u32 = 4;
 
 /// Fragment reads of one merge in flight at once, at most.
@@ -80,8 +82,8 @@ pub enum Coalesced {
         /// Their bytes.
         bytes: u64,
     },
-    /// No run worth merging ends there (under the tiny rule [`MIN_RUN`](super::MIN_RUN) or more fragments,
-    /// under the parts rule 5 MiB or more): nothing to do.
+    /// No run worth merging ends there (under the tiny rule [`MIN_RUN`](super::MIN_RUN) or
+    /// more fragments, under the parts rule 5 MiB or more): nothing to do.
     Nothing,
     /// The index or the session changed first (the upload completed or ended, another merge
     /// won): nothing changed, and a merged object already written is deleted.

@@ -7,9 +7,23 @@ use super::sessions::{to_i64, FragmentObject};
 use super::{pg_error, PgStateStore};
 use crate::StorageError;
 
-/// The fragments of session `$1` whose first byte is in `$2..$3`, in offset order.
-const BETWEEN: &str = "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
-    WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3 ORDER BY start_offset";
+/// The fragments of session `$1` whose first byte is in `$2..$3` (the statements below add
+/// their order).
+macro_rules! fragments_in_range {
+    () => {
+        "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
+          WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3"
+    };
+}
+
+/// [`fragments_in_range!`], in offset order.
+const BETWEEN: &str = concat!(fragments_in_range!(), " ORDER BY start_offset");
+
+/// The last `$4` of [`fragments_in_range!`], last first.
+const LAST_BETWEEN: &str = concat!(
+    fragments_in_range!(),
+    " ORDER BY start_offset DESC LIMIT $4"
+);
 
 impl PgStateStore {
     /// The last `limit` fragments of `id` whose first byte is in `from..to`, in offset order.
@@ -25,12 +39,7 @@ impl PgStateStore {
         self.timed(async {
             let conn = self.conn().await?;
             let rows = conn
-                .query(
-                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
-                      WHERE session_id = $1 AND start_offset >= $2 AND start_offset < $3
-                      ORDER BY start_offset DESC LIMIT $4",
-                    &[id.as_uuid(), &from, &to, &limit],
-                )
+                .query(LAST_BETWEEN, &[id.as_uuid(), &from, &to, &limit])
                 .await
                 .map_err(pg_error)?;
             Ok(rows.iter().rev().map(fragment_of).collect())
