@@ -73,6 +73,8 @@ pub(crate) struct PacedIo<T> {
     /// When the reply's progress is sampled next while writes wait.
     next_sample: Instant,
     timer: Pin<Box<Sleep>>,
+    /// The server has started shutting its side down.
+    shutting_down: bool,
 }
 
 impl<T: TcpBacked> PacedIo<T> {
@@ -88,6 +90,7 @@ impl<T: TcpBacked> PacedIo<T> {
             blocked_since: None,
             next_sample: Instant::now(),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            shutting_down: false,
         };
         (io, conn)
     }
@@ -175,7 +178,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for PacedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(())))
+            && buf.filled().len() == before
+            && buf.remaining() > 0
+        {
+            // The client ended its side: what it acknowledged came with its FIN.
+            this.conn.ending();
+        }
+        read
     }
 }
 
@@ -242,7 +255,13 @@ impl<T: AsyncWrite + TcpBacked + Unpin> AsyncWrite for PacedIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if !this.shutting_down {
+            // Once both sides are closed the kernel forgets the connection at once.
+            this.shutting_down = true;
+            this.conn.ending();
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

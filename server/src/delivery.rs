@@ -48,6 +48,8 @@ struct SendState {
     closed: bool,
     /// The kernel answered a send-queue sample on this connection.
     kernel: bool,
+    /// Settling tasks still waiting for the client to acknowledge an ended body.
+    settling: u32,
     /// A stream offset the client had acknowledged up to, and the kernel's count of
     /// acknowledged bytes at the same time: after a reset (the queue gone) the count still
     /// tells how far the acknowledgements went.
@@ -253,9 +255,11 @@ impl ConnSend {
                     report(taken);
                     return;
                 }
+                self.state().settling += 1;
                 let conn = self.clone();
                 rt.spawn(async move {
                     let n = conn.settle(local, peer, taken, end).await;
+                    conn.state().settling -= 1;
                     report(n);
                 });
             }
@@ -285,6 +289,21 @@ impl ConnSend {
                 return acked;
             }
             tokio::time::sleep(SETTLE_EVERY).await;
+        }
+    }
+
+    /// The connection is about to end: the client's side has ended (its FIN was read), or the
+    /// server is shutting its side down. A last look at what the client acknowledged while
+    /// the socket surely still exists, if a body's progress still waits for it: the client's
+    /// last acknowledgement often rides on its FIN, and once both sides have closed, the
+    /// kernel forgets the connection before a settling task looks again.
+    pub(crate) fn ending(&self) {
+        let waiting = {
+            let st = self.state();
+            st.body.is_some() || st.settling > 0
+        };
+        if waiting {
+            self.sample();
         }
     }
 
@@ -380,6 +399,88 @@ impl ConnSend {
     pub(crate) fn waited(&self, d: Duration) {
         if let Some(body) = self.state().body.as_mut() {
             body.waited += d;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::conn_send::{PacedIo, SendLimits};
+
+    /// A client that reads a reply to its end and closes at once: its last acknowledgement
+    /// rides on its FIN, and the server closes its side as soon as it reads that FIN (as
+    /// hyper does). Every byte counts, though the connection is gone before a settling task
+    /// looks again (failed when only the settling task and the drop looked: the kernel then
+    /// answered with the listening socket, or nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reply_read_to_its_end_counts_when_the_client_closes_at_once() {
+        const BODY: usize = 200 * 1024;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for round in 0..5 {
+            // A receive window far smaller than the body: most of it waits in the server's
+            // send queue, unacknowledged, when the body ends.
+            let client = tokio::net::TcpSocket::new_v4().unwrap();
+            client.set_recv_buffer_size(4096).unwrap();
+            let client = client.connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            socket2::SockRef::from(&server)
+                .set_send_buffer_size(4 << 20)
+                .unwrap();
+            let (mut io, conn) = PacedIo::new(server, SendLimits::default());
+            if crate::tcp_unacked::sample(addr, client.local_addr().unwrap()).is_none() {
+                eprintln!("skipped: sock_diag is not available here");
+                return;
+            }
+
+            conn.body_started();
+            const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 204800\r\n\r\n";
+            io.write_all(HEAD).await.unwrap();
+            io.write_all(&vec![7u8; BODY]).await.unwrap();
+            io.flush().await.unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            conn.body_ended(
+                BODY as u64,
+                Box::new(move |n| {
+                    let _ = tx.send(n);
+                }),
+            );
+
+            // The client reads everything and closes; the server reads its FIN, shuts down
+            // and drops the connection without delay.
+            let reader = tokio::spawn(async move {
+                let mut client = client;
+                let mut got = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = client.read(&mut buf).await.unwrap();
+                    got += n;
+                    if n == 0 || got >= HEAD.len() + BODY {
+                        break;
+                    }
+                }
+                drop(client);
+                got
+            });
+            let mut buf = [0u8; 16];
+            assert_eq!(
+                io.read(&mut buf).await.unwrap(),
+                0,
+                "the client sends nothing"
+            );
+            io.shutdown().await.unwrap();
+            drop(io);
+            assert!(reader.await.unwrap() >= BODY);
+
+            let counted = tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .expect("reported")
+                .unwrap();
+            assert_eq!(counted, BODY as u64, "round {round}");
         }
     }
 }

@@ -137,6 +137,14 @@ fn ask(
             continue;
         }
         return Ok(match message.payload {
+            // The kernel answers a lookup whose connection is gone with the listening socket
+            // of the same local port, if any: that is not the connection.
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                if r.header.socket_id.destination_port != peer.port()
+                    || r.header.socket_id.source_port != local.port() =>
+            {
+                None
+            }
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                 let bytes_acked = r.nlas.iter().find_map(|n| match n {
                     Nla::TcpInfo(info) => info
@@ -225,6 +233,28 @@ mod tests {
             let _ = sample(local, peer);
         }
         eprintln!("one sock_diag sample: {:?}", started.elapsed() / 200);
+    }
+
+    /// A connection closed on both sides is gone, though its server's listener still has the
+    /// same local port (the kernel answered the lookup with the listener, and its zero count
+    /// of acknowledged bytes was taken for the connection's).
+    #[test]
+    fn a_closed_connection_is_not_its_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let (local, peer) = (server.local_addr().unwrap(), server.peer_addr().unwrap());
+        if unacked(local, peer).is_none() {
+            eprintln!("skipped: sock_diag is not available here");
+            return;
+        }
+        // The client closes first (its side waits in TIME_WAIT), then the server.
+        drop(client);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(server);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(sample(local, peer), None);
+        drop(listener);
     }
 
     /// One kept socket answers looks at different connections in turn, each with its own
