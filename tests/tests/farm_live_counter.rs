@@ -188,9 +188,12 @@ async fn a_database_from_before_the_counter_is_counted_when_migrated() {
     for r in &records[..2] {
         a.close(&r.id, SessionState::Closed).await.unwrap();
     }
-    // Back to schema version 1: no counter, no triggers, the sessions kept.
+    // Back to schema version 1: no counter, no triggers, the old sweeper index, the
+    // sessions kept.
     db.batch_execute(
-        "DROP TRIGGER bitsd_live_count_rows ON bitsd_sessions;
+        "ALTER TABLE bitsd_sessions DROP COLUMN idle_minute, RESET (fillfactor);
+         CREATE INDEX bitsd_sessions_updated ON bitsd_sessions (updated_ms);
+         DROP TRIGGER bitsd_live_count_rows ON bitsd_sessions;
          DROP TRIGGER bitsd_live_count_state ON bitsd_sessions;
          DROP FUNCTION bitsd_count_live();
          DROP TABLE bitsd_live_counts;
@@ -219,6 +222,12 @@ async fn a_database_from_before_the_counter_is_counted_when_migrated() {
     let upgraded = node(&url).await;
     assert_eq!(upgraded.schema_version().await.unwrap(), SCHEMA_VERSION);
     assert_counted(&db, &upgraded, 7, "right after the migration").await;
+    // The sweeper finds every row, live or tombstone, through version 4's index.
+    let idle = upgraded
+        .idle_sessions(bitsd_storage::now_millis() + 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(idle.len(), 10);
     upgraded.close(&old[1], SessionState::Closed).await.unwrap();
     assert_counted(&db, &upgraded, 6, "after an end following the migration").await;
 }

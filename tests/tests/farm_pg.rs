@@ -547,3 +547,77 @@ async fn a_failed_pending_row_insert_leaves_the_pooled_connection_usable() {
         .get(0);
     assert_eq!(pending, 2);
 }
+
+/// A fragment's commit updates its session's row in place (HOT, schema version 4): no new
+/// entry in the table's indexes per commit. Before version 4 the index on `updated_ms`, which
+/// every commit changes, made none of them HOT. The sweeper still finds exactly the sessions
+/// untouched since a time, on both sides of a minute's edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragment_commits_update_the_row_in_place_and_the_sweeper_still_finds_idle_sessions() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let a = node(&url).await;
+    let db = raw(&url).await;
+    let rec = session_record(None);
+    assert!(a.create(&rec).await.unwrap());
+    const COMMITS: i64 = 60;
+    let mut at = 0;
+    for i in 0..COMMITS {
+        // Each commit in a millisecond of its own: each changes `updated_ms` (this test's
+        // PostgreSQL commits in well under one, and an unchanged value would be HOT anyway).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let key = format!("obj/{i}");
+        let CasOutcome::Committed(r) = a
+            .commit_fragment(&fragment(rec.id, at, 100, &key))
+            .await
+            .unwrap()
+        else {
+            panic!("commit {i} lost")
+        };
+        at = r.received;
+    }
+    // A backend reports its statistics when it exits (else up to 10 s after going idle).
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (updates, hot) = loop {
+        let row = db
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+                  WHERE relname = 'bitsd_sessions'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (updates, hot): (i64, i64) = (row.get(0), row.get(1));
+        if updates >= COMMITS || Instant::now() > deadline {
+            break (updates, hot);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(updates, COMMITS, "one update per commit");
+    // A minute's edge crossed during the loop changes `idle_minute` once.
+    assert!(hot >= COMMITS - 1, "{hot} of {updates} updates in place");
+
+    // The sweeper's candidates at a minute's edge: untouched before the cutoff, exactly.
+    let b = node(&pg.fresh_database()).await;
+    let mut ids = Vec::new();
+    for updated_ms in [120_000, 179_999, 180_000] {
+        let mut r = session_record(None);
+        r.updated_ms = updated_ms;
+        assert!(b.create(&r).await.unwrap());
+        ids.push(r.id);
+    }
+    for (cutoff, expected) in [
+        (120_000, 0),
+        (120_001, 1),
+        (179_999, 1),
+        (180_000, 2),
+        (180_001, 3),
+        (10_000_000, 3),
+    ] {
+        let idle = b.idle_sessions(cutoff, 100).await.unwrap();
+        let got: Vec<_> = idle.iter().map(|r| r.id).collect();
+        assert_eq!(got, ids[..expected], "untouched before {cutoff}");
+    }
+    assert_eq!(b.idle_sessions(10_000_000, 2).await.unwrap().len(), 2);
+}

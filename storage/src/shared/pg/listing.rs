@@ -77,8 +77,11 @@ impl PgStateStore {
             let rows = conn
                 .query(
                     &format!(
+                        // The index is on the minute (schema version 4): the rows of
+                        // the cutoff's own minute are filtered on the exact time.
                         "SELECT {COLS} FROM bitsd_sessions
-                         WHERE updated_ms < $1 ORDER BY updated_ms LIMIT $2"
+                         WHERE idle_minute <= $1::bigint / 60000 AND updated_ms < $1
+                         ORDER BY idle_minute, updated_ms LIMIT $2"
                     ),
                     &[&before, &limit],
                 )
