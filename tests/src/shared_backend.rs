@@ -107,21 +107,26 @@ pub async fn index_becomes(
     now
 }
 
+/// Every object key under `prefix` in the bucket, sorted.
+pub async fn listed_keys(objects: &Objects, prefix: &ObjectKey) -> Vec<String> {
+    let mut keys: Vec<String> = objects
+        .list(prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key.as_str().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// The keys of the session's fragment objects in the bucket, and in the index.
 pub async fn objects_and_index(
     backend: &SharedBackend,
     id: &SessionId,
 ) -> (Vec<String>, Vec<String>) {
     let prefix = backend.objects().session_prefix(id).join("frag");
-    let mut listed: Vec<String> = backend
-        .objects()
-        .list(&prefix)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key.as_str().to_owned())
-        .collect();
-    listed.sort();
+    let listed = listed_keys(backend.objects(), &prefix).await;
     let mut indexed: Vec<String> = backend
         .state()
         .fragments(id)

@@ -16,21 +16,13 @@ use bitsd::storage::shared::SharedBackend;
 use bitsd::storage::{CommitOutcome, FragmentCommit, SessionBackend, SessionState};
 use bitsd_tests::pattern;
 use bitsd_tests::pg::session_record;
+use bitsd_tests::shared_backend::listed_keys;
 use bytes::Bytes;
 use gc_support::{at, fragment, objects_of, plan, read_all, two};
 
 /// Every object key under the bucket's prefix (sessions and files).
 async fn all_keys(backend: &SharedBackend) -> Vec<String> {
-    let mut keys: Vec<String> = backend
-        .objects()
-        .list(backend.objects().prefix())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key.as_str().to_owned())
-        .collect();
-    keys.sort();
-    keys
+    listed_keys(backend.objects(), backend.objects().prefix()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
