@@ -5,10 +5,23 @@
 
 use std::net::SocketAddr;
 
-/// TCP states in which the send queue still holds what the peer has not acknowledged:
-/// ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
-#[cfg(target_os = "linux")]
-const OPEN_STATES: [u8; 6] = [1, 4, 5, 8, 9, 11];
+/// Bytes of the body the peer has not acknowledged, from a socket's TCP state and its send
+/// queue (`write_seq - snd_una`, what sock_diag reports); `None` when the queue tells nothing.
+/// - ESTABLISHED, FIN_WAIT2, CLOSE_WAIT: the queue is data.
+/// - FIN_WAIT1, CLOSING, LAST_ACK: the server's FIN is sent and not acknowledged, and takes
+///   one sequence number of the queue: not a byte of the body.
+/// - TIME_WAIT: reached only once the peer acknowledged the FIN, so everything before it.
+/// - CLOSE (reset), LISTEN and the rest: the queue was purged, or is not a connection's.
+#[cfg(any(target_os = "linux", test))]
+fn unacked_of(state: u8, send_queue: u32) -> Option<u64> {
+    let queue = u64::from(send_queue);
+    match state {
+        1 | 5 | 8 => Some(queue),
+        4 | 9 | 11 => Some(queue.saturating_sub(1)),
+        6 => Some(0),
+        _ => None,
+    }
+}
 
 /// What the kernel says of a connection's sending side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,9 +168,7 @@ fn ask(
                 });
                 // A reset connection (CLOSE) has had its queue purged: the count no longer
                 // says anything about what the peer acknowledged.
-                let unacked = OPEN_STATES
-                    .contains(&r.header.state)
-                    .then_some(u64::from(r.header.send_queue));
+                let unacked = unacked_of(r.header.state, r.header.send_queue);
                 Some(TcpSample {
                     unacked,
                     bytes_acked,
@@ -233,6 +244,48 @@ mod tests {
             let _ = sample(local, peer);
         }
         eprintln!("one sock_diag sample: {:?}", started.elapsed() / 200);
+    }
+
+    /// What the send queue means in each TCP state.
+    #[test]
+    fn the_send_queue_counts_body_bytes_by_state() {
+        // Open: the queue is data.
+        assert_eq!(unacked_of(1, 500), Some(500));
+        assert_eq!(unacked_of(5, 0), Some(0));
+        assert_eq!(unacked_of(8, 7), Some(7));
+        // The server's FIN sent, not yet acknowledged: one less.
+        assert_eq!(unacked_of(4, 1), Some(0));
+        assert_eq!(unacked_of(9, 1809), Some(1808));
+        assert_eq!(unacked_of(11, 0), Some(0));
+        // TIME_WAIT: everything was acknowledged.
+        assert_eq!(unacked_of(6, 0), Some(0));
+        // Reset, listening, anything else: nothing to say.
+        assert_eq!(unacked_of(7, 300), None);
+        assert_eq!(unacked_of(10, 128), None);
+        assert_eq!(unacked_of(2, 0), None);
+    }
+
+    /// The server closes first (a `Connection: close` answer), the client reads all and
+    /// closes at once: the server's side ends in TIME_WAIT, which counts as everything
+    /// acknowledged (before, it told nothing and the last look before the close counted).
+    #[test]
+    fn a_connection_the_server_closed_first_ends_fully_acknowledged() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let (local, peer) = (server.local_addr().unwrap(), server.peer_addr().unwrap());
+        if unacked(local, peer).is_none() {
+            eprintln!("skipped: sock_diag is not available here");
+            return;
+        }
+        server.write_all(&[5u8; 100_000]).unwrap();
+        drop(server);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 100_000);
+        drop(client);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(unacked(local, peer), Some(0));
     }
 
     /// A connection closed on both sides is gone, though its server's listener still has the

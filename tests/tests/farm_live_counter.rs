@@ -222,7 +222,7 @@ async fn a_database_from_before_the_counter_is_counted_when_migrated() {
     let upgraded = node(&url).await;
     assert_eq!(upgraded.schema_version().await.unwrap(), SCHEMA_VERSION);
     assert_counted(&db, &upgraded, 7, "right after the migration").await;
-    // The sweeper finds every row, live or tombstone, through version 4's index.
+    // The sweeper's query of version 4 finds every row, live or tombstone.
     let idle = upgraded
         .idle_sessions(bitsd_storage::now_millis() + 1, 100)
         .await

@@ -595,8 +595,13 @@ async fn fragment_commits_update_the_row_in_place_and_the_sweeper_still_finds_id
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(updates, COMMITS, "one update per commit");
-    // A minute's edge crossed during the loop changes `idle_minute` once.
-    assert!(hot >= COMMITS - 1, "{hot} of {updates} updates in place");
+    // Not every one: a minute's edge crossed during the loop changes `idle_minute`, and a new
+    // version that finds its page full goes to another page (pruning frees only versions no
+    // snapshot can still see; 58 of 60 were HOT in one CI run).
+    assert!(
+        hot >= COMMITS * 4 / 5,
+        "{hot} of {updates} updates in place"
+    );
 
     // The sweeper's candidates at a minute's edge: untouched before the cutoff, exactly.
     let b = node(&pg.fresh_database()).await;

@@ -152,14 +152,18 @@ const COUNT_LIVE_SKIPPING: &str = "CREATE OR REPLACE FUNCTION bitsd_count_live()
 /// 30 % free (`fillfactor`) so the new version of a row fits beside the old one. Fewer index
 /// writes, less WAL and less for autovacuum to clean per fragment.
 ///
-/// Adding the column rewrites the table under an exclusive lock: nodes wait for it (a
-/// table of a million sessions takes seconds). Nodes of version 3 still running meanwhile
-/// keep working against it (they set `updated_ms`; the column follows).
-const UPDATES_IN_PLACE: &str = "ALTER TABLE bitsd_sessions
+/// Adding the column rewrites the table under an exclusive lock: nodes wait for it (its time
+/// grows with the table). The old index goes first so the rewrite does not rebuild it, and
+/// the table is analyzed at the end so the planner knows the new column at once. Nodes of
+/// version 3 still running meanwhile keep working against it (they set `updated_ms`; the
+/// column follows), but their sweeper's query (`ORDER BY updated_ms`) has no index any more
+/// and reads the whole table.
+const UPDATES_IN_PLACE: &str = "DROP INDEX bitsd_sessions_updated;
+    ALTER TABLE bitsd_sessions
         ADD COLUMN idle_minute bigint GENERATED ALWAYS AS (updated_ms / 60000) STORED,
         SET (fillfactor = 70);
     CREATE INDEX bitsd_sessions_idle ON bitsd_sessions (idle_minute);
-    DROP INDEX bitsd_sessions_updated;";
+    ANALYZE bitsd_sessions;";
 
 impl PgStateStore {
     /// Creates the schema or migrates it to [`SCHEMA_VERSION`]; idempotent, and safe when
