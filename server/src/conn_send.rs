@@ -178,17 +178,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for PacedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(())))
-            && buf.filled().len() == before
-            && buf.remaining() > 0
-        {
-            // The client ended its side: what it acknowledged came with its FIN.
-            this.conn.ending();
-        }
-        read
+        // The client's FIN needs no look of its own: the socket stays (CLOSE_WAIT) until the
+        // server shuts its side down, and that is where the last look is taken.
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 

@@ -292,12 +292,11 @@ impl ConnSend {
         }
     }
 
-    /// The connection is about to end: the client's side has ended (its FIN was read; under
-    /// TLS, its close_notify), or the server is shutting its side down. A last look at what
-    /// the client acknowledged while the socket surely still exists, if a body's progress
-    /// still waits for it: the client's last acknowledgement often rides on its FIN, and once
-    /// both sides have closed, the kernel forgets the connection before a settling task
-    /// looks again.
+    /// The server is shutting its side of the connection down (after the client's FIN, or
+    /// under TLS its close_notify, or on its own). A last look at what the client
+    /// acknowledged while the socket surely still exists, if a body's progress still waits
+    /// for it: the client's last acknowledgement often rides on its FIN, and once both sides
+    /// have closed, the kernel forgets the connection before a settling task looks again.
     pub(crate) fn ending(&self) {
         let waiting = {
             let st = self.state();
