@@ -30,6 +30,19 @@ pub struct Farm {
     _scratch: tempfile::TempDir,
 }
 
+/// A shared backend as a node builds it: its own pool on `url` (default options), the bucket
+/// of `store`, temporary copies under `scratch`.
+pub async fn backend_on(
+    url: &str,
+    store: &ObjectStoreConfig,
+    scratch: &std::path::Path,
+) -> SharedBackend {
+    let state = PgStateStore::connect(url, PgOptions::default())
+        .await
+        .unwrap();
+    SharedBackend::from_parts(state, Objects::new(store).unwrap(), scratch.to_owned())
+}
+
 /// A farm whose `[object_store]` table is Garage's under `prefix`, changed by `configure`;
 /// `None` (with a printed reason) when PostgreSQL or Garage is not installed.
 pub async fn farm(prefix: &str, configure: impl FnOnce(&mut ObjectStoreConfig)) -> Option<Farm> {
@@ -41,14 +54,7 @@ pub async fn farm(prefix: &str, configure: impl FnOnce(&mut ObjectStoreConfig)) 
     let mut store = garage.object_store_config(prefix);
     configure(&mut store);
     let scratch = tempfile::tempdir().unwrap();
-    let state = PgStateStore::connect(&url, PgOptions::default())
-        .await
-        .unwrap();
-    let backend = SharedBackend::from_parts(
-        state,
-        Objects::new(&store).unwrap(),
-        scratch.path().to_owned(),
-    );
+    let backend = backend_on(&url, &store, scratch.path()).await;
     Some(Farm {
         backend,
         url,

@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use bitsd::storage::shared::objects::Objects;
-use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::storage::shared::SharedBackend;
 use bitsd::storage::{CommitOutcome, FragmentCommit, SessionBackend, SessionState};
 use bitsd_protocol::SessionId;
@@ -20,7 +19,7 @@ use bytes::Bytes;
 
 mod gc_support;
 
-use bitsd_tests::shared_backend::read_object;
+use bitsd_tests::shared_backend::{backend_on, read_object};
 use gc_support::{at, fragment, objects_of, plan, read_all, two};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,13 +274,7 @@ async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() 
         .assert_ack();
     // Another "node" writes the next fragment's object and dies before its commit.
     let scratch = tempfile::tempdir().unwrap();
-    let dead = SharedBackend::from_parts(
-        PgStateStore::connect(&servers.postgres_url, PgOptions::default())
-            .await
-            .unwrap(),
-        Objects::new(&store).unwrap(),
-        scratch.path().to_owned(),
-    );
+    let dead = backend_on(&servers.postgres_url, &store, scratch.path()).await;
     let id: SessionId = sid.trim_matches(['{', '}']).parse().unwrap();
     let mut sink = dead
         .begin_fragment(&id, plan(20_000, 20_000))

@@ -7,8 +7,7 @@
 //! reason when PostgreSQL or Garage is not installed.
 #![allow(clippy::unwrap_used)]
 
-use bitsd::storage::shared::objects::{FragmentObject, ObjectKey, Objects, MIN_PART_SIZE};
-use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd::storage::shared::objects::{FragmentObject, ObjectKey, MIN_PART_SIZE};
 use bitsd::storage::shared::{Coalesced, SharedBackend, MAX_RUN};
 use bitsd::storage::SessionBackend;
 use bitsd_protocol::SessionId;
@@ -16,8 +15,8 @@ use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::{raw_client, session_record};
 use bitsd_tests::shared_backend::{
-    bucket_matches_index, farm, index, index_becomes, pending_rows, publish_and_read, read_all,
-    read_object, send, Farm,
+    backend_on, bucket_matches_index, farm, index, index_becomes, pending_rows, publish_and_read,
+    read_all, read_object, send, Farm,
 };
 use futures_util::StreamExt;
 
@@ -319,13 +318,7 @@ async fn a_node_that_saw_the_store_refuse_a_part_copy_stops_merging_into_parts()
     store.part_size = Some(MIN_PART_SIZE);
     store.merge_parts_from = Some(1);
     let scratch = tempfile::tempdir().unwrap();
-    let backend = SharedBackend::from_parts(
-        PgStateStore::connect(&farm.url, PgOptions::default())
-            .await
-            .unwrap(),
-        Objects::new(&store).unwrap(),
-        scratch.path().to_owned(),
-    );
+    let backend = backend_on(&farm.url, &store, scratch.path()).await;
     let lens = [vec![MIB; 10], vec![1000]].concat();
     // Before any refusal the node merges into parts; the publish then meets the 501 and
     // streams the upload instead.

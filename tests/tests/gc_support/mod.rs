@@ -5,8 +5,7 @@
 
 use std::sync::Arc;
 
-use bitsd::storage::shared::objects::{ObjectInfo, Objects};
-use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd::storage::shared::objects::ObjectInfo;
 use bitsd::storage::shared::SharedBackend;
 use bitsd::storage::{
     FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord, SessionState,
@@ -15,6 +14,7 @@ use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
+use bitsd_tests::shared_backend::backend_on;
 pub use bitsd_tests::shared_backend::read_all;
 use bytes::Bytes;
 
@@ -37,14 +37,7 @@ pub async fn two() -> Option<Two> {
     let scratch = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();
     for _ in 0..2 {
-        let state = PgStateStore::connect(&url, PgOptions::default())
-            .await
-            .unwrap();
-        nodes.push(SharedBackend::from_parts(
-            state,
-            Objects::new(&store).unwrap(),
-            scratch.path().to_owned(),
-        ));
+        nodes.push(backend_on(&url, &store, scratch.path()).await);
     }
     let b = nodes.pop().unwrap();
     let a = nodes.pop().unwrap();
