@@ -3,7 +3,8 @@
 //! a single-node Garage, both syncing to disk), (c) to three farm nodes behind nginx, and (d)
 //! to a single-node bitsd on the default local backend; in interleaved rounds (a b c d, a b c
 //! d, ...), medians over the rounds. Then a concurrency sweep of small jobs at 1, 8, 64
-//! clients with PostgreSQL watched for lock waits, and CPU seconds of every process.
+//! clients with PostgreSQL watched for lock waits, and CPU seconds of every process; last,
+//! paired rounds of three nodes against one behind nginx (the `farm_scale` module).
 //!
 //! ```sh
 //! cargo build --release -p bitsd -p bitsd-bench
@@ -30,7 +31,8 @@ pub struct FarmArgs {
     /// and a single-node bitsd, with real PostgreSQL, Garage and nginx.
     #[arg(long)]
     pub farm: bool,
-    /// Interleaved rounds (medians over them).
+    /// Interleaved rounds (medians over them; 0: none, for a run of the sweep or the scale
+    /// comparison alone).
     #[arg(long, default_value_t = 5)]
     pub farm_rounds: usize,
     /// Concurrent uploads in the fragment cases.
@@ -74,9 +76,16 @@ pub struct FarmArgs {
     /// core): three nodes sharing two cores run six worker threads otherwise.
     #[arg(long)]
     pub farm_node_threads: Option<usize>,
-    /// Client counts of the concurrency sweep (comma-separated).
+    /// Client counts of the concurrency sweep (comma-separated; 0: no sweep).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
+    /// Paired rounds of three nodes against one, both behind nginx, the side that goes first
+    /// alternating (0: none; see the `farm_scale` module).
+    #[arg(long, default_value_t = 6)]
+    pub farm_scale_rounds: usize,
+    /// Concurrent clients of 4 KiB echo jobs in those rounds.
+    #[arg(long, default_value_t = 64)]
+    pub farm_scale_clients: usize,
 }
 
 /// Where the bytes go.
@@ -152,7 +161,7 @@ fn upload_bytes(a: &FarmArgs, case: Case) -> u64 {
     }
 }
 
-async fn run_one(
+pub async fn run_one(
     env: &FarmEnv,
     target: Target,
     case: Case,
@@ -264,7 +273,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
         };
         run_one(&env, target, Case::Jobs, &w, 2, "warm-j", &payload).await?;
     }
-    for round in 0..a.farm_rounds.max(1) {
+    for round in 0..a.farm_rounds {
         for case in cases {
             for target in Target::ALL {
                 eprintln!(
@@ -288,7 +297,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
     // One node behind nginx next to three behind nginx: the same balancer on both sides, so
     // the comparison is of node counts alone.
     for target in [Target::Farm1, Target::Farm1Lb, Target::Farm3, Target::Local] {
-        for &clients in &a.farm_sweep {
+        for &clients in a.farm_sweep.iter().filter(|&&c| c > 0) {
             eprintln!(
                 "bench: farm sweep: {clients} clients of 4 KiB jobs → {}",
                 target.name()
@@ -316,6 +325,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             report.add_sweep(target, clients, &run?, &cpu, seen, &s3);
         }
     }
+    report.scale = Some(crate::farm_scale::measure(&env, a, &payload).await?);
     report.finish();
     drop(env);
     let _ = std::fs::remove_dir_all(&dir);

@@ -46,6 +46,8 @@ pub struct FarmEnv {
     pub garage_pid: u32,
     /// nginx's master process.
     pub nginx_pid: u32,
+    /// The master process of the nginx over the first node alone.
+    pub nginx1_pid: u32,
     /// Garage's admin listener (its `/metrics` count the S3 requests by endpoint).
     pub garage_admin: Option<std::net::SocketAddr>,
     /// The nginx in front of Garage (`--farm-store-proxy`).
@@ -142,6 +144,10 @@ impl FarmEnv {
             p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, &nginx)
         })
         .ok_or("cannot find nginx's master process in /proc")?;
+        let nginx1_pid = find_process(|p| {
+            p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, &nginx1)
+        })
+        .ok_or("cannot find the one-node nginx's master process in /proc")?;
         let garage_admin = garage_admin_addr(garage_pid);
         Ok(FarmEnv {
             pg,
@@ -155,6 +161,7 @@ impl FarmEnv {
             pg_pid,
             garage_pid,
             nginx_pid,
+            nginx1_pid,
             garage_admin,
             store_proxy,
         })
@@ -188,7 +195,7 @@ impl FarmEnv {
             local: process_cpu(self.local.pid(), false),
             garage: tree_cpu(self.garage_pid),
             postgres: tree_cpu(self.pg_pid),
-            nginx: tree_cpu(self.nginx_pid),
+            nginx: tree_cpu(self.nginx_pid) + tree_cpu(self.nginx1_pid),
         }
     }
 }
@@ -250,7 +257,7 @@ pub struct CpuSnapshot {
     pub garage: f64,
     /// PostgreSQL (postmaster, its backends and helpers, and the reaped ones).
     pub postgres: f64,
-    /// nginx (master and worker).
+    /// Both nginx (masters and workers; only one of them has work at a time).
     pub nginx: f64,
 }
 

@@ -149,6 +149,8 @@ pub struct FarmReport {
     pub measured: Vec<Measured>,
     /// The concurrency sweep.
     pub sweep: Vec<SweepRow>,
+    /// Three nodes against one in paired rounds.
+    pub scale: Option<crate::farm_scale::Scale>,
     /// Targets with PASS/MISS: (what, figure, pass).
     pub checks: Vec<(String, String, bool)>,
     #[serde(skip)]
@@ -188,14 +190,16 @@ impl FarmReport {
             format!(
                 "{} interleaved rounds; fragment cases {} concurrent upload(s) of {} MiB (1 MiB \
                  fragments) and {} MiB (64 KiB fragments); jobs {} clients × {} s; sweep {:?} \
-                 clients",
+                 clients; {} paired rounds of three nodes against one at {} clients",
                 a.farm_rounds,
                 a.farm_sessions,
                 a.farm_mib.max(1),
                 a.farm_mib.max(4) / 4,
                 a.farm_job_clients,
                 a.farm_job_secs,
-                a.farm_sweep
+                a.farm_sweep,
+                a.farm_scale_rounds,
+                a.farm_scale_clients
             ),
         ));
         context.push((
@@ -231,6 +235,7 @@ impl FarmReport {
             context,
             measured: Vec::new(),
             sweep: Vec::new(),
+            scale: None,
             checks: Vec::new(),
             rounds: a.farm_rounds,
         }
@@ -385,6 +390,7 @@ impl FarmReport {
             );
             checks.push(cpu);
         }
+        checks.extend(self.scale.as_ref().and_then(|s| s.check()));
         self.checks.extend(checks);
     }
 
@@ -557,6 +563,9 @@ impl FarmReport {
                     let _ = writeln!(o, "- {}, {} clients: {n} × `{what}`", s.target, s.clients);
                 }
             }
+        }
+        if let Some(scale) = &self.scale {
+            scale.markdown(&mut o);
         }
         o
     }
