@@ -81,7 +81,7 @@ pub struct FarmArgs {
     pub farm_sweep: Vec<usize>,
     /// Paired rounds of three nodes against one, both behind nginx, the side that goes first
     /// alternating (0: none; see the `farm_scale` module).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 7)]
     pub farm_scale_rounds: usize,
     /// Concurrent clients of 4 KiB echo jobs in those rounds.
     #[arg(long, default_value_t = 64)]
@@ -325,7 +325,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             report.add_sweep(target, clients, &run?, &cpu, seen, &s3);
         }
     }
-    report.scale = Some(crate::farm_scale::measure(&env, a, &payload).await?);
+    report.scale = Some(crate::farm_scale::measure(&env, &watch, a, &payload).await?);
     report.finish();
     drop(env);
     let _ = std::fs::remove_dir_all(&dir);

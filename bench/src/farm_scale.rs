@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::client::Result;
 use crate::farm::{run_one, Case, FarmArgs, Target};
 use crate::farm_env::{CpuSnapshot, FarmEnv};
+use crate::farm_pg::{PgSeen, PgWatch};
 
 /// The ratio (three nodes' jobs/s over one node's) at or above which three nodes count as
 /// not slower: the rounds' own spread on this machine is several per cent either way.
@@ -30,10 +31,12 @@ pub struct Side {
     pub job_p50_ms: f64,
     /// CPU ms per job: the nodes, nginx, PostgreSQL, Garage.
     pub cpu_ms_per_job: [f64; 4],
+    /// PostgreSQL backend-samples waiting on a heavyweight lock (sampled every 20 ms).
+    pub pg_lock_waits: u64,
 }
 
 impl Side {
-    fn new(run: &crate::farm_load::Run, cpu: &CpuSnapshot) -> Self {
+    fn new(run: &crate::farm_load::Run, cpu: &CpuSnapshot, seen: &PgSeen) -> Self {
         let jobs = run.jobs.max(1) as f64;
         let per_job = |secs: f64| secs * 1000.0 / jobs;
         Side {
@@ -45,6 +48,7 @@ impl Side {
                 per_job(cpu.postgres),
                 per_job(cpu.garage),
             ],
+            pg_lock_waits: seen.lock_waits,
         }
     }
 }
@@ -78,15 +82,26 @@ pub struct Scale {
     pub rounds: Vec<ScaleRound>,
 }
 
-/// The middle value (the upper one of an even count); 0 for none.
+/// The median: the middle value, or the mean of the two middle ones of an even count (the
+/// upper one alone would favour three nodes); 0 for none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Runs `a.farm_scale_rounds` rounds of one node and three behind nginx, alternating which
 /// goes first.
-pub async fn measure(env: &FarmEnv, a: &FarmArgs, payload: &Bytes) -> Result<Scale> {
+pub async fn measure(
+    env: &FarmEnv,
+    watch: &PgWatch,
+    a: &FarmArgs,
+    payload: &Bytes,
+) -> Result<Scale> {
     let clients = a.farm_scale_clients.max(1);
     let mut rounds = Vec::new();
     for round in 0..a.farm_scale_rounds {
@@ -106,8 +121,10 @@ pub async fn measure(env: &FarmEnv, a: &FarmArgs, payload: &Bytes) -> Result<Sca
             );
             let before = env.cpu();
             let tag = format!("scale-{round}");
-            let run = run_one(env, target, Case::Jobs, a, clients, &tag, payload).await?;
-            sides.push((target, Side::new(&run, &env.cpu().since(&before))));
+            let (run, seen) = watch
+                .watch(run_one(env, target, Case::Jobs, a, clients, &tag, payload))
+                .await?;
+            sides.push((target, Side::new(&run?, &env.cpu().since(&before), &seen)));
         }
         let side = |t: Target| {
             sides
@@ -172,14 +189,15 @@ impl Scale {
         let _ = writeln!(
             o,
             "| round | first | one node jobs/s | three nodes jobs/s | ratio | job p50 one / three \
-             | CPU ms/job one: nodes / nginx / PG / Garage | the same, three |"
+             | CPU ms/job one: nodes / nginx / PG / Garage | the same, three | lock waits one / \
+             three |"
         );
-        let _ = writeln!(o, "|---:|---|---:|---:|---:|---|---|---|");
+        let _ = writeln!(o, "|---:|---|---:|---:|---:|---|---|---|---|");
         let cpu = |c: &[f64; 4]| format!("{:.2} / {:.2} / {:.2} / {:.2}", c[0], c[1], c[2], c[3]);
         for (i, r) in self.rounds.iter().enumerate() {
             let _ = writeln!(
                 o,
-                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} / {:.1} ms | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} / {:.1} ms | {} | {} | {} / {} |",
                 i + 1,
                 if r.three_first { "three" } else { "one" },
                 r.one.jobs_per_sec,
@@ -189,6 +207,8 @@ impl Scale {
                 r.three.job_p50_ms,
                 cpu(&r.one.cpu_ms_per_job),
                 cpu(&r.three.cpu_ms_per_job),
+                r.one.pg_lock_waits,
+                r.three.pg_lock_waits,
             );
         }
         let _ = writeln!(
@@ -198,5 +218,18 @@ impl Scale {
             median(self.rounds.iter().map(|r| r.one.jobs_per_sec).collect()),
             median(self.rounds.iter().map(|r| r.three.jobs_per_sec).collect()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_its_middle_values() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![0.9]), 0.9);
+        assert_eq!(median(vec![1.05, 0.81, 0.98, 0.92]), (0.92 + 0.98) / 2.0);
+        assert_eq!(median(vec![1.0, 0.8, 0.9]), 0.9);
     }
 }
