@@ -280,8 +280,9 @@ pub trait ReplyHandler: Send + Sync + 'static {
 
     /// Whether the handler reads the file at [`Upload::path`] (or uses
     /// [`Upload::session_dir`]). A handler that only hands the path back (echo) or ignores
-    /// the upload (static) says `false`, and the server may then skip making that file
-    /// (a small upload is held in the meta store, not in a file). The default: `true`.
+    /// the upload (static) says `false`, and the server may then make neither that file (a
+    /// small upload is held in the meta store, not in a file) nor that directory (the shared
+    /// backend makes nothing on disk). The default: `true`.
     fn reads_upload(&self) -> bool {
         true
     }

@@ -32,6 +32,38 @@ impl ReplyHandler for EchoAndPublish {
     }
 }
 
+/// What a handler found on disk when it was called: (the upload's path is a file, its
+/// directory exists, the work directory exists, the route's prefix).
+static SEEN: std::sync::Mutex<Vec<(bool, bool, bool, &'static str)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Echoes the upload's path back, after noting what exists on disk; `reads` is what it says
+/// in `reads_upload`.
+struct LooksAround {
+    reads: bool,
+    prefix: &'static str,
+}
+
+impl ReplyHandler for LooksAround {
+    fn reply(&self, upload: Upload) -> ReplyFuture {
+        let prefix = self.prefix;
+        Box::pin(async move {
+            let dir = upload.path.parent().unwrap().to_owned();
+            SEEN.lock().unwrap().push((
+                upload.path.is_file(),
+                dir.exists(),
+                upload.session_dir.is_dir(),
+                prefix,
+            ));
+            Ok(Reply::file(upload.path))
+        })
+    }
+
+    fn reads_upload(&self) -> bool {
+        self.reads
+    }
+}
+
 /// One node whose object store is Garage behind a logging nginx.
 struct Node {
     node: TestServer,
@@ -64,6 +96,10 @@ async fn node() -> Option<Node> {
         c.storage = StorageConfig::Shared(Box::new(shared));
         c.routes
             .push(Route::upload_reply("/published/", EchoAndPublish));
+        for (prefix, reads) in [("/unread/", false), ("/read/", true)] {
+            c.routes
+                .push(Route::upload_reply(prefix, LooksAround { reads, prefix }));
+        }
     })
     .await;
     Some(Node {
@@ -164,11 +200,46 @@ async fn a_handler_that_publishes_first_gets_its_reply_from_the_published_file()
     assert_eq!(got.body, data);
 }
 
+/// A handler that neither reads the upload nor uses its work directory gets names only:
+/// nothing is made on disk for it (the node made and removed two directories per echo job
+/// before, a tenth of its CPU on small jobs), and its reply is still the upload, byte-exact.
+/// A handler that reads the upload gets the file and a work directory, both gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_does_not_read_the_upload_gets_nothing_made_on_disk() {
+    let Some(n) = node().await else { return };
+    let mut client = RawClient::connect(n.node.addr()).await;
+    for prefix in ["/unread/", "/read/"] {
+        let data = pattern(30_000, 23);
+        let (sid, fin) = client
+            .upload(&format!("{prefix}x.bin"), &data, 10_000)
+            .await;
+        assert_eq!(fin.status, 200, "{prefix}: {fin:?}");
+        assert_eq!(n.reply_object(&sid).await, data, "{prefix}: the reply");
+        let reply = url_path(fin.header("bits-reply-url").unwrap());
+        let got = client.get("GET", &reply, &[]).await;
+        assert_eq!(got.body, data, "{prefix}");
+    }
+    let seen = SEEN.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            (false, false, false, "/unread/"),
+            (true, true, true, "/read/")
+        ],
+        "(upload is a file, its directory exists, work directory exists, route)"
+    );
+    let left: Vec<_> = walk(n.node.data_dir())
+        .into_iter()
+        .filter(|p| p.ends_with("/upload") || p.ends_with("/work"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "scratch files left behind");
+}
+
 fn session(sid: &str) -> SessionId {
     sid.trim_matches(['{', '}']).parse().unwrap()
 }
 
-/// Every file under `dir`, as strings.
+/// Every file and directory under `dir`, as strings.
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -178,9 +249,8 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
         let p = e.path();
         if p.is_dir() {
             out.extend(walk(&p));
-        } else {
-            out.push(p.to_string_lossy().into_owned());
         }
+        out.push(p.to_string_lossy().into_owned());
     }
     out
 }

@@ -327,8 +327,9 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// The complete upload of `id` as a local file (see [`LocalUpload`]).
     async fn upload_file(&self, id: &SessionId) -> Result<LocalUpload, StorageError>;
 
-    /// The complete upload of `id` as a [`LocalUpload`] whose file need not exist, for a reply
-    /// handler that never reads it (it hands the path back, as echo does, or ignores it);
+    /// The complete upload of `id` as a [`LocalUpload`] whose file and work directory need not
+    /// exist, for a reply handler that uses neither (it hands the path back, as echo does, or
+    /// ignores it);
     /// [`SessionBackend::store_reply_file`] accepts that path as "the upload itself". The
     /// default is [`SessionBackend::upload_file`].
     async fn upload_unread(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {

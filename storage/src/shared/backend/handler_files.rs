@@ -6,7 +6,7 @@
 //! pass through the node. After a publish the handler asked for, the published file is the
 //! source.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bitsd_protocol::SessionId;
 use bytes::Bytes;
@@ -23,15 +23,33 @@ use crate::{ReplyKind, StorageError};
 const UPLOAD: &str = "upload";
 
 impl SharedBackend {
-    /// The upload's path for a handler that does not read it: a new scratch directory for
-    /// session `id` (`<scratch>/<id>-<nonce>/`, with `work/` for the handler), removed when
-    /// the returned upload is dropped; its `path` names `upload` in it, which is not written
-    /// (nothing is read from the store).
-    pub(super) fn upload_path_only(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+    /// Where session `id`'s upload would be copied for a handler: a directory of its own
+    /// (`<scratch>/<id>-<nonce>/`), the upload's path in it and the handler's `work/`.
+    fn scratch_names(&self, id: &SessionId) -> (PathBuf, PathBuf, PathBuf) {
         let dir = self
             .scratch
             .join(format!("{}-{}", id.simple(), uuid::Uuid::new_v4().simple()));
-        let work = dir.join("work");
+        let (path, work) = (dir.join(UPLOAD), dir.join("work"));
+        (dir, path, work)
+    }
+
+    /// The upload's path for a handler that neither reads it nor uses its work directory
+    /// (`reads_upload` false: echo hands the path back, a static reply ignores it). Nothing is
+    /// made on disk: the path and the work directory are names under the scratch directory
+    /// that nothing creates, so [`SharedBackend::is_the_upload_itself`] knows the path when it
+    /// comes back as the reply. (Making the two directories and removing them again cost
+    /// about a tenth of a node's CPU on small echo jobs: ext4 allocates a directory's inode
+    /// with a search of its block groups.)
+    pub(super) fn upload_unmade(&self, id: &SessionId) -> LocalUpload {
+        let (_, path, work) = self.scratch_names(id);
+        LocalUpload::kept(path, work)
+    }
+
+    /// The upload of `id` copied into a scratch directory of its own, with a `work/`
+    /// directory for the handler, for a handler that reads it; the directory is removed when
+    /// the returned upload is dropped.
+    pub(super) async fn upload_copy(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
+        let (dir, path, work) = self.scratch_names(id);
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
@@ -40,13 +58,7 @@ impl SharedBackend {
             .create(&work)
             .map_err(StorageError::io("make work directory", &work))?;
         // From here on the directory goes when the upload is dropped (also on error).
-        Ok(LocalUpload::temporary(dir.join(UPLOAD), work, dir))
-    }
-
-    /// The upload of `id` copied into a scratch directory, for a handler that reads it.
-    pub(super) async fn upload_copy(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
-        let local = self.upload_path_only(id)?;
-        let path = local.path.clone();
+        let local = LocalUpload::temporary(path.clone(), work, dir);
         let mut file = tokio::fs::File::create(&path)
             .await
             .map_err(StorageError::io("copy upload", &path))?;
@@ -63,7 +75,7 @@ impl SharedBackend {
         Ok(local)
     }
 
-    /// Whether `src` is an upload path [`SharedBackend::upload_path_only`] gave out for `id`
+    /// Whether `src` is an upload path [`SharedBackend::upload_unmade`] gave out for `id`
     /// with no file at it (a handler that wrote its reply there gets that file stored).
     pub(super) async fn is_the_upload_itself(&self, id: &SessionId, src: &Path) -> bool {
         let prefix = format!("{}-", id.simple());

@@ -403,7 +403,7 @@ impl SessionBackend for SharedBackend {
     }
 
     async fn upload_unread(&self, id: &SessionId) -> Result<LocalUpload, StorageError> {
-        self.upload_path_only(id)
+        Ok(self.upload_unmade(id))
     }
 
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
