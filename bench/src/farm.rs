@@ -76,6 +76,15 @@ pub struct FarmArgs {
     /// core): three nodes sharing two cores run six worker threads otherwise.
     #[arg(long)]
     pub farm_node_threads: Option<usize>,
+    /// `sign_payloads` of the nodes and of the bare PUTs: `false` (the default here) sends
+    /// `UNSIGNED-PAYLOAD`, as a farm over `https://` does by default and as the nodes'
+    /// cut-through fragments always do, so a bare PUT sends its body the way a node sends a
+    /// fragment; `true` hashes every written body into its signature (bitsd's default over
+    /// a plain-HTTP endpoint such as the benchmark's Garage; the benchmark's setting before
+    /// 2026-12-04 evening, which gave the bare PUTs a SHA-256 pass the nodes' fragments did
+    /// not have).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub farm_sign_payloads: bool,
     /// Client counts of the concurrency sweep (comma-separated; 0: no sweep).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
@@ -243,6 +252,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             merge_parts_from: a.farm_merge_parts_from,
             balancer_body_buffer: a.farm_balancer_body_buffer.clone(),
             node_threads: a.farm_node_threads,
+            sign_payloads: Some(a.farm_sign_payloads),
             balancer_keepalive: a.farm_balancer_keepalive,
         },
     )

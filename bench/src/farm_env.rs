@@ -76,6 +76,7 @@ impl FarmEnv {
             .await?
             .ok_or("Garage is not installed (cargo install garage --version 2.5.0 --locked)")?;
         let mut store = garage.object_store_config("bench");
+        store.sign_payloads = settings.sign_payloads;
         let store_proxy = if store_proxy {
             let s3 = garage.s3_addr();
             // A fresh upstream connection per request: Garage does not set TCP_NODELAY, and on
@@ -202,7 +203,8 @@ impl FarmEnv {
 
 /// What the farm's config varies by (`--farm-no-coalesce`, `--farm-pool`,
 /// `--farm-merge-parts-from`,
-/// `--farm-balancer-body-buffer`, `--farm-balancer-keepalive`, `--farm-node-threads`).
+/// `--farm-balancer-body-buffer`, `--farm-balancer-keepalive`, `--farm-node-threads`,
+/// `--farm-sign-payloads`).
 #[derive(Clone, Debug)]
 pub struct FarmSettings {
     /// `coalesce_fragments`.
@@ -217,6 +219,9 @@ pub struct FarmSettings {
     pub balancer_keepalive: usize,
     /// Each farm node's runtime worker threads (`TOKIO_WORKER_THREADS`; `None`: one per core).
     pub node_threads: Option<usize>,
+    /// `sign_payloads` of the nodes and of the bare PUTs (`None`: bitsd's default, signed
+    /// over this plain-HTTP endpoint).
+    pub sign_payloads: Option<bool>,
 }
 
 /// The shared config file of the farm nodes.
@@ -230,11 +235,15 @@ fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: &FarmSettin
         .merge_parts_from
         .map(|n| format!("merge_parts_from = {n}\n"))
         .unwrap_or_default();
+    let sign = settings
+        .sign_payloads
+        .map(|b| format!("sign_payloads = {b}\n"))
+        .unwrap_or_default();
     format!(
         "[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n{pool}\n\
          [object_store]\nbucket = \"{}\"\nprefix = \"farm\"\nendpoint = \"{}\"\n\
          region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
-         coalesce_fragments = {coalesce}\n{merge_parts}",
+         coalesce_fragments = {coalesce}\n{merge_parts}{sign}",
         garage.bucket(),
         endpoint,
         garage.access().region,

@@ -208,7 +208,7 @@ impl FarmReport {
                 "PostgreSQL 15 on 127.0.0.1:{} (fsync, synchronous_commit, full_page_writes on); \
                  Garage single node {} (data_fsync, metadata_fsync on); {} bitsd farm nodes and \
                  one single-node bitsd (local backend, fsync per-fragment) as child processes; \
-                 nginx round robin over the nodes with upstream keepalive (up to {} idle connections, as production balancers run); each node's PostgreSQL pool {} connections and runtime worker threads {}; merge_parts_from {}; nginx client_body_buffer_size {}{}",
+                 nginx round robin over the nodes with upstream keepalive (up to {} idle connections, as production balancers run); each node's PostgreSQL pool {} connections and runtime worker threads {}; merge_parts_from {}; sign_payloads {}; nginx client_body_buffer_size {}{}",
                 env.pg.port(),
                 env.garage.endpoint(),
                 env.nodes.len(),
@@ -223,6 +223,7 @@ impl FarmReport {
                     ),
                     |n| format!("{n} bytes")
                 ),
+                a.farm_sign_payloads,
                 a.farm_balancer_body_buffer,
                 if env.store_proxy.is_some() {
                     "; the store reached through an nginx of its own (--farm-store-proxy)"

@@ -75,6 +75,15 @@ pub struct ObjectStoreConfig {
     /// farm's traffic). A store that refuses unsigned payloads is detected and sent whole
     /// fragments from then on.
     pub stream_fragments: Option<bool>,
+    /// Sign the body of every write (PUT, multipart part) with its SHA-256 in the request's
+    /// signature (`x-amz-content-sha256`) instead of `UNSIGNED-PAYLOAD`. Unset: signed over a
+    /// plain `http://` endpoint, where the signature is the body's only protection in
+    /// transit, and unsigned over `https://`, where TLS protects it and the hash would cost
+    /// the node a pass over every byte it writes (an upload's assembly, merges, replies),
+    /// before the write can start; AWS's SDKs do the same for S3 over HTTPS. Set `true` for a
+    /// store that refuses unsigned payloads. (Cut-through fragments are unsigned either way:
+    /// `stream_fragments`.)
+    pub sign_payloads: Option<bool>,
     /// Merge runs of 32 or more fragments that end within one MiB of the upload (fragments
     /// of under 32 KiB or so) into one object, in the background while the upload goes on
     /// (default true), so that completing an upload sent in tiny fragments reads about one
@@ -119,6 +128,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("part_size", &self.part_size)
             .field("server_side_copy", &self.server_side_copy)
             .field("stream_fragments", &self.stream_fragments)
+            .field("sign_payloads", &self.sign_payloads)
             .field("coalesce_fragments", &self.coalesce_fragments)
             .field("merge_parts_from", &self.merge_parts_from)
             .field("presigned_reply_secs", &self.presigned_reply_secs)
@@ -245,6 +255,7 @@ impl ObjectStoreConfig {
         let endpoint = builder
             .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
             .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+        let sign_payloads = signs_payloads(self.sign_payloads, endpoint.as_deref());
         let bucket_endpoint = match (endpoint, self.virtual_hosted_style) {
             (Some(endpoint), true) => endpoint.trim_end_matches('/').to_string(),
             (Some(endpoint), false) => {
@@ -263,15 +274,34 @@ impl ObjectStoreConfig {
             .with_allow_http(allow_http)
             .with_virtual_hosted_style_request(self.virtual_hosted_style)
             .with_retry(retry)
+            .with_unsigned_payload(!sign_payloads)
             .build()
             .map_err(|e| refuse(e.to_string()))?;
         Ok((s3, location))
     }
 }
 
+/// `sign_payloads` as set, or by the endpoint's scheme: signed over plain HTTP, unsigned over
+/// HTTPS (AWS S3 itself when no endpoint is set).
+fn signs_payloads(set: Option<bool>, endpoint: Option<&str>) -> bool {
+    set.unwrap_or_else(|| {
+        endpoint.is_some_and(|e| e.trim_start().to_ascii_lowercase().starts_with("http://"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_are_signed_over_plain_http_unless_set() {
+        assert!(signs_payloads(None, Some("http://127.0.0.1:3900")));
+        assert!(signs_payloads(None, Some("HTTP://garage.internal")));
+        assert!(!signs_payloads(None, Some("https://s3.internal")));
+        assert!(!signs_payloads(None, None), "AWS S3 over https");
+        assert!(signs_payloads(Some(true), Some("https://s3.internal")));
+        assert!(!signs_payloads(Some(false), Some("http://127.0.0.1:3900")));
+    }
 
     #[test]
     fn the_part_size_stays_within_s3s_limits() {
