@@ -25,6 +25,15 @@ pub fn fixtures_dir() -> PathBuf {
         .join("fixtures")
 }
 
+/// The SHA-256 of `bytes` in lowercase hex (token files, receipts, S3 payload hashes).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so payloads need no files.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

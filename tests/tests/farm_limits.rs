@@ -13,7 +13,6 @@ use bitsd::{
 };
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::{RawClient, RawResponse, TestServer, PROTOCOL};
-use sha2::{Digest, Sha256};
 
 /// `n` nodes on one database and bucket with `limits` (and users alice and bob, by bearer token).
 async fn nodes(
@@ -33,10 +32,7 @@ async fn nodes(
     let lines: String = ["alice", "bob"]
         .iter()
         .map(|u| {
-            let digest: String = Sha256::digest(token(u).as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let digest = bitsd_tests::sha256_hex(token(u).as_bytes());
             format!("{u}:{digest}\n")
         })
         .collect();

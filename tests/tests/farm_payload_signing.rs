@@ -8,9 +8,8 @@
 
 use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd_tests::garage::Garage;
-use bitsd_tests::pattern;
 use bitsd_tests::shared_backend::read_object;
-use sha2::Digest;
+use bitsd_tests::{pattern, sha256_hex};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Answers every request on `listener` with 200 and an ETag, and sends each request's
@@ -83,7 +82,7 @@ async fn writes_over_http_are_signed_unless_sign_payloads_is_false() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(capture(listener, tx));
     let body = pattern(3000, 7);
-    let hash = hex(&sha2::Sha256::digest(&body));
+    let hash = sha256_hex(&body);
     for (setting, expected) in [
         (None, hash.as_str()),
         (Some(true), hash.as_str()),
@@ -129,8 +128,4 @@ async fn garage_takes_unsigned_puts_and_parts_byte_exact() {
         assert_eq!(stored.len, len as u64, "{name}");
         assert_eq!(read_object(&objects, &key).await, data, "{name}");
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

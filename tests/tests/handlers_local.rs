@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use bitsd::config::HandlerSpec;
 use bitsd::{HandlerError, Reply, Route, Upload};
-use bitsd_tests::pattern;
-use sha2::{Digest, Sha256};
+use bitsd_tests::{pattern, sha256_hex};
 
 use handler_support::*;
 
@@ -154,7 +153,7 @@ async fn digest_handler_replies_with_a_json_receipt() {
     let receipt: serde_json::Value = serde_json::from_slice(&reply).unwrap();
     assert_eq!(receipt["session_id"], job.sid.as_str(), "{receipt}");
     assert_eq!(receipt["size"], 123_457);
-    assert_eq!(receipt["sha256"], hex(&Sha256::digest(&data)));
+    assert_eq!(receipt["sha256"], sha256_hex(&data));
     assert!(
         receipt["received"]
             .as_str()

@@ -147,13 +147,7 @@ async fn credentials_are_required_and_sessions_belong_to_their_creator() {
 async fn bearer_tokens_authenticate() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
-    let digest: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(b"robot-token")
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let digest = bitsd_tests::sha256_hex(b"robot-token");
     std::fs::write(&tokens, format!("robot:{digest}\n")).unwrap();
     let auth = CredentialsAuthenticator::new("r")
         .with_tokens_file(&tokens)

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bitsd_tests::BitsdProcess;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "robot-token-0123456789";
@@ -40,10 +39,7 @@ fn start(dir: &Path) -> BitsdProcess {
     let tokens = dir.join("tokens");
     let hash = cheap_hash("alice-pw");
     std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
-    let digest: String = Sha256::digest(TOKEN.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = bitsd_tests::sha256_hex(TOKEN.as_bytes());
     std::fs::write(&tokens, format!("robot:{digest}\n")).unwrap();
     let data = dir.join("data");
     BitsdProcess::start(

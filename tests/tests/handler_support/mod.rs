@@ -85,7 +85,3 @@ pub async fn progress(server: &TestServer, sid: &str) -> serde_json::Value {
 pub fn reply_url_prefix(prefix: &str) -> String {
     format!("http://{HOST}{prefix}BITS-Sessions/")
 }
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
