@@ -141,14 +141,14 @@ impl FarmEnv {
         let me = std::process::id();
         let garage_pid = find_process(|p| p.ppid == me && p.comm == "garage")
             .ok_or("cannot find the Garage process in /proc")?;
-        let nginx_pid = find_process(|p| {
-            p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, &nginx)
-        })
-        .ok_or("cannot find nginx's master process in /proc")?;
-        let nginx1_pid = find_process(|p| {
-            p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, &nginx1)
-        })
-        .ok_or("cannot find the one-node nginx's master process in /proc")?;
+        let master_of = |balancer: &Nginx| {
+            find_process(|p| {
+                p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, balancer)
+            })
+        };
+        let nginx_pid = master_of(&nginx).ok_or("cannot find nginx's master process in /proc")?;
+        let nginx1_pid =
+            master_of(&nginx1).ok_or("cannot find the one-node nginx's master process in /proc")?;
         let garage_admin = garage_admin_addr(garage_pid);
         Ok(FarmEnv {
             pg,

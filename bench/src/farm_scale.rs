@@ -111,7 +111,7 @@ pub async fn measure(
         } else {
             [Target::Farm1Lb, Target::Farm3]
         };
-        let mut sides = Vec::new();
+        let (mut one, mut three) = (None, None);
         for target in order {
             eprintln!(
                 "bench: farm scale round {}/{}: {clients} clients of 4 KiB jobs → {}",
@@ -124,15 +124,14 @@ pub async fn measure(
             let (run, seen) = watch
                 .watch(run_one(env, target, Case::Jobs, a, clients, &tag, payload))
                 .await?;
-            sides.push((target, Side::new(&run?, &env.cpu().since(&before), &seen)));
+            let side = Side::new(&run?, &env.cpu().since(&before), &seen);
+            if target == Target::Farm3 {
+                three = Some(side);
+            } else {
+                one = Some(side);
+            }
         }
-        let side = |t: Target| {
-            sides
-                .iter()
-                .find(|(s, _)| *s == t)
-                .map(|(_, side)| side.clone())
-        };
-        if let (Some(one), Some(three)) = (side(Target::Farm1Lb), side(Target::Farm3)) {
+        if let (Some(one), Some(three)) = (one, three) {
             rounds.push(ScaleRound {
                 three_first,
                 one,
