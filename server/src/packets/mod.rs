@@ -4,6 +4,7 @@ mod completion;
 mod create_session;
 mod end_session;
 mod fragment;
+mod fragment_body;
 
 use std::sync::Arc;
 
