@@ -41,9 +41,8 @@ pub mod shared;
 mod sled_meta;
 
 pub use backend::{
-    ByteStream, CreateLimits, EarlyFragment, FragmentCommit, FragmentLoad, FragmentPlan,
-    FragmentSink, FragmentSlot, LimitedCreate, LiveCounts, LocalUpload, ReplySink, SessionBackend,
-    SweepLock,
+    ByteStream, CreateLimits, FragmentCommit, FragmentPlan, FragmentSink, FragmentSlot,
+    LimitedCreate, LiveCounts, LocalUpload, ReplySink, SessionBackend, SweepLock,
 };
 pub use error::StorageError;
 pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};

@@ -1,14 +1,16 @@
 //! Fragment (§4.3, §5): the body goes to the session's upload file as it arrives, then the
 //! new offset is committed, then the Ack. The last byte runs the completion step (§6).
 
+use std::pin::pin;
 use std::sync::Arc;
 
 use bitsd_protocol::{decide_fragment, Ack, BitsError, FragmentDecision, FragmentPacket};
-use bitsd_storage::{FragmentCommit, FragmentPlan, SessionState};
+use bitsd_storage::{FragmentCommit, FragmentPlan, FragmentSink, SessionState};
+use bytes::Buf;
 use http::request::Parts;
+use http_body_util::BodyExt;
 
 use super::completion;
-use super::fragment_body::{BodyPace, FragmentBody};
 use crate::metrics::FragmentOutcome;
 use crate::routes::Route;
 use crate::service::{error_ack, storage_failure, BoxError, Shared};
@@ -47,20 +49,13 @@ where
     B::Error: Into<BoxError>,
 {
     let id = packet.session_id;
-    let mut parked = None;
-    let ack = match process(shared, route, user, parts, packet, body, &mut parked).await {
+    match process(shared, route, user, parts, packet, body).await {
         Ok(ack) => ack,
         Err(f) => {
             shared.metrics.fragment(FragmentOutcome::Failed, 0);
             error_ack(&f.error, None, f.received).session(&id)
         }
-    };
-    // A body read in part (fed to an early write) and then not needed: the rest is read and
-    // dropped before the Ack goes out, as the caller does with a body never touched.
-    if let Some(rest) = parked {
-        rest.discard().await;
     }
-    ack
 }
 
 async fn process<B>(
@@ -70,7 +65,6 @@ async fn process<B>(
     parts: &Parts,
     packet: FragmentPacket,
     body: &mut Option<B>,
-    parked: &mut Option<FragmentBody<B>>,
 ) -> Result<Ack, Failure>
 where
     B: http_body::Body + Send + 'static,
@@ -84,42 +78,19 @@ where
             .take()
             .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
         let pace = BodyPace::start(&shared.session_limits);
-        FragmentBody::new(body)
-            .stream(len, 0, 0, pace, None, false)
-            .await
+        stream_body(body, len, 0, 0, pace, None).await
     };
     if let Some(outcome) = completion::join(shared, route, user, &packet, read_held).await {
         return outcome;
     }
     let guard = shared.locks.lock(id).await;
-    // The body's idle timeout and minimum rate count from the session lock's taking (time
-    // spent waiting for it is not the client's).
-    let pace = BodyPace::start(&shared.session_limits);
-    // The shared backend opens the fragment's write at once and streams the body to it
-    // during the session's load (`early_fragment`); that write is kept only if the load
-    // makes the fragment exactly those new bytes at that offset. Otherwise the backend may
-    // prepare the write with the load (the shared backend records its object key as pending
-    // in the same round trip).
-    let (loaded, slot, mut early) =
-        match shared
-            .store
-            .early_fragment(&id, packet.range.first, packet.range.len)
-        {
-            Some(early) => {
-                let read = parked.insert(FragmentBody::new(take(body)?));
-                let fed = read.feed_early(early, packet.range.len, pace).await?;
-                let (loaded, slot) = fed.loaded.map_err(storage_failure)?;
-                (loaded, slot, Some((fed.sink, fed.whole)))
-            }
-            None => {
-                let (loaded, slot) = shared
-                    .store
-                    .load_for_fragment(&id, packet.range.first)
-                    .await
-                    .map_err(storage_failure)?;
-                (loaded, slot, None)
-            }
-        };
+    // The backend may prepare this fragment's write in the same step (the shared backend
+    // records its object key as pending in the load's round trip).
+    let (loaded, slot) = shared
+        .store
+        .load_for_fragment(&id, packet.range.first)
+        .await
+        .map_err(storage_failure)?;
     let mut record = loaded
         .filter(|r| {
             !r.state.is_terminal() && r.route == route.prefix() && r.owner.as_deref() == user
@@ -132,7 +103,9 @@ where
                 received: Some(record.received),
             }
         })?;
-    let idle = pace;
+    // The body's idle timeout and minimum rate, counted from here: time spent waiting for
+    // the session lock is not the client's.
+    let idle = BodyPace::start(&shared.session_limits);
     match decision {
         FragmentDecision::Gap { received } => {
             shared.metrics.fragment(FragmentOutcome::Gap, 0);
@@ -147,13 +120,10 @@ where
             received,
             final_resend,
         } => {
-            drop(early.take());
-            let read = match parked.take() {
-                Some(read) => read,
-                None => FragmentBody::new(take(body)?),
-            };
-            read.stream(packet.range.len, 0, 0, idle, None, false)
-                .await?;
+            let body = body
+                .take()
+                .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
+            stream_body(body, packet.range.len, 0, 0, idle, None).await?;
             shared.metrics.fragment(FragmentOutcome::AlreadyHeld, 0);
             record.touch();
             if final_resend {
@@ -182,35 +152,21 @@ where
                 len: write.len,
                 durability: durability(shared.fsync, write.completes),
             };
-            // The early write is kept when the fragment is all new bytes from where the
-            // session stands; otherwise it is dropped (it stores nothing) and the body read
-            // so far is read again into the usual write.
-            let exact = write.write_at == packet.range.first
-                && write.skip == 0
-                && write.len == packet.range.len;
-            let (mut sink, early_written) = match early.take() {
-                Some((sink, true)) if exact => (sink, true),
-                unused => {
-                    drop(unused);
-                    let sink = match slot {
-                        Some(slot) => shared.store.begin_reserved_fragment(&id, plan, slot).await,
-                        None => shared.store.begin_fragment(&id, plan).await,
-                    }
-                    .map_err(storage_failure)?;
-                    (sink, false)
-                }
-            };
-            let read = match parked.take() {
-                Some(read) => read,
-                None => FragmentBody::new(take(body)?),
-            };
-            read.stream(
+            let mut sink = match slot {
+                Some(slot) => shared.store.begin_reserved_fragment(&id, plan, slot).await,
+                None => shared.store.begin_fragment(&id, plan).await,
+            }
+            .map_err(storage_failure)?;
+            let body = body
+                .take()
+                .ok_or_else(|| BitsError::invalid_arg("body already read"))?;
+            stream_body(
+                body,
                 packet.range.len,
                 write.skip,
                 write.len,
                 idle,
                 Some(&mut *sink),
-                early_written,
             )
             .await
             .map_err(|error| Failure {
@@ -290,8 +246,128 @@ fn durability(policy: FsyncPolicy, completes: bool) -> FragmentDurability {
     }
 }
 
-/// The request's body, taken out of the caller's slot (it is read once).
-fn take<B>(body: &mut Option<B>) -> Result<B, BitsError> {
-    body.take()
-        .ok_or_else(|| BitsError::invalid_arg("body already read"))
+/// Reads the body, discards the first `skip` bytes, writes the next `len` bytes (to `writer`;
+/// with none, the whole body is read and dropped: a fragment the server already holds); the
+/// body must be exactly `expected` bytes long. Memory use is bounded: the writer holds at most
+/// [`bitsd_storage::GATHER_BYTES`] of frames before it writes them.
+async fn stream_body<B>(
+    body: B,
+    expected: u64,
+    skip: u64,
+    len: u64,
+    pace: BodyPace,
+    mut writer: Option<&mut dyn FragmentSink>,
+) -> Result<(), BitsError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut seen = 0u64;
+    while let Some(frame) = next_frame(&mut body, pace, seen).await? {
+        let frame = frame.map_err(|e| body_error(e, seen, expected))?;
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        // Zero-copy for hyper's own body type (its frames are `Bytes`).
+        let chunk = data.copy_to_bytes(data.remaining());
+        let n = chunk.len() as u64;
+        let (start, end) = (seen, seen + n);
+        if end > expected {
+            return Err(BitsError::invalid_arg(format!(
+                "body longer than its Content-Length {expected}"
+            )));
+        }
+        // The part of [start, end) that falls in [skip, skip + len).
+        let from = skip.clamp(start, end);
+        let to = (skip + len).clamp(start, end);
+        if let (Some(w), true) = (writer.as_deref_mut(), from < to) {
+            w.write(chunk.slice((from - start) as usize..(to - start) as usize))
+                .await
+                .map_err(storage_failure)?;
+        }
+        seen = end;
+    }
+    if seen != expected {
+        return Err(BitsError::invalid_arg(format!(
+            "body ended after {seen} of {expected} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// How long a fragment's body may take: it may send nothing for `idle`, and after `grace` it
+/// must keep up `min_rate` bytes per second on average since it started (IIS
+/// `minBytesPerSecond`), so a body that trickles is cut off however often it sends a byte.
+#[derive(Clone, Copy, Debug)]
+struct BodyPace {
+    started: tokio::time::Instant,
+    idle: std::time::Duration,
+    min_rate: u64,
+    grace: std::time::Duration,
+}
+
+impl BodyPace {
+    fn start(limits: &crate::session_limits::SessionLimits) -> Self {
+        BodyPace {
+            started: tokio::time::Instant::now(),
+            idle: limits.body_idle_timeout,
+            min_rate: limits.min_body_rate,
+            grace: limits.min_body_rate_grace,
+        }
+    }
+
+    /// When a body that has sent `seen` bytes must have sent more: the earlier of the idle
+    /// deadline and the time the minimum rate makes `seen` bytes due; whether it is the rate's.
+    fn deadline(&self, seen: u64) -> (tokio::time::Instant, bool) {
+        let idle = tokio::time::Instant::now() + self.idle;
+        if self.min_rate == 0 {
+            return (idle, false);
+        }
+        let due = self.started
+            + self.grace
+            + std::time::Duration::from_secs_f64(seen as f64 / self.min_rate as f64);
+        if due < idle {
+            (due, true)
+        } else {
+            (idle, false)
+        }
+    }
+}
+
+/// The next frame, with the body's error already boxed (so no non-`Send` error is held);
+/// a body that sends nothing for the idle timeout, or falls below the minimum rate after its
+/// grace period, is abandoned (500, transient for the client; the session lock is released
+/// with the request).
+async fn next_frame<B>(
+    body: &mut std::pin::Pin<&mut B>,
+    pace: BodyPace,
+    seen: u64,
+) -> Result<Option<Result<http_body::Frame<B::Data>, BoxError>>, BitsError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let (deadline, by_rate) = pace.deadline(seen);
+    match tokio::time::timeout_at(deadline, body.frame()).await {
+        Ok(next) => Ok(next.map(|r| r.map_err(Into::into))),
+        Err(_) if by_rate => Err(BitsError::internal(
+            bitsd_protocol::HResult::E_FAIL,
+            format!(
+                "request body slower than {} bytes/s ({seen} bytes in {} s)",
+                pace.min_rate,
+                pace.started.elapsed().as_secs()
+            ),
+        )),
+        Err(_) => Err(BitsError::internal(
+            bitsd_protocol::HResult::E_FAIL,
+            format!("request body idle for {} s", pace.idle.as_secs()),
+        )),
+    }
+}
+
+fn body_error(e: BoxError, seen: u64, expected: u64) -> BitsError {
+    BitsError::invalid_arg(format!(
+        "body read failed after {seen} of {expected} bytes: {e}"
+    ))
 }

@@ -4,7 +4,6 @@ mod completion;
 mod create_session;
 mod end_session;
 mod fragment;
-mod fragment_body;
 
 use std::sync::Arc;
 

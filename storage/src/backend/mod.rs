@@ -69,36 +69,6 @@ impl Debug for FragmentSlot {
     }
 }
 
-/// The session's load for a fragment, as [`SessionBackend::load_for_fragment`] gives it.
-pub type FragmentLoad = Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<(Option<SessionRecord>, Option<FragmentSlot>), StorageError>,
-            > + Send
-            + 'static,
-    >,
->;
-
-/// A fragment's write started before its session is loaded
-/// ([`SessionBackend::early_fragment`]): the caller feeds `sink` the body's bytes while
-/// `load` runs, then either commits `sink` (the session wanted exactly these bytes at this
-/// offset) or drops it and goes the usual way with the load's record.
-pub struct EarlyFragment {
-    /// Takes the fragment's bytes from its first on. Nothing it received is stored unless it
-    /// is committed; dropped, it stores nothing.
-    pub sink: Box<dyn FragmentSink>,
-    /// The session's load; it runs to its end whether or not it is awaited.
-    pub load: FragmentLoad,
-}
-
-impl Debug for EarlyFragment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EarlyFragment")
-            .field("sink", &self.sink)
-            .finish_non_exhaustive()
-    }
-}
-
 /// How a fragment's commit ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FragmentCommit {
@@ -304,18 +274,6 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     ) -> Result<(Option<SessionRecord>, Option<FragmentSlot>), StorageError> {
         let _ = first;
         Ok((self.load(id).await?, None))
-    }
-
-    /// For a backend whose write takes a while to start (a request to an object store), a
-    /// fragment's write begun at once, beside the session's load: the sink for `len` new
-    /// bytes of session `id` from upload offset `first`, as if the session's offset were
-    /// `first`. The caller commits the sink only when the loaded record makes the fragment a
-    /// write of exactly those bytes at that offset, with `expected = first`; otherwise it
-    /// drops the sink (nothing is stored) and begins the usual way. `None` (the default):
-    /// no early start; the caller loads first.
-    fn early_fragment(&self, id: &SessionId, first: u64, len: u64) -> Option<EarlyFragment> {
-        let _ = (id, first, len);
-        None
     }
 
     /// Stores `record` durably (and everything saved before it, such as a

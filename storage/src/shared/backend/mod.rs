@@ -15,10 +15,6 @@
 //!   statement advances `received` only if it still equals the offset the node read, records
 //!   the object in the fragment index and drops the pending row. A lost commit's object stays
 //!   pending until the sweeper deletes it; readers never see it (they follow the index).
-//!   A fragment streamed in one PUT is begun before the session is loaded
-//!   (`early_fragment`, in `sinks.rs`): the same order, with the load's pending row awaited
-//!   before the PUT's last byte; the server keeps that write only when the load makes the
-//!   packet exactly those new bytes, and drops it (nothing stored) otherwise.
 //! - publish: the fragments are assembled into `<prefix>/files/<path>` (server-side copy for
 //!   one fragment), then the record is stored `committed` in PostgreSQL. Without overwrites an
 //!   existing destination is refused (checked with a HEAD), unless this session's own
@@ -51,8 +47,8 @@ use futures_util::StreamExt;
 use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
 use super::pg::{CasOutcome, CreateOutcome, Limits, PgOptions, PgStateStore};
 use crate::backend::{
-    ByteStream, CreateLimits, EarlyFragment, FragmentPlan, FragmentSink, FragmentSlot,
-    LimitedCreate, LiveCounts, LocalUpload, ReplySink, SessionBackend, SweepLock,
+    ByteStream, CreateLimits, FragmentPlan, FragmentSink, FragmentSlot, LimitedCreate, LiveCounts,
+    LocalUpload, ReplySink, SessionBackend, SweepLock,
 };
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
 pub use coalesce::Coalesced;
@@ -331,10 +327,6 @@ impl SessionBackend for SharedBackend {
             pending: PendingRow::already_inserted(),
             coalescer: self.coalescer.clone(),
         }))
-    }
-
-    fn early_fragment(&self, id: &SessionId, first: u64, len: u64) -> Option<EarlyFragment> {
-        sinks::early_fragment(self, id, first, len)
     }
 
     async fn publish_upload(

@@ -4,12 +4,12 @@
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use super::super::objects::{ObjectKey, ObjectWriter, Objects};
 use super::super::pg::{CasOutcome, Expect, NewFragment, PgStateStore};
 use super::coalesce::Coalescer;
-use crate::backend::{EarlyFragment, FragmentCommit, FragmentSink, ReplySink};
+use crate::backend::{FragmentCommit, FragmentSink, ReplySink};
 use crate::{ReplyKind, SessionRecord, SessionState, StorageError};
 
 /// A fragment on its way into its own object (`…/frag/<offset>-<nonce>`). Its pending row is
@@ -28,9 +28,9 @@ pub(super) struct SharedFragment {
 /// leaves the task to finish: the row then names an object that never came to be, which the
 /// collector forgets after the grace (deleting a missing object is not an error).
 pub(super) struct PendingRow {
-    /// The insert's outcome, once it is known: the row went in (`true`) or the session was
-    /// found ended or gone (`false`).
-    outcome: Option<oneshot::Receiver<Result<bool, StorageError>>>,
+    task: Option<JoinHandle<Result<bool, StorageError>>>,
+    /// The insert's outcome once learned: the row went in (`true`) or the session was found
+    /// ended or gone (`false`).
     inserted: Option<bool>,
 }
 
@@ -39,18 +39,10 @@ impl PendingRow {
     /// is live (another node may have ended it since this one loaded it).
     pub(super) fn insert(state: &PgStateStore, id: SessionId, key: String) -> Self {
         let state = state.clone();
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let _ = tx.send(state.add_fragment_pending_object(&id, &key).await);
-        });
-        PendingRow::arriving(rx)
-    }
-
-    /// A row whose insert's outcome arrives on `outcome` (sent by the session's load that
-    /// records it, see [`SharedBackend::early_fragment`](super::SharedBackend)).
-    pub(super) fn arriving(outcome: oneshot::Receiver<Result<bool, StorageError>>) -> Self {
         PendingRow {
-            outcome: Some(outcome),
+            task: Some(tokio::spawn(async move {
+                state.add_fragment_pending_object(&id, &key).await
+            })),
             inserted: None,
         }
     }
@@ -58,43 +50,33 @@ impl PendingRow {
     /// A row that is in already (recorded with the session's load, see [`ReservedKey`]).
     pub(super) fn already_inserted() -> Self {
         PendingRow {
-            outcome: None,
+            task: None,
             inserted: Some(true),
         }
     }
 
     /// The insert's error if it has failed already (so a fragment whose row cannot be
     /// written stops early instead of after its whole body), without waiting.
-    fn check(&mut self) -> Result<(), StorageError> {
-        let Some(rx) = self.outcome.as_mut() else {
-            return Ok(());
-        };
-        match rx.try_recv() {
-            Err(oneshot::error::TryRecvError::Empty) => Ok(()),
-            Ok(outcome) => {
-                self.outcome = None;
-                self.inserted = Some(outcome?);
-                Ok(())
-            }
-            Err(oneshot::error::TryRecvError::Closed) => {
-                self.outcome = None;
-                Err(unfinished())
-            }
+    async fn check(&mut self) -> Result<(), StorageError> {
+        if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+            self.wait().await?;
         }
+        Ok(())
     }
 
     /// Waits until the row is committed (`true`), the session was found ended or gone and
     /// no row went in (`false`), or the insert failed.
     async fn wait(&mut self) -> Result<bool, StorageError> {
-        if let Some(rx) = self.outcome.take() {
-            self.inserted = Some(rx.await.unwrap_or_else(|_| Err(unfinished()))?);
+        if let Some(task) = self.task.take() {
+            let inserted = task.await.unwrap_or_else(|e| {
+                Err(StorageError::StateStore(format!(
+                    "the pending-object insert did not finish: {e}"
+                )))
+            })?;
+            self.inserted = Some(inserted);
         }
         Ok(self.inserted.unwrap_or(false))
     }
-}
-
-fn unfinished() -> StorageError {
-    StorageError::StateStore("the pending-object insert did not finish".into())
 }
 
 /// A fragment object key recorded as pending together with the session's load
@@ -137,60 +119,6 @@ impl Drop for ReservedKey {
     }
 }
 
-/// [`SessionBackend::early_fragment`](crate::SessionBackend::early_fragment) of the shared
-/// backend: the fragment's PUT is opened at once (only a fragment streamed while it arrives,
-/// see [`Objects::streams_fragment`]) while one PostgreSQL round trip loads the session and
-/// records the fragment's key as pending ([`PgStateStore::load_reserving`]). The order the
-/// collector relies on holds as on the usual path: the sink's commit waits for that row
-/// before it lets the store complete the object, and completes nothing if no row went in
-/// (the session was gone or ended). A sink dropped unused never sends its last byte, so the
-/// store keeps nothing; its pending row, if one went in, is the collector's after the grace.
-pub(super) fn early_fragment(
-    backend: &super::SharedBackend,
-    id: &SessionId,
-    first: u64,
-    len: u64,
-) -> Option<EarlyFragment> {
-    if !backend.objects.streams_fragment(len) {
-        return None;
-    }
-    let key = backend.objects.fragment_key(id, first);
-    let (tx, rx) = oneshot::channel();
-    let (state, session, pending_key) = (backend.state.clone(), *id, key.as_str().to_string());
-    // Spawned: the load (and with it the reservation's outcome the sink waits for) runs to
-    // its end even if the request is dropped meanwhile.
-    let load = tokio::spawn(async move {
-        match state.load_reserving(&session, &pending_key).await {
-            Ok((record, reserved)) => {
-                let _ = tx.send(Ok(reserved));
-                Ok((record, None))
-            }
-            Err(e) => {
-                let _ = tx.send(Err(StorageError::StateStore(format!(
-                    "the session's load failed: {e}"
-                ))));
-                Err(e)
-            }
-        }
-    });
-    Some(EarlyFragment {
-        sink: Box::new(SharedFragment {
-            id: *id,
-            state: backend.state.clone(),
-            writer: backend.objects.fragment_writer(key, len),
-            pending: PendingRow::arriving(rx),
-            coalescer: backend.coalescer.clone(),
-        }),
-        load: Box::pin(async move {
-            load.await.unwrap_or_else(|e| {
-                Err(StorageError::StateStore(format!(
-                    "the session's load did not finish: {e}"
-                )))
-            })
-        }),
-    })
-}
-
 impl std::fmt::Debug for SharedFragment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedFragment")
@@ -204,7 +132,7 @@ impl std::fmt::Debug for SharedFragment {
 #[async_trait]
 impl FragmentSink for SharedFragment {
     async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
-        self.pending.check()?;
+        self.pending.check().await?;
         self.writer.write_bytes(bytes).await
     }
 

@@ -232,18 +232,12 @@ impl Objects {
     /// [`ObjectWriter::finish`] either way.
     pub fn fragment_writer(&self, key: ObjectKey, len: u64) -> ObjectWriter {
         let mut writer = self.writer(key);
-        if let (Some(streamer), true) = (&self.streamer, self.streams_fragment(len)) {
-            writer.stream_through(streamer.start(writer.key(), len));
+        if let Some(streamer) = &self.streamer {
+            if len > 0 && len < self.part_size as u64 && streamer.enabled() {
+                writer.stream_through(streamer.start(writer.key(), len));
+            }
         }
         writer
-    }
-
-    /// Whether a fragment of `len` bytes is sent to the store while it arrives (one PUT
-    /// opened at its first byte) rather than held and sent at its end.
-    pub fn streams_fragment(&self, len: u64) -> bool {
-        self.streamer.as_ref().is_some_and(|s| s.enabled())
-            && len > 0
-            && len < self.part_size as u64
     }
 
     /// Writes the bytes of `body` to `key` (bounded memory: see [`ObjectWriter`]); the object
