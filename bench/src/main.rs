@@ -420,6 +420,36 @@ async fn run(args: Args) -> Result<Report> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    // Stopped by a signal, the benchmark drops what it is running, and with it every server
+    // it started (bitsd nodes, PostgreSQL, Garage, nginx stop in their `Drop`), instead of
+    // leaving them running as the process's default end would.
+    tokio::select! {
+        code = bench(args) => code,
+        why = stop_signal() => {
+            eprintln!("bitsd-bench: {why}: stopping the servers it started");
+            ExitCode::from(130)
+        }
+    }
+}
+
+/// The first SIGINT, SIGTERM or SIGHUP (never, if they cannot be listened to).
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "interrupted",
+        _ = term.recv() => "terminated",
+        _ = hup.recv() => "hung up",
+    }
+}
+
+async fn bench(args: Args) -> ExitCode {
     if args.farm.farm {
         let (bin, work) = (args.bitsd.as_deref(), args.work_dir.as_deref());
         return farm::main(&args.farm, bin, work, args.json).await;
