@@ -85,6 +85,12 @@ pub struct FarmArgs {
     /// not have).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub farm_sign_payloads: bool,
+
+    /// Run the store as a three-node Garage cluster with replication factor 3 on loopback
+    /// (a write needs two of the three nodes; every node fsyncs data and metadata) instead
+    /// of a single node; the farm nodes and the bare PUTs go through the first node's S3 API
+    #[arg(long)]
+    pub farm_garage_cluster: bool,
     /// Client counts of the concurrency sweep (comma-separated; 0: no sweep).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub farm_sweep: Vec<usize>,
@@ -254,6 +260,7 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
             node_threads: a.farm_node_threads,
             sign_payloads: Some(a.farm_sign_payloads),
             balancer_keepalive: a.farm_balancer_keepalive,
+            garage_cluster: a.farm_garage_cluster,
         },
     )
     .await?;

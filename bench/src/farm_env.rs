@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
-use bitsd_tests::garage::Garage;
+use bitsd_tests::garage::{Garage, GarageCluster, S3Access};
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pg::{ClusterOptions, PgCluster};
 
@@ -28,8 +28,8 @@ pub struct FarmEnv {
     pub pg: Arc<PgCluster>,
     /// The database the nodes share.
     pub postgres_url: String,
-    /// Single-node Garage (data_fsync and metadata_fsync on).
-    pub garage: Garage,
+    /// Garage (data_fsync and metadata_fsync on): one node, or three with `--farm-garage-cluster`.
+    pub garage: Store,
     /// The object-store settings of the nodes, for the bare PUT baseline.
     pub store: ObjectStoreConfig,
     /// The farm nodes.
@@ -42,14 +42,14 @@ pub struct FarmEnv {
     pub local: BitsdChild,
     /// PostgreSQL's postmaster.
     pub pg_pid: u32,
-    /// The Garage server.
-    pub garage_pid: u32,
+    /// The Garage servers.
+    pub garage_pids: Vec<u32>,
     /// nginx's master process.
     pub nginx_pid: u32,
     /// The master process of the nginx over the first node alone.
     pub nginx1_pid: u32,
-    /// Garage's admin listener (its `/metrics` count the S3 requests by endpoint).
-    pub garage_admin: Option<std::net::SocketAddr>,
+    /// Garage's admin listeners (their `/metrics` count the S3 requests by endpoint).
+    pub garage_admin: Vec<std::net::SocketAddr>,
     /// The nginx in front of Garage (`--farm-store-proxy`).
     pub store_proxy: Option<Nginx>,
 }
@@ -72,9 +72,16 @@ impl FarmEnv {
             let pg = Arc::clone(&pg);
             tokio::task::spawn_blocking(move || pg.fresh_database()).await?
         };
-        let garage = tokio::task::spawn_blocking(Garage::start)
-            .await?
-            .ok_or("Garage is not installed (cargo install garage --version 2.5.0 --locked)")?;
+        let cluster = settings.garage_cluster;
+        let garage = tokio::task::spawn_blocking(move || {
+            if cluster {
+                GarageCluster::start().map(Store::Three)
+            } else {
+                Garage::start().map(Store::One)
+            }
+        })
+        .await?
+        .ok_or("Garage is not installed (cargo install garage --version 2.5.0 --locked)")?;
         let mut store = garage.object_store_config("bench");
         store.sign_payloads = settings.sign_payloads;
         let store_proxy = if store_proxy {
@@ -94,7 +101,7 @@ impl FarmEnv {
         let config = work.join("farm.toml");
         std::fs::write(
             &config,
-            node_config(&postgres_url, &garage, &endpoint, &settings),
+            node_config(&postgres_url, garage.access(), &endpoint, &settings),
         )?;
         let threads: Vec<(&str, String)> = settings
             .node_threads
@@ -139,8 +146,10 @@ impl FarmEnv {
         })
         .ok_or("cannot find the postmaster in /proc")?;
         let me = std::process::id();
-        let garage_pid = find_process(|p| p.ppid == me && p.comm == "garage")
-            .ok_or("cannot find the Garage process in /proc")?;
+        let garage_pids = find_processes(|p| p.ppid == me && p.comm == "garage");
+        if garage_pids.is_empty() {
+            return Err("cannot find the Garage process in /proc".into());
+        }
         let master_of = |balancer: &Nginx| {
             find_process(|p| {
                 p.ppid == me && p.comm == "nginx" && !p.cmdline.is_empty() && nginx_of(p, balancer)
@@ -149,7 +158,10 @@ impl FarmEnv {
         let nginx_pid = master_of(&nginx).ok_or("cannot find nginx's master process in /proc")?;
         let nginx1_pid =
             master_of(&nginx1).ok_or("cannot find the one-node nginx's master process in /proc")?;
-        let garage_admin = garage_admin_addr(garage_pid);
+        let garage_admin = garage_pids
+            .iter()
+            .filter_map(|p| garage_admin_addr(*p))
+            .collect();
         Ok(FarmEnv {
             pg,
             postgres_url,
@@ -160,7 +172,7 @@ impl FarmEnv {
             nginx1,
             local,
             pg_pid,
-            garage_pid,
+            garage_pids,
             nginx_pid,
             nginx1_pid,
             garage_admin,
@@ -171,12 +183,19 @@ impl FarmEnv {
     /// Garage's S3 request counters by endpoint (`PutObject`, `GetObject`, ...); empty when
     /// its metrics cannot be read.
     pub async fn s3_requests(&self) -> S3Counts {
-        let Some(addr) = self.garage_admin else {
-            return S3Counts::default();
-        };
-        tokio::task::spawn_blocking(move || garage_metrics(addr))
-            .await
-            .unwrap_or_default()
+        // Only the node the clients reach counts S3 requests; the others get Garage's RPCs.
+        let addrs = self.garage_admin.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut all = S3Counts::new();
+            for addr in addrs {
+                for (endpoint, n) in garage_metrics(addr) {
+                    *all.entry(endpoint).or_default() += n;
+                }
+            }
+            all
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// A client of the bucket built exactly as a node builds its own.
@@ -194,7 +213,7 @@ impl FarmEnv {
                 .map(|n| process_cpu(n.pid(), false))
                 .collect(),
             local: process_cpu(self.local.pid(), false),
-            garage: tree_cpu(self.garage_pid),
+            garage: self.garage_pids.iter().map(|p| tree_cpu(*p)).sum(),
             postgres: tree_cpu(self.pg_pid),
             nginx: tree_cpu(self.nginx_pid) + tree_cpu(self.nginx1_pid),
         }
@@ -222,10 +241,12 @@ pub struct FarmSettings {
     /// `sign_payloads` of the nodes and of the bare PUTs (`None`: bitsd's default, signed
     /// over this plain-HTTP endpoint).
     pub sign_payloads: Option<bool>,
+    /// A three-node Garage cluster (replication 3) instead of a single node.
+    pub garage_cluster: bool,
 }
 
 /// The shared config file of the farm nodes.
-fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: &FarmSettings) -> String {
+fn node_config(url: &str, access: &S3Access, endpoint: &str, settings: &FarmSettings) -> String {
     let coalesce = settings.coalesce;
     let pool = settings
         .pool
@@ -244,11 +265,7 @@ fn node_config(url: &str, garage: &Garage, endpoint: &str, settings: &FarmSettin
          [object_store]\nbucket = \"{}\"\nprefix = \"farm\"\nendpoint = \"{}\"\n\
          region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
          coalesce_fragments = {coalesce}\n{merge_parts}{sign}",
-        garage.bucket(),
-        endpoint,
-        garage.access().region,
-        garage.access_key(),
-        garage.secret_key()
+        access.bucket, endpoint, access.region, access.access_key, access.secret_key
     )
 }
 
@@ -359,7 +376,15 @@ fn all_processes() -> Vec<Stat> {
 }
 
 fn find_process(pred: impl Fn(&Stat) -> bool) -> Option<u32> {
-    all_processes().into_iter().find(|p| pred(p)).map(|p| p.pid)
+    find_processes(pred).into_iter().next()
+}
+
+fn find_processes(pred: impl Fn(&Stat) -> bool) -> Vec<u32> {
+    all_processes()
+        .into_iter()
+        .filter(|p| pred(p))
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on every Linux this runs on).
@@ -475,4 +500,57 @@ fn garage_metrics(addr: std::net::SocketAddr) -> S3Counts {
 /// Where the run's temporary files go: `work/farm`.
 pub fn farm_dir(work: &Path) -> PathBuf {
     work.join("farm")
+}
+
+/// The object store the scenario runs against.
+pub enum Store {
+    /// A single Garage node.
+    One(Garage),
+    /// Three Garage nodes, replication factor 3; clients use the first node's S3 API.
+    Three(GarageCluster),
+}
+
+impl Store {
+    /// The S3 endpoint the nodes and the bare PUTs use.
+    pub fn endpoint(&self) -> String {
+        match self {
+            Store::One(g) => g.endpoint(),
+            Store::Three(c) => c.endpoint(0),
+        }
+    }
+
+    /// The S3 address behind [`Store::endpoint`].
+    pub fn s3_addr(&self) -> std::net::SocketAddr {
+        match self {
+            Store::One(g) => g.s3_addr(),
+            Store::Three(c) => c.s3_addrs()[0],
+        }
+    }
+
+    /// Credentials, bucket and region.
+    pub fn access(&self) -> &S3Access {
+        match self {
+            Store::One(g) => g.access(),
+            Store::Three(c) => c.access(),
+        }
+    }
+
+    /// Object-store settings for the bucket under `prefix`, through [`Store::endpoint`].
+    pub fn object_store_config(&self, prefix: &str) -> ObjectStoreConfig {
+        match self {
+            Store::One(g) => g.object_store_config(prefix),
+            Store::Three(c) => c.object_store_config(0, prefix),
+        }
+    }
+
+    /// How the report names it.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::One(g) => format!("single-node Garage at {}", g.endpoint()),
+            Store::Three(c) => format!(
+                "three-node Garage cluster, replication 3, clients on {}",
+                c.endpoint(0)
+            ),
+        }
+    }
 }

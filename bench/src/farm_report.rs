@@ -206,11 +206,11 @@ impl FarmReport {
             "servers".into(),
             format!(
                 "PostgreSQL 15 on 127.0.0.1:{} (fsync, synchronous_commit, full_page_writes on); \
-                 Garage single node {} (data_fsync, metadata_fsync on); {} bitsd farm nodes and \
+                 {} (data_fsync, metadata_fsync on); {} bitsd farm nodes and \
                  one single-node bitsd (local backend, fsync per-fragment) as child processes; \
                  nginx round robin over the nodes with upstream keepalive (up to {} idle connections, as production balancers run); each node's PostgreSQL pool {} connections and runtime worker threads {}; merge_parts_from {}; sign_payloads {}; nginx client_body_buffer_size {}{}",
                 env.pg.port(),
-                env.garage.endpoint(),
+                env.garage.describe(),
                 env.nodes.len(),
                 a.farm_balancer_keepalive,
                 a.farm_pool.map_or("16 (default)".to_string(), |n| n.to_string()),
