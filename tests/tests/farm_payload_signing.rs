@@ -103,17 +103,10 @@ async fn garage_takes_unsigned_puts_and_parts_byte_exact() {
     let Some(garage) = Garage::start() else {
         return;
     };
-    let access = garage.access();
     let config = ObjectStoreConfig {
-        bucket: access.bucket.clone(),
-        prefix: "unsigned".into(),
-        endpoint: Some(garage.endpoint()),
-        region: Some(access.region.clone()),
-        access_key_id: Some(access.access_key.clone()),
-        secret_access_key: Some(access.secret_key.clone()),
         part_size: Some(5 << 20),
         sign_payloads: Some(false),
-        ..ObjectStoreConfig::default()
+        ..garage.object_store_config("unsigned")
     };
     let objects = Objects::new(&config).unwrap();
     // One PUT, and a multipart upload of two 5 MiB parts and a last one of 1 MiB + 1.
