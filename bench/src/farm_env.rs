@@ -147,8 +147,16 @@ impl FarmEnv {
         .ok_or("cannot find the postmaster in /proc")?;
         let me = std::process::id();
         let garage_pids = find_processes(|p| p.ppid == me && p.comm == "garage");
-        if garage_pids.is_empty() {
-            return Err("cannot find the Garage process in /proc".into());
+        let started = match garage {
+            Store::One(_) => 1,
+            Store::Three(_) => 3,
+        };
+        if garage_pids.len() != started {
+            return Err(format!(
+                "found {} Garage processes in /proc, started {started}",
+                garage_pids.len()
+            )
+            .into());
         }
         let master_of = |balancer: &Nginx| {
             find_process(|p| {
