@@ -40,6 +40,14 @@ async fn backend(
     )
 }
 
+/// A second node on the same database and bucket as `node`.
+async fn creator(servers: &FarmServers, node: &SharedBackend) -> SharedBackend {
+    let state = PgStateStore::connect(&servers.postgres_url, PgOptions::default())
+        .await
+        .unwrap();
+    SharedBackend::from_parts(state, node.objects().clone(), std::env::temp_dir())
+}
+
 fn plan(write_at: u64, len: u64) -> FragmentPlan {
     FragmentPlan {
         write_at,
@@ -292,7 +300,13 @@ async fn a_key_reserved_with_the_load_is_pending_before_the_write_and_cleared_by
     let scratch = tempfile::tempdir().unwrap();
     let node = backend(&servers, "reserve", &scratch).await;
     let record = session_record(None);
-    node.create(&record).await.unwrap();
+    // Created by another node: this one has no memory of the session and loads it
+    // (a node that created it would skip the load: farm_recent.rs).
+    creator(&servers, &node)
+        .await
+        .create(&record)
+        .await
+        .unwrap();
     let (loaded, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
     assert_eq!(loaded.unwrap().received, 0);
     let slot = slot.expect("a live session's load reserves the fragment's key");
@@ -342,7 +356,13 @@ async fn unused_or_mismatched_reservations_leave_no_pending_rows() {
     assert!(pending_of(&node, &ended).await.is_empty());
 
     let record = session_record(None);
-    node.create(&record).await.unwrap();
+    // Created by another node: this one has no memory of the session and loads it
+    // (a node that created it would skip the load: farm_recent.rs).
+    creator(&servers, &node)
+        .await
+        .create(&record)
+        .await
+        .unwrap();
     let (_, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
     assert!(slot.is_some());
     drop(slot);
@@ -391,7 +411,13 @@ async fn a_reservation_claimed_by_the_collector_cannot_commit() {
     let scratch = tempfile::tempdir().unwrap();
     let node = backend(&servers, "reserve3", &scratch).await;
     let record = session_record(None);
-    node.create(&record).await.unwrap();
+    // Created by another node: this one has no memory of the session and loads it
+    // (a node that created it would skip the load: farm_recent.rs).
+    creator(&servers, &node)
+        .await
+        .create(&record)
+        .await
+        .unwrap();
     let (_, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
     let data = pattern(5000, 10);
     let mut sink = node

@@ -191,7 +191,7 @@ where
             if let FragmentCommit::Lost { current } = committed {
                 // Another request (on another node of a farm) advanced the offset first:
                 // nothing of this fragment counts; the client goes on from the winner's.
-                return lost_race(shared, &id, current.as_deref(), guard);
+                return lost_race(shared, route, parts, &packet, current.map(|c| *c), guard).await;
             }
             shared.metrics.fragment(FragmentOutcome::Stored, write.len);
             tracing::debug!(
@@ -211,25 +211,48 @@ where
     }
 }
 
-/// The answer to a fragment whose commit lost the race for the session's offset: the offset
-/// that won (the client re-sends from there), or session-not-found when the session ended.
-fn lost_race(
-    shared: &Shared,
-    id: &bitsd_protocol::SessionId,
-    current: Option<&bitsd_storage::SessionRecord>,
+/// The answer to a fragment whose commit lost the race for the session's offset (to another
+/// request, perhaps on another node of a farm, or because the record it started from was a
+/// node's stale memory): the packet is decided again against the record that won, and gets
+/// the answer it would have got from that record, except that bytes it could still add are
+/// not taken (the client re-sends them from the offset that won): a gap, an error (a total
+/// other than the upload's), the completion's answer to a re-sent final fragment (reply URL
+/// included), the offset that won, or session-not-found when the session ended.
+async fn lost_race(
+    shared: &Arc<Shared>,
+    route: &Route,
+    parts: &Parts,
+    packet: &FragmentPacket,
+    current: Option<bitsd_storage::SessionRecord>,
     guard: crate::session_locks::SessionGuard,
 ) -> Result<Ack, Failure> {
-    drop(guard);
     shared.metrics.fragment(FragmentOutcome::AlreadyHeld, 0);
-    match current {
-        Some(c) if !c.state.is_terminal() => {
+    let id = packet.session_id;
+    let Some(mut c) = current.filter(|c| !c.state.is_terminal()) else {
+        return Err(BitsError::session_not_found().into());
+    };
+    let decision =
+        decide_fragment(&c.progress(), &packet.range, &shared.limits).map_err(|error| Failure {
+            error,
+            received: Some(c.received),
+        })?;
+    match decision {
+        FragmentDecision::Gap { received } => Ok(Ack::gap(&id, received)),
+        FragmentDecision::AlreadyHeld {
+            final_resend: true, ..
+        } => {
+            tracing::info!("re-sent final fragment of an upload completed meanwhile");
+            c.touch();
+            completion::complete_detached(shared, route, parts, c, guard, false).await
+        }
+        FragmentDecision::AlreadyHeld { .. } | FragmentDecision::Write(_) => {
+            drop(guard);
             tracing::info!(
                 received = c.received,
                 "fragment lost the race for the offset"
             );
-            Ok(Ack::ok().session(id).received(c.received))
+            Ok(Ack::ok().session(&id).received(c.received))
         }
-        _ => Err(BitsError::session_not_found().into()),
     }
 }
 

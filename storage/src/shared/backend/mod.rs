@@ -1,13 +1,15 @@
 //! The shared (farm) backend: [`SharedBackend`], PostgreSQL for session state and an object
 //! store for bytes, behind [`SessionBackend`]. Any node continues any session: nothing about
-//! a session is kept on a node.
+//! a session is kept only on a node (a node's memory of the sessions it wrote last is a hint
+//! that saves a fragment's load, checked by the fragment's commit: `recent.rs`).
 //!
 //! The crash-safe order of each verb:
 //!
 //! - create: one PostgreSQL insert, durable on return.
 //! - fragment: the object's key is recorded as pending in PostgreSQL by the statement that
 //!   loads the session (`load_for_fragment`; or, when the new bytes start elsewhere than the
-//!   packet's first byte, while the body streams) into its own object
+//!   packet's first byte or the node skipped the load on a remembered record, while the body
+//!   streams) into its own object
 //!   (`…/frag/<offset>-<nonce>`), and that row is committed **before** the
 //!   object is completed (before its single PUT, or the completion of its multipart upload:
 //!   nothing is visible at the key earlier); commit then completes the object (durable on
@@ -36,6 +38,7 @@ mod gc;
 mod handler_files;
 mod merge_rule;
 mod orphans;
+mod recent;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +57,7 @@ use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError}
 pub use coalesce::Coalesced;
 use coalesce::Coalescer;
 pub use merge_rule::{COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
+use recent::RecentSessions;
 use sinks::{reply_key, PendingRow, ReservedKey, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.
@@ -68,6 +72,9 @@ pub struct SharedBackend {
     orphan_scan: std::sync::Arc<orphans::OrphanSchedule>,
     /// Merges small fragments behind the upload (`None`: `coalesce_fragments = false`).
     coalescer: Option<Coalescer>,
+    /// The sessions this node created or committed a fragment of last (a hint that saves a
+    /// fragment's load; see `recent.rs`).
+    recent: RecentSessions,
 }
 
 impl SharedBackend {
@@ -96,6 +103,7 @@ impl SharedBackend {
             scratch,
             orphan_scan: Default::default(),
             coalescer,
+            recent: RecentSessions::default(),
         }
     }
 
@@ -216,6 +224,7 @@ impl SessionBackend for SharedBackend {
 
     async fn create(&self, record: &SessionRecord) -> Result<(), StorageError> {
         if self.state.create(record).await? {
+            self.recent.remember(record);
             Ok(())
         } else {
             Err(StorageError::StateStore(format!(
@@ -235,7 +244,10 @@ impl SessionBackend for SharedBackend {
             per_user: limits.per_user,
         };
         Ok(match self.state.create_limited(record, limits).await? {
-            CreateOutcome::Created => LimitedCreate::Created,
+            CreateOutcome::Created => {
+                self.recent.remember(record);
+                LimitedCreate::Created
+            }
             CreateOutcome::TotalLimit => LimitedCreate::TotalLimit,
             CreateOutcome::UserLimit => LimitedCreate::UserLimit,
             CreateOutcome::Exists => {
@@ -251,13 +263,20 @@ impl SessionBackend for SharedBackend {
         self.state.load(id).await
     }
 
-    /// One round trip: the record, and the fragment's object key recorded as pending (only
-    /// while the session is live), so the fragment's write needs no insert of its own.
+    /// No round trip when this node remembers the session and the fragment starts at or past
+    /// the remembered offset (see `recent.rs`: the fragment's pending row then goes in while
+    /// its body streams, and its commit's compare-and-set catches a record gone stale or an
+    /// offset that is not the session's). Otherwise one round trip: the record, and the
+    /// fragment's object key recorded as pending (only while the session is live), so the
+    /// fragment's write needs no insert of its own.
     async fn load_for_fragment(
         &self,
         id: &SessionId,
         first: u64,
     ) -> Result<(Option<SessionRecord>, Option<FragmentSlot>), StorageError> {
+        if let Some(record) = self.recent.for_fragment(id, first) {
+            return Ok((Some(record), None));
+        }
         let key = self.objects.fragment_key(id, first);
         let (record, reserved) = self.state.load_reserving(id, key.as_str()).await?;
         let slot = reserved.then(|| {
@@ -302,6 +321,7 @@ impl SessionBackend for SharedBackend {
             writer: self.objects.fragment_writer(key, plan.len),
             pending,
             coalescer: self.coalescer.clone(),
+            recent: self.recent.clone(),
         }))
     }
 
@@ -326,6 +346,7 @@ impl SessionBackend for SharedBackend {
             writer: self.objects.fragment_writer(key, plan.len),
             pending: PendingRow::already_inserted(),
             coalescer: self.coalescer.clone(),
+            recent: self.recent.clone(),
         }))
     }
 
@@ -478,6 +499,7 @@ impl SessionBackend for SharedBackend {
         record: &mut SessionRecord,
         state: SessionState,
     ) -> Result<(), StorageError> {
+        self.recent.forget(&record.id);
         match self.state.close(&record.id, state).await? {
             CasOutcome::Committed(r) | CasOutcome::Raced(r) => *record = r,
             CasOutcome::Missing => record.state = state,
@@ -497,6 +519,7 @@ impl SessionBackend for SharedBackend {
     }
 
     async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
+        self.recent.forget(id);
         self.objects.delete_session(id).await?;
         self.state.remove(id).await?;
         Ok(())

@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use super::super::objects::{ObjectKey, ObjectWriter, Objects};
 use super::super::pg::{CasOutcome, Expect, NewFragment, PgStateStore};
 use super::coalesce::Coalescer;
+use super::recent::RecentSessions;
 use crate::backend::{FragmentCommit, FragmentSink, ReplySink};
 use crate::{ReplyKind, SessionRecord, SessionState, StorageError};
 
@@ -21,6 +22,8 @@ pub(super) struct SharedFragment {
     pub(super) writer: ObjectWriter,
     pub(super) pending: PendingRow,
     pub(super) coalescer: Option<Coalescer>,
+    /// Told the session's record after the commit (see `recent.rs`).
+    pub(super) recent: RecentSessions,
 }
 
 /// A fragment's pending-object row on its way into PostgreSQL, in a task of its own so that
@@ -158,6 +161,7 @@ impl FragmentSink for SharedFragment {
             writer,
             mut pending,
             coalescer,
+            recent,
         } = *self;
         if writer.is_empty() {
             // No new bytes (a repeated last fragment): nothing to store; the record is saved
@@ -170,16 +174,19 @@ impl FragmentSink for SharedFragment {
             let outcome = state
                 .save(
                     record,
+                    // Only over a session still receiving: a node that read (or
+                    // remembered) it receiving must not write over another node's
+                    // completion of the same empty upload.
                     Expect {
                         received: expected,
-                        state: None,
+                        state: Some(SessionState::Receiving),
                     },
                 )
                 .await?;
             if inserted {
                 let _ = state.forget_pending_object(&key).await;
             }
-            return Ok(settle(outcome));
+            return Ok(settle(outcome, &recent, &id));
         }
         // The order the collector relies on: the row is committed BEFORE the object exists.
         match pending.wait().await {
@@ -192,6 +199,7 @@ impl FragmentSink for SharedFragment {
                 // object is completed (a streamed body never gets its last byte), the commit
                 // loses with what is stored now.
                 writer.abort().await;
+                recent.forget(&id);
                 let current = state.load(&id).await?;
                 return Ok(FragmentCommit::Lost {
                     current: current.map(Box::new),
@@ -217,17 +225,28 @@ impl FragmentSink for SharedFragment {
                 c.after_commit(id, expected, expected + stored.len, now.total);
             }
         }
-        Ok(settle(outcome))
+        Ok(settle(outcome, &recent, &id))
     }
 }
 
-fn settle(outcome: CasOutcome) -> FragmentCommit {
+/// The commit's outcome for the service; the node remembers the record it committed (or
+/// forgets the session when its commit lost).
+fn settle(outcome: CasOutcome, recent: &RecentSessions, id: &SessionId) -> FragmentCommit {
     match outcome {
-        CasOutcome::Committed(_) => FragmentCommit::Committed,
-        CasOutcome::Raced(r) => FragmentCommit::Lost {
-            current: Some(Box::new(r)),
-        },
-        CasOutcome::Missing => FragmentCommit::Lost { current: None },
+        CasOutcome::Committed(now) => {
+            recent.remember(&now);
+            FragmentCommit::Committed
+        }
+        CasOutcome::Raced(r) => {
+            recent.forget(id);
+            FragmentCommit::Lost {
+                current: Some(Box::new(r)),
+            }
+        }
+        CasOutcome::Missing => {
+            recent.forget(id);
+            FragmentCommit::Lost { current: None }
+        }
     }
 }
 

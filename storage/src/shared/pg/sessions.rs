@@ -380,7 +380,9 @@ impl PgStateStore {
 
     /// Commits one fragment: in one statement (one transaction, one round trip), advances
     /// `received` from `expected_received` to `expected_received + len` only if the session is
-    /// live and `received` still equals `expected_received`, records the fragment's object in
+    /// still receiving (a complete or ended session takes no more bytes), `received` still
+    /// equals `expected_received` and the upload's total, once set, is the one the fragment
+    /// was checked against, records the fragment's object in
     /// the index and drops its pending-object row. `Raced` carries the record that won (its
     /// `received` is what the client is told); the caller then deletes its object and calls
     /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
@@ -431,7 +433,8 @@ impl PgStateStore {
                 UPDATE bitsd_sessions
                    SET received = $3, total = coalesce($4, total),
                        state = coalesce($5, state), updated_ms = $6
-                 WHERE id = $1 AND received = $2 AND {LIVE} {fence}
+                 WHERE id = $1 AND received = $2 AND state = 'receiving'
+                   AND ($4::bigint IS NULL OR total IS NULL OR total = $4) {fence}
                  RETURNING *),
              frag AS (
                 INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
