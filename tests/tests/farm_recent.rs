@@ -357,6 +357,11 @@ async fn an_offset_past_the_sessions_sent_to_a_remembering_node_gets_the_gap_ans
             .unwrap(),
         1
     );
+    // The lost commit made A forget the session: the same gap again is loaded and refused
+    // before any write (one wasted write at most per commit A made, not one per packet).
+    let again = a.fragment(path, &sid, &data, 30_000, 10_000).await;
+    assert_eq!(again.status, 416, "{again:?}");
+    assert!(farm.pending(&id).await.is_empty(), "no second wasted write");
     // The client goes on from 20000 on either node; the file is byte-exact.
     let ack = a.fragment(path, &sid, &data, 20_000, 15_000).await;
     assert_eq!(ack.header("bits-received-content-range"), Some("35000"));
