@@ -94,3 +94,30 @@ impl crate::garage::GarageCluster {
         }
     }
 }
+
+/// `n` in-process bitsd nodes of one farm: the shared backend on `postgres_url` and `store`,
+/// each node with a pool of 4 PostgreSQL connections and a 5 s call timeout (what the farm
+/// tests run with).
+pub async fn shared_nodes(
+    postgres_url: &str,
+    store: &ObjectStoreConfig,
+    n: usize,
+) -> Vec<crate::TestServer> {
+    let shared = bitsd::SharedStorage {
+        postgres_url: postgres_url.to_owned(),
+        postgres_max_connections: 4,
+        postgres_timeout: std::time::Duration::from_secs(5),
+        object_store: store.clone(),
+    };
+    let mut nodes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = shared.clone();
+        nodes.push(
+            crate::TestServer::start_with(move |c| {
+                c.storage = bitsd::StorageConfig::Shared(Box::new(s))
+            })
+            .await,
+        );
+    }
+    nodes
+}

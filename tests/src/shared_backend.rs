@@ -189,6 +189,25 @@ pub async fn publish_and_read(backend: &SharedBackend, id: &SessionId, path: &st
     read_object(backend.objects(), &backend.objects().file_key(path)).await
 }
 
+/// The object keys recorded as pending for session `id` (written, or about to be, and
+/// referenced by no commit), whatever their age.
+pub async fn pending_of(backend: &SharedBackend, id: &SessionId) -> Vec<String> {
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000;
+    backend
+        .state()
+        .stale_pending_objects(later, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.session == *id)
+        .map(|p| p.object_key)
+        .collect()
+}
+
 /// Rows in `bitsd_pending_objects`.
 pub async fn pending_rows(url: &str) -> i64 {
     raw_client(url)

@@ -17,6 +17,7 @@ use bitsd::storage::{
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::session_record;
+use bitsd_tests::shared_backend::pending_of;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -40,12 +41,17 @@ async fn backend(
     )
 }
 
-/// A second node on the same database and bucket as `node`.
-async fn creator(servers: &FarmServers, node: &SharedBackend) -> SharedBackend {
-    let state = PgStateStore::connect(&servers.postgres_url, PgOptions::default())
-        .await
-        .unwrap();
-    SharedBackend::from_parts(state, node.objects().clone(), std::env::temp_dir())
+/// Creates `record` through a second node on the bucket prefix `prefix` (the test's node
+/// uses the same), so that the test's node has no memory of the session and loads it (a node
+/// that created it would skip the load: farm_recent.rs).
+async fn create_elsewhere(
+    servers: &FarmServers,
+    prefix: &str,
+    scratch: &tempfile::TempDir,
+    record: &SessionRecord,
+) {
+    let other = backend(servers, prefix, scratch).await;
+    other.create(record).await.unwrap();
 }
 
 fn plan(write_at: u64, len: u64) -> FragmentPlan {
@@ -260,33 +266,18 @@ async fn a_fragment_begun_while_postgres_is_down_fails_transiently_without_an_ob
     assert_eq!(node.load(&record.id).await.unwrap().unwrap().received, 0);
 }
 
-/// The pending rows of `record`'s session.
-async fn pending_of(backend: &SharedBackend, record: &SessionRecord) -> Vec<String> {
-    let later = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-        + 60_000;
-    backend
-        .state()
-        .stale_pending_objects(later, 10_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.session == record.id)
-        .map(|p| p.object_key)
-        .collect()
-}
-
 /// Waits up to 10 s for `record`'s session to have no pending row.
 async fn no_pending_left(backend: &SharedBackend, record: &SessionRecord) {
     for _ in 0..200 {
-        if pending_of(backend, record).await.is_empty() {
+        if pending_of(backend, &record.id).await.is_empty() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("pending rows left: {:?}", pending_of(backend, record).await);
+    panic!(
+        "pending rows left: {:?}",
+        pending_of(backend, &record.id).await
+    );
 }
 
 /// A Fragment's load records its object key as pending in the same round trip: the row is
@@ -300,17 +291,11 @@ async fn a_key_reserved_with_the_load_is_pending_before_the_write_and_cleared_by
     let scratch = tempfile::tempdir().unwrap();
     let node = backend(&servers, "reserve", &scratch).await;
     let record = session_record(None);
-    // Created by another node: this one has no memory of the session and loads it
-    // (a node that created it would skip the load: farm_recent.rs).
-    creator(&servers, &node)
-        .await
-        .create(&record)
-        .await
-        .unwrap();
+    create_elsewhere(&servers, "reserve", &scratch, &record).await;
     let (loaded, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
     assert_eq!(loaded.unwrap().received, 0);
     let slot = slot.expect("a live session's load reserves the fragment's key");
-    let reserved = pending_of(&node, &record).await;
+    let reserved = pending_of(&node, &record.id).await;
     assert_eq!(reserved.len(), 1, "{reserved:?}");
     let data = pattern(70_000, 8);
     let mut sink = node
@@ -323,7 +308,7 @@ async fn a_key_reserved_with_the_load_is_pending_before_the_write_and_cleared_by
         sink.commit(0, &next).await.unwrap(),
         FragmentCommit::Committed
     );
-    assert!(pending_of(&node, &record).await.is_empty());
+    assert!(pending_of(&node, &record.id).await.is_empty());
     let keys = node.state().session_objects(&record.id).await.unwrap();
     assert!(keys.contains(&reserved[0]), "{keys:?} lacks {reserved:?}");
     assert_eq!(node.collect_garbage(Duration::ZERO).await.unwrap(), 0);
@@ -343,7 +328,7 @@ async fn unused_or_mismatched_reservations_leave_no_pending_rows() {
     let missing = session_record(None);
     let (loaded, slot) = node.load_for_fragment(&missing.id, 0).await.unwrap();
     assert!(loaded.is_none() && slot.is_none());
-    assert!(pending_of(&node, &missing).await.is_empty());
+    assert!(pending_of(&node, &missing.id).await.is_empty());
 
     let mut ended = session_record(None);
     node.create(&ended).await.unwrap();
@@ -353,16 +338,10 @@ async fn unused_or_mismatched_reservations_leave_no_pending_rows() {
     let (loaded, slot) = node.load_for_fragment(&ended.id, 0).await.unwrap();
     assert_eq!(loaded.unwrap().state, SessionState::Cancelled);
     assert!(slot.is_none(), "a tombstone's load reserved a key");
-    assert!(pending_of(&node, &ended).await.is_empty());
+    assert!(pending_of(&node, &ended.id).await.is_empty());
 
     let record = session_record(None);
-    // Created by another node: this one has no memory of the session and loads it
-    // (a node that created it would skip the load: farm_recent.rs).
-    creator(&servers, &node)
-        .await
-        .create(&record)
-        .await
-        .unwrap();
+    create_elsewhere(&servers, "reserve2", &scratch, &record).await;
     let (_, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
     assert!(slot.is_some());
     drop(slot);
@@ -411,13 +390,7 @@ async fn a_reservation_claimed_by_the_collector_cannot_commit() {
     let scratch = tempfile::tempdir().unwrap();
     let node = backend(&servers, "reserve3", &scratch).await;
     let record = session_record(None);
-    // Created by another node: this one has no memory of the session and loads it
-    // (a node that created it would skip the load: farm_recent.rs).
-    creator(&servers, &node)
-        .await
-        .create(&record)
-        .await
-        .unwrap();
+    create_elsewhere(&servers, "reserve3", &scratch, &record).await;
     let (_, slot) = node.load_for_fragment(&record.id, 0).await.unwrap();
     let data = pattern(5000, 10);
     let mut sink = node
@@ -427,7 +400,7 @@ async fn a_reservation_claimed_by_the_collector_cannot_commit() {
     sink.write(Bytes::from(data)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     node.collect_garbage(Duration::ZERO).await.unwrap();
-    assert!(pending_of(&node, &record).await.is_empty());
+    assert!(pending_of(&node, &record.id).await.is_empty());
     let next = at(&record, 5000, 5000);
     match sink.commit(0, &next).await.unwrap() {
         FragmentCommit::Lost { current } => {

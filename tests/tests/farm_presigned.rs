@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
-use bitsd::{SharedStorage, StorageConfig};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pg::PgCluster;
@@ -37,19 +36,7 @@ async fn farm() -> Option<Farm> {
     let mut store = garage.object_store_config("presigned");
     store.presigned_reply_secs = Some(300);
     let endpoint = store.endpoint.clone().unwrap();
-    let shared = SharedStorage {
-        postgres_url: url.clone(),
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: store,
-    };
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        let s = shared.clone();
-        nodes.push(
-            TestServer::start_with(move |c| c.storage = StorageConfig::Shared(Box::new(s))).await,
-        );
-    }
+    let nodes = shared_nodes(&url, &store, 3).await;
     let state = PgStateStore::connect(&url, PgOptions::default())
         .await
         .unwrap();

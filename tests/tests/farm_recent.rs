@@ -4,27 +4,25 @@
 //! moves the session on, completes it, cancels it), or send an offset that is not the
 //! session's, to a node whose memory would accept it. The compare-and-set of the fragment's
 //! commit must catch every case: nothing written on a wrong hint is ever referenced, and the
-//! client gets the answer a node without the memory would give. Three in-process nodes on one PostgreSQL database
-//! and one Garage bucket; skips with a printed reason when PostgreSQL or Garage is missing.
+//! client gets the answer a node without the memory would give. Two in-process nodes on one
+//! PostgreSQL database and one Garage bucket; skips with a printed reason when PostgreSQL or
+//! Garage is missing.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd::storage::shared::objects::Objects;
-use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::storage::shared::SharedBackend;
-use bitsd::{SharedStorage, StorageConfig};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
+use bitsd_tests::shared_backend::{backend_on, pending_of, read_object};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
 
 struct Farm {
     nodes: Vec<TestServer>,
-    state: PgStateStore,
-    objects: Objects,
+    /// A node's backend without a server, to look into PostgreSQL and the bucket.
     backend: SharedBackend,
     _scratch: tempfile::TempDir,
     _pg: Arc<PgCluster>,
@@ -38,30 +36,11 @@ async fn farm() -> Option<Farm> {
         garage,
     } = FarmServers::start().await?;
     let store = garage.object_store_config("recent");
-    let shared = SharedStorage {
-        postgres_url: url.clone(),
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: store.clone(),
-    };
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let s = shared.clone();
-        nodes.push(
-            TestServer::start_with(move |c| c.storage = StorageConfig::Shared(Box::new(s))).await,
-        );
-    }
-    let state = PgStateStore::connect(&url, PgOptions::default())
-        .await
-        .unwrap();
-    let objects = Objects::new(&store).unwrap();
+    let nodes = shared_nodes(&url, &store, 2).await;
     let scratch = tempfile::tempdir().unwrap();
-    let backend =
-        SharedBackend::from_parts(state.clone(), objects.clone(), scratch.path().to_path_buf());
+    let backend = backend_on(&url, &store, scratch.path()).await;
     Some(Farm {
         nodes,
-        state,
-        objects,
         backend,
         _scratch: scratch,
         _pg: pg,
@@ -79,28 +58,14 @@ impl Farm {
 
     /// The plain upload published at `path` (under `files/`), whole.
     async fn published(&self, path: &str) -> Vec<u8> {
-        let key = self.objects.file_key(path);
-        self.objects
-            .read(&key, None)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .to_vec()
+        let objects = self.backend.objects();
+        read_object(objects, &objects.file_key(path)).await
     }
 
     /// The objects recorded as pending for `id` (written, or about to be, and referenced by
     /// no commit).
     async fn pending(&self, id: &SessionId) -> Vec<String> {
-        self.state
-            .stale_pending_objects(i64::MAX as u64, 1_000)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|p| p.session == *id)
-            .map(|p| p.object_key)
-            .collect()
+        pending_of(&self.backend, id).await
     }
 }
 
@@ -136,7 +101,7 @@ async fn a_stale_node_never_takes_bytes_another_node_acknowledged() {
         "the stale node answers with the offset that won"
     );
     let id = id_of(&sid);
-    let record = farm.state.load(&id).await.unwrap().unwrap();
+    let record = farm.backend.state().load(&id).await.unwrap().unwrap();
     assert_eq!(record.received, 25_000, "the offset never went back");
 
     // What A wrote for the lost commit is pending (the collector's), never in the index, and
@@ -145,7 +110,7 @@ async fn a_stale_node_never_takes_bytes_another_node_acknowledged() {
     assert_eq!(pending.len(), 1, "{pending:?}");
     let orphan = bitsd::storage::shared::objects::ObjectKey::parse(&pending[0]).unwrap();
     assert!(
-        farm.objects.head(&orphan).await.is_ok(),
+        farm.backend.objects().head(&orphan).await.is_ok(),
         "written, unreferenced"
     );
     assert_eq!(
@@ -155,7 +120,10 @@ async fn a_stale_node_never_takes_bytes_another_node_acknowledged() {
             .unwrap(),
         1
     );
-    assert!(farm.objects.head(&orphan).await.is_err(), "collected");
+    assert!(
+        farm.backend.objects().head(&orphan).await.is_err(),
+        "collected"
+    );
 
     // The rest, alternating nodes: the file is the acknowledged bytes, byte-exact.
     let ack = a.fragment(path, &sid, &data, 25_000, 5_000).await;
@@ -230,7 +198,8 @@ async fn a_stale_node_refuses_a_fragment_of_a_session_ended_elsewhere() {
         late.assert_error(500, "0x8020001f");
         let id = id_of(&sid);
         assert!(
-            farm.state
+            farm.backend
+                .state()
                 .load(&id)
                 .await
                 .unwrap()
@@ -298,7 +267,7 @@ async fn an_empty_upload_completed_elsewhere_is_never_written_again_by_a_stale_n
         assert_eq!(fin.status, 200, "{fin:?}");
         let reply_url = fin.header("bits-reply-url").unwrap().to_owned();
         let id = id_of(&sid);
-        let done = farm.state.load(&id).await.unwrap().unwrap();
+        let done = farm.backend.state().load(&id).await.unwrap().unwrap();
 
         if stale_packet == "ten bytes" {
             // Bytes for the finished empty upload, at node A's remembered offset: refused
@@ -313,7 +282,7 @@ async fn an_empty_upload_completed_elsewhere_is_never_written_again_by_a_stale_n
             assert_eq!(again.status, 200, "{again:?}");
             assert_eq!(again.header("bits-reply-url"), Some(reply_url.as_str()));
         }
-        let after = farm.state.load(&id).await.unwrap().unwrap();
+        let after = farm.backend.state().load(&id).await.unwrap().unwrap();
         assert_eq!(after.received, 0, "{stale_packet}");
         assert_eq!(after.total, Some(0), "{stale_packet}");
         assert_eq!(after.state, done.state, "{stale_packet}: {after:?}");
@@ -345,7 +314,13 @@ async fn an_offset_past_the_sessions_sent_to_a_remembering_node_gets_the_gap_ans
     assert_eq!(gap.header("bits-received-content-range"), Some("20000"));
     let id = id_of(&sid);
     assert_eq!(
-        farm.state.load(&id).await.unwrap().unwrap().received,
+        farm.backend
+            .state()
+            .load(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .received,
         20_000
     );
     // The write the hint cost is pending, unreferenced, and collected.

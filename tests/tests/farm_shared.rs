@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use bitsd::storage::shared::objects::Objects;
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
-use bitsd::{SharedStorage, StorageConfig};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pg::PgCluster;
@@ -32,19 +31,11 @@ async fn farm() -> Option<Farm> {
         garage,
     } = FarmServers::start().await?;
     let store = garage.object_store_config("farm");
-    let shared = SharedStorage {
-        postgres_url: url.clone(),
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: store.clone(),
-    };
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        let s = shared.clone();
-        nodes.push(Some(
-            TestServer::start_with(move |c| c.storage = StorageConfig::Shared(Box::new(s))).await,
-        ));
-    }
+    let nodes = shared_nodes(&url, &store, 3)
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
     let state = PgStateStore::connect(&url, PgOptions::default())
         .await
         .unwrap();

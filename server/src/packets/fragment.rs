@@ -189,8 +189,8 @@ where
                 received: None,
             })?;
             if let FragmentCommit::Lost { current } = committed {
-                // Another request (on another node of a farm) advanced the offset first:
-                // nothing of this fragment counts; the client goes on from the winner's.
+                // Another request (on another node of a farm) advanced the offset first, or
+                // the record this node remembered was stale: nothing of this fragment counts.
                 return lost_race(shared, route, parts, &packet, current.map(|c| *c), guard).await;
             }
             shared.metrics.fragment(FragmentOutcome::Stored, write.len);

@@ -38,9 +38,11 @@ impl RecentSessions {
     pub(super) fn for_fragment(&self, id: &SessionId, first: u64) -> Option<SessionRecord> {
         let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let r = map.get(id)?;
+        // A receiving record's `received` is below its total, so `first == received` passes
+        // the last test too.
         let continues = r.state == SessionState::Receiving
             && first >= r.received
-            && (first == r.received || r.total.is_none_or(|t| first < t));
+            && r.total.is_none_or(|t| first < t);
         continues.then(|| {
             let mut r = r.clone();
             r.received = first;
