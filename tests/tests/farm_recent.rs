@@ -17,7 +17,7 @@ use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
-use bitsd_tests::shared_backend::{backend_on, pending_of, read_object};
+use bitsd_tests::shared_backend::{backend_on, listed_keys, pending_of, read_object};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
 
 struct Farm {
@@ -334,9 +334,28 @@ async fn an_offset_past_the_sessions_sent_to_a_remembering_node_gets_the_gap_ans
     );
     // The lost commit made A forget the session: the same gap again is loaded and refused
     // before any write (one wasted write at most per commit A made, not one per packet).
+    // The load reserves the fragment's key (a pending row, no object) and the refusal
+    // forgets the unused reservation in the background: the bucket is unchanged, and the
+    // row goes without the collector.
+    let objects = farm.backend.objects();
+    let session_prefix = objects.session_prefix(&id);
+    let before = listed_keys(objects, &session_prefix).await;
     let again = a.fragment(path, &sid, &data, 30_000, 10_000).await;
     assert_eq!(again.status, 416, "{again:?}");
-    assert!(farm.pending(&id).await.is_empty(), "no second wasted write");
+    assert_eq!(
+        listed_keys(objects, &session_prefix).await,
+        before,
+        "no second wasted write"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !farm.pending(&id).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the unused reservation is forgotten: {:?}",
+            farm.pending(&id).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The client goes on from 20000 on either node; the file is byte-exact.
     let ack = a.fragment(path, &sid, &data, 20_000, 15_000).await;
     assert_eq!(ack.header("bits-received-content-range"), Some("35000"));
