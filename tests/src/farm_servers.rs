@@ -95,20 +95,26 @@ impl crate::garage::GarageCluster {
     }
 }
 
-/// `n` in-process bitsd nodes of one farm: the shared backend on `postgres_url` and `store`,
-/// each node with a pool of 4 PostgreSQL connections and a 5 s call timeout (what the farm
-/// tests run with).
+/// The shared backend's settings the farm tests run a node with: `postgres_url` and `store`,
+/// a pool of 4 PostgreSQL connections and a 5 s call timeout (change a field for a test of
+/// its own, e.g. a shorter timeout for an outage).
+pub fn shared_storage(postgres_url: &str, store: &ObjectStoreConfig) -> bitsd::SharedStorage {
+    bitsd::SharedStorage {
+        postgres_url: postgres_url.to_owned(),
+        postgres_max_connections: 4,
+        postgres_timeout: std::time::Duration::from_secs(5),
+        object_store: store.clone(),
+    }
+}
+
+/// `n` in-process bitsd nodes of one farm, each on [`shared_storage`] of `postgres_url` and
+/// `store`.
 pub async fn shared_nodes(
     postgres_url: &str,
     store: &ObjectStoreConfig,
     n: usize,
 ) -> Vec<crate::TestServer> {
-    let shared = bitsd::SharedStorage {
-        postgres_url: postgres_url.to_owned(),
-        postgres_max_connections: 4,
-        postgres_timeout: std::time::Duration::from_secs(5),
-        object_store: store.clone(),
-    };
+    let shared = shared_storage(postgres_url, store);
     let mut nodes = Vec::with_capacity(n);
     for _ in 0..n {
         let s = shared.clone();

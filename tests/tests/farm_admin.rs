@@ -8,18 +8,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bitsd::{SharedStorage, StorageConfig};
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{self, FarmServers};
 use bitsd_tests::{metric, pattern, url_path, RawClient, TestServer};
 use serde_json::Value;
 
 /// The farm's storage settings on `servers`, objects under `prefix`.
 fn shared_storage(servers: &FarmServers, prefix: &str) -> SharedStorage {
-    SharedStorage {
-        postgres_url: servers.postgres_url.clone(),
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: servers.garage.object_store_config(prefix),
-    }
+    farm_servers::shared_storage(
+        &servers.postgres_url,
+        &servers.garage.object_store_config(prefix),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

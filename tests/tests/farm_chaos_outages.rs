@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd_tests::bits_job::RetryPolicy;
 use bitsd_tests::farm_cluster::{shared_config, FarmCluster};
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::garage::GarageCluster;
 use bitsd_tests::pg::PgCluster;
 use bitsd_tests::{pattern, RawClient};
@@ -292,10 +292,8 @@ async fn reply_download_while_the_object_store_or_postgres_is_down_is_a_transien
         return;
     };
     let shared = SharedStorage {
-        postgres_url: url,
-        postgres_max_connections: 4,
         postgres_timeout: Duration::from_secs(2),
-        object_store: impatient(garage.object_store_config("replyout")),
+        ..shared_storage(&url, &impatient(garage.object_store_config("replyout")))
     };
     let node = bitsd_tests::TestServer::start_with(move |c| {
         c.storage = StorageConfig::Shared(Box::new(shared));

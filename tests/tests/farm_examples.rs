@@ -15,9 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bitsd::storage::shared::objects::{ObjectKey, Objects};
 use bitsd::storage::StorageError;
-use bitsd::{SharedStorage, StorageConfig};
+use bitsd::StorageConfig;
 use bitsd_tests::examples::{replay, ScenarioConfig, Target, Targets};
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::{reply_suite, TestServer};
 use bytes::Bytes;
@@ -46,12 +46,7 @@ impl Targets for Farms {
             .servers
             .garage
             .object_store_config(&format!("examples-{n}"));
-        let shared = SharedStorage {
-            postgres_url: self.servers.postgres_url.clone(),
-            postgres_max_connections: 4,
-            postgres_timeout: Duration::from_secs(5),
-            object_store: store.clone(),
-        };
+        let shared = shared_storage(&self.servers.postgres_url, &store);
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let s = shared.clone();

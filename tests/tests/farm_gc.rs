@@ -12,7 +12,7 @@ use bitsd::storage::shared::objects::Objects;
 use bitsd::storage::shared::SharedBackend;
 use bitsd::storage::{CommitOutcome, FragmentCommit, SessionBackend, SessionState};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::pattern;
 use bitsd_tests::pg::session_record;
 use bytes::Bytes;
@@ -239,12 +239,7 @@ async fn the_sweeper_of_a_node_collects_a_dead_writers_object_on_its_schedule() 
         return;
     };
     let store = servers.garage.object_store_config("gc-node");
-    let shared = bitsd::SharedStorage {
-        postgres_url: servers.postgres_url.clone(),
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: store.clone(),
-    };
+    let shared = shared_storage(&servers.postgres_url, &store);
     // An orphan (objects of a session with no row) older than the grace when the node starts:
     // the node's first sweep deletes it.
     let orphan_store = Objects::new(&store).unwrap();

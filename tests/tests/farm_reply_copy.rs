@@ -6,13 +6,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bitsd::reply_handlers::ReplyFuture;
 use bitsd::storage::shared::objects::Objects;
-use bitsd::{Reply, ReplyHandler, Route, SharedStorage, StorageConfig, Upload};
+use bitsd::{Reply, ReplyHandler, Route, StorageConfig, Upload};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pg::PgCluster;
@@ -86,12 +85,7 @@ async fn node() -> Option<Node> {
     let mut store = garage.object_store_config("copy");
     store.endpoint = Some(store_log.url());
     let objects = Objects::new(&store).unwrap();
-    let shared = SharedStorage {
-        postgres_url,
-        postgres_max_connections: 4,
-        postgres_timeout: Duration::from_secs(5),
-        object_store: store,
-    };
+    let shared = shared_storage(&postgres_url, &store);
     let node = TestServer::start_with(move |c| {
         c.storage = StorageConfig::Shared(Box::new(shared));
         c.routes

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bitsd::storage::shared::objects::ObjectStoreConfig;
 use bitsd::{SharedStorage, StorageConfig};
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,17 +22,16 @@ async fn postgres_or_object_store_down_gives_503_and_the_retry_resumes_from_the_
     else {
         return;
     };
+    let store = ObjectStoreConfig {
+        connect_timeout_ms: Some(500),
+        request_timeout_secs: Some(3),
+        max_retries: Some(0),
+        retry_timeout_secs: Some(1),
+        ..garage.object_store_config("outage")
+    };
     let shared = SharedStorage {
-        postgres_url: url,
-        postgres_max_connections: 4,
         postgres_timeout: Duration::from_secs(2),
-        object_store: ObjectStoreConfig {
-            connect_timeout_ms: Some(500),
-            request_timeout_secs: Some(3),
-            max_retries: Some(0),
-            retry_timeout_secs: Some(1),
-            ..garage.object_store_config("outage")
-        },
+        ..shared_storage(&url, &store)
     };
     let node =
         TestServer::start_with(move |c| c.storage = StorageConfig::Shared(Box::new(shared))).await;
