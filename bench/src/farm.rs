@@ -65,7 +65,7 @@ pub struct FarmArgs {
     /// nginx's `client_body_buffer_size` in front of the nodes: how much of a fragment's body
     /// it reads from the client per write to a node. The default is `1m`, what docs/farm.md
     /// advises for large fragments; `16k` is nginx's own default (the benchmark's until the
-    /// section "Part merges for large uploads" of docs/performance.md).
+    /// section "Part merges for large uploads" of docs/farm-performance-log-2.md).
     #[arg(long, default_value = "1m")]
     pub farm_balancer_body_buffer: String,
     /// Idle upstream connections nginx keeps in front of the nodes (its `keepalive`, for the

@@ -88,7 +88,7 @@ impl FarmEnv {
             let s3 = garage.s3_addr();
             // A fresh upstream connection per request: Garage does not set TCP_NODELAY, and on
             // a kept-alive connection a small response body waits for nginx's delayed ACK
-            // (about 40 ms, docs/performance.md).
+            // (about 40 ms, docs/farm.md, "Garage").
             let proxy = tokio::task::spawn_blocking(move || Nginx::start(&[s3]))
                 .await?
                 .ok_or("nginx is not installed (apt-get install nginx)")?;

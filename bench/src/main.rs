@@ -266,7 +266,7 @@ fn machine() -> Vec<(String, String)> {
 /// and how soon. On a VM that does it at once, page-cache memory freed when one case deletes
 /// its files costs the next writer a host page fault per page again: a plain `dd` of 1 GiB
 /// after a delete ran at 0.66–1.7 GB/s with `min_free_ms` 0 and at 6.5 GB/s with 60000 on the
-/// development VM (docs/performance.md). The swings land on whichever side writes then.
+/// development VM (docs/performance-log.md). The swings land on whichever side writes then.
 fn free_page_reporting() -> Option<String> {
     let dir = std::path::Path::new("/sys/module/page_reporting/parameters");
     let read = |name: &str| {
@@ -282,7 +282,7 @@ fn free_page_reporting() -> Option<String> {
         if min_free_ms == "0" && balloon {
             out.push_str(
                 " (freed page cache goes back to the host at once: write throughput of \
-                 both sides swings with it; see docs/performance.md)",
+                 both sides swings with it; see docs/performance-log.md)",
             );
         }
     }

@@ -23,7 +23,7 @@
 //!   small fragments, so the final Ack of a large upload sent in fragments of a few MiB does
 //!   not wait for all its bytes to pass through the node. The bytes pass through a node once
 //!   more either way; the merges move that work from the final Ack to while the upload goes
-//!   on (and make the store copy them: docs/farm.md says what that costs).
+//!   on (and make the store copy them: docs/farm-internals.md says what that costs).
 //!
 //! Within one rule a merged object contains a crossing fragment or ends where a long one
 //! starts, so the same rule never merges it again and two merges of one rule never take the

@@ -10,7 +10,7 @@ pub const COALESCE_SPAN: u64 = 1 << 20;
 /// Fewest fragments in a run worth merging: a span of 1 MiB in fragments of 32 KiB or more is
 /// left as it is (completion reads at most 31 objects per MiB that way), since merging costs
 /// a second write of the bytes while the upload goes on. Measured with `bitsd-bench --farm`
-/// (docs/performance.md): merging 64 KiB fragments cut an 8 MiB upload's completion from about
+/// (docs/farm-performance-log.md): merging 64 KiB fragments cut an 8 MiB upload's completion from about
 /// 200 to 85 ms but added about 1 ms to every fragment's Ack on a shared 2-core machine.
 pub const MIN_RUN: usize = 32;
 

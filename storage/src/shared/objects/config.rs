@@ -19,8 +19,8 @@ pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
 /// Default of `merge_parts_from`: uploads of 1 GiB and more, whose assembly would stream for
-/// about 8 s (1 MiB fragments) to 26 s (64 KiB fragments) on the machine of
-/// docs/performance.md before the final Ack.
+/// about 8 s (1 MiB fragments) to 26 s (64 KiB fragments) on the benchmark
+/// machine (docs/farm-performance-log-2.md) before the final Ack.
 pub const DEFAULT_MERGE_PARTS_FROM: u64 = 1 << 30;
 
 /// Where the farm's bytes live: an S3-compatible bucket (the `[object_store]` table).
