@@ -108,6 +108,8 @@ pub struct FarmArgs {
 pub enum Target {
     /// Bare PUTs to the bucket.
     Bare,
+    /// Bare PUTs through an nginx configured as the balancer (the hop's own cost).
+    BareLb,
     /// One farm node, directly.
     Farm1,
     /// Three farm nodes behind nginx.
@@ -121,8 +123,9 @@ pub enum Target {
 
 impl Target {
     /// Every target, in the order of a round.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Bare,
+        Target::BareLb,
         Target::Farm1,
         Target::Farm1Lb,
         Target::Farm3,
@@ -133,6 +136,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Bare => "bare PUT",
+            Target::BareLb => "bare PUT + nginx",
             Target::Farm1 => "farm, 1 node",
             Target::Farm3 => "farm, 3 nodes + nginx",
             Target::Farm1Lb => "farm, 1 node + nginx",
@@ -190,7 +194,7 @@ pub async fn run_one(
     let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tag = &format!("{tag}-{n}");
     let addr = match target {
-        Target::Bare => None,
+        Target::Bare | Target::BareLb => None,
         Target::Farm1 => Some(env.nodes[0].addr),
         Target::Farm3 => Some(env.nginx.addr()),
         Target::Farm1Lb => Some(env.nginx1.addr()),
@@ -203,12 +207,24 @@ pub async fn run_one(
         }
         (Case::Fragments(f), None) => {
             let each = upload_bytes(a, case);
-            load::bare_fragments(&env.objects()?, tag, a.farm_sessions, each, f, payload).await
+            let objects = bare_objects(env, target)?;
+            load::bare_fragments(&objects, tag, a.farm_sessions, each, f, payload).await
         }
         (Case::Jobs, Some(addr)) => load::http_jobs(addr, tag, clients, a.farm_job_secs).await,
-        (Case::Jobs, None) => load::bare_jobs(&env.objects()?, tag, clients, a.farm_job_secs).await,
+        (Case::Jobs, None) => {
+            let objects = bare_objects(env, target)?;
+            load::bare_jobs(&objects, tag, clients, a.farm_job_secs).await
+        }
     };
     run.map_err(|e| format!("{} → {}: {e}", case.label(a), target.name()).into())
+}
+
+/// The bucket's client of a bare target: straight to the store, or through `bare_lb`.
+fn bare_objects(env: &FarmEnv, target: Target) -> Result<bitsd_storage::shared::objects::Objects> {
+    match target {
+        Target::BareLb => env.objects_lb(),
+        _ => env.objects(),
+    }
 }
 
 /// `--farm`: runs the farm scenario alone and prints its own report (markdown, or JSON).
@@ -363,7 +379,7 @@ fn warm(a: &FarmArgs) -> FarmArgs {
 /// process.
 pub fn own_cpu(target: Target, cpu: &CpuSnapshot) -> f64 {
     match target {
-        Target::Bare => cpu.bench,
+        Target::Bare | Target::BareLb => cpu.bench,
         Target::Farm1 | Target::Farm1Lb => cpu.nodes.first().copied().unwrap_or(0.0),
         Target::Farm3 => cpu.nodes_total(),
         Target::Local => cpu.local,

@@ -38,6 +38,9 @@ pub struct FarmEnv {
     pub nginx: Nginx,
     /// nginx over the first node alone (configured as `nginx`).
     pub nginx1: Nginx,
+    /// nginx over the store's S3 API alone (configured as `nginx`): the bare PUTs through the
+    /// same kind of hop, so the balancer's share of a farm's overhead is measured, not guessed.
+    pub bare_lb: Nginx,
     /// The single-node bitsd (local backend, default per-fragment fsync).
     pub local: BitsdChild,
     /// PostgreSQL's postmaster.
@@ -48,6 +51,8 @@ pub struct FarmEnv {
     pub nginx_pid: u32,
     /// The master process of the nginx over the first node alone.
     pub nginx1_pid: u32,
+    /// The master process of [`FarmEnv::bare_lb`].
+    pub bare_lb_pid: u32,
     /// Garage's admin listeners (their `/metrics` count the S3 requests by endpoint).
     pub garage_admin: Vec<std::net::SocketAddr>,
     /// The nginx in front of Garage (`--farm-store-proxy`).
@@ -130,8 +135,16 @@ impl FarmEnv {
             tokio::task::spawn_blocking(move || Nginx::start_keepalive_pool(&addrs, idle, &also))
                 .await?
                 .ok_or("nginx is not installed (apt-get install nginx)")?;
-        let nginx1 = tokio::task::spawn_blocking(move || {
-            Nginx::start_keepalive_pool(&first, idle, &directives)
+        let also = directives.clone();
+        let nginx1 =
+            tokio::task::spawn_blocking(move || Nginx::start_keepalive_pool(&first, idle, &also))
+                .await?
+                .ok_or("nginx is not installed (apt-get install nginx)")?;
+        let s3 = [store_proxy
+            .as_ref()
+            .map_or_else(|| garage.s3_addr(), Nginx::addr)];
+        let bare_lb = tokio::task::spawn_blocking(move || {
+            Nginx::start_keepalive_pool(&s3, idle, &directives)
         })
         .await?
         .ok_or("nginx is not installed (apt-get install nginx)")?;
@@ -166,6 +179,8 @@ impl FarmEnv {
         let nginx_pid = master_of(&nginx).ok_or("cannot find nginx's master process in /proc")?;
         let nginx1_pid =
             master_of(&nginx1).ok_or("cannot find the one-node nginx's master process in /proc")?;
+        let bare_lb_pid = master_of(&bare_lb)
+            .ok_or("cannot find the master process of the nginx over the store in /proc")?;
         let garage_admin = garage_pids
             .iter()
             .filter_map(|p| garage_admin_addr(*p))
@@ -178,11 +193,13 @@ impl FarmEnv {
             nodes,
             nginx,
             nginx1,
+            bare_lb,
             local,
             pg_pid,
             garage_pids,
             nginx_pid,
             nginx1_pid,
+            bare_lb_pid,
             garage_admin,
             store_proxy,
         })
@@ -211,6 +228,13 @@ impl FarmEnv {
         Ok(Objects::new(&self.store)?)
     }
 
+    /// The same client, through [`FarmEnv::bare_lb`].
+    pub fn objects_lb(&self) -> Result<Objects> {
+        let mut store = self.store.clone();
+        store.endpoint = Some(self.bare_lb.url());
+        Ok(Objects::new(&store)?)
+    }
+
     /// CPU seconds so far of every process the scenario accounts for.
     pub fn cpu(&self) -> CpuSnapshot {
         CpuSnapshot {
@@ -223,7 +247,9 @@ impl FarmEnv {
             local: process_cpu(self.local.pid(), false),
             garage: self.garage_pids.iter().map(|p| tree_cpu(*p)).sum(),
             postgres: tree_cpu(self.pg_pid),
-            nginx: tree_cpu(self.nginx_pid) + tree_cpu(self.nginx1_pid),
+            nginx: tree_cpu(self.nginx_pid)
+                + tree_cpu(self.nginx1_pid)
+                + tree_cpu(self.bare_lb_pid),
         }
     }
 }
