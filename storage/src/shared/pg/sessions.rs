@@ -110,6 +110,22 @@ pub struct FragmentObject {
     pub object_key: String,
 }
 
+/// The record of `id` read on `conn` (a connection the caller already holds).
+async fn load_on(
+    conn: &deadpool_postgres::Object,
+    id: &SessionId,
+) -> Result<Option<SessionRecord>, StorageError> {
+    let stmt = conn
+        .prepare_cached(&format!("SELECT {COLS} FROM bitsd_sessions WHERE id = $1"))
+        .await
+        .map_err(pg_error)?;
+    let row = conn
+        .query_opt(&stmt, &[id.as_uuid()])
+        .await
+        .map_err(pg_error)?;
+    row.as_ref().map(decode).transpose()
+}
+
 pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(|_| StorageError::StateStore(format!("{what} {v} is out of range")))
 }
@@ -275,15 +291,7 @@ impl PgStateStore {
     pub async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
         self.timed(async {
             let conn = self.conn().await?;
-            let stmt = conn
-                .prepare_cached(&format!("SELECT {COLS} FROM bitsd_sessions WHERE id = $1"))
-                .await
-                .map_err(pg_error)?;
-            let row = conn
-                .query_opt(&stmt, &[id.as_uuid()])
-                .await
-                .map_err(pg_error)?;
-            row.as_ref().map(decode).transpose()
+            load_on(&conn, id).await
         })
         .await
     }
@@ -304,7 +312,11 @@ impl PgStateStore {
             let rows = conn.query(&stmt, params).await.map_err(pg_error)?;
             match rows.first() {
                 Some(row) => Ok(CasOutcome::Committed(decode(row)?)),
-                None => Ok(match self.load(id).await? {
+                // The record that won, read on this same connection: asking the pool for a
+                // second one while holding this one would let writes that all lose at once
+                // hold every connection, each waiting for another, until the call timeout
+                // (tests/tests/farm_pg_pool.rs).
+                None => Ok(match load_on(&conn, id).await? {
                     Some(r) => CasOutcome::Raced(r),
                     None => CasOutcome::Missing,
                 }),
