@@ -5,6 +5,7 @@
 //! The calls block (they start processes and poll ports): from an async test, call them from
 //! a multi-threaded runtime or through `tokio::task::spawn_blocking`.
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,13 +62,20 @@ pub fn garage_binary() -> Option<PathBuf> {
 ///
 /// The port is drawn below the kernel's ephemeral range (32768 and up on Linux): a port from
 /// `bind(0)` could be handed out again as the local port of some outgoing connection while
-/// its server is down, and the restart would find it taken. Checked by binding it once (a
-/// race with another process picking the same random port is possible but very rare).
+/// its server is down, and the restart would find it taken. Checked by binding it once, and
+/// never handed out twice by one test process: tests of one binary run in parallel, and two
+/// of them drawing the same port (one server's, between the check and its bind, or while it
+/// is down for a restart) made an nginx fail to bind and its test talk to another test's
+/// Garage. A race with another process picking the same random port is possible but very
+/// rare.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..1000 {
         let bytes = *uuid::Uuid::new_v4().as_bytes();
         let port = 10_000 + u16::from_le_bytes([bytes[0], bytes[1]]) % 22_000;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
             return port;
         }
     }

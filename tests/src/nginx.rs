@@ -151,6 +151,8 @@ impl Nginx {
 
     fn spawn(&mut self) {
         let prefix = self.dir.path();
+        // A pid file left by an nginx that was killed would read as ready.
+        let _ = std::fs::remove_file(prefix.join("nginx.pid"));
         let child = Command::new(&self.bin)
             .arg("-p")
             .arg(prefix)
@@ -165,7 +167,11 @@ impl Nginx {
             .expect("start nginx");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(self.addr).is_err() {
+        // Ready when nginx has written its pid file (it does so after binding its port) and
+        // the port answers: a port that answers alone may be another server's, which nginx
+        // then failed to bind.
+        let pid = prefix.join("nginx.pid");
+        while !pid.exists() || TcpStream::connect(self.addr).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
                     "nginx exited ({status}) while starting:\n{}",

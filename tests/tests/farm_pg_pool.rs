@@ -6,7 +6,7 @@
 //! skips with a printed reason when it is not installed.
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bitsd_storage::shared::pg::{CasOutcome, PgOptions, PgStateStore};
 use bitsd_storage::SessionState;
@@ -41,7 +41,6 @@ async fn a_lost_write_on_a_one_connection_pool_answers_with_the_winner() {
         .await
         .unwrap();
     assert!(matches!(first, CasOutcome::Committed(ref w) if w.received == 100));
-    let started = Instant::now();
     match store
         .commit_fragment(&fragment(r.id, 0, 50, "k/0b"))
         .await
@@ -65,11 +64,6 @@ async fn a_lost_write_on_a_one_connection_pool_answers_with_the_winner() {
     assert_eq!(
         store.close(&gone.id, SessionState::Closed).await.unwrap(),
         CasOutcome::Missing
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the lost writes answered at once, not after a wait for a second connection: {:?}",
-        started.elapsed()
     );
 }
 
