@@ -20,6 +20,8 @@ pub(super) struct SharedFragment {
     pub(super) id: SessionId,
     pub(super) state: PgStateStore,
     pub(super) writer: ObjectWriter,
+    /// The store the object is written to (a lost commit may delete its object: `commit`).
+    pub(super) objects: Objects,
     pub(super) pending: PendingRow,
     pub(super) coalescer: Option<Coalescer>,
     /// Told the session's record after the commit (see `recent.rs`).
@@ -159,6 +161,7 @@ impl FragmentSink for SharedFragment {
             id,
             state,
             writer,
+            objects,
             mut pending,
             coalescer,
             recent,
@@ -225,8 +228,33 @@ impl FragmentSink for SharedFragment {
                 c.after_commit(id, expected, expected + stored.len, now.total);
             }
         }
+        if !matches!(outcome, CasOutcome::Committed(_)) {
+            drop_if_unnamed(state.clone(), objects, stored.key);
+        }
         Ok(settle(outcome, &recent, &id))
     }
+}
+
+/// After a lost commit, in the background: deletes the fragment's object when its pending row
+/// is gone (the collector claimed it while the body streamed, and deleted the object before
+/// it existed; or the session was purged). Nothing else names that object: the collector
+/// would never find it, nor would Close. With the row still there, the collector deletes it
+/// after the grace. The index never names it (the commit lost), and its key is this writer's
+/// alone (a random nonce), so deleting it can lose no byte.
+fn drop_if_unnamed(state: PgStateStore, objects: Objects, key: ObjectKey) {
+    tokio::spawn(async move {
+        match state.is_pending(key.as_str()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(e) = objects.delete(std::slice::from_ref(&key)).await {
+                    tracing::warn!(key = key.as_str(), error = %e, "the object of a commit lost after its pending row was collected stays until its session is swept");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(key = key.as_str(), error = %e, "a lost commit's object: its pending row could not be checked");
+            }
+        }
+    });
 }
 
 /// The commit's outcome for the service; the node remembers the record it committed (or

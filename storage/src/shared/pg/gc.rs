@@ -219,6 +219,23 @@ impl PgStateStore {
         .await
     }
 
+    /// Whether `object_key` has a pending row (not yet claimed by the collector, nor
+    /// referenced by a commit, nor forgotten).
+    pub async fn is_pending(&self, object_key: &str) -> Result<bool, StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $1)",
+                    &[&object_key],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
     /// At most `limit` pending objects recorded before `before_ms`, oldest first: written for
     /// commits that lost or never happened, once `before_ms` is older than any commit can take.
     pub async fn stale_pending_objects(
