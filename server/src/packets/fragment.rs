@@ -96,13 +96,10 @@ where
             !r.state.is_terminal() && r.route == route.prefix() && r.owner.as_deref() == user
         })
         .ok_or_else(BitsError::session_not_found)?;
-    let decision =
-        decide_fragment(&record.progress(), &packet.range, &shared.limits).map_err(|error| {
-            Failure {
-                error,
-                received: Some(record.received),
-            }
-        })?;
+    let decision = match decide_fragment(&record.progress(), &packet.range, &shared.limits) {
+        Ok(decision) => decision,
+        Err(error) => return Err(refusal(shared, &id, error).await),
+    };
     // The body's idle timeout and minimum rate, counted from here: time spent waiting for
     // the session lock is not the client's.
     let idle = BodyPace::start(&shared.session_limits);
@@ -208,6 +205,25 @@ where
             }
             Ok(Ack::ok().session(&id).received(record.received))
         }
+    }
+}
+
+/// A fragment refused before anything was written, answered from the session as stored: the
+/// record the decision used may be a farm node's memory of the session, whose offset is then
+/// the client's own claim, and another node may have ended the session since (the shared
+/// backend's `recent.rs`). The stored offset, or session-not-found; without the store, no
+/// offset.
+async fn refusal(shared: &Shared, id: &bitsd_protocol::SessionId, error: BitsError) -> Failure {
+    match shared.store.load(id).await {
+        Ok(Some(stored)) if !stored.state.is_terminal() => Failure {
+            error,
+            received: Some(stored.received),
+        },
+        Ok(_) => BitsError::session_not_found().into(),
+        Err(_) => Failure {
+            error,
+            received: None,
+        },
     }
 }
 
