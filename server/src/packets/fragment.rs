@@ -128,11 +128,7 @@ where
                 return completion::complete_detached(shared, route, parts, record, guard, false)
                     .await;
             }
-            shared
-                .store
-                .save_lazy(&record)
-                .await
-                .map_err(storage_failure)?;
+            shared.store.touch(&record).await.map_err(storage_failure)?;
             Ok(Ack::ok().session(&id).received(received))
         }
         FragmentDecision::Write(write) => {

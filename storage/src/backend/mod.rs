@@ -284,6 +284,16 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// it in a crash must be harmless).
     async fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError>;
 
+    /// Records that the session of `record` was just active (its `updated_ms`, what the idle
+    /// sweep reads), without waiting for durability: a packet that changed nothing else (a
+    /// re-sent fragment already held). A backend shared by several nodes writes only the
+    /// time, never the rest of `record`, which may be stale (another node may have moved the
+    /// session on since this one read it). The default stores `record` with
+    /// [`SessionBackend::save_lazy`], right where one process holds every session's lock.
+    async fn touch(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        self.save_lazy(record).await
+    }
+
     /// Makes every earlier change durable.
     async fn flush(&self) -> Result<(), StorageError>;
 

@@ -300,6 +300,13 @@ impl SessionBackend for SharedBackend {
         self.state.put(record).await.map(|_| ())
     }
 
+    /// Only `updated_ms`, and only forwards: writing the whole record would put this node's
+    /// read of the session over what another node stored since (a completion, for one:
+    /// tests/tests/farm_held_touch.rs).
+    async fn touch(&self, record: &SessionRecord) -> Result<(), StorageError> {
+        self.state.touch(&record.id, record.updated_ms).await
+    }
+
     async fn flush(&self) -> Result<(), StorageError> {
         Ok(()) // every PostgreSQL write is durable on return
     }

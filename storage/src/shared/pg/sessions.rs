@@ -366,7 +366,7 @@ impl PgStateStore {
     /// Stores `record` whole without a guard, except that `received` never goes back (the
     /// larger of the stored and the given value is kept) and a tombstone stays a tombstone
     /// (`Raced` then carries it). For writes that do not decide what is acknowledged
-    /// (touches, completion bookkeeping of a node that holds the session's lock).
+    /// (completion bookkeeping of a node that holds the session's lock).
     pub async fn put(&self, record: &SessionRecord) -> Result<CasOutcome, StorageError> {
         let body = encode(record)?;
         let received = to_i64(record.received, "received")?;
@@ -388,6 +388,25 @@ impl PgStateStore {
             &body,
         ];
         self.guarded(&record.id, &sql, &params).await
+    }
+
+    /// Moves the last activity of `id` forward to `updated_ms` (never back) if the session is
+    /// live; nothing else of its row changes. A no-op for a tombstone or an unknown id.
+    pub async fn touch(&self, id: &SessionId, updated_ms: u64) -> Result<(), StorageError> {
+        let updated = to_i64(updated_ms, "updated_ms")?;
+        let sql = format!(
+            "UPDATE bitsd_sessions SET updated_ms = greatest(updated_ms, $2)
+             WHERE id = $1 AND {LIVE}"
+        );
+        self.timed(async {
+            let conn = self.conn().await?;
+            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
+            conn.execute(&stmt, &[id.as_uuid(), &updated])
+                .await
+                .map_err(pg_error)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Commits one fragment: in one statement (one transaction, one round trip), advances
