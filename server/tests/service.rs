@@ -304,13 +304,15 @@ async fn one_sweep_removes_more_idle_sessions_than_one_batch_and_keeps_the_fresh
     for _ in 0..1_010 {
         idle.push(create(&svc, "/echo/sweep").await);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Idle for 2 s; the fresh ones must be created and the sweep run within the 1 s timeout
+    // (with 0.3 s / 0.2 s, a loaded CI machine once took longer and swept a fresh one too).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let fresh = [
         create(&svc, "/echo/sweep").await,
         create(&svc, "/echo/sweep").await,
     ];
     let removed = svc
-        .remove_expired(std::time::Duration::from_millis(200))
+        .remove_expired(std::time::Duration::from_secs(1))
         .await
         .unwrap();
     assert_eq!(removed, 1_010, "every idle session in one sweep");
