@@ -49,7 +49,8 @@ async fn sessions_without_a_row_lose_their_objects_after_the_grace_and_nothing_e
 
     // A straggler: a writer recorded its pending row, another node purged the session (its
     // objects, then its row and pending rows), then the writer's object landed. Its commit
-    // loses, and nothing but the bucket knows of the object.
+    // loses; if the writer dies before it can delete its object, nothing but the bucket
+    // knows of it.
     let purged = session_record(None);
     n.a.create(&purged).await.unwrap();
     let mut late =
@@ -79,6 +80,26 @@ async fn sessions_without_a_row_lose_their_objects_after_the_grace_and_nothing_e
         late.commit(0, &at(&purged, 5_000, 5_000)).await.unwrap(),
         FragmentCommit::Lost { .. }
     ));
+    // A live writer deletes such an object itself once its commit lost and its pending row
+    // is gone (tests/tests/farm_slow_writer.rs) ...
+    let lost = tokio::time::Instant::now();
+    while !objects_of(&n.a, &purged.id).await.is_empty() {
+        assert!(
+            lost.elapsed() < std::time::Duration::from_secs(10),
+            "the straggler's object outlived its writer's lost commit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // ... a writer that died first does not: its object stays for the orphan collector.
+    n.a.objects()
+        .put_stream(
+            n.a.objects().fragment_key(&purged.id, 0),
+            futures_util::stream::iter([Ok::<_, bitsd::storage::StorageError>(Bytes::from(
+                pattern(5_000, 30),
+            ))]),
+        )
+        .await
+        .unwrap();
     assert_eq!(objects_of(&n.a, &purged.id).await.len(), 1);
 
     // Kept: a live session, a tombstone with an object left behind, and a published file
