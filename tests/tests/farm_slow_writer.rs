@@ -7,35 +7,18 @@
 //! printed reason when PostgreSQL or Garage is missing.
 #![allow(clippy::unwrap_used)]
 
+mod gc_support;
+
 use std::time::Duration;
 
 use bitsd::storage::shared::SharedBackend;
-use bitsd::storage::{
-    FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord, SessionState,
-};
+use bitsd::storage::{FragmentCommit, SessionBackend, SessionRecord};
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::session_record;
 use bitsd_tests::shared_backend::{backend_on, listed_keys, pending_of};
 use bytes::Bytes;
-
-fn plan(write_at: u64, len: u64) -> FragmentPlan {
-    FragmentPlan {
-        write_at,
-        len,
-        durability: FragmentDurability::Durable,
-    }
-}
-
-fn at(record: &SessionRecord, received: u64, total: u64) -> SessionRecord {
-    let mut r = record.clone();
-    r.received = received;
-    r.total = Some(total);
-    if received == total {
-        r.state = SessionState::Complete;
-    }
-    r
-}
+use gc_support::{at, plan};
 
 /// Waits (10 s at most) until the session's prefix holds no object; fails naming what stays.
 async fn no_object_left(node: &SharedBackend, record: &SessionRecord, how: &str) {

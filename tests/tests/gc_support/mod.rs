@@ -1,7 +1,7 @@
-//! Helpers of the garbage tests of the shared backend (farm_gc.rs, farm_orphans.rs): two
-//! backends ("nodes") on one real PostgreSQL database and one real Garage bucket, and
-//! fragments written and committed through them.
-#![allow(dead_code, clippy::unwrap_used)]
+//! Helpers of the garbage tests of the shared backend (farm_gc.rs, farm_orphans.rs,
+//! farm_slow_writer.rs): two backends ("nodes") on one real PostgreSQL database and one real
+//! Garage bucket, and fragments written and committed through them.
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::sync::Arc;
 
