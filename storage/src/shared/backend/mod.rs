@@ -19,9 +19,10 @@
 //!   pending until the sweeper deletes it; readers never see it (they follow the index).
 //! - publish: the fragments are assembled into `<prefix>/files/<path>` (server-side copy for
 //!   one fragment), then the record is stored `committed` in PostgreSQL. Without overwrites an
-//!   existing destination is refused (checked with a HEAD), unless this session's own
-//!   publish marker (a pending row for the destination key, written before the assembly)
-//!   says a crashed attempt of the same session wrote it.
+//!   existing destination is refused (checked with a HEAD before and after the session's
+//!   publish marker goes in: a pending row for the destination key, written before the
+//!   assembly, whose unique key lets one session at a time publish there), unless this
+//!   session's own marker says a crashed attempt of the same session wrote it.
 //! - reply: streamed into `<prefix>/sessions/<id>/reply` (whole or absent), served by range;
 //!   a reply that is the upload itself (echo) is assembled there from the fragment objects
 //!   (`handler_files.rs`).
@@ -156,6 +157,15 @@ impl SharedBackend {
             .collect();
         keys.push(reply_key(&self.objects, id));
         self.objects.delete(&keys).await
+    }
+
+    /// Whether an object is at `dest` (one HEAD).
+    async fn destination_taken(&self, dest: &ObjectKey) -> Result<bool, StorageError> {
+        match self.objects.head(dest).await {
+            Ok(_) => Ok(true),
+            Err(StorageError::ObjectNotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn record(&self, id: &SessionId) -> Result<SessionRecord, StorageError> {
@@ -382,12 +392,26 @@ impl SessionBackend for SharedBackend {
             .iter()
             .any(|k| k == dest.as_str());
         if !allow_overwrite && !ours {
-            match self.objects.head(&dest).await {
-                Ok(_) => return Ok(CommitOutcome::DestinationExists),
-                Err(StorageError::ObjectNotFound { .. }) => {}
-                Err(e) => return Err(e),
+            if self.destination_taken(&dest).await? {
+                return Ok(CommitOutcome::DestinationExists);
             }
-            self.state.add_pending_object(id, dest.as_str()).await?;
+            // The marker's key is unique: of two sessions publishing to one destination at
+            // once, only one gets it, and the other's destination exists.
+            if !self.state.add_pending_object(id, dest.as_str()).await? {
+                return Ok(CommitOutcome::DestinationExists);
+            }
+            // A session whose publish ended (its marker gone) between the HEAD above and our
+            // marker has its file in place: look again, now that no one else can publish.
+            match self.destination_taken(&dest).await {
+                Ok(false) => {}
+                taken => {
+                    // Our marker must not let a retry skip these checks.
+                    if let Err(e) = self.state.forget_pending_object(dest.as_str()).await {
+                        tracing::warn!(session = %id, error = %e, "could not drop a publish marker");
+                    }
+                    return taken.map(|_| CommitOutcome::DestinationExists);
+                }
+            }
         }
         let fragments = self.fragments(id).await?;
         self.objects

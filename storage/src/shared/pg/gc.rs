@@ -89,14 +89,15 @@ impl PgStateStore {
     /// writer delay (200 ms by default) after this call, before that commit, can lose the row;
     /// the object is then left for a bucket lifecycle rule rather than the sweeper (a leak,
     /// never a wrong byte).
+    ///
+    /// `false` when a row for `object_key` exists already (of any session) and none went in:
+    /// keys are unique, so a publish marker claims its destination for one session at a time.
     pub async fn add_pending_object(
         &self,
         session: &SessionId,
         object_key: &str,
-    ) -> Result<(), StorageError> {
-        self.insert_pending(session, object_key, None)
-            .await
-            .map(|_| ())
+    ) -> Result<bool, StorageError> {
+        self.insert_pending(session, object_key, None).await
     }
 
     /// [`PgStateStore::add_pending_object`] for a fragment's object, only while `session` is
