@@ -18,7 +18,7 @@ const DEFAULT_NAME_MAX: usize = 255;
 const TEMP_NAME_ROOM: usize = 50;
 
 /// `ERROR_FILENAME_EXCED_RANGE` as an HRESULT.
-fn name_too_long(reason: String) -> BitsError {
+pub(crate) fn name_too_long(reason: String) -> BitsError {
     BitsError::new(
         StatusCode::BAD_REQUEST,
         HResult::from_win32(206),

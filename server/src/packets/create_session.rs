@@ -26,6 +26,12 @@ pub(super) async fn handle(
     if let (Some(dest), Some(root)) = (&destination, root) {
         crate::name_limits::check_name_lengths(root, dest)?;
     }
+    if let Some(why) = destination
+        .as_deref()
+        .and_then(|dest| shared.store.destination_too_long(dest))
+    {
+        return Err(crate::name_limits::name_too_long(why));
+    }
     if route.mode() == UploadMode::Upload {
         let Some(dest) = &destination else {
             return Err(BitsError::access_denied(

@@ -489,6 +489,15 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
         None
     }
 
+    /// Why `destination` (relative to the upload root) is too long for the backend to
+    /// publish, when a limit of the backend's own forbids it (an object store's key length);
+    /// `None` when it fits. Checked at Create-Session, beside the checks of
+    /// [`SessionBackend::files_root`]'s file system.
+    fn destination_too_long(&self, destination: &str) -> Option<String> {
+        let _ = destination;
+        None
+    }
+
     /// Bytes the backend's state takes on disk, if it can tell (metrics).
     fn size_on_disk(&self) -> Option<u64> {
         None

@@ -435,6 +435,18 @@ impl SessionBackend for SharedBackend {
         Ok(CommitOutcome::Committed)
     }
 
+    /// S3 keys hold up to [`objects::MAX_KEY_LEN`] bytes, and the destination's key is
+    /// `<prefix>/files/<path>` with the characters keys avoid percent-encoded.
+    fn destination_too_long(&self, destination: &str) -> Option<String> {
+        let len = self.objects.file_key(destination).as_str().len();
+        (len > objects::MAX_KEY_LEN).then(|| {
+            format!(
+                "the destination's object key would be {len} bytes long; the limit is {}",
+                objects::MAX_KEY_LEN
+            )
+        })
+    }
+
     async fn destination_exists(&self, destination: &str) -> bool {
         if !valid_destination(destination) {
             return false;

@@ -5,6 +5,9 @@ use object_store::path::Path;
 
 use super::Objects;
 
+/// The longest object key, in bytes, that S3 (and the stores that follow it) accepts.
+pub const MAX_KEY_LEN: usize = 1024;
+
 /// The key of one object in the bucket (the configured prefix included), as stored in
 /// PostgreSQL. Segments are separated by `/`; each is percent-encoded where S3 keys need it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

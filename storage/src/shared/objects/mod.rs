@@ -44,7 +44,7 @@ pub use config::{
     ObjectStoreConfig, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PART_SIZE,
     MAX_PRESIGNED_SECS, MIN_PART_SIZE,
 };
-pub use keys::ObjectKey;
+pub use keys::{ObjectKey, MAX_KEY_LEN};
 pub use writer::{ObjectWriter, StoredObject};
 
 use crate::StorageError;
