@@ -1,17 +1,18 @@
 //! Hostile input against the shared (farm) backend: destinations that race for one key or that
-//! an S3 key cannot hold. Real
-//! in-process nodes on one PostgreSQL database and one Garage bucket; skips with a printed reason when PostgreSQL or
+//! an S3 key cannot hold, traversal attempts that must never leave `<prefix>/files/`, and
+//! hostile `Range` headers on a farm's reply downloads. Real in-process nodes on one
+//! PostgreSQL database and one Garage bucket; skips with a printed reason when PostgreSQL or
 //! Garage is not installed (`.ci/run` installs them).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 
-use bitsd::storage::shared::objects::Objects;
+use bitsd::storage::shared::objects::{ObjectKey, Objects};
 use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
 use bitsd_tests::shared_backend::read_object;
-use bitsd_tests::{pattern, RawClient, RawResponse, TestServer, PROTOCOL};
+use bitsd_tests::{pattern, url_path, RawClient, RawResponse, TestServer, PROTOCOL};
 
 /// Nodes on one database and one bucket, and the bucket to look inside.
 struct Farm {
@@ -36,6 +37,22 @@ async fn farm(n: usize) -> Option<Farm> {
         _pg: pg,
         _garage: garage,
     })
+}
+
+impl Farm {
+    /// Every key in the bucket under the prefix.
+    async fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .objects
+            .list(self.objects.prefix())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key.as_str().to_owned())
+            .collect();
+        keys.sort();
+        keys
+    }
 }
 
 async fn create(c: &mut RawClient, path: &str) -> RawResponse {
@@ -129,5 +146,103 @@ async fn destinations_an_s3_key_cannot_hold_are_refused_at_create_session() {
         let res = create(&mut c, &target).await;
         res.assert_ack();
         res.assert_error(400, "0x800700ce");
+    }
+}
+
+/// Traversal and encoding tricks in the URL of a farm upload: each is refused at
+/// Create-Session with 403 `E_ACCESSDENIED` (400 for a double encoding), and a plain upload
+/// beside them lands at `<prefix>/files/<name>` and nowhere else in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traversal_attempts_never_leave_the_files_prefix() {
+    let Some(farm) = farm(1).await else { return };
+    let mut c = farm.nodes[0].connect().await;
+    for target in [
+        "/upload/../sessions/x",
+        "/upload/%2e%2e/sessions/x",
+        "/upload/a%2f..%2f..%2fsessions%2fx",
+        "/upload/a%5c..%5cx",
+        "/upload/a%00b",
+        "/upload/a%0ab",
+        "/upload/.x",
+        "/upload/a//b",
+        "/upload/c%3a%5cx",
+    ] {
+        let res = create(&mut c, target).await;
+        res.assert_ack();
+        res.assert_error(403, "0x80070005");
+    }
+    let res = create(&mut c, "/upload/%252e%252e/x").await;
+    res.assert_error(400, "0x80070057");
+    // Characters S3 keys avoid are stored encoded, under files/.
+    let data = pattern(5000, 9);
+    let (_, fin) = c.upload("/upload/a~b%25c%20d", &data, 2000).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    let keys = farm.keys().await;
+    let key = farm.objects.file_key("a~b%c d");
+    assert_eq!(keys, vec![key.as_str().to_owned()]);
+    assert!(key.as_str().starts_with("sec/files/"), "{key}");
+    assert!(read_object(&farm.objects, &key).await == data);
+    assert_eq!(ObjectKey::parse(key.as_str()), Some(key));
+}
+
+/// Hostile `Range` headers on a reply served by a farm node (no presigned redirect): numbers
+/// past `u64`, suffix ranges longer than the reply, ranges past the end, reversed ranges and
+/// multiple ranges get the exact single-node answers, and no byte outside the reply is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_ranges_on_a_farm_reply_get_exact_answers() {
+    let Some(farm) = farm(2).await else { return };
+    let data = pattern(10_000, 3);
+    let mut c = farm.nodes[0].connect().await;
+    let (_, fin) = c.upload("/echo/ranges", &data, 4000).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    let reply = url_path(fin.header("bits-reply-url").unwrap());
+    let mut other = farm.nodes[1].connect().await;
+    let cases: [(&str, u16, Option<&str>, std::ops::Range<usize>); 8] = [
+        (
+            "bytes=9990-99999999999999999999999",
+            206,
+            Some("bytes 9990-9999/10000"),
+            9990..10_000,
+        ),
+        (
+            "bytes=-99999999999999999999999",
+            206,
+            Some("bytes 0-9999/10000"),
+            0..10_000,
+        ),
+        (
+            "bytes=-10",
+            206,
+            Some("bytes 9990-9999/10000"),
+            9990..10_000,
+        ),
+        ("bytes=10000-", 416, Some("bytes */10000"), 0..0),
+        (
+            "bytes=18446744073709551615-",
+            416,
+            Some("bytes */10000"),
+            0..0,
+        ),
+        ("bytes=-0", 416, Some("bytes */10000"), 0..0),
+        ("bytes=20-10", 200, None, 0..10_000),
+        (
+            "bytes=20000-20001, 5-6, 0-1",
+            206,
+            Some("bytes 5-6/10000"),
+            5..7,
+        ),
+    ];
+    for (range, status, content_range, bytes) in cases {
+        let res = other.get("GET", &reply, &[("Range", range)]).await;
+        assert_eq!(res.status, status, "{range}: {res:?}");
+        assert_eq!(res.header("content-range"), content_range, "{range}");
+        assert!(res.body == data[bytes.clone()], "{range}: wrong bytes");
+        let head = other.get("HEAD", &reply, &[("Range", range)]).await;
+        assert_eq!(head.status, status, "HEAD {range}: {head:?}");
+        assert_eq!(
+            head.header("content-length"),
+            Some(bytes.len().to_string().as_str()),
+            "HEAD {range}"
+        );
     }
 }
