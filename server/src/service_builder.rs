@@ -188,13 +188,16 @@ impl BitsServiceBuilder {
                 crate::routes::reply_path_conflict_message(capturing, shadowed),
             ));
         }
+        // Never more than the backend can record: a larger total is the client's error.
+        let mut limits = self.limits;
+        limits.max_upload_size = limits.max_upload_size.min(self.store.max_upload_size());
         Ok(BitsService {
             shared: Arc::new(Shared {
                 store: self.store,
                 routes: RouteTable::new(self.routes),
                 locks: SessionLocks::default(),
                 completions: packets::Completions::default(),
-                limits: self.limits,
+                limits,
                 urls: self.urls,
                 host_id,
                 auth: self.auth,

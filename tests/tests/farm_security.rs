@@ -246,3 +246,38 @@ async fn hostile_ranges_on_a_farm_reply_get_exact_answers() {
         );
     }
 }
+
+/// A `Content-Range` total that PostgreSQL's `bigint` cannot hold (past `i64::MAX`) is the
+/// client's error, not the server's: 400 `BG_E_TOO_LARGE`, as for an upload over
+/// `max_upload_size`, and never a 500 that a BITS client would retry for ever. The session
+/// takes a sane fragment afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totals_past_what_postgres_holds_are_too_large_not_a_server_failure() {
+    let Some(farm) = farm(1).await else { return };
+    let mut c = farm.nodes[0].connect().await;
+    let path = "/upload/huge.bin";
+    let sid = c.create_session(path).await;
+    for range in [
+        "bytes 0-9/9223372036854775808",
+        "bytes 0-9/18446744073709551615",
+        "bytes 9223372036854775800-9223372036854775809/9223372036854775810",
+    ] {
+        let res = c
+            .bits_post(
+                path,
+                &[
+                    ("BITS-Packet-Type", "Fragment"),
+                    ("BITS-Session-Id", &sid),
+                    ("Content-Range", range),
+                ],
+                &[7u8; 10],
+            )
+            .await;
+        res.assert_ack();
+        res.assert_error(400, "0x80200020");
+    }
+    let data = pattern(10, 4);
+    let res = c.fragment(path, &sid, &data, 0, 10).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.header("bits-received-content-range"), Some("10"));
+}

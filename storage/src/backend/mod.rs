@@ -489,6 +489,12 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
         None
     }
 
+    /// The largest upload, in bytes, the backend can record (a `Content-Range` total past it
+    /// is answered as one over `max_upload_size`); `u64::MAX` when it has no limit of its own.
+    fn max_upload_size(&self) -> u64 {
+        u64::MAX
+    }
+
     /// Why `destination` (relative to the upload root) is too long for the backend to
     /// publish, when a limit of the backend's own forbids it (an object store's key length);
     /// `None` when it fits. Checked at Create-Session, beside the checks of

@@ -435,6 +435,11 @@ impl SessionBackend for SharedBackend {
         Ok(CommitOutcome::Committed)
     }
 
+    /// PostgreSQL keeps offsets and totals as `bigint`.
+    fn max_upload_size(&self) -> u64 {
+        i64::MAX.unsigned_abs()
+    }
+
     /// S3 keys hold up to [`objects::MAX_KEY_LEN`] bytes, and the destination's key is
     /// `<prefix>/files/<path>` with the characters keys avoid percent-encoded.
     fn destination_too_long(&self, destination: &str) -> Option<String> {
