@@ -6,8 +6,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bitsd::storage::shared::objects::{ObjectKey, Objects};
+use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
@@ -280,4 +283,72 @@ async fn totals_past_what_postgres_holds_are_too_large_not_a_server_failure() {
     let res = c.fragment(path, &sid, &data, 0, 10).await;
     assert_eq!(res.status, 200, "{res:?}");
     assert_eq!(res.header("bits-received-content-range"), Some("10"));
+}
+
+/// With `presigned_reply_secs` a node counts a redirected range as delivered, since the store
+/// sends the bytes. A `Range` the store reads otherwise than the node (Garage answers 416 to
+/// numbers past `u64`, to `BYTES=` and to spaces around `=`, where the node sees a range)
+/// must not count bytes the client never got: the reply's delivered bytes equal exactly what
+/// the client received, however the answer came (redirect or the node itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_range_never_counts_reply_bytes_the_store_did_not_send() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let mut store = servers.garage.object_store_config("pre");
+    store.presigned_reply_secs = Some(300);
+    let nodes = shared_nodes(&servers.postgres_url, &store, 1).await;
+    let state = PgStateStore::connect(&servers.postgres_url, PgOptions::default())
+        .await
+        .unwrap();
+    let data = pattern(10_000, 3);
+    let mut c = nodes[0].connect().await;
+    for (range, expect) in [
+        ("bytes=0-99999999999999999999999", 0..10_000),
+        ("bytes=-99999999999999999999999", 0..10_000),
+        ("BYTES=0-9", 0..10),
+        ("bytes = 0-9", 0..10),
+        // A plain range is still redirected and counted.
+        ("bytes=5000-", 5000..10_000),
+    ] {
+        let (sid, fin) = c.upload("/echo/pre", &data, 10_000).await;
+        let reply = url_path(fin.header("bits-reply-url").unwrap());
+        let res = c.get("GET", &reply, &[("Range", range)]).await;
+        let got = if res.status == 307 {
+            let url = res.header("location").unwrap();
+            let rest = url.strip_prefix("http://").unwrap();
+            let (host, path) = rest.split_at(rest.find('/').unwrap());
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nRange: {range}\r\nConnection: close\r\n\r\n"
+            );
+            let mut store = RawClient::connect(host.parse().unwrap()).await;
+            store.send(req.as_bytes()).await
+        } else {
+            res
+        };
+        let received = if got.status == 206 { got.body.len() } else { 0 };
+        if range == "bytes=5000-" {
+            assert_eq!(got.status, 206, "{range}: {got:?}");
+        }
+        assert!(
+            got.status != 206 || got.body == data[expect.clone()],
+            "{range}"
+        );
+        // Recorded in the background: wait for it to settle.
+        let id: SessionId = sid.trim_matches(['{', '}']).parse().unwrap();
+        let mut covered = 0;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let record = state.load(&id).await.unwrap().unwrap();
+            covered = record.reply.unwrap().delivered.covered();
+            if covered >= received as u64 && covered > 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            covered, received as u64,
+            "{range}: the client got {received} bytes (status {}), {covered} counted",
+            got.status
+        );
+    }
 }
