@@ -352,3 +352,48 @@ async fn a_hostile_range_never_counts_reply_bytes_the_store_did_not_send() {
         );
     }
 }
+
+/// The presigned redirect's `Location` comes from `[object_store] endpoint` alone: a hostile
+/// `Host`, `X-Forwarded-Host` or `X-Forwarded-Proto` never picks where a client is sent. And
+/// the admin API of a farm node answers hostile paging parameters with 400 or an empty page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_names_never_pick_the_redirect_and_admin_paging_refuses_garbage() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let mut store = servers.garage.object_store_config("pre");
+    store.presigned_reply_secs = Some(300);
+    let endpoint = store.endpoint.clone().unwrap();
+    let nodes = shared_nodes(&servers.postgres_url, &store, 1).await;
+    let mut c = nodes[0].connect().await;
+    let (_, fin) = c.upload("/echo/pre", &pattern(10_000, 3), 10_000).await;
+    let reply = url_path(fin.header("bits-reply-url").unwrap());
+    for host in ["evil.example", "evil.example:3900", "127.0.0.1:1"] {
+        let headers = [
+            ("Host", host),
+            ("X-Forwarded-Host", host),
+            ("X-Forwarded-Proto", "https"),
+        ];
+        let res = c.get("GET", &reply, &headers).await;
+        assert_eq!(res.status, 307, "{res:?}");
+        let location = res.header("location").unwrap();
+        assert!(location.starts_with(&format!("{endpoint}/")), "{location}");
+    }
+    for query in [
+        "limit=0",
+        "limit=-1",
+        "limit=99999999999999999999999",
+        "limit=1%00",
+        "after=zzz",
+        "after=%00",
+    ] {
+        let (status, _) = nodes[0].admin_text(&format!("/sessions?{query}")).await;
+        assert_eq!(status, 400, "{query}");
+    }
+    let (status, page) = nodes[0]
+        .admin_get("/sessions?after=ffffffff-ffff-ffff-ffff-ffffffffffff")
+        .await;
+    assert_eq!((status, page), (200, serde_json::json!([])));
+    let (status, _) = nodes[0].admin_text("/sessions/..%2f..%2fetc").await;
+    assert_eq!(status, 404);
+}
