@@ -8,10 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use bitsd::storage::shared::objects::{ObjectKey, Objects};
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
+use bitsd::{CredentialsAuthenticator, SharedAuthenticator, StorageConfig};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
+use bitsd_tests::farm_servers::{shared_nodes, shared_storage, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
 use bitsd_tests::shared_backend::read_object;
@@ -396,4 +398,93 @@ async fn client_names_never_pick_the_redirect_and_admin_paging_refuses_garbage()
     assert_eq!((status, page), (200, serde_json::json!([])));
     let (status, _) = nodes[0].admin_text("/sessions/..%2f..%2fetc").await;
     assert_eq!(status, 404);
+}
+
+/// Sessions belong to their creator across the farm: with credentials on two nodes and
+/// presigned redirects on, Bob's Fragment or Close of Alice's session (on the other node) is
+/// "no such session", and Alice's reply is 401 without credentials and 404 to Bob, with no
+/// presigned URL given out; Alice gets her redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_session_and_reply_do_not_exist_on_any_node() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let mut store = servers.garage.object_store_config("auth");
+    store.presigned_reply_secs = Some(300);
+    let shared = shared_storage(&servers.postgres_url, &store);
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (s, mut auth) = (shared.clone(), CredentialsAuthenticator::new("farm"));
+        for (user, pw) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
+            auth = auth.with_user(user, &bitsd::auth::hash_password(pw).unwrap());
+        }
+        nodes.push(
+            TestServer::start_with(move |c| {
+                c.storage = StorageConfig::Shared(Box::new(s));
+                c.auth = Some(SharedAuthenticator(Arc::new(auth)));
+            })
+            .await,
+        );
+    }
+    let basic = |user: &str| {
+        let pair = format!("{user}:{user}-pw");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    };
+    let (alice, bob) = (basic("alice"), basic("bob"));
+    let (mut a, mut b) = (nodes[0].connect().await, nodes[1].connect().await);
+    let path = "/echo/mine";
+    let created = a
+        .bits_post(
+            path,
+            &[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", PROTOCOL),
+                ("Authorization", &alice),
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let sid = created.header("bits-session-id").unwrap().to_owned();
+    let data = pattern(5000, 6);
+    let fragment = |auth: String| {
+        vec![
+            ("BITS-Packet-Type", "Fragment".to_owned()),
+            ("BITS-Session-Id", sid.clone()),
+            ("Content-Range", "bytes 0-4999/5000".to_owned()),
+            ("Authorization", auth),
+        ]
+    };
+    for (c, auth) in [(&mut b, bob.clone()), (&mut a, bob.clone())] {
+        let h = fragment(auth);
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        c.bits_post(path, &h, &data)
+            .await
+            .assert_error(500, "0x8020001f");
+    }
+    let close = [
+        ("BITS-Packet-Type", "Close-Session"),
+        ("BITS-Session-Id", sid.as_str()),
+        ("Authorization", bob.as_str()),
+    ];
+    let res = b.bits_post(path, &close, b"").await;
+    res.assert_error(500, "0x8020001f");
+    let h = fragment(alice.clone());
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let fin = b.bits_post(path, &h, &data).await;
+    assert_eq!(fin.status, 200, "{fin:?}");
+    let reply = url_path(fin.header("bits-reply-url").unwrap());
+    for c in [&mut a, &mut b] {
+        let res = c.get("GET", &reply, &[]).await;
+        assert_eq!((res.status, res.header("location")), (401, None), "{res:?}");
+        let res = c.get("GET", &reply, &[("Authorization", &bob)]).await;
+        assert_eq!((res.status, res.header("location")), (404, None), "{res:?}");
+        let res = c.get("HEAD", &reply, &[("Authorization", &bob)]).await;
+        assert_eq!((res.status, res.header("location")), (404, None), "{res:?}");
+        let res = c.get("GET", &reply, &[("Authorization", &alice)]).await;
+        assert_eq!(res.status, 307, "{res:?}");
+    }
 }
