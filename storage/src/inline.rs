@@ -366,6 +366,7 @@ impl ReplySink for InlineReply {
                 len,
                 crc32c: Some(crc32c),
                 in_upload: false,
+                object: None,
             });
         }
         // Written before the record that points at it: that record's durable save makes it
@@ -375,6 +376,7 @@ impl ReplySink for InlineReply {
             len: buf.len() as u64,
             crc32c: Some(crc32c::crc32c(&buf)),
             in_upload: false,
+            object: None,
         })
     }
 }

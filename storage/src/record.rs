@@ -75,6 +75,13 @@ pub enum ReplyKind {
         /// [`crate::SessionStore::reply_file`].
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         in_upload: bool,
+        /// The shared backend's name for the reply's object under the session's prefix
+        /// (`reply-<nonce>`): every completion attempt writes an object of its own, and the
+        /// record names the one stored first, so an attempt that ran at the same time on
+        /// another node never changes the reply a client was handed. `None` on the local
+        /// backend (and in farm records written before this field: the object `reply`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        object: Option<String>,
     },
     /// Somewhere else: the reply URL points at it and nothing is stored (§9.2).
     Static,

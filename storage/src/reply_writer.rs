@@ -107,6 +107,7 @@ impl SessionStore {
                 len,
                 crc32c: None,
                 in_upload: true,
+                object: None,
             });
         }
         let src = src.to_owned();
@@ -136,6 +137,7 @@ impl SessionStore {
                 len,
                 crc32c: None,
                 in_upload: false,
+                object: None,
             })
         })
         .await

@@ -138,6 +138,7 @@ async fn mixed_small_and_large_fragments_publish_byte_exact() {
                 len: total,
                 crc32c: None,
                 in_upload: true,
+                object: None,
             },
             900,
             large as u64 + 200,
@@ -337,7 +338,8 @@ async fn unread_upload_makes_no_file() {
         ReplyKind::Stored {
             len: 5000,
             crc32c: None,
-            in_upload: true
+            in_upload: true,
+            object: None,
         }
     );
     assert!(!store.session_dir(&rec.id).exists());

@@ -176,7 +176,8 @@ async fn end_keeps_a_tombstone_and_purge_removes_everything() {
         bitsd_storage::ReplyKind::Stored {
             len: 3,
             crc32c: None,
-            in_upload: true
+            in_upload: true,
+            object: None,
         }
     );
     assert_eq!(
@@ -192,7 +193,8 @@ async fn end_keeps_a_tombstone_and_purge_removes_everything() {
         bitsd_storage::ReplyKind::Stored {
             len: 11,
             crc32c: None,
-            in_upload: false
+            in_upload: false,
+            object: None,
         }
     );
     assert_eq!(

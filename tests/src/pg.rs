@@ -332,6 +332,7 @@ pub fn stored_reply(len: u64, created_ms: u64) -> bitsd_storage::ReplyRecord {
             len,
             crc32c: None,
             in_upload: false,
+            object: None,
         },
         created_ms,
         delivered: Default::default(),

@@ -80,6 +80,7 @@ async fn the_counter_follows_every_way_in_and_out_of_the_live_states() {
             len: 3,
             crc32c: None,
             in_upload: false,
+            object: None,
         },
         created_ms: 1,
         delivered: Default::default(),

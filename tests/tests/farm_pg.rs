@@ -199,7 +199,7 @@ async fn reply_ranges_from_three_nodes_count_each_byte_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn put_never_moves_back_and_a_new_reply_is_counted_afresh() {
+async fn put_never_moves_back_nor_replaces_a_stored_reply() {
     let Some(pg) = cluster() else { return };
     let url = pg.fresh_database();
     let (a, b) = (node(&url).await, node(&url).await);
@@ -244,21 +244,30 @@ async fn put_never_moves_back_and_a_new_reply_is_counted_afresh() {
     assert_eq!(r.reply.as_ref().unwrap().delivered.covered(), 60);
     a.put(&done).await.unwrap(); // the same reply stored again keeps its progress
     assert_eq!(a.record_reply_range(&rec.id, 0, 0).await.unwrap(), Some(60));
-    done.reply.as_mut().unwrap().created_ms = 2;
-    a.put(&done).await.unwrap();
+    // Another reply (another node's run of the same completion, made at t=2) does not
+    // replace the stored one: the put comes back raced with it, its progress intact.
+    let mut other = done.clone();
+    other.reply.as_mut().unwrap().created_ms = 2;
+    assert!(matches!(
+        a.put(&other).await.unwrap(),
+        CasOutcome::Raced(r) if r.reply.as_ref().map(|r| r.created_ms) == Some(1)
+    ));
     assert!(
-        b.record_reply_delivered(&rec.id, 1, 0, 100)
+        b.record_reply_delivered(&rec.id, 2, 0, 100)
             .await
             .unwrap()
             .is_none(),
-        "old reply"
+        "not the stored reply"
     );
     let r = b
-        .record_reply_delivered(&rec.id, 2, 10, 20)
+        .record_reply_delivered(&rec.id, 1, 70, 80)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r.reply.unwrap().delivered.ranges(), &[(10, 20)]);
+    assert_eq!(r.reply.unwrap().delivered.ranges(), &[(0, 60), (70, 80)]);
+    // Nor does a record without a reply (a node's stale read from before the reply).
+    assert!(matches!(a.put(&now).await.unwrap(), CasOutcome::Raced(_)));
+    assert_eq!(a.record_reply_range(&rec.id, 0, 0).await.unwrap(), Some(70));
 
     // A tombstone is never revived by put.
     a.close(&rec.id, SessionState::Cancelled).await.unwrap();

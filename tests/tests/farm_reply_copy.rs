@@ -115,9 +115,23 @@ impl Node {
             .collect()
     }
 
+    /// The session's reply object (`…/reply-<nonce>`: the only one of the session).
     async fn reply_object(&self, sid: &str) -> Vec<u8> {
-        let key = self.objects.session_prefix(&session(sid)).join("reply");
-        bitsd_tests::shared_backend::read_object(&self.objects, &key).await
+        let prefix = self.objects.session_prefix(&session(sid));
+        let replies: Vec<_> = self
+            .objects
+            .list(&prefix)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| {
+                k.as_str()
+                    .starts_with(&format!("{}/reply-", prefix.as_str()))
+            })
+            .collect();
+        assert_eq!(replies.len(), 1, "reply objects: {replies:?}");
+        bitsd_tests::shared_backend::read_object(&self.objects, &replies[0]).await
     }
 }
 

@@ -271,7 +271,15 @@ async fn close_deletes_the_known_objects_without_listing_and_never_a_published_f
     put(pending.clone()).await;
     let mut reply = backend.begin_reply(&id).await.unwrap();
     reply.write(Bytes::from_static(b"reply")).await.unwrap();
-    reply.finish().await.unwrap();
+    let kind = reply.finish().await.unwrap();
+    // The reply as the completion records it: Close deletes the object the record names.
+    held.reply = Some(bitsd::storage::ReplyRecord {
+        url: "http://farm/reply".into(),
+        kind,
+        created_ms: 1,
+        delivered: Default::default(),
+    });
+    backend.save(&held).await.unwrap();
     // A publish that crashed after writing the file, its marker still pending.
     let file = direct.file_key("kept/file.bin");
     state.add_pending_object(&id, file.as_str()).await.unwrap();

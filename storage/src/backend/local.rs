@@ -99,6 +99,7 @@ impl ReplySink for LocalReply {
             len,
             crc32c: Some(crc32c),
             in_upload: false,
+            object: None,
         })
     }
 }
@@ -234,6 +235,7 @@ impl SessionBackend for SessionStore {
                 len: record.received,
                 crc32c: None,
                 in_upload: true,
+                object: None,
             });
         }
         if src != self.upload_path(id) && self.meta.holds_bytes() {
@@ -251,6 +253,7 @@ impl SessionBackend for SessionStore {
                         len: bytes.len() as u64,
                         crc32c: Some(crc32c::crc32c(&bytes)),
                         in_upload: false,
+                        object: None,
                     });
                 }
             }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::sinks::reply_key;
+use super::sinks::new_reply_object;
 use super::SharedBackend;
 use crate::backend::{LocalUpload, SessionBackend};
 use crate::shared::objects::FragmentObject;
@@ -108,7 +108,7 @@ impl SharedBackend {
             }],
             _ => self.fragments(id).await?,
         };
-        let key = reply_key(&self.objects, id);
+        let (key, name) = new_reply_object(&self.objects, id);
         let assembled = self
             .objects
             .assemble(&key, &fragments, record.received)
@@ -117,6 +117,7 @@ impl SharedBackend {
             len: assembled.len,
             crc32c: assembled.crc32c,
             in_upload: false,
+            object: Some(name),
         })
     }
 }

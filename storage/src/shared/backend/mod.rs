@@ -23,9 +23,10 @@
 //!   publish marker goes in: a pending row for the destination key, written before the
 //!   assembly, whose unique key lets one session at a time publish there), unless this
 //!   session's own marker says a crashed attempt of the same session wrote it.
-//! - reply: streamed into `<prefix>/sessions/<id>/reply` (whole or absent), served by range;
-//!   a reply that is the upload itself (echo) is assembled there from the fragment objects
-//!   (`handler_files.rs`).
+//! - reply: streamed into `<prefix>/sessions/<id>/reply-<nonce>` (whole or absent; an object
+//!   per completion attempt, the record names the one stored first: `completion.rs`), served
+//!   by range; a reply that is the upload itself (echo) is assembled there from the fragment
+//!   objects (`handler_files.rs`).
 //! - reply progress: `int8multirange` union in PostgreSQL.
 //! - end: the row becomes a tombstone (durable), then the Ack; the session's objects that
 //!   PostgreSQL knows (never a published file) are deleted in the background, without a
@@ -35,6 +36,7 @@
 //! - sweep: a PostgreSQL advisory lock held by one node.
 
 mod coalesce;
+mod completion;
 mod gc;
 mod handler_files;
 mod merge_rule;
@@ -59,7 +61,7 @@ pub use coalesce::Coalesced;
 use coalesce::Coalescer;
 pub use merge_rule::{COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
 use recent::RecentSessions;
-use sinks::{reply_key, PendingRow, ReservedKey, SharedFragment, SharedReply};
+use sinks::{new_reply_object, reply_object, PendingRow, ReservedKey, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.
 const FILE_CHUNK: usize = 256 * 1024;
@@ -141,11 +143,16 @@ impl SharedBackend {
     }
 
     /// Deletes the objects of session `id` that PostgreSQL knows of (its fragment index, its
-    /// pending rows under the session's prefix) and its reply: one request, no listing. Never
+    /// pending rows under the session's prefix) and its reply (`reply`, the object its record
+    /// names): one request, no listing. Never
     /// a published file (a publish marker names a key under `files/`). An object PostgreSQL
     /// does not know (a pending row lost with PostgreSQL's last moments) goes with the purge
     /// of the tombstone, which lists the session's prefix.
-    async fn delete_known_objects(&self, id: &SessionId) -> Result<(), StorageError> {
+    async fn delete_known_objects(
+        &self,
+        id: &SessionId,
+        reply: Option<ObjectKey>,
+    ) -> Result<(), StorageError> {
         let prefix = self.objects.session_prefix(id);
         let mut keys: Vec<ObjectKey> = self
             .state
@@ -155,17 +162,16 @@ impl SharedBackend {
             .filter_map(|k| ObjectKey::parse(k))
             .filter(|k| k.starts_with(&prefix))
             .collect();
-        keys.push(reply_key(&self.objects, id));
+        keys.extend(reply);
         self.objects.delete(&keys).await
     }
 
-    /// Whether an object is at `dest` (one HEAD).
-    async fn destination_taken(&self, dest: &ObjectKey) -> Result<bool, StorageError> {
-        match self.objects.head(dest).await {
-            Ok(_) => Ok(true),
-            Err(StorageError::ObjectNotFound { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
+    /// The object of a stored reply, or why the record names none bitsd would give.
+    fn stored_reply(&self, id: &SessionId, kind: &ReplyKind) -> Result<ObjectKey, StorageError> {
+        reply_object(&self.objects, id, kind).ok_or_else(|| StorageError::Corrupt {
+            key: format!("bitsd_sessions {id}"),
+            why: format!("the reply names no object of the session: {kind:?}"),
+        })
     }
 
     async fn record(&self, id: &SessionId) -> Result<SessionRecord, StorageError> {
@@ -205,14 +211,13 @@ impl SharedBackend {
         let path = src.to_path_buf();
         let body = tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
             .map(move |c| c.map_err(StorageError::io("read reply file", &path)));
-        let stored = self
-            .objects
-            .put_stream(reply_key(&self.objects, id), body)
-            .await?;
+        let (key, name) = new_reply_object(&self.objects, id);
+        let stored = self.objects.put_stream(key, body).await?;
         Ok(ReplyKind::Stored {
             len: stored.len,
             crc32c: Some(stored.crc32c),
             in_upload: false,
+            object: Some(name),
         })
     }
 }
@@ -300,14 +305,18 @@ impl SessionBackend for SharedBackend {
         Ok((record, slot))
     }
 
+    /// A tombstone (the session ended meanwhile on some node) stays one, and a reply another
+    /// node stored first stays the reply (this record's own reply object is then deleted:
+    /// `completion.rs`); the caller sees either on its next load.
     async fn save(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        // A tombstone (the session ended meanwhile on some node) stays one; the caller sees
-        // it on its next load.
-        self.state.put(record).await.map(|_| ())
+        if let CasOutcome::Raced(stored) = self.state.put(record).await? {
+            self.discard_lost_reply(record, &stored).await;
+        }
+        Ok(())
     }
 
     async fn save_lazy(&self, record: &SessionRecord) -> Result<(), StorageError> {
-        self.state.put(record).await.map(|_| ())
+        self.save(record).await
     }
 
     /// Only `updated_ms`, and only forwards: writing the whole record would put this node's
@@ -375,64 +384,25 @@ impl SessionBackend for SharedBackend {
         destination: &str,
         allow_overwrite: bool,
     ) -> Result<CommitOutcome, StorageError> {
-        let mut record = self.record(id).await?;
+        let record = self.record(id).await?;
         if record.committed {
             return Ok(CommitOutcome::Committed);
         }
         if !valid_destination(destination) {
             return Ok(CommitOutcome::DestinationInvalid);
         }
-        let dest = self.objects.file_key(destination);
-        // This session's publish marker: a crashed earlier attempt of the same session may
-        // have written the destination already; that is not someone else's file.
-        let ours = self
-            .state
-            .session_objects(id)
-            .await?
-            .iter()
-            .any(|k| k == dest.as_str());
-        if !allow_overwrite && !ours {
-            if self.destination_taken(&dest).await? {
-                return Ok(CommitOutcome::DestinationExists);
-            }
-            // The marker's key is unique: of two sessions publishing to one destination at
-            // once, only one gets it, and the other's destination exists.
-            if !self.state.add_pending_object(id, dest.as_str()).await? {
-                return Ok(CommitOutcome::DestinationExists);
-            }
-            // A session whose publish ended (its marker gone) between the HEAD above and our
-            // marker has its file in place: look again, now that no one else can publish.
-            match self.destination_taken(&dest).await {
-                Ok(false) => {}
-                taken => {
-                    // Our marker must not let a retry skip these checks.
-                    if let Err(e) = self.state.forget_pending_object(dest.as_str()).await {
-                        tracing::warn!(session = %id, error = %e, "could not drop a publish marker");
-                    }
-                    return taken.map(|_| CommitOutcome::DestinationExists);
-                }
-            }
+        match self.publish(id, record, destination, allow_overwrite).await {
+            Ok(CommitOutcome::Committed) => Ok(CommitOutcome::Committed),
+            // Another node may have completed this very session meanwhile (a client's re-sent
+            // final fragment on another node, while this node still answered the first): its
+            // file is in place, or its marker stood in the way, or it deleted the fragment
+            // objects this assembly read. The session is committed then, and that is the
+            // answer (tests/tests/farm_completion_race.rs).
+            lost => match self.record(id).await {
+                Ok(r) if r.committed => Ok(CommitOutcome::Committed),
+                _ => lost,
+            },
         }
-        let fragments = self.fragments(id).await?;
-        self.objects
-            .assemble(&dest, &fragments, record.received)
-            .await?;
-        // Correctness from PostgreSQL: `committed` only once the assembled object exists.
-        record.committed = true;
-        record.touch();
-        match self.state.put(&record).await? {
-            CasOutcome::Committed(_) => {}
-            CasOutcome::Raced(_) | CasOutcome::Missing => {
-                return Err(StorageError::StateStore(format!(
-                    "session {id} ended while its upload was being published"
-                )))
-            }
-        }
-        self.state.forget_pending_object(dest.as_str()).await?;
-        // Committed: the fragments are not read again, so their objects can go now rather
-        // than at Close (the bytes are not stored twice meanwhile).
-        self.drop_published_fragments(&fragments).await;
-        Ok(CommitOutcome::Committed)
     }
 
     /// PostgreSQL keeps offsets and totals as `bigint`.
@@ -478,8 +448,10 @@ impl SessionBackend for SharedBackend {
     }
 
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
+        let (key, name) = new_reply_object(&self.objects, id);
         Ok(Box::new(SharedReply {
-            writer: self.objects.writer(reply_key(&self.objects, id)),
+            writer: self.objects.writer(key),
+            name,
         }))
     }
 
@@ -504,10 +476,8 @@ impl SessionBackend for SharedBackend {
         if len == 0 || !matches!(kind, ReplyKind::Stored { .. }) {
             return Ok(Box::pin(futures_util::stream::empty()));
         }
-        let read = self
-            .objects
-            .read(&reply_key(&self.objects, id), Some(start..start + len))
-            .await?;
+        let key = self.stored_reply(id, kind)?;
+        let read = self.objects.read(&key, Some(start..start + len)).await?;
         Ok(read.stream)
     }
 
@@ -525,7 +495,7 @@ impl SessionBackend for SharedBackend {
         {
             return Ok(None);
         }
-        let key = reply_key(&self.objects, id);
+        let key = self.stored_reply(id, kind)?;
         self.objects
             .presigned_url(method.clone(), &key, ttl)
             .await
@@ -560,8 +530,12 @@ impl SessionBackend for SharedBackend {
         // a DeleteObjects. Should this node die first, or the store refuse, the sweeper's
         // purge of the tombstone (after the session timeout) deletes them.
         let (this, id) = (self.clone(), record.id);
+        let reply = record
+            .reply
+            .as_ref()
+            .and_then(|r| reply_object(&self.objects, &id, &r.kind));
         tokio::spawn(async move {
-            if let Err(e) = this.delete_known_objects(&id).await {
+            if let Err(e) = this.delete_known_objects(&id, reply).await {
                 tracing::warn!(session = %id, error = %e, "deleting an ended session's objects failed; the sweeper deletes them with the tombstone");
             }
         });

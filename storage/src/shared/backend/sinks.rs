@@ -282,6 +282,8 @@ fn settle(outcome: CasOutcome, recent: &RecentSessions, id: &SessionId) -> Fragm
 /// reader sees the whole reply or none).
 pub(super) struct SharedReply {
     pub(super) writer: ObjectWriter,
+    /// The object's name under the session's prefix, for the record.
+    pub(super) name: String,
 }
 
 impl std::fmt::Debug for SharedReply {
@@ -309,12 +311,103 @@ impl ReplySink for SharedReply {
             len: stored.len,
             crc32c: Some(stored.crc32c),
             in_upload: false,
+            object: Some(self.name),
         })
     }
 }
 
-/// The key of a session's reply: `<prefix>/sessions/<id>/reply` (one per session; a reply made
-/// again replaces it whole, as an object PUT is atomic).
-pub(super) fn reply_key(objects: &Objects, id: &SessionId) -> ObjectKey {
-    objects.session_prefix(id).join("reply")
+/// A fresh object for a reply of session `id`: its key (`<prefix>/sessions/<id>/reply-<nonce>`)
+/// and its name under the session's prefix, which the record keeps
+/// ([`ReplyKind::Stored::object`]). Every completion attempt writes its own: an attempt that
+/// runs at the same time on another node never overwrites the reply the record names.
+pub(super) fn new_reply_object(objects: &Objects, id: &SessionId) -> (ObjectKey, String) {
+    let key = objects.reply_key(id);
+    let prefix = objects.session_prefix(id);
+    let name = key
+        .as_str()
+        .strip_prefix(prefix.as_str())
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_owned();
+    (key, name)
+}
+
+/// The object that holds a stored reply: the one `kind` names, or `reply` for a record written
+/// before every attempt had an object of its own. `None` for a reply with no object (static)
+/// or a name bitsd never gives (`reply-` and hex digits only: a record altered by hand must
+/// not reach outside the session's prefix).
+pub(super) fn reply_object(
+    objects: &Objects,
+    id: &SessionId,
+    kind: &ReplyKind,
+) -> Option<ObjectKey> {
+    let ReplyKind::Stored { object, .. } = kind else {
+        return None;
+    };
+    let name = object.as_deref().unwrap_or("reply");
+    let ours = name == "reply"
+        || name
+            .strip_prefix("reply-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()));
+    ours.then(|| objects.session_prefix(id).join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::shared::objects::ObjectStoreConfig;
+
+    fn objects() -> Objects {
+        Objects::new(&ObjectStoreConfig {
+            bucket: "b".into(),
+            prefix: "farm".into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("garage".into()),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            ..ObjectStoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn stored(object: Option<&str>) -> ReplyKind {
+        ReplyKind::Stored {
+            len: 1,
+            crc32c: None,
+            in_upload: false,
+            object: object.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn every_reply_gets_its_own_object_and_a_record_names_only_the_sessions() {
+        let (objects, id) = (objects(), SessionId::random());
+        let (key, name) = new_reply_object(&objects, &id);
+        let (other, _) = new_reply_object(&objects, &id);
+        assert_ne!(key, other, "every attempt writes its own object");
+        assert!(name.starts_with("reply-"), "{name}");
+        assert_eq!(reply_object(&objects, &id, &stored(Some(&name))), Some(key));
+        // A record written before replies had objects of their own.
+        assert_eq!(
+            reply_object(&objects, &id, &stored(None)),
+            Some(objects.session_prefix(&id).join("reply"))
+        );
+        assert_eq!(reply_object(&objects, &id, &ReplyKind::Static), None);
+        // A record altered by hand never reaches outside the session's prefix.
+        for hostile in [
+            "../x",
+            "reply-../../files/a",
+            "reply-",
+            "frag/0",
+            "reply-1/2",
+            "",
+        ] {
+            assert_eq!(
+                reply_object(&objects, &id, &stored(Some(hostile))),
+                None,
+                "{hostile}"
+            );
+        }
+    }
 }

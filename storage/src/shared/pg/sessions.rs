@@ -30,6 +30,13 @@ pub(super) const LIVE_COUNT: &str = "SELECT coalesce(sum(n), 0)::bigint FROM bit
 const RESET_DELIVERED: &str = "delivered = CASE WHEN (record -> 'reply' -> 'created_ms') \
     IS NOT DISTINCT FROM ($6::jsonb -> 'reply' -> 'created_ms') THEN delivered ELSE '{}' END";
 
+/// SQL predicate: the stored record has no reply yet, or the same one as the new record `$6`
+/// (its URL, its object and when it was made; the delivered ranges may differ).
+const SAME_REPLY: &str = "(coalesce(record -> 'reply', 'null'::jsonb) = 'null'::jsonb \
+    OR (record -> 'reply' -> 'url', record -> 'reply' -> 'kind', record -> 'reply' -> 'created_ms') \
+    IS NOT DISTINCT FROM ($6::jsonb -> 'reply' -> 'url', $6::jsonb -> 'reply' -> 'kind', \
+    $6::jsonb -> 'reply' -> 'created_ms'))";
+
 /// What a guarded write found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CasOutcome {
@@ -363,10 +370,13 @@ impl PgStateStore {
         self.guarded(&record.id, &sql, &params).await
     }
 
-    /// Stores `record` whole without a guard, except that `received` never goes back (the
-    /// larger of the stored and the given value is kept) and a tombstone stays a tombstone
-    /// (`Raced` then carries it). For writes that do not decide what is acknowledged
-    /// (completion bookkeeping of a node that holds the session's lock).
+    /// Stores `record` whole without a guard on the offset, except that `received` never goes
+    /// back (the larger of the stored and the given value is kept), a tombstone stays a
+    /// tombstone, and a stored reply stays the reply: a record whose reply is another (or
+    /// none) does not replace it. `Raced` then carries the stored record. For writes that do
+    /// not decide what is acknowledged (completion bookkeeping): two nodes may complete one
+    /// session at once (a client's re-sent final fragment on another node), and the reply the
+    /// first of them stored is the one its Ack handed out (tests/tests/farm_completion_race.rs).
     pub async fn put(&self, record: &SessionRecord) -> Result<CasOutcome, StorageError> {
         let body = encode(record)?;
         let received = to_i64(record.received, "received")?;
@@ -376,7 +386,7 @@ impl PgStateStore {
             "UPDATE bitsd_sessions SET state = $2, received = greatest(received, $3),
                     total = coalesce($4, total), updated_ms = greatest(updated_ms, $5),
                     record = $6, {RESET_DELIVERED}
-             WHERE id = $1 AND {LIVE}
+             WHERE id = $1 AND {LIVE} AND {SAME_REPLY}
              RETURNING {COLS}"
         );
         let params: [&(dyn ToSql + Sync); 6] = [
