@@ -16,7 +16,7 @@ use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
-use bitsd_tests::shared_backend::read_object;
+use bitsd_tests::shared_backend::{listed_keys, read_object};
 use bitsd_tests::{pattern, url_path, RawResponse, TestServer};
 
 /// Nodes on one database and one bucket, and the bucket to look inside.
@@ -187,20 +187,11 @@ async fn a_reply_made_twice_by_two_nodes_is_the_first_one_stored_everywhere() {
     let id = sid.trim_matches(|c| c == '{' || c == '}');
     let prefix = farm
         .objects
-        .session_prefix(&id.parse::<SessionId>().unwrap())
-        .as_str()
-        .to_owned();
+        .session_prefix(&id.parse::<SessionId>().unwrap());
     let mut replies = Vec::new();
     for _ in 0..50 {
-        replies = farm
-            .objects
-            .list(farm.objects.prefix())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|o| o.key.as_str().to_owned())
-            .filter(|k| k.starts_with(&prefix) && k.contains("reply"))
-            .collect::<Vec<_>>();
+        replies = listed_keys(&farm.objects, &prefix).await;
+        replies.retain(|k| k.contains("/reply"));
         if replies.len() == 1 {
             break;
         }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use bitsd::reply_handlers::ReplyFuture;
-use bitsd::storage::shared::objects::Objects;
+use bitsd::storage::shared::objects::{ObjectKey, Objects};
 use bitsd::{Reply, ReplyHandler, Route, StorageConfig, Upload};
 use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::{shared_storage, FarmServers};
@@ -118,20 +118,11 @@ impl Node {
     /// The session's reply object (`…/reply-<nonce>`: the only one of the session).
     async fn reply_object(&self, sid: &str) -> Vec<u8> {
         let prefix = self.objects.session_prefix(&session(sid));
-        let replies: Vec<_> = self
-            .objects
-            .list(&prefix)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|o| o.key)
-            .filter(|k| {
-                k.as_str()
-                    .starts_with(&format!("{}/reply-", prefix.as_str()))
-            })
-            .collect();
+        let mut replies = bitsd_tests::shared_backend::listed_keys(&self.objects, &prefix).await;
+        replies.retain(|k| k.starts_with(&format!("{}/reply-", prefix.as_str())));
         assert_eq!(replies.len(), 1, "reply objects: {replies:?}");
-        bitsd_tests::shared_backend::read_object(&self.objects, &replies[0]).await
+        let key = ObjectKey::parse(&replies[0]).unwrap();
+        bitsd_tests::shared_backend::read_object(&self.objects, &key).await
     }
 }
 

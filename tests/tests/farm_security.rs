@@ -16,7 +16,7 @@ use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::{shared_nodes, shared_storage, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
-use bitsd_tests::shared_backend::read_object;
+use bitsd_tests::shared_backend::{listed_keys, read_object};
 use bitsd_tests::{pattern, url_path, RawClient, RawResponse, TestServer, PROTOCOL};
 
 /// Nodes on one database and one bucket, and the bucket to look inside.
@@ -42,22 +42,6 @@ async fn farm(n: usize) -> Option<Farm> {
         _pg: pg,
         _garage: garage,
     })
-}
-
-impl Farm {
-    /// Every key in the bucket under the prefix.
-    async fn keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .objects
-            .list(self.objects.prefix())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|o| o.key.as_str().to_owned())
-            .collect();
-        keys.sort();
-        keys
-    }
 }
 
 async fn create(c: &mut RawClient, path: &str) -> RawResponse {
@@ -182,7 +166,7 @@ async fn traversal_attempts_never_leave_the_files_prefix() {
     let data = pattern(5000, 9);
     let (_, fin) = c.upload("/upload/a~b%25c%20d", &data, 2000).await;
     assert_eq!(fin.status, 200, "{fin:?}");
-    let keys = farm.keys().await;
+    let keys = listed_keys(&farm.objects, farm.objects.prefix()).await;
     let key = farm.objects.file_key("a~b%c d");
     assert_eq!(keys, vec![key.as_str().to_owned()]);
     assert!(key.as_str().starts_with("sec/files/"), "{key}");

@@ -356,19 +356,9 @@ pub(super) fn reply_object(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::shared::objects::ObjectStoreConfig;
 
     fn objects() -> Objects {
-        Objects::new(&ObjectStoreConfig {
-            bucket: "b".into(),
-            prefix: "farm".into(),
-            endpoint: Some("http://127.0.0.1:9".into()),
-            region: Some("garage".into()),
-            access_key_id: Some("k".into()),
-            secret_access_key: Some("s".into()),
-            ..ObjectStoreConfig::default()
-        })
-        .unwrap()
+        crate::shared::objects::unconnected("farm")
     }
 
     fn stored(object: Option<&str>) -> ReplyKind {

@@ -103,19 +103,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::shared::objects::ObjectStoreConfig;
 
     fn store(prefix: &str) -> Objects {
-        Objects::new(&ObjectStoreConfig {
-            bucket: "b".into(),
-            prefix: prefix.into(),
-            endpoint: Some("http://127.0.0.1:9".into()),
-            region: Some("garage".into()),
-            access_key_id: Some("k".into()),
-            secret_access_key: Some("s".into()),
-            ..ObjectStoreConfig::default()
-        })
-        .unwrap()
+        crate::shared::objects::unconnected(prefix)
     }
 
     #[test]

@@ -405,6 +405,23 @@ impl Objects {
     }
 }
 
+/// An [`Objects`] under `prefix` for unit tests that only make keys: its endpoint is never
+/// called (a discard port).
+#[cfg(test)]
+pub(crate) fn unconnected(prefix: &str) -> Objects {
+    #[allow(clippy::unwrap_used)]
+    Objects::new(&ObjectStoreConfig {
+        bucket: "b".into(),
+        prefix: prefix.into(),
+        endpoint: Some("http://127.0.0.1:9".into()),
+        region: Some("garage".into()),
+        access_key_id: Some("k".into()),
+        secret_access_key: Some("s".into()),
+        ..ObjectStoreConfig::default()
+    })
+    .unwrap()
+}
+
 /// Every future here must be `Send`, so a multi-threaded server can hold it across awaits.
 #[cfg(test)]
 #[allow(dead_code)]
