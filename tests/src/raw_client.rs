@@ -198,18 +198,22 @@ impl RawClient {
         self.send(&bits_post_request(path, headers, body)).await
     }
 
+    /// Create-Session on `path`, whatever the answer (a refusal included).
+    pub async fn try_create_session(&mut self, path: &str) -> RawResponse {
+        self.bits_post(
+            path,
+            &[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", PROTOCOL),
+            ],
+            b"",
+        )
+        .await
+    }
+
     /// Create-Session on `path`; returns the new session id.
     pub async fn create_session(&mut self, path: &str) -> String {
-        let res = self
-            .bits_post(
-                path,
-                &[
-                    ("BITS-Packet-Type", "Create-Session"),
-                    ("BITS-Supported-Protocols", PROTOCOL),
-                ],
-                b"",
-            )
-            .await;
+        let res = self.try_create_session(path).await;
         res.assert_ack();
         assert_eq!(res.status, 200, "{res:?}");
         res.header("bits-session-id").unwrap().to_owned()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bitsd::config::{build_handler, HandlerSpec};
 use bitsd::Route;
-use bitsd_tests::{pattern, url_path, BitsdProcess, RawClient, RawResponse, TestServer, PROTOCOL};
+use bitsd_tests::{pattern, url_path, BitsdProcess, RawClient, TestServer};
 
 /// A command route whose program appends a line to `runs` each time it starts, then writes the
 /// upload as its reply in two halves with `pause` seconds between them (a slow handler).
@@ -211,19 +211,6 @@ async fn close_during_a_completion_waits_for_it() {
 // Session limits and the end of a session.
 // ---------------------------------------------------------------------------------------------
 
-/// Create-Session on `path` through `c`; the Ack, whatever it is.
-async fn try_create(c: &mut RawClient, path: &str) -> RawResponse {
-    c.bits_post(
-        path,
-        &[
-            ("BITS-Packet-Type", "Create-Session"),
-            ("BITS-Supported-Protocols", PROTOCOL),
-        ],
-        b"",
-    )
-    .await
-}
-
 #[tokio::test]
 async fn session_limits_hold_across_a_restart_of_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,7 +222,7 @@ async fn session_limits_hold_across_a_restart_of_the_real_binary() {
     let mut c = RawClient::connect(proc.addr).await;
     let a = c.create_session("/upload/a.bin").await;
     let _b = c.create_session("/upload/b.bin").await;
-    try_create(&mut c, "/upload/c.bin")
+    c.try_create_session("/upload/c.bin")
         .await
         .assert_error(503, "0x80070045");
     drop(c);
@@ -247,7 +234,7 @@ async fn session_limits_hold_across_a_restart_of_the_real_binary() {
     assert_eq!(c.close_session("/upload/a.bin", &a).await.status, 200);
     let mut created = 0;
     for name in ["d", "e", "f"] {
-        let res = try_create(&mut c, &format!("/upload/{name}.bin")).await;
+        let res = c.try_create_session(&format!("/upload/{name}.bin")).await;
         if res.status == 200 {
             created += 1;
         } else {
@@ -308,12 +295,12 @@ async fn a_failed_end_of_session_still_releases_its_slot() {
     // The tombstone was saved: the session is over, and so is its place in the limit.
     let (_, json) = server.admin_get(&format!("/sessions/{sid}")).await;
     assert_eq!(json["state"], "closed", "{json}");
-    let res = try_create(&mut c, "/upload/b.bin").await;
+    let res = c.try_create_session("/upload/b.bin").await;
     assert_eq!(res.status, 200, "{res:?}");
     std::fs::remove_file(&blocker).unwrap();
     // A repeated Close finds the tombstone and gives nothing back twice.
     assert_eq!(c.close_session("/upload/a.bin", &sid).await.status, 200);
-    try_create(&mut c, "/upload/c.bin")
+    c.try_create_session("/upload/c.bin")
         .await
         .assert_error(503, "0x80070045");
 }

@@ -17,7 +17,7 @@ use bitsd_tests::farm_servers::{shared_nodes, shared_storage, FarmServers};
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::PgCluster;
 use bitsd_tests::shared_backend::{listed_keys, read_object};
-use bitsd_tests::{pattern, url_path, RawClient, RawResponse, TestServer, PROTOCOL};
+use bitsd_tests::{pattern, url_path, RawClient, TestServer, PROTOCOL};
 
 /// Nodes on one database and one bucket, and the bucket to look inside.
 struct Farm {
@@ -42,18 +42,6 @@ async fn farm(n: usize) -> Option<Farm> {
         _pg: pg,
         _garage: garage,
     })
-}
-
-async fn create(c: &mut RawClient, path: &str) -> RawResponse {
-    c.bits_post(
-        path,
-        &[
-            ("BITS-Packet-Type", "Create-Session"),
-            ("BITS-Supported-Protocols", PROTOCOL),
-        ],
-        b"",
-    )
-    .await
 }
 
 /// Two sessions uploading to the same destination, on two nodes, whose final fragments arrive
@@ -120,7 +108,7 @@ async fn destinations_an_s3_key_cannot_hold_are_refused_at_create_session() {
     let mut c = farm.nodes[0].connect().await;
     // "sec/files/" is 10 bytes: 1014 bytes of path is the longest key S3 takes.
     let fits = format!("/upload/{}/{}", "d".repeat(200), "n".repeat(1014 - 201));
-    let res = create(&mut c, &fits).await;
+    let res = c.try_create_session(&fits).await;
     assert_eq!(res.status, 200, "{res:?}");
     for target in [
         // Short segments, long path.
@@ -132,7 +120,7 @@ async fn destinations_an_s3_key_cannot_hold_are_refused_at_create_session() {
         // On an upload-reply route too.
         format!("/echo/{}", "e".repeat(1100)),
     ] {
-        let res = create(&mut c, &target).await;
+        let res = c.try_create_session(&target).await;
         res.assert_ack();
         res.assert_error(400, "0x800700ce");
     }
@@ -156,11 +144,11 @@ async fn traversal_attempts_never_leave_the_files_prefix() {
         "/upload/a//b",
         "/upload/c%3a%5cx",
     ] {
-        let res = create(&mut c, target).await;
+        let res = c.try_create_session(target).await;
         res.assert_ack();
         res.assert_error(403, "0x80070005");
     }
-    let res = create(&mut c, "/upload/%252e%252e/x").await;
+    let res = c.try_create_session("/upload/%252e%252e/x").await;
     res.assert_error(400, "0x80070057");
     // Characters S3 keys avoid are stored encoded, under files/.
     let data = pattern(5000, 9);

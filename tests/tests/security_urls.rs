@@ -233,18 +233,6 @@ fn a_route_inside_another_routes_reply_paths_is_refused_at_config_load() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("reply downloads"));
 }
 
-async fn create(c: &mut RawClient, path: &str) -> RawResponse {
-    c.bits_post(
-        path,
-        &[
-            ("BITS-Packet-Type", "Create-Session"),
-            ("BITS-Supported-Protocols", PROTOCOL),
-        ],
-        b"",
-    )
-    .await
-}
-
 #[tokio::test]
 async fn double_encoded_and_u_escaped_targets_are_400() {
     let server = TestServer::start().await;
@@ -256,7 +244,7 @@ async fn double_encoded_and_u_escaped_targets_are_400() {
         "/upload/x%U002Fy.bin",
         "/echo/%252e%252e%252fx",
     ] {
-        let res = create(&mut c, target).await;
+        let res = c.try_create_session(target).await;
         res.assert_ack();
         res.assert_error(400, "0x80070057");
         assert_eq!(res.header("bits-error-context"), Some("0x5"), "{res:?}");
@@ -264,7 +252,7 @@ async fn double_encoded_and_u_escaped_targets_are_400() {
         assert_eq!(res.status, 400, "{target}: {res:?}");
     }
     // Single escapes stay fine.
-    let res = create(&mut c, "/upload/report%20v2.bin").await;
+    let res = c.try_create_session("/upload/report%20v2.bin").await;
     assert_eq!(res.status, 200, "{res:?}");
     // Nothing was stored under the literal names.
     let files: Vec<_> = std::fs::read_dir(server.data_dir().join("files"))
@@ -279,20 +267,22 @@ async fn names_the_file_system_cannot_hold_are_refused_at_create_session() {
     let mut c = server.connect().await;
     // A 300-byte segment (NAME_MAX is 255 on the usual file systems).
     let long_name = format!("/upload/{}.bin", "n".repeat(296));
-    let res = create(&mut c, &long_name).await;
+    let res = c.try_create_session(&long_name).await;
     res.assert_ack();
     res.assert_error(400, "0x800700ce");
     // An 8 KiB path of acceptable segments (PATH_MAX is 4096).
     let deep = format!("/upload/{}/x.bin", vec!["d".repeat(200); 40].join("/"));
     assert!(deep.len() > 8000);
-    let res = create(&mut c, &deep).await;
+    let res = c.try_create_session(&deep).await;
     res.assert_ack();
     res.assert_error(400, "0x800700ce");
     // The same on an upload-reply route, whose upload may be committed too.
-    let res = create(&mut c, &format!("/echo/{}", "n".repeat(300))).await;
+    let res = c
+        .try_create_session(&format!("/echo/{}", "n".repeat(300)))
+        .await;
     res.assert_error(400, "0x800700ce");
     // A 255-byte name is fine.
     let ok = format!("/upload/{}", "n".repeat(255));
-    let res = create(&mut c, &ok).await;
+    let res = c.try_create_session(&ok).await;
     assert_eq!(res.status, 200, "{res:?}");
 }
