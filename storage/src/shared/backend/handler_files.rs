@@ -13,7 +13,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::sinks::new_reply_object;
 use super::SharedBackend;
 use crate::backend::{LocalUpload, SessionBackend};
 use crate::shared::objects::FragmentObject;
@@ -108,7 +107,7 @@ impl SharedBackend {
             }],
             _ => self.fragments(id).await?,
         };
-        let (key, name) = new_reply_object(&self.objects, id);
+        let (key, name) = self.objects.reply_key(id);
         let assembled = self
             .objects
             .assemble(&key, &fragments, record.received)

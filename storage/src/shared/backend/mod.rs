@@ -61,7 +61,7 @@ pub use coalesce::Coalesced;
 use coalesce::Coalescer;
 pub use merge_rule::{COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
 use recent::RecentSessions;
-use sinks::{new_reply_object, reply_object, PendingRow, ReservedKey, SharedFragment, SharedReply};
+use sinks::{reply_object, PendingRow, ReservedKey, SharedFragment, SharedReply};
 
 /// Chunk size for reading a local file into the store.
 const FILE_CHUNK: usize = 256 * 1024;
@@ -211,7 +211,7 @@ impl SharedBackend {
         let path = src.to_path_buf();
         let body = tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
             .map(move |c| c.map_err(StorageError::io("read reply file", &path)));
-        let (key, name) = new_reply_object(&self.objects, id);
+        let (key, name) = self.objects.reply_key(id);
         let stored = self.objects.put_stream(key, body).await?;
         Ok(ReplyKind::Stored {
             len: stored.len,
@@ -448,7 +448,7 @@ impl SessionBackend for SharedBackend {
     }
 
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
-        let (key, name) = new_reply_object(&self.objects, id);
+        let (key, name) = self.objects.reply_key(id);
         Ok(Box::new(SharedReply {
             writer: self.objects.writer(key),
             name,

@@ -316,22 +316,6 @@ impl ReplySink for SharedReply {
     }
 }
 
-/// A fresh object for a reply of session `id`: its key (`<prefix>/sessions/<id>/reply-<nonce>`)
-/// and its name under the session's prefix, which the record keeps
-/// ([`ReplyKind::Stored::object`]). Every completion attempt writes its own: an attempt that
-/// runs at the same time on another node never overwrites the reply the record names.
-pub(super) fn new_reply_object(objects: &Objects, id: &SessionId) -> (ObjectKey, String) {
-    let key = objects.reply_key(id);
-    let prefix = objects.session_prefix(id);
-    let name = key
-        .as_str()
-        .strip_prefix(prefix.as_str())
-        .unwrap_or_default()
-        .trim_start_matches('/')
-        .to_owned();
-    (key, name)
-}
-
 /// The object that holds a stored reply: the one `kind` names, or `reply` for a record written
 /// before every attempt had an object of its own. `None` for a reply with no object (static)
 /// or a name bitsd never gives (`reply-` and hex digits only: a record altered by hand must
@@ -373,8 +357,8 @@ mod tests {
     #[test]
     fn every_reply_gets_its_own_object_and_a_record_names_only_the_sessions() {
         let (objects, id) = (objects(), SessionId::random());
-        let (key, name) = new_reply_object(&objects, &id);
-        let (other, _) = new_reply_object(&objects, &id);
+        let (key, name) = objects.reply_key(&id);
+        let (other, _) = objects.reply_key(&id);
         assert_ne!(key, other, "every attempt writes its own object");
         assert!(name.starts_with("reply-"), "{name}");
         assert_eq!(reply_object(&objects, &id, &stored(Some(&name))), Some(key));

@@ -85,10 +85,11 @@ impl Objects {
             .join(&format!("frag/{offset:020}-{}", nonce()))
     }
 
-    /// A fresh key for the reply of `session`: `…/reply-<nonce>`.
-    pub fn reply_key(&self, session: &SessionId) -> ObjectKey {
-        self.session_prefix(session)
-            .join(&format!("reply-{}", nonce()))
+    /// A fresh key for a reply of `session` (`…/reply-<nonce>`) and its name under the
+    /// session's prefix (`reply-<nonce>`), which the session's record keeps.
+    pub fn reply_key(&self, session: &SessionId) -> (ObjectKey, String) {
+        let name = format!("reply-{}", nonce());
+        (self.session_prefix(session).join(&name), name)
     }
 
     /// The key of a committed plain upload: `<prefix>/files/<path>` (`path` is the route's
@@ -129,7 +130,7 @@ mod tests {
         let low = objects.fragment_key(&id, 9).to_string();
         let high = objects.fragment_key(&id, 10).to_string();
         assert!(low < high);
-        let reply = objects.reply_key(&id);
+        let (reply, _) = objects.reply_key(&id);
         assert!(reply.starts_with(&objects.session_prefix(&id)));
         assert_eq!(store("").file_key("x.bin").as_str(), "files/x.bin");
     }
