@@ -230,11 +230,60 @@ impl ReplyRange {
                 ReplyRange::Partial { start, end }
             })
     }
+
+    /// Whether `value` is one range in the strict form every reader takes alike:
+    /// `bytes=first-`, `bytes=first-last` (first <= last) or `bytes=-suffix`, with decimal
+    /// numbers that fit a `u64` and nothing else (no other case, no spaces, no second range).
+    /// [`ReplyRange::parse`] is lenient on all of these; a server handing a request on to
+    /// another reader (an object store) may want only what both read the same way.
+    pub fn is_plain_single(value: &str) -> bool {
+        let Some(set) = value.strip_prefix("bytes=") else {
+            return false;
+        };
+        set.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+            && matches!(
+                parse_spec(set),
+                Some(
+                    Spec::Suffix(Num::Small(_))
+                        | Spec::From {
+                            first: Num::Small(_),
+                            last: None | Some(Num::Small(_)),
+                        }
+                )
+            )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_single_ranges_are_plain() {
+        for good in [
+            "bytes=0-9",
+            "bytes=5000-",
+            "bytes=-10",
+            "bytes=0-18446744073709551615",
+        ] {
+            assert!(ReplyRange::is_plain_single(good), "{good}");
+        }
+        for bad in [
+            "bytes=0-99999999999999999999999",
+            "bytes=-99999999999999999999999",
+            "BYTES=0-9",
+            "bytes = 0-9",
+            "bytes=0-9 ",
+            "bytes=0-1,5-6",
+            "bytes=9-0",
+            "bytes=-",
+            "bytes=a-b",
+            "items=0-9",
+            "bytes=0-1-2",
+        ] {
+            assert!(!ReplyRange::is_plain_single(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_normal_ranges() {
