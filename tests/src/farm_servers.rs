@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bitsd_storage::shared::objects::ObjectStoreConfig;
+use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
 
 use crate::garage::Garage;
 use crate::pg::{ClusterOptions, PgCluster};
@@ -126,4 +126,48 @@ pub async fn shared_nodes(
         );
     }
     nodes
+}
+
+/// In-process nodes of one farm on [`FarmServers`] (one database, one bucket), and the
+/// bucket to look inside.
+pub struct Farm {
+    /// The nodes, each on [`shared_storage`].
+    pub nodes: Vec<crate::TestServer>,
+    /// The farm's bucket under its prefix.
+    pub objects: Objects,
+    /// PostgreSQL and Garage, kept alive for the test.
+    pub servers: FarmServers,
+}
+
+impl Farm {
+    /// `n` nodes whose objects go under `prefix`; `adjust(i, config)` changes node `i`'s
+    /// config after its storage is set (routes of its own, say). `None` after printing why
+    /// when PostgreSQL or Garage is not installed.
+    pub async fn start(
+        prefix: &str,
+        n: usize,
+        adjust: impl Fn(usize, &mut bitsd::ServerConfig),
+    ) -> Option<Farm> {
+        let servers = FarmServers::start().await?;
+        let store = servers.garage.object_store_config(prefix);
+        let shared = shared_storage(&servers.postgres_url, &store);
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = shared.clone();
+            let adjust = &adjust;
+            nodes.push(
+                crate::TestServer::start_with(move |c| {
+                    c.storage = bitsd::StorageConfig::Shared(Box::new(s));
+                    adjust(i, c);
+                })
+                .await,
+            );
+        }
+        let objects = Objects::new(&store).expect("the test store's config");
+        Some(Farm {
+            nodes,
+            objects,
+            servers,
+        })
+    }
 }

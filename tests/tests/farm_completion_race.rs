@@ -7,25 +7,13 @@
 //! printed reason when PostgreSQL or Garage is not installed (`.ci/run` installs them).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use bitsd::storage::shared::objects::Objects;
-use bitsd::{HandlerError, Reply, Route, StorageConfig, Upload};
+use bitsd::{HandlerError, Reply, Route, Upload};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::{shared_storage, FarmServers};
-use bitsd_tests::garage::Garage;
-use bitsd_tests::pg::PgCluster;
+use bitsd_tests::farm_servers::Farm;
 use bitsd_tests::shared_backend::{listed_keys, read_object};
-use bitsd_tests::{pattern, url_path, RawResponse, TestServer};
-
-/// Nodes on one database and one bucket, and the bucket to look inside.
-struct Farm {
-    nodes: Vec<TestServer>,
-    objects: Objects,
-    _pg: Arc<PgCluster>,
-    _garage: Garage,
-}
+use bitsd_tests::{pattern, url_path, RawResponse};
 
 /// The reply of node `node`: node 0 answers after 300 ms with 100 000 bytes, node 1 after
 /// 1.5 s with a few bytes of its own. A handler need not be deterministic (one that hands out
@@ -38,34 +26,15 @@ fn reply_of(node: usize) -> Vec<u8> {
 }
 
 async fn farm() -> Option<Farm> {
-    let FarmServers {
-        pg,
-        postgres_url,
-        garage,
-    } = FarmServers::start().await?;
-    let store = garage.object_store_config("race");
-    let mut nodes = Vec::new();
-    for node in 0..2 {
-        let shared = shared_storage(&postgres_url, &store);
+    Farm::start("race", 2, |node, c| {
         let handler = move |_upload: Upload| async move {
             let wait = if node == 0 { 300 } else { 1500 };
             tokio::time::sleep(Duration::from_millis(wait)).await;
             Ok::<_, HandlerError>(Reply::bytes(reply_of(node)))
         };
-        nodes.push(
-            TestServer::start_with(move |c| {
-                c.storage = StorageConfig::Shared(Box::new(shared));
-                c.routes.push(Route::upload_reply("/ticket/", handler));
-            })
-            .await,
-        );
-    }
-    Some(Farm {
-        nodes,
-        objects: Objects::new(&store).unwrap(),
-        _pg: pg,
-        _garage: garage,
+        c.routes.push(Route::upload_reply("/ticket/", handler));
     })
+    .await
 }
 
 /// Sends the final fragment (`at..data.len()`) of `sid` to node 0 and, `after` later, to

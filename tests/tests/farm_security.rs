@@ -9,39 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use bitsd::storage::shared::objects::{ObjectKey, Objects};
+use bitsd::storage::shared::objects::ObjectKey;
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::{CredentialsAuthenticator, SharedAuthenticator, StorageConfig};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::{shared_nodes, shared_storage, FarmServers};
-use bitsd_tests::garage::Garage;
-use bitsd_tests::pg::PgCluster;
+use bitsd_tests::farm_servers::{shared_nodes, shared_storage, Farm, FarmServers};
 use bitsd_tests::shared_backend::{listed_keys, read_object};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer, PROTOCOL};
 
-/// Nodes on one database and one bucket, and the bucket to look inside.
-struct Farm {
-    nodes: Vec<TestServer>,
-    objects: Objects,
-    _pg: Arc<PgCluster>,
-    _garage: Garage,
-}
-
 async fn farm(n: usize) -> Option<Farm> {
-    let FarmServers {
-        pg,
-        postgres_url: url,
-        garage,
-    } = FarmServers::start().await?;
-    let store = garage.object_store_config("sec");
-    let nodes = shared_nodes(&url, &store, n).await;
-    let objects = Objects::new(&store).unwrap();
-    Some(Farm {
-        nodes,
-        objects,
-        _pg: pg,
-        _garage: garage,
-    })
+    Farm::start("sec", n, |_, _| {}).await
 }
 
 /// Two sessions uploading to the same destination, on two nodes, whose final fragments arrive
