@@ -41,7 +41,7 @@ impl FarmServers {
         {
             Ok(c) => c,
             Err(why) => {
-                eprintln!("skipping: {why}");
+                crate::skip::missing(crate::skip::Needs::Postgresql, why);
                 return None;
             }
         };

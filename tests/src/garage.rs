@@ -52,8 +52,11 @@ pub fn garage_binary() -> Option<PathBuf> {
             return Some(bin);
         }
     }
-    println!(
-        "SKIPPED: garage is not installed (cargo install garage --version {GARAGE_VERSION} --locked)"
+    crate::skip::missing(
+        crate::skip::Needs::Garage,
+        format_args!(
+            "garage is not installed (cargo install garage --version {GARAGE_VERSION} --locked)"
+        ),
     );
     None
 }

@@ -12,6 +12,7 @@ pub mod nginx;
 pub mod pg;
 pub mod reply_suite;
 pub mod shared_backend;
+pub mod skip;
 
 use std::path::{Path, PathBuf};
 

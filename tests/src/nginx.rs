@@ -29,7 +29,10 @@ pub fn nginx_binary() -> Option<PathBuf> {
             return Some(bin);
         }
     }
-    println!("SKIPPED: nginx is not installed (apt-get install nginx)");
+    crate::skip::missing(
+        crate::skip::Needs::Nginx,
+        "nginx is not installed (apt-get install nginx)",
+    );
     None
 }
 

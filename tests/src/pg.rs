@@ -363,7 +363,7 @@ pub fn cluster_or_skip() -> Option<Arc<PgCluster>> {
     match PgCluster::shared() {
         Ok(c) => Some(c),
         Err(why) => {
-            eprintln!("skipping: {why}");
+            crate::skip::missing(crate::skip::Needs::Postgresql, why);
             None
         }
     }

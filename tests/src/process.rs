@@ -55,7 +55,10 @@ pub fn strace() -> Option<PathBuf> {
         .map(PathBuf::from)
         .find(|p| p.exists())
     else {
-        println!("SKIPPED: strace is not installed (apt-get install strace)");
+        crate::skip::missing(
+            crate::skip::Needs::Strace,
+            "strace is not installed (apt-get install strace)",
+        );
         return None;
     };
     let works = std::process::Command::new(&found)
@@ -74,7 +77,10 @@ pub fn strace() -> Option<PathBuf> {
         .status()
         .is_ok_and(|s| s.success());
     if !works {
-        println!("SKIPPED: strace cannot trace here (ptrace not permitted, or no --seccomp-bpf)");
+        crate::skip::missing(
+            crate::skip::Needs::Strace,
+            "strace cannot trace here (ptrace not permitted, or no --seccomp-bpf)",
+        );
         return None;
     }
     Some(found)

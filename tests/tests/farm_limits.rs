@@ -209,8 +209,7 @@ async fn racing_creates_across_the_shared_and_exclusive_paths_stop_exactly_at_th
     {
         Ok(pg) => pg,
         Err(why) => {
-            eprintln!("skipping: {why}");
-            return;
+            return bitsd_tests::skip::missing(bitsd_tests::skip::Needs::Postgresql, why);
         }
     };
     let url = {

@@ -12,7 +12,7 @@ use bitsd_tests::pg::{fragment, session_record, ClusterOptions, PgCluster};
 async fn postgres_stopped_mid_run_gives_transient_errors_and_loses_nothing() {
     let pg = match PgCluster::start(ClusterOptions::default()) {
         Ok(pg) => pg,
-        Err(why) => return eprintln!("skipping: {why}"),
+        Err(why) => return bitsd_tests::skip::missing(bitsd_tests::skip::Needs::Postgresql, why),
     };
     let url = pg.fresh_database();
     let options = PgOptions {
@@ -97,7 +97,7 @@ async fn postgres_stopped_mid_run_gives_transient_errors_and_loses_nothing() {
 async fn measure_commit_rate() {
     let pg = match PgCluster::start(ClusterOptions { durable: true }) {
         Ok(pg) => pg,
-        Err(why) => return eprintln!("skipping: {why}"),
+        Err(why) => return bitsd_tests::skip::missing(bitsd_tests::skip::Needs::Postgresql, why),
     };
     let url = pg.fresh_database();
     let options = PgOptions {

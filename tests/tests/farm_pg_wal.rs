@@ -49,8 +49,7 @@ async fn only_the_writes_meant_to_skip_the_wal_flush_skip_it_and_never_the_next_
     let pg = match PgCluster::start(ClusterOptions { durable: true }) {
         Ok(pg) => pg,
         Err(why) => {
-            eprintln!("skipping: {why}");
-            return;
+            return bitsd_tests::skip::missing(bitsd_tests::skip::Needs::Postgresql, why);
         }
     };
     let url = pg.fresh_database();

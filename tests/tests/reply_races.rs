@@ -13,7 +13,10 @@ fn strace() -> Option<&'static str> {
     if std::path::Path::new(path).exists() {
         Some(path)
     } else {
-        eprintln!("skipped: {path} is missing (install strace to run this test)");
+        bitsd_tests::skip::missing(
+            bitsd_tests::skip::Needs::Strace,
+            format_args!("{path} is missing (apt-get install strace)"),
+        );
         None
     }
 }
