@@ -31,6 +31,17 @@ pub struct PendingObject {
     pub created_ms: u64,
 }
 
+impl PendingObject {
+    /// From a row of `object_key, session_id, created_ms`.
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        PendingObject {
+            object_key: row.get(0),
+            session: SessionId::from_uuid(row.get(1)),
+            created_ms: row.get::<_, i64>(2) as u64,
+        }
+    }
+}
+
 /// The farm-wide sweeper lock, held on a connection of its own: while this value lives and
 /// [`SweeperLock::is_held`] says so, no other node holds it. Dropping it closes the connection,
 /// which releases the lock; so does the death of this node or of the connection.
@@ -256,14 +267,7 @@ impl PgStateStore {
                 )
                 .await
                 .map_err(pg_error)?;
-            Ok(rows
-                .iter()
-                .map(|r| PendingObject {
-                    object_key: r.get(0),
-                    session: SessionId::from_uuid(r.get(1)),
-                    created_ms: r.get::<_, i64>(2) as u64,
-                })
-                .collect())
+            Ok(rows.iter().map(PendingObject::from_row).collect())
         })
         .await
     }
@@ -300,14 +304,7 @@ impl PgStateStore {
                 )
                 .await
                 .map_err(pg_error)?;
-            Ok(rows
-                .iter()
-                .map(|r| PendingObject {
-                    object_key: r.get(0),
-                    session: SessionId::from_uuid(r.get(1)),
-                    created_ms: r.get::<_, i64>(2) as u64,
-                })
-                .collect())
+            Ok(rows.iter().map(PendingObject::from_row).collect())
         })
         .await
     }
