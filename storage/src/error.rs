@@ -63,6 +63,10 @@ pub enum StorageError {
         /// The store client's error, as text.
         why: String,
     },
+    /// The node has no room for the request now (its `[object_store] fragment_memory` is
+    /// full): transient, the client retries later.
+    #[error("the node is busy: {0}")]
+    Busy(String),
     /// An object the caller expected is not in the store.
     #[error("object {key} is not in the object store")]
     ObjectNotFound {
@@ -89,11 +93,14 @@ impl StorageError {
     }
 
     /// Whether the error is transient: the same request may succeed when retried (the state
-    /// store or the object store was unreachable; nothing acknowledged was lost).
+    /// store or the object store was unreachable, or the node was busy; nothing acknowledged
+    /// was lost).
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StorageError::StateStoreUnreachable(_) | StorageError::ObjectStoreUnreachable { .. }
+            StorageError::StateStoreUnreachable(_)
+                | StorageError::ObjectStoreUnreachable { .. }
+                | StorageError::Busy(_)
         )
     }
 

@@ -62,7 +62,10 @@ async fn streamed_fragments_are_byte_exact_and_invisible_until_finished() {
     {
         let data = pattern(len, i as u64);
         let key = objects.prefix().join(&format!("frag-{i}"));
-        let mut writer = objects.fragment_writer(key.clone(), len as u64);
+        let mut writer = objects
+            .fragment_writer(key.clone(), len as u64)
+            .await
+            .unwrap();
         write_frames(&mut writer, &data).await;
         // Every byte but the last frame has had time to reach the store: still nothing there.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -86,14 +89,20 @@ async fn a_streamed_writer_dropped_mid_body_or_unfinished_leaves_no_object() {
     let data = pattern(2 * MIB, 9);
     // The client hung up half-way.
     let half = objects.prefix().join("half");
-    let mut writer = objects.fragment_writer(half.clone(), data.len() as u64);
+    let mut writer = objects
+        .fragment_writer(half.clone(), data.len() as u64)
+        .await
+        .unwrap();
     write_frames(&mut writer, &data[..MIB]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(writer);
     // The whole body arrived, but the fragment was never committed (a lost race, a failed
     // pending row): the held-back last byte never goes out.
     let whole = objects.prefix().join("whole");
-    let mut writer = objects.fragment_writer(whole.clone(), data.len() as u64);
+    let mut writer = objects
+        .fragment_writer(whole.clone(), data.len() as u64)
+        .await
+        .unwrap();
     write_frames(&mut writer, &data).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(writer);
@@ -104,7 +113,10 @@ async fn a_streamed_writer_dropped_mid_body_or_unfinished_leaves_no_object() {
         "an unfinished body was stored"
     );
     // The same keys written again complete normally.
-    let mut writer = objects.fragment_writer(whole.clone(), data.len() as u64);
+    let mut writer = objects
+        .fragment_writer(whole.clone(), data.len() as u64)
+        .await
+        .unwrap();
     write_frames(&mut writer, &data).await;
     writer.finish().await.unwrap();
     assert_eq!(read_object(&objects, &whole).await, data);
@@ -119,7 +131,10 @@ async fn a_body_of_another_length_than_announced_is_stored_as_written() {
     for (name, announced, len) in [("short", 100_000u64, 60_000usize), ("long", 100, 5000)] {
         let data = pattern(len, 4);
         let key = objects.prefix().join(name);
-        let mut writer = objects.fragment_writer(key.clone(), announced);
+        let mut writer = objects
+            .fragment_writer(key.clone(), announced)
+            .await
+            .unwrap();
         write_frames(&mut writer, &data).await;
         let stored = writer.finish().await.unwrap();
         assert_eq!(stored.len, len as u64, "{name}");
@@ -140,7 +155,10 @@ async fn a_store_refusing_unsigned_payloads_is_noticed_and_sent_whole_fragments(
     for i in 0..4u8 {
         let data = pattern(300_000 + usize::from(i), u64::from(i));
         let key = objects.prefix().join(&format!("refused-{i}"));
-        let mut writer = objects.fragment_writer(key.clone(), data.len() as u64);
+        let mut writer = objects
+            .fragment_writer(key.clone(), data.len() as u64)
+            .await
+            .unwrap();
         write_frames(&mut writer, &data).await;
         writer.finish().await.unwrap();
         assert_eq!(read_object(&objects, &key).await, data);

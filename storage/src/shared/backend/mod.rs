@@ -336,6 +336,9 @@ impl SessionBackend for SharedBackend {
         plan: FragmentPlan,
     ) -> Result<Box<dyn FragmentSink>, StorageError> {
         let key = self.objects.fragment_key(id, plan.write_at);
+        // Room in the node's fragment memory first: a fragment refused for want of it
+        // leaves no pending row behind.
+        let writer = self.objects.fragment_writer(key.clone(), plan.len).await?;
         // The pending row goes in while the body streams (one PostgreSQL round trip off the
         // fragment's latency); the commit waits for it BEFORE it completes the object, so an
         // object whose commit never happens is always known to the sweeper: nothing is
@@ -344,7 +347,7 @@ impl SessionBackend for SharedBackend {
         Ok(Box::new(SharedFragment {
             id: *id,
             state: self.state.clone(),
-            writer: self.objects.fragment_writer(key, plan.len),
+            writer,
             objects: self.objects.clone(),
             pending,
             coalescer: self.coalescer.clone(),
@@ -358,19 +361,31 @@ impl SessionBackend for SharedBackend {
         plan: FragmentPlan,
         slot: FragmentSlot,
     ) -> Result<Box<dyn FragmentSink>, StorageError> {
-        let key = match slot.downcast::<ReservedKey>() {
-            Ok(mut reserved) => reserved.take_for(id, plan.write_at),
-            Err(_) => None,
-        };
+        let mut reserved = slot.downcast::<ReservedKey>().ok();
+        let key = reserved
+            .as_mut()
+            .and_then(|reserved| reserved.take_for(id, plan.write_at));
         let Some(key) = key else {
             // Reserved for another offset (the fragment overlaps held bytes): the unused
             // reservation is forgotten; this fragment records its own key.
+            drop(reserved);
             return self.begin_fragment(id, plan).await;
+        };
+        let writer = match self.objects.fragment_writer(key.clone(), plan.len).await {
+            Ok(writer) => writer,
+            Err(e) => {
+                // No room in the node's fragment memory: the reservation goes unused and
+                // is forgotten when dropped.
+                if let Some(reserved) = reserved.as_mut() {
+                    reserved.key = Some(key);
+                }
+                return Err(e);
+            }
         };
         Ok(Box::new(SharedFragment {
             id: *id,
             state: self.state.clone(),
-            writer: self.objects.fragment_writer(key, plan.len),
+            writer,
             objects: self.objects.clone(),
             pending: PendingRow::already_inserted(),
             coalescer: self.coalescer.clone(),

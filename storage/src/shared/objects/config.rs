@@ -107,6 +107,13 @@ pub struct ObjectStoreConfig {
     /// progress of a redirected GET is counted when the redirect is given (the node never
     /// sees the bytes). At most 604800 (7 days, the longest a SigV4 signature lasts).
     pub presigned_reply_secs: Option<u64>,
+    /// Bytes of fragment bodies this node holds in memory at most, all fragments in flight
+    /// together (default 1 GiB). A fragment sent after its last byte (not streamed, or at
+    /// least `part_size` long) reserves what it will hold, up to 2 × `part_size`, before its
+    /// body is read, and when that does not fit within 10 s answers 503 (the client retries
+    /// later); a streamed fragment keeps its bytes for a second try of its PUT only while
+    /// they fit. Give it at least 2 × `part_size`.
+    pub fragment_memory: Option<u64>,
 }
 
 /// The longest validity of a presigned URL (SigV4: 7 days).
@@ -132,6 +139,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("coalesce_fragments", &self.coalesce_fragments)
             .field("merge_parts_from", &self.merge_parts_from)
             .field("presigned_reply_secs", &self.presigned_reply_secs)
+            .field("fragment_memory", &self.fragment_memory)
             .finish_non_exhaustive()
     }
 }
@@ -155,6 +163,12 @@ impl ObjectStoreConfig {
     /// Whether fragments shorter than the part size are streamed while they arrive.
     pub fn stream_fragments(&self) -> bool {
         self.stream_fragments.unwrap_or(true)
+    }
+
+    /// The node's budget for fragment bytes in memory (`fragment_memory`).
+    pub fn fragment_memory(&self) -> u64 {
+        self.fragment_memory
+            .unwrap_or(super::budget::DEFAULT_FRAGMENT_MEMORY)
     }
 
     /// Whether runs of small fragments are merged while the upload goes on.

@@ -22,6 +22,7 @@
 
 mod assemble;
 mod assemble_copy;
+mod budget;
 mod config;
 mod error;
 mod keys;
@@ -40,6 +41,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 pub use assemble::{Assembled, FragmentObject};
+pub use budget::{FragmentMemory, DEFAULT_FRAGMENT_MEMORY};
 pub use config::{
     ObjectStoreConfig, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PART_SIZE,
     MAX_PRESIGNED_SECS, MIN_PART_SIZE,
@@ -132,6 +134,8 @@ pub struct Objects {
     merge_parts_from: Option<u64>,
     /// `presigned_reply_secs` (`None`: replies are served through the nodes).
     presigned_reply_ttl: Option<Duration>,
+    /// `fragment_memory`: shared by every clone (one budget per node).
+    fragment_memory: FragmentMemory,
 }
 
 impl Objects {
@@ -171,6 +175,7 @@ impl Objects {
             coalesce: config.coalesce_fragments(),
             merge_parts_from: config.merge_parts_from(),
             presigned_reply_ttl: config.presigned_reply_ttl(),
+            fragment_memory: FragmentMemory::new(config.fragment_memory()),
         })
     }
 
@@ -229,15 +234,37 @@ impl Objects {
     /// Starts writing a fragment of `len` bytes at `key`: as [`Objects::writer`], but a
     /// fragment shorter than the part size is streamed to the store while it arrives
     /// (`stream_fragments`, see `stream_put.rs`); nothing is visible before
-    /// [`ObjectWriter::finish`] either way.
-    pub fn fragment_writer(&self, key: ObjectKey, len: u64) -> ObjectWriter {
+    /// [`ObjectWriter::finish`] either way. The bytes it holds count in the node's
+    /// [`FragmentMemory`]: a fragment that is not streamed first reserves what it will hold,
+    /// and fails with a transient [`StorageError::Busy`] when that does not fit in time.
+    pub async fn fragment_writer(
+        &self,
+        key: ObjectKey,
+        len: u64,
+    ) -> Result<ObjectWriter, StorageError> {
         let mut writer = self.writer(key);
         if let Some(streamer) = &self.streamer {
             if len > 0 && len < self.part_size as u64 && streamer.enabled() {
-                writer.stream_through(streamer.start(writer.key(), len));
+                writer.stream_through(
+                    streamer.start(writer.key(), len),
+                    self.fragment_memory.clone(),
+                );
+                return Ok(writer);
             }
         }
-        writer
+        // A multipart writer holds the part being filled and one in flight.
+        let most = len.min(2 * self.part_size as u64);
+        let held = self
+            .fragment_memory
+            .reserve(most, writer.key().as_str())
+            .await?;
+        writer.count_in(self.fragment_memory.clone(), held);
+        Ok(writer)
+    }
+
+    /// The node's budget for fragment bytes in memory (`fragment_memory`).
+    pub fn fragment_memory(&self) -> &FragmentMemory {
+        &self.fragment_memory
     }
 
     /// Writes the bytes of `body` to `key` (bounded memory: see [`ObjectWriter`]); the object

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
+use super::budget::{FragmentMemory, Held};
 use super::error::map_err;
 use super::stream_put::StreamPut;
 use super::ObjectKey;
@@ -61,6 +62,14 @@ pub struct ObjectWriter {
     multipart: Option<WriteMultipart>,
     /// A cut-through PUT the held bytes are also forwarded to (see `stream_put.rs`).
     stream: Option<StreamPut>,
+    /// The node's fragment memory this writer's held bytes are counted in (`None`: not
+    /// counted, as for writers that are not fragments).
+    memory: Option<FragmentMemory>,
+    /// What this writer holds of `memory`.
+    budget: Held,
+    /// A streamed writer let go of its bytes when `memory` had no room for them: should the
+    /// stream break, there is nothing to send again.
+    let_go: bool,
     len: u64,
     crc32c: u32,
 }
@@ -86,15 +95,27 @@ impl ObjectWriter {
             held_len: 0,
             multipart: None,
             stream: None,
+            memory: None,
+            budget: Held::none(),
+            let_go: false,
             len: 0,
             crc32c: 0,
         }
     }
 
-    /// Forwards the bytes of a single-PUT object through `stream` as they come (they are
-    /// still held, for the ordinary PUT should the stream break).
-    pub(crate) fn stream_through(&mut self, stream: StreamPut) {
+    /// Forwards the bytes of a single-PUT object through `stream` as they come. They are
+    /// also held, for the ordinary PUT should the stream break, while `memory` has room for
+    /// them (see `budget.rs`).
+    pub(crate) fn stream_through(&mut self, stream: StreamPut, memory: FragmentMemory) {
         self.stream = Some(stream);
+        self.memory = Some(memory);
+    }
+
+    /// Counts this writer's bytes in `memory`, for which `held` was reserved (see
+    /// `budget.rs`).
+    pub(crate) fn count_in(&mut self, memory: FragmentMemory, held: Held) {
+        self.memory = Some(memory);
+        self.budget = held;
     }
 
     /// The key being written.
@@ -132,6 +153,21 @@ impl ObjectWriter {
         }
         if let Some(stream) = self.stream.as_mut() {
             stream.send(bytes.clone()).await;
+            if self.let_go {
+                return Ok(());
+            }
+            let keep = self.held_len as u64 + bytes.len() as u64;
+            if let Some(memory) = &self.memory {
+                if !memory.try_grow(&mut self.budget, keep) {
+                    // No room to keep the bytes for a second try: the stream alone goes on.
+                    self.let_go = true;
+                    self.held.clear();
+                    self.copies = BytesMut::new();
+                    self.held_len = 0;
+                    self.budget = Held::none();
+                    return Ok(());
+                }
+            }
         }
         self.held_len += bytes.len();
         if bytes.len() < COPY_BELOW {
@@ -189,6 +225,11 @@ impl ObjectWriter {
             None => false,
         } {
             // Streamed while the body arrived: stored.
+        } else if self.let_go {
+            return Err(StorageError::Busy(format!(
+                "the streamed PUT of {key} did not complete, and the node's fragment memory had \
+                 no room to keep its bytes for a second try: the client sends the fragment again"
+            )));
         } else {
             self.flush_copies();
             let payload: PutPayload = self.held.drain(..).collect();

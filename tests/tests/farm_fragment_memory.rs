@@ -1,0 +1,164 @@
+//! A farm node's memory for fragment bytes is bounded (`[object_store] fragment_memory`):
+//! fragments that must hold their bytes share the node's budget, all or nothing, and a node
+//! with no room answers 503 (retryable) before reading the body, while other fragments that
+//! fit go on; a streamed fragment never waits, and streams on without a copy when the budget
+//! is full. Real in-process nodes on one PostgreSQL database and one Garage bucket; skips with
+//! a printed reason when PostgreSQL, Garage or nginx is not installed.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use bitsd_tests::bits_post_request;
+use bitsd_tests::farm_servers::{shared_nodes, Farm, FarmServers};
+use bitsd_tests::nginx::Nginx;
+use bitsd_tests::shared_backend::read_object;
+use bitsd_tests::{pattern, RawClient};
+
+const MIB: usize = 1024 * 1024;
+
+/// A Fragment request for `data[first..first + len]` of an upload of `data.len()` bytes.
+fn fragment_request(path: &str, sid: &str, data: &[u8], first: usize, len: usize) -> Vec<u8> {
+    let range = format!("bytes {}-{}/{}", first, first + len - 1, data.len());
+    bits_post_request(
+        path,
+        &[
+            ("BITS-Packet-Type", "Fragment"),
+            ("BITS-Session-Id", sid),
+            ("Content-Range", &range),
+        ],
+        &data[first..first + len],
+    )
+}
+
+/// With fragments sent after their last byte (`stream_fragments = false`) and a budget of
+/// 6 MiB: a 4 MiB fragment whose body is still arriving holds 4 MiB, so a second 4 MiB
+/// fragment waits for room and, finding none within the wait, answers 503 with a retryable
+/// code without its session losing anything; a 1 MiB fragment fits beside the first and is
+/// acknowledged at once (the budget is not a lock). Once the first is stored, the refused one
+/// goes through when re-sent. Without the budget the second fragment is acknowledged at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_holding_their_bytes_share_the_budget_and_a_full_node_answers_503() {
+    let Some(farm) = Farm::start("memory", 1, |_, c| {
+        if let bitsd::StorageConfig::Shared(shared) = &mut c.storage {
+            shared.object_store.stream_fragments = Some(false);
+            shared.object_store.fragment_memory = Some(6 * MIB as u64);
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let node = &farm.nodes[0];
+    let data: Vec<Vec<u8>> = (0..3).map(|i| pattern(4 * MIB, 40 + i)).collect();
+    let paths: Vec<String> = (0..3).map(|i| format!("/upload/memory-{i}.bin")).collect();
+    let mut sids = Vec::new();
+    for path in &paths {
+        sids.push(node.connect().await.create_session(path).await);
+    }
+
+    // Session 0: the head and half of a 4 MiB fragment; the rest waits.
+    let first = fragment_request(&paths[0], &sids[0], &data[0], 0, 4 * MIB);
+    let split = first.len() - 2 * MIB;
+    let mut holder = node.connect().await;
+    holder.write(&first[..split]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Session 1: a whole 4 MiB fragment does not fit beside it.
+    let mut refused = node.connect().await;
+    let started = Instant::now();
+    let res = refused
+        .fragment(&paths[1], &sids[1], &data[1], 0, 4 * MIB)
+        .await;
+    let waited = started.elapsed();
+    res.assert_error(503, "0x801901f7");
+    assert!(
+        waited >= Duration::from_secs(9),
+        "the fragment was refused after {waited:?}, without waiting for room"
+    );
+
+    // Session 2: 1 MiB fits beside the held 4 MiB and is acknowledged at once.
+    let small = node
+        .connect()
+        .await
+        .fragment(&paths[2], &sids[2], &data[2], 0, MIB)
+        .await;
+    assert_eq!(small.status, 200, "{small:?}");
+
+    // The held fragment completes; the refused one goes through when re-sent.
+    holder.write(&first[split..]).await;
+    let res = holder.read_response(false).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.header("bits-received-content-range"), Some("4194304"));
+    let res = refused
+        .fragment(&paths[1], &sids[1], &data[1], 0, 4 * MIB)
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.header("bits-received-content-range"), Some("4194304"));
+    let res = node
+        .connect()
+        .await
+        .fragment(&paths[2], &sids[2], &data[2], MIB, 3 * MIB)
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    for (i, d) in data.iter().enumerate() {
+        let key = farm.objects.file_key(&format!("memory-{i}.bin"));
+        assert!(
+            read_object(&farm.objects, &key).await == *d,
+            "upload {i} is not what was sent"
+        );
+    }
+}
+
+/// Streamed fragments with a budget too small to keep any copy (1 KiB): every fragment is
+/// streamed without one and stored exactly. Through a store that refuses unsigned payloads
+/// (nginx answering 501), the first streamed fragment's PUT fails with no copy to send again:
+/// 503, retryable; the node has noticed the refusal, and the re-sent fragment is sent whole,
+/// signed, and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_fragment_goes_on_without_a_copy_when_the_budget_is_full() {
+    let Some(servers) = FarmServers::start().await else {
+        return;
+    };
+    let mut store = servers.garage.object_store_config("memory-stream");
+    store.fragment_memory = Some(1024);
+    let nodes = shared_nodes(&servers.postgres_url, &store, 1).await;
+    let data = pattern(3 * MIB, 7);
+    let path = "/upload/memory-streamed.bin";
+    let mut c = nodes[0].connect().await;
+    let sid = c.create_session(path).await;
+    for at in (0..data.len()).step_by(MIB) {
+        let res = c.fragment(path, &sid, &data, at, MIB).await;
+        assert_eq!(res.status, 200, "{res:?}");
+    }
+    let objects = bitsd::storage::shared::objects::Objects::new(&store).unwrap();
+    let key = objects.file_key("memory-streamed.bin");
+    assert!(read_object(&objects, &key).await == data);
+
+    // A store that refuses unsigned payloads, behind nginx.
+    let Some(proxy) = Nginx::start_refusing_unsigned_payloads(&[servers.garage.s3_addr()]) else {
+        return;
+    };
+    let mut refusing = servers.garage.object_store_config("memory-refused");
+    refusing.endpoint = Some(proxy.url());
+    refusing.fragment_memory = Some(1024);
+    let nodes = shared_nodes(&servers.postgres_url, &refusing, 1).await;
+    let data = pattern(2 * MIB, 8);
+    let path = "/upload/memory-refused.bin";
+    let mut c: RawClient = nodes[0].connect().await;
+    let sid = c.create_session(path).await;
+    let res = c.fragment(path, &sid, &data, 0, MIB).await;
+    res.assert_error(503, "0x801901f7");
+    for at in (0..data.len()).step_by(MIB) {
+        let res = c.fragment(path, &sid, &data, at, MIB).await;
+        assert_eq!(res.status, 200, "{res:?}");
+    }
+    let objects = bitsd::storage::shared::objects::Objects::new(&refusing).unwrap();
+    let key = objects.file_key("memory-refused.bin");
+    assert!(read_object(&objects, &key).await == data);
+    let log = proxy.access_log();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("status=501")).count(),
+        1,
+        "one refused stream, then whole fragments:\n{log}"
+    );
+}
