@@ -81,6 +81,18 @@ impl Nginx {
         )
     }
 
+    /// As [`Nginx::start_refusing_unsigned_payloads`], answering 403 `AccessDenied` (what a
+    /// bucket policy that requires signed payloads answers) instead of 501.
+    pub fn start_denying_unsigned_payloads(upstreams: &[SocketAddr]) -> Option<Self> {
+        Self::start_with(
+            upstreams,
+            None,
+            "            if ($http_x_amz_content_sha256 = \"UNSIGNED-PAYLOAD\") {\n\
+             \x20               return 403 '<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>';\n\
+             \x20           }\n",
+        )
+    }
+
     /// As [`Nginx::start`] in front of an S3 server, answering every bulk delete
     /// (`POST ?delete`) itself with a DeleteObjects result that reports `key` failed with the
     /// S3 error `code` (as Garage's SQLite engine reports `ServiceUnavailable` when its

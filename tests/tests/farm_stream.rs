@@ -172,3 +172,51 @@ async fn a_store_refusing_unsigned_payloads_is_noticed_and_sent_whole_fragments(
         "a refusal is noticed once, later fragments are sent whole:\n{log}"
     );
 }
+
+/// `AccessDenied` to a streamed PUT is what a bucket policy requiring signed payloads
+/// answers, and also what wrong credentials get. Only the first turns streaming off (the node
+/// checks with a signed HEAD); a node with a wrong secret key keeps streaming, so fixing the
+/// key is enough (before, the first denied fragment turned streaming off until a restart,
+/// with a warning blaming unsigned payloads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_denied_turns_streaming_off_only_when_signed_requests_pass() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let data = pattern(200_000, 9);
+
+    let mut wrong = garage.access().clone();
+    wrong.secret_key = "0".repeat(64);
+    let objects = Objects::new(&config(garage.endpoint(), &wrong)).unwrap();
+    for i in 0..2 {
+        let key = objects.prefix().join(&format!("denied-{i}"));
+        let mut writer = objects
+            .fragment_writer(key, data.len() as u64)
+            .await
+            .unwrap();
+        write_frames(&mut writer, &data).await;
+        let e = writer.finish().await.unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        assert!(
+            objects.streams_fragments(),
+            "wrong credentials turned streaming off"
+        );
+    }
+
+    let Some(proxy) = Nginx::start_denying_unsigned_payloads(&[garage.s3_addr()]) else {
+        return;
+    };
+    let objects = Objects::new(&config(proxy.url(), garage.access())).unwrap();
+    let key = objects.prefix().join("policy");
+    let mut writer = objects
+        .fragment_writer(key.clone(), data.len() as u64)
+        .await
+        .unwrap();
+    write_frames(&mut writer, &data).await;
+    writer.finish().await.unwrap();
+    assert_eq!(read_object(&objects, &key).await, data);
+    assert!(
+        !objects.streams_fragments(),
+        "a policy denying unsigned payloads was not noticed"
+    );
+}

@@ -46,7 +46,9 @@ pub struct ObjectStoreConfig {
     pub secret_access_key: Option<String>,
     /// Session token of temporary credentials.
     pub session_token: Option<String>,
-    /// Allow a plain-HTTP endpoint (default: true when `endpoint` starts with `http://`).
+    /// Allow a plain-HTTP endpoint (default: true when the endpoint, from `endpoint` or
+    /// `AWS_ENDPOINT_URL`, starts with `http://`; `false` with such an endpoint is refused at
+    /// start).
     pub allow_http: Option<bool>,
     /// Address buckets as `https://<bucket>.<endpoint>` instead of `<endpoint>/<bucket>`.
     pub virtual_hosted_style: bool,
@@ -234,12 +236,22 @@ impl ObjectStoreConfig {
         let _ = rustls::crypto::ring::default_provider().install_default();
 
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
-        let mut allow_http = false;
         if let Some(endpoint) = &self.endpoint {
-            allow_http = endpoint.starts_with("http://");
             builder = builder.with_endpoint(endpoint);
         }
-        let allow_http = self.allow_http.unwrap_or(allow_http);
+        // The endpoint as object_store will use it: the config's, else AWS_ENDPOINT_URL.
+        let endpoint = builder
+            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+        let plain_http = endpoint.as_deref().is_some_and(is_plain_http);
+        let allow_http = self.allow_http.unwrap_or(plain_http);
+        if plain_http && !allow_http {
+            return Err(refuse(format!(
+                "the endpoint {} is plain http:// but [object_store] allow_http = false: \
+                 use an https:// endpoint, or set allow_http = true",
+                endpoint.as_deref().unwrap_or_default()
+            )));
+        }
         if let Some(region) = &self.region {
             builder = builder.with_region(region);
         }
@@ -266,9 +278,6 @@ impl ObjectStoreConfig {
         let region = builder
             .get_config_value(&AmazonS3ConfigKey::Region)
             .unwrap_or_else(|| "us-east-1".into());
-        let endpoint = builder
-            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
-            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
         let sign_payloads = signs_payloads(self.sign_payloads, endpoint.as_deref());
         let bucket_endpoint = match (endpoint, self.virtual_hosted_style) {
             (Some(endpoint), true) => endpoint.trim_end_matches('/').to_string(),
@@ -295,12 +304,18 @@ impl ObjectStoreConfig {
     }
 }
 
+/// Whether `endpoint` is a plain `http://` URL.
+fn is_plain_http(endpoint: &str) -> bool {
+    endpoint
+        .trim_start()
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+}
+
 /// `sign_payloads` as set, or by the endpoint's scheme: signed over plain HTTP, unsigned over
 /// HTTPS (AWS S3 itself when no endpoint is set).
 fn signs_payloads(set: Option<bool>, endpoint: Option<&str>) -> bool {
-    set.unwrap_or_else(|| {
-        endpoint.is_some_and(|e| e.trim_start().to_ascii_lowercase().starts_with("http://"))
-    })
+    set.unwrap_or_else(|| endpoint.is_some_and(is_plain_http))
 }
 
 #[cfg(test)]
@@ -315,6 +330,26 @@ mod tests {
         assert!(!signs_payloads(None, None), "AWS S3 over https");
         assert!(signs_payloads(Some(true), Some("https://s3.internal")));
         assert!(!signs_payloads(Some(false), Some("http://127.0.0.1:3900")));
+    }
+
+    #[test]
+    fn a_plain_http_endpoint_with_allow_http_false_is_refused_at_start() {
+        let with = |endpoint: &str, allow_http| ObjectStoreConfig {
+            bucket: "b".into(),
+            endpoint: Some(endpoint.into()),
+            region: Some("garage".into()),
+            access_key_id: Some("GK0123456789abcdef01234567".into()),
+            secret_access_key: Some("0123456789abcdef".into()),
+            allow_http,
+            ..ObjectStoreConfig::default()
+        };
+        let e = with("http://127.0.0.1:3900", Some(false))
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("allow_http = false"), "{e}");
+        assert!(with("http://127.0.0.1:3900", None).build().is_ok());
+        assert!(with("https://s3.internal", Some(false)).build().is_ok());
+        assert!(is_plain_http(" HTTP://x") && !is_plain_http("https://x") && !is_plain_http("ht"));
     }
 
     #[test]

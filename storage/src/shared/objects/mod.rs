@@ -146,6 +146,7 @@ impl Objects {
         let (connect, timeout, retries) = config.timeouts();
         let streamer = if config.stream_fragments() {
             Some(Arc::new(stream_put::StreamPutter::new(
+                Arc::clone(&s3) as Arc<dyn ObjectStore>,
                 location.clone(),
                 Arc::clone(s3.credentials()),
                 connect,
@@ -260,6 +261,12 @@ impl Objects {
             .await?;
         writer.count_in(self.fragment_memory.clone(), held);
         Ok(writer)
+    }
+
+    /// Whether fragments shorter than the part size are streamed to the store now
+    /// (`stream_fragments`, and the store has not refused an unsigned payload).
+    pub fn streams_fragments(&self) -> bool {
+        self.streamer.as_ref().is_some_and(|s| s.enabled())
     }
 
     /// The node's budget for fragment bytes in memory (`fragment_memory`).

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method};
 use object_store::aws::{AwsAuthorizer, AwsCredentialProvider};
 use object_store::client::{HttpRequest, HttpRequestBody};
+use object_store::{ObjectStore, ObjectStoreExt};
 use percent_encoding::utf8_percent_encode;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -35,9 +36,11 @@ use crate::StorageError;
 const QUEUED_FRAMES: usize = 8;
 
 /// Opens cut-through PUTs to one bucket.
-#[derive(Debug)]
 pub(crate) struct StreamPutter {
     http: reqwest::Client,
+    /// The ordinary (signed) client of the same bucket, to tell a refused unsigned payload
+    /// from credentials the store refuses altogether.
+    store: Arc<dyn ObjectStore>,
     credentials: AwsCredentialProvider,
     location: S3Location,
     /// How long the store may take to answer once the last byte went out.
@@ -46,8 +49,18 @@ pub(crate) struct StreamPutter {
     refused: AtomicBool,
 }
 
+impl std::fmt::Debug for StreamPutter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamPutter")
+            .field("bucket", &self.location.bucket)
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
+}
+
 impl StreamPutter {
     pub(crate) fn new(
+        store: Arc<dyn ObjectStore>,
         location: S3Location,
         credentials: AwsCredentialProvider,
         connect_timeout: Duration,
@@ -66,6 +79,7 @@ impl StreamPutter {
             })?;
         Ok(StreamPutter {
             http,
+            store,
             credentials,
             location,
             answer_within,
@@ -142,20 +156,20 @@ impl StreamPutter {
             return Ok(());
         }
         let text = answer.text().await.unwrap_or_default();
-        let refused = status.as_u16() == 501
-            || (status.is_client_error()
-                && [
-                    "NotImplemented",
-                    "AccessDenied",
-                    "InvalidRequest",
-                    "InvalidArgument",
-                ]
-                .iter()
-                .any(|c| text.contains(&format!("<Code>{c}</Code>"))));
+        let code = |c: &str| text.contains(&format!("<Code>{c}</Code>"));
         let why = format!(
             "HTTP {status}: {}",
             text.chars().take(300).collect::<String>()
         );
+        let mut refused = status.as_u16() == 501
+            || (status.is_client_error()
+                && (code("NotImplemented") || code("InvalidRequest") || code("InvalidArgument")));
+        if !refused && status.is_client_error() && code("AccessDenied") {
+            // A bucket policy may deny unsigned payloads, but wrong credentials are denied
+            // too: only when a signed request with the same credentials is let through
+            // (a HEAD of the key, not found since this PUT failed) was it the payload.
+            refused = self.signed_requests_pass(key).await;
+        }
         Err(if refused {
             Failure::Refused(why)
         } else {
@@ -164,10 +178,28 @@ impl StreamPutter {
     }
 }
 
+impl StreamPutter {
+    /// Whether the store lets a signed request with these credentials through (a HEAD of
+    /// `key` answered, found or not).
+    async fn signed_requests_pass(&self, key: &str) -> bool {
+        // The key came from an `ObjectKey`'s path: it parses as it is.
+        let Ok(path) = object_store::path::Path::parse(key) else {
+            return false;
+        };
+        match self.store.head(&path).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "a signed HEAD was refused too: the credentials, not the unsigned payload");
+                false
+            }
+        }
+    }
+}
+
 /// Why a streamed PUT did not store the object.
 #[derive(Debug)]
 enum Failure {
-    /// The store does not take unsigned payloads (or not for these credentials).
+    /// The store does not take unsigned payloads (it takes signed ones).
     Refused(String),
     /// Anything else (the store unreachable, a timeout, a reset).
     Other(String),
