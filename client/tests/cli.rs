@@ -119,6 +119,57 @@ async fn ctrl_c_suspends_and_resume_continues_from_the_server_offset() {
     .await;
 }
 
+/// A job that gives up on a transient error (503s past `--retries`) leaves its session on
+/// the server and its state file beside the source, and `--resume` continues that session
+/// once the server is back. (Before, the client sent Cancel-Session on giving up and kept the
+/// state file, so `--resume` found the session gone and started over.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_up_on_a_transient_error_keeps_the_session_for_resume() {
+    binary_built().await;
+    bounded(async {
+        let fake = Fake::new(Script::default());
+        let addr = fake.listen("127.0.0.1:0", 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(8 * 1024, 6);
+        let file = write_temp(dir.path(), "t.bin", &data);
+        let file_arg = file.to_str().unwrap();
+        let url = format!("http://{addr}/upload/t.bin");
+        fake.script(|s| s.fragment_failures = vec![(503, None); 8]);
+        let args = [
+            "--no-progress",
+            "--retries",
+            "1",
+            "--fragment-size",
+            "1K",
+            &url,
+            file_arg,
+        ];
+        let out = output(upload_command(&args)).await;
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("state: ERROR"), "{err}");
+        assert!(
+            fake.packets("Cancel-Session").is_empty(),
+            "the session was cancelled on a transient error: {err}"
+        );
+        assert!(dir.path().join("t.bin.bitsd-resume").exists(), "{err}");
+        assert!(err.contains("the session stays on the server"), "{err}");
+
+        fake.script(|s| s.fragment_failures.clear());
+        let mut resume_args = vec!["--resume"];
+        resume_args.extend_from_slice(&args);
+        let out = output(upload_command(&resume_args)).await;
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(!err.contains("starting over"), "{err}");
+        assert_eq!(fake.packets("Create-Session").len(), 1, "{err}");
+        let session = &fake.packets("Close-Session")[0].session;
+        assert_eq!(fake.uploaded(session).unwrap(), data);
+        assert!(!dir.path().join("t.bin.bitsd-resume").exists());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_on_interrupt_cancels_the_session() {
     binary_built().await;

@@ -401,6 +401,12 @@ fn report(args: &UploadArgs, output: &ReplyOutput, result: &Result<UploadOutcome
         Err(ClientError::Cancelled) => {
             eprintln!("state: CANCELLED - the session was cancelled on the server")
         }
+        Err(e) if e.is_transient() && state_file::path_for(&args.file).exists() => eprintln!(
+            "the session stays on the server: `bitsd upload --resume {} {}` continues it \
+             once the server answers again",
+            args.url,
+            args.file.display()
+        ),
         Err(_) => {}
     }
 }

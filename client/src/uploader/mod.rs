@@ -159,6 +159,8 @@ impl BitsUploaderBuilder {
     }
 
     /// After a fatal error, send Cancel-Session so the server frees the session (default on).
+    /// A job that gives up on a transient error (its retries spent) never cancels: the
+    /// session stays on the server for [`UploadJob::resume`].
     pub fn cancel_on_error(mut self, cancel: bool) -> Self {
         self.cfg.cancel_on_error = cancel;
         self
@@ -284,7 +286,10 @@ impl BitsUploader {
             Err(e) => {
                 let cancelled = matches!(e, ClientError::Cancelled);
                 if let Some(s) = run.session.take() {
-                    if cancelled || self.cfg.cancel_on_error {
+                    // A job that gave up on a transient error (retries spent) leaves its
+                    // session on the server, as a BITS job in TRANSIENT_ERROR does: the
+                    // caller may resume it.
+                    if cancelled || (self.cfg.cancel_on_error && !e.is_transient()) {
                         // Best effort and quick: the job has already failed or been cancelled.
                         let attempts = self.cfg.retry.max_retries.min(2);
                         if let Err(ce) = run
