@@ -154,10 +154,7 @@ pub async fn handle_admin_with<B>(
                     .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
                 res
             }
-            Err(e) => {
-                tracing::error!(error = %e, "admin: metrics failed");
-                plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
-            }
+            Err(e) => storage_failure(&e, "metrics failed"),
         }
     } else if path == "/transcript" {
         match &transcript {
@@ -195,10 +192,7 @@ pub async fn handle_admin_with<B>(
                     }
                     res
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "admin: listing sessions failed");
-                    plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
-                }
+                Err(e) => storage_failure(&e, "listing sessions failed"),
             },
         }
     } else if let Some(id) = path.strip_prefix("/sessions/") {
@@ -208,14 +202,25 @@ pub async fn handle_admin_with<B>(
             Ok(id) => match bits.progress(&id).await {
                 Ok(Some(p)) => json(StatusCode::OK, &p),
                 Ok(None) => plain(StatusCode::NOT_FOUND, "no such session\n"),
-                Err(e) => {
-                    tracing::error!(error = %e, "admin: session lookup failed");
-                    plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
-                }
+                Err(e) => storage_failure(&e, "session lookup failed"),
             },
         }
     } else {
         plain(StatusCode::NOT_FOUND, "not found\n")
     };
     Ok(res)
+}
+
+/// The answer when the store failed: 503 (try again) when it was unreachable for now, as a
+/// BITS packet gets, else 500; logged with `what` failed.
+fn storage_failure(e: &bitsd_storage::StorageError, what: &str) -> Response<ResponseBody> {
+    tracing::error!(error = %e, "admin: {what}");
+    if e.is_transient() {
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage unavailable for now; try again\n",
+        )
+    } else {
+        plain(StatusCode::INTERNAL_SERVER_ERROR, "storage failure\n")
+    }
 }

@@ -53,6 +53,11 @@ async fn postgres_or_object_store_down_gives_503_and_the_retry_resumes_from_the_
     let res = client.fragment(path, &sid, &data, 30_000, 30_000).await;
     assert_eq!(res.status, 503, "{res:?}");
     assert_eq!(res.header("bits-error-code"), Some("0x801901f7"), "{res:?}");
+    // The admin API says the same: try again (not a 500 as for a broken store).
+    for admin in ["/sessions", &format!("/sessions/{sid}"), "/metrics"] {
+        let (status, text) = node.admin_text(admin).await;
+        assert_eq!(status, 503, "{admin}: {text}");
+    }
     {
         let pg = pg.clone();
         tokio::task::spawn_blocking(move || pg.restart())
