@@ -175,8 +175,11 @@ impl PgStateStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
             .await
             .map_err(pg_error)?;
+        // `IF NOT EXISTS` on a migrated database is PostgreSQL's NOTICE "already exists,
+        // skipping", which the client would log at every start: notices stay quiet here.
         tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS bitsd_schema_version (
+            "SET LOCAL client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS bitsd_schema_version (
                 version integer NOT NULL,
                 applied_at timestamptz NOT NULL DEFAULT now()
             )",
