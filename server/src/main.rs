@@ -226,15 +226,25 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             match &config.storage {
                 bitsd::StorageConfig::Local => println!("  storage       local"),
                 bitsd::StorageConfig::Shared(s) => {
+                    let store = &s.object_store;
                     println!(
-                        "  storage       shared (postgres {}, bucket {}{})",
+                        "  storage       shared (postgres {}, bucket {}{}{})",
                         bitsd::storage_config::redact_url(&s.postgres_url),
-                        s.object_store.bucket,
-                        s.object_store
-                            .endpoint
-                            .as_deref()
-                            .map(|e| format!(" at {e}"))
-                            .unwrap_or_default()
+                        store.bucket,
+                        if store.prefix.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", prefix {}", store.prefix)
+                        },
+                        match (&store.endpoint, std::env::var("AWS_ENDPOINT_URL")) {
+                            (Some(e), _) => format!(" at {e}"),
+                            (None, Ok(e)) if !e.is_empty() => format!(" at {e} (AWS_ENDPOINT_URL)"),
+                            _ => " on AWS S3".to_owned(),
+                        }
+                    );
+                    println!(
+                        "  fragments     at most {} bytes in memory (fragment_memory)",
+                        store.fragment_memory()
                     );
                     if let Some(ttl) = s.object_store.presigned_reply_ttl() {
                         println!(

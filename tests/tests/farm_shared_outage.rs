@@ -133,6 +133,11 @@ async fn binaries_from_a_shared_config_file_continue_a_session_after_one_is_sigk
     let shown = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(check.status.success(), "{shown}");
     assert!(shown.contains("storage       shared"), "{shown}");
+    assert!(shown.contains(", prefix bin at http://"), "{shown}");
+    assert!(
+        shown.contains("at most 1073741824 bytes in memory (fragment_memory)"),
+        "{shown}"
+    );
     let (d1, d2) = (dir.path().join("n1"), dir.path().join("n2"));
     let cfg = config.to_str().unwrap().to_owned();
     let (n1, n2) = tokio::task::spawn_blocking(move || {

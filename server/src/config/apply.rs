@@ -44,8 +44,18 @@ impl ConfigFile {
             config.pending_object_grace = Duration::from_secs(s);
         }
         config.storage =
-            super::storage::build_storage(self.storage.take(), self.object_store.take())
-                .map_err(|m| err(storage_at, m))?;
+            super::storage::build_storage(self.storage.take(), self.object_store.take()).map_err(
+                |m| match storage_error_at(text, &m) {
+                    Some(offset) => err(offset, m),
+                    // Nothing to point at (a table that is missing): the file alone.
+                    None => ConfigError {
+                        file: name.to_owned(),
+                        line: 0,
+                        column: 0,
+                        message: m,
+                    },
+                },
+            )?;
         if let Some(l) = &self.listen {
             config.listen = l
                 .parse()
@@ -243,4 +253,22 @@ pub(super) fn build_route(entry: &RouteEntry, default_overwrites: bool) -> Resul
         (RouteMode::UploadReply, Some(spec)) => Route::upload_reply_shared(&entry.prefix, build_handler(spec)?),
     };
     Ok(route.allow_overwrites(overwrites))
+}
+
+/// Where in `text` a `[storage]` / `[object_store]` refusal points: the first key the message
+/// names that the file sets, else the table the message names, else `[storage]`; `None` when
+/// the file has none of them.
+fn storage_error_at(text: &str, message: &str) -> Option<usize> {
+    let named_key = message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.contains('_') || word.len() > 3)
+        .find_map(|word| key_offset(text, word));
+    named_key
+        .or_else(|| {
+            message
+                .contains("[object_store]")
+                .then(|| text.find("[object_store]"))
+                .flatten()
+        })
+        .or_else(|| text.find("[storage]"))
 }

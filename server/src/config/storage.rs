@@ -93,6 +93,25 @@ mod tests {
         Ok(config)
     }
 
+    /// A refusal points at the key it names, else at the table (not at line 1).
+    #[test]
+    fn refusals_point_at_the_key_or_the_table() {
+        let e = apply(
+            "listen = \"127.0.0.1:1\"\n[storage]\nbackend = \"shared\"\n\
+             postgres_url = \"mysql://h/d\"\n[object_store]\nbucket = \"b\"\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("t.toml:4:1: postgres_url"), "{e}");
+        let e = apply(
+            "listen = \"127.0.0.1:1\"\n[storage]\nbackend = \"shared\"\n\
+             postgres_url = \"postgres://h/d\"\n[object_store]\nprefix = \"p\"\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("t.toml:5:1: [object_store] bucket"), "{e}");
+        let e = apply("listen = \"127.0.0.1:1\"\n[storage]\nbackend = \"shared\"\n").unwrap_err();
+        assert!(e.starts_with("t.toml:3:1: [storage] backend"), "{e}");
+    }
+
     #[test]
     fn local_is_the_default_and_shared_needs_url_and_bucket() {
         assert!(matches!(apply("").unwrap().storage, StorageConfig::Local));
