@@ -109,6 +109,57 @@ async fn fragments_holding_their_bytes_share_the_budget_and_a_full_node_answers_
     }
 }
 
+/// An upload's assembly streamed through the node counts in the same budget: with 4 MiB held
+/// by a fragment still arriving and a budget of 6 MiB, the final fragment of a 4 MiB upload
+/// in 1 MiB fragments is stored, but its assembly waits for room and answers 503; re-sent once
+/// the held fragment is done, it publishes the file exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assembly_waits_for_room_in_the_budget_and_answers_503_without_it() {
+    let Some(farm) = Farm::start("memory-assembly", 1, |_, c| {
+        if let bitsd::StorageConfig::Shared(shared) = &mut c.storage {
+            shared.object_store.stream_fragments = Some(false);
+            shared.object_store.fragment_memory = Some(6 * MIB as u64);
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let node = &farm.nodes[0];
+    let held_data = pattern(4 * MIB, 50);
+    let data = pattern(4 * MIB, 51);
+    let (held_path, path) = ("/upload/assembly-held.bin", "/upload/assembly.bin");
+    let held_sid = node.connect().await.create_session(held_path).await;
+    let sid = node.connect().await.create_session(path).await;
+    let mut c = node.connect().await;
+    for at in (0..3 * MIB).step_by(MIB) {
+        let res = c.fragment(path, &sid, &data, at, MIB).await;
+        assert_eq!(res.status, 200, "{res:?}");
+    }
+
+    let first = fragment_request(held_path, &held_sid, &held_data, 0, 4 * MIB);
+    let split = first.len() - MIB;
+    let mut holder = node.connect().await;
+    holder.write(&first[..split]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let res = c.fragment(path, &sid, &data, 3 * MIB, MIB).await;
+    res.assert_error(503, "0x801901f7");
+    let key = farm.objects.file_key("assembly.bin");
+    assert!(
+        farm.objects.head(&key).await.is_err(),
+        "published without room"
+    );
+
+    holder.write(&first[split..]).await;
+    let res = holder.read_response(false).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let res = c.fragment(path, &sid, &data, 3 * MIB, MIB).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.header("bits-received-content-range"), Some("4194304"));
+    assert!(read_object(&farm.objects, &key).await == data);
+}
+
 /// Streamed fragments with a budget too small to keep any copy (1 KiB): every fragment is
 /// streamed without one and stored exactly. Through a store that refuses unsigned payloads
 /// (nginx answering 501), the first streamed fragment's PUT fails with no copy to send again:

@@ -133,7 +133,9 @@ impl Objects {
                 CopyAssembly::Refused => {} // streamed below
             }
         }
-        let mut writer = self.writer(dest.clone());
+        // Streamed through the node: its memory counts in the node's budget (a burst of
+        // completions waits for room, or answers 503, instead of holding it all at once).
+        let mut writer = self.counted_writer(dest.clone(), total).await?;
         let mut stream = self.read_fragments_checked(&fragments);
         while let Some(chunk) = stream.next().await {
             let result = match chunk {

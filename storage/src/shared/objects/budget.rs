@@ -18,8 +18,9 @@
 //!   streaming without a second try (should that stream break, the fragment fails with a
 //!   transient error instead of being sent again from memory).
 //!
-//! Memory of writers that are not fragments (an upload's assembly, merges, replies) is not
-//! counted here: there is one of those per session completing, not per connection.
+//! An upload's assembly streamed through the node reserves like a fragment that must hold
+//! its bytes ([`Objects::counted_writer`](super::Objects::counted_writer)). Merges and reply
+//! writers are not counted: one per session merging or storing its reply.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -253,6 +253,26 @@ impl Objects {
                 return Ok(writer);
             }
         }
+        self.count_in_memory(writer, len).await
+    }
+
+    /// As [`Objects::writer`] for an object of `len` bytes, counted in the node's
+    /// [`FragmentMemory`] like a fragment that is not streamed: what it will hold is reserved
+    /// first, and a transient [`StorageError::Busy`] comes back when that does not fit in
+    /// time.
+    pub async fn counted_writer(
+        &self,
+        key: ObjectKey,
+        len: u64,
+    ) -> Result<ObjectWriter, StorageError> {
+        self.count_in_memory(self.writer(key), len).await
+    }
+
+    async fn count_in_memory(
+        &self,
+        mut writer: ObjectWriter,
+        len: u64,
+    ) -> Result<ObjectWriter, StorageError> {
         // A multipart writer holds the part being filled and one in flight.
         let most = len.min(2 * self.part_size as u64);
         let held = self
