@@ -534,9 +534,28 @@ impl SessionBackend for SharedBackend {
             .reply
             .as_ref()
             .and_then(|r| reply_object(&self.objects, &id, &r.kind));
+        // A node that died between recording the upload committed and dropping its publish
+        // marker left the marker (a retry answers from the record and never publishes
+        // again); kept, it would refuse other sessions that destination once its file is
+        // gone, until the tombstone expires. Only a committed session's: an uncommitted one's
+        // marker still tells a crashed attempt's file from someone else's.
+        let marker = record
+            .destination
+            .as_deref()
+            .filter(|d| record.committed && valid_destination(d))
+            .map(|d| self.objects.file_key(d));
         tokio::spawn(async move {
             if let Err(e) = this.delete_known_objects(&id, reply).await {
                 tracing::warn!(session = %id, error = %e, "deleting an ended session's objects failed; the sweeper deletes them with the tombstone");
+            }
+            if let Some(marker) = marker {
+                if let Err(e) = this
+                    .state
+                    .forget_own_pending_object(&id, marker.as_str())
+                    .await
+                {
+                    tracing::warn!(session = %id, error = %e, "a committed session's publish marker stays until its tombstone expires");
+                }
             }
         });
         Ok(())
