@@ -284,7 +284,7 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
     // Drive the node to the point, and prove it is there.
     match point {
         Point::Pending => {
-            until("the pending row is committed", || async {
+            until(&format!("{at}: the pending row is committed"), || async {
                 !bench.pending_at(&id, start).await.is_empty()
             })
             .await;
@@ -294,9 +294,10 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
             assert_eq!(bench.record(&id).await.received, start as u64, "{at}");
         }
         Point::Stored | Point::Offset => {
-            until("the fragment's object is stored", || async {
-                s3_relay.holding() && !bench.objects_at(&id, start).await.is_empty()
-            })
+            until(
+                &format!("{at}: the fragment's object is stored"),
+                || async { s3_relay.holding() && !bench.objects_at(&id, start).await.is_empty() },
+            )
             .await;
             let stored = bench.objects_at(&id, start).await;
             assert_eq!(bench.pending_at(&id, start).await, stored, "{at}");
@@ -306,7 +307,7 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
                 // never does.
                 pg_relay.freeze_answers();
                 s3_relay.release_held();
-                until("received is advanced", || async {
+                until(&format!("{at}: received is advanced"), || async {
                     bench.record(&id).await.received == end as u64
                 })
                 .await;
@@ -324,13 +325,16 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
             }
         }
         Point::Completed | Point::Recorded => {
-            until("the completion's object is stored", || async {
-                s3_relay.holding()
-                    && match job {
-                        Job::Plain => bench.objects.head(&dest).await.is_ok(),
-                        Job::Reply => !bench.reply_objects(&id).await.is_empty(),
-                    }
-            })
+            until(
+                &format!("{at}: the completion's object is stored"),
+                || async {
+                    s3_relay.holding()
+                        && match job {
+                            Job::Plain => bench.objects.head(&dest).await.is_ok(),
+                            Job::Reply => !bench.reply_objects(&id).await.is_empty(),
+                        }
+                },
+            )
             .await;
             let r = bench.record(&id).await;
             assert_eq!(r.received, TOTAL as u64, "{at}");
@@ -338,7 +342,7 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
             if point == Point::Recorded {
                 pg_relay.freeze_answers();
                 s3_relay.release_held();
-                until("the completion is recorded", || async {
+                until(&format!("{at}: the completion is recorded"), || async {
                     let r = bench.record(&id).await;
                     match job {
                         Job::Plain => r.committed,
@@ -416,6 +420,31 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
     }
     // As BITS does after the final Ack (and the reply).
     c2.close_session(&path, &sid).await.assert_ack();
+    if job == Job::Plain {
+        // The destination is free again once its file is gone: the session's publish marker
+        // went with the Close (a killed node's marker too), and another upload publishes there.
+        until(&format!("{at}: the publish marker is dropped"), || async {
+            bench
+                .pg
+                .query_one(
+                    "SELECT count(*) FROM bitsd_pending_objects WHERE object_key = $1",
+                    &[&dest.as_str()],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        })
+        .await;
+        bench
+            .objects
+            .delete(std::slice::from_ref(&dest))
+            .await
+            .unwrap();
+        let (again, fin) = c2.upload(&path, &data, TOTAL).await;
+        assert_eq!(acked(&fin, &format!("{at}, the next upload")), TOTAL);
+        c2.close_session(&path, &again).await.assert_ack();
+    }
 }
 
 impl Bench {
