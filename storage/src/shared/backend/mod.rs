@@ -30,7 +30,8 @@
 //! - reply progress: `int8multirange` union in PostgreSQL.
 //! - end: the row becomes a tombstone (durable), then the Ack; the session's objects that
 //!   PostgreSQL knows (never a published file) are deleted in the background, without a
-//!   listing; the sweeper's purge of the tombstone lists the prefix and deletes the rest
+//!   listing, and a committed upload's publish marker (left by a node that died before it
+//!   dropped it) is forgotten; the sweeper's purge of the tombstone lists the prefix and deletes the rest
 //!   (and everything, if this node died first).
 //! - purge: the session's objects are deleted, then the row goes.
 //! - sweep: a PostgreSQL advisory lock held by one node.
