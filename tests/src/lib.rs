@@ -10,6 +10,7 @@ pub mod farm_servers;
 pub mod garage;
 pub mod nginx;
 pub mod pg;
+pub mod relay;
 pub mod reply_suite;
 pub mod shared_backend;
 pub mod skip;

@@ -30,7 +30,8 @@
 //! - reply progress: `int8multirange` union in PostgreSQL.
 //! - end: the row becomes a tombstone (durable), then the Ack; the session's objects that
 //!   PostgreSQL knows (never a published file) are deleted in the background, without a
-//!   listing; the sweeper's purge of the tombstone lists the prefix and deletes the rest
+//!   listing, and a committed upload's publish marker (left by a node that died before it
+//!   dropped it) is forgotten; the sweeper's purge of the tombstone lists the prefix and deletes the rest
 //!   (and everything, if this node died first).
 //! - purge: the session's objects are deleted, then the row goes.
 //! - sweep: a PostgreSQL advisory lock held by one node.
@@ -549,9 +550,28 @@ impl SessionBackend for SharedBackend {
             .reply
             .as_ref()
             .and_then(|r| reply_object(&self.objects, &id, &r.kind));
+        // A node that died between recording the upload committed and dropping its publish
+        // marker left the marker (a retry answers from the record and never publishes
+        // again); kept, it would refuse other sessions that destination once its file is
+        // gone, until the tombstone expires. Only a committed session's: an uncommitted one's
+        // marker still tells a crashed attempt's file from someone else's.
+        let marker = record
+            .destination
+            .as_deref()
+            .filter(|d| record.committed && valid_destination(d))
+            .map(|d| self.objects.file_key(d));
         tokio::spawn(async move {
             if let Err(e) = this.delete_known_objects(&id, reply).await {
                 tracing::warn!(session = %id, error = %e, "deleting an ended session's objects failed; the sweeper deletes them with the tombstone");
+            }
+            if let Some(marker) = marker {
+                if let Err(e) = this
+                    .state
+                    .forget_own_pending_object(&id, marker.as_str())
+                    .await
+                {
+                    tracing::warn!(session = %id, error = %e, "a committed session's publish marker stays until its tombstone expires");
+                }
             }
         });
         Ok(())

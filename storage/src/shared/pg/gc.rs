@@ -231,6 +231,26 @@ impl PgStateStore {
         .await
     }
 
+    /// Forgets `object_key`'s pending row only if it is session `id`'s (a publish marker
+    /// that session left; another session's marker for the same key stays).
+    pub async fn forget_own_pending_object(
+        &self,
+        id: &SessionId,
+        object_key: &str,
+    ) -> Result<(), StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "DELETE FROM bitsd_pending_objects WHERE object_key = $1 AND session_id = $2",
+                &[&object_key, id.as_uuid()],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Whether `object_key` has a pending row (not yet claimed by the collector, nor
     /// referenced by a commit, nor forgotten).
     pub async fn is_pending(&self, object_key: &str) -> Result<bool, StorageError> {

@@ -1,0 +1,178 @@
+//! [`Relay`]: a TCP relay between a node and one of its upstreams (PostgreSQL, an S3 store)
+//! that can stop forwarding in one direction on command, for all of its connections, so a
+//! test can stop a node exactly between two of its steps: the upstream has done the work,
+//! the node never hears of it (`freeze_answers`), or the node's request never arrives
+//! (`freeze_requests`). `hold_answer_to` stops only the answers of the connection that
+//! carries the next request whose bytes contain given strings (an S3 `PUT` of a key, say),
+//! until `release_held`. Bytes are held, never dropped: forwarding resumes where it stopped.
+//! Dropping the relay closes every connection it carries.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// What may pass, shared by every connection of a relay.
+#[derive(Debug, Default)]
+struct Gates {
+    /// Node → upstream stopped.
+    requests_frozen: bool,
+    /// Upstream → node stopped.
+    answers_frozen: bool,
+    /// Strings the next request to hold must all contain (cleared when one matched).
+    hold: Option<Vec<Vec<u8>>>,
+    /// Connections whose answers are held.
+    held: HashSet<u64>,
+}
+
+/// A relay on a loopback port to one upstream address.
+pub struct Relay {
+    addr: SocketAddr,
+    gates: Arc<watch::Sender<Gates>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Listens on an ephemeral loopback port; every connection is relayed to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gates = Arc::new(watch::channel(Gates::default()).0);
+        let shared = Arc::clone(&gates);
+        let accept = tokio::spawn(async move {
+            // Owned here: aborting this task drops the set, which aborts every connection.
+            let mut conns = JoinSet::new();
+            let mut next = 0u64;
+            while let Ok((down, _)) = listener.accept().await {
+                next += 1;
+                conns.spawn(relay_one(next, down, upstream, Arc::clone(&shared)));
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Relay {
+            addr,
+            gates,
+            accept,
+        }
+    }
+
+    /// The address nodes connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops forwarding node → upstream on every connection (new ones included).
+    pub fn freeze_requests(&self) {
+        self.gates.send_modify(|g| g.requests_frozen = true);
+    }
+
+    /// Stops forwarding upstream → node on every connection (new ones included).
+    pub fn freeze_answers(&self) {
+        self.gates.send_modify(|g| g.answers_frozen = true);
+    }
+
+    /// Holds the answers of the connection that carries the next request containing every one
+    /// of `parts` (in one read: a request line and its headers arrive together), from before
+    /// that request reaches the upstream until [`Relay::release_held`].
+    pub fn hold_answer_to(&self, parts: &[&str]) {
+        let parts = parts.iter().map(|p| p.as_bytes().to_vec()).collect();
+        self.gates.send_modify(|g| g.hold = Some(parts));
+    }
+
+    /// Whether a connection's answers are held now.
+    pub fn holding(&self) -> bool {
+        !self.gates.borrow().held.is_empty()
+    }
+
+    /// Lets the held answers through (and forgets a hold that matched nothing yet).
+    pub fn release_held(&self) {
+        self.gates.send_modify(|g| {
+            g.hold = None;
+            g.held.clear();
+        });
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// One connection: both directions until either ends (then both close).
+async fn relay_one(
+    id: u64,
+    down: TcpStream,
+    upstream: SocketAddr,
+    gates: Arc<watch::Sender<Gates>>,
+) {
+    let Ok(up) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = down.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    let (down_r, down_w) = down.into_split();
+    let (up_r, up_w) = up.into_split();
+    tokio::select! {
+        () = pump(id, down_r, up_w, Arc::clone(&gates), true) => {}
+        () = pump(id, up_r, down_w, gates, false) => {}
+    }
+}
+
+/// Copies `from` to `to` while the gates of this direction are open; a chunk read while they
+/// were open but closed before it was written waits (bytes are held, never lost).
+async fn pump(
+    id: u64,
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    gates: Arc<watch::Sender<Gates>>,
+    requests: bool,
+) {
+    let open = move |g: &Gates| {
+        if requests {
+            !g.requests_frozen
+        } else {
+            !g.answers_frozen && !g.held.contains(&id)
+        }
+    };
+    let mut rx = gates.subscribe();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if rx.wait_for(open).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if requests {
+            let chunk = &buf[..n];
+            gates.send_if_modified(|g| {
+                let matched = g
+                    .hold
+                    .as_ref()
+                    .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)));
+                if matched {
+                    g.hold = None;
+                    g.held.insert(id);
+                }
+                matched
+            });
+        }
+        if rx.wait_for(open).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
