@@ -30,6 +30,18 @@ fn fragment_request(path: &str, sid: &str, data: &[u8], first: usize, len: usize
     )
 }
 
+/// One node whose fragments are sent after their last byte (`stream_fragments = false`),
+/// with a `fragment_memory` of 6 MiB.
+async fn whole_fragments_in_6_mib(prefix: &str) -> Option<Farm> {
+    Farm::start(prefix, 1, |_, c| {
+        if let bitsd::StorageConfig::Shared(shared) = &mut c.storage {
+            shared.object_store.stream_fragments = Some(false);
+            shared.object_store.fragment_memory = Some(6 * MIB as u64);
+        }
+    })
+    .await
+}
+
 /// With fragments sent after their last byte (`stream_fragments = false`) and a budget of
 /// 6 MiB: a 4 MiB fragment whose body is still arriving holds 4 MiB, so a second 4 MiB
 /// fragment waits for room and, finding none within the wait, answers 503 with a retryable
@@ -38,14 +50,7 @@ fn fragment_request(path: &str, sid: &str, data: &[u8], first: usize, len: usize
 /// goes through when re-sent. Without the budget the second fragment is acknowledged at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragments_holding_their_bytes_share_the_budget_and_a_full_node_answers_503() {
-    let Some(farm) = Farm::start("memory", 1, |_, c| {
-        if let bitsd::StorageConfig::Shared(shared) = &mut c.storage {
-            shared.object_store.stream_fragments = Some(false);
-            shared.object_store.fragment_memory = Some(6 * MIB as u64);
-        }
-    })
-    .await
-    else {
+    let Some(farm) = whole_fragments_in_6_mib("memory").await else {
         return;
     };
     let node = &farm.nodes[0];
@@ -115,14 +120,7 @@ async fn fragments_holding_their_bytes_share_the_budget_and_a_full_node_answers_
 /// the held fragment is done, it publishes the file exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assembly_waits_for_room_in_the_budget_and_answers_503_without_it() {
-    let Some(farm) = Farm::start("memory-assembly", 1, |_, c| {
-        if let bitsd::StorageConfig::Shared(shared) = &mut c.storage {
-            shared.object_store.stream_fragments = Some(false);
-            shared.object_store.fragment_memory = Some(6 * MIB as u64);
-        }
-    })
-    .await
-    else {
+    let Some(farm) = whole_fragments_in_6_mib("memory-assembly").await else {
         return;
     };
     let node = &farm.nodes[0];

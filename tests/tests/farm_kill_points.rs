@@ -497,47 +497,42 @@ impl Bench {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_between_the_steps_of_a_middle_fragment_loses_nothing() {
+/// Every point of a final fragment: the fragment's steps, then its completion's.
+const FINAL_POINTS: [Point; 5] = [
+    Point::Pending,
+    Point::Stored,
+    Point::Offset,
+    Point::Completed,
+    Point::Recorded,
+];
+
+/// Runs `job`, killing node 1 at each of `points` of fragment `k` in turn.
+async fn kill_at(job: Job, k: usize, points: &[Point]) {
     let Some(mut bench) = Bench::start().await else {
         return;
     };
-    for point in [Point::Pending, Point::Stored, Point::Offset] {
-        run(&mut bench, Job::Plain, 1, point).await;
+    for &point in points {
+        run(&mut bench, job, k, point).await;
     }
     bench.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_between_the_steps_of_a_middle_fragment_loses_nothing() {
+    kill_at(
+        Job::Plain,
+        1,
+        &[Point::Pending, Point::Stored, Point::Offset],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_between_the_steps_of_a_final_fragment_and_its_publish_loses_nothing() {
-    let Some(mut bench) = Bench::start().await else {
-        return;
-    };
-    for point in [
-        Point::Pending,
-        Point::Stored,
-        Point::Offset,
-        Point::Completed,
-        Point::Recorded,
-    ] {
-        run(&mut bench, Job::Plain, 2, point).await;
-    }
-    bench.end().await;
+    kill_at(Job::Plain, 2, &FINAL_POINTS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_between_the_steps_of_a_final_fragment_and_its_reply_loses_nothing() {
-    let Some(mut bench) = Bench::start().await else {
-        return;
-    };
-    for point in [
-        Point::Pending,
-        Point::Stored,
-        Point::Offset,
-        Point::Completed,
-        Point::Recorded,
-    ] {
-        run(&mut bench, Job::Reply, 2, point).await;
-    }
-    bench.end().await;
+    kill_at(Job::Reply, 2, &FINAL_POINTS).await;
 }
