@@ -301,12 +301,13 @@ async fn the_total_limit_reads_the_counter_and_stays_exact_under_racing_creates(
 fn recompute_sql() -> String {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/farm.md")).unwrap();
-    let start = doc
-        .find("```sql illustration\n")
+    // The SQL block that rewrites the counter (farm.md has others: the role and database).
+    doc.split("```sql illustration\n")
+        .skip(1)
+        .map(|block| &block[..block.find("```").unwrap()])
+        .find(|block| block.contains("bitsd_live_counts"))
         .expect("the recompute block")
-        + 20;
-    let len = doc[start..].find("```").unwrap();
-    doc[start..start + len].to_owned()
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
