@@ -236,10 +236,10 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                         } else {
                             format!(", prefix {}", store.prefix)
                         },
-                        match (&store.endpoint, std::env::var("AWS_ENDPOINT_URL")) {
-                            (Some(e), _) => format!(" at {e}"),
-                            (None, Ok(e)) if !e.is_empty() => format!(" at {e} (AWS_ENDPOINT_URL)"),
-                            _ => " on AWS S3".to_owned(),
+                        match (store.effective_endpoint(), &store.endpoint) {
+                            (Some(e), Some(_)) => format!(" at {e}"),
+                            (Some(e), None) => format!(" at {e} (from the environment)"),
+                            (None, _) => " on AWS S3".to_owned(),
                         }
                     );
                     println!(

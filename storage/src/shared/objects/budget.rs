@@ -11,7 +11,7 @@
 //!   upload) reserves the most it can hold, `min(length, 2 × part_size)`, before its body is
 //!   read. All or nothing, so fragments never hold part of the budget while waiting for the
 //!   rest (no fragment can starve another into a deadlock). When the budget has no room it
-//!   waits at most [`FragmentMemory::wait`], then fails with a transient error (503: the
+//!   waits at most 10 s, then fails with a transient error (503: the
 //!   client retries later) before it has read a byte.
 //! - A **streamed** fragment never waits: it keeps its bytes while the budget has room for
 //!   them, a frame at a time, and when it has not, lets go of what it kept and goes on
@@ -78,13 +78,8 @@ impl FragmentMemory {
         self.room.available_permits() as u64 * UNIT
     }
 
-    /// How long a fragment that must hold its bytes waits for room.
-    pub fn wait(&self) -> Duration {
-        self.wait
-    }
-
-    /// Reserves `bytes` (at most the whole budget), waiting up to [`FragmentMemory::wait`]
-    /// for room; a transient error when there is none by then. `key` names the fragment in
+    /// Reserves `bytes` (at most the whole budget), waiting up to the budget's wait (10 s by
+    /// default) for room; a transient error when there is none by then. `key` names the fragment in
     /// the error.
     pub(crate) async fn reserve(&self, bytes: u64, key: &str) -> Result<Held, StorageError> {
         let want = units(bytes).min(self.units);

@@ -223,6 +223,21 @@ impl ObjectStoreConfig {
         Ok(())
     }
 
+    /// The endpoint requests go to, as the S3 client reads it: `endpoint`, else the one the
+    /// environment names (`AWS_ENDPOINT_URL`); `None` for AWS S3 itself.
+    pub fn effective_endpoint(&self) -> Option<String> {
+        endpoint_of(&self.builder_from_env())
+    }
+
+    /// The client builder from the environment, with this table's bucket and endpoint.
+    fn builder_from_env(&self) -> AmazonS3Builder {
+        let builder = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
+        match &self.endpoint {
+            Some(endpoint) => builder.with_endpoint(endpoint),
+            None => builder,
+        }
+    }
+
     /// The S3 client, and where its bucket is (for the requests `object_store` cannot send).
     pub(crate) fn build(&self) -> Result<(AmazonS3, S3Location), StorageError> {
         let refuse = |why: String| StorageError::ObjectStore {
@@ -235,14 +250,8 @@ impl ObjectStoreConfig {
         // everywhere (a provider installed earlier by the embedding program stays).
         let _ = rustls::crypto::ring::default_provider().install_default();
 
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
-        if let Some(endpoint) = &self.endpoint {
-            builder = builder.with_endpoint(endpoint);
-        }
-        // The endpoint as object_store will use it: the config's, else AWS_ENDPOINT_URL.
-        let endpoint = builder
-            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
-            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+        let mut builder = self.builder_from_env();
+        let endpoint = endpoint_of(&builder);
         let plain_http = endpoint.as_deref().is_some_and(is_plain_http);
         let allow_http = self.allow_http.unwrap_or(plain_http);
         if plain_http && !allow_http {
@@ -302,6 +311,13 @@ impl ObjectStoreConfig {
             .map_err(|e| refuse(e.to_string()))?;
         Ok((s3, location))
     }
+}
+
+/// The endpoint `builder` will send to (its S3 endpoint, else its general one).
+fn endpoint_of(builder: &AmazonS3Builder) -> Option<String> {
+    builder
+        .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+        .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint))
 }
 
 /// Whether `endpoint` is a plain `http://` URL.

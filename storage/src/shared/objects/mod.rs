@@ -279,7 +279,7 @@ impl Objects {
             .fragment_memory
             .reserve(most, writer.key().as_str())
             .await?;
-        writer.count_in(self.fragment_memory.clone(), held);
+        writer.hold(held);
         Ok(writer)
     }
 
@@ -287,11 +287,6 @@ impl Objects {
     /// (`stream_fragments`, and the store has not refused an unsigned payload).
     pub fn streams_fragments(&self) -> bool {
         self.streamer.as_ref().is_some_and(|s| s.enabled())
-    }
-
-    /// The node's budget for fragment bytes in memory (`fragment_memory`).
-    pub fn fragment_memory(&self) -> &FragmentMemory {
-        &self.fragment_memory
     }
 
     /// Writes the bytes of `body` to `key` (bounded memory: see [`ObjectWriter`]); the object

@@ -176,9 +176,7 @@ impl StreamPutter {
             Failure::Other(why)
         })
     }
-}
 
-impl StreamPutter {
     /// Whether the store lets a signed request with these credentials through (a HEAD of
     /// `key` answered, found or not).
     async fn signed_requests_pass(&self, key: &str) -> bool {

@@ -62,10 +62,10 @@ pub struct ObjectWriter {
     multipart: Option<WriteMultipart>,
     /// A cut-through PUT the held bytes are also forwarded to (see `stream_put.rs`).
     stream: Option<StreamPut>,
-    /// The node's fragment memory this writer's held bytes are counted in (`None`: not
-    /// counted, as for writers that are not fragments).
+    /// The node's fragment memory a streamed writer keeps its copy in while it has room
+    /// (`None`: not streamed, or not counted).
     memory: Option<FragmentMemory>,
-    /// What this writer holds of `memory`.
+    /// What this writer holds of the node's fragment memory.
     budget: Held,
     /// A streamed writer let go of its bytes when `memory` had no room for them: should the
     /// stream break, there is nothing to send again.
@@ -111,10 +111,9 @@ impl ObjectWriter {
         self.memory = Some(memory);
     }
 
-    /// Counts this writer's bytes in `memory`, for which `held` was reserved (see
-    /// `budget.rs`).
-    pub(crate) fn count_in(&mut self, memory: FragmentMemory, held: Held) {
-        self.memory = Some(memory);
+    /// Keeps `held`, reserved in the node's fragment memory for what this writer will hold,
+    /// until the writer is finished or dropped (see `budget.rs`).
+    pub(crate) fn hold(&mut self, held: Held) {
         self.budget = held;
     }
 
