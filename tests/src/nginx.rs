@@ -72,25 +72,34 @@ impl Nginx {
     /// As [`Nginx::start`], but every PUT signed with `x-amz-content-sha256: UNSIGNED-PAYLOAD`
     /// is answered 501 `NotImplemented` (a store that does not take unsigned payloads).
     pub fn start_refusing_unsigned_payloads(upstreams: &[SocketAddr]) -> Option<Self> {
-        Self::start_with(
+        Self::start_answering_unsigned_payloads(
             upstreams,
-            None,
-            "            if ($http_x_amz_content_sha256 = \"UNSIGNED-PAYLOAD\") {\n\
-             \x20               return 501 '<?xml version=\"1.0\"?><Error><Code>NotImplemented</Code><Message>unsigned payloads are not taken here</Message></Error>';\n\
-             \x20           }\n",
+            501,
+            "NotImplemented",
+            "unsigned payloads are not taken here",
         )
     }
 
     /// As [`Nginx::start_refusing_unsigned_payloads`], answering 403 `AccessDenied` (what a
     /// bucket policy that requires signed payloads answers) instead of 501.
     pub fn start_denying_unsigned_payloads(upstreams: &[SocketAddr]) -> Option<Self> {
-        Self::start_with(
-            upstreams,
-            None,
-            "            if ($http_x_amz_content_sha256 = \"UNSIGNED-PAYLOAD\") {\n\
-             \x20               return 403 '<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>';\n\
-             \x20           }\n",
-        )
+        Self::start_answering_unsigned_payloads(upstreams, 403, "AccessDenied", "Access Denied")
+    }
+
+    /// As [`Nginx::start`], but every PUT signed `UNSIGNED-PAYLOAD` is answered `status` with
+    /// the S3 error `code` and `message`.
+    fn start_answering_unsigned_payloads(
+        upstreams: &[SocketAddr],
+        status: u16,
+        code: &str,
+        message: &str,
+    ) -> Option<Self> {
+        let location = format!(
+            "            if ($http_x_amz_content_sha256 = \"UNSIGNED-PAYLOAD\") {{\n\
+             \x20               return {status} '<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>';\n\
+             \x20           }}\n"
+        );
+        Self::start_with(upstreams, None, &location)
     }
 
     /// As [`Nginx::start`] in front of an S3 server, answering every bulk delete

@@ -46,6 +46,22 @@ async fn write_frames(writer: &mut bitsd_storage::shared::objects::ObjectWriter,
     }
 }
 
+/// Writes `data` as a fragment announced `announced` bytes long at `key` (in frames of
+/// changing sizes) and finishes it.
+async fn put_fragment(
+    objects: &Objects,
+    key: &ObjectKey,
+    announced: u64,
+    data: &[u8],
+) -> Result<bitsd_storage::shared::objects::StoredObject, bitsd_storage::StorageError> {
+    let mut writer = objects
+        .fragment_writer(key.clone(), announced)
+        .await
+        .unwrap();
+    write_frames(&mut writer, data).await;
+    writer.finish().await
+}
+
 async fn exists(objects: &Objects, key: &ObjectKey) -> bool {
     objects.head(key).await.is_ok()
 }
@@ -113,12 +129,9 @@ async fn a_streamed_writer_dropped_mid_body_or_unfinished_leaves_no_object() {
         "an unfinished body was stored"
     );
     // The same keys written again complete normally.
-    let mut writer = objects
-        .fragment_writer(whole.clone(), data.len() as u64)
+    put_fragment(&objects, &whole, data.len() as u64, &data)
         .await
         .unwrap();
-    write_frames(&mut writer, &data).await;
-    writer.finish().await.unwrap();
     assert_eq!(read_object(&objects, &whole).await, data);
 }
 
@@ -131,12 +144,9 @@ async fn a_body_of_another_length_than_announced_is_stored_as_written() {
     for (name, announced, len) in [("short", 100_000u64, 60_000usize), ("long", 100, 5000)] {
         let data = pattern(len, 4);
         let key = objects.prefix().join(name);
-        let mut writer = objects
-            .fragment_writer(key.clone(), announced)
+        let stored = put_fragment(&objects, &key, announced, &data)
             .await
             .unwrap();
-        write_frames(&mut writer, &data).await;
-        let stored = writer.finish().await.unwrap();
         assert_eq!(stored.len, len as u64, "{name}");
         assert_eq!(read_object(&objects, &key).await, data, "{name}");
     }
@@ -155,12 +165,9 @@ async fn a_store_refusing_unsigned_payloads_is_noticed_and_sent_whole_fragments(
     for i in 0..4u8 {
         let data = pattern(300_000 + usize::from(i), u64::from(i));
         let key = objects.prefix().join(&format!("refused-{i}"));
-        let mut writer = objects
-            .fragment_writer(key.clone(), data.len() as u64)
+        put_fragment(&objects, &key, data.len() as u64, &data)
             .await
             .unwrap();
-        write_frames(&mut writer, &data).await;
-        writer.finish().await.unwrap();
         assert_eq!(read_object(&objects, &key).await, data);
         keys.push(key);
     }
@@ -190,12 +197,9 @@ async fn access_denied_turns_streaming_off_only_when_signed_requests_pass() {
     let objects = Objects::new(&config(garage.endpoint(), &wrong)).unwrap();
     for i in 0..2 {
         let key = objects.prefix().join(&format!("denied-{i}"));
-        let mut writer = objects
-            .fragment_writer(key, data.len() as u64)
+        let e = put_fragment(&objects, &key, data.len() as u64, &data)
             .await
-            .unwrap();
-        write_frames(&mut writer, &data).await;
-        let e = writer.finish().await.unwrap_err();
+            .unwrap_err();
         assert!(!e.is_transient(), "{e}");
         assert!(
             objects.streams_fragments(),
@@ -208,12 +212,9 @@ async fn access_denied_turns_streaming_off_only_when_signed_requests_pass() {
     };
     let objects = Objects::new(&config(proxy.url(), garage.access())).unwrap();
     let key = objects.prefix().join("policy");
-    let mut writer = objects
-        .fragment_writer(key.clone(), data.len() as u64)
+    put_fragment(&objects, &key, data.len() as u64, &data)
         .await
         .unwrap();
-    write_frames(&mut writer, &data).await;
-    writer.finish().await.unwrap();
     assert_eq!(read_object(&objects, &key).await, data);
     assert!(
         !objects.streams_fragments(),
