@@ -9,7 +9,9 @@
 //! - `Pending`: the pending-object row is committed, the object is not stored (the PUT never
 //!   reaches the store);
 //! - `Stored`: the object is in the bucket, `received` is not advanced (the PUT's 200 never
-//!   reaches the node);
+//!   reaches the node); with a pool of two connections or more the node's commit statement
+//!   has run meanwhile in a transaction left open until the store's answer (shown by
+//!   PostgreSQL's `pg_stat_activity`), with a pool of one the commit waits for the answer;
 //! - `Offset`: `received` is advanced in PostgreSQL, no Ack went out (PostgreSQL's answer
 //!   never reaches the node); the second node answers with the committed offset and writes
 //!   nothing;
@@ -17,6 +19,10 @@
 //!   (upload-reply) is in the bucket, the session is not recorded complete;
 //! - final fragment only, `Recorded`: the session is recorded committed (plain) or its reply
 //!   recorded (upload-reply) in PostgreSQL, no Ack went out.
+//!
+//! The first node's pool is of two connections (the commit's statement runs while the store
+//! completes the object, as with the default pool) or of one (it waits for the store, as
+//! when half a pool is busy that way already): each test says which.
 //!
 //! Every retry must be answered without BG_E_SESSION_NOT_FOUND, with an offset never behind
 //! one the client had, and the job must end byte-exact; the killed node's leftovers are
@@ -68,6 +74,8 @@ struct Bench {
     pg: tokio_postgres::Client,
     state: bitsd::storage::shared::pg::PgStateStore,
     runs: usize,
+    /// The first node's PostgreSQL pool: 1 or 2 (see the module docs).
+    pool: usize,
 }
 
 /// A node's config file: top-level keys, then `[storage]` on `url` (pool of `pool`, the
@@ -127,7 +135,7 @@ fn acked(res: &bitsd_tests::RawResponse, at: &str) -> usize {
 }
 
 impl Bench {
-    async fn start() -> Option<Bench> {
+    async fn start(pool: usize) -> Option<Bench> {
         let servers = FarmServers::start().await?;
         let store = servers.garage.object_store_config(PREFIX);
         let dir = tempfile::tempdir().unwrap();
@@ -151,6 +159,7 @@ impl Bench {
             pg,
             state,
             runs: 0,
+            pool,
         })
     }
 
@@ -158,11 +167,12 @@ impl Bench {
         self.node2.as_ref().unwrap().addr
     }
 
-    /// The first node, through a relay to PostgreSQL and one to Garage, with one pooled
-    /// PostgreSQL connection; a plain and an echo job through it first, so every statement
-    /// the points below stop after is prepared on that connection already (a statement
-    /// prepared there first would be two round trips, the second never sent while answers
-    /// are frozen).
+    /// The first node, through a relay to PostgreSQL and one to Garage, with `self.pool`
+    /// pooled PostgreSQL connections; a plain and an echo job through it first, so with a
+    /// pool of one every statement the points below stop after is prepared on that
+    /// connection already (a statement prepared there first would be two round trips, the
+    /// second never sent while answers are frozen). With two, only the `COMMIT` of a fragment
+    /// runs while answers are frozen (`Offset`): a simple query, never prepared.
     async fn node1(&mut self) -> (BitsdProcess, Relay, Relay) {
         self.runs += 1;
         let url = &self.servers.postgres_url;
@@ -175,7 +185,7 @@ impl Bench {
         let cfg = config(
             "cleanup_interval_secs = 3600",
             &relayed_url,
-            1,
+            self.pool,
             &store,
             &format!("http://{}", s3_relay.addr()),
         );
@@ -228,6 +238,21 @@ impl Bench {
             .iter()
             .map(|r| r.get(0))
             .collect()
+    }
+
+    /// Backends of the first node's PostgreSQL connections inside an open transaction, waiting
+    /// for their next statement (a commit's statement run before the store's answer).
+    async fn open_transactions(&self) -> i64 {
+        self.pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE state = 'idle in transaction' AND application_name = 'bitsd' \
+                 AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     async fn record(&self, id: &SessionId) -> bitsd::storage::SessionRecord {
@@ -299,6 +324,18 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
                 || async { s3_relay.holding() && !bench.objects_at(&id, start).await.is_empty() },
             )
             .await;
+            if bench.pool >= 2 {
+                // The commit's statement has run, uncommitted, while the store's answer is
+                // held: no one sees the new offset.
+                until(
+                    &format!("{at}: the commit waits in an open transaction"),
+                    || async { bench.open_transactions().await == 1 },
+                )
+                .await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert_eq!(bench.open_transactions().await, 0, "{at}: pool of one");
+            }
             let stored = bench.objects_at(&id, start).await;
             assert_eq!(bench.pending_at(&id, start).await, stored, "{at}");
             assert_eq!(bench.record(&id).await.received, start as u64, "{at}");
@@ -506,9 +543,10 @@ const FINAL_POINTS: [Point; 5] = [
     Point::Recorded,
 ];
 
-/// Runs `job`, killing node 1 at each of `points` of fragment `k` in turn.
-async fn kill_at(job: Job, k: usize, points: &[Point]) {
-    let Some(mut bench) = Bench::start().await else {
+/// Runs `job`, killing node 1 (a pool of `pool` connections) at each of `points` of fragment
+/// `k` in turn.
+async fn kill_at(pool: usize, job: Job, k: usize, points: &[Point]) {
+    let Some(mut bench) = Bench::start(pool).await else {
         return;
     };
     for &point in points {
@@ -520,6 +558,7 @@ async fn kill_at(job: Job, k: usize, points: &[Point]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_between_the_steps_of_a_middle_fragment_loses_nothing() {
     kill_at(
+        2,
         Job::Plain,
         1,
         &[Point::Pending, Point::Stored, Point::Offset],
@@ -529,10 +568,20 @@ async fn a_node_killed_between_the_steps_of_a_middle_fragment_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_between_the_steps_of_a_final_fragment_and_its_publish_loses_nothing() {
-    kill_at(Job::Plain, 2, &FINAL_POINTS).await;
+    kill_at(1, Job::Plain, 2, &FINAL_POINTS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_its_final_commit_waits_for_the_store_loses_nothing() {
+    kill_at(2, Job::Plain, 2, &[Point::Stored, Point::Offset]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_around_a_middle_commit_made_after_the_store_loses_nothing() {
+    kill_at(1, Job::Plain, 1, &[Point::Stored, Point::Offset]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_between_the_steps_of_a_final_fragment_and_its_reply_loses_nothing() {
-    kill_at(Job::Reply, 2, &FINAL_POINTS).await;
+    kill_at(1, Job::Reply, 2, &FINAL_POINTS).await;
 }

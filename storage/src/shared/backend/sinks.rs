@@ -151,7 +151,9 @@ impl FragmentSink for SharedFragment {
     /// statement advances `received` only if it still equals `expected` and records the
     /// object in the fragment index, provided the object's pending row is still there (the
     /// pending-object collector claims rows before it deletes objects). A lost commit's object
-    /// stays pending for the collector.
+    /// stays pending for the collector. The statement of 2 runs while 1 does, in a
+    /// transaction committed only after the store's answer: the offset is durable, and seen
+    /// by anyone, only once the object is.
     async fn commit(
         self: Box<Self>,
         expected: u64,
@@ -210,17 +212,19 @@ impl FragmentSink for SharedFragment {
             }
             Ok(true) => {}
         }
-        let stored = writer.finish().await?;
-        let outcome = state
-            .commit_pending_fragment(&NewFragment {
-                id,
-                expected_received: expected,
-                len: stored.len,
-                crc32c: stored.crc32c,
-                object_key: stored.key.as_str().to_string(),
-                total: record.total,
-                state: Some(record.state),
-            })
+        // The commit's statement runs while the store completes the object; only its
+        // `COMMIT` waits for the store's answer (see `commit_pending_fragment_during`).
+        let fragment = NewFragment {
+            id,
+            expected_received: expected,
+            len: writer.len(),
+            crc32c: writer.crc32c(),
+            object_key: writer.key().as_str().to_string(),
+            total: record.total,
+            state: Some(record.state),
+        };
+        let (stored, outcome) = state
+            .commit_pending_fragment_during(&fragment, writer.finish())
             .await?;
         // After the Ack's commit, behind the upload: small fragments before a boundary merged.
         if let (Some(c), CasOutcome::Committed(now)) = (&coalescer, &outcome) {

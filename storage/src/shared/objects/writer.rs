@@ -132,6 +132,11 @@ impl ObjectWriter {
         self.len == 0
     }
 
+    /// CRC-32C of the bytes written so far.
+    pub fn crc32c(&self) -> u32 {
+        self.crc32c
+    }
+
     /// Appends `bytes`; may wait while a part is in flight (back-pressure on the body).
     pub async fn write_bytes(&mut self, bytes: Bytes) -> Result<(), StorageError> {
         if bytes.is_empty() {

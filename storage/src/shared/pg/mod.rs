@@ -23,15 +23,18 @@
 //! (transient: the server answers the packet with a 5xx and the client retries).
 
 mod coalesce;
+mod fragment_commit;
 mod gc;
 mod listing;
 mod reply;
 mod schema;
 mod sessions;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio::sync::Semaphore;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -66,6 +69,9 @@ pub struct PgStateStore {
     pool: Pool,
     config: tokio_postgres::Config,
     timeout: Duration,
+    /// Permits for commits whose statement runs while the store completes the object
+    /// (`fragment_commit.rs`): each holds a connection meanwhile; half the pool at most.
+    overlap: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for PgStateStore {
@@ -108,6 +114,7 @@ impl PgStateStore {
             pool,
             config,
             timeout: options.timeout,
+            overlap: Arc::new(Semaphore::new(options.max_connections / 2)),
         };
         store.migrate().await?;
         Ok(store)

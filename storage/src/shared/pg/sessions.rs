@@ -118,7 +118,7 @@ pub struct FragmentObject {
 }
 
 /// The record of `id` read on `conn` (a connection the caller already holds).
-async fn load_on(
+pub(super) async fn load_on(
     conn: &deadpool_postgres::Object,
     id: &SessionId,
 ) -> Result<Option<SessionRecord>, StorageError> {
@@ -137,7 +137,7 @@ pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(|_| StorageError::StateStore(format!("{what} {v} is out of range")))
 }
 
-fn opt_i64(v: Option<u64>, what: &str) -> Result<Option<i64>, StorageError> {
+pub(super) fn opt_i64(v: Option<u64>, what: &str) -> Result<Option<i64>, StorageError> {
     v.map(|v| to_i64(v, what)).transpose()
 }
 
@@ -305,7 +305,7 @@ impl PgStateStore {
 
     /// Runs a guarded write of `id` (a statement returning 0 or 1 rows of [`COLS`]) and says
     /// what came of it: the written record, or the record that stood in the way.
-    async fn guarded(
+    pub(super) async fn guarded(
         &self,
         id: &SessionId,
         sql: &str,
@@ -417,86 +417,6 @@ impl PgStateStore {
             Ok(())
         })
         .await
-    }
-
-    /// Commits one fragment: in one statement (one transaction, one round trip), advances
-    /// `received` from `expected_received` to `expected_received + len` only if the session is
-    /// still receiving (a complete or ended session takes no more bytes), `received` still
-    /// equals `expected_received` and the upload's total, once set, is the one the fragment
-    /// was checked against, records the fragment's object in
-    /// the index and drops its pending-object row. `Raced` carries the record that won (its
-    /// `received` is what the client is told); the caller then deletes its object and calls
-    /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
-    pub async fn commit_fragment(&self, c: &NewFragment) -> Result<CasOutcome, StorageError> {
-        self.commit_fragment_fenced(c, false).await
-    }
-
-    /// [`PgStateStore::commit_fragment`] that also requires the object's pending row (written
-    /// by [`PgStateStore::add_pending_object`] before the object) to be there still: the row
-    /// is locked for the statement, so the pending-object collector
-    /// ([`PgStateStore::claim_stale_pending_objects`]), which deletes the row before it
-    /// deletes the object, and this commit exclude each other. A commit whose row was claimed
-    /// answers `Raced` with the unchanged offset (the client re-sends the fragment); it never
-    /// references an object the collector deletes. What the shared backend's fragments use.
-    pub async fn commit_pending_fragment(
-        &self,
-        c: &NewFragment,
-    ) -> Result<CasOutcome, StorageError> {
-        self.commit_fragment_fenced(c, true).await
-    }
-
-    async fn commit_fragment_fenced(
-        &self,
-        c: &NewFragment,
-        fenced: bool,
-    ) -> Result<CasOutcome, StorageError> {
-        if c.len == 0 {
-            return Err(StorageError::StateStore(
-                "a fragment commit must add bytes".into(),
-            ));
-        }
-        let expected = to_i64(c.expected_received, "received")?;
-        let len = to_i64(c.len, "fragment length")?;
-        let new_received = expected
-            .checked_add(len)
-            .ok_or_else(|| StorageError::StateStore("received overflows".into()))?;
-        let total = opt_i64(c.total, "total")?;
-        let crc = i64::from(c.crc32c);
-        let state = c.state.map(state_text);
-        let now = to_i64(now_millis(), "time")?;
-        let fence = if fenced {
-            "AND EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $9 FOR UPDATE)"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "WITH upd AS (
-                UPDATE bitsd_sessions
-                   SET received = $3, total = coalesce($4, total),
-                       state = coalesce($5, state), updated_ms = $6
-                 WHERE id = $1 AND received = $2 AND state = 'receiving'
-                   AND ($4::bigint IS NULL OR total IS NULL OR total = $4) {fence}
-                 RETURNING *),
-             frag AS (
-                INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
-                SELECT id, $2, $7, $8, $9 FROM upd),
-             pend AS (
-                DELETE FROM bitsd_pending_objects
-                 WHERE object_key = $9 AND EXISTS (SELECT 1 FROM upd))
-             SELECT {COLS} FROM upd"
-        );
-        let params: [&(dyn ToSql + Sync); 9] = [
-            c.id.as_uuid(),
-            &expected,
-            &new_received,
-            &total,
-            &state,
-            &now,
-            &len,
-            &crc,
-            &c.object_key,
-        ];
-        self.guarded(&c.id, &sql, &params).await
     }
 
     /// Makes `id` a tombstone (`Closed` or `Cancelled`). `Raced` carries the record when it
