@@ -91,6 +91,7 @@ pub(crate) async fn open_shared(
         PgOptions {
             max_connections: shared.postgres_max_connections,
             timeout: shared.postgres_timeout,
+            ..PgOptions::default()
         },
         &shared.object_store,
         scratch,

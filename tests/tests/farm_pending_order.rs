@@ -29,6 +29,7 @@ async fn backend(
     let options = PgOptions {
         max_connections: 4,
         timeout: Duration::from_secs(5),
+        ..PgOptions::default()
     };
     let state = PgStateStore::connect(&servers.postgres_url, options)
         .await

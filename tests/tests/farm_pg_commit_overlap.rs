@@ -3,13 +3,14 @@
 //! offset is seen by no one before the store's answer, a store that fails leaves nothing
 //! committed and nothing locked, a commit abandoned mid-way closes its connection so the
 //! session's row is free at once, a racing commit waits and then loses (or wins first), and
-//! past half the pool the commit waits for the store instead. The "store" here is a future the
+//! past half the pool the commit waits for the store instead; one left open past its limit is
+//! ended by PostgreSQL. The "store" here is a future the
 //! test completes when it likes. Skips with a printed reason when PostgreSQL is not installed.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use bitsd_storage::shared::pg::{CasOutcome, PgStateStore};
+use bitsd_storage::shared::pg::{CasOutcome, PgOptions, PgStateStore};
 use bitsd_storage::StorageError;
 use bitsd_tests::pg::{
     cluster_or_skip as cluster, fragment, raw_client, session_record, single_connection_store,
@@ -277,4 +278,44 @@ async fn past_half_the_pool_the_commit_waits_for_its_store() {
         assert!(matches!(outcome, CasOutcome::Committed(r) if r.received == 100));
     }
     until_open(&raw, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_left_open_past_its_limit_is_ended_and_its_answer_is_transient() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.fresh_database();
+    let a = PgStateStore::connect(
+        &url,
+        PgOptions {
+            open_commit_limit: Duration::from_millis(500),
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (b, raw) = (node(&url).await, raw_client(&url).await);
+    let id = session(&a, &["l/a", "l/b"]).await;
+    // A store that answers long after the limit (as a node cut off from PostgreSQL would
+    // leave its transaction open): PostgreSQL ends the transaction and frees the row.
+    let (answer, task) = overlapped(&a, id, "l/a");
+    until_open(&raw, 1).await;
+    until_open(&raw, 0).await;
+    let won = tokio::time::timeout(
+        Duration::from_secs(2),
+        b.commit_pending_fragment(&fragment(id, 0, 50, "l/b")),
+    )
+    .await
+    .expect("the row is not locked any more")
+    .unwrap();
+    assert!(matches!(won, CasOutcome::Committed(r) if r.received == 50));
+    answer.send(Ok("stored")).unwrap();
+    let err = task.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, StorageError::StateStoreUnreachable(_)),
+        "the COMMIT of an ended transaction is a transient failure: {err:?}"
+    );
+    assert_eq!(b.load(&id).await.unwrap().unwrap().received, 50);
+    assert!(a.is_pending("l/a").await.unwrap(), "left for the collector");
+    // The node's pool goes on without the ended connection.
+    assert_eq!(a.load(&id).await.unwrap().unwrap().received, 50);
 }

@@ -18,6 +18,7 @@ async fn postgres_stopped_mid_run_gives_transient_errors_and_loses_nothing() {
     let options = PgOptions {
         max_connections: 4,
         timeout: Duration::from_secs(2),
+        ..PgOptions::default()
     };
     let nodes = [
         PgStateStore::connect(&url, options.clone()).await.unwrap(),
@@ -103,6 +104,7 @@ async fn measure_commit_rate() {
     let options = PgOptions {
         max_connections: 64,
         timeout: Duration::from_secs(10),
+        ..PgOptions::default()
     };
     let store = PgStateStore::connect(&url, options).await.unwrap();
     for pending in [false, true] {

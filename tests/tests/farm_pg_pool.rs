@@ -21,6 +21,7 @@ async fn node_with(url: &str, connections: usize) -> PgStateStore {
         PgOptions {
             max_connections: connections,
             timeout: Duration::from_secs(3),
+            ..PgOptions::default()
         },
     )
     .await

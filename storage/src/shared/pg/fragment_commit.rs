@@ -4,6 +4,7 @@
 //! `COMMIT` after the store's answer ([`PgStateStore::commit_pending_fragment_during`]).
 
 use std::future::Future;
+use std::time::Duration;
 
 use deadpool_postgres::Object;
 use tokio_postgres::types::ToSql;
@@ -15,10 +16,16 @@ use super::{pg_error, PgStateStore};
 use crate::{now_millis, StorageError};
 
 /// The statement of a fragment commit (`fenced`: it also requires the object's pending row,
-/// locking it). Its parameters are [`CommitParams::list`]'s.
-fn commit_sql(fenced: bool) -> String {
+/// locking it; `open`: it also requires the transaction [`begin`] starts, and changes nothing
+/// in any other). Its parameters are [`CommitParams::list`]'s.
+fn commit_sql(fenced: bool, open: bool) -> String {
     let fence = if fenced {
         "AND EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $9 FOR UPDATE)"
+    } else {
+        ""
+    };
+    let open = if open {
+        "AND current_setting('bitsd.open_commit', true) = 'on'"
     } else {
         ""
     };
@@ -28,7 +35,7 @@ fn commit_sql(fenced: bool) -> String {
                SET received = $3, total = coalesce($4, total),
                    state = coalesce($5, state), updated_ms = $6
              WHERE id = $1 AND received = $2 AND state = 'receiving'
-               AND ($4::bigint IS NULL OR total IS NULL OR total = $4) {fence}
+               AND ($4::bigint IS NULL OR total IS NULL OR total = $4) {fence} {open}
              RETURNING *),
          frag AS (
             INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
@@ -40,13 +47,23 @@ fn commit_sql(fenced: bool) -> String {
     )
 }
 
-/// Starts the transaction of [`PgStateStore::commit_pending_fragment_during`]: READ
-/// COMMITTED (as a statement of its own would run), and ended by PostgreSQL if it stays open
-/// past a minute between statements (a node cut off from PostgreSQL without its connection
-/// closing, or a store that does not answer), so no session row stays locked longer: the
-/// node's `COMMIT` then fails, the packet gets a transient 503 and nothing was committed.
-const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
-    SET LOCAL idle_in_transaction_session_timeout = 60000";
+/// What starts the transaction of [`PgStateStore::commit_pending_fragment_during`]: READ
+/// COMMITTED (as a statement of its own would run), ended by PostgreSQL if it stays open
+/// longer than `limit` between statements (a node cut off from PostgreSQL without its
+/// connection closing, or a store that does not answer), so no session row stays locked
+/// longer: the node's `COMMIT` then fails, the packet gets a transient 503 and nothing was
+/// committed. (At least 1 ms: 0 would mean no limit.) It also sets `bitsd.open_commit` for
+/// the transaction, which the commit's statement (sent right behind it, before its answer)
+/// requires: were `BEGIN` ever to fail, the statement, run on its own and committed at once,
+/// would change nothing.
+pub(super) fn begin(limit: Duration) -> String {
+    let ms = limit.as_millis().clamp(1, i32::MAX as u128);
+    format!(
+        "BEGIN ISOLATION LEVEL READ COMMITTED; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}; \
+         SET LOCAL bitsd.open_commit = on"
+    )
+}
 
 /// A commit's values in PostgreSQL's types.
 struct CommitParams<'a> {
@@ -141,7 +158,8 @@ impl PgStateStore {
     /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
     pub async fn commit_fragment(&self, c: &NewFragment) -> Result<CasOutcome, StorageError> {
         let p = CommitParams::new(c)?;
-        self.guarded(&c.id, &commit_sql(false), &p.list()).await
+        self.guarded(&c.id, &commit_sql(false, false), &p.list())
+            .await
     }
 
     /// [`PgStateStore::commit_fragment`] that also requires the object's pending row (written
@@ -156,7 +174,8 @@ impl PgStateStore {
         c: &NewFragment,
     ) -> Result<CasOutcome, StorageError> {
         let p = CommitParams::new(c)?;
-        self.guarded(&c.id, &commit_sql(true), &p.list()).await
+        self.guarded(&c.id, &commit_sql(true, false), &p.list())
+            .await
     }
 
     /// [`PgStateStore::commit_pending_fragment`] while `store` (the store completing the
@@ -172,7 +191,8 @@ impl PgStateStore {
     ///    the record that won comes back as from a commit after the store.
     ///
     /// A node that dies in between leaves no commit: PostgreSQL rolls back the transaction of
-    /// a closed connection. The transaction holds a pooled connection for the store's time,
+    /// a closed connection, and ends one left open longer than
+    /// [`PgOptions::open_commit_limit`](super::PgOptions::open_commit_limit). The transaction holds a pooled connection for the store's time,
     /// so at most half the pool does so at once; past that (or with a pool of one), the
     /// commit waits for `store` and runs as [`PgStateStore::commit_pending_fragment`] does.
     pub async fn commit_pending_fragment_during<T>(
@@ -185,13 +205,20 @@ impl PgStateStore {
             return Ok((stored, self.commit_pending_fragment(c).await?));
         };
         let p = CommitParams::new(c)?;
-        let sql = commit_sql(true);
+        let sql = commit_sql(true, true);
         let statement = self.timed(async {
             let open = OpenTransaction(Some(self.conn().await?));
             let conn = open.conn()?;
             let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
-            conn.batch_execute(BEGIN).await.map_err(pg_error)?;
-            let rows = conn.query(&stmt, &p.list()).await.map_err(pg_error)?;
+            // `BEGIN` and the statement in one round trip: both are sent before either answer
+            // is read (a connection sends its requests in the order they are first polled).
+            let params = p.list();
+            let (begun, rows) = tokio::join!(
+                conn.batch_execute(&self.begin_open_commit),
+                conn.query(&stmt, &params)
+            );
+            begun.map_err(pg_error)?;
+            let rows = rows.map_err(pg_error)?;
             let outcome = match rows.first() {
                 Some(row) => CasOutcome::Committed(decode(row)?),
                 // The record that won, read in this transaction (a statement of its own sees

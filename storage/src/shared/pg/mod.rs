@@ -52,6 +52,12 @@ pub struct PgOptions {
     /// The longest a call may take (waiting for a connection, connecting, or running its
     /// statements) before it fails as unreachable.
     pub timeout: Duration,
+    /// The longest a fragment's commit may stay open, its statement run, while the store
+    /// completes the object ([`PgStateStore::commit_pending_fragment_during`]): past it
+    /// PostgreSQL ends the transaction and its connection
+    /// (`idle_in_transaction_session_timeout`), so a node cut off from PostgreSQL without its
+    /// connection closing cannot keep a session's row locked longer. Whole milliseconds.
+    pub open_commit_limit: Duration,
 }
 
 impl Default for PgOptions {
@@ -59,6 +65,7 @@ impl Default for PgOptions {
         PgOptions {
             max_connections: 16,
             timeout: Duration::from_secs(5),
+            open_commit_limit: Duration::from_secs(60),
         }
     }
 }
@@ -72,6 +79,8 @@ pub struct PgStateStore {
     /// Permits for commits whose statement runs while the store completes the object
     /// (`fragment_commit.rs`): each holds a connection meanwhile; half the pool at most.
     overlap: Arc<Semaphore>,
+    /// What starts such a commit's transaction (with [`PgOptions::open_commit_limit`]).
+    begin_open_commit: Arc<str>,
 }
 
 impl std::fmt::Debug for PgStateStore {
@@ -115,6 +124,7 @@ impl PgStateStore {
             config,
             timeout: options.timeout,
             overlap: Arc::new(Semaphore::new(options.max_connections / 2)),
+            begin_open_commit: fragment_commit::begin(options.open_commit_limit).into(),
         };
         store.migrate().await?;
         Ok(store)
@@ -152,6 +162,8 @@ pub(crate) fn pg_error(e: tokio_postgres::Error) -> StorageError {
                 || *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
                 || *code == SqlState::READ_ONLY_SQL_TRANSACTION // a standby during failover
+                // a commit left open past `open_commit_limit`: ended, nothing committed
+                || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         }
     };
     let text = match e.as_db_error() {
