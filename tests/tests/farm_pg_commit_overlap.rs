@@ -51,6 +51,22 @@ async fn until_open(pg: &tokio_postgres::Client, n: i64) {
     );
 }
 
+/// Commits `len` bytes at 0 of session `id` in `key` on `store`, which must not wait for a
+/// lock (it answers within 2 s) and must win.
+async fn commits_at_once(store: &PgStateStore, id: bitsd_protocol::SessionId, len: u64, key: &str) {
+    let won = tokio::time::timeout(
+        Duration::from_secs(2),
+        store.commit_pending_fragment(&fragment(id, 0, len, key)),
+    )
+    .await
+    .expect("the row is not locked any more")
+    .unwrap();
+    assert!(
+        matches!(won, CasOutcome::Committed(r) if r.received == len),
+        "{key}"
+    );
+}
+
 /// A session on `store` with the pending rows of `keys`.
 async fn session(store: &PgStateStore, keys: &[&str]) -> bitsd_protocol::SessionId {
     let rec = session_record(None);
@@ -142,14 +158,7 @@ async fn a_store_that_fails_after_the_statement_leaves_nothing_committed_nor_loc
     until_open(&raw, 0).await;
     // Nothing stays locked: another node's commit of the offset goes through at once, and
     // the first node's pool works on.
-    let won = tokio::time::timeout(
-        Duration::from_secs(2),
-        b.commit_pending_fragment(&fragment(id, 0, 100, "f/a")),
-    )
-    .await
-    .expect("the row is not locked any more")
-    .unwrap();
-    assert!(matches!(won, CasOutcome::Committed(r) if r.received == 100));
+    commits_at_once(&b, id, 100, "f/a").await;
     assert_eq!(a.load(&id).await.unwrap().unwrap().received, 100);
 }
 
@@ -167,14 +176,7 @@ async fn a_commit_dropped_while_it_waits_for_the_store_frees_the_session_at_once
     drop(answer);
     // Its connection is closed, not put back in the pool mid-transaction: PostgreSQL rolls
     // the transaction back and the row is free.
-    let won = tokio::time::timeout(
-        Duration::from_secs(2),
-        b.commit_pending_fragment(&fragment(id, 0, 100, "d/b")),
-    )
-    .await
-    .expect("the row is not locked any more")
-    .unwrap();
-    assert!(matches!(won, CasOutcome::Committed(r) if r.received == 100));
+    commits_at_once(&b, id, 100, "d/b").await;
     until_open(&raw, 0).await;
     // The first node goes on: its next commit (overlapped again) runs in a transaction of
     // its own, not inside the abandoned one.
@@ -300,14 +302,7 @@ async fn a_commit_left_open_past_its_limit_is_ended_and_its_answer_is_transient(
     let (answer, task) = overlapped(&a, id, "l/a");
     until_open(&raw, 1).await;
     until_open(&raw, 0).await;
-    let won = tokio::time::timeout(
-        Duration::from_secs(2),
-        b.commit_pending_fragment(&fragment(id, 0, 50, "l/b")),
-    )
-    .await
-    .expect("the row is not locked any more")
-    .unwrap();
-    assert!(matches!(won, CasOutcome::Committed(r) if r.received == 50));
+    commits_at_once(&b, id, 50, "l/b").await;
     answer.send(Ok("stored")).unwrap();
     let err = task.await.unwrap().unwrap_err();
     assert!(
