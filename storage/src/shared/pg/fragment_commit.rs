@@ -9,9 +9,7 @@ use std::time::Duration;
 use deadpool_postgres::Object;
 use tokio_postgres::types::ToSql;
 
-use super::sessions::{
-    decode, load_on, opt_i64, state_text, to_i64, CasOutcome, NewFragment, COLS,
-};
+use super::sessions::{opt_i64, outcome_of, state_text, to_i64, CasOutcome, NewFragment, COLS};
 use super::{pg_error, PgStateStore};
 use crate::{now_millis, StorageError};
 
@@ -192,9 +190,10 @@ impl PgStateStore {
     ///
     /// A node that dies in between leaves no commit: PostgreSQL rolls back the transaction of
     /// a closed connection, and ends one left open longer than
-    /// [`PgOptions::open_commit_limit`](super::PgOptions::open_commit_limit). The transaction holds a pooled connection for the store's time,
-    /// so at most half the pool does so at once; past that (or with a pool of one), the
-    /// commit waits for `store` and runs as [`PgStateStore::commit_pending_fragment`] does.
+    /// [`PgOptions::open_commit_limit`](super::PgOptions::open_commit_limit). The transaction
+    /// holds a pooled connection for the store's time, so at most half the pool does so at
+    /// once; past that (or with a pool of one), the commit waits for `store` and runs as
+    /// [`PgStateStore::commit_pending_fragment`] does.
     pub async fn commit_pending_fragment_during<T>(
         &self,
         c: &NewFragment,
@@ -219,15 +218,9 @@ impl PgStateStore {
             );
             begun.map_err(pg_error)?;
             let rows = rows.map_err(pg_error)?;
-            let outcome = match rows.first() {
-                Some(row) => CasOutcome::Committed(decode(row)?),
-                // The record that won, read in this transaction (a statement of its own sees
-                // what committed before it), as `guarded` does.
-                None => match load_on(conn, &c.id).await? {
-                    Some(r) => CasOutcome::Raced(r),
-                    None => CasOutcome::Missing,
-                },
-            };
+            // A lost race's record is read in this transaction (a statement of its own sees
+            // what committed before it).
+            let outcome = outcome_of(conn, &c.id, &rows).await?;
             Ok((open, outcome))
         });
         let (stored, statement) = tokio::join!(store, statement);

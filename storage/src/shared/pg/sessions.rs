@@ -117,8 +117,27 @@ pub struct FragmentObject {
     pub object_key: String,
 }
 
+/// What a guarded write of `id` that returned `rows` (0 or 1 of [`COLS`]) on `conn` came to:
+/// the written record, or the record that stood in the way, read on this same connection:
+/// asking the pool for a second one while holding this one would let writes that all lose at
+/// once hold every connection, each waiting for another, until the call timeout
+/// (tests/tests/farm_pg_pool.rs).
+pub(super) async fn outcome_of(
+    conn: &deadpool_postgres::Object,
+    id: &SessionId,
+    rows: &[Row],
+) -> Result<CasOutcome, StorageError> {
+    match rows.first() {
+        Some(row) => Ok(CasOutcome::Committed(decode(row)?)),
+        None => Ok(match load_on(conn, id).await? {
+            Some(r) => CasOutcome::Raced(r),
+            None => CasOutcome::Missing,
+        }),
+    }
+}
+
 /// The record of `id` read on `conn` (a connection the caller already holds).
-pub(super) async fn load_on(
+async fn load_on(
     conn: &deadpool_postgres::Object,
     id: &SessionId,
 ) -> Result<Option<SessionRecord>, StorageError> {
@@ -317,17 +336,7 @@ impl PgStateStore {
             // (a parse-and-describe, then the execution), on every fragment's commit.
             let stmt = conn.prepare_cached(sql).await.map_err(pg_error)?;
             let rows = conn.query(&stmt, params).await.map_err(pg_error)?;
-            match rows.first() {
-                Some(row) => Ok(CasOutcome::Committed(decode(row)?)),
-                // The record that won, read on this same connection: asking the pool for a
-                // second one while holding this one would let writes that all lose at once
-                // hold every connection, each waiting for another, until the call timeout
-                // (tests/tests/farm_pg_pool.rs).
-                None => Ok(match load_on(&conn, id).await? {
-                    Some(r) => CasOutcome::Raced(r),
-                    None => CasOutcome::Missing,
-                }),
-            }
+            outcome_of(&conn, id, &rows).await
         })
         .await
     }
