@@ -148,6 +148,9 @@ pub struct StorageEntry {
     pub postgres_max_connections: Option<usize>,
     /// Seconds one PostgreSQL call may take before the packet gets a transient error (default 5).
     pub postgres_timeout_secs: Option<u64>,
+    /// Seconds a fragment's commit may stay open in PostgreSQL while the object store
+    /// completes the fragment's object, before PostgreSQL ends it (default 60).
+    pub postgres_open_commit_secs: Option<u64>,
     /// Seconds an object written for a fragment may stay uncommitted before the sweeper
     /// deletes it (default 3600).
     pub pending_object_grace_secs: Option<u64>,

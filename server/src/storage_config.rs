@@ -33,6 +33,9 @@ pub struct SharedStorage {
     pub postgres_max_connections: usize,
     /// The longest one PostgreSQL call may take before it fails as unreachable (transient).
     pub postgres_timeout: Duration,
+    /// The longest a fragment's commit may stay open, its statement run, while the store
+    /// completes the object; past it PostgreSQL ends the transaction (the packet gets a 503).
+    pub postgres_open_commit: Duration,
     /// The bucket.
     pub object_store: ObjectStoreConfig,
 }
@@ -43,6 +46,7 @@ impl std::fmt::Debug for SharedStorage {
             .field("postgres_url", &redact_url(&self.postgres_url))
             .field("postgres_max_connections", &self.postgres_max_connections)
             .field("postgres_timeout", &self.postgres_timeout)
+            .field("postgres_open_commit", &self.postgres_open_commit)
             .field("object_store", &self.object_store)
             .finish()
     }
@@ -91,7 +95,7 @@ pub(crate) async fn open_shared(
         PgOptions {
             max_connections: shared.postgres_max_connections,
             timeout: shared.postgres_timeout,
-            ..PgOptions::default()
+            open_commit_limit: shared.postgres_open_commit,
         },
         &shared.object_store,
         scratch,

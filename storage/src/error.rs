@@ -67,6 +67,12 @@ pub enum StorageError {
     /// full): transient, the client retries later.
     #[error("the node is busy: {0}")]
     Busy(String),
+    /// A fragment's commit stayed open in PostgreSQL longer than its limit
+    /// (`[storage] postgres_open_commit_secs`) while the object store completed the
+    /// fragment's object: PostgreSQL ended it and nothing was committed. Transient: the
+    /// client re-sends the fragment.
+    #[error("{0}")]
+    CommitOutlived(String),
     /// An object the caller expected is not in the store.
     #[error("object {key} is not in the object store")]
     ObjectNotFound {
@@ -101,6 +107,7 @@ impl StorageError {
             StorageError::StateStoreUnreachable(_)
                 | StorageError::ObjectStoreUnreachable { .. }
                 | StorageError::Busy(_)
+                | StorageError::CommitOutlived(_)
         )
     }
 

@@ -103,6 +103,7 @@ pub fn shared_storage(postgres_url: &str, store: &ObjectStoreConfig) -> bitsd::S
         postgres_url: postgres_url.to_owned(),
         postgres_max_connections: 4,
         postgres_timeout: std::time::Duration::from_secs(5),
+        postgres_open_commit: std::time::Duration::from_secs(60),
         object_store: store.clone(),
     }
 }

@@ -293,6 +293,7 @@ async fn reply_download_while_the_object_store_or_postgres_is_down_is_a_transien
     };
     let shared = SharedStorage {
         postgres_timeout: Duration::from_secs(2),
+        postgres_open_commit: std::time::Duration::from_secs(60),
         ..shared_storage(&url, &impatient(garage.object_store_config("replyout")))
     };
     let node = bitsd_tests::TestServer::start_with(move |c| {

@@ -24,6 +24,7 @@ async fn nodes(
         postgres_url: servers.postgres_url.clone(),
         postgres_max_connections: 8,
         postgres_timeout: Duration::from_secs(5),
+        postgres_open_commit: std::time::Duration::from_secs(60),
         object_store: servers.garage.object_store_config("limits"),
     };
     // Bearer tokens (a SHA-256 check) rather than passwords: argon2 in a debug build is too

@@ -306,8 +306,13 @@ async fn a_commit_left_open_past_its_limit_is_ended_and_its_answer_is_transient(
     answer.send(Ok("stored")).unwrap();
     let err = task.await.unwrap().unwrap_err();
     assert!(
-        matches!(err, StorageError::StateStoreUnreachable(_)),
+        matches!(err, StorageError::CommitOutlived(_)) && err.is_transient(),
         "the COMMIT of an ended transaction is a transient failure: {err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("longer than postgres_open_commit_secs"),
+        "it says why: {err}"
     );
     assert_eq!(b.load(&id).await.unwrap().unwrap().received, 50);
     assert!(a.is_pending("l/a").await.unwrap(), "left for the collector");

@@ -31,6 +31,7 @@ async fn postgres_or_object_store_down_gives_503_and_the_retry_resumes_from_the_
     };
     let shared = SharedStorage {
         postgres_timeout: Duration::from_secs(2),
+        postgres_open_commit: std::time::Duration::from_secs(60),
         ..shared_storage(&url, &store)
     };
     let node =

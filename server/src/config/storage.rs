@@ -33,6 +33,7 @@ pub(super) fn build_storage(
                 postgres_url: None,
                 postgres_max_connections: None,
                 postgres_timeout_secs: None,
+                postgres_open_commit_secs: None,
                 pending_object_grace_secs: None,
             });
             let postgres_url = entry
@@ -64,10 +65,16 @@ pub(super) fn build_storage(
             if entry.postgres_timeout_secs == Some(0) {
                 return Err("postgres_timeout_secs must be at least 1".into());
             }
+            if entry.postgres_open_commit_secs == Some(0) {
+                return Err("postgres_open_commit_secs must be at least 1".into());
+            }
             Ok(StorageConfig::Shared(Box::new(SharedStorage {
                 postgres_url,
                 postgres_max_connections: entry.postgres_max_connections.unwrap_or(16),
                 postgres_timeout: Duration::from_secs(entry.postgres_timeout_secs.unwrap_or(5)),
+                postgres_open_commit: Duration::from_secs(
+                    entry.postgres_open_commit_secs.unwrap_or(60),
+                ),
                 object_store,
             })))
         }
@@ -173,5 +180,26 @@ mod tests {
         assert_eq!(set.pending_object_grace, Duration::from_secs(600));
         let e = apply("[storage]\npending_object_grace_secs = 0\n").unwrap_err();
         assert!(e.contains("must be positive"), "{e}");
+    }
+
+    #[test]
+    fn postgres_open_commit_defaults_to_a_minute_and_must_be_positive() {
+        use std::time::Duration;
+        let shared = "[storage]\nbackend = \"shared\"\npostgres_url = \"postgres://h/d\"\n";
+        let table = "[object_store]\nbucket = \"b\"\n";
+        let open = |text: &str| match apply(text).unwrap().storage {
+            StorageConfig::Shared(s) => s.postgres_open_commit,
+            StorageConfig::Local => panic!("expected shared"),
+        };
+        assert_eq!(open(&format!("{shared}{table}")), Duration::from_secs(60));
+        assert_eq!(
+            open(&format!("{shared}postgres_open_commit_secs = 5\n{table}")),
+            Duration::from_secs(5)
+        );
+        let e = apply(&format!("{shared}postgres_open_commit_secs = 0\n{table}")).unwrap_err();
+        assert!(
+            e.contains("postgres_open_commit_secs must be at least 1"),
+            "{e}"
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! `COMMIT` after the store's answer ([`PgStateStore::commit_pending_fragment_during`]).
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Object;
 use tokio_postgres::types::ToSql;
@@ -15,8 +16,14 @@ use crate::{now_millis, StorageError};
 
 /// The statement of a fragment commit (`fenced`: it also requires the object's pending row,
 /// locking it; `open`: it also requires the transaction [`begin`] starts, and changes nothing
-/// in any other). Its parameters are [`CommitParams::list`]'s.
-fn commit_sql(fenced: bool, open: bool) -> String {
+/// in any other). Its parameters are [`CommitParams::list`]'s. Made once per variant (it is
+/// the key of each connection's cache of prepared statements).
+fn commit_sql(fenced: bool, open: bool) -> &'static str {
+    static MADE: [OnceLock<String>; 4] = [const { OnceLock::new() }; 4];
+    MADE[usize::from(fenced) * 2 + usize::from(open)].get_or_init(|| make_commit_sql(fenced, open))
+}
+
+fn make_commit_sql(fenced: bool, open: bool) -> String {
     let fence = if fenced {
         "AND EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $9 FOR UPDATE)"
     } else {
@@ -156,7 +163,7 @@ impl PgStateStore {
     /// [`PgStateStore::forget_pending_object`] (or leaves both to the sweeper).
     pub async fn commit_fragment(&self, c: &NewFragment) -> Result<CasOutcome, StorageError> {
         let p = CommitParams::new(c)?;
-        self.guarded(&c.id, &commit_sql(false, false), &p.list())
+        self.guarded(&c.id, commit_sql(false, false), &p.list())
             .await
     }
 
@@ -172,7 +179,7 @@ impl PgStateStore {
         c: &NewFragment,
     ) -> Result<CasOutcome, StorageError> {
         let p = CommitParams::new(c)?;
-        self.guarded(&c.id, &commit_sql(true, false), &p.list())
+        self.guarded(&c.id, commit_sql(true, false), &p.list())
             .await
     }
 
@@ -205,10 +212,11 @@ impl PgStateStore {
         };
         let p = CommitParams::new(c)?;
         let sql = commit_sql(true, true);
+        let opened = Instant::now();
         let statement = self.timed(async {
             let open = OpenTransaction(Some(self.conn().await?));
             let conn = open.conn()?;
-            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
+            let stmt = conn.prepare_cached(sql).await.map_err(pg_error)?;
             // `BEGIN` and the statement in one round trip: both are sent before either answer
             // is read (a connection sends its requests in the order they are first polled).
             let params = p.list();
@@ -235,12 +243,34 @@ impl PgStateStore {
         };
         let (open, outcome) = statement?;
         match outcome {
-            CasOutcome::Committed(_) => self.timed(open.end("COMMIT")).await?,
+            CasOutcome::Committed(_) => {
+                if let Err(e) = self.timed(open.end("COMMIT")).await {
+                    return Err(self.outlived(e, opened.elapsed()));
+                }
+            }
             // Nothing was written: a failed rollback only closes the connection.
             _ => {
                 let _ = self.timed(open.end("ROLLBACK")).await;
             }
         }
         Ok((stored, outcome))
+    }
+
+    /// A failed `COMMIT` of a transaction open `open` long: past
+    /// [`PgOptions::open_commit_limit`](super::PgOptions::open_commit_limit), PostgreSQL ended
+    /// it (its connection closes, so the error alone would read as PostgreSQL being down).
+    fn outlived(&self, e: StorageError, open: Duration) -> StorageError {
+        if open < self.open_commit_limit {
+            return e;
+        }
+        tracing::debug!(error = %e, "the COMMIT of a transaction open past its limit failed");
+        StorageError::CommitOutlived(format!(
+            "a fragment's commit stayed open {:.1} s while the object store completed its \
+             object, longer than postgres_open_commit_secs ({} s): PostgreSQL ended it and \
+             nothing was committed; the client re-sends the fragment (a store this slow needs \
+             a larger postgres_open_commit_secs)",
+            open.as_secs_f64(),
+            self.open_commit_limit.as_secs_f64(),
+        ))
     }
 }

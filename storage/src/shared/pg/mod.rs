@@ -81,6 +81,8 @@ pub struct PgStateStore {
     overlap: Arc<Semaphore>,
     /// What starts such a commit's transaction (with [`PgOptions::open_commit_limit`]).
     begin_open_commit: Arc<str>,
+    /// [`PgOptions::open_commit_limit`], to say so when a commit's transaction outlived it.
+    open_commit_limit: Duration,
 }
 
 impl std::fmt::Debug for PgStateStore {
@@ -125,6 +127,7 @@ impl PgStateStore {
             timeout: options.timeout,
             overlap: Arc::new(Semaphore::new(options.max_connections / 2)),
             begin_open_commit: fragment_commit::begin(options.open_commit_limit).into(),
+            open_commit_limit: options.open_commit_limit,
         };
         store.migrate().await?;
         Ok(store)
