@@ -61,6 +61,22 @@ mod process;
 mod raw_client;
 mod server;
 
+/// Polls `check` every 20 ms until it holds; panics with `what` after `within`.
+pub async fn until<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of one series of a Prometheus text exposition (`/metrics`); panics, showing the
 /// text, when the series is missing.
 pub fn metric(text: &str, series: &str) -> f64 {

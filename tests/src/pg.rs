@@ -398,3 +398,17 @@ pub async fn raw_client(url: &str) -> tokio_postgres::Client {
     tokio::spawn(conn);
     client
 }
+
+/// Backends of `pg`'s database whose `bitsd` connection is inside an open transaction,
+/// waiting for its next statement (a fragment commit's statement run before the store's
+/// answer).
+pub async fn open_transactions(pg: &tokio_postgres::Client) -> i64 {
+    pg.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' \
+         AND application_name = 'bitsd' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

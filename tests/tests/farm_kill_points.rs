@@ -22,7 +22,9 @@
 //!
 //! The first node's pool is of two connections (the commit's statement runs while the store
 //! completes the object, as with the default pool) or of one (it waits for the store, as
-//! when half a pool is busy that way already): each test says which.
+//! when half a pool is busy that way already): each test says which. Fragments are of
+//! 10,000 bytes (one PUT each), or of 6 MiB with a part size of 5 MiB: a multipart upload
+//! whose completion (`CompleteMultipartUpload`) is the store's last step, held at `Stored`.
 //!
 //! Every retry must be answered without BG_E_SESSION_NOT_FOUND, with an offset never behind
 //! one the client had, and the job must end byte-exact; the killed node's leftovers are
@@ -43,9 +45,34 @@ use bitsd_tests::relay::Relay;
 use bitsd_tests::shared_backend::{backend_on, listed_keys};
 use bitsd_tests::{bits_post_request, pattern, url_path, BitsdProcess, RawClient};
 
-/// The upload of every job: three fragments of 10,000 bytes.
-const TOTAL: usize = 30_000;
-const FRAGMENT: usize = 10_000;
+/// The upload of a job: three fragments of `fragment` bytes.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    fragment: usize,
+}
+
+impl Shape {
+    fn total(self) -> usize {
+        3 * self.fragment
+    }
+
+    /// What the store answers last for a fragment's object: the PUT of a single object, or
+    /// the completion of a multipart upload (a fragment of `PART_SIZE` or more).
+    fn object_done(self) -> &'static [&'static str] {
+        if self.fragment >= PART_SIZE {
+            &["POST ", "/frag/", "uploadId="]
+        } else {
+            &["PUT ", "/frag/"]
+        }
+    }
+}
+
+/// Fragments of 10,000 bytes: each one object of one PUT.
+const SMALL: Shape = Shape { fragment: 10_000 };
+/// The nodes' `[object_store] part_size` (S3's minimum).
+const PART_SIZE: usize = 5 << 20;
+/// Fragments of 6 MiB: each a multipart upload of two parts.
+const MULTIPART: Shape = Shape { fragment: 6 << 20 };
 /// The object store prefix of these tests.
 const PREFIX: &str = "kill";
 
@@ -76,6 +103,8 @@ struct Bench {
     runs: usize,
     /// The first node's PostgreSQL pool: 1 or 2 (see the module docs).
     pool: usize,
+    /// The jobs' upload.
+    shape: Shape,
 }
 
 /// A node's config file: top-level keys, then `[storage]` on `url` (pool of `pool`, the
@@ -85,7 +114,8 @@ fn config(top: &str, url: &str, pool: usize, store: &ObjectStoreConfig, endpoint
         "{top}\n[storage]\nbackend = \"shared\"\npostgres_url = \"{url}\"\n\
          postgres_max_connections = {pool}\npending_object_grace_secs = 3\n\n\
          [object_store]\nbucket = \"{}\"\nprefix = \"{}\"\nendpoint = \"{endpoint}\"\n\
-         region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+         region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
+         part_size = {PART_SIZE}\n",
         store.bucket,
         store.prefix,
         store.region.as_deref().unwrap(),
@@ -106,17 +136,13 @@ async fn start_node(dir: &std::path::Path, name: &str, config: String) -> BitsdP
     .unwrap()
 }
 
-/// Polls `check` every 20 ms until it holds; panics with `what` after 10 s.
-async fn until<F, Fut>(what: &str, mut check: F)
+/// Polls `check` until it holds; panics with `what` after 10 s.
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    bitsd_tests::until(what, Duration::from_secs(10), check).await
 }
 
 /// The offset an Ack gives, after checking it is one (never session-not-found).
@@ -135,7 +161,7 @@ fn acked(res: &bitsd_tests::RawResponse, at: &str) -> usize {
 }
 
 impl Bench {
-    async fn start(pool: usize) -> Option<Bench> {
+    async fn start(pool: usize, shape: Shape) -> Option<Bench> {
         let servers = FarmServers::start().await?;
         let store = servers.garage.object_store_config(PREFIX);
         let dir = tempfile::tempdir().unwrap();
@@ -160,6 +186,7 @@ impl Bench {
             state,
             runs: 0,
             pool,
+            shape,
         })
     }
 
@@ -191,14 +218,15 @@ impl Bench {
         );
         let node = start_node(self.dir.path(), &format!("n1-{}", self.runs), cfg).await;
         let mut c = RawClient::connect(node.addr).await;
-        let data = pattern(2 * FRAGMENT, 1);
+        let fragment = self.shape.fragment;
+        let data = pattern(2 * fragment, 1);
         c.upload(
             &format!("/upload/{PREFIX}/warm-{}.bin", self.runs),
             &data,
-            FRAGMENT,
+            fragment,
         )
         .await;
-        let (sid, _) = c.upload("/echo/warm", &data, FRAGMENT).await;
+        let (sid, _) = c.upload("/echo/warm", &data, fragment).await;
         c.close_session("/echo/warm", &sid).await.assert_ack();
         (node, pg_relay, s3_relay)
     }
@@ -240,19 +268,9 @@ impl Bench {
             .collect()
     }
 
-    /// Backends of the first node's PostgreSQL connections inside an open transaction, waiting
-    /// for their next statement (a commit's statement run before the store's answer).
+    /// Backends of the first node's PostgreSQL connections inside an open transaction.
     async fn open_transactions(&self) -> i64 {
-        self.pg
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE state = 'idle in transaction' AND application_name = 'bitsd' \
-                 AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
+        bitsd_tests::pg::open_transactions(&self.pg).await
     }
 
     async fn record(&self, id: &SessionId) -> bitsd::storage::SessionRecord {
@@ -264,12 +282,13 @@ impl Bench {
 /// client re-sends that fragment to the second node and finishes the job there.
 async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
     let (node1, pg_relay, s3_relay) = bench.node1().await;
+    let (fragment, total) = (bench.shape.fragment, bench.shape.total());
     let at = format!("{job:?} job, fragment {k}, {point:?}");
     let path = match job {
         Job::Plain => format!("/upload/{PREFIX}/{k}-{point:?}.bin"),
         Job::Reply => "/echo/kill".to_owned(),
     };
-    let data = pattern(TOTAL, bench.runs as u64);
+    let data = pattern(total, bench.runs as u64);
     let mut c1 = RawClient::connect(node1.addr).await;
     let sid = c1.create_session(&path).await;
     let id: SessionId = sid.trim_matches(['{', '}']).parse().unwrap();
@@ -277,11 +296,11 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
     let mut have = 0;
     for i in 0..k {
         let res = c1
-            .fragment(&path, &sid, &data, i * FRAGMENT, FRAGMENT)
+            .fragment(&path, &sid, &data, i * fragment, fragment)
             .await;
         have = acked(&res, &at);
     }
-    let (start, end) = (k * FRAGMENT, (k + 1) * FRAGMENT);
+    let (start, end) = (k * fragment, (k + 1) * fragment);
     assert_eq!(have, start, "{at}");
     let written = match job {
         Job::Plain => "/files/",
@@ -289,10 +308,10 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
     };
     match point {
         Point::Pending => s3_relay.freeze_requests(),
-        Point::Stored | Point::Offset => s3_relay.hold_answer_to(&["PUT ", "/frag/"]),
+        Point::Stored | Point::Offset => s3_relay.hold_answer_to(bench.shape.object_done()),
         Point::Completed | Point::Recorded => s3_relay.hold_answer_to(&["PUT ", written]),
     }
-    let range = format!("bytes {start}-{}/{TOTAL}", end - 1);
+    let range = format!("bytes {start}-{}/{total}", end - 1);
     let request = bits_post_request(
         &path,
         &[
@@ -374,7 +393,7 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
             )
             .await;
             let r = bench.record(&id).await;
-            assert_eq!(r.received, TOTAL as u64, "{at}");
+            assert_eq!(r.received, total as u64, "{at}");
             assert!(!r.committed && r.reply.is_none(), "{at}: {r:?}");
             if point == Point::Recorded {
                 pg_relay.freeze_answers();
@@ -404,7 +423,7 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
 
     // The client's retry: the same fragment, to the second node.
     let mut c2 = RawClient::connect(bench.node2()).await;
-    let mut res = c2.fragment(&path, &sid, &data, start, FRAGMENT).await;
+    let mut res = c2.fragment(&path, &sid, &data, start, fragment).await;
     let got = acked(&res, &format!("{at}, the retry"));
     assert_eq!(got, end, "{at}: the retry's Ack");
     if point == Point::Offset {
@@ -424,7 +443,7 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
             .map(|r| r.get(0))
             .collect();
         assert_eq!(indexed, kept, "{at}: the fragment index after the retry");
-        if end < TOTAL {
+        if end < total {
             assert_eq!(
                 bench.objects_at(&id, start).await,
                 kept,
@@ -433,8 +452,8 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
         }
     }
     have = got;
-    while have < TOTAL {
-        res = c2.fragment(&path, &sid, &data, have, FRAGMENT).await;
+    while have < total {
+        res = c2.fragment(&path, &sid, &data, have, fragment).await;
         let got = acked(&res, &at);
         assert!(got > have, "{at}: Ack {got} after {have}");
         have = got;
@@ -478,8 +497,8 @@ async fn run(bench: &mut Bench, job: Job, k: usize, point: Point) {
             .delete(std::slice::from_ref(&dest))
             .await
             .unwrap();
-        let (again, fin) = c2.upload(&path, &data, TOTAL).await;
-        assert_eq!(acked(&fin, &format!("{at}, the next upload")), TOTAL);
+        let (again, fin) = c2.upload(&path, &data, total).await;
+        assert_eq!(acked(&fin, &format!("{at}, the next upload")), total);
         c2.close_session(&path, &again).await.assert_ack();
     }
 }
@@ -545,8 +564,8 @@ const FINAL_POINTS: [Point; 5] = [
 
 /// Runs `job`, killing node 1 (a pool of `pool` connections) at each of `points` of fragment
 /// `k` in turn.
-async fn kill_at(pool: usize, job: Job, k: usize, points: &[Point]) {
-    let Some(mut bench) = Bench::start(pool).await else {
+async fn kill_at(pool: usize, shape: Shape, job: Job, k: usize, points: &[Point]) {
+    let Some(mut bench) = Bench::start(pool, shape).await else {
         return;
     };
     for &point in points {
@@ -559,6 +578,7 @@ async fn kill_at(pool: usize, job: Job, k: usize, points: &[Point]) {
 async fn a_node_killed_between_the_steps_of_a_middle_fragment_loses_nothing() {
     kill_at(
         2,
+        SMALL,
         Job::Plain,
         1,
         &[Point::Pending, Point::Stored, Point::Offset],
@@ -568,20 +588,32 @@ async fn a_node_killed_between_the_steps_of_a_middle_fragment_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_between_the_steps_of_a_final_fragment_and_its_publish_loses_nothing() {
-    kill_at(1, Job::Plain, 2, &FINAL_POINTS).await;
+    kill_at(1, SMALL, Job::Plain, 2, &FINAL_POINTS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_while_its_final_commit_waits_for_the_store_loses_nothing() {
-    kill_at(2, Job::Plain, 2, &[Point::Stored, Point::Offset]).await;
+    kill_at(2, SMALL, Job::Plain, 2, &[Point::Stored, Point::Offset]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_around_a_middle_commit_made_after_the_store_loses_nothing() {
-    kill_at(1, Job::Plain, 1, &[Point::Stored, Point::Offset]).await;
+    kill_at(1, SMALL, Job::Plain, 1, &[Point::Stored, Point::Offset]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_between_the_steps_of_a_final_fragment_and_its_reply_loses_nothing() {
-    kill_at(1, Job::Reply, 2, &FINAL_POINTS).await;
+    kill_at(1, SMALL, Job::Reply, 2, &FINAL_POINTS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_between_the_steps_of_a_multipart_middle_fragment_loses_nothing() {
+    kill_at(
+        2,
+        MULTIPART,
+        Job::Plain,
+        1,
+        &[Point::Pending, Point::Stored, Point::Offset],
+    )
+    .await;
 }

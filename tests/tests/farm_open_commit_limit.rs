@@ -11,37 +11,12 @@ use std::time::{Duration, Instant};
 
 use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::pg::open_transactions;
 use bitsd_tests::relay::Relay;
-use bitsd_tests::{bits_post_request, pattern, BitsdProcess, RawClient};
+use bitsd_tests::{bits_post_request, pattern, until, BitsdProcess, RawClient};
 
 const FRAGMENT: usize = 10_000;
 const TOTAL: usize = 3 * FRAGMENT;
-
-/// Backends of this database's `bitsd` connections inside an open transaction.
-async fn open_transactions(pg: &tokio_postgres::Client) -> i64 {
-    pg.query_one(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE state = 'idle in transaction' AND application_name = 'bitsd' \
-         AND datname = current_database()",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
-/// Polls `check` every 20 ms until it holds; panics with `what` after `within`.
-async fn until<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_open_longer_than_postgres_open_commit_secs_is_ended_and_the_retry_is_taken() {

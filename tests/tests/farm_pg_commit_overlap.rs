@@ -13,8 +13,8 @@ use std::time::Duration;
 use bitsd_storage::shared::pg::{CasOutcome, PgOptions, PgStateStore};
 use bitsd_storage::StorageError;
 use bitsd_tests::pg::{
-    cluster_or_skip as cluster, fragment, raw_client, session_record, single_connection_store,
-    state_store as node,
+    cluster_or_skip as cluster, fragment, open_transactions, raw_client, session_record,
+    single_connection_store, state_store as node,
 };
 use tokio::sync::oneshot;
 
@@ -23,19 +23,6 @@ type Answer = Result<&'static str, StorageError>;
 
 /// A commit under way in a task of its own.
 type Commit = tokio::task::JoinHandle<Result<(&'static str, CasOutcome), StorageError>>;
-
-/// Backends of this database's `bitsd` connections inside an open transaction, waiting for
-/// their next statement.
-async fn open_transactions(pg: &tokio_postgres::Client) -> i64 {
-    pg.query_one(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' \
-         AND application_name = 'bitsd' AND datname = current_database()",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
 
 /// Waits (up to 10 s) until `open_transactions` is `n`.
 async fn until_open(pg: &tokio_postgres::Client, n: i64) {
