@@ -381,3 +381,59 @@ async fn a_part_boundary_without_5_mib_to_merge_still_gets_its_1_mib_merge() {
         "no part merged (the 6 MiB fragment is the only entry of 5 MiB or more)"
     );
 }
+
+/// A part merge counts in the node's fragment memory (`fragment_memory`): while another
+/// session's fragment of 6 MiB (a multipart one, which reserves what it holds) takes the
+/// whole 6 MiB budget, the merge of the first 5 MiB waits and nothing is merged; once that
+/// fragment is gone the merge gets its room and runs, and the upload is published exactly.
+/// (Uncounted, the merge ran at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_merge_waits_for_room_in_the_fragment_memory() {
+    let mut lens = vec![MIB; 6];
+    lens.push(100_000);
+    let total: u64 = lens.iter().sum::<usize>() as u64;
+    let Some(farm) = farm("parts-memory", |store| {
+        store.part_size = Some(MIN_PART_SIZE);
+        store.server_side_copy = Some(true);
+        store.merge_parts_from = Some(total);
+        store.fragment_memory = Some(6 * MIB as u64);
+    })
+    .await
+    else {
+        return;
+    };
+    let backend = &farm.backend;
+    let other = session_record(None);
+    backend.create(&other).await.unwrap();
+    let plan = bitsd::storage::FragmentPlan {
+        write_at: 0,
+        len: 6 * MIB as u64,
+        durability: bitsd::storage::FragmentDurability::Durable,
+    };
+    let holder = backend.begin_fragment(&other.id, plan).await.unwrap();
+
+    let data = pattern(total as usize, 31);
+    let mut record = session_record(None);
+    backend.create(&record).await.unwrap();
+    let id = record.id;
+    // Shorter than the part size: streamed, they never wait for the budget.
+    for &len in &lens[..5] {
+        send(backend, &mut record, &data, len).await;
+    }
+    assert!(
+        !part_merged_within(backend, &id, 2).await,
+        "merged without room in the budget"
+    );
+    drop(holder);
+    assert!(
+        part_merged_within(backend, &id, 10).await,
+        "not merged once the budget had room"
+    );
+    for &len in &lens[5..] {
+        send(backend, &mut record, &data, len).await;
+    }
+    assert!(
+        publish_and_read(backend, &id, "parts/memory.bin").await == data,
+        "published byte-exact"
+    );
+}

@@ -269,7 +269,10 @@ impl Coalescer {
                 async move { read_checked(&objects, &f).await }
             })
             .buffered(ahead);
-        let mut writer = self.objects.writer(key.clone());
+        // Counted in the node's fragment memory like a fragment that holds its bytes: with
+        // no room within the budget's wait the merge fails (Busy), the run stays as it is.
+        let len = run.iter().map(|f| f.entry.len).sum();
+        let mut writer = self.objects.counted_writer(key.clone(), len).await?;
         while let Some(bytes) = reads.next().await {
             let written = match bytes {
                 Ok(bytes) => writer.write_bytes(bytes).await,

@@ -18,9 +18,12 @@
 //!   streaming without a second try (should that stream break, the fragment fails with a
 //!   transient error instead of being sent again from memory).
 //!
-//! An upload's assembly streamed through the node reserves like a fragment that must hold
-//! its bytes ([`Objects::counted_writer`](super::Objects::counted_writer)). Merges and reply
-//! writers are not counted: one per session merging or storing its reply.
+//! An upload's assembly streamed through the node, and a merge of fragments into one object
+//! (`merge_parts_from`, `coalesce_fragments`), reserve like a fragment that must hold its
+//! bytes ([`Objects::counted_writer`](super::Objects::counted_writer)); a merge without room
+//! fails and leaves its fragments as they are. Reply writers are not counted (their length
+//! is not known before they end): one per session storing its reply, at most twice the part
+//! size each.
 
 use std::sync::Arc;
 use std::time::Duration;
