@@ -2,7 +2,8 @@
 //! fragments that must hold their bytes share the node's budget, all or nothing, and a node
 //! with no room answers 503 (retryable) before reading the body, while other fragments that
 //! fit go on; a streamed fragment never waits, and streams on without a copy when the budget
-//! is full. Real in-process nodes on one PostgreSQL database and one Garage bucket; skips with
+//! is full; an upload's assembly and a reply past its first 64 KiB wait for room. Real
+//! in-process nodes on one PostgreSQL database and one Garage bucket; skips with
 //! a printed reason when PostgreSQL, Garage or nginx is not installed.
 #![allow(clippy::unwrap_used)]
 
@@ -210,4 +211,97 @@ async fn a_streamed_fragment_goes_on_without_a_copy_when_the_budget_is_full() {
         1,
         "one refused stream, then whole fragments:\n{log}"
     );
+}
+
+/// The whole of a reply streamed from a shared backend (`read_reply`).
+async fn reply_bytes(
+    backend: &bitsd::storage::shared::SharedBackend,
+    id: &bitsd_protocol::SessionId,
+    kind: &bitsd::storage::ReplyKind,
+    len: u64,
+) -> Vec<u8> {
+    use bitsd::storage::SessionBackend;
+    use futures_util::StreamExt;
+    let mut stream = backend.read_reply(id, kind, 0, len).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
+/// Replies count in the same budget: while another session's 6 MiB fragment (a multipart
+/// one, which reserves what it holds) takes the whole 6 MiB, a streamed reply's first 64 KiB
+/// go through, its next bytes wait for room, and a reply stored from a 1 MiB file waits too;
+/// once the fragment is gone both go on and are stored exactly. (Uncounted, both went through
+/// at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_wait_for_room_in_the_budget_past_their_first_64_kib() {
+    use bitsd::storage::shared::objects::MIN_PART_SIZE;
+    use bitsd::storage::{FragmentDurability, FragmentPlan, SessionBackend};
+    use bytes::Bytes;
+    let Some(farm) = bitsd_tests::shared_backend::farm("memory-reply", |store| {
+        store.part_size = Some(MIN_PART_SIZE);
+        store.fragment_memory = Some(6 * MIB as u64);
+    })
+    .await
+    else {
+        return;
+    };
+    let backend = &farm.backend;
+    let sessions: Vec<_> = (0..3)
+        .map(|_| bitsd_tests::pg::session_record(None))
+        .collect();
+    for s in &sessions {
+        backend.create(s).await.unwrap();
+    }
+    let plan = FragmentPlan {
+        write_at: 0,
+        len: 6 * MIB as u64,
+        durability: FragmentDurability::Durable,
+    };
+    let holder = backend.begin_fragment(&sessions[0].id, plan).await.unwrap();
+
+    let streamed = pattern(MIB, 60);
+    let mut sink = backend.begin_reply(&sessions[1].id).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        sink.write(Bytes::copy_from_slice(&streamed[..64 * 1024])),
+    )
+    .await
+    .expect("a reply's first 64 KiB wait for nothing")
+    .unwrap();
+    let rest = Bytes::copy_from_slice(&streamed[64 * 1024..]);
+    let streaming = tokio::spawn(async move {
+        sink.write(rest).await?;
+        sink.finish().await
+    });
+    let from_file = pattern(MIB, 61);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("reply.bin");
+    std::fs::write(&file, &from_file).unwrap();
+    let stored_file = {
+        let (farm_backend, id) = (backend.clone(), sessions[2].id);
+        tokio::spawn(async move { farm_backend.store_reply_file(&id, &file).await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!streaming.is_finished(), "a reply went on without room");
+    assert!(
+        !stored_file.is_finished(),
+        "a reply file went on without room"
+    );
+
+    drop(holder);
+    let kind = tokio::time::timeout(Duration::from_secs(8), streaming)
+        .await
+        .expect("the reply goes on once there is room")
+        .unwrap()
+        .unwrap();
+    assert!(reply_bytes(backend, &sessions[1].id, &kind, MIB as u64).await == streamed);
+    let kind = tokio::time::timeout(Duration::from_secs(8), stored_file)
+        .await
+        .expect("the reply file goes on once there is room")
+        .unwrap()
+        .unwrap();
+    assert!(reply_bytes(backend, &sessions[2].id, &kind, MIB as u64).await == from_file);
 }

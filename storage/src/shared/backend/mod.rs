@@ -209,11 +209,16 @@ impl SharedBackend {
         let file = tokio::fs::File::open(src)
             .await
             .map_err(StorageError::io("read reply file", src))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(StorageError::io("read reply file", src))?
+            .len();
         let path = src.to_path_buf();
         let body = tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
             .map(move |c| c.map_err(StorageError::io("read reply file", &path)));
         let (key, name) = self.objects.reply_key(id);
-        let stored = self.objects.put_stream(key, body).await?;
+        let stored = self.objects.put_stream_counted(key, len, body).await?;
         Ok(ReplyKind::Stored {
             len: stored.len,
             crc32c: Some(stored.crc32c),
@@ -466,7 +471,7 @@ impl SessionBackend for SharedBackend {
     async fn begin_reply(&self, id: &SessionId) -> Result<Box<dyn ReplySink>, StorageError> {
         let (key, name) = self.objects.reply_key(id);
         Ok(Box::new(SharedReply {
-            writer: self.objects.writer(key),
+            writer: self.objects.reply_writer(key),
             name,
         }))
     }

@@ -21,9 +21,11 @@
 //! An upload's assembly streamed through the node, and a merge of fragments into one object
 //! (`merge_parts_from`, `coalesce_fragments`), reserve like a fragment that must hold its
 //! bytes ([`Objects::counted_writer`](super::Objects::counted_writer)); a merge without room
-//! fails and leaves its fragments as they are. Reply writers are not counted (their length
-//! is not known before they end): one per session storing its reply, at most twice the part
-//! size each.
+//! fails and leaves its fragments as they are. A reply, whose length is not known before it
+//! ends, is counted once past its first 64 KiB
+//! ([`Objects::reply_writer`](super::Objects::reply_writer)): it then reserves the most it
+//! can hold, 2 × the part size, the same way; a reply stored from a file reserves what it
+//! will hold before its first byte.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -49,6 +49,10 @@ pub use config::{
 pub use keys::{ObjectKey, MAX_KEY_LEN};
 pub use writer::{ObjectWriter, StoredObject};
 
+/// A reply ([`Objects::reply_writer`]) is counted in the node's fragment memory once it is
+/// longer than this: 64 KiB.
+pub const COUNT_REPLIES_FROM: u64 = 64 * 1024;
+
 use crate::StorageError;
 use error::map_err;
 
@@ -256,6 +260,33 @@ impl Objects {
         self.count_in_memory(writer, len).await
     }
 
+    /// As [`Objects::writer`] for an object whose length is not known before it ends (a
+    /// reply): counted in the node's [`FragmentMemory`] once past its first
+    /// [`COUNT_REPLIES_FROM`] bytes, when it reserves the most it can hold (2 × the part size),
+    /// waiting as a fragment that holds its bytes does.
+    pub fn reply_writer(&self, key: ObjectKey) -> ObjectWriter {
+        let mut writer = self.writer(key);
+        writer.count_past(self.fragment_memory.clone(), COUNT_REPLIES_FROM);
+        writer
+    }
+
+    /// Writes the bytes of `body`, `len` of them, to `key`, counted in the node's
+    /// [`FragmentMemory`] as [`Objects::counted_writer`] is; the object is durable when this
+    /// returns. A failed body read aborts the write.
+    pub async fn put_stream_counted<S, E>(
+        &self,
+        key: ObjectKey,
+        len: u64,
+        body: S,
+    ) -> Result<StoredObject, StorageError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<StorageError>,
+    {
+        let writer = self.counted_writer(key, len).await?;
+        write_all(writer, body).await
+    }
+
     /// As [`Objects::writer`] for an object of `len` bytes, counted in the node's
     /// [`FragmentMemory`] like a fragment that is not streamed: what it will hold is reserved
     /// first, and a transient [`StorageError::Busy`] comes back when that does not fit in
@@ -300,23 +331,7 @@ impl Objects {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<StorageError>,
     {
-        let mut writer = self.writer(key);
-        let mut body = std::pin::pin!(body);
-        while let Some(frame) = body.next().await {
-            match frame {
-                Ok(bytes) => {
-                    if let Err(e) = writer.write_bytes(bytes).await {
-                        writer.abort().await;
-                        return Err(e);
-                    }
-                }
-                Err(e) => {
-                    writer.abort().await;
-                    return Err(e.into());
-                }
-            }
-        }
-        writer.finish().await
+        write_all(self.writer(key), body).await
     }
 
     /// Reads an object, or the byte range `range` of it (clamped to its end), as a stream.
@@ -452,6 +467,30 @@ impl Objects {
         self.delete(&keys).await?;
         Ok(keys.len())
     }
+}
+
+/// Writes `body` into `writer` and completes the object; a failed body read or write aborts.
+async fn write_all<S, E>(mut writer: ObjectWriter, body: S) -> Result<StoredObject, StorageError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: Into<StorageError>,
+{
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = body.next().await {
+        match frame {
+            Ok(bytes) => {
+                if let Err(e) = writer.write_bytes(bytes).await {
+                    writer.abort().await;
+                    return Err(e);
+                }
+            }
+            Err(e) => {
+                writer.abort().await;
+                return Err(e.into());
+            }
+        }
+    }
+    writer.finish().await
 }
 
 /// An [`Objects`] under `prefix` for unit tests that only make keys: its endpoint is never

@@ -20,6 +20,13 @@ const COPY_BELOW: usize = 64 * 1024;
 /// writer stays below `(1 + PARTS_IN_FLIGHT) × part size`.
 const PARTS_IN_FLIGHT: usize = 1;
 
+/// What [`ObjectWriter::count_past`] reserves, and when.
+struct CountPast {
+    memory: FragmentMemory,
+    from: u64,
+    most: u64,
+}
+
 /// An object written and durable in the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredObject {
@@ -70,6 +77,9 @@ pub struct ObjectWriter {
     /// A streamed writer let go of its bytes when `memory` had no room for them: should the
     /// stream break, there is nothing to send again.
     let_go: bool,
+    /// Counted once past its first bytes (a writer of unknown length, see
+    /// [`ObjectWriter::count_past`]).
+    count_past: Option<CountPast>,
     len: u64,
     crc32c: u32,
 }
@@ -98,9 +108,23 @@ impl ObjectWriter {
             memory: None,
             budget: Held::none(),
             let_go: false,
+            count_past: None,
             len: 0,
             crc32c: 0,
         }
+    }
+
+    /// Counts this writer in `memory` once it is handed more than `from` bytes: it then
+    /// reserves the most it can hold (the part being filled and one in flight), all at once,
+    /// waiting as a fragment that holds its bytes does (a transient
+    /// [`StorageError::Busy`] when there is no room in time). For objects whose length is not
+    /// known before they end (replies); a short one is never counted.
+    pub(crate) fn count_past(&mut self, memory: FragmentMemory, from: u64) {
+        self.count_past = Some(CountPast {
+            memory,
+            from,
+            most: 2 * self.part_size as u64,
+        });
     }
 
     /// Forwards the bytes of a single-PUT object through `stream` as they come. They are
@@ -141,6 +165,12 @@ impl ObjectWriter {
     pub async fn write_bytes(&mut self, bytes: Bytes) -> Result<(), StorageError> {
         if bytes.is_empty() {
             return Ok(());
+        }
+        if let Some(count) = &self.count_past {
+            if self.len + bytes.len() as u64 > count.from {
+                self.budget = count.memory.reserve(count.most, self.key.as_str()).await?;
+                self.count_past = None;
+            }
         }
         self.crc32c = crc32c::crc32c_append(self.crc32c, &bytes);
         self.len += bytes.len() as u64;
