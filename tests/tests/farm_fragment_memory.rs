@@ -115,6 +115,54 @@ async fn fragments_holding_their_bytes_share_the_budget_and_a_full_node_answers_
     }
 }
 
+/// `fragment_memory_wait_secs` sets how long a fragment that does not fit waits for room:
+/// with 1 s, a 4 MiB fragment beside a held one is refused after about a second (10 s by
+/// default), and goes through once the held one is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragment_memory_wait_secs_sets_how_long_a_fragment_waits_for_room() {
+    let Some(farm) = Farm::start("memory-wait", 1, |_, c| {
+        if let bitsd::StorageConfig::Shared(shared) = &mut c.storage {
+            shared.object_store.stream_fragments = Some(false);
+            shared.object_store.fragment_memory = Some(6 * MIB as u64);
+            shared.object_store.fragment_memory_wait_secs = Some(1);
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let node = &farm.nodes[0];
+    let data: Vec<Vec<u8>> = (0..2).map(|i| pattern(4 * MIB, 70 + i)).collect();
+    let paths = ["/upload/wait-0.bin", "/upload/wait-1.bin"];
+    let mut sids = Vec::new();
+    for path in paths {
+        sids.push(node.connect().await.create_session(path).await);
+    }
+    let first = fragment_request(paths[0], &sids[0], &data[0], 0, 4 * MIB);
+    let split = first.len() - 2 * MIB;
+    let mut holder = node.connect().await;
+    holder.write(&first[..split]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut refused = node.connect().await;
+    let started = Instant::now();
+    let res = refused
+        .fragment(paths[1], &sids[1], &data[1], 0, 4 * MIB)
+        .await;
+    let waited = started.elapsed();
+    res.assert_error(503, "0x801901f7");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "refused after {waited:?}, not after the configured second"
+    );
+    holder.write(&first[split..]).await;
+    assert_eq!(holder.read_response(false).await.status, 200);
+    let res = refused
+        .fragment(paths[1], &sids[1], &data[1], 0, 4 * MIB)
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+}
+
 /// An upload's assembly streamed through the node counts in the same budget: with 4 MiB held
 /// by a fragment still arriving and a budget of 6 MiB, the final fragment of a 4 MiB upload
 /// in 1 MiB fragments is stored, but its assembly waits for room and answers 503; re-sent once

@@ -156,6 +156,20 @@ mod tests {
                       [object_store]\nbucket = \"b\"\n";
         let e = apply(&format!("{shared}presigned_reply_secs = 604801\n")).unwrap_err();
         assert!(e.contains("at most 604800"), "{e}");
+        let e = apply(&format!("{shared}fragment_memory_wait_secs = 3601\n")).unwrap_err();
+        assert!(
+            e.contains("fragment_memory_wait_secs must be at most 3600"),
+            "{e}"
+        );
+        for (set, wait) in [("", 10), ("fragment_memory_wait_secs = 0\n", 0)] {
+            match apply(&format!("{shared}{set}")).unwrap().storage {
+                StorageConfig::Shared(s) => assert_eq!(
+                    s.object_store.fragment_memory_wait(),
+                    std::time::Duration::from_secs(wait)
+                ),
+                StorageConfig::Local => panic!("expected shared"),
+            }
+        }
         match apply(&format!("{shared}presigned_reply_secs = 900\n"))
             .unwrap()
             .storage

@@ -11,7 +11,7 @@
 //!   upload) reserves the most it can hold, `min(length, 2 × part_size)`, before its body is
 //!   read. All or nothing, so fragments never hold part of the budget while waiting for the
 //!   rest (no fragment can starve another into a deadlock). When the budget has no room it
-//!   waits at most 10 s, then fails with a transient error (503: the
+//!   waits at most `fragment_memory_wait_secs` (10 s by default), then fails with a transient error (503: the
 //!   client retries later) before it has read a byte.
 //! - A **streamed** fragment never waits: it keeps its bytes while the budget has room for
 //!   them, a frame at a time, and when it has not, lets go of what it kept and goes on
@@ -41,8 +41,9 @@ const UNIT: u64 = 1024;
 /// Default of `fragment_memory`: 1 GiB.
 pub const DEFAULT_FRAGMENT_MEMORY: u64 = 1 << 30;
 
-/// How long a fragment that must hold its bytes waits for room by default.
-const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// How long a fragment that must hold its bytes waits for room by default
+/// (`fragment_memory_wait_secs`).
+pub(super) const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 
 /// Units for `bytes`, rounded up.
 fn units(bytes: u64) -> u64 {

@@ -112,10 +112,16 @@ pub struct ObjectStoreConfig {
     /// Bytes of fragment bodies this node holds in memory at most, all fragments in flight
     /// together (default 1 GiB). A fragment sent after its last byte (not streamed, or at
     /// least `part_size` long) reserves what it will hold, up to 2 × `part_size`, before its
-    /// body is read, and when that does not fit within 10 s answers 503 (the client retries
+    /// body is read, and when that does not fit within `fragment_memory_wait_secs` (10 s by
+    /// default) answers 503 (the client retries
     /// later); a streamed fragment keeps its bytes for a second try of its PUT only while
     /// they fit. Give it at least 2 × `part_size`.
     pub fragment_memory: Option<u64>,
+    /// Seconds something that must hold its bytes (a fragment sent after its last byte, an
+    /// upload's assembly, a merge, a reply past its first 64 KiB) waits for room in
+    /// `fragment_memory` before it gives up with a transient error (default 10; 0: it does
+    /// not wait).
+    pub fragment_memory_wait_secs: Option<u64>,
 }
 
 /// The longest validity of a presigned URL (SigV4: 7 days).
@@ -142,6 +148,7 @@ impl std::fmt::Debug for ObjectStoreConfig {
             .field("merge_parts_from", &self.merge_parts_from)
             .field("presigned_reply_secs", &self.presigned_reply_secs)
             .field("fragment_memory", &self.fragment_memory)
+            .field("fragment_memory_wait_secs", &self.fragment_memory_wait_secs)
             .finish_non_exhaustive()
     }
 }
@@ -171,6 +178,15 @@ impl ObjectStoreConfig {
     pub fn fragment_memory(&self) -> u64 {
         self.fragment_memory
             .unwrap_or(super::budget::DEFAULT_FRAGMENT_MEMORY)
+    }
+
+    /// How long something that must hold its bytes waits for room in the node's budget
+    /// (`fragment_memory_wait_secs`, default 10 s).
+    pub fn fragment_memory_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.fragment_memory_wait_secs
+                .unwrap_or(super::budget::DEFAULT_WAIT.as_secs()),
+        )
     }
 
     /// Whether runs of small fragments are merged while the upload goes on.
@@ -204,8 +220,9 @@ impl ObjectStoreConfig {
         )
     }
 
-    /// What makes the table unusable before anything is sent: no bucket, or a presigned URL
-    /// validity no signature can have. The message names the key and what to set.
+    /// What makes the table unusable before anything is sent: no bucket, a presigned URL
+    /// validity no signature can have, or a wait for memory longer than an hour. The message
+    /// names the key and what to set.
     pub fn check(&self) -> Result<(), String> {
         if self.bucket.is_empty() {
             return Err("[object_store] bucket must be set".into());
@@ -219,6 +236,13 @@ impl ObjectStoreConfig {
                  days, the longest a presigned URL lasts), or 0 to serve replies through the \
                  nodes"
             ));
+        }
+        if self.fragment_memory_wait_secs.is_some_and(|s| s > 3600) {
+            return Err(
+                "[object_store] fragment_memory_wait_secs must be at most 3600 (an hour); 0 \
+                 answers at once when the node has no room"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -180,7 +180,10 @@ impl Objects {
             coalesce: config.coalesce_fragments(),
             merge_parts_from: config.merge_parts_from(),
             presigned_reply_ttl: config.presigned_reply_ttl(),
-            fragment_memory: FragmentMemory::new(config.fragment_memory()),
+            fragment_memory: FragmentMemory::with_wait(
+                config.fragment_memory(),
+                config.fragment_memory_wait(),
+            ),
         })
     }
 
