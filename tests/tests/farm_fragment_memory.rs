@@ -31,6 +31,32 @@ fn fragment_request(path: &str, sid: &str, data: &[u8], first: usize, len: usize
     )
 }
 
+/// A 4 MiB fragment of `data[0]` (session `sids[0]` at `paths[0]`) whose head and first half
+/// are sent, so it holds 4 MiB of the budget while the rest waits; then a whole 4 MiB
+/// fragment of `data[1]` on a connection of its own, refused with a retryable 503. Returns
+/// the holder, its request and where its rest starts, the refused connection, and how long
+/// the refusal took.
+async fn hold_then_refuse<P: AsRef<str>>(
+    node: &bitsd_tests::TestServer,
+    paths: &[P],
+    sids: &[String],
+    data: &[Vec<u8>],
+) -> (RawClient, Vec<u8>, usize, RawClient, Duration) {
+    let first = fragment_request(paths[0].as_ref(), &sids[0], &data[0], 0, 4 * MIB);
+    let split = first.len() - 2 * MIB;
+    let mut holder = node.connect().await;
+    holder.write(&first[..split]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut refused = node.connect().await;
+    let started = Instant::now();
+    let res = refused
+        .fragment(paths[1].as_ref(), &sids[1], &data[1], 0, 4 * MIB)
+        .await;
+    let waited = started.elapsed();
+    res.assert_error(503, "0x801901f7");
+    (holder, first, split, refused, waited)
+}
+
 /// One node whose fragments are sent after their last byte (`stream_fragments = false`),
 /// with a `fragment_memory` of 6 MiB.
 async fn whole_fragments_in_6_mib(prefix: &str) -> Option<Farm> {
@@ -62,21 +88,10 @@ async fn fragments_holding_their_bytes_share_the_budget_and_a_full_node_answers_
         sids.push(node.connect().await.create_session(path).await);
     }
 
-    // Session 0: the head and half of a 4 MiB fragment; the rest waits.
-    let first = fragment_request(&paths[0], &sids[0], &data[0], 0, 4 * MIB);
-    let split = first.len() - 2 * MIB;
-    let mut holder = node.connect().await;
-    holder.write(&first[..split]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    // Session 1: a whole 4 MiB fragment does not fit beside it.
-    let mut refused = node.connect().await;
-    let started = Instant::now();
-    let res = refused
-        .fragment(&paths[1], &sids[1], &data[1], 0, 4 * MIB)
-        .await;
-    let waited = started.elapsed();
-    res.assert_error(503, "0x801901f7");
+    // Session 0: the head and half of a 4 MiB fragment; the rest waits. Session 1: a whole
+    // 4 MiB fragment does not fit beside it.
+    let (mut holder, first, split, mut refused, waited) =
+        hold_then_refuse(node, &paths, &sids, &data).await;
     assert!(
         waited >= Duration::from_secs(9),
         "the fragment was refused after {waited:?}, without waiting for room"
@@ -138,19 +153,8 @@ async fn fragment_memory_wait_secs_sets_how_long_a_fragment_waits_for_room() {
     for path in paths {
         sids.push(node.connect().await.create_session(path).await);
     }
-    let first = fragment_request(paths[0], &sids[0], &data[0], 0, 4 * MIB);
-    let split = first.len() - 2 * MIB;
-    let mut holder = node.connect().await;
-    holder.write(&first[..split]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let mut refused = node.connect().await;
-    let started = Instant::now();
-    let res = refused
-        .fragment(paths[1], &sids[1], &data[1], 0, 4 * MIB)
-        .await;
-    let waited = started.elapsed();
-    res.assert_error(503, "0x801901f7");
+    let (mut holder, first, split, mut refused, waited) =
+        hold_then_refuse(node, &paths, &sids, &data).await;
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "refused after {waited:?}, not after the configured second"
