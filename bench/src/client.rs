@@ -193,6 +193,32 @@ impl Conn {
         self.request(head.as_bytes(), body).await
     }
 
+    /// One Fragment that is the whole upload (`body`), its body sent `chunk` bytes at a time
+    /// with `pause` after each (a client on a slow link); its response, whatever the status.
+    pub async fn paced_fragment(
+        &mut self,
+        path: &str,
+        sid: &str,
+        body: &[u8],
+        chunk: usize,
+        pause: std::time::Duration,
+    ) -> Result<Response> {
+        let head = format!(
+            "BITS_POST {path} HTTP/1.1\r\nHost: {HOST}\r\nBITS-Packet-Type: Fragment\r\n\
+             BITS-Session-Id: {sid}\r\nContent-Range: bytes 0-{}/{}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len() - 1,
+            body.len(),
+            body.len()
+        );
+        self.stream.write_all(head.as_bytes()).await?;
+        for part in body.chunks(chunk.max(1)) {
+            self.stream.write_all(part).await?;
+            tokio::time::sleep(pause).await;
+        }
+        self.read_response().await
+    }
+
     /// Create-Session; returns the session id.
     pub async fn create_session(&mut self, path: &str) -> Result<String> {
         let res = self

@@ -101,6 +101,13 @@ pub struct FarmArgs {
     /// Concurrent clients of 4 KiB echo jobs in those rounds.
     #[arg(long, default_value_t = 64)]
     pub farm_scale_clients: usize,
+    /// Clients that each trickle a 16 MiB fragment at once to one more farm node, whose peak
+    /// RSS is checked against its `fragment_memory` (0: not run; see the `farm_rss` module).
+    #[arg(long, default_value_t = 32)]
+    pub farm_rss_clients: usize,
+    /// That node's `fragment_memory`, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub farm_rss_memory_mib: u64,
 }
 
 /// Where the bytes go.
@@ -360,6 +367,25 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
     }
     report.scale = Some(crate::farm_scale::measure(&env, &watch, a, &payload).await?);
     report.finish();
+    if a.farm_rss_clients > 0 {
+        let rss = crate::farm_rss::run(
+            bin,
+            &dir,
+            &dir.join("farm.toml"),
+            a.farm_rss_clients,
+            a.farm_rss_memory_mib * MIB,
+        )
+        .await?;
+        report.checks.push((
+            format!(
+                "peak RSS of a farm node, {} clients each trickling a 16 MiB fragment, \
+                 fragment_memory {} MiB",
+                rss.clients, a.farm_rss_memory_mib
+            ),
+            rss.figure(),
+            rss.peak <= rss.limit() && rss.other.is_empty(),
+        ));
+    }
     drop(env);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)

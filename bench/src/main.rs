@@ -25,6 +25,7 @@ mod farm_env;
 mod farm_load;
 mod farm_pg;
 mod farm_report;
+mod farm_rss;
 mod farm_scale;
 mod file_baseline;
 mod jobs;
