@@ -357,3 +357,56 @@ async fn replies_wait_for_room_in_the_budget_past_their_first_64_kib() {
         .unwrap();
     assert!(reply_bytes(backend, &sessions[2].id, &kind, MIB as u64).await == from_file);
 }
+
+/// Through a node: a reply handler's 1 MiB reply that finds no room in the budget within
+/// `fragment_memory_wait_secs` (1 s) answers the job's final fragment with a retryable 503
+/// and records nothing; re-sent once the fragment holding the budget is done, the final
+/// fragment is acknowledged with the reply's URL and the reply downloads exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_without_room_answers_the_final_fragment_503_and_its_retry_gets_the_reply() {
+    use bitsd::{HandlerError, Reply, Route, Upload};
+    let reply = pattern(MIB, 80);
+    let made = reply.clone();
+    let Some(farm) = Farm::start("memory-reply-e2e", 1, move |_, c| {
+        if let bitsd::StorageConfig::Shared(shared) = &mut c.storage {
+            shared.object_store.stream_fragments = Some(false);
+            shared.object_store.fragment_memory = Some(6 * MIB as u64);
+            shared.object_store.fragment_memory_wait_secs = Some(1);
+        }
+        let made = made.clone();
+        let handler = move |_upload: Upload| {
+            let made = made.clone();
+            async move { Ok::<_, HandlerError>(Reply::bytes(made)) }
+        };
+        c.routes.push(Route::upload_reply("/made/", handler));
+    })
+    .await
+    else {
+        return;
+    };
+    let node = &farm.nodes[0];
+    let held = pattern(4 * MIB, 81);
+    let held_path = "/upload/reply-held.bin";
+    let held_sid = node.connect().await.create_session(held_path).await;
+    let first = fragment_request(held_path, &held_sid, &held, 0, 4 * MIB);
+    let split = first.len() - MIB;
+    let mut holder = node.connect().await;
+    holder.write(&first[..split]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The job's 10,000 bytes fit beside the held 4 MiB; its reply does not.
+    let job = pattern(10_000, 82);
+    let mut c = node.connect().await;
+    let sid = c.create_session("/made/job").await;
+    let res = c.fragment("/made/job", &sid, &job, 0, job.len()).await;
+    res.assert_error(503, "0x801901f7");
+
+    holder.write(&first[split..]).await;
+    assert_eq!(holder.read_response(false).await.status, 200);
+    let res = c.fragment("/made/job", &sid, &job, 0, job.len()).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let url = res.header("bits-reply-url").unwrap().to_owned();
+    let got = c.get("GET", &bitsd_tests::url_path(&url), &[]).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.body == reply, "the reply downloads exactly");
+}
