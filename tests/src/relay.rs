@@ -4,7 +4,8 @@
 //! the node never hears of it (`freeze_answers`), or the node's request never arrives
 //! (`freeze_requests`). `hold_answer_to` stops only the answers of the connection that
 //! carries the next request whose bytes contain given strings (an S3 `PUT` of a key, say),
-//! until `release_held`. Bytes are held, never dropped: forwarding resumes where it stopped.
+//! until `release_held`; `stop_request_to` stops that request itself, before the upstream
+//! sees it. Bytes are held, never dropped: forwarding resumes where it stopped.
 //! Dropping the relay closes every connection it carries.
 
 use std::collections::HashSet;
@@ -28,6 +29,10 @@ struct Gates {
     hold: Option<Vec<Vec<u8>>>,
     /// Connections whose answers are held.
     held: HashSet<u64>,
+    /// Strings the next request to stop must all contain (cleared when one matched).
+    stop: Option<Vec<Vec<u8>>>,
+    /// Connections whose requests are stopped (the matching one included).
+    stopped: HashSet<u64>,
 }
 
 /// A relay on a loopback port to one upstream address.
@@ -84,16 +89,28 @@ impl Relay {
         self.gates.send_modify(|g| g.hold = Some(parts));
     }
 
-    /// Whether a connection's answers are held now.
-    pub fn holding(&self) -> bool {
-        !self.gates.borrow().held.is_empty()
+    /// Stops the next request containing every one of `parts` (in one read) before it
+    /// reaches the upstream, and what follows it on its connection, until
+    /// [`Relay::release_held`]: the node has sent it, the upstream never sees it.
+    pub fn stop_request_to(&self, parts: &[&str]) {
+        let parts = parts.iter().map(|p| p.as_bytes().to_vec()).collect();
+        self.gates.send_modify(|g| g.stop = Some(parts));
     }
 
-    /// Lets the held answers through (and forgets a hold that matched nothing yet).
+    /// Whether a connection's answers are held, or its requests stopped, now.
+    pub fn holding(&self) -> bool {
+        let g = self.gates.borrow();
+        !g.held.is_empty() || !g.stopped.is_empty()
+    }
+
+    /// Lets the held answers and stopped requests through (and forgets a hold or stop that
+    /// matched nothing yet).
     pub fn release_held(&self) {
         self.gates.send_modify(|g| {
             g.hold = None;
             g.held.clear();
+            g.stop = None;
+            g.stopped.clear();
         });
     }
 }
@@ -135,7 +152,7 @@ async fn pump(
 ) {
     let open = move |g: &Gates| {
         if requests {
-            !g.requests_frozen
+            !g.requests_frozen && !g.stopped.contains(&id)
         } else {
             !g.answers_frozen && !g.held.contains(&id)
         }
@@ -161,7 +178,15 @@ async fn pump(
                     g.hold = None;
                     g.held.insert(id);
                 }
-                matched
+                let stop = g
+                    .stop
+                    .as_ref()
+                    .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)));
+                if stop {
+                    g.stop = None;
+                    g.stopped.insert(id);
+                }
+                matched || stop
             });
         }
         if rx.wait_for(open).await.is_err() {

@@ -243,7 +243,7 @@ impl Coalescer {
             .filter_map(|f| ObjectKey::parse(&f.object_key))
             .collect();
         if let Err(e) = self.objects.delete(&old).await {
-            tracing::debug!(session = %id, error = %e, "merged fragments' objects stay until the session ends");
+            tracing::debug!(session = %id, error = %e, "merged fragments' objects stay until the session's tombstone is purged");
         }
         Ok(Coalesced::Merged {
             fragments: run.len(),
