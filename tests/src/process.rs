@@ -93,6 +93,19 @@ impl BitsdProcess {
         Self::start_logging(data_dir, extra, None)
     }
 
+    /// Writes `config` to `dir/NAME.toml` and starts `bitsd --config` on it with its data
+    /// under `dir/NAME`, in a blocking task (for async tests).
+    pub async fn start_configured(dir: &Path, name: &str, config: String) -> Self {
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, config).unwrap();
+        let data = dir.join(name);
+        tokio::task::spawn_blocking(move || {
+            BitsdProcess::start(&data, &["--config", file.to_str().unwrap()])
+        })
+        .await
+        .unwrap()
+    }
+
     /// Like [`BitsdProcess::start`], with the process's stderr (its log) appended to `log`.
     pub fn start_logging(data_dir: &Path, extra: &[&str], log: Option<&Path>) -> Self {
         Self::start_wrapped(&[], data_dir, extra, log)

@@ -55,17 +55,6 @@ fn config(servers: &FarmServers, endpoint: &str, sweep: u64) -> String {
     )
 }
 
-async fn start_node(dir: &std::path::Path, name: &str, config: String) -> BitsdProcess {
-    let file = dir.join(format!("{name}.toml"));
-    std::fs::write(&file, config).unwrap();
-    let data = dir.join(name);
-    tokio::task::spawn_blocking(move || {
-        BitsdProcess::start(&data, &["--config", file.to_str().unwrap()])
-    })
-    .await
-    .unwrap()
-}
-
 /// Fragment objects of the session.
 async fn fragment_objects(objects: &Objects, id: &SessionId) -> Vec<String> {
     listed_keys(objects, &objects.session_prefix(id))
@@ -104,14 +93,14 @@ async fn kill_at(point: Point) {
     let store = servers.garage.object_store_config(PREFIX);
     let objects = Objects::new(&store).unwrap();
     let pg = bitsd_tests::pg::raw_client(&servers.postgres_url).await;
-    let node2 = start_node(
+    let node2 = BitsdProcess::start_configured(
         dir.path(),
         "n2",
         config(&servers, &servers.garage.endpoint(), 1),
     )
     .await;
     let s3 = Relay::start(servers.garage.s3_addr()).await;
-    let node1 = start_node(
+    let node1 = BitsdProcess::start_configured(
         dir.path(),
         "n1",
         config(&servers, &format!("http://{}", s3.addr()), 3600),

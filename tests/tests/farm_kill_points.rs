@@ -124,18 +124,6 @@ fn config(top: &str, url: &str, pool: usize, store: &ObjectStoreConfig, endpoint
     )
 }
 
-/// Starts `bitsd` on `config` (written to `name.toml` under `dir`), in a blocking task.
-async fn start_node(dir: &std::path::Path, name: &str, config: String) -> BitsdProcess {
-    let file = dir.join(format!("{name}.toml"));
-    std::fs::write(&file, config).unwrap();
-    let data = dir.join(name);
-    tokio::task::spawn_blocking(move || {
-        BitsdProcess::start(&data, &["--config", file.to_str().unwrap()])
-    })
-    .await
-    .unwrap()
-}
-
 /// Polls `check` until it holds; panics with `what` after 10 s.
 async fn until<F, Fut>(what: &str, check: F)
 where
@@ -176,7 +164,7 @@ impl Bench {
             &store,
             &servers.garage.endpoint(),
         );
-        let node2 = Some(start_node(dir.path(), "n2", cfg).await);
+        let node2 = Some(BitsdProcess::start_configured(dir.path(), "n2", cfg).await);
         Some(Bench {
             node2,
             servers,
@@ -216,7 +204,9 @@ impl Bench {
             &store,
             &format!("http://{}", s3_relay.addr()),
         );
-        let node = start_node(self.dir.path(), &format!("n1-{}", self.runs), cfg).await;
+        let node =
+            BitsdProcess::start_configured(self.dir.path(), &format!("n1-{}", self.runs), cfg)
+                .await;
         let mut c = RawClient::connect(node.addr).await;
         let fragment = self.shape.fragment;
         let data = pattern(2 * fragment, 1);

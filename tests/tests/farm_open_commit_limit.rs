@@ -26,31 +26,21 @@ async fn a_commit_open_longer_than_postgres_open_commit_secs_is_ended_and_the_re
     let store = servers.garage.object_store_config("open-commit");
     let s3 = Relay::start(servers.garage.s3_addr()).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("node.toml");
     // A pool of two: the commit's statement runs while the store completes the object.
-    std::fs::write(
-        &file,
-        format!(
-            "[storage]\nbackend = \"shared\"\npostgres_url = \"{}\"\n\
-             postgres_max_connections = 2\npostgres_open_commit_secs = 1\n\n\
-             [object_store]\nbucket = \"{}\"\nprefix = \"{}\"\nendpoint = \"http://{}\"\n\
-             region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-            servers.postgres_url,
-            store.bucket,
-            store.prefix,
-            s3.addr(),
-            store.region.as_deref().unwrap(),
-            store.access_key_id.as_deref().unwrap(),
-            store.secret_access_key.as_deref().unwrap(),
-        ),
-    )
-    .unwrap();
-    let data_dir = dir.path().join("node");
-    let node = tokio::task::spawn_blocking(move || {
-        BitsdProcess::start(&data_dir, &["--config", file.to_str().unwrap()])
-    })
-    .await
-    .unwrap();
+    let config = format!(
+        "[storage]\nbackend = \"shared\"\npostgres_url = \"{}\"\n\
+         postgres_max_connections = 2\npostgres_open_commit_secs = 1\n\n\
+         [object_store]\nbucket = \"{}\"\nprefix = \"{}\"\nendpoint = \"http://{}\"\n\
+         region = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        servers.postgres_url,
+        store.bucket,
+        store.prefix,
+        s3.addr(),
+        store.region.as_deref().unwrap(),
+        store.access_key_id.as_deref().unwrap(),
+        store.secret_access_key.as_deref().unwrap(),
+    );
+    let node = BitsdProcess::start_configured(dir.path(), "node", config).await;
     let pg = bitsd_tests::pg::raw_client(&servers.postgres_url).await;
     let state = bitsd_tests::pg::state_store(&servers.postgres_url).await;
 
