@@ -263,7 +263,7 @@ impl Coalescer {
         let ahead = usize::try_from(READ_AHEAD_BYTES / longest)
             .unwrap_or(READ_AHEAD)
             .clamp(1, READ_AHEAD);
-        let mut reads = futures_util::stream::iter(run.to_vec())
+        let reads = futures_util::stream::iter(run.to_vec())
             .map(move |f| {
                 let objects = objects.clone();
                 async move { read_checked(&objects, &f).await }
@@ -272,18 +272,9 @@ impl Coalescer {
         // Counted in the node's fragment memory like a fragment that holds its bytes: with
         // no room within the budget's wait the merge fails (Busy), the run stays as it is.
         let len = run.iter().map(|f| f.entry.len).sum();
-        let mut writer = self.objects.counted_writer(key.clone(), len).await?;
-        while let Some(bytes) = reads.next().await {
-            let written = match bytes {
-                Ok(bytes) => writer.write_bytes(bytes).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = written {
-                writer.abort().await;
-                return Err(e);
-            }
-        }
-        writer.finish().await
+        self.objects
+            .put_stream_counted(key.clone(), len, reads)
+            .await
     }
 
     /// Deletes a merged object that did not go into the index, then its pending row (left

@@ -135,19 +135,9 @@ impl Objects {
         }
         // Streamed through the node: its memory counts in the node's budget (a burst of
         // completions waits for room, or answers 503, instead of holding it all at once).
-        let mut writer = self.counted_writer(dest.clone(), total).await?;
-        let mut stream = self.read_fragments_checked(&fragments);
-        while let Some(chunk) = stream.next().await {
-            let result = match chunk {
-                Ok(bytes) => writer.write_bytes(bytes).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                writer.abort().await;
-                return Err(e);
-            }
-        }
-        let stored = writer.finish().await?;
+        let stored = self
+            .put_stream_counted(dest.clone(), total, self.read_fragments_checked(&fragments))
+            .await?;
         let part_size = self.part_size as u64;
         let writes = if total < part_size {
             1
