@@ -181,15 +181,7 @@ impl Conn {
         extra: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response> {
-        let mut head =
-            format!("BITS_POST {path} HTTP/1.1\r\nHost: {HOST}\r\nBITS-Packet-Type: {packet}\r\n");
-        for (k, v) in extra {
-            head.push_str(k);
-            head.push_str(": ");
-            head.push_str(v);
-            head.push_str("\r\n");
-        }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let head = bits_post_head(path, packet, extra, body.len());
         self.request(head.as_bytes(), body).await
     }
 
@@ -203,14 +195,9 @@ impl Conn {
         chunk: usize,
         pause: std::time::Duration,
     ) -> Result<Response> {
-        let head = format!(
-            "BITS_POST {path} HTTP/1.1\r\nHost: {HOST}\r\nBITS-Packet-Type: Fragment\r\n\
-             BITS-Session-Id: {sid}\r\nContent-Range: bytes 0-{}/{}\r\n\
-             Content-Length: {}\r\n\r\n",
-            body.len() - 1,
-            body.len(),
-            body.len()
-        );
+        let range = format!("bytes 0-{}/{}", body.len() - 1, body.len());
+        let extra = [("BITS-Session-Id", sid), ("Content-Range", range.as_str())];
+        let head = bits_post_head(path, "Fragment", &extra, body.len());
         self.stream.write_all(head.as_bytes()).await?;
         for part in body.chunks(chunk.max(1)) {
             self.stream.write_all(part).await?;
@@ -319,6 +306,21 @@ impl Conn {
         let head = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
         self.request(head.as_bytes(), b"").await
     }
+}
+
+/// The head of a `BITS_POST` of `packet` to `path` with the `extra` headers and a body of
+/// `len` bytes.
+fn bits_post_head(path: &str, packet: &str, extra: &[(&str, &str)], len: usize) -> String {
+    let mut head =
+        format!("BITS_POST {path} HTTP/1.1\r\nHost: {HOST}\r\nBITS-Packet-Type: {packet}\r\n");
+    for (k, v) in extra {
+        head.push_str(k);
+        head.push_str(": ");
+        head.push_str(v);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!("Content-Length: {len}\r\n\r\n"));
+    head
 }
 
 /// The path of an absolute URL (`http://host/p` → `/p`).

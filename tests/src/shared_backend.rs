@@ -9,7 +9,8 @@ use bitsd_storage::shared::objects::{ObjectKey, ObjectStoreConfig, Objects};
 use bitsd_storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{
-    FragmentCommit, FragmentDurability, FragmentPlan, SessionBackend, SessionRecord, SessionState,
+    FragmentCommit, FragmentDurability, FragmentPlan, FragmentSink, SessionBackend, SessionRecord,
+    SessionState,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -62,6 +63,20 @@ pub async fn farm(prefix: &str, configure: impl FnOnce(&mut ObjectStoreConfig)) 
         _pg: pg,
         _scratch: scratch,
     })
+}
+
+/// A fragment of `len` bytes of a session of its own, begun and never written: one that
+/// holds its bytes (not streamed, or `part_size` long or more) keeps its reservation in the
+/// node's `fragment_memory` until the sink is dropped.
+pub async fn hold_fragment_memory(backend: &SharedBackend, len: u64) -> Box<dyn FragmentSink> {
+    let other = crate::pg::session_record(None);
+    backend.create(&other).await.unwrap();
+    let plan = FragmentPlan {
+        write_at: 0,
+        len,
+        durability: FragmentDurability::Durable,
+    };
+    backend.begin_fragment(&other.id, plan).await.unwrap()
 }
 
 /// Commits `data[at..at + len]` (`at` = the bytes received so far) as one fragment; the last

@@ -290,7 +290,7 @@ async fn reply_bytes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_wait_for_room_in_the_budget_past_their_first_64_kib() {
     use bitsd::storage::shared::objects::MIN_PART_SIZE;
-    use bitsd::storage::{FragmentDurability, FragmentPlan, SessionBackend};
+    use bitsd::storage::SessionBackend;
     use bytes::Bytes;
     let Some(farm) = bitsd_tests::shared_backend::farm("memory-reply", |store| {
         store.part_size = Some(MIN_PART_SIZE);
@@ -301,21 +301,16 @@ async fn replies_wait_for_room_in_the_budget_past_their_first_64_kib() {
         return;
     };
     let backend = &farm.backend;
-    let sessions: Vec<_> = (0..3)
+    let sessions: Vec<_> = (0..2)
         .map(|_| bitsd_tests::pg::session_record(None))
         .collect();
     for s in &sessions {
         backend.create(s).await.unwrap();
     }
-    let plan = FragmentPlan {
-        write_at: 0,
-        len: 6 * MIB as u64,
-        durability: FragmentDurability::Durable,
-    };
-    let holder = backend.begin_fragment(&sessions[0].id, plan).await.unwrap();
+    let holder = bitsd_tests::shared_backend::hold_fragment_memory(backend, 6 * MIB as u64).await;
 
     let streamed = pattern(MIB, 60);
-    let mut sink = backend.begin_reply(&sessions[1].id).await.unwrap();
+    let mut sink = backend.begin_reply(&sessions[0].id).await.unwrap();
     tokio::time::timeout(
         Duration::from_secs(1),
         sink.write(Bytes::copy_from_slice(&streamed[..64 * 1024])),
@@ -333,7 +328,7 @@ async fn replies_wait_for_room_in_the_budget_past_their_first_64_kib() {
     let file = dir.path().join("reply.bin");
     std::fs::write(&file, &from_file).unwrap();
     let stored_file = {
-        let (farm_backend, id) = (backend.clone(), sessions[2].id);
+        let (farm_backend, id) = (backend.clone(), sessions[1].id);
         tokio::spawn(async move { farm_backend.store_reply_file(&id, &file).await })
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -349,13 +344,13 @@ async fn replies_wait_for_room_in_the_budget_past_their_first_64_kib() {
         .expect("the reply goes on once there is room")
         .unwrap()
         .unwrap();
-    assert!(reply_bytes(backend, &sessions[1].id, &kind, MIB as u64).await == streamed);
+    assert!(reply_bytes(backend, &sessions[0].id, &kind, MIB as u64).await == streamed);
     let kind = tokio::time::timeout(Duration::from_secs(8), stored_file)
         .await
         .expect("the reply file goes on once there is room")
         .unwrap()
         .unwrap();
-    assert!(reply_bytes(backend, &sessions[2].id, &kind, MIB as u64).await == from_file);
+    assert!(reply_bytes(backend, &sessions[1].id, &kind, MIB as u64).await == from_file);
 }
 
 /// Through a node: a reply handler's 1 MiB reply that finds no room in the budget within

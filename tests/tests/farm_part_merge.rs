@@ -15,8 +15,8 @@ use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::{raw_client, session_record};
 use bitsd_tests::shared_backend::{
-    backend_on, bucket_matches_index, farm, index, index_becomes, pending_rows, publish_and_read,
-    read_all, read_object, send, Farm,
+    backend_on, bucket_matches_index, farm, hold_fragment_memory, index, index_becomes,
+    pending_rows, publish_and_read, read_all, read_object, send, Farm,
 };
 use futures_util::StreamExt;
 
@@ -403,14 +403,7 @@ async fn a_part_merge_waits_for_room_in_the_fragment_memory() {
         return;
     };
     let backend = &farm.backend;
-    let other = session_record(None);
-    backend.create(&other).await.unwrap();
-    let plan = bitsd::storage::FragmentPlan {
-        write_at: 0,
-        len: 6 * MIB as u64,
-        durability: bitsd::storage::FragmentDurability::Durable,
-    };
-    let holder = backend.begin_fragment(&other.id, plan).await.unwrap();
+    let holder = hold_fragment_memory(backend, 6 * MIB as u64).await;
 
     let data = pattern(total as usize, 31);
     let mut record = session_record(None);
