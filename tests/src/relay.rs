@@ -170,23 +170,15 @@ async fn pump(
         if requests {
             let chunk = &buf[..n];
             gates.send_if_modified(|g| {
-                let matched = g
-                    .hold
-                    .as_ref()
-                    .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)));
-                if matched {
-                    g.hold = None;
+                let held = take_match(&mut g.hold, chunk);
+                if held {
                     g.held.insert(id);
                 }
-                let stop = g
-                    .stop
-                    .as_ref()
-                    .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)));
-                if stop {
-                    g.stop = None;
+                let stopped = take_match(&mut g.stop, chunk);
+                if stopped {
                     g.stopped.insert(id);
                 }
-                matched || stop
+                held || stopped
             });
         }
         if rx.wait_for(open).await.is_err() {
@@ -196,6 +188,18 @@ async fn pump(
             return;
         }
     }
+}
+
+/// Whether `chunk` contains every one of the `wanted` strings; if so they are cleared (a
+/// hold or a stop matches one request).
+fn take_match(wanted: &mut Option<Vec<Vec<u8>>>, chunk: &[u8]) -> bool {
+    let matched = wanted
+        .as_ref()
+        .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)));
+    if matched {
+        *wanted = None;
+    }
+    matched
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
