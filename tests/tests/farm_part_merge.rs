@@ -389,14 +389,31 @@ async fn a_part_boundary_without_5_mib_to_merge_still_gets_its_1_mib_merge() {
 /// (Uncounted, the merge ran at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_part_merge_waits_for_room_in_the_fragment_memory() {
+    merge_waits_for_room("parts-memory", 6).await;
+}
+
+/// A merge's reads ahead of its writer count too: with a budget of 12 MiB of which the
+/// 6 MiB fragment holds half, the merge of the first 5 MiB (its writer holding up to 5 MiB,
+/// and up to 5 MiB of the 1 MiB fragments read ahead of it) does not fit and waits; it runs
+/// once the fragment is gone. (With the reads uncounted, the writer's 5 MiB fitted in the
+/// free 6 MiB and the merge ran at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_merge_counts_the_fragments_it_reads_ahead() {
+    merge_waits_for_room("parts-memory-ahead", 12).await;
+}
+
+/// Five 1 MiB fragments (a part merge's run), a 1 MiB and a 100,000-byte one, with
+/// `fragment_memory` of `budget_mib` MiB of which another session's fragment holds 6 MiB
+/// until the merge has been seen not to run.
+async fn merge_waits_for_room(name: &str, budget_mib: u64) {
     let mut lens = vec![MIB; 6];
     lens.push(100_000);
     let total: u64 = lens.iter().sum::<usize>() as u64;
-    let Some(farm) = farm("parts-memory", |store| {
+    let Some(farm) = farm(name, |store| {
         store.part_size = Some(MIN_PART_SIZE);
         store.server_side_copy = Some(true);
         store.merge_parts_from = Some(total);
-        store.fragment_memory = Some(6 * MIB as u64);
+        store.fragment_memory = Some(budget_mib * MIB as u64);
     })
     .await
     else {

@@ -269,11 +269,14 @@ impl Coalescer {
                 async move { read_checked(&objects, &f).await }
             })
             .buffered(ahead);
-        // Counted in the node's fragment memory like a fragment that holds its bytes: with
-        // no room within the budget's wait the merge fails (Busy), the run stays as it is.
-        let len = run.iter().map(|f| f.entry.len).sum();
+        // Counted in the node's fragment memory like a fragment that holds its bytes, with
+        // the reads held ahead of the writer (`ahead` objects of at most `longest` bytes, or
+        // the run's whole length): with no room within the budget's wait the merge fails
+        // (Busy), the run stays as it is.
+        let len: u64 = run.iter().map(|f| f.entry.len).sum();
+        let held_ahead = (ahead as u64).saturating_mul(longest).min(len);
         self.objects
-            .put_stream_counted(key.clone(), len, reads)
+            .put_stream_counted_ahead(key.clone(), len, held_ahead, reads)
             .await
     }
 

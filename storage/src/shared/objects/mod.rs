@@ -260,7 +260,7 @@ impl Objects {
                 return Ok(writer);
             }
         }
-        self.count_in_memory(writer, len).await
+        self.count_in_memory(writer, len, 0).await
     }
 
     /// As [`Objects::writer`] for an object whose length is not known before it ends (a
@@ -286,7 +286,25 @@ impl Objects {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<StorageError>,
     {
-        let writer = self.counted_writer(key, len).await?;
+        self.put_stream_counted_ahead(key, len, 0, body).await
+    }
+
+    /// As [`Objects::put_stream_counted`] for a `body` that holds up to `ahead` bytes of its
+    /// own before the writer takes them (a merge reading several fragments' objects at once):
+    /// they are reserved with the writer's, in one reservation, and given back when the
+    /// write ends.
+    pub async fn put_stream_counted_ahead<S, E>(
+        &self,
+        key: ObjectKey,
+        len: u64,
+        ahead: u64,
+        body: S,
+    ) -> Result<StoredObject, StorageError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<StorageError>,
+    {
+        let writer = self.count_in_memory(self.writer(key), len, ahead).await?;
         write_all(writer, body).await
     }
 
@@ -299,16 +317,19 @@ impl Objects {
         key: ObjectKey,
         len: u64,
     ) -> Result<ObjectWriter, StorageError> {
-        self.count_in_memory(self.writer(key), len).await
+        self.count_in_memory(self.writer(key), len, 0).await
     }
 
+    /// Reserves what `writer` of an object of `len` bytes will hold, plus `ahead` bytes held
+    /// before it by the stream that feeds it.
     async fn count_in_memory(
         &self,
         mut writer: ObjectWriter,
         len: u64,
+        ahead: u64,
     ) -> Result<ObjectWriter, StorageError> {
         // A multipart writer holds the part being filled and one in flight.
-        let most = len.min(2 * self.part_size as u64);
+        let most = len.min(2 * self.part_size as u64) + ahead;
         let held = self
             .fragment_memory
             .reserve(most, writer.key().as_str())
