@@ -196,6 +196,9 @@ impl Coalescer {
         start: u64,
         end: u64,
     ) -> Result<Coalesced, StorageError> {
+        if !rule.may_merge_at(start) {
+            return Ok(Coalesced::Nothing);
+        }
         let rows = self
             .state
             .fragments_before(id, start.saturating_sub(rule.span), end, MAX_RUN)

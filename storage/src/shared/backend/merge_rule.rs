@@ -88,6 +88,15 @@ impl Rule {
         self.small_below == MIN_PART_SIZE
     }
 
+    /// Whether a fragment starting at `start` can end a run worth merging; `false` without
+    /// reading the index when `start` is a multiple of the span: the fragment before it then
+    /// ends on a boundary, so it reaches one and ends the run ([`run_ending_at`]), which
+    /// holds at most the fragment itself, and one fragment is never worth merging. Aligned
+    /// fragments of the span or longer (1 MiB fragments, under the tiny rule) are all such.
+    pub(super) fn may_merge_at(&self, start: u64) -> bool {
+        !start.is_multiple_of(self.span)
+    }
+
     /// Whether `run` is worth merging.
     pub(super) fn worth(&self, run: &[FragmentObject]) -> bool {
         let bytes: u64 = run.iter().map(|f| f.entry.len).sum();
@@ -190,6 +199,39 @@ mod tests {
         // The 7th (1800..2100 KiB) crosses 2 MiB and stops at the 4th (which crossed 1 MiB).
         let run = run_ending_at(&Rule::TINY, &rows, 1800 * K, 2100 * K);
         assert_eq!(offsets(&run), vec![1200 * K, 1500 * K, 1800 * K]);
+    }
+
+    /// `may_merge_at` is false only where `run_ending_at` could not find a run worth merging,
+    /// whatever the index before the fragment: every split of the span before `start` into
+    /// fragments of 1 KiB multiples (small and large ones), under both rules.
+    #[test]
+    fn a_fragment_at_a_boundary_never_ends_a_run_worth_merging() {
+        let part = Rule::parts(5 * COALESCE_SPAN);
+        for rule in [Rule::TINY, part] {
+            for before in [1, 7, 64, 300, 1024, 5 * 1024 - 1] {
+                for len in [1, 64 * K, COALESCE_SPAN, 6 * COALESCE_SPAN] {
+                    // Fragments of `before` KiB up to the boundary, then the fragment.
+                    let start = rule.span * 2;
+                    let mut lens = Vec::new();
+                    let mut at = 0;
+                    while at + before * K <= start {
+                        lens.push(before * K);
+                        at += before * K;
+                    }
+                    if at < start {
+                        lens.push(start - at);
+                    }
+                    lens.push(len);
+                    let rows = index(&lens);
+                    let run = run_ending_at(&rule, &rows, start, start + len);
+                    assert!(!rule.may_merge_at(start));
+                    assert!(!rule.worth(&run), "{before} KiB then {len} at {start}");
+                }
+            }
+            // Off a boundary it may: 32 fragments of 32 KiB end at 1 MiB, the last starts
+            // at 992 KiB.
+            assert!(Rule::TINY.may_merge_at(992 * K));
+        }
     }
 
     #[test]

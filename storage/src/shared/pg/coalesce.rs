@@ -38,8 +38,9 @@ impl PgStateStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.timed(async {
             let conn = self.conn().await?;
+            let stmt = conn.prepare_cached(LAST_BETWEEN).await.map_err(pg_error)?;
             let rows = conn
-                .query(LAST_BETWEEN, &[id.as_uuid(), &from, &to, &limit])
+                .query(&stmt, &[id.as_uuid(), &from, &to, &limit])
                 .await
                 .map_err(pg_error)?;
             Ok(rows.iter().rev().map(fragment_of).collect())
