@@ -108,6 +108,11 @@ pub struct FarmArgs {
     /// That node's `fragment_memory`, in MiB.
     #[arg(long, default_value_t = 64)]
     pub farm_rss_memory_mib: u64,
+    /// Uploads per target and fragment size (1 MiB, 64 KiB) whose fragments are each paired
+    /// with a bare PUT of the same bytes, one right after the other (0: not run; see the
+    /// `farm_paired` module).
+    #[arg(long, default_value_t = 3)]
+    pub farm_paired_uploads: usize,
 }
 
 /// Where the bytes go.
@@ -176,7 +181,8 @@ impl Case {
     }
 }
 
-fn upload_bytes(a: &FarmArgs, case: Case) -> u64 {
+/// Bytes per upload of a fragment case.
+pub fn upload_bytes(a: &FarmArgs, case: Case) -> u64 {
     match case {
         Case::Fragments(f) if f as u64 >= MIB => a.farm_mib.max(1) * MIB,
         // An eighth: 512 fragments of 8 KiB by default (nginx closes a client connection
@@ -332,6 +338,9 @@ pub async fn run(a: &FarmArgs, bin: &Path, work: &Path) -> Result<FarmReport> {
                 report.add(target, case, run, &cpu, &s3);
             }
         }
+    }
+    if a.farm_paired_uploads > 0 {
+        report.paired = crate::farm_paired::measure(&env, a, &payload).await?;
     }
     let watch = PgWatch::connect(&env.postgres_url).await?;
     // One node behind nginx next to three behind nginx: the same balancer on both sides, so

@@ -167,7 +167,7 @@ pub async fn bare_fragments(
 /// Deletes `keys`, trying up to three times: Garage's SQLite metadata engine now and then
 /// answers a DeleteObjects under load with a transient `database is locked` (503), which
 /// would otherwise end the whole benchmark run on the baseline's own clean-up.
-async fn delete_retrying(objects: &Objects, keys: &[ObjectKey]) -> Result<()> {
+pub async fn delete_retrying(objects: &Objects, keys: &[ObjectKey]) -> Result<()> {
     let mut tries = 0;
     loop {
         tries += 1;
