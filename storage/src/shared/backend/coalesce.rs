@@ -109,7 +109,7 @@ impl Coalescer {
     }
 
     /// After the commit of the fragment `start..end` of `id`, an upload of `total` bytes:
-    /// starts its merge in the background when the fragment crosses a boundary
+    /// starts its merge in the background when the fragment starts one
     /// ([`Rule::at`]). A failed merge changes nothing.
     pub(super) fn after_commit(&self, id: SessionId, start: u64, end: u64, total: Option<u64>) {
         let Some(rule) = Rule::at(&self.objects, total, start, end) else {
@@ -181,7 +181,7 @@ impl Coalescer {
         }
         if outcome == Coalesced::Nothing
             && rule.is_parts()
-            && Rule::TINY.crosses(start, end.saturating_sub(start))
+            && Rule::TINY.starts_merge(start, end.saturating_sub(start))
         {
             outcome = self.merge_once(id, &Rule::TINY, start, end).await?;
         }
@@ -196,9 +196,6 @@ impl Coalescer {
         start: u64,
         end: u64,
     ) -> Result<Coalesced, StorageError> {
-        if !rule.may_merge_at(start) {
-            return Ok(Coalesced::Nothing);
-        }
         let rows = self
             .state
             .fragments_before(id, start.saturating_sub(rule.span), end, MAX_RUN)

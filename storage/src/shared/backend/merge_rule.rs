@@ -63,18 +63,25 @@ impl Rule {
     }
 
     /// The merge the fragment `start..end` of an upload of `total` bytes on `objects` starts:
-    /// a part merge when the upload takes them and the fragment crosses a part boundary,
-    /// else a tiny merge when it crosses a MiB boundary, else none.
+    /// a part merge when the upload takes them and the fragment [starts
+    /// one](Rule::starts_merge) under the part rule, else a tiny merge when it starts one
+    /// under the tiny rule, else none.
     pub(super) fn at(objects: &Objects, total: Option<u64>, start: u64, end: u64) -> Option<Rule> {
         let len = end.saturating_sub(start);
         let parts = total
             .filter(|&t| objects.merges_into_parts(t))
             .map(|_| Rule::parts(objects.part_size() as u64));
         match parts {
-            Some(p) if p.crosses(start, len) => Some(p),
-            _ if Rule::TINY.crosses(start, len) => Some(Rule::TINY),
+            Some(p) if p.starts_merge(start, len) => Some(p),
+            _ if Rule::TINY.starts_merge(start, len) => Some(Rule::TINY),
             _ => None,
         }
+    }
+
+    /// Whether the fragment `start..start + len` starts a merge under this rule: it crosses a
+    /// boundary and [may end a run worth merging](Rule::may_merge_at).
+    pub(super) fn starts_merge(&self, start: u64, len: u64) -> bool {
+        self.crosses(start, len) && self.may_merge_at(start)
     }
 
     /// Whether the fragment `offset..offset + len` reaches a multiple of the span: its last
@@ -225,6 +232,7 @@ mod tests {
                     let rows = index(&lens);
                     let run = run_ending_at(&rule, &rows, start, start + len);
                     assert!(!rule.may_merge_at(start));
+                    assert!(!rule.starts_merge(start, len));
                     assert!(!rule.worth(&run), "{before} KiB then {len} at {start}");
                 }
             }
