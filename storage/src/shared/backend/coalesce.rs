@@ -276,7 +276,7 @@ impl Coalescer {
         let len: u64 = run.iter().map(|f| f.entry.len).sum();
         let held_ahead = (ahead as u64).saturating_mul(longest).min(len);
         self.objects
-            .put_stream_counted_ahead(key.clone(), len, held_ahead, reads)
+            .put_stream_counted(key.clone(), len, held_ahead, reads)
             .await
     }
 

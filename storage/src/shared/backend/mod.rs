@@ -218,7 +218,7 @@ impl SharedBackend {
         let body = tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
             .map(move |c| c.map_err(StorageError::io("read reply file", &path)));
         let (key, name) = self.objects.reply_key(id);
-        let stored = self.objects.put_stream_counted(key, len, body).await?;
+        let stored = self.objects.put_stream_counted(key, len, 0, body).await?;
         Ok(ReplyKind::Stored {
             len: stored.len,
             crc32c: Some(stored.crc32c),

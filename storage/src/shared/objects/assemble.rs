@@ -136,7 +136,12 @@ impl Objects {
         // Streamed through the node: its memory counts in the node's budget (a burst of
         // completions waits for room, or answers 503, instead of holding it all at once).
         let stored = self
-            .put_stream_counted(dest.clone(), total, self.read_fragments_checked(&fragments))
+            .put_stream_counted(
+                dest.clone(),
+                total,
+                0,
+                self.read_fragments_checked(&fragments),
+            )
             .await?;
         let part_size = self.part_size as u64;
         let writes = if total < part_size {

@@ -22,9 +22,9 @@
 //! (`merge_parts_from`, `coalesce_fragments`), reserve like a fragment that must hold its
 //! bytes ([`Objects::counted_writer`](super::Objects::counted_writer)), a merge with the
 //! fragment objects it reads ahead of its writer
-//! ([`Objects::put_stream_counted_ahead`](super::Objects::put_stream_counted_ahead)); a
-//! merge without room fails and leaves its fragments as they are. A reply, whose length is not known before it
-//! ends, is counted once past its first 64 KiB
+//! ([`Objects::put_stream_counted`](super::Objects::put_stream_counted)); a merge without
+//! room fails and leaves its fragments as they are. A reply, whose length is not known
+//! before it ends, is counted once past its first 64 KiB
 //! ([`Objects::reply_writer`](super::Objects::reply_writer)): it then reserves the most it
 //! can hold, 2 × the part size, the same way; a reply stored from a file reserves what it
 //! will hold before its first byte.

@@ -274,26 +274,12 @@ impl Objects {
     }
 
     /// Writes the bytes of `body`, `len` of them, to `key`, counted in the node's
-    /// [`FragmentMemory`] as [`Objects::counted_writer`] is; the object is durable when this
-    /// returns. A failed body read aborts the write.
+    /// [`FragmentMemory`] as [`Objects::counted_writer`] is, plus the `ahead` bytes `body`
+    /// holds of its own before the writer takes them (a merge reading several fragments'
+    /// objects at once; 0 for a body read as it is written), in one reservation given back
+    /// when the write ends. The object is durable when this returns. A failed body read
+    /// aborts the write.
     pub async fn put_stream_counted<S, E>(
-        &self,
-        key: ObjectKey,
-        len: u64,
-        body: S,
-    ) -> Result<StoredObject, StorageError>
-    where
-        S: Stream<Item = Result<Bytes, E>> + Send,
-        E: Into<StorageError>,
-    {
-        self.put_stream_counted_ahead(key, len, 0, body).await
-    }
-
-    /// As [`Objects::put_stream_counted`] for a `body` that holds up to `ahead` bytes of its
-    /// own before the writer takes them (a merge reading several fragments' objects at once):
-    /// they are reserved with the writer's, in one reservation, and given back when the
-    /// write ends.
-    pub async fn put_stream_counted_ahead<S, E>(
         &self,
         key: ObjectKey,
         len: u64,
