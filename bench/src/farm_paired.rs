@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bitsd_storage::shared::objects::{ObjectKey, Objects};
 use bytes::Bytes;
+use futures_util::future::OptionFuture;
 use serde::Serialize;
 
 use crate::client::{Conn, Result};
@@ -194,24 +195,16 @@ async fn one_upload(
             prefix.join(&format!("{at:020}")),
             prefix.join(&format!("{at:020}-lb")),
         );
-        let bare_lb = behind_nginx.then(|| put(lb, key_lb.clone(), body.clone()));
+        let bare_lb =
+            OptionFuture::from(behind_nginx.then(|| put(lb, key_lb.clone(), body.clone())));
         let (farm, bare, bare_lb) = if i % 2 == 0 {
             let bare = put(direct, key.clone(), body.clone()).await?;
-            let bare_lb = match bare_lb {
-                Some(p) => Some(p.await?),
-                None => None,
-            };
-            let t = Instant::now();
-            conn.fragment(&path, &sid, at, &body, each).await?;
-            (t.elapsed(), bare, bare_lb)
+            let bare_lb = bare_lb.await.transpose()?;
+            let farm = timed_fragment(&mut conn, &path, &sid, at, &body, each).await?;
+            (farm, bare, bare_lb)
         } else {
-            let t = Instant::now();
-            conn.fragment(&path, &sid, at, &body, each).await?;
-            let farm = t.elapsed();
-            let bare_lb = match bare_lb {
-                Some(p) => Some(p.await?),
-                None => None,
-            };
+            let farm = timed_fragment(&mut conn, &path, &sid, at, &body, each).await?;
+            let bare_lb = bare_lb.await.transpose()?;
             (farm, put(direct, key.clone(), body.clone()).await?, bare_lb)
         };
         pairs.farm.push(farm);
@@ -232,6 +225,20 @@ async fn one_upload(
     }
     conn.close_session(&path, &sid).await?;
     delete_retrying(direct, &keys).await
+}
+
+/// One Fragment of `body` at `at` of the upload of `each` bytes at `path`, timed to its Ack.
+async fn timed_fragment(
+    conn: &mut Conn,
+    path: &str,
+    sid: &str,
+    at: u64,
+    body: &[u8],
+    each: u64,
+) -> Result<Duration> {
+    let t = Instant::now();
+    conn.fragment(path, sid, at, body, each).await?;
+    Ok(t.elapsed())
 }
 
 /// One bare PUT of `body` at `key`, timed (a fresh writer, as a node uses per fragment).
