@@ -155,6 +155,23 @@ impl Target {
             Target::Local => "single node (local)",
         }
     }
+
+    /// How a farm target is named in the per-fragment overhead checks.
+    pub fn check_phrase(self) -> &'static str {
+        match self {
+            Target::Farm1 => "one farm node",
+            Target::Farm1Lb => "one farm node behind nginx",
+            Target::Farm3 => "three farm nodes behind nginx",
+            Target::Bare | Target::BareLb | Target::Local => self.name(),
+        }
+    }
+}
+
+/// Serialized by its column name.
+impl serde::Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 /// One workload of a round.

@@ -23,6 +23,7 @@ use crate::client::{Conn, Result};
 use crate::farm::{upload_bytes, Case, FarmArgs, Target};
 use crate::farm_env::FarmEnv;
 use crate::farm_load::{delete_retrying, Lat};
+use crate::farm_report::median;
 use crate::util::{size_label, MIB};
 
 /// The farm targets measured, each against bare PUTs straight to the store (the check's
@@ -45,18 +46,16 @@ struct Pairs {
     diff_lb: Vec<i64>,
 }
 
-/// The middle value of `v` (the upper one of an even count), in ms; 0 for none.
+/// The median of differences in µs, in ms.
 fn median_ms(v: &[i64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0) as f64 / 1000.0
+    median(v.iter().map(|&us| us as f64 / 1000.0).collect())
 }
 
 /// One row of the paired measurement.
 #[derive(Clone, Debug, Serialize)]
 pub struct PairedRow {
     /// Where the farm's fragments went.
-    pub target: &'static str,
+    pub target: Target,
     /// Fragment size, bytes.
     pub fragment: usize,
     /// Pairs measured.
@@ -83,11 +82,7 @@ impl PairedRow {
     /// The check's label, figure and verdict (< 2 ms, for the median of the pairs'
     /// differences).
     pub fn check(&self) -> (String, String, bool) {
-        let what = match self.target {
-            t if t == Target::Farm1.name() => "one farm node",
-            t if t == Target::Farm1Lb.name() => "one farm node behind nginx",
-            _ => "three farm nodes behind nginx",
-        };
+        let what = self.target.check_phrase();
         (
             format!(
                 "per-fragment overhead of {what} over a bare PUT, p50, {}, fragment by \
@@ -141,7 +136,7 @@ pub async fn measure(env: &FarmEnv, a: &FarmArgs, payload: &Bytes) -> Result<Vec
             let (farm, bare) = (p.farm.ms(0.5), p.bare.ms(0.5));
             let lb = !p.bare_lb.0.is_empty();
             rows.push(PairedRow {
-                target: target.name(),
+                target,
                 fragment: size,
                 pairs: p.diff.len(),
                 farm_p50_ms: farm,

@@ -98,7 +98,7 @@ fn overhead(farm: &Measured, bare: &Measured) -> (f64, f64) {
 }
 
 /// The middle value (the upper one of an even count); 0 for none.
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
@@ -368,11 +368,8 @@ impl FarmReport {
                 continue;
             };
             let size = crate::util::size_label(f as u64);
-            for (target, what) in [
-                (Target::Farm1Lb, "one farm node behind nginx"),
-                (Target::Farm3, "three farm nodes behind nginx"),
-                (Target::Farm1, "one farm node"),
-            ] {
+            for target in [Target::Farm1Lb, Target::Farm3, Target::Farm1] {
+                let what = target.check_phrase();
                 if let Some(m) = self.get(target, case) {
                     let (over, apart) = overhead(m, bare);
                     // Behind nginx: also over bare PUTs through the same kind of nginx (what
@@ -543,7 +540,7 @@ impl FarmReport {
                     "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {} | {:.2} ms \
                      | {:.2} ms |",
                     crate::util::size_label(p.fragment as u64),
-                    p.target,
+                    p.target.name(),
                     p.pairs,
                     p.farm_p50_ms,
                     p.bare_p50_ms,
