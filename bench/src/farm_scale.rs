@@ -86,12 +86,7 @@ pub struct Scale {
 /// upper one alone would favour three nodes); 0 for none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => 0.0,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+    crate::rounds::median_sorted(&v)
 }
 
 /// Runs `a.farm_scale_rounds` rounds of one node and three behind nginx, alternating which

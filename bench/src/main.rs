@@ -23,6 +23,7 @@ mod download;
 mod farm;
 mod farm_env;
 mod farm_load;
+mod farm_markdown;
 mod farm_paired;
 mod farm_pg;
 mod farm_report;

@@ -64,7 +64,9 @@ impl Spread {
     }
 }
 
-fn median_sorted(v: &[f64]) -> f64 {
+/// The median of sorted values: the middle one, or the mean of the two middle ones of an
+/// even count; 0 for none.
+pub(crate) fn median_sorted(v: &[f64]) -> f64 {
     match v.len() {
         0 => 0.0,
         n if n % 2 == 1 => v[n / 2],

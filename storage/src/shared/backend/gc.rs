@@ -1,8 +1,10 @@
 //! The shared backend's garbage: objects of fragment commits that lost their race or never
-//! happened (the node died, the client went away mid-fragment), and a published upload's
-//! fragment objects.
+//! happened (the node died, the client went away mid-fragment), a published upload's
+//! fragment objects, and the objects PostgreSQL knows of an ended session.
 
 use std::time::Duration;
+
+use bitsd_protocol::SessionId;
 
 use super::SharedBackend;
 use crate::shared::objects::{FragmentObject, ObjectKey};
@@ -52,5 +54,29 @@ impl SharedBackend {
         if let Err(e) = self.objects.delete(&keys).await {
             tracing::warn!(error = %e, "published upload: its fragment objects stay until the session ends");
         }
+    }
+
+    /// Deletes the objects of session `id` that PostgreSQL knows of (its fragment index, its
+    /// pending rows under the session's prefix) and its reply (`reply`, the object its record
+    /// names): one request, no listing. Never
+    /// a published file (a publish marker names a key under `files/`). An object PostgreSQL
+    /// does not know (a pending row lost with PostgreSQL's last moments) goes with the purge
+    /// of the tombstone, which lists the session's prefix.
+    pub(super) async fn delete_known_objects(
+        &self,
+        id: &SessionId,
+        reply: Option<ObjectKey>,
+    ) -> Result<(), StorageError> {
+        let prefix = self.objects.session_prefix(id);
+        let mut keys: Vec<ObjectKey> = self
+            .state
+            .session_objects(id)
+            .await?
+            .iter()
+            .filter_map(|k| ObjectKey::parse(k))
+            .filter(|k| k.starts_with(&prefix))
+            .collect();
+        keys.extend(reply);
+        self.objects.delete(&keys).await
     }
 }

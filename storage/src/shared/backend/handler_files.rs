@@ -4,7 +4,7 @@
 //! means "the upload itself": the reply is then assembled from the fragment objects in the
 //! store, as a published upload is (one fragment: a server-side copy), so its bytes never
 //! pass through the node. After a publish the handler asked for, the published file is the
-//! source.
+//! source. A reply a handler wrote to a local file is streamed from there into its object.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +20,9 @@ use crate::{ReplyKind, StorageError};
 
 /// The name of the upload in its scratch directory.
 const UPLOAD: &str = "upload";
+
+/// Chunk size for reading a local file into the store.
+const FILE_CHUNK: usize = 256 * 1024;
 
 impl SharedBackend {
     /// Where session `id`'s upload would be copied for a handler: a directory of its own
@@ -115,6 +118,33 @@ impl SharedBackend {
         Ok(ReplyKind::Stored {
             len: assembled.len,
             crc32c: assembled.crc32c,
+            in_upload: false,
+            object: Some(name),
+        })
+    }
+
+    /// Streams the local file `src` into the session's reply object.
+    pub(super) async fn put_file(
+        &self,
+        id: &SessionId,
+        src: &Path,
+    ) -> Result<ReplyKind, StorageError> {
+        let file = tokio::fs::File::open(src)
+            .await
+            .map_err(StorageError::io("read reply file", src))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(StorageError::io("read reply file", src))?
+            .len();
+        let path = src.to_path_buf();
+        let body = tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
+            .map(move |c| c.map_err(StorageError::io("read reply file", &path)));
+        let (key, name) = self.objects.reply_key(id);
+        let stored = self.objects.put_stream_counted(key, len, 0, body).await?;
+        Ok(ReplyKind::Stored {
+            len: stored.len,
+            crc32c: Some(stored.crc32c),
             in_upload: false,
             object: Some(name),
         })

@@ -49,7 +49,6 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
-use futures_util::StreamExt;
 
 use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
 use super::pg::{CasOutcome, CreateOutcome, Limits, PgOptions, PgStateStore};
@@ -63,9 +62,6 @@ use coalesce::Coalescer;
 pub use merge_rule::{COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
 use recent::RecentSessions;
 use sinks::{reply_object, PendingRow, ReservedKey, SharedFragment, SharedReply};
-
-/// Chunk size for reading a local file into the store.
-const FILE_CHUNK: usize = 256 * 1024;
 
 /// Sessions in PostgreSQL, bytes in an object store (see the module docs).
 #[derive(Clone, Debug)]
@@ -143,30 +139,6 @@ impl SharedBackend {
         merger.merge_now(id, start, end, total).await
     }
 
-    /// Deletes the objects of session `id` that PostgreSQL knows of (its fragment index, its
-    /// pending rows under the session's prefix) and its reply (`reply`, the object its record
-    /// names): one request, no listing. Never
-    /// a published file (a publish marker names a key under `files/`). An object PostgreSQL
-    /// does not know (a pending row lost with PostgreSQL's last moments) goes with the purge
-    /// of the tombstone, which lists the session's prefix.
-    async fn delete_known_objects(
-        &self,
-        id: &SessionId,
-        reply: Option<ObjectKey>,
-    ) -> Result<(), StorageError> {
-        let prefix = self.objects.session_prefix(id);
-        let mut keys: Vec<ObjectKey> = self
-            .state
-            .session_objects(id)
-            .await?
-            .iter()
-            .filter_map(|k| ObjectKey::parse(k))
-            .filter(|k| k.starts_with(&prefix))
-            .collect();
-        keys.extend(reply);
-        self.objects.delete(&keys).await
-    }
-
     /// The object of a stored reply, or why the record names none bitsd would give.
     fn stored_reply(&self, id: &SessionId, kind: &ReplyKind) -> Result<ObjectKey, StorageError> {
         reply_object(&self.objects, id, kind).ok_or_else(|| StorageError::Corrupt {
@@ -202,29 +174,6 @@ impl SharedBackend {
                 })
             })
             .collect()
-    }
-
-    /// Streams the local file `src` into the session's reply object.
-    async fn put_file(&self, id: &SessionId, src: &Path) -> Result<ReplyKind, StorageError> {
-        let file = tokio::fs::File::open(src)
-            .await
-            .map_err(StorageError::io("read reply file", src))?;
-        let len = file
-            .metadata()
-            .await
-            .map_err(StorageError::io("read reply file", src))?
-            .len();
-        let path = src.to_path_buf();
-        let body = tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
-            .map(move |c| c.map_err(StorageError::io("read reply file", &path)));
-        let (key, name) = self.objects.reply_key(id);
-        let stored = self.objects.put_stream_counted(key, len, 0, body).await?;
-        Ok(ReplyKind::Stored {
-            len: stored.len,
-            crc32c: Some(stored.crc32c),
-            in_upload: false,
-            object: Some(name),
-        })
     }
 }
 
