@@ -97,6 +97,12 @@ impl Relay {
         self.gates.send_modify(|g| g.stop = Some(parts));
     }
 
+    /// Whether a stop asked for with [`Relay::stop_request_to`] still waits for its request
+    /// (no request matched it yet).
+    pub fn stop_armed(&self) -> bool {
+        self.gates.borrow().stop.is_some()
+    }
+
     /// Whether a connection's answers are held, or its requests stopped, now.
     pub fn holding(&self) -> bool {
         let g = self.gates.borrow();

@@ -127,7 +127,11 @@ async fn large_fragments_are_copied_by_the_store_and_every_shape_is_byte_exact()
         let dest = without.file_key(&format!("streamed/{name}.bin"));
         let assembled = without.assemble(&dest, &fragments, total).await.unwrap();
         assert_eq!(assembled.copied_bytes, 0, "{name}");
-        assert_eq!(assembled.crc32c, Some(crc32c::crc32c(&data)), "{name}");
+        // A multipart upload is made of parts a later attempt may go on with: no CRC of the
+        // whole.
+        let one_put = total < without.part_size() as u64;
+        let crc = one_put.then(|| crc32c::crc32c(&data));
+        assert_eq!(assembled.crc32c, crc, "{name}");
         assert!(
             read_object(&without, &dest).await == data,
             "{name}: streamed bytes differ"

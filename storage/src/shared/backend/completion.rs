@@ -10,6 +10,7 @@ use bitsd_protocol::SessionId;
 
 use super::super::objects::ObjectKey;
 use super::super::pg::CasOutcome;
+use super::journal::PgJournal;
 use super::sinks::reply_object;
 use super::SharedBackend;
 use crate::{CommitOutcome, SessionRecord, StorageError};
@@ -66,8 +67,10 @@ impl SharedBackend {
             }
         }
         let fragments = self.fragments(id).await?;
+        // Journaled: a node killed meanwhile leaves its multipart upload to the next attempt.
+        let journal = PgJournal::new(&self.state, *id, dest.as_str());
         self.objects
-            .assemble(&dest, &fragments, record.received)
+            .assemble_resumable(&dest, &fragments, record.received, &journal)
             .await?;
         // Correctness from PostgreSQL: `committed` only once the assembled object exists.
         record.committed = true;

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use super::journal::{PgJournal, REPLY_SLOT};
 use super::SharedBackend;
 use crate::backend::{LocalUpload, SessionBackend};
 use crate::shared::objects::FragmentObject;
@@ -110,11 +111,24 @@ impl SharedBackend {
             }],
             _ => self.fragments(id).await?,
         };
-        let (key, name) = self.objects.reply_key(id);
+        let (key, _) = self.objects.reply_key(id);
+        // Journaled: a node killed meanwhile leaves its multipart upload (and its key) to the
+        // next attempt.
+        let journal = PgJournal::new(&self.state, *id, REPLY_SLOT);
         let assembled = self
             .objects
-            .assemble(&key, &fragments, record.received)
+            .assemble_resumable(&key, &fragments, record.received, &journal)
             .await?;
+        let under = format!("{}/", self.objects.session_prefix(id).as_str());
+        let name = match assembled.key.as_str().strip_prefix(&under) {
+            Some(name) if !name.contains('/') => name.to_string(),
+            _ => {
+                return Err(StorageError::Corrupt {
+                    key: assembled.key.to_string(),
+                    why: format!("a reply of session {id} outside its prefix"),
+                })
+            }
+        };
         Ok(ReplyKind::Stored {
             len: assembled.len,
             crc32c: assembled.crc32c,

@@ -40,6 +40,7 @@ mod coalesce;
 mod completion;
 mod gc;
 mod handler_files;
+mod journal;
 mod merge_rule;
 mod orphans;
 mod recent;
@@ -515,6 +516,9 @@ impl SessionBackend for SharedBackend {
             .filter(|d| record.committed && valid_destination(d))
             .map(|d| self.objects.file_key(d));
         tokio::spawn(async move {
+            if let Err(e) = this.abort_recorded_assemblies(&id).await {
+                tracing::warn!(session = %id, error = %e, "aborting an ended session's unfinished assembly failed; the sweeper does it with the tombstone");
+            }
             if let Err(e) = this.delete_known_objects(&id, reply).await {
                 tracing::warn!(session = %id, error = %e, "deleting an ended session's objects failed; the sweeper deletes them with the tombstone");
             }
@@ -533,6 +537,8 @@ impl SessionBackend for SharedBackend {
 
     async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
         self.recent.forget(id);
+        // Before the rows go (with the session's): their uploads' parts are named nowhere else.
+        self.abort_recorded_assemblies(id).await?;
         self.objects.delete_session(id).await?;
         self.state.remove(id).await?;
         Ok(())

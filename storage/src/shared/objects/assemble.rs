@@ -1,20 +1,20 @@
 //! Assembly of a complete upload from its fragment objects, and reading it as one stream.
 //!
 //! One fragment: a server-side copy (CopyObject, one request, no bytes through the node).
-//! Several, at least one of them 5 MiB or longer (and `server_side_copy` on): a multipart
-//! upload whose parts the store copies from the large fragments (`UploadPartCopy`) while the
-//! node streams runs of small ones as parts of their own (see [`super::part_plan`] and
-//! [`super::assemble_copy`]). Otherwise, or when the store refuses part copies: the fragments
-//! are read in offset order (up to [`READ_AHEAD`] GETs open at once, so many small fragments
-//! do not cost one round trip each in sequence) and streamed into one [`ObjectWriter`],
-//! which coalesces them into parts of the part size (S3 wants at least 5 MiB in every part
-//! but the last) or sends one PUT when the whole upload is shorter.
+//! Shorter than the part size, with nothing to copy: the fragments are read in offset order
+//! (up to [`READ_AHEAD`] GETs open at once, so many small fragments do not cost one round trip
+//! each in sequence) and sent with one PUT. Otherwise a multipart upload (see
+//! [`super::assemble_copy`]): the store copies the parts it can from large fragments
+//! (`UploadPartCopy`, when `server_side_copy` is on and the store does it) and the node
+//! streams the others from runs of fragments (S3 wants at least 5 MiB in every part but the
+//! last). Given a journal ([`super::resume`]), an assembly whose node died goes on where it
+//! stopped on the next attempt.
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 
-use super::assemble_copy::CopyAssembly;
 use super::error::map_err;
+use super::resume::AssemblyJournal;
 use super::{ByteStream, ObjectKey, Objects};
 use crate::StorageError;
 
@@ -98,12 +98,38 @@ fn in_order(
 impl Objects {
     /// Writes the upload made of `fragments` (any order; they must cover `0..total`) to
     /// `dest`, durable when this returns. The fragment objects stay (the caller deletes them
-    /// once the completion is committed, see [`Objects::delete`]).
+    /// once the completion is committed, see [`Objects::delete`]). A failure leaves nothing
+    /// behind.
     pub async fn assemble(
         &self,
         dest: &ObjectKey,
         fragments: &[FragmentObject],
         total: u64,
+    ) -> Result<Assembled, StorageError> {
+        self.assemble_with(dest, fragments, total, None).await
+    }
+
+    /// As [`Objects::assemble`], recording a multipart upload and its parts in `journal`: a
+    /// transient failure (or the node's death) leaves them for the next attempt, which goes
+    /// on with that upload, at the key recorded with it (the returned [`Assembled::key`],
+    /// which may not be `dest`).
+    pub async fn assemble_resumable(
+        &self,
+        dest: &ObjectKey,
+        fragments: &[FragmentObject],
+        total: u64,
+        journal: &dyn AssemblyJournal,
+    ) -> Result<Assembled, StorageError> {
+        self.assemble_with(dest, fragments, total, Some(journal))
+            .await
+    }
+
+    async fn assemble_with(
+        &self,
+        dest: &ObjectKey,
+        fragments: &[FragmentObject],
+        total: u64,
+        journal: Option<&dyn AssemblyJournal>,
     ) -> Result<Assembled, StorageError> {
         let fragments = in_order(fragments, total, dest)?;
         // CopyObject takes objects up to 5 GiB; a longer single fragment is copied in parts.
@@ -124,17 +150,17 @@ impl Objects {
                 copied_bytes: total,
             });
         }
-        if let Some(plan) = self.copy_plan(&fragments) {
-            match self
-                .assemble_with_copies(dest, &fragments, plan, total)
-                .await?
-            {
-                CopyAssembly::Done(assembled) => return Ok(assembled),
-                CopyAssembly::Refused => {} // streamed below
-            }
+        let part_size = self.part_size as u64;
+        let copies = self
+            .parts_plan(&fragments)
+            .iter()
+            .any(|p| matches!(p, super::part_plan::PlannedPart::Copy(_)));
+        if total >= part_size || copies {
+            return self.assemble_parts(dest, &fragments, total, journal).await;
         }
-        // Streamed through the node: its memory counts in the node's budget (a burst of
-        // completions waits for room, or answers 503, instead of holding it all at once).
+        // One PUT, streamed through the node: its memory counts in the node's budget (a
+        // burst of completions waits for room, or answers 503, instead of holding it all at
+        // once).
         let stored = self
             .put_stream_counted(
                 dest.clone(),
@@ -143,18 +169,11 @@ impl Objects {
                 self.read_fragments_checked(&fragments),
             )
             .await?;
-        let part_size = self.part_size as u64;
-        let writes = if total < part_size {
-            1
-        } else {
-            // Create, parts, complete.
-            2 + total.div_ceil(part_size)
-        };
         Ok(Assembled {
             key: stored.key,
             len: stored.len,
             crc32c: Some(stored.crc32c),
-            requests: fragments.len() as u64 + writes,
+            requests: fragments.len() as u64 + 1,
             copied_bytes: 0,
         })
     }

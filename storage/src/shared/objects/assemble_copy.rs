@@ -1,10 +1,16 @@
-//! Assembly with server-side copies: a multipart upload whose parts are either copied by the
-//! store from a fragment object (`UploadPartCopy`, see [`super::part_copy`]) or streamed by
-//! the node from runs of small fragments, as [`super::part_plan`] decides.
+//! Assembly as a multipart upload whose parts are either copied by the store from a fragment
+//! object (`UploadPartCopy`, see [`super::part_copy`]) or streamed by the node from runs of
+//! fragments, as [`super::part_plan`] decides (with nothing to copy: streamed parts of the
+//! part size, [`super::part_plan::stream_plan`]).
 //!
-//! Durable when the CompleteMultipartUpload is answered; any failure aborts the multipart
-//! upload (no part is left behind; the bucket's lifecycle rule covers a node killed
-//! midway), and nothing is visible at the destination before the completion.
+//! Durable when the CompleteMultipartUpload is answered; nothing is visible at the destination
+//! before. With a journal ([`super::resume`]) the upload and each part the store answered are
+//! recorded, and an attempt killed midway leaves them for the next one, which sends only the
+//! parts missing; a failure that is not transient aborts the upload and forgets it. Without
+//! one, any failure aborts the upload (the bucket's lifecycle rule covers a node killed
+//! midway).
+
+use std::ops::Range;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -14,112 +20,245 @@ use object_store::{ObjectStoreExt, PutPayload};
 use super::assemble::{Assembled, FragmentObject};
 use super::error::map_err;
 use super::part_copy::CopyError;
-use super::part_plan::{PlannedPart, MIN_PART_SIZE};
+use super::part_plan::{stream_plan, PlannedPart, MIN_PART_SIZE};
+use super::resume::{AssemblyJournal, DonePart, Journal};
 use super::{ObjectKey, Objects};
 use crate::StorageError;
 
-/// Parts sent at once (each streamed one holds up to about `part_size + 5 MiB` in memory).
+/// Parts sent at once when some are copied (each streamed one holds up to about
+/// `part_size + 5 MiB` in memory, counted in `fragment_memory`).
 const PARTS_AT_ONCE: usize = 4;
 
-/// What an assembly with part copies came to.
-pub(super) enum CopyAssembly {
-    /// The upload is at its destination.
-    Done(Assembled),
-    /// The store does not do part copies: stream instead (nothing was written).
-    Refused,
-}
+/// Parts sent at once when all are streamed: the node holds about two parts, as a writer of
+/// one object does.
+const STREAMED_AT_ONCE: usize = 2;
 
 impl Objects {
-    /// The plan for `fragments` (in offset order), or `None` when part copies are off,
-    /// refused before, or would copy nothing.
-    pub(super) fn copy_plan(&self, fragments: &[FragmentObject]) -> Option<Vec<PlannedPart>> {
-        let copier = self.copier.as_ref()?;
-        if copier.refused() {
-            return None;
-        }
+    /// The plan for `fragments` (in offset order): part copies where the store does them and
+    /// they copy something, streamed parts of the part size otherwise.
+    pub(super) fn parts_plan(&self, fragments: &[FragmentObject]) -> Vec<PlannedPart> {
         let lens: Vec<u64> = fragments.iter().map(|f| f.len).collect();
-        super::part_plan::plan_parts(&lens, MIN_PART_SIZE, self.part_size as u64)
+        let copy = self.copier.as_ref().filter(|c| !c.refused()).and_then(|_| {
+            super::part_plan::plan_parts(&lens, MIN_PART_SIZE, self.part_size as u64)
+        });
+        copy.unwrap_or_else(|| stream_plan(&lens, self.part_size as u64))
     }
 
-    /// Assembles `fragments` (in offset order, covering `0..total`) at `dest` by `plan`.
-    pub(super) async fn assemble_with_copies(
+    /// Assembles `fragments` (in offset order, covering `0..total`) at `dest` as a multipart
+    /// upload, going on with the one `journal` recorded if there is one (at the key recorded
+    /// with it, which is then the returned [`Assembled::key`]).
+    pub(super) async fn assemble_parts(
         &self,
         dest: &ObjectKey,
         fragments: &[FragmentObject],
-        plan: Vec<PlannedPart>,
         total: u64,
-    ) -> Result<CopyAssembly, StorageError> {
-        let Some(copier) = self.copier.clone() else {
-            return Ok(CopyAssembly::Refused);
+        journal: Option<&dyn AssemblyJournal>,
+    ) -> Result<Assembled, StorageError> {
+        let mut plan = self.parts_plan(fragments);
+        let found = match journal {
+            Some(j) => j.find().await?,
+            None => None,
         };
+        // Another attempt's upload may be one the store no longer has: then once more,
+        // afresh.
+        let (mut upload, mut resumed) = match found {
+            Some(found) => {
+                tracing::info!(key = %found.key, parts = found.parts.len(), "going on with an assembly an earlier attempt started");
+                (found, true)
+            }
+            None => self.start_upload(dest, journal).await?,
+        };
+        loop {
+            let sent = self.send_parts(&upload, fragments, &plan, journal).await;
+            let outcome = match sent {
+                Ok(parts) => self
+                    .s3
+                    .complete_multipart(upload.key.path(), &upload.upload_id, parts)
+                    .await
+                    .map_err(map_err("complete multipart upload", upload.key.as_str())),
+                Err(CopyError::Refused) => {
+                    // The same upload, streamed: parts of the same number are replaced.
+                    plan = stream_plan(
+                        &fragments.iter().map(|f| f.len).collect::<Vec<_>>(),
+                        self.part_size as u64,
+                    );
+                    continue;
+                }
+                Err(CopyError::Failed(e)) => Err(e),
+            };
+            match outcome {
+                Ok(_) => {
+                    if let Some(j) = journal {
+                        if let Err(e) = j.forget(&upload.upload_id).await {
+                            tracing::warn!(key = %upload.key, error = %e, "an assembled upload's journal stays until its session ends");
+                        }
+                    }
+                    let (mut copied, mut streamed_gets) = (0u64, 0u64);
+                    for part in &plan {
+                        match part {
+                            PlannedPart::Copy(_) => copied += part.len(),
+                            PlannedPart::Stream(pieces) => streamed_gets += pieces.len() as u64,
+                        }
+                    }
+                    tracing::debug!(key = %upload.key, parts = plan.len(), copied, streamed = total - copied, "upload assembled as a multipart upload");
+                    return Ok(Assembled {
+                        key: upload.key,
+                        len: total,
+                        crc32c: None,
+                        requests: 2 + plan.len() as u64 + streamed_gets,
+                        copied_bytes: copied,
+                    });
+                }
+                Err(e) if resumed && !e.is_transient() => {
+                    tracing::info!(key = %upload.key, error = %e, "the recorded upload of an earlier attempt is of no use; starting afresh");
+                    self.give_up(&upload, journal).await;
+                    (upload, resumed) = self.start_upload(dest, journal).await?;
+                    // At most once more: a journal that comes back again is another
+                    // attempt's, and its failures are for that attempt to handle.
+                    if resumed {
+                        return Err(e);
+                    }
+                }
+                Err(e) => {
+                    if journal.is_none() || !e.is_transient() {
+                        self.give_up(&upload, journal).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Starts a multipart upload at `dest` and records it, or the one another attempt
+    /// recorded first (then ours is aborted, and the second value is true).
+    async fn start_upload(
+        &self,
+        dest: &ObjectKey,
+        journal: Option<&dyn AssemblyJournal>,
+    ) -> Result<(Journal, bool), StorageError> {
         let upload_id = self
             .s3
             .create_multipart(dest.path())
             .await
             .map_err(map_err("start multipart upload", dest.as_str()))?;
-        let count = plan.len();
-        let (mut copied, mut streamed_gets) = (0u64, 0u64);
-        for part in &plan {
-            match part {
-                PlannedPart::Copy(_) => copied += part.len(),
-                PlannedPart::Stream(pieces) => streamed_gets += pieces.len() as u64,
+        let mine = Journal {
+            key: dest.clone(),
+            upload_id,
+            parts: Vec::new(),
+        };
+        let Some(j) = journal else {
+            return Ok((mine, false));
+        };
+        match j.start(dest, &mine.upload_id).await {
+            Ok(recorded) if recorded.upload_id == mine.upload_id => Ok((mine, false)),
+            Ok(recorded) => {
+                self.abort_upload(&mine).await;
+                Ok((recorded, true))
+            }
+            Err(e) => {
+                self.abort_upload(&mine).await;
+                Err(e)
             }
         }
-        let sent = futures_util::stream::iter(plan.into_iter().enumerate())
-            .map(|(index, part)| {
-                let (copier, upload_id) = (copier.clone(), upload_id.clone());
-                async move {
-                    match part {
-                        PlannedPart::Copy(piece) => {
-                            let source = &fragments[piece.fragment].key;
-                            copier
-                                .copy_part(
-                                    dest.path(),
-                                    &upload_id,
-                                    index + 1,
-                                    source.path(),
-                                    piece.range,
-                                )
-                                .await
-                        }
-                        PlannedPart::Stream(pieces) => self
-                            .stream_part(dest, &upload_id, index, fragments, &pieces)
-                            .await
-                            .map_err(CopyError::Failed),
-                    }
-                }
-            })
-            .buffered(PARTS_AT_ONCE)
-            .try_collect::<Vec<PartId>>()
-            .await;
-        let parts = match sent {
-            Ok(parts) => parts,
-            Err(e) => {
-                if let Err(abort) = self.s3.abort_multipart(dest.path(), &upload_id).await {
-                    tracing::warn!(key = %dest, error = %abort, "aborting a failed assembly's multipart upload failed; the bucket's lifecycle rule removes its parts");
-                }
-                return match e {
-                    CopyError::Refused => Ok(CopyAssembly::Refused),
-                    CopyError::Failed(e) => Err(e),
-                };
+    }
+
+    /// Aborts `upload` and forgets it.
+    async fn give_up(&self, upload: &Journal, journal: Option<&dyn AssemblyJournal>) {
+        if let Some(j) = journal {
+            if let Err(e) = j.forget(&upload.upload_id).await {
+                tracing::warn!(key = %upload.key, error = %e, "could not forget an assembly's upload; the session's end aborts it");
             }
-        };
-        if let Err(e) = self
+        }
+        self.abort_upload(upload).await;
+    }
+
+    /// Aborts a multipart upload (one the store no longer has is fine).
+    pub(crate) async fn abort_upload(&self, upload: &Journal) {
+        match self
             .s3
-            .complete_multipart(dest.path(), &upload_id, parts)
+            .abort_multipart(upload.key.path(), &upload.upload_id)
             .await
         {
-            let _ = self.s3.abort_multipart(dest.path(), &upload_id).await;
-            return Err(map_err("complete multipart upload", dest.as_str())(e));
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(key = %upload.key, error = %e, "aborting an assembly's multipart upload failed; the bucket's lifecycle rule removes its parts")
+            }
         }
-        tracing::debug!(key = %dest, parts = count, copied, streamed = total - copied, "upload assembled with part copies");
-        Ok(CopyAssembly::Done(Assembled {
-            key: dest.clone(),
-            len: total,
-            crc32c: None,
-            requests: 2 + count as u64 + streamed_gets,
-            copied_bytes: copied,
-        }))
+    }
+
+    /// Sends the parts of `plan` that `upload` has not recorded, recording each once the
+    /// store answered it; returns every part's id in order.
+    async fn send_parts(
+        &self,
+        upload: &Journal,
+        fragments: &[FragmentObject],
+        plan: &[PlannedPart],
+        journal: Option<&dyn AssemblyJournal>,
+    ) -> Result<Vec<PartId>, CopyError> {
+        let at_once = if plan.iter().any(|p| matches!(p, PlannedPart::Copy(_))) {
+            PARTS_AT_ONCE
+        } else {
+            STREAMED_AT_ONCE
+        };
+        let mut start = 0u64;
+        let numbered: Vec<(u32, Range<u64>, PlannedPart)> = plan
+            .iter()
+            .enumerate()
+            .map(|(index, part)| {
+                let range = start..start + part.len();
+                start = range.end;
+                (index as u32 + 1, range, part.clone())
+            })
+            .collect();
+        futures_util::stream::iter(numbered)
+            .map(|(number, range, part)| async move {
+                if let Some(done) = upload
+                    .parts
+                    .iter()
+                    .find(|d| d.number == number && d.range == range)
+                {
+                    return Ok(PartId {
+                        content_id: done.etag.clone(),
+                    });
+                }
+                let index = number as usize - 1;
+                let id = match &part {
+                    PlannedPart::Copy(piece) => {
+                        let Some(copier) = self.copier.as_ref() else {
+                            return Err(CopyError::Refused);
+                        };
+                        let source = &fragments[piece.fragment].key;
+                        copier
+                            .copy_part(
+                                upload.key.path(),
+                                &upload.upload_id,
+                                number as usize,
+                                source.path(),
+                                piece.range.clone(),
+                            )
+                            .await?
+                    }
+                    PlannedPart::Stream(pieces) => self
+                        .stream_part(&upload.key, &upload.upload_id, index, fragments, pieces)
+                        .await
+                        .map_err(CopyError::Failed)?,
+                };
+                if let Some(j) = journal {
+                    let done = DonePart {
+                        number,
+                        range,
+                        etag: id.content_id.clone(),
+                    };
+                    // Not fatal: unrecorded, the part is sent again by a later attempt.
+                    if let Err(e) = j.part_done(&upload.upload_id, &done).await {
+                        tracing::warn!(key = %upload.key, part = number, error = %e, "could not record an assembled part");
+                    }
+                }
+                Ok(id)
+            })
+            .buffered(at_once)
+            .try_collect()
+            .await
     }
 
     /// Reads `pieces` (ranges of fragment objects, in order) and sends them as part `index`
@@ -133,6 +272,8 @@ impl Objects {
         fragments: &[FragmentObject],
         pieces: &[super::part_plan::Piece],
     ) -> Result<PartId, StorageError> {
+        let len = pieces.iter().map(|p| p.range.end - p.range.start).sum();
+        let _held = self.fragment_memory.reserve(len, dest.as_str()).await?;
         let mut chunks: Vec<Bytes> = Vec::with_capacity(pieces.len());
         for piece in pieces {
             let f = &fragments[piece.fragment];

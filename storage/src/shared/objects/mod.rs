@@ -28,6 +28,7 @@ mod error;
 mod keys;
 mod part_copy;
 mod part_plan;
+mod resume;
 mod stream_put;
 mod writer;
 
@@ -47,6 +48,7 @@ pub use config::{
     MAX_PRESIGNED_SECS, MIN_PART_SIZE,
 };
 pub use keys::{ObjectKey, MAX_KEY_LEN};
+pub use resume::{AssemblyJournal, DonePart, Journal};
 pub use writer::{ObjectWriter, StoredObject};
 
 /// A reply ([`Objects::reply_writer`]) is counted in the node's fragment memory once it is

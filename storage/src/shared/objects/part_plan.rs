@@ -167,6 +167,41 @@ pub fn plan_parts(lens: &[u64], min_part: u64, stream_part: u64) -> Option<Vec<P
     Some(parts)
 }
 
+/// Plans an upload made of fragments of `lens` bytes (in offset order) as streamed parts
+/// only, each `part_size` long but the last (longer when the upload would need more than
+/// [`MAX_PARTS`] parts): the plan of an assembly with nothing to copy. Part `k` always
+/// covers the same bytes of the upload, whichever fragments hold them, so an attempt that
+/// resumes another's multipart upload knows which of its parts it can keep.
+pub fn stream_plan(lens: &[u64], part_size: u64) -> Vec<PlannedPart> {
+    let total: u64 = lens.iter().sum();
+    let part_size = part_size
+        .max(total.div_ceil(MAX_PARTS as u64))
+        .clamp(1, MAX_PART_SIZE);
+    let mut parts = Vec::new();
+    let mut gathered: Vec<Piece> = Vec::new();
+    let mut gathered_len = 0u64;
+    for (fragment, &len) in lens.iter().enumerate() {
+        let mut at = 0;
+        while at < len {
+            let take = (len - at).min(part_size - gathered_len);
+            gathered.push(Piece {
+                fragment,
+                range: at..at + take,
+            });
+            gathered_len += take;
+            at += take;
+            if gathered_len == part_size {
+                parts.push(PlannedPart::Stream(std::mem::take(&mut gathered)));
+                gathered_len = 0;
+            }
+        }
+    }
+    if gathered_len > 0 {
+        parts.push(PlannedPart::Stream(gathered));
+    }
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -184,6 +219,77 @@ mod tests {
                 PlannedPart::Stream(_) => ('s', p.len() / MIB),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_stream_plan_cuts_the_upload_at_multiples_of_the_part_size() {
+        let plan = stream_plan(&[3 * MIB, 4 * MIB, MIB, 6 * MIB], 5 * MIB);
+        assert_eq!(shape(&plan), vec![('s', 5), ('s', 5), ('s', 4)]);
+        assert_eq!(
+            plan[0],
+            PlannedPart::Stream(vec![
+                Piece {
+                    fragment: 0,
+                    range: 0..3 * MIB
+                },
+                Piece {
+                    fragment: 1,
+                    range: 0..2 * MIB
+                },
+            ])
+        );
+        assert_eq!(
+            plan[1],
+            PlannedPart::Stream(vec![
+                Piece {
+                    fragment: 1,
+                    range: 2 * MIB..4 * MIB
+                },
+                Piece {
+                    fragment: 2,
+                    range: 0..MIB
+                },
+                Piece {
+                    fragment: 3,
+                    range: 0..2 * MIB
+                },
+            ])
+        );
+        // One fragment of many parts; an exact multiple leaves no short part.
+        assert_eq!(shape(&stream_plan(&[15 * MIB], 5 * MIB)), vec![('s', 5); 3]);
+        assert!(stream_plan(&[], 5 * MIB).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn stream_plans_cover_the_upload_in_order_at_fixed_boundaries(
+            lens in proptest::collection::vec(1u64..20_000, 1..40),
+            part in 1u64..30_000,
+        ) {
+            let plan = stream_plan(&lens, part);
+            let total: u64 = lens.iter().sum();
+            let mut next = (0usize, 0u64);
+            for (i, p) in plan.iter().enumerate() {
+                if i + 1 < plan.len() {
+                    prop_assert_eq!(p.len(), part);
+                } else {
+                    prop_assert!(p.len() > 0 && p.len() <= part);
+                }
+                let PlannedPart::Stream(pieces) = p else { panic!("a copy in a stream plan") };
+                for piece in pieces {
+                    if piece.fragment != next.0 {
+                        prop_assert_eq!(next.1, lens[next.0]);
+                        prop_assert_eq!(piece.fragment, next.0 + 1);
+                        next = (piece.fragment, 0);
+                    }
+                    prop_assert_eq!(piece.range.start, next.1);
+                    prop_assert!(piece.range.end > piece.range.start);
+                    next.1 = piece.range.end;
+                }
+            }
+            prop_assert_eq!(next, (lens.len() - 1, lens[lens.len() - 1]));
+            prop_assert_eq!(plan.iter().map(PlannedPart::len).sum::<u64>(), total);
+        }
     }
 
     #[test]

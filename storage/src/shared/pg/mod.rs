@@ -22,6 +22,7 @@
 //! longer than [`PgOptions::timeout`] come back as [`StorageError::StateStoreUnreachable`]
 //! (transient: the server answers the packet with a 5xx and the client retries).
 
+mod assembly;
 mod coalesce;
 mod fragment_commit;
 mod gc;
@@ -40,6 +41,7 @@ use tokio_postgres::NoTls;
 
 use crate::StorageError;
 
+pub use assembly::{RecordedAssembly, RecordedPart};
 pub use gc::{PendingObject, SweeperLock};
 pub use schema::SCHEMA_VERSION;
 pub use sessions::{CasOutcome, CreateOutcome, Expect, FragmentObject, Limits, NewFragment};

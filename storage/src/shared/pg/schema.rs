@@ -5,7 +5,7 @@ use super::{pg_error, PgStateStore};
 use crate::StorageError;
 
 /// The schema version this build creates and understands.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Advisory-lock key held (per transaction) while migrating.
 const MIGRATE_LOCK: i64 = 0x6269_7473_6400_0001;
@@ -47,7 +47,33 @@ const MIGRATIONS: &[&str] = &[
     COUNT_LIVE_SKIPPING,
     // 3 -> 4: session updates in place (see `UPDATES_IN_PLACE`).
     UPDATES_IN_PLACE,
+    // 4 -> 5: assembly journals (see `ASSEMBLY_JOURNALS`).
+    ASSEMBLY_JOURNALS,
 ];
+
+/// The multipart upload of an assembly in progress and its parts the store answered, so that
+/// the next attempt (on any node) goes on with them (`crate::shared::objects::AssemblyJournal`).
+/// One per session and `slot` (the destination of a plain upload, `reply` for a reply). Rows
+/// go with their session; a session's end aborts the uploads still recorded first.
+const ASSEMBLY_JOURNALS: &str = "CREATE TABLE bitsd_assemblies (
+        session_id  uuid   NOT NULL REFERENCES bitsd_sessions (id) ON DELETE CASCADE,
+        slot        text   NOT NULL,
+        object_key  text   NOT NULL,
+        upload_id   text   NOT NULL,
+        created_ms  bigint NOT NULL,
+        PRIMARY KEY (session_id, slot)
+    );
+    CREATE TABLE bitsd_assembly_parts (
+        session_id   uuid   NOT NULL,
+        slot         text   NOT NULL,
+        part_number  integer NOT NULL,
+        start_offset bigint NOT NULL,
+        end_offset   bigint NOT NULL,
+        etag         text   NOT NULL,
+        PRIMARY KEY (session_id, slot, part_number),
+        FOREIGN KEY (session_id, slot) REFERENCES bitsd_assemblies (session_id, slot)
+            ON DELETE CASCADE
+    );";
 
 /// Live sessions counted by triggers in 64 shard rows, so that a Create-Session under a total
 /// limit sums 64 small rows instead of counting every live session (`count(*)` grows with the
