@@ -189,10 +189,11 @@ async fn a_database_from_before_the_counter_is_counted_when_migrated() {
     for r in &records[..2] {
         a.close(&r.id, SessionState::Closed).await.unwrap();
     }
-    // Back to schema version 1: no counter, no triggers, the old sweeper index, the
-    // sessions kept.
+    // Back to schema version 1: no counter, no triggers, the old sweeper index, no assembly
+    // journals, the sessions kept.
     db.batch_execute(
-        "ALTER TABLE bitsd_sessions DROP COLUMN idle_minute, RESET (fillfactor);
+        "DROP TABLE bitsd_assembly_parts, bitsd_assemblies;
+         ALTER TABLE bitsd_sessions DROP COLUMN idle_minute, RESET (fillfactor);
          CREATE INDEX bitsd_sessions_updated ON bitsd_sessions (updated_ms);
          DROP TRIGGER bitsd_live_count_rows ON bitsd_sessions;
          DROP TRIGGER bitsd_live_count_state ON bitsd_sessions;

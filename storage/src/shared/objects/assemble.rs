@@ -19,7 +19,7 @@ use super::{ByteStream, ObjectKey, Objects};
 use crate::StorageError;
 
 /// Fragment GETs opened ahead of the one being copied. Small objects cost a store round trip
-/// each (on Garage about 40 ms on a kept-alive connection, see docs/farm.md, "Garage"), so many
+/// each (on Garage about 40 ms on a kept-alive connection, see docs/farm-garage.md), so many
 /// are asked for at once; an opened GET whose body is not read yet holds only its socket's
 /// buffers.
 const READ_AHEAD: usize = 32;
