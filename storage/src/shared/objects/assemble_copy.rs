@@ -37,7 +37,7 @@ const STREAMED_AT_ONCE: usize = 2;
 /// (on Garage about 40 ms on a kept-alive connection, see docs/farm-garage.md), so a part of
 /// many small fragments does not read them one after the other. Their bytes are the part's,
 /// counted in `fragment_memory` before the first read.
-const PIECES_AT_ONCE: usize = 16;
+const PIECES_AT_ONCE: usize = 32;
 
 impl Objects {
     /// The plan for `fragments` (in offset order): part copies where the store does them and
