@@ -44,11 +44,22 @@ impl Setup {
 
     /// A node whose store requests go through `relay`.
     async fn node(&self, relay: &Relay, name: &str) -> SharedBackend {
+        self.node_with(relay, name, |_| {}).await
+    }
+
+    /// As [`Setup::node`], its store settings changed by `configure`.
+    async fn node_with(
+        &self,
+        relay: &Relay,
+        name: &str,
+        configure: impl FnOnce(&mut ObjectStoreConfig),
+    ) -> SharedBackend {
         let mut store: ObjectStoreConfig = self.garage().object_store_config("resume");
         store.endpoint = Some(format!("http://{}", relay.addr()));
         store.part_size = Some(5 * MIB as u64);
         store.coalesce_fragments = Some(false);
         store.server_side_copy = Some(false);
+        configure(&mut store);
         let scratch = self.scratch.path().join(name);
         std::fs::create_dir_all(&scratch).unwrap();
         backend_on(&self.servers.postgres_url, &store, &scratch).await
@@ -317,4 +328,66 @@ async fn a_cancelled_session_aborts_the_assembly_its_dead_node_left() {
         !b.destination_exists("resume/cancelled.bin").await,
         "a cancelled upload was published"
     );
+}
+
+/// The store stops answering mid-assembly (part 3's request never gets through, the node's
+/// request times out, no retry): the attempt fails with a transient error and leaves the
+/// journal and the store's upload as they are, and the next attempt goes on with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_answering_mid_assembly_leaves_the_journal_to_the_retry() {
+    let Some(setup) = Setup::start().await else {
+        return;
+    };
+    let relay_a = Relay::start(setup.garage().s3_addr()).await;
+    let a = setup
+        .node_with(&relay_a, "a", |s| {
+            s.request_timeout_secs = Some(2);
+            s.max_retries = Some(0);
+        })
+        .await;
+    let (record, data) = complete_upload(&a, Some("resume/timeout.bin"), 5).await;
+    let id = record.id;
+    relay_a.stop_request_to(&["PUT ", "partNumber=3&"]);
+    let failed = tokio::time::timeout(
+        Duration::from_secs(60),
+        a.publish_upload(&id, "resume/timeout.bin", false),
+    )
+    .await
+    .expect("the node's request did not time out")
+    .unwrap_err();
+    assert!(failed.is_transient(), "{failed:?}");
+    // Kept: the upload (not aborted) and the parts that got through.
+    assert_eq!(
+        setup.count("SELECT count(*) FROM bitsd_assemblies").await,
+        1
+    );
+    assert_eq!(
+        setup
+            .count("SELECT count(*) FROM bitsd_assembly_parts")
+            .await,
+        3
+    );
+    until(
+        "the unfinished upload is counted",
+        Duration::from_secs(20),
+        || async { setup.garage().unfinished_uploads() == 1 },
+    )
+    .await;
+
+    let (b, relay_b) = second_node(&setup).await;
+    let published = tokio::time::timeout(
+        Duration::from_secs(60),
+        b.publish_upload(&id, "resume/timeout.bin", false),
+    )
+    .await
+    .expect("the second attempt sent a part the first had finished")
+    .unwrap();
+    assert_eq!(published, CommitOutcome::Committed);
+    assert!(relay_b.stop_armed(), "part 1 was sent again");
+    let file = read_object(b.objects(), &b.objects().file_key("resume/timeout.bin")).await;
+    assert!(file == data, "the published file is not the upload");
+    until("no unfinished upload", Duration::from_secs(20), || async {
+        setup.garage().unfinished_uploads() == 0
+    })
+    .await;
 }
