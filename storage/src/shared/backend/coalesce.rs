@@ -41,8 +41,8 @@
 //! index still holds exactly the run ([`PgStateStore::replace_fragments`]), 4. the run's
 //! objects are deleted. A crash before 3 leaves the merged object pending for the collector
 //! (an object of `part_size` or more is a multipart upload: one cut short leaves parts only
-//! the bucket's lifecycle rule removes); after 3, the old objects go with the session's
-//! prefix at Close or expiry. A merge that loses (the upload completed, the session ended,
+//! the bucket's lifecycle rule removes); 3 also makes the old objects pending, so a crash
+//! between 3 and 4 leaves them to the collector too. A merge that loses (the upload completed, the session ended,
 //! another merge won) deletes its object. Nothing reads fragments before the upload is
 //! complete, and completing needs the session's row, which the swap holds locked: a reader
 //! sees the old index or the new one, never half.
@@ -237,13 +237,22 @@ impl Coalescer {
             self.discard(&key).await;
             return Ok(Coalesced::Lost);
         }
-        // 4. The old objects; on failure they go with the session's prefix.
+        // 4. The old objects (pending since the swap), then their rows; on a failure, or
+        // should the node die first, the collector deletes them after its grace.
         let old: Vec<ObjectKey> = run
             .iter()
             .filter_map(|f| ObjectKey::parse(&f.object_key))
             .collect();
-        if let Err(e) = self.objects.delete(&old).await {
-            tracing::debug!(session = %id, error = %e, "merged fragments' objects stay until the session's tombstone is purged");
+        match self.objects.delete(&old).await {
+            Ok(()) => {
+                let keys: Vec<&str> = run.iter().map(|f| f.object_key.as_str()).collect();
+                if let Err(e) = self.state.forget_pending_objects(id, &keys).await {
+                    tracing::debug!(session = %id, error = %e, "merged fragments' pending rows stay for the collector");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(session = %id, error = %e, "merged fragments' objects stay pending for the collector");
+            }
         }
         Ok(Coalesced::Merged {
             fragments: run.len(),

@@ -5,7 +5,7 @@ use bitsd_protocol::SessionId;
 
 use super::sessions::{to_i64, FragmentObject};
 use super::{pg_error, PgStateStore};
-use crate::StorageError;
+use crate::{now_millis, StorageError};
 
 /// The fragments of session `$1` whose first byte is in `$2..$3` (the statements below add
 /// their order).
@@ -52,7 +52,10 @@ impl PgStateStore {
     /// the index with `merged`, whose object holds the same bytes; `false` (and nothing
     /// changed) unless, in one transaction, the session is still `receiving`, the index still
     /// holds exactly `run` over its range, and `merged`'s pending row is still there (the
-    /// collector has not claimed it). The pending row goes with the swap.
+    /// collector has not claimed it). The pending row goes with the swap, and the run's
+    /// objects get pending rows of their own in it: the caller deletes them, then forgets
+    /// the rows ([`PgStateStore::forget_pending_objects`]); a node that dies between the two
+    /// leaves them to the collector.
     ///
     /// Locks in the order a fragment commit takes them (the session's row, then pending
     /// rows), so the two cannot deadlock; once this commits no reader follows the old
@@ -77,6 +80,8 @@ impl PgStateStore {
                 merged.entry.offset
             )));
         }
+        let old_keys: Vec<&str> = run.iter().map(|f| f.object_key.as_str()).collect();
+        let now_ms = to_i64(now_millis(), "time")?;
         self.timed(async {
             let mut conn = self.conn().await?;
             let tx = super::read_committed(&mut conn).await?;
@@ -122,6 +127,16 @@ impl PgStateStore {
                 "INSERT INTO bitsd_fragments (session_id, start_offset, len, crc32c, object_key)
                  VALUES ($1, $2, $3, $4, $5)",
                 &[id.as_uuid(), &from, &len, &crc, &merged.object_key],
+            )
+            .await
+            .map_err(pg_error)?;
+            // The run's objects, named by nothing from here on, are pending until the merge
+            // deletes them: a node that dies first leaves them to the collector.
+            tx.execute(
+                "INSERT INTO bitsd_pending_objects (object_key, session_id, created_ms)
+                 SELECT k, $2, $3 FROM unnest($1::text[]) AS k
+                 ON CONFLICT DO NOTHING",
+                &[&old_keys, id.as_uuid(), &now_ms],
             )
             .await
             .map_err(pg_error)?;

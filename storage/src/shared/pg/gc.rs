@@ -231,6 +231,25 @@ impl PgStateStore {
         .await
     }
 
+    /// Forgets the pending rows of session `id` for `object_keys` (objects deleted).
+    pub async fn forget_pending_objects(
+        &self,
+        id: &SessionId,
+        object_keys: &[&str],
+    ) -> Result<(), StorageError> {
+        self.timed(async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "DELETE FROM bitsd_pending_objects WHERE session_id = $1 AND object_key = ANY($2)",
+                &[id.as_uuid(), &object_keys],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Forgets `object_key`'s pending row only if it is session `id`'s (a publish marker
     /// that session left; another session's marker for the same key stays).
     pub async fn forget_own_pending_object(
