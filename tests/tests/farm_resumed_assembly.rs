@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use bitsd_protocol::SessionId;
 use bitsd_storage::shared::objects::ObjectStoreConfig;
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{CommitOutcome, ReplyKind, SessionBackend, SessionState};
@@ -132,6 +133,21 @@ async fn second_node(setup: &Setup) -> (SharedBackend, Relay) {
     (setup.node(&relay, "b").await, relay)
 }
 
+/// Publishes the upload of `id` at `path` on a [`second_node`] within 60 s, without part 1
+/// sent again, and checks that the file is `data`.
+async fn publish_on_second_node(setup: &Setup, id: &SessionId, path: &str, data: &[u8]) {
+    let (b, relay_b) = second_node(setup).await;
+    let published =
+        tokio::time::timeout(Duration::from_secs(60), b.publish_upload(id, path, false))
+            .await
+            .expect("the second attempt sent a part the first had finished")
+            .unwrap();
+    assert_eq!(published, CommitOutcome::Committed);
+    assert!(relay_b.stop_armed(), "part 1 was sent again");
+    let file = read_object(b.objects(), &b.objects().file_key(path)).await;
+    assert!(file == data, "the published file is not the upload");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_whose_node_died_midway_goes_on_with_its_parts_on_another_node() {
     let Some(setup) = Setup::start().await else {
@@ -146,18 +162,7 @@ async fn a_publish_whose_node_died_midway_goes_on_with_its_parts_on_another_node
     })
     .await;
 
-    let (b, relay_b) = second_node(&setup).await;
-    let published = tokio::time::timeout(
-        Duration::from_secs(60),
-        b.publish_upload(&id, "resume/plain.bin", false),
-    )
-    .await
-    .expect("the second attempt sent a part the first had finished")
-    .unwrap();
-    assert_eq!(published, CommitOutcome::Committed);
-    assert!(relay_b.stop_armed(), "part 1 was sent again");
-    let file = read_object(b.objects(), &b.objects().file_key("resume/plain.bin")).await;
-    assert!(file == data, "the published file is not the upload");
+    publish_on_second_node(&setup, &id, "resume/plain.bin", &data).await;
     assert_eq!(
         setup.count("SELECT count(*) FROM bitsd_assemblies").await,
         0
@@ -374,18 +379,7 @@ async fn a_store_that_stops_answering_mid_assembly_leaves_the_journal_to_the_ret
     )
     .await;
 
-    let (b, relay_b) = second_node(&setup).await;
-    let published = tokio::time::timeout(
-        Duration::from_secs(60),
-        b.publish_upload(&id, "resume/timeout.bin", false),
-    )
-    .await
-    .expect("the second attempt sent a part the first had finished")
-    .unwrap();
-    assert_eq!(published, CommitOutcome::Committed);
-    assert!(relay_b.stop_armed(), "part 1 was sent again");
-    let file = read_object(b.objects(), &b.objects().file_key("resume/timeout.bin")).await;
-    assert!(file == data, "the published file is not the upload");
+    publish_on_second_node(&setup, &id, "resume/timeout.bin", &data).await;
     until("no unfinished upload", Duration::from_secs(20), || async {
         setup.garage().unfinished_uploads() == 0
     })

@@ -98,15 +98,8 @@ impl SharedBackend {
     ) -> Result<(), StorageError> {
         for (slot, key, upload_id) in self.state.session_assemblies(id).await? {
             if let Some(key) = ObjectKey::parse(&key) {
-                let upload = Journal {
-                    key,
-                    upload_id,
-                    parts: Vec::new(),
-                };
-                self.objects.abort_upload(&upload).await;
-                self.state
-                    .forget_assembly(id, &slot, &upload.upload_id)
-                    .await?;
+                self.objects.abort_upload(&key, &upload_id).await;
+                self.state.forget_assembly(id, &slot, &upload_id).await?;
             }
         }
         Ok(())

@@ -150,13 +150,14 @@ impl Objects {
                 copied_bytes: total,
             });
         }
-        let part_size = self.part_size as u64;
-        let copies = self
-            .parts_plan(&fragments)
+        let plan = self.parts_plan(&fragments);
+        let copies = plan
             .iter()
             .any(|p| matches!(p, super::part_plan::PlannedPart::Copy(_)));
-        if total >= part_size || copies {
-            return self.assemble_parts(dest, &fragments, total, journal).await;
+        if total >= self.part_size as u64 || copies {
+            return self
+                .assemble_parts(dest, &fragments, plan, total, journal)
+                .await;
         }
         // One PUT, streamed through the node: its memory counts in the node's budget (a
         // burst of completions waits for room, or answers 503, instead of holding it all at

@@ -47,20 +47,28 @@ impl Objects {
         let copy = self.copier.as_ref().filter(|c| !c.refused()).and_then(|_| {
             super::part_plan::plan_parts(&lens, MIN_PART_SIZE, self.part_size as u64)
         });
-        copy.unwrap_or_else(|| stream_plan(&lens, self.part_size as u64))
+        copy.unwrap_or_else(|| self.streamed_plan(fragments))
+    }
+
+    /// The plan for `fragments` (in offset order) with nothing copied: streamed parts of the
+    /// part size.
+    fn streamed_plan(&self, fragments: &[FragmentObject]) -> Vec<PlannedPart> {
+        let lens: Vec<u64> = fragments.iter().map(|f| f.len).collect();
+        stream_plan(&lens, self.part_size as u64)
     }
 
     /// Assembles `fragments` (in offset order, covering `0..total`) at `dest` as a multipart
-    /// upload, going on with the one `journal` recorded if there is one (at the key recorded
-    /// with it, which is then the returned [`Assembled::key`]).
+    /// upload by `plan` (see [`Objects::parts_plan`]), going on with the one `journal`
+    /// recorded if there is one (at the key recorded with it, which is then the returned
+    /// [`Assembled::key`]).
     pub(super) async fn assemble_parts(
         &self,
         dest: &ObjectKey,
         fragments: &[FragmentObject],
+        mut plan: Vec<PlannedPart>,
         total: u64,
         journal: Option<&dyn AssemblyJournal>,
     ) -> Result<Assembled, StorageError> {
-        let mut plan = self.parts_plan(fragments);
         let found = match journal {
             Some(j) => j.find().await?,
             None => None,
@@ -84,10 +92,7 @@ impl Objects {
                     .map_err(map_err("complete multipart upload", upload.key.as_str())),
                 Err(CopyError::Refused) => {
                     // The same upload, streamed: parts of the same number are replaced.
-                    plan = stream_plan(
-                        &fragments.iter().map(|f| f.len).collect::<Vec<_>>(),
-                        self.part_size as u64,
-                    );
+                    plan = self.streamed_plan(fragments);
                     continue;
                 }
                 Err(CopyError::Failed(e)) => Err(e),
@@ -158,11 +163,11 @@ impl Objects {
         match j.start(dest, &mine.upload_id).await {
             Ok(recorded) if recorded.upload_id == mine.upload_id => Ok((mine, false)),
             Ok(recorded) => {
-                self.abort_upload(&mine).await;
+                self.abort_upload(&mine.key, &mine.upload_id).await;
                 Ok((recorded, true))
             }
             Err(e) => {
-                self.abort_upload(&mine).await;
+                self.abort_upload(&mine.key, &mine.upload_id).await;
                 Err(e)
             }
         }
@@ -175,19 +180,20 @@ impl Objects {
                 tracing::warn!(key = %upload.key, error = %e, "could not forget an assembly's upload; the session's end aborts it");
             }
         }
-        self.abort_upload(upload).await;
+        self.abort_upload(&upload.key, &upload.upload_id).await;
     }
 
-    /// Aborts a multipart upload (one the store no longer has is fine).
-    pub(crate) async fn abort_upload(&self, upload: &Journal) {
+    /// Aborts the multipart upload `upload_id` at `key` (one the store no longer has is
+    /// fine).
+    pub(crate) async fn abort_upload(&self, key: &ObjectKey, upload_id: &str) {
         match self
             .s3
-            .abort_multipart(upload.key.path(), &upload.upload_id)
+            .abort_multipart(key.path(), &upload_id.to_string())
             .await
         {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => {
-                tracing::warn!(key = %upload.key, error = %e, "aborting an assembly's multipart upload failed; the bucket's lifecycle rule removes its parts")
+                tracing::warn!(key = %key, error = %e, "aborting an assembly's multipart upload failed; the bucket's lifecycle rule removes its parts")
             }
         }
     }
