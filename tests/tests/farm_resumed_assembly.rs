@@ -385,3 +385,118 @@ async fn a_store_that_stops_answering_mid_assembly_leaves_the_journal_to_the_ret
     })
     .await;
 }
+
+/// When the second attempt at one session's completion starts (see
+/// [`two_nodes_completing_one_session_share_its_assembly`]).
+#[derive(Clone, Copy, Debug)]
+enum SecondStarts {
+    /// With the first.
+    Together,
+    /// Once the first has recorded two parts: it adopts the journal while the first still
+    /// sends parts.
+    AfterTwoParts,
+    /// While the store's answer to the first's completion is held: the store has completed
+    /// the upload both share, the first has not heard so.
+    WhileFirstCompletes,
+}
+
+/// A client that re-sends its final fragment to another node while the first still
+/// assembles: two nodes publish one session at once. The second waits while the first holds
+/// the assembly, so neither sends a part the other is completing (Garage then refuses the
+/// completion with `InvalidPart`, and both failed: the first aborted the upload). Both
+/// publish (the second possibly after one transient answer, as the client sends the fragment
+/// again), the file is the upload, and neither a journal nor an unfinished upload is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_completing_one_session_share_its_assembly() {
+    let Some(setup) = Setup::start().await else {
+        return;
+    };
+    let starts = [
+        SecondStarts::Together,
+        SecondStarts::AfterTwoParts,
+        SecondStarts::WhileFirstCompletes,
+    ];
+    for (round, when) in starts.into_iter().enumerate() {
+        let relay_a = Relay::start(setup.garage().s3_addr()).await;
+        let a = setup.node(&relay_a, "a").await;
+        let path = format!("resume/race-{round}.bin");
+        let (record, data) = complete_upload(&a, Some(&path), 10 + round as u64).await;
+        let id = record.id;
+        if matches!(when, SecondStarts::WhileFirstCompletes) {
+            relay_a.hold_answer_to(&["POST ", "uploadId="]);
+        }
+        let first_path = path.clone();
+        let first = tokio::spawn(async move { a.publish_upload(&id, &first_path, false).await });
+        match when {
+            SecondStarts::Together => {}
+            SecondStarts::AfterTwoParts => {
+                until(
+                    "two parts are recorded",
+                    Duration::from_secs(60),
+                    || async {
+                        setup
+                            .count("SELECT count(*) FROM bitsd_assembly_parts")
+                            .await
+                            >= 2
+                    },
+                )
+                .await;
+            }
+            SecondStarts::WhileFirstCompletes => {
+                until(
+                    "the first's completion is held",
+                    Duration::from_secs(60),
+                    || async { relay_a.holding() },
+                )
+                .await;
+            }
+        }
+        let relay_b = Relay::start(setup.garage().s3_addr()).await;
+        let b = setup.node(&relay_b, "b").await;
+        let second_path = path.clone();
+        let second = tokio::spawn(async move {
+            let mut outcome = b.publish_upload(&id, &second_path, false).await;
+            // A transient answer (it waited for the first, which ended meanwhile) makes the
+            // client send the fragment again.
+            if outcome.as_ref().is_err_and(|e| e.is_transient()) {
+                outcome = b.publish_upload(&id, &second_path, false).await;
+            }
+            (outcome, b)
+        });
+        if matches!(when, SecondStarts::WhileFirstCompletes) {
+            // The second goes as far as it can while the first waits for the store's answer.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            relay_a.release_held();
+        }
+        let first = tokio::time::timeout(Duration::from_secs(60), first)
+            .await
+            .unwrap_or_else(|_| panic!("{when:?}: the first attempt never ended"))
+            .unwrap();
+        let (second, b) = tokio::time::timeout(Duration::from_secs(60), second)
+            .await
+            .unwrap_or_else(|_| panic!("{when:?}: the second attempt never ended"))
+            .unwrap();
+        assert_eq!(first.unwrap(), CommitOutcome::Committed, "{when:?}: first");
+        assert_eq!(
+            second.unwrap(),
+            CommitOutcome::Committed,
+            "{when:?}: second"
+        );
+        let file = read_object(b.objects(), &b.objects().file_key(&path)).await;
+        assert!(
+            file == data,
+            "{when:?}: the published file is not the upload"
+        );
+        assert_eq!(
+            setup.count("SELECT count(*) FROM bitsd_assemblies").await,
+            0,
+            "{when:?}: a journal is left"
+        );
+        until("no unfinished upload", Duration::from_secs(20), || async {
+            setup.garage().unfinished_uploads() == 0
+        })
+        .await;
+        drop(relay_a);
+        drop(relay_b);
+    }
+}

@@ -5,19 +5,23 @@
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
 
-use super::super::objects::{AssemblyJournal, DonePart, Journal, ObjectKey};
-use super::super::pg::{PgStateStore, RecordedAssembly, RecordedPart};
+use uuid::Uuid;
+
+use super::super::objects::{AssemblyJournal, Claim, DonePart, Journal, ObjectKey, LEASE};
+use super::super::pg::{AssemblyClaim, PgStateStore, RecordedAssembly, RecordedPart};
 use super::SharedBackend;
 use crate::StorageError;
 
 /// The journal slot of a session's reply (a plain upload's is its destination key).
 pub(super) const REPLY_SLOT: &str = "reply";
 
-/// The journal of one session's assembly at one slot.
+/// The journal of one session's assembly at one slot, for one attempt (`holder`, the id
+/// of its lease).
 pub(super) struct PgJournal<'a> {
     state: &'a PgStateStore,
     session: SessionId,
     slot: &'a str,
+    holder: Uuid,
 }
 
 impl<'a> PgJournal<'a> {
@@ -26,8 +30,14 @@ impl<'a> PgJournal<'a> {
             state,
             session,
             slot,
+            holder: Uuid::new_v4(),
         }
     }
+}
+
+/// The lease in milliseconds, as PostgreSQL keeps it.
+fn lease_ms() -> i64 {
+    i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A recorded assembly as the object store wants it.
@@ -53,23 +63,47 @@ fn journal_of(recorded: RecordedAssembly) -> Result<Journal, StorageError> {
 
 #[async_trait]
 impl AssemblyJournal for PgJournal<'_> {
-    async fn find(&self) -> Result<Option<Journal>, StorageError> {
-        self.state
-            .assembly(&self.session, self.slot)
-            .await?
-            .map(journal_of)
-            .transpose()
-    }
-
-    async fn start(&self, key: &ObjectKey, upload_id: &str) -> Result<Journal, StorageError> {
-        let recorded = self
+    async fn claim(&self) -> Result<Claim, StorageError> {
+        let claim = self
             .state
-            .start_assembly(&self.session, self.slot, key.as_str(), upload_id)
+            .claim_assembly(&self.session, self.slot, &self.holder, lease_ms())
             .await?;
-        journal_of(recorded)
+        Ok(match claim {
+            AssemblyClaim::Taken(recorded) => Claim::Taken(journal_of(recorded)?),
+            AssemblyClaim::Held => Claim::Held,
+            AssemblyClaim::None => Claim::None,
+        })
     }
 
-    async fn part_done(&self, upload_id: &str, part: &DonePart) -> Result<(), StorageError> {
+    async fn start(&self, key: &ObjectKey, upload_id: &str) -> Result<bool, StorageError> {
+        self.state
+            .start_assembly(
+                &self.session,
+                self.slot,
+                (key.as_str(), upload_id),
+                &self.holder,
+                lease_ms(),
+            )
+            .await
+    }
+
+    async fn renew(&self) -> Result<bool, StorageError> {
+        self.state
+            .renew_assembly(&self.session, self.slot, &self.holder, lease_ms())
+            .await
+    }
+
+    async fn release(&self) {
+        if let Err(e) = self
+            .state
+            .release_assembly(&self.session, self.slot, &self.holder)
+            .await
+        {
+            tracing::warn!(session = %self.session, error = %e, "could not let go of an assembly; the next attempt waits for its lease to end");
+        }
+    }
+
+    async fn part_done(&self, upload_id: &str, part: &DonePart) -> Result<bool, StorageError> {
         let part = RecordedPart {
             number: part.number,
             start: part.range.start,
@@ -77,7 +111,7 @@ impl AssemblyJournal for PgJournal<'_> {
             etag: part.etag.clone(),
         };
         self.state
-            .assembly_part_done(&self.session, self.slot, upload_id, &part)
+            .assembly_part_done(&self.session, self.slot, (upload_id, &self.holder), &part)
             .await
     }
 

@@ -6,7 +6,8 @@
 //! Durable when the CompleteMultipartUpload is answered; nothing is visible at the destination
 //! before. With a journal ([`super::resume`]) the upload and each part the store answered are
 //! recorded, and an attempt killed midway leaves them for the next one, which sends only the
-//! parts missing; a failure that is not transient aborts the upload and forgets it. Without
+//! parts missing; a failure that is not transient aborts the upload and forgets it. One
+//! attempt at a time works on it (its lease, see [`super::resume`]); another waits. Without
 //! one, any failure aborts the upload (the bucket's lifecycle rule covers a node killed
 //! midway).
 
@@ -21,7 +22,9 @@ use super::assemble::{Assembled, FragmentObject};
 use super::error::map_err;
 use super::part_copy::CopyError;
 use super::part_plan::{stream_plan, PlannedPart, MIN_PART_SIZE};
-use super::resume::{AssemblyJournal, DonePart, Journal};
+use super::resume::{
+    lost_lease, while_held, AssemblyJournal, Claim, DonePart, Journal, LOOK_EVERY, WAIT_FOR_HOLDER,
+};
 use super::{ObjectKey, Objects};
 use crate::StorageError;
 
@@ -69,27 +72,23 @@ impl Objects {
         total: u64,
         journal: Option<&dyn AssemblyJournal>,
     ) -> Result<Assembled, StorageError> {
-        let found = match journal {
-            Some(j) => j.find().await?,
-            None => None,
-        };
-        // Another attempt's upload may be one the store no longer has: then once more,
-        // afresh.
-        let (mut upload, mut resumed) = match found {
-            Some(found) => {
-                tracing::info!(key = %found.key, parts = found.parts.len(), "going on with an assembly an earlier attempt started");
-                (found, true)
-            }
-            None => self.start_upload(dest, journal).await?,
-        };
+        let (mut upload, mut resumed) = self.take_upload(dest, journal).await?;
         loop {
-            let sent = self.send_parts(&upload, fragments, &plan, journal).await;
-            let outcome = match sent {
-                Ok(parts) => self
-                    .s3
+            // The lease is renewed while the parts go out and the store completes them.
+            let sent = while_held(journal, &upload.key, async {
+                let parts = self.send_parts(&upload, fragments, &plan, journal).await?;
+                self.s3
                     .complete_multipart(upload.key.path(), &upload.upload_id, parts)
                     .await
-                    .map_err(map_err("complete multipart upload", upload.key.as_str())),
+                    .map_err(|e| {
+                        CopyError::Failed(
+                            map_err("complete multipart upload", upload.key.as_str())(e),
+                        )
+                    })
+            })
+            .await;
+            let outcome = match sent {
+                Ok(_) => Ok(()),
                 Err(CopyError::Refused) => {
                     // The same upload, streamed: parts of the same number are replaced.
                     plan = self.streamed_plan(fragments);
@@ -98,7 +97,7 @@ impl Objects {
                 Err(CopyError::Failed(e)) => Err(e),
             };
             match outcome {
-                Ok(_) => {
+                Ok(()) => {
                     if let Some(j) = journal {
                         if let Err(e) = j.forget(&upload.upload_id).await {
                             tracing::warn!(key = %upload.key, error = %e, "an assembled upload's journal stays until its session ends");
@@ -123,16 +122,17 @@ impl Objects {
                 Err(e) if resumed && !e.is_transient() => {
                     tracing::info!(key = %upload.key, error = %e, "the recorded upload of an earlier attempt is of no use; starting afresh");
                     self.give_up(&upload, journal).await;
-                    (upload, resumed) = self.start_upload(dest, journal).await?;
                     // At most once more: a journal that comes back again is another
                     // attempt's, and its failures are for that attempt to handle.
-                    if resumed {
-                        return Err(e);
+                    match self.start_upload(dest, journal).await? {
+                        Some(mine) => (upload, resumed) = (mine, false),
+                        None => return Err(e),
                     }
                 }
                 Err(e) => {
-                    if journal.is_none() || !e.is_transient() {
-                        self.give_up(&upload, journal).await;
+                    match journal {
+                        Some(j) if e.is_transient() => j.release().await,
+                        _ => self.give_up(&upload, journal).await,
                     }
                     return Err(e);
                 }
@@ -140,13 +140,62 @@ impl Objects {
         }
     }
 
-    /// Starts a multipart upload at `dest` and records it, or the one another attempt
-    /// recorded first (then ours is aborted, and the second value is true).
-    async fn start_upload(
+    /// The upload to assemble `dest` in: the one an earlier attempt recorded (then the second
+    /// value is true), else a new one. While another attempt holds the assembly, waits for
+    /// it, up to [`WAIT_FOR_HOLDER`]; [`StorageError::Busy`] when it does not end in time or
+    /// ends meanwhile (its completion, or its failure, is the answer the client's next
+    /// attempt finds).
+    async fn take_upload(
         &self,
         dest: &ObjectKey,
         journal: Option<&dyn AssemblyJournal>,
     ) -> Result<(Journal, bool), StorageError> {
+        let Some(j) = journal else {
+            return match self.start_upload(dest, None).await? {
+                Some(mine) => Ok((mine, false)),
+                None => Err(StorageError::Busy(format!("no upload started at {dest}"))),
+            };
+        };
+        let waiting_since = tokio::time::Instant::now();
+        let mut waited = false;
+        loop {
+            match j.claim().await? {
+                Claim::Taken(found) => {
+                    tracing::info!(key = %found.key, parts = found.parts.len(), "going on with an assembly an earlier attempt started");
+                    return Ok((found, true));
+                }
+                Claim::None if waited => {
+                    return Err(StorageError::Busy(format!(
+                        "another attempt at assembling {dest} ended while this one waited for \
+                         it; the client sends the fragment again"
+                    )))
+                }
+                Claim::None => {
+                    if let Some(mine) = self.start_upload(dest, Some(j)).await? {
+                        return Ok((mine, false));
+                    }
+                    // Another attempt recorded its upload first: wait for it.
+                }
+                Claim::Held => {}
+            }
+            if waiting_since.elapsed() >= WAIT_FOR_HOLDER {
+                return Err(StorageError::Busy(format!(
+                    "another attempt is assembling {dest} (the client's final fragment sent \
+                     again, to another node?); the client sends the fragment again"
+                )));
+            }
+            waited = true;
+            tokio::time::sleep(LOOK_EVERY).await;
+        }
+    }
+
+    /// Starts a multipart upload at `dest` and records it, held by this attempt; `None` when
+    /// another attempt recorded one first (ours is then aborted).
+    async fn start_upload(
+        &self,
+        dest: &ObjectKey,
+        journal: Option<&dyn AssemblyJournal>,
+    ) -> Result<Option<Journal>, StorageError> {
         let upload_id = self
             .s3
             .create_multipart(dest.path())
@@ -158,13 +207,13 @@ impl Objects {
             parts: Vec::new(),
         };
         let Some(j) = journal else {
-            return Ok((mine, false));
+            return Ok(Some(mine));
         };
         match j.start(dest, &mine.upload_id).await {
-            Ok(recorded) if recorded.upload_id == mine.upload_id => Ok((mine, false)),
-            Ok(recorded) => {
+            Ok(true) => Ok(Some(mine)),
+            Ok(false) => {
                 self.abort_upload(&mine.key, &mine.upload_id).await;
-                Ok((recorded, true))
+                Ok(None)
             }
             Err(e) => {
                 self.abort_upload(&mine.key, &mine.upload_id).await;
@@ -261,9 +310,14 @@ impl Objects {
                         range,
                         etag: id.content_id.clone(),
                     };
-                    // Not fatal: unrecorded, the part is sent again by a later attempt.
-                    if let Err(e) = j.part_done(&upload.upload_id, &done).await {
-                        tracing::warn!(key = %upload.key, part = number, error = %e, "could not record an assembled part");
+                    match j.part_done(&upload.upload_id, &done).await {
+                        Ok(true) => {}
+                        // Another attempt holds the assembly now: this one stops.
+                        Ok(false) => return Err(CopyError::Failed(lost_lease(&upload.key))),
+                        // Not fatal: unrecorded, the part is sent again by a later attempt.
+                        Err(e) => {
+                            tracing::warn!(key = %upload.key, part = number, error = %e, "could not record an assembled part")
+                        }
                     }
                 }
                 Ok(id)

@@ -48,7 +48,7 @@ pub use config::{
     MAX_PRESIGNED_SECS, MIN_PART_SIZE,
 };
 pub use keys::{ObjectKey, MAX_KEY_LEN};
-pub use resume::{AssemblyJournal, DonePart, Journal};
+pub use resume::{AssemblyJournal, Claim, DonePart, Journal, LEASE};
 pub use writer::{ObjectWriter, StoredObject};
 
 /// A reply ([`Objects::reply_writer`]) is counted in the node's fragment memory once it is

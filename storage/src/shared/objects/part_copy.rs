@@ -52,6 +52,12 @@ pub(crate) enum CopyError {
     Failed(StorageError),
 }
 
+impl From<StorageError> for CopyError {
+    fn from(e: StorageError) -> Self {
+        CopyError::Failed(e)
+    }
+}
+
 /// Sends `UploadPartCopy` requests.
 #[derive(Debug)]
 pub(crate) struct PartCopier {

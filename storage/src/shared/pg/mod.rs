@@ -41,7 +41,7 @@ use tokio_postgres::NoTls;
 
 use crate::StorageError;
 
-pub use assembly::{RecordedAssembly, RecordedPart};
+pub use assembly::{AssemblyClaim, RecordedAssembly, RecordedPart};
 pub use gc::{PendingObject, SweeperLock};
 pub use schema::SCHEMA_VERSION;
 pub use sessions::{CasOutcome, CreateOutcome, Expect, FragmentObject, Limits, NewFragment};

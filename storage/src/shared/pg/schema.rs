@@ -5,7 +5,7 @@ use super::{pg_error, PgStateStore};
 use crate::StorageError;
 
 /// The schema version this build creates and understands.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// Advisory-lock key held (per transaction) while migrating.
 const MIGRATE_LOCK: i64 = 0x6269_7473_6400_0001;
@@ -49,7 +49,19 @@ const MIGRATIONS: &[&str] = &[
     UPDATES_IN_PLACE,
     // 4 -> 5: assembly journals (see `ASSEMBLY_JOURNALS`).
     ASSEMBLY_JOURNALS,
+    // 5 -> 6: one attempt at a time works on an assembly (see `ASSEMBLY_LEASES`).
+    ASSEMBLY_LEASES,
 ];
+
+/// The attempt that works on an assembly now (`holder`, a random id per attempt) and until
+/// when, by PostgreSQL's clock, unless it renews its lease (`held_until_ms`). Another attempt
+/// (the client's re-sent final fragment on another node) waits for the lease to end instead
+/// of sending the same parts at once: a store completing an upload while a part of it is
+/// sent again refuses the completion (Garage: `InvalidPart`). A killed node's lease runs
+/// out, and the next attempt takes the assembly over.
+const ASSEMBLY_LEASES: &str = "ALTER TABLE bitsd_assemblies
+        ADD COLUMN holder uuid,
+        ADD COLUMN held_until_ms bigint NOT NULL DEFAULT 0;";
 
 /// The multipart upload of an assembly in progress and its parts the store answered, so that
 /// the next attempt (on any node) goes on with them (`crate::shared::objects::AssemblyJournal`).
