@@ -500,3 +500,82 @@ async fn two_nodes_completing_one_session_share_its_assembly() {
         drop(relay_b);
     }
 }
+
+/// The same for an echo reply (the upload stored as the session's reply): two nodes store it
+/// at once, the second starting with the first or once the first recorded two parts. Each
+/// stores the reply (the second possibly after one transient answer), every reply object it
+/// names is the upload, and neither a journal nor an unfinished upload is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
+    let Some(setup) = Setup::start().await else {
+        return;
+    };
+    for (round, when) in [SecondStarts::Together, SecondStarts::AfterTwoParts]
+        .into_iter()
+        .enumerate()
+    {
+        let relay_a = Relay::start(setup.garage().s3_addr()).await;
+        let relay_b = Relay::start(setup.garage().s3_addr()).await;
+        let a = setup.node(&relay_a, "a").await;
+        let b = setup.node(&relay_b, "b").await;
+        let (record, data) = complete_upload(&a, None, 20 + round as u64).await;
+        let id = record.id;
+        let store = |node: SharedBackend| async move {
+            let mut reply = Err(bitsd_storage::StorageError::Busy(String::new()));
+            for _ in 0..2 {
+                let upload = node.upload_unread(&id).await.unwrap();
+                reply = node.store_reply_file(&id, &upload.path).await;
+                // A transient answer makes the client send the fragment again.
+                if !reply.as_ref().is_err_and(|e| e.is_transient()) {
+                    break;
+                }
+            }
+            (reply, node)
+        };
+        let first = tokio::spawn(store(a));
+        if matches!(when, SecondStarts::AfterTwoParts) {
+            until(
+                "two parts are recorded",
+                Duration::from_secs(60),
+                || async {
+                    setup
+                        .count("SELECT count(*) FROM bitsd_assembly_parts")
+                        .await
+                        >= 2
+                },
+            )
+            .await;
+        }
+        let second = tokio::spawn(store(b));
+        for (which, task) in [("first", first), ("second", second)] {
+            let (reply, node) = tokio::time::timeout(Duration::from_secs(90), task)
+                .await
+                .unwrap_or_else(|_| panic!("{when:?}: the {which} attempt never ended"))
+                .unwrap();
+            let reply = reply.unwrap_or_else(|e| panic!("{when:?}: the {which} attempt: {e:?}"));
+            let ReplyKind::Stored {
+                len,
+                object: Some(name),
+                ..
+            } = reply
+            else {
+                panic!("{when:?}: not a stored reply: {reply:?}");
+            };
+            assert_eq!(len, TOTAL as u64);
+            let key = node.objects().session_prefix(&id).join(&name);
+            assert!(
+                read_object(node.objects(), &key).await == data,
+                "{when:?}: the {which} attempt's reply is not the upload"
+            );
+        }
+        assert_eq!(
+            setup.count("SELECT count(*) FROM bitsd_assemblies").await,
+            0,
+            "{when:?}: a journal is left"
+        );
+        until("no unfinished upload", Duration::from_secs(20), || async {
+            setup.garage().unfinished_uploads() == 0
+        })
+        .await;
+    }
+}
