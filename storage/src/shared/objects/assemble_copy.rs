@@ -124,7 +124,8 @@ impl Objects {
                     self.give_up(&upload, journal).await;
                     // At most once more: a journal that comes back again is another
                     // attempt's, and its failures are for that attempt to handle.
-                    match self.start_upload(dest, journal).await? {
+                    let Some(j) = journal else { return Err(e) };
+                    match self.start_upload(dest, j).await? {
                         Some(mine) => (upload, resumed) = (mine, false),
                         None => return Err(e),
                     }
@@ -151,10 +152,7 @@ impl Objects {
         journal: Option<&dyn AssemblyJournal>,
     ) -> Result<(Journal, bool), StorageError> {
         let Some(j) = journal else {
-            return match self.start_upload(dest, None).await? {
-                Some(mine) => Ok((mine, false)),
-                None => Err(StorageError::Busy(format!("no upload started at {dest}"))),
-            };
+            return Ok((self.new_upload(dest).await?, false));
         };
         let waiting_since = tokio::time::Instant::now();
         let mut waited = false;
@@ -171,7 +169,7 @@ impl Objects {
                     )))
                 }
                 Claim::None => {
-                    if let Some(mine) = self.start_upload(dest, Some(j)).await? {
+                    if let Some(mine) = self.start_upload(dest, j).await? {
                         return Ok((mine, false));
                     }
                     // Another attempt recorded its upload first: wait for it.
@@ -189,37 +187,33 @@ impl Objects {
         }
     }
 
-    /// Starts a multipart upload at `dest` and records it, held by this attempt; `None` when
-    /// another attempt recorded one first (ours is then aborted).
-    async fn start_upload(
-        &self,
-        dest: &ObjectKey,
-        journal: Option<&dyn AssemblyJournal>,
-    ) -> Result<Option<Journal>, StorageError> {
+    /// Starts a multipart upload at `dest`.
+    async fn new_upload(&self, dest: &ObjectKey) -> Result<Journal, StorageError> {
         let upload_id = self
             .s3
             .create_multipart(dest.path())
             .await
             .map_err(map_err("start multipart upload", dest.as_str()))?;
-        let mine = Journal {
+        Ok(Journal {
             key: dest.clone(),
             upload_id,
             parts: Vec::new(),
-        };
-        let Some(j) = journal else {
-            return Ok(Some(mine));
-        };
-        match j.start(dest, &mine.upload_id).await {
-            Ok(true) => Ok(Some(mine)),
-            Ok(false) => {
-                self.abort_upload(&mine.key, &mine.upload_id).await;
-                Ok(None)
-            }
-            Err(e) => {
-                self.abort_upload(&mine.key, &mine.upload_id).await;
-                Err(e)
-            }
+        })
+    }
+
+    /// Starts a multipart upload at `dest` and records it in `journal`, held by this
+    /// attempt; `None` when another attempt recorded one first (ours is then aborted).
+    async fn start_upload(
+        &self,
+        dest: &ObjectKey,
+        journal: &dyn AssemblyJournal,
+    ) -> Result<Option<Journal>, StorageError> {
+        let mine = self.new_upload(dest).await?;
+        let recorded = journal.start(dest, &mine.upload_id).await;
+        if !matches!(recorded, Ok(true)) {
+            self.abort_upload(&mine.key, &mine.upload_id).await;
         }
+        Ok(recorded?.then_some(mine))
     }
 
     /// Aborts `upload` and forgets it.
