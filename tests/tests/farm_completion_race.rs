@@ -172,3 +172,56 @@ async fn a_reply_made_twice_by_two_nodes_is_the_first_one_stored_everywhere() {
         "reply objects of the session: {replies:?}"
     );
 }
+
+/// A plain upload assembled as a multipart upload (21 MiB, 5 MiB parts) whose final fragment
+/// both nodes take at once: one node works on the assembly, the other waits for it (without
+/// the wait both sent the same parts and the store refused the completion, failing both).
+/// Each answer is the final Ack, or a transient 503 after which the client's re-send to the
+/// same node gets it; the file is the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_assembly_completed_on_two_nodes_at_once_gets_the_final_ack() {
+    const MIB: usize = 1024 * 1024;
+    let Some(farm) = Farm::start("race-parts", 2, |_, c| {
+        if let bitsd::StorageConfig::Shared(s) = &mut c.storage {
+            s.object_store.part_size = Some(5 * MIB as u64);
+            s.object_store.coalesce_fragments = Some(false);
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    for (round, after) in [0u64, 0, 0, 0, 40].into_iter().enumerate() {
+        let name = format!("parts-{round}.bin");
+        let path = format!("/upload/{name}");
+        let data = pattern(21 * MIB, 40 + round as u64);
+        let mut c = farm.nodes[0].connect().await;
+        let sid = c.create_session(&path).await;
+        for at in (0..data.len() - MIB).step_by(MIB) {
+            c.fragment(&path, &sid, &data, at, MIB).await.assert_ack();
+        }
+        let at = data.len() - MIB;
+        let answers =
+            final_twice(&farm, &path, &sid, &data, at, Duration::from_millis(after)).await;
+        for (node, a) in answers.into_iter().enumerate() {
+            let a = if a.status == 503 {
+                let mut c = farm.nodes[node].connect().await;
+                c.fragment(&path, &sid, &data, at, MIB).await
+            } else {
+                a
+            };
+            assert_eq!(a.status, 200, "round {round}, node {node}: {a:?}");
+            a.assert_ack();
+            assert_eq!(
+                a.header("BITS-Received-Content-Range"),
+                Some(data.len().to_string().as_str()),
+                "round {round}, node {node}"
+            );
+        }
+        let key = farm.objects.file_key(&name);
+        assert!(
+            read_object(&farm.objects, &key).await == data,
+            "round {round}: the published file is not the upload"
+        );
+    }
+}
