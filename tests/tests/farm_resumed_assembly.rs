@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bitsd_protocol::SessionId;
-use bitsd_storage::shared::objects::ObjectStoreConfig;
+use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{CommitOutcome, ReplyKind, SessionBackend, SessionState};
 use bitsd_tests::farm_servers::FarmServers;
@@ -578,4 +578,92 @@ async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
         })
         .await;
     }
+}
+
+/// An attempt whose lease another attempt took over (it could not renew it in time: here the
+/// test ends it by hand while the first waits for the store's answer to part 3) stops: once
+/// the second has published, the first ends within a few seconds, its answer still held,
+/// with the commit the second made or a transient error, and sends nothing more. The file
+/// is the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_whose_lease_was_taken_over_stops() {
+    let Some(setup) = Setup::start().await else {
+        return;
+    };
+    let relay_a = Relay::start(setup.garage().s3_addr()).await;
+    let a = setup.node(&relay_a, "a").await;
+    let path = "resume/taken-over.bin";
+    let (record, data) = complete_upload(&a, Some(path), 30).await;
+    let id = record.id;
+    relay_a.hold_answer_to(&["PUT ", "partNumber=3&"]);
+    let first = tokio::spawn(async move { a.publish_upload(&id, path, false).await });
+    until(
+        "three parts are recorded",
+        Duration::from_secs(60),
+        || async {
+            setup
+                .count("SELECT count(*) FROM bitsd_assembly_parts")
+                .await
+                == 3
+        },
+    )
+    .await;
+    assert!(relay_a.holding(), "part 3's answer is not held");
+    let pg = raw_client(&setup.servers.postgres_url).await;
+    let holder: uuid::Uuid = pg
+        .query_one("SELECT holder FROM bitsd_assemblies", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // The second attempt waits for the lease; end it by hand until the second holds it.
+    let relay_b = Relay::start(setup.garage().s3_addr()).await;
+    let b = setup.node(&relay_b, "b").await;
+    let second = tokio::spawn(async move { b.publish_upload(&id, path, false).await });
+    until(
+        "the second holds the assembly",
+        Duration::from_secs(20),
+        || async {
+            pg.execute(
+                "UPDATE bitsd_assemblies SET held_until_ms = 0 WHERE holder = $1",
+                &[&holder],
+            )
+            .await
+            .unwrap();
+            let now: Option<uuid::Uuid> = pg
+                .query_opt("SELECT holder FROM bitsd_assemblies", &[])
+                .await
+                .unwrap()
+                .and_then(|r| r.get(0));
+            now != Some(holder)
+        },
+    )
+    .await;
+    let second = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second attempt never ended")
+        .unwrap();
+    assert_eq!(second.unwrap(), CommitOutcome::Committed);
+
+    // The first notices at its next renewal, with part 3's answer still held.
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the first attempt went on with an assembly another attempt had taken over")
+        .unwrap();
+    match first {
+        Ok(outcome) => assert_eq!(outcome, CommitOutcome::Committed),
+        Err(e) => assert!(e.is_transient(), "{e:?}"),
+    }
+    relay_a.release_held();
+    let objects = Objects::new(&setup.garage().object_store_config("resume")).unwrap();
+    let file = read_object(&objects, &objects.file_key(path)).await;
+    assert!(file == data, "the published file is not the upload");
+    assert_eq!(
+        setup.count("SELECT count(*) FROM bitsd_assemblies").await,
+        0
+    );
+    until("no unfinished upload", Duration::from_secs(20), || async {
+        setup.garage().unfinished_uploads() == 0
+    })
+    .await;
 }
