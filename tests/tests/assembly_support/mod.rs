@@ -1,0 +1,86 @@
+//! What the assembly tests share (`farm_resumed_assembly.rs`, `farm_assembly_lease.rs`): two
+//! shared backends on one real PostgreSQL and one real Garage, each talking to Garage through
+//! a relay, and an upload of [`TOTAL`] bytes completed on one of them.
+
+use bitsd_storage::shared::objects::ObjectStoreConfig;
+use bitsd_storage::shared::SharedBackend;
+use bitsd_storage::{SessionBackend, SessionState};
+use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::garage::Garage;
+use bitsd_tests::pattern;
+use bitsd_tests::pg::{raw_client, session_record};
+use bitsd_tests::relay::Relay;
+use bitsd_tests::shared_backend::{backend_on, send};
+
+pub const MIB: usize = 1024 * 1024;
+
+/// 21 MiB in 1 MiB fragments with 5 MiB parts: nothing to copy, five streamed parts
+/// (5, 5, 5, 5, 1 MiB), two sent at once.
+pub const TOTAL: usize = 21 * MIB;
+
+pub struct Setup {
+    pub servers: FarmServers,
+    scratch: tempfile::TempDir,
+}
+
+impl Setup {
+    pub async fn start() -> Option<Setup> {
+        Some(Setup {
+            servers: FarmServers::start().await?,
+            scratch: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    pub fn garage(&self) -> &Garage {
+        &self.servers.garage
+    }
+
+    /// A node whose store requests go through `relay`.
+    pub async fn node(&self, relay: &Relay, name: &str) -> SharedBackend {
+        self.node_with(relay, name, |_| {}).await
+    }
+
+    /// As [`Setup::node`], its store settings changed by `configure`.
+    pub async fn node_with(
+        &self,
+        relay: &Relay,
+        name: &str,
+        configure: impl FnOnce(&mut ObjectStoreConfig),
+    ) -> SharedBackend {
+        let mut store: ObjectStoreConfig = self.garage().object_store_config("resume");
+        store.endpoint = Some(format!("http://{}", relay.addr()));
+        store.part_size = Some(5 * MIB as u64);
+        store.coalesce_fragments = Some(false);
+        store.server_side_copy = Some(false);
+        configure(&mut store);
+        let scratch = self.scratch.path().join(name);
+        std::fs::create_dir_all(&scratch).unwrap();
+        backend_on(&self.servers.postgres_url, &store, &scratch).await
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        raw_client(&self.servers.postgres_url)
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// A complete upload of [`TOTAL`] bytes (plain, to `destination`, or upload-reply) on `node`.
+pub async fn complete_upload(
+    node: &SharedBackend,
+    destination: Option<&str>,
+    seed: u64,
+) -> (bitsd_storage::SessionRecord, Vec<u8>) {
+    let data = pattern(TOTAL, seed);
+    let mut record = session_record(None);
+    record.destination = destination.map(str::to_owned);
+    node.create(&record).await.unwrap();
+    for _ in 0..TOTAL / MIB {
+        send(node, &mut record, &data, MIB).await;
+    }
+    assert_eq!(record.state, SessionState::Complete);
+    (record, data)
+}
