@@ -68,7 +68,9 @@ impl SharedBackend {
         }
         let fragments = self.fragments(id).await?;
         // Journaled: a node killed meanwhile leaves its multipart upload to the next attempt.
-        let journal = PgJournal::new(&self.state, *id, dest.as_str());
+        // The journal goes once the commit is recorded: another node's attempt waiting on
+        // this one's lease then finds the session committed and answers the final Ack.
+        let journal = PgJournal::new(&self.state, *id, dest.as_str()).forget_later();
         self.objects
             .assemble_resumable(&dest, &fragments, record.received, &journal)
             .await?;
@@ -83,6 +85,7 @@ impl SharedBackend {
                 )))
             }
         }
+        journal.forget_now().await;
         self.state.forget_pending_object(dest.as_str()).await?;
         // Committed: the fragments are not read again, so their objects can go now rather
         // than at Close (the bytes are not stored twice meanwhile).

@@ -22,6 +22,9 @@ pub(super) struct PgJournal<'a> {
     session: SessionId,
     slot: &'a str,
     holder: Uuid,
+    /// With [`PgJournal::forget_later`]: the upload the assembly completed, forgotten by
+    /// [`PgJournal::forget_now`].
+    later: Option<std::sync::Mutex<Option<String>>>,
 }
 
 impl<'a> PgJournal<'a> {
@@ -31,6 +34,33 @@ impl<'a> PgJournal<'a> {
             session,
             slot,
             holder: Uuid::new_v4(),
+            later: None,
+        }
+    }
+
+    /// Keeps the completed upload recorded (and this attempt's lease on it) until
+    /// [`PgJournal::forget_now`]: the caller records its outcome in PostgreSQL first, so that
+    /// an attempt waiting on the lease finds that outcome once the journal is gone.
+    pub(super) fn forget_later(mut self) -> Self {
+        self.later = Some(std::sync::Mutex::new(None));
+        self
+    }
+
+    /// Forgets the upload the assembly completed, if it was kept by
+    /// [`PgJournal::forget_later`]. A failure is logged: the session's end removes it.
+    pub(super) async fn forget_now(&self) {
+        let upload_id = self
+            .later
+            .as_ref()
+            .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(upload_id) = upload_id {
+            if let Err(e) = self
+                .state
+                .forget_assembly(&self.session, self.slot, &upload_id)
+                .await
+            {
+                tracing::warn!(session = %self.session, error = %e, "an assembled upload's journal stays until its session ends");
+            }
         }
     }
 }
@@ -113,6 +143,14 @@ impl AssemblyJournal for PgJournal<'_> {
         self.state
             .assembly_part_done(&self.session, self.slot, (upload_id, &self.holder), &part)
             .await
+    }
+
+    async fn completed(&self, upload_id: &str) -> Result<(), StorageError> {
+        if let Some(later) = &self.later {
+            *later.lock().unwrap_or_else(|e| e.into_inner()) = Some(upload_id.to_string());
+            return Ok(());
+        }
+        self.forget(upload_id).await
     }
 
     async fn forget(&self, upload_id: &str) -> Result<(), StorageError> {

@@ -99,7 +99,7 @@ impl Objects {
             match outcome {
                 Ok(()) => {
                     if let Some(j) = journal {
-                        if let Err(e) = j.forget(&upload.upload_id).await {
+                        if let Err(e) = j.completed(&upload.upload_id).await {
                             tracing::warn!(key = %upload.key, error = %e, "an assembled upload's journal stays until its session ends");
                         }
                     }

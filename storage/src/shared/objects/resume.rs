@@ -94,7 +94,10 @@ pub trait AssemblyJournal: Send + Sync {
     /// Records a part the store answered, for the upload `upload_id`; false (nothing
     /// recorded) when the journal names another upload or none, or another attempt holds it.
     async fn part_done(&self, upload_id: &str, part: &DonePart) -> Result<bool, StorageError>;
-    /// Forgets the upload `upload_id` (completed, or no use to anyone).
+    /// The store completed the upload `upload_id`: forgets it, or keeps it (and the lease)
+    /// until the caller has recorded the outcome, when the caller asked for that.
+    async fn completed(&self, upload_id: &str) -> Result<(), StorageError>;
+    /// Forgets the upload `upload_id` (no use to anyone).
     async fn forget(&self, upload_id: &str) -> Result<(), StorageError>;
 }
 
