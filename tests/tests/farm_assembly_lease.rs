@@ -64,17 +64,7 @@ async fn two_nodes_completing_one_session_share_its_assembly() {
         match when {
             SecondStarts::Together => {}
             SecondStarts::AfterTwoParts => {
-                until(
-                    "two parts are recorded",
-                    Duration::from_secs(60),
-                    || async {
-                        setup
-                            .count("SELECT count(*) FROM bitsd_assembly_parts")
-                            .await
-                            >= 2
-                    },
-                )
-                .await;
+                setup.until_parts_recorded(2).await;
             }
             SecondStarts::WhileFirstCompletes => {
                 until(
@@ -116,15 +106,7 @@ async fn two_nodes_completing_one_session_share_its_assembly() {
             file == data,
             "{when:?}: the published file is not the upload"
         );
-        assert_eq!(
-            setup.count("SELECT count(*) FROM bitsd_assemblies").await,
-            0,
-            "{when:?}: a journal is left"
-        );
-        until("no unfinished upload", Duration::from_secs(20), || async {
-            setup.garage().unfinished_uploads() == 0
-        })
-        .await;
+        setup.assert_nothing_left(&format!("{when:?}")).await;
         drop(relay_a);
         drop(relay_b);
     }
@@ -163,17 +145,7 @@ async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
         };
         let first = tokio::spawn(store(a));
         if matches!(when, SecondStarts::AfterTwoParts) {
-            until(
-                "two parts are recorded",
-                Duration::from_secs(60),
-                || async {
-                    setup
-                        .count("SELECT count(*) FROM bitsd_assembly_parts")
-                        .await
-                        >= 2
-                },
-            )
-            .await;
+            setup.until_parts_recorded(2).await;
         }
         let second = tokio::spawn(store(b));
         for (which, task) in [("first", first), ("second", second)] {
@@ -197,15 +169,7 @@ async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
                 "{when:?}: the {which} attempt's reply is not the upload"
             );
         }
-        assert_eq!(
-            setup.count("SELECT count(*) FROM bitsd_assemblies").await,
-            0,
-            "{when:?}: a journal is left"
-        );
-        until("no unfinished upload", Duration::from_secs(20), || async {
-            setup.garage().unfinished_uploads() == 0
-        })
-        .await;
+        setup.assert_nothing_left(&format!("{when:?}")).await;
     }
 }
 
@@ -226,17 +190,8 @@ async fn an_attempt_whose_lease_was_taken_over_stops() {
     let id = record.id;
     relay_a.hold_answer_to(&["PUT ", "partNumber=3&"]);
     let first = tokio::spawn(async move { a.publish_upload(&id, path, false).await });
-    until(
-        "three parts are recorded",
-        Duration::from_secs(60),
-        || async {
-            setup
-                .count("SELECT count(*) FROM bitsd_assembly_parts")
-                .await
-                == 3
-        },
-    )
-    .await;
+    // Parts 1, 2 and 4; part 5 waits for part 3.
+    setup.until_parts_recorded(3).await;
     assert!(relay_a.holding(), "part 3's answer is not held");
     let pg = raw_client(&setup.servers.postgres_url).await;
     let holder: uuid::Uuid = pg
@@ -287,12 +242,5 @@ async fn an_attempt_whose_lease_was_taken_over_stops() {
     let objects = Objects::new(&setup.garage().object_store_config("resume")).unwrap();
     let file = read_object(&objects, &objects.file_key(path)).await;
     assert!(file == data, "the published file is not the upload");
-    assert_eq!(
-        setup.count("SELECT count(*) FROM bitsd_assemblies").await,
-        0
-    );
-    until("no unfinished upload", Duration::from_secs(20), || async {
-        setup.garage().unfinished_uploads() == 0
-    })
-    .await;
+    setup.assert_nothing_left("taken over").await;
 }

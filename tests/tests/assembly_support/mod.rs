@@ -2,15 +2,17 @@
 //! shared backends on one real PostgreSQL and one real Garage, each talking to Garage through
 //! a relay, and an upload of [`TOTAL`] bytes completed on one of them.
 
+use std::time::Duration;
+
 use bitsd_storage::shared::objects::ObjectStoreConfig;
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{SessionBackend, SessionState};
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
-use bitsd_tests::pattern;
 use bitsd_tests::pg::{raw_client, session_record};
 use bitsd_tests::relay::Relay;
 use bitsd_tests::shared_backend::{backend_on, send};
+use bitsd_tests::{pattern, until};
 
 pub const MIB: usize = 1024 * 1024;
 
@@ -65,6 +67,30 @@ impl Setup {
             .await
             .unwrap()
             .get(0)
+    }
+
+    /// Waits (up to 60 s) until at least `n` parts are recorded.
+    pub async fn until_parts_recorded(&self, n: i64) {
+        until("parts are recorded", Duration::from_secs(60), || async {
+            self.count("SELECT count(*) FROM bitsd_assembly_parts")
+                .await
+                >= n
+        })
+        .await;
+    }
+
+    /// Checks that no journal is left and waits (up to 20 s) until the store has no
+    /// unfinished upload.
+    pub async fn assert_nothing_left(&self, context: &str) {
+        assert_eq!(
+            self.count("SELECT count(*) FROM bitsd_assemblies").await,
+            0,
+            "{context}: a journal is left"
+        );
+        until("no unfinished upload", Duration::from_secs(20), || async {
+            self.garage().unfinished_uploads() == 0
+        })
+        .await;
     }
 }
 
