@@ -63,6 +63,19 @@ async fn final_twice(
     [first, second]
 }
 
+/// Checks that both answers of [`final_twice`] are the final Ack of an upload of `len` bytes.
+fn assert_both_final_acks(answers: &[RawResponse; 2], len: usize, round: impl std::fmt::Display) {
+    for (node, a) in answers.iter().enumerate() {
+        assert_eq!(a.status, 200, "round {round}, node {node}: {a:?}");
+        a.assert_ack();
+        assert_eq!(
+            a.header("BITS-Received-Content-Range"),
+            Some(len.to_string().as_str()),
+            "round {round}, node {node}"
+        );
+    }
+}
+
 /// A plain upload whose final fragment both nodes take at once: both answer the final Ack
 /// (neither says 403 because the other's publish marker or published file is there), and
 /// the file is the upload, exactly.
@@ -81,15 +94,7 @@ async fn a_plain_upload_completed_on_two_nodes_at_once_gets_the_final_ack_from_b
         // Spread the re-send over the first node's completion: at once, then later and later.
         let after = Duration::from_millis(round * 2);
         let answers = final_twice(&farm, &path, &sid, &data, data.len() - frag, after).await;
-        for (node, a) in answers.iter().enumerate() {
-            assert_eq!(a.status, 200, "round {round}, node {node}: {a:?}");
-            a.assert_ack();
-            assert_eq!(
-                a.header("BITS-Received-Content-Range"),
-                Some(data.len().to_string().as_str()),
-                "round {round}, node {node}"
-            );
-        }
+        assert_both_final_acks(&answers, data.len(), round);
         let key = farm.objects.file_key(&format!("twice-{round}.bin"));
         assert!(
             read_object(&farm.objects, &key).await == data,
@@ -203,15 +208,7 @@ async fn a_multipart_assembly_completed_on_two_nodes_at_once_gets_the_final_ack(
         let at = data.len() - MIB;
         let answers =
             final_twice(&farm, &path, &sid, &data, at, Duration::from_millis(after)).await;
-        for (node, a) in answers.into_iter().enumerate() {
-            assert_eq!(a.status, 200, "round {round}, node {node}: {a:?}");
-            a.assert_ack();
-            assert_eq!(
-                a.header("BITS-Received-Content-Range"),
-                Some(data.len().to_string().as_str()),
-                "round {round}, node {node}"
-            );
-        }
+        assert_both_final_acks(&answers, data.len(), round);
         let key = farm.objects.file_key(&name);
         assert!(
             read_object(&farm.objects, &key).await == data,
