@@ -54,17 +54,17 @@ pub struct Journal {
 
 /// How long an attempt holds an assembly unless it renews its lease: how long the next
 /// attempt waits after a node died while it assembled.
-pub const LEASE: Duration = Duration::from_secs(6);
+pub const LEASE: Duration = Duration::from_secs(2);
 
 /// How often a working attempt renews its lease.
-const RENEW_EVERY: Duration = Duration::from_millis(1500);
+const RENEW_EVERY: Duration = Duration::from_millis(500);
 
 /// How long an attempt waits for another's lease to end before it answers
 /// [`StorageError::Busy`] (the client sends the fragment again).
 pub(super) const WAIT_FOR_HOLDER: Duration = Duration::from_secs(30);
 
 /// How often a waiting attempt looks again.
-pub(super) const LOOK_EVERY: Duration = Duration::from_millis(200);
+pub(super) const LOOK_EVERY: Duration = Duration::from_millis(100);
 
 /// What [`AssemblyJournal::claim`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
