@@ -101,11 +101,15 @@ async fn slow_backend_past_the_timeout_is_504() {
 #[tokio::test]
 async fn dropped_connection_and_unreachable_backend_are_504() {
     let backend = Backend::start(|_| Answer::Drop).await;
-    // A port nobody listens on.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port nobody listens on: bound, never listening, and held until the test ends (a
+    // port merely freed again can be taken by another test's server meanwhile, which then
+    // answers 404).
+    let reserved =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    reserved
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let closed = reserved.local_addr().unwrap().as_socket().unwrap();
     let server = start(vec![
         http_route(
             "/app/",
