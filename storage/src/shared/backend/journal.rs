@@ -54,11 +54,7 @@ impl<'a> PgJournal<'a> {
             .as_ref()
             .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take());
         if let Some(upload_id) = upload_id {
-            if let Err(e) = self
-                .state
-                .forget_assembly(&self.session, self.slot, &upload_id)
-                .await
-            {
+            if let Err(e) = self.forget(&upload_id).await {
                 tracing::warn!(session = %self.session, error = %e, "an assembled upload's journal stays until its session ends");
             }
         }

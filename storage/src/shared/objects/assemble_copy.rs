@@ -77,27 +77,19 @@ impl Objects {
             // The lease is renewed while the parts go out and the store completes them.
             let sent = while_held(journal, &upload.key, async {
                 let parts = self.send_parts(&upload, fragments, &plan, journal).await?;
-                self.s3
+                Ok(self
+                    .s3
                     .complete_multipart(upload.key.path(), &upload.upload_id, parts)
                     .await
-                    .map_err(|e| {
-                        CopyError::Failed(
-                            map_err("complete multipart upload", upload.key.as_str())(e),
-                        )
-                    })
+                    .map_err(map_err("complete multipart upload", upload.key.as_str()))?)
             })
             .await;
-            let outcome = match sent {
-                Ok(_) => Ok(()),
+            match sent {
                 Err(CopyError::Refused) => {
                     // The same upload, streamed: parts of the same number are replaced.
                     plan = self.streamed_plan(fragments);
-                    continue;
                 }
-                Err(CopyError::Failed(e)) => Err(e),
-            };
-            match outcome {
-                Ok(()) => {
+                Ok(_) => {
                     if let Some(j) = journal {
                         if let Err(e) = j.completed(&upload.upload_id).await {
                             tracing::warn!(key = %upload.key, error = %e, "an assembled upload's journal stays until its session ends");
@@ -119,7 +111,7 @@ impl Objects {
                         copied_bytes: copied,
                     });
                 }
-                Err(e) if resumed && !e.is_transient() => {
+                Err(CopyError::Failed(e)) if resumed && !e.is_transient() => {
                     tracing::info!(key = %upload.key, error = %e, "the recorded upload of an earlier attempt is of no use; starting afresh");
                     self.give_up(&upload, journal).await;
                     // At most once more: a journal that comes back again is another
@@ -130,7 +122,7 @@ impl Objects {
                         None => return Err(e),
                     }
                 }
-                Err(e) => {
+                Err(CopyError::Failed(e)) => {
                     match journal {
                         Some(j) if e.is_transient() => j.release().await,
                         _ => self.give_up(&upload, journal).await,
