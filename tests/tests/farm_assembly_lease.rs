@@ -10,10 +10,10 @@ mod assembly_support;
 
 use std::time::Duration;
 
-use assembly_support::{complete_upload, Setup, TOTAL};
+use assembly_support::{complete_upload, stored_reply_key, Setup};
 use bitsd_storage::shared::objects::Objects;
 use bitsd_storage::shared::SharedBackend;
-use bitsd_storage::{CommitOutcome, ReplyKind, SessionBackend};
+use bitsd_storage::{CommitOutcome, SessionBackend};
 use bitsd_tests::pg::raw_client;
 use bitsd_tests::relay::Relay;
 use bitsd_tests::shared_backend::read_object;
@@ -154,16 +154,7 @@ async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
                 .unwrap_or_else(|_| panic!("{when:?}: the {which} attempt never ended"))
                 .unwrap();
             let reply = reply.unwrap_or_else(|e| panic!("{when:?}: the {which} attempt: {e:?}"));
-            let ReplyKind::Stored {
-                len,
-                object: Some(name),
-                ..
-            } = reply
-            else {
-                panic!("{when:?}: not a stored reply: {reply:?}");
-            };
-            assert_eq!(len, TOTAL as u64);
-            let key = node.objects().session_prefix(&id).join(&name);
+            let key = stored_reply_key(&node, &id, reply);
             assert!(
                 read_object(node.objects(), &key).await == data,
                 "{when:?}: the {which} attempt's reply is not the upload"

@@ -11,10 +11,10 @@ mod assembly_support;
 
 use std::time::Duration;
 
-use assembly_support::{complete_upload, Setup, TOTAL};
+use assembly_support::{complete_upload, stored_reply_key, Setup};
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::SharedBackend;
-use bitsd_storage::{CommitOutcome, ReplyKind, SessionBackend, SessionState};
+use bitsd_storage::{CommitOutcome, SessionBackend, SessionState};
 use bitsd_tests::pg::raw_client;
 use bitsd_tests::relay::Relay;
 use bitsd_tests::shared_backend::read_object;
@@ -122,16 +122,7 @@ async fn an_echo_reply_whose_node_died_midway_is_finished_at_the_key_it_started(
     .expect("the second attempt sent a part the first had finished")
     .unwrap();
     assert!(relay_b.stop_armed(), "part 1 was sent again");
-    let ReplyKind::Stored {
-        len,
-        object: Some(name),
-        ..
-    } = reply
-    else {
-        panic!("not a stored reply: {reply:?}");
-    };
-    assert_eq!(len, TOTAL as u64);
-    let key = b.objects().session_prefix(&id).join(&name);
+    let key = stored_reply_key(&b, &id, reply);
     assert_eq!(
         key.as_str(),
         started,

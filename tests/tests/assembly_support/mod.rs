@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use bitsd_storage::shared::objects::ObjectStoreConfig;
+use bitsd_protocol::SessionId;
+use bitsd_storage::shared::objects::{ObjectKey, ObjectStoreConfig};
 use bitsd_storage::shared::SharedBackend;
-use bitsd_storage::{SessionBackend, SessionState};
+use bitsd_storage::{ReplyKind, SessionBackend, SessionState};
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::pg::{raw_client, session_record};
@@ -109,4 +110,19 @@ pub async fn complete_upload(
     }
     assert_eq!(record.state, SessionState::Complete);
     (record, data)
+}
+
+/// The key of `reply`, a reply of session `id` stored by `node` as an object of [`TOTAL`]
+/// bytes (anything else fails the test).
+pub fn stored_reply_key(node: &SharedBackend, id: &SessionId, reply: ReplyKind) -> ObjectKey {
+    let ReplyKind::Stored {
+        len,
+        object: Some(name),
+        ..
+    } = reply
+    else {
+        panic!("not a stored reply: {reply:?}");
+    };
+    assert_eq!(len, TOTAL as u64);
+    node.objects().session_prefix(id).join(&name)
 }
