@@ -21,7 +21,8 @@ pub(super) struct PgJournal<'a> {
     state: &'a PgStateStore,
     session: SessionId,
     slot: &'a str,
-    holder: Uuid,
+    /// Drawn on first use ([`PgStateStore::assembly_holder`]).
+    holder: tokio::sync::OnceCell<Uuid>,
     /// With [`PgJournal::forget_later`]: the upload the assembly completed, forgotten by
     /// [`PgJournal::forget_now`].
     later: Option<std::sync::Mutex<Option<String>>>,
@@ -33,9 +34,16 @@ impl<'a> PgJournal<'a> {
             state,
             session,
             slot,
-            holder: Uuid::new_v4(),
+            holder: tokio::sync::OnceCell::new(),
             later: None,
         }
+    }
+
+    /// This attempt's holder id.
+    async fn holder(&self) -> &Uuid {
+        self.holder
+            .get_or_init(|| self.state.assembly_holder())
+            .await
     }
 
     /// Keeps the completed upload recorded (and this attempt's lease on it) until
@@ -92,7 +100,7 @@ impl AssemblyJournal for PgJournal<'_> {
     async fn claim(&self) -> Result<Claim, StorageError> {
         let claim = self
             .state
-            .claim_assembly(&self.session, self.slot, &self.holder, lease_ms())
+            .claim_assembly(&self.session, self.slot, self.holder().await, lease_ms())
             .await?;
         Ok(match claim {
             AssemblyClaim::Taken(recorded) => Claim::Taken(journal_of(recorded)?),
@@ -107,7 +115,7 @@ impl AssemblyJournal for PgJournal<'_> {
                 &self.session,
                 self.slot,
                 (key.as_str(), upload_id),
-                &self.holder,
+                self.holder().await,
                 lease_ms(),
             )
             .await
@@ -115,14 +123,14 @@ impl AssemblyJournal for PgJournal<'_> {
 
     async fn renew(&self) -> Result<bool, StorageError> {
         self.state
-            .renew_assembly(&self.session, self.slot, &self.holder, lease_ms())
+            .renew_assembly(&self.session, self.slot, self.holder().await, lease_ms())
             .await
     }
 
     async fn release(&self) {
         if let Err(e) = self
             .state
-            .release_assembly(&self.session, self.slot, &self.holder)
+            .release_assembly(&self.session, self.slot, self.holder().await)
             .await
         {
             tracing::warn!(session = %self.session, error = %e, "could not let go of an assembly; the next attempt waits for its lease to end");
@@ -137,7 +145,12 @@ impl AssemblyJournal for PgJournal<'_> {
             etag: part.etag.clone(),
         };
         self.state
-            .assembly_part_done(&self.session, self.slot, (upload_id, &self.holder), &part)
+            .assembly_part_done(
+                &self.session,
+                self.slot,
+                (upload_id, self.holder().await),
+                &part,
+            )
             .await
     }
 
