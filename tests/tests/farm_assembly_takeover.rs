@@ -260,6 +260,10 @@ async fn a_killed_nodes_assembly_is_taken_over_before_its_lease_ends() {
         Some(TOTAL.to_string().as_str())
     );
     let taken_at = taken_at.expect("the journal went before another attempt held it");
+    eprintln!(
+        "taken over {} ms before the killed node's lease ran out",
+        held_until - taken_at
+    );
     assert!(
         taken_at < held_until,
         "taken over {} ms after the killed node's lease ran out",
