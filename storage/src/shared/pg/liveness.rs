@@ -109,16 +109,8 @@ impl Drop for Liveness {
     }
 }
 
-impl std::fmt::Debug for Liveness {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Liveness")
-            .field("held", &self.held_key())
-            .finish()
-    }
-}
-
 /// A version-8 UUID whose first 32 bits are `key` (a positive `i32`), the rest random.
-pub(super) fn holder_with(key: i32) -> Uuid {
+fn holder_with(key: i32) -> Uuid {
     let mut bytes = *Uuid::new_v4().as_bytes();
     bytes[..4].copy_from_slice(&key.to_be_bytes());
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
@@ -156,7 +148,10 @@ async fn keep(
         tried.send_replace(true);
         match wait {
             Wait::Stop => return,
-            Wait::OtherKey => key = draw_key(),
+            Wait::OtherKey => {
+                key = draw_key();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             Wait::Reconnect => tokio::select! {
                 () = tokio::time::sleep(RECONNECT_EVERY) => {}
                 () = stop.cancelled() => return,
@@ -225,5 +220,25 @@ async fn hold(
             Wait::Reconnect
         }
         () = stop.cancelled() => Wait::Stop,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_id_carries_its_key_as_a_version_8_uuid() {
+        for _ in 0..100 {
+            let key = draw_key();
+            assert!(key > 0);
+            let id = holder_with(key);
+            assert_eq!(id.get_version_num(), 8);
+            // What `holder_gone` reads: the version digit and the first 8 hex digits.
+            let text = id.to_string();
+            assert_eq!(&text[14..15], "8");
+            assert_eq!(i64::from_str_radix(&text[..8], 16).unwrap(), i64::from(key));
+        }
+        assert_eq!(Uuid::new_v4().to_string()[14..15].to_string(), "4");
     }
 }
