@@ -1,8 +1,6 @@
 //! What the assembly tests share (`farm_resumed_assembly.rs`, `farm_assembly_lease.rs`): two
 //! shared backends on one real PostgreSQL and one real Garage, each talking to Garage through
-//! a relay, and an upload of [`TOTAL`] bytes completed on one of them
-//! (`farm_assembly_takeover.rs` uses only the servers and the waits).
-#![allow(dead_code)]
+//! a relay, and an upload of [`TOTAL`] bytes completed on one of them.
 
 use std::time::Duration;
 

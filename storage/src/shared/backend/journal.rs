@@ -21,8 +21,7 @@ pub(super) struct PgJournal<'a> {
     state: &'a PgStateStore,
     session: SessionId,
     slot: &'a str,
-    /// Drawn on first use ([`PgStateStore::assembly_holder`]).
-    holder: tokio::sync::OnceCell<Uuid>,
+    holder: Uuid,
     /// With [`PgJournal::forget_later`]: the upload the assembly completed, forgotten by
     /// [`PgJournal::forget_now`].
     later: Option<std::sync::Mutex<Option<String>>>,
@@ -34,16 +33,9 @@ impl<'a> PgJournal<'a> {
             state,
             session,
             slot,
-            holder: tokio::sync::OnceCell::new(),
+            holder: Uuid::new_v4(),
             later: None,
         }
-    }
-
-    /// This attempt's holder id.
-    async fn holder(&self) -> &Uuid {
-        self.holder
-            .get_or_init(|| self.state.assembly_holder())
-            .await
     }
 
     /// Keeps the completed upload recorded (and this attempt's lease on it) until
@@ -100,7 +92,7 @@ impl AssemblyJournal for PgJournal<'_> {
     async fn claim(&self) -> Result<Claim, StorageError> {
         let claim = self
             .state
-            .claim_assembly(&self.session, self.slot, self.holder().await, lease_ms())
+            .claim_assembly(&self.session, self.slot, &self.holder, lease_ms())
             .await?;
         Ok(match claim {
             AssemblyClaim::Taken(recorded) => Claim::Taken(journal_of(recorded)?),
@@ -115,7 +107,7 @@ impl AssemblyJournal for PgJournal<'_> {
                 &self.session,
                 self.slot,
                 (key.as_str(), upload_id),
-                self.holder().await,
+                &self.holder,
                 lease_ms(),
             )
             .await
@@ -123,14 +115,14 @@ impl AssemblyJournal for PgJournal<'_> {
 
     async fn renew(&self) -> Result<bool, StorageError> {
         self.state
-            .renew_assembly(&self.session, self.slot, self.holder().await, lease_ms())
+            .renew_assembly(&self.session, self.slot, &self.holder, lease_ms())
             .await
     }
 
     async fn release(&self) {
         if let Err(e) = self
             .state
-            .release_assembly(&self.session, self.slot, self.holder().await)
+            .release_assembly(&self.session, self.slot, &self.holder)
             .await
         {
             tracing::warn!(session = %self.session, error = %e, "could not let go of an assembly; the next attempt waits for its lease to end");
@@ -145,12 +137,7 @@ impl AssemblyJournal for PgJournal<'_> {
             etag: part.etag.clone(),
         };
         self.state
-            .assembly_part_done(
-                &self.session,
-                self.slot,
-                (upload_id, self.holder().await),
-                &part,
-            )
+            .assembly_part_done(&self.session, self.slot, (upload_id, &self.holder), &part)
             .await
     }
 

@@ -19,9 +19,7 @@
 //! another node, while the first still assembles) waits for the lease to end instead of
 //! sending the same parts at once; a store completing an upload while one of its parts is
 //! sent again refuses the completion (Garage: `InvalidPart`), and each attempt would then
-//! abort the upload the other completes. A killed node's lease runs out after [`LEASE`];
-//! the journal may end it sooner when it knows the holder's node is gone (PostgreSQL's
-//! journal does: each node holds a liveness lock there while it runs).
+//! abort the upload the other completes. A killed node's lease runs out after [`LEASE`].
 
 use std::future::Future;
 use std::ops::Range;
@@ -54,9 +52,8 @@ pub struct Journal {
     pub parts: Vec<DonePart>,
 }
 
-/// How long an attempt holds an assembly unless it renews its lease: the longest the next
-/// attempt waits after a node died while it assembled (when the journal cannot tell sooner
-/// that the node is gone).
+/// How long an attempt holds an assembly unless it renews its lease: how long the next
+/// attempt waits after a node died while it assembled.
 pub const LEASE: Duration = Duration::from_secs(2);
 
 /// How often a working attempt renews its lease.
@@ -85,8 +82,7 @@ pub enum Claim {
 #[async_trait]
 pub trait AssemblyJournal: Send + Sync {
     /// Takes the upload an earlier attempt started, if one is recorded and no other attempt
-    /// holds it (an attempt whose lease ran out, or whose node is known to be gone, does
-    /// not).
+    /// holds it.
     async fn claim(&self) -> Result<Claim, StorageError>;
     /// Records the upload `upload_id` just started at `key`, held by this attempt; false when
     /// another attempt recorded one first (this one is not recorded).

@@ -6,7 +6,6 @@
 use bitsd_protocol::SessionId;
 use uuid::Uuid;
 
-use super::liveness;
 use super::sessions::to_i64;
 use super::{pg_error, PgStateStore};
 use crate::{now_millis, StorageError};
@@ -85,13 +84,6 @@ async fn with_parts(
 }
 
 impl PgStateStore {
-    /// A new attempt's holder id. It names this node's liveness lock while the node holds it
-    /// (taken on the first call; see `liveness.rs`), so that when the node dies another takes
-    /// its assemblies over at once instead of after their lease.
-    pub async fn assembly_holder(&self) -> Uuid {
-        self.liveness.holder().await
-    }
-
     /// The assembly recorded for session `id` at `slot`, with its parts.
     pub async fn assembly(
         &self,
@@ -151,8 +143,7 @@ impl PgStateStore {
     }
 
     /// Takes the assembly recorded for session `id` at `slot` for attempt `holder`, for
-    /// `lease_ms` from now, when no other attempt holds it (its lease ran out, it let go, or
-    /// its node's liveness lock is gone: the node died).
+    /// `lease_ms` from now, when no other attempt holds it (its lease ran out, or it let go).
     pub async fn claim_assembly(
         &self,
         id: &SessionId,
@@ -167,10 +158,8 @@ impl PgStateStore {
                     &format!(
                         "UPDATE bitsd_assemblies SET holder = $3, held_until_ms = {PG_NOW_MS} + $4
                           WHERE session_id = $1 AND slot = $2
-                            AND (holder = $3 OR holder IS NULL OR held_until_ms < {PG_NOW_MS}
-                                 OR {gone})
-                         RETURNING object_key, upload_id",
-                        gone = liveness::holder_gone()
+                            AND (holder = $3 OR holder IS NULL OR held_until_ms < {PG_NOW_MS})
+                         RETURNING object_key, upload_id"
                     ),
                     &[id.as_uuid(), &slot, holder, &lease_ms],
                 )

@@ -27,7 +27,6 @@ mod coalesce;
 mod fragment_commit;
 mod gc;
 mod listing;
-mod liveness;
 mod reply;
 mod schema;
 mod sessions;
@@ -86,8 +85,6 @@ pub struct PgStateStore {
     begin_open_commit: Arc<str>,
     /// [`PgOptions::open_commit_limit`], to say so when a commit's transaction outlived it.
     open_commit_limit: Duration,
-    /// This node's liveness lock, taken when it first works on an assembly (`liveness.rs`).
-    liveness: Arc<liveness::Liveness>,
 }
 
 impl std::fmt::Debug for PgStateStore {
@@ -128,12 +125,11 @@ impl PgStateStore {
             .map_err(|e| StorageError::StateStore(format!("connection pool: {e}")))?;
         let store = PgStateStore {
             pool,
-            config: config.clone(),
+            config,
             timeout: options.timeout,
             overlap: Arc::new(Semaphore::new(options.max_connections / 2)),
             begin_open_commit: fragment_commit::begin(options.open_commit_limit).into(),
             open_commit_limit: options.open_commit_limit,
-            liveness: Arc::new(liveness::Liveness::new(config.clone(), options.timeout)),
         };
         store.migrate().await?;
         Ok(store)

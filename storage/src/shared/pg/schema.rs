@@ -58,8 +58,7 @@ const MIGRATIONS: &[&str] = &[
 /// (the client's re-sent final fragment on another node) waits for the lease to end instead
 /// of sending the same parts at once: a store completing an upload while a part of it is
 /// sent again refuses the completion (Garage: `InvalidPart`). A killed node's lease runs
-/// out, and the next attempt takes the assembly over; sooner when the holder id names a
-/// node's liveness lock that is gone (`liveness.rs`, no column of its own).
+/// out, and the next attempt takes the assembly over.
 const ASSEMBLY_LEASES: &str = "ALTER TABLE bitsd_assemblies
         ADD COLUMN holder uuid,
         ADD COLUMN held_until_ms bigint NOT NULL DEFAULT 0;";
