@@ -15,7 +15,6 @@ use bitsd_storage::shared::objects::Objects;
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{CommitOutcome, SessionBackend};
 use bitsd_tests::pg::raw_client;
-use bitsd_tests::relay::Relay;
 use bitsd_tests::shared_backend::read_object;
 use bitsd_tests::until;
 
@@ -51,8 +50,7 @@ async fn two_nodes_completing_one_session_share_its_assembly() {
         SecondStarts::WhileFirstCompletes,
     ];
     for (round, when) in starts.into_iter().enumerate() {
-        let relay_a = Relay::start(setup.garage().s3_addr()).await;
-        let a = setup.node(&relay_a, "a").await;
+        let (a, relay_a) = setup.relayed_node("a").await;
         let path = format!("resume/race-{round}.bin");
         let (record, data) = complete_upload(&a, Some(&path), 10 + round as u64).await;
         let id = record.id;
@@ -75,8 +73,7 @@ async fn two_nodes_completing_one_session_share_its_assembly() {
                 .await;
             }
         }
-        let relay_b = Relay::start(setup.garage().s3_addr()).await;
-        let b = setup.node(&relay_b, "b").await;
+        let (b, relay_b) = setup.relayed_node("b").await;
         let second_path = path.clone();
         let second = tokio::spawn(async move {
             let outcome = b.publish_upload(&id, &second_path, false).await;
@@ -125,10 +122,8 @@ async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
         .into_iter()
         .enumerate()
     {
-        let relay_a = Relay::start(setup.garage().s3_addr()).await;
-        let relay_b = Relay::start(setup.garage().s3_addr()).await;
-        let a = setup.node(&relay_a, "a").await;
-        let b = setup.node(&relay_b, "b").await;
+        let (a, _relay_a) = setup.relayed_node("a").await;
+        let (b, _relay_b) = setup.relayed_node("b").await;
         let (record, data) = complete_upload(&a, None, 20 + round as u64).await;
         let id = record.id;
         let store = |node: SharedBackend| async move {
@@ -174,8 +169,7 @@ async fn an_attempt_whose_lease_was_taken_over_stops() {
     let Some(setup) = Setup::start().await else {
         return;
     };
-    let relay_a = Relay::start(setup.garage().s3_addr()).await;
-    let a = setup.node(&relay_a, "a").await;
+    let (a, relay_a) = setup.relayed_node("a").await;
     let path = "resume/taken-over.bin";
     let (record, data) = complete_upload(&a, Some(path), 30).await;
     let id = record.id;
@@ -192,8 +186,7 @@ async fn an_attempt_whose_lease_was_taken_over_stops() {
         .get(0);
 
     // The second attempt waits for the lease; end it by hand until the second holds it.
-    let relay_b = Relay::start(setup.garage().s3_addr()).await;
-    let b = setup.node(&relay_b, "b").await;
+    let (b, _relay_b) = setup.relayed_node("b").await;
     let second = tokio::spawn(async move { b.publish_upload(&id, path, false).await });
     until(
         "the second holds the assembly",

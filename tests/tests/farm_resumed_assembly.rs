@@ -46,9 +46,9 @@ where
 /// A node that must not send part 1 again: its relay stops that request (the attempt then
 /// waits for the client's timeout and retry, and the stop is no longer armed).
 async fn second_node(setup: &Setup) -> (SharedBackend, Relay) {
-    let relay = Relay::start(setup.garage().s3_addr()).await;
+    let (node, relay) = setup.relayed_node("b").await;
     relay.stop_request_to(&["PUT ", "partNumber=1&"]);
-    (setup.node(&relay, "b").await, relay)
+    (node, relay)
 }
 
 /// Publishes the upload of `id` at `path` on a [`second_node`] within 60 s, without part 1
@@ -71,8 +71,7 @@ async fn a_publish_whose_node_died_midway_goes_on_with_its_parts_on_another_node
     let Some(setup) = Setup::start().await else {
         return;
     };
-    let relay_a = Relay::start(setup.garage().s3_addr()).await;
-    let a = setup.node(&relay_a, "a").await;
+    let (a, relay_a) = setup.relayed_node("a").await;
     let (record, data) = complete_upload(&a, Some("resume/plain.bin"), 1).await;
     let id = record.id;
     die_at_part_three(&setup, relay_a, async move {
@@ -96,8 +95,7 @@ async fn an_echo_reply_whose_node_died_midway_is_finished_at_the_key_it_started(
     let Some(setup) = Setup::start().await else {
         return;
     };
-    let relay_a = Relay::start(setup.garage().s3_addr()).await;
-    let a = setup.node(&relay_a, "a").await;
+    let (a, relay_a) = setup.relayed_node("a").await;
     let (record, data) = complete_upload(&a, None, 2).await;
     let id = record.id;
     die_at_part_three(&setup, relay_a, async move {
@@ -146,8 +144,7 @@ async fn a_journal_whose_upload_was_completed_is_assembled_afresh() {
     let Some(setup) = Setup::start().await else {
         return;
     };
-    let relay_a = Relay::start(setup.garage().s3_addr()).await;
-    let a = setup.node(&relay_a, "a").await;
+    let (a, relay_a) = setup.relayed_node("a").await;
     let (record, data) = complete_upload(&a, Some("resume/completed.bin"), 3).await;
     let id = record.id;
     relay_a.hold_answer_to(&["POST ", "uploadId="]);
@@ -176,8 +173,7 @@ async fn a_journal_whose_upload_was_completed_is_assembled_afresh() {
         5
     );
 
-    let relay_b = Relay::start(setup.garage().s3_addr()).await;
-    let b = setup.node(&relay_b, "b").await;
+    let (b, _relay_b) = setup.relayed_node("b").await;
     let published = b
         .publish_upload(&id, "resume/completed.bin", false)
         .await
@@ -203,8 +199,7 @@ async fn a_cancelled_session_aborts_the_assembly_its_dead_node_left() {
     let Some(setup) = Setup::start().await else {
         return;
     };
-    let relay_a = Relay::start(setup.garage().s3_addr()).await;
-    let a = setup.node(&relay_a, "a").await;
+    let (a, relay_a) = setup.relayed_node("a").await;
     let (mut record, _) = complete_upload(&a, Some("resume/cancelled.bin"), 4).await;
     let id = record.id;
     die_at_part_three(&setup, relay_a, async move {
@@ -218,8 +213,7 @@ async fn a_cancelled_session_aborts_the_assembly_its_dead_node_left() {
     )
     .await;
 
-    let relay_b = Relay::start(setup.garage().s3_addr()).await;
-    let b = setup.node(&relay_b, "b").await;
+    let (b, _relay_b) = setup.relayed_node("b").await;
     b.end_session(&mut record, SessionState::Cancelled)
         .await
         .unwrap();

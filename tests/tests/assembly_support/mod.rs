@@ -38,6 +38,13 @@ impl Setup {
         &self.servers.garage
     }
 
+    /// A node whose store requests go through a relay of its own to Garage, and that relay
+    /// (kept for as long as the node is used).
+    pub async fn relayed_node(&self, name: &str) -> (SharedBackend, Relay) {
+        let relay = Relay::start(self.garage().s3_addr()).await;
+        (self.node(&relay, name).await, relay)
+    }
+
     /// A node whose store requests go through `relay`.
     pub async fn node(&self, relay: &Relay, name: &str) -> SharedBackend {
         self.node_with(relay, name, |_| {}).await
