@@ -10,7 +10,7 @@ mod assembly_support;
 
 use std::time::Duration;
 
-use assembly_support::{complete_upload, stored_reply_key, Setup};
+use assembly_support::{complete_upload, record_reply, stored_reply_key, Setup};
 use bitsd_storage::shared::objects::Objects;
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{CommitOutcome, SessionBackend};
@@ -110,9 +110,13 @@ async fn two_nodes_completing_one_session_share_its_assembly() {
 }
 
 /// The same for an echo reply (the upload stored as the session's reply): two nodes store it
-/// at once, the second starting with the first or once the first recorded two parts. Each
-/// stores the reply (the second possibly after one transient answer), every reply object it
-/// names is the upload, and neither a journal nor an unfinished upload is left.
+/// at once, the second starting with the first or once the first recorded two parts, each
+/// doing what the server does (store the reply, then record it in the session). The first
+/// keeps its journal until its reply is recorded, so the second, waiting, finds the reply
+/// recorded once the journal goes and answers with it: neither gets a transient answer (the
+/// client's re-sent final fragment gets its Ack at once), both name the one reply object,
+/// which is the upload, no other reply object is left, and neither a journal nor an
+/// unfinished upload is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
     let Some(setup) = Setup::start().await else {
@@ -126,23 +130,21 @@ async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
         let (b, _relay_b) = setup.relayed_node("b").await;
         let (record, data) = complete_upload(&a, None, 20 + round as u64).await;
         let id = record.id;
+        // What the server's completion does with an echo handler's answer.
         let store = |node: SharedBackend| async move {
-            let mut reply = Err(bitsd_storage::StorageError::Busy(String::new()));
-            for _ in 0..2 {
-                let upload = node.upload_unread(&id).await.unwrap();
-                reply = node.store_reply_file(&id, &upload.path).await;
-                // A transient answer makes the client send the fragment again.
-                if !reply.as_ref().is_err_and(|e| e.is_transient()) {
-                    break;
-                }
+            let upload = node.upload_unread(&id).await.unwrap();
+            let kind = node.store_reply_file(&id, &upload.path).await;
+            if let Ok(kind) = &kind {
+                record_reply(&node, &id, kind).await;
             }
-            (reply, node)
+            (kind, node)
         };
         let first = tokio::spawn(store(a));
         if matches!(when, SecondStarts::AfterTwoParts) {
             setup.until_parts_recorded(2).await;
         }
         let second = tokio::spawn(store(b));
+        let mut keys = Vec::new();
         for (which, task) in [("first", first), ("second", second)] {
             let (reply, node) = tokio::time::timeout(Duration::from_secs(90), task)
                 .await
@@ -154,7 +156,26 @@ async fn two_nodes_storing_one_echo_reply_at_once_share_its_assembly() {
                 read_object(node.objects(), &key).await == data,
                 "{when:?}: the {which} attempt's reply is not the upload"
             );
+            keys.push((key, node));
         }
+        let (node, ids) = (&keys[0].1, (&keys[0].0, &keys[1].0));
+        assert_eq!(ids.0, ids.1, "{when:?}: two reply objects");
+        let stored = node.load(&id).await.unwrap().unwrap();
+        let recorded = stored_reply_key(node, &id, stored.reply.unwrap().kind);
+        assert_eq!(&recorded, ids.0, "{when:?}: the record names another reply");
+        let prefix = node.objects().session_prefix(&id);
+        let replies = node
+            .objects()
+            .list(&prefix)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|o| o.key.as_str().contains("/reply"))
+            .count();
+        assert_eq!(
+            replies, 1,
+            "{when:?}: reply objects in the session's prefix"
+        );
         setup.assert_nothing_left(&format!("{when:?}")).await;
     }
 }

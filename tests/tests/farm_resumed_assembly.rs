@@ -11,7 +11,7 @@ mod assembly_support;
 
 use std::time::Duration;
 
-use assembly_support::{complete_upload, stored_reply_key, Setup};
+use assembly_support::{complete_upload, record_reply, stored_reply_key, Setup};
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{CommitOutcome, SessionBackend, SessionState};
@@ -120,6 +120,7 @@ async fn an_echo_reply_whose_node_died_midway_is_finished_at_the_key_it_started(
     .expect("the second attempt sent a part the first had finished")
     .unwrap();
     assert!(relay_b.stop_armed(), "part 1 was sent again");
+    let reply_kind = reply.clone();
     let key = stored_reply_key(&b, &id, reply);
     assert_eq!(
         key.as_str(),
@@ -130,9 +131,18 @@ async fn an_echo_reply_whose_node_died_midway_is_finished_at_the_key_it_started(
         read_object(b.objects(), &key).await == data,
         "the reply is not the upload"
     );
+    // The journal stays until the reply is recorded in the session (a third attempt,
+    // waiting on it, then answers with the recorded reply), and goes then.
     assert_eq!(
         setup.count("SELECT count(*) FROM bitsd_assemblies").await,
-        0
+        1,
+        "the journal went before the reply was recorded"
+    );
+    record_reply(&b, &id, &reply_kind).await;
+    assert_eq!(
+        setup.count("SELECT count(*) FROM bitsd_assemblies").await,
+        0,
+        "the journal outlived the reply's record"
     );
 }
 

@@ -133,3 +133,18 @@ pub fn stored_reply_key(node: &SharedBackend, id: &SessionId, reply: ReplyKind) 
     assert_eq!(len, TOTAL as u64);
     node.objects().session_prefix(id).join(&name)
 }
+
+/// Records `kind` as the reply of session `id` on `node`, as the server does once it has
+/// stored a reply: the record names it and the session is `ReplyReady`.
+pub async fn record_reply(node: &SharedBackend, id: &SessionId, kind: &ReplyKind) {
+    let mut record = node.load(id).await.unwrap().unwrap();
+    record.reply = Some(bitsd_storage::ReplyRecord {
+        url: format!("http://node/reply/{}", id.simple()),
+        kind: kind.clone(),
+        created_ms: bitsd_storage::now_millis(),
+        delivered: bitsd_storage::ByteRanges::new(),
+    });
+    record.state = SessionState::ReplyReady;
+    record.touch();
+    node.save(&record).await.unwrap();
+}

@@ -17,7 +17,7 @@ use super::journal::{PgJournal, REPLY_SLOT};
 use super::SharedBackend;
 use crate::backend::{LocalUpload, SessionBackend};
 use crate::shared::objects::FragmentObject;
-use crate::{ReplyKind, StorageError};
+use crate::{ReplyKind, SessionRecord, SessionState, StorageError};
 
 /// The name of the upload in its scratch directory.
 const UPLOAD: &str = "upload";
@@ -93,6 +93,24 @@ impl SharedBackend {
         ours && matches!(tokio::fs::try_exists(src).await, Ok(false))
     }
 
+    /// [`SharedBackend::reply_from_upload`], or the reply of `id` another node stored and
+    /// recorded meanwhile (the client's final fragment sent again, to another node, while
+    /// this one waited for that node's assembly): that reply is then the answer.
+    pub(super) async fn reply_itself(&self, id: &SessionId) -> Result<ReplyKind, StorageError> {
+        let failed = match self.reply_from_upload(id).await {
+            Ok(kind) => return Ok(kind),
+            Err(e) => e,
+        };
+        match self.record(id).await {
+            Ok(SessionRecord {
+                state: SessionState::ReplyReady,
+                reply: Some(reply),
+                ..
+            }) if matches!(reply.kind, ReplyKind::Stored { .. }) => Ok(reply.kind),
+            _ => Err(failed),
+        }
+    }
+
     /// Stores the upload of `id` as its reply, assembled in the store from the fragment
     /// objects (one fragment: a server-side copy; large ones: part copies; else streamed
     /// through the node without a local copy), durable on return.
@@ -113,12 +131,16 @@ impl SharedBackend {
         };
         let (key, _) = self.objects.reply_key(id);
         // Journaled: a node killed meanwhile leaves its multipart upload (and its key) to the
-        // next attempt.
-        let journal = PgJournal::new(&self.state, *id, REPLY_SLOT);
+        // next attempt. The journal stays until the reply is recorded in the session (`save`):
+        // another node's attempt waiting on this one's lease then finds the reply recorded.
+        let journal = PgJournal::new(&self.state, *id, REPLY_SLOT).forget_later();
         let assembled = self
             .objects
             .assemble_resumable(&key, &fragments, record.received, &journal)
             .await?;
+        if let Some(upload_id) = journal.take_completed() {
+            self.reply_journals.keep(*id, upload_id);
+        }
         let under = format!("{}/", self.objects.session_prefix(id).as_str());
         let name = match assembled.key.as_str().strip_prefix(&under) {
             Some(name) if !name.contains('/') => name.to_string(),

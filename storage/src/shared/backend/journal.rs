@@ -2,6 +2,9 @@
 //! re-sent final fragment go on with the multipart upload of a node killed while it
 //! assembled the upload (see `objects::resume`).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
 
@@ -24,7 +27,7 @@ pub(super) struct PgJournal<'a> {
     holder: Uuid,
     /// With [`PgJournal::forget_later`]: the upload the assembly completed, forgotten by
     /// [`PgJournal::forget_now`].
-    later: Option<std::sync::Mutex<Option<String>>>,
+    later: Option<Mutex<Option<String>>>,
 }
 
 impl<'a> PgJournal<'a> {
@@ -42,18 +45,22 @@ impl<'a> PgJournal<'a> {
     /// [`PgJournal::forget_now`]: the caller records its outcome in PostgreSQL first, so that
     /// an attempt waiting on the lease finds that outcome once the journal is gone.
     pub(super) fn forget_later(mut self) -> Self {
-        self.later = Some(std::sync::Mutex::new(None));
+        self.later = Some(Mutex::new(None));
         self
+    }
+
+    /// The upload the assembly completed, kept by [`PgJournal::forget_later`], for the caller
+    /// to forget later still (see [`ReplyJournals`]).
+    pub(super) fn take_completed(&self) -> Option<String> {
+        self.later
+            .as_ref()
+            .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take())
     }
 
     /// Forgets the upload the assembly completed, if it was kept by
     /// [`PgJournal::forget_later`]. A failure is logged: the session's end removes it.
     pub(super) async fn forget_now(&self) {
-        let upload_id = self
-            .later
-            .as_ref()
-            .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take());
-        if let Some(upload_id) = upload_id {
+        if let Some(upload_id) = self.take_completed() {
             if let Err(e) = self.forget(&upload_id).await {
                 tracing::warn!(session = %self.session, error = %e, "an assembled upload's journal stays until its session ends");
             }
@@ -156,7 +163,43 @@ impl AssemblyJournal for PgJournal<'_> {
     }
 }
 
+/// Reply assemblies this node completed whose journals wait for the reply to be recorded in
+/// the session (the server stores the reply, then saves the record naming it). Another
+/// node's attempt at the same reply, waiting on the journal's lease, finds the reply
+/// recorded once the journal goes, and answers with it instead of a transient error. An
+/// entry goes when a record of its session is saved with its reply ready, or the session
+/// ends; one left by a failed save keeps its journal until the session ends (the next
+/// attempt finds its upload completed, forgets it and assembles afresh).
+#[derive(Debug, Default)]
+pub(super) struct ReplyJournals(Mutex<HashMap<SessionId, String>>);
+
+impl ReplyJournals {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps session `id`'s completed reply upload `upload_id` recorded for now.
+    pub(super) fn keep(&self, id: SessionId, upload_id: String) {
+        self.table().insert(id, upload_id);
+    }
+
+    /// The reply upload of `id` kept, if any (forgotten here).
+    pub(super) fn take(&self, id: &SessionId) -> Option<String> {
+        self.table().remove(id)
+    }
+}
+
 impl SharedBackend {
+    /// Forgets the journal of session `id`'s reply assembly, once its reply is recorded (see
+    /// [`ReplyJournals`]). A failure is logged: the session's end removes it.
+    pub(super) async fn forget_reply_journal(&self, id: &SessionId) {
+        if let Some(upload_id) = self.reply_journals.take(id) {
+            if let Err(e) = self.state.forget_assembly(id, REPLY_SLOT, &upload_id).await {
+                tracing::warn!(session = %id, error = %e, "an assembled reply's journal stays until its session ends");
+            }
+        }
+    }
+
     /// Aborts the multipart uploads of assemblies still recorded for session `id` (a node
     /// died while it completed the session, and no attempt finished it since), and forgets
     /// them. Their parts are in the store until then.

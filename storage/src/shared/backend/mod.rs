@@ -60,6 +60,7 @@ use crate::backend::{
 use crate::{CommitOutcome, ReplyKind, SessionRecord, SessionState, StorageError};
 pub use coalesce::Coalesced;
 use coalesce::Coalescer;
+use journal::ReplyJournals;
 pub use merge_rule::{COALESCE_SPAN, MAX_PART_SPAN, MAX_RUN, MIN_RUN};
 use recent::RecentSessions;
 use sinks::{reply_object, PendingRow, ReservedKey, SharedFragment, SharedReply};
@@ -76,6 +77,8 @@ pub struct SharedBackend {
     /// The sessions this node created or committed a fragment of last (a hint that saves a
     /// fragment's load; see `recent.rs`).
     recent: RecentSessions,
+    /// Reply assemblies whose journals wait for their replies' records (`journal.rs`).
+    reply_journals: std::sync::Arc<ReplyJournals>,
 }
 
 impl SharedBackend {
@@ -105,6 +108,7 @@ impl SharedBackend {
             orphan_scan: Default::default(),
             coalescer,
             recent: RecentSessions::default(),
+            reply_journals: Default::default(),
         }
     }
 
@@ -267,6 +271,9 @@ impl SessionBackend for SharedBackend {
     async fn save(&self, record: &SessionRecord) -> Result<(), StorageError> {
         if let CasOutcome::Raced(stored) = self.state.put(record).await? {
             self.discard_lost_reply(record, &stored).await;
+        }
+        if record.state == SessionState::ReplyReady {
+            self.forget_reply_journal(&record.id).await;
         }
         Ok(())
     }
@@ -432,7 +439,7 @@ impl SessionBackend for SharedBackend {
         src: &Path,
     ) -> Result<ReplyKind, StorageError> {
         if self.is_the_upload_itself(id, src).await {
-            return self.reply_from_upload(id).await;
+            return self.reply_itself(id).await;
         }
         self.put_file(id, src).await
     }
@@ -491,6 +498,7 @@ impl SessionBackend for SharedBackend {
         state: SessionState,
     ) -> Result<(), StorageError> {
         self.recent.forget(&record.id);
+        self.reply_journals.take(&record.id);
         match self.state.close(&record.id, state).await? {
             CasOutcome::Committed(r) | CasOutcome::Raced(r) => *record = r,
             CasOutcome::Missing => record.state = state,
@@ -537,6 +545,7 @@ impl SessionBackend for SharedBackend {
 
     async fn purge(&self, id: &SessionId) -> Result<(), StorageError> {
         self.recent.forget(id);
+        self.reply_journals.take(id);
         // Before the rows go (with the session's): their uploads' parts are named nowhere else.
         self.abort_recorded_assemblies(id).await?;
         self.objects.delete_session(id).await?;
