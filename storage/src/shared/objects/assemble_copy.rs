@@ -326,6 +326,7 @@ impl Objects {
     ) -> Result<PartId, StorageError> {
         let len = pieces.iter().map(|p| p.range.end - p.range.start).sum();
         let _held = self.fragment_memory.reserve(len, dest.as_str()).await?;
+        let started = std::time::Instant::now();
         // Owned items: a stream of references makes the future not `Send` for every lifetime.
         let owned: Vec<(usize, Range<u64>)> = pieces
             .iter()
@@ -336,7 +337,9 @@ impl Objects {
             .buffered(PIECES_AT_ONCE)
             .try_collect()
             .await?;
-        self.s3
+        let read = started.elapsed();
+        let id = self
+            .s3
             .put_part(
                 dest.path(),
                 &upload_id.to_string(),
@@ -344,7 +347,17 @@ impl Objects {
                 PutPayload::from_iter(chunks),
             )
             .await
-            .map_err(map_err("write part", dest.as_str()))
+            .map_err(map_err("write part", dest.as_str()))?;
+        tracing::debug!(
+            key = %dest,
+            part = index + 1,
+            len,
+            pieces = pieces.len(),
+            read_ms = read.as_millis() as u64,
+            sent_ms = (started.elapsed() - read).as_millis() as u64,
+            "streamed an assembly's part"
+        );
+        Ok(id)
     }
 
     /// Reads `range` of fragment `f`; a fragment object shorter than its index entry says is
