@@ -125,19 +125,14 @@ impl PgStateStore {
         let (object_key, upload_id) = assembly;
         let now = to_i64(now_millis(), "time")?;
         let inserted = self
-            .timed(async {
-                let conn = self.conn().await?;
-                conn.execute(
-                    &format!(
-                        "INSERT INTO bitsd_assemblies
-                                (session_id, slot, object_key, upload_id, created_ms, holder, held_until_ms)
-                         VALUES ($1, $2, $3, $4, $5, $6, {PG_NOW_MS} + $7) ON CONFLICT DO NOTHING"
-                    ),
-                    &[id.as_uuid(), &slot, &object_key, &upload_id, &now, holder, &lease_ms],
-                )
-                .await
-                .map_err(pg_error)
-            })
+            .execute(
+                &format!(
+                    "INSERT INTO bitsd_assemblies
+                            (session_id, slot, object_key, upload_id, created_ms, holder, held_until_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, {PG_NOW_MS} + $7) ON CONFLICT DO NOTHING"
+                ),
+                &[id.as_uuid(), &slot, &object_key, &upload_id, &now, holder, &lease_ms],
+            )
             .await?;
         Ok(inserted == 1)
     }
@@ -196,21 +191,16 @@ impl PgStateStore {
         holder: &Uuid,
         lease_ms: i64,
     ) -> Result<bool, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let n = conn
-                .execute(
-                    &format!(
-                        "UPDATE bitsd_assemblies SET held_until_ms = {PG_NOW_MS} + $4
-                          WHERE session_id = $1 AND slot = $2 AND holder = $3"
-                    ),
-                    &[id.as_uuid(), &slot, holder, &lease_ms],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(n == 1)
-        })
-        .await
+        let n = self
+            .execute(
+                &format!(
+                    "UPDATE bitsd_assemblies SET held_until_ms = {PG_NOW_MS} + $4
+                      WHERE session_id = $1 AND slot = $2 AND holder = $3"
+                ),
+                &[id.as_uuid(), &slot, holder, &lease_ms],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// Ends attempt `holder`'s lease on the assembly of session `id` at `slot` now (it
@@ -221,18 +211,13 @@ impl PgStateStore {
         slot: &str,
         holder: &Uuid,
     ) -> Result<(), StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "UPDATE bitsd_assemblies SET held_until_ms = 0
-                  WHERE session_id = $1 AND slot = $2 AND holder = $3",
-                &[id.as_uuid(), &slot, holder],
-            )
-            .await
-            .map_err(pg_error)?;
-            Ok(())
-        })
-        .await
+        self.execute(
+            "UPDATE bitsd_assemblies SET held_until_ms = 0
+              WHERE session_id = $1 AND slot = $2 AND holder = $3",
+            &[id.as_uuid(), &slot, holder],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Records a part of the upload `upload_id` sent by attempt `holder`; false (nothing
@@ -251,9 +236,8 @@ impl PgStateStore {
             to_i64(part.start, "part start")?,
             to_i64(part.end, "part end")?,
         );
-        self.timed(async {
-            let conn = self.conn().await?;
-            conn.execute(
+        let n = self
+            .execute(
                 "INSERT INTO bitsd_assembly_parts
                         (session_id, slot, part_number, start_offset, end_offset, etag)
                  SELECT $1, $2, $4, $5, $6, $7 FROM bitsd_assemblies
@@ -273,11 +257,8 @@ impl PgStateStore {
                     holder,
                 ],
             )
-            .await
-            .map_err(pg_error)
-            .map(|n| n == 1)
-        })
-        .await
+            .await?;
+        Ok(n == 1)
     }
 
     /// Forgets the upload `upload_id` of session `id` at `slot` (and its parts).
@@ -287,18 +268,13 @@ impl PgStateStore {
         slot: &str,
         upload_id: &str,
     ) -> Result<(), StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "DELETE FROM bitsd_assemblies
-                  WHERE session_id = $1 AND slot = $2 AND upload_id = $3",
-                &[id.as_uuid(), &slot, &upload_id],
-            )
-            .await
-            .map_err(pg_error)?;
-            Ok(())
-        })
-        .await
+        self.execute(
+            "DELETE FROM bitsd_assemblies
+              WHERE session_id = $1 AND slot = $2 AND upload_id = $3",
+            &[id.as_uuid(), &slot, &upload_id],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Every upload still recorded for session `id`: (its slot, its key, its id).
@@ -306,17 +282,15 @@ impl PgStateStore {
         &self,
         id: &SessionId,
     ) -> Result<Vec<(String, String, String)>, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT slot, object_key, upload_id FROM bitsd_assemblies WHERE session_id = $1",
-                    &[id.as_uuid()],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "SELECT slot, object_key, upload_id FROM bitsd_assemblies WHERE session_id = $1",
+                &[id.as_uuid()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 }

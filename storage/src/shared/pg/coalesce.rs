@@ -36,16 +36,10 @@ impl PgStateStore {
     ) -> Result<Vec<FragmentObject>, StorageError> {
         let (from, to) = (to_i64(from, "offset")?, to_i64(to, "offset")?);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.timed(async {
-            let conn = self.conn().await?;
-            let stmt = conn.prepare_cached(LAST_BETWEEN).await.map_err(pg_error)?;
-            let rows = conn
-                .query(&stmt, &[id.as_uuid(), &from, &to, &limit])
-                .await
-                .map_err(pg_error)?;
-            Ok(rows.iter().rev().map(fragment_of).collect())
-        })
-        .await
+        let rows = self
+            .query(LAST_BETWEEN, &[id.as_uuid(), &from, &to, &limit])
+            .await?;
+        Ok(rows.iter().rev().map(fragment_of).collect())
     }
 
     /// Replaces the fragments `run` (consecutive, in offset order, as read before) of `id` in

@@ -161,16 +161,10 @@ impl PgStateStore {
              SELECT $1, $2, $3 FROM cfg {live}
              ON CONFLICT (object_key) DO NOTHING"
         );
-        self.timed(async {
-            let conn = self.conn().await?;
-            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
-            let inserted = conn
-                .execute(&stmt, &[&object_key, session.as_uuid(), &now])
-                .await
-                .map_err(pg_error)?;
-            Ok(inserted == 1)
-        })
-        .await
+        let inserted = self
+            .execute(&sql, &[&object_key, session.as_uuid(), &now])
+            .await?;
+        Ok(inserted == 1)
     }
 
     /// [`PgStateStore::load`] and [`PgStateStore::add_fragment_pending_object`] in one round
@@ -198,37 +192,26 @@ impl PgStateStore {
              SELECT {COLS}, (SELECT count(*) FROM ins) AS reserved
                FROM bitsd_sessions WHERE id = $1"
         );
-        self.timed(async {
-            let conn = self.conn().await?;
-            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
-            let row = conn
-                .query_opt(&stmt, &[id.as_uuid(), &object_key, &now])
-                .await
-                .map_err(pg_error)?;
-            match row {
-                None => Ok((None, false)),
-                Some(row) => {
-                    let reserved = row.get::<_, i64>("reserved") == 1;
-                    Ok((Some(decode(&row)?), reserved))
-                }
+        let row = self
+            .query_opt(&sql, &[id.as_uuid(), &object_key, &now])
+            .await?;
+        match row {
+            None => Ok((None, false)),
+            Some(row) => {
+                let reserved = row.get::<_, i64>("reserved") == 1;
+                Ok((Some(decode(&row)?), reserved))
             }
-        })
-        .await
+        }
     }
 
     /// Forgets a pending object (after deleting it, or when its commit referenced it).
     pub async fn forget_pending_object(&self, object_key: &str) -> Result<(), StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "DELETE FROM bitsd_pending_objects WHERE object_key = $1",
-                &[&object_key],
-            )
-            .await
-            .map_err(pg_error)?;
-            Ok(())
-        })
-        .await
+        self.execute(
+            "DELETE FROM bitsd_pending_objects WHERE object_key = $1",
+            &[&object_key],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Forgets the pending rows of session `id` for `object_keys` (objects deleted).
@@ -237,17 +220,12 @@ impl PgStateStore {
         id: &SessionId,
         object_keys: &[&str],
     ) -> Result<(), StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "DELETE FROM bitsd_pending_objects WHERE session_id = $1 AND object_key = ANY($2)",
-                &[id.as_uuid(), &object_keys],
-            )
-            .await
-            .map_err(pg_error)?;
-            Ok(())
-        })
-        .await
+        self.execute(
+            "DELETE FROM bitsd_pending_objects WHERE session_id = $1 AND object_key = ANY($2)",
+            &[id.as_uuid(), &object_keys],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Forgets `object_key`'s pending row only if it is session `id`'s (a publish marker
@@ -257,34 +235,24 @@ impl PgStateStore {
         id: &SessionId,
         object_key: &str,
     ) -> Result<(), StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "DELETE FROM bitsd_pending_objects WHERE object_key = $1 AND session_id = $2",
-                &[&object_key, id.as_uuid()],
-            )
-            .await
-            .map_err(pg_error)?;
-            Ok(())
-        })
-        .await
+        self.execute(
+            "DELETE FROM bitsd_pending_objects WHERE object_key = $1 AND session_id = $2",
+            &[&object_key, id.as_uuid()],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Whether `object_key` has a pending row (not yet claimed by the collector, nor
     /// referenced by a commit, nor forgotten).
     pub async fn is_pending(&self, object_key: &str) -> Result<bool, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let row = conn
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $1)",
-                    &[&object_key],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(row.get(0))
-        })
-        .await
+        let row = self
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM bitsd_pending_objects WHERE object_key = $1)",
+                &[&object_key],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     /// At most `limit` pending objects recorded before `before_ms`, oldest first: written for
@@ -296,19 +264,14 @@ impl PgStateStore {
     ) -> Result<Vec<PendingObject>, StorageError> {
         let before = to_i64(before_ms, "time")?;
         let limit = limit.min(i64::MAX as usize) as i64;
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT object_key, session_id, created_ms FROM bitsd_pending_objects
-                     WHERE created_ms < $1 ORDER BY created_ms LIMIT $2",
-                    &[&before, &limit],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(rows.iter().map(PendingObject::from_row).collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "SELECT object_key, session_id, created_ms FROM bitsd_pending_objects
+                 WHERE created_ms < $1 ORDER BY created_ms LIMIT $2",
+                &[&before, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(PendingObject::from_row).collect())
     }
 
     /// Claims for deletion at most `limit` pending objects recorded before `before_ms` whose
@@ -330,22 +293,17 @@ impl PgStateStore {
     ) -> Result<Vec<PendingObject>, StorageError> {
         let before = to_i64(before_ms, "time")?;
         let limit = limit.min(i64::MAX as usize) as i64;
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "DELETE FROM bitsd_pending_objects WHERE object_key IN (
-                        SELECT object_key FROM bitsd_pending_objects
-                         WHERE created_ms < $1 AND starts_with(object_key, $2)
-                         ORDER BY created_ms LIMIT $3 FOR UPDATE SKIP LOCKED)
-                     RETURNING object_key, session_id, created_ms",
-                    &[&before, &under, &limit],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(rows.iter().map(PendingObject::from_row).collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "DELETE FROM bitsd_pending_objects WHERE object_key IN (
+                    SELECT object_key FROM bitsd_pending_objects
+                     WHERE created_ms < $1 AND starts_with(object_key, $2)
+                     ORDER BY created_ms LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 RETURNING object_key, session_id, created_ms",
+                &[&before, &under, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(PendingObject::from_row).collect())
     }
 
     /// What tells this database apart from any other: its name and when bitsd created its
@@ -353,21 +311,16 @@ impl PgStateStore {
     /// to the session prefixes so that it never takes another database's sessions for
     /// orphans.
     pub async fn database_identity(&self) -> Result<String, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let row = conn
-                .query_one(
-                    "SELECT current_database()::text || ' created '
-                            || coalesce((SELECT to_char(min(applied_at) AT TIME ZONE 'UTC',
-                                                'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
-                                         FROM bitsd_schema_version), 'never')",
-                    &[],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(row.get(0))
-        })
-        .await
+        let row = self
+            .query_one(
+                "SELECT current_database()::text || ' created '
+                        || coalesce((SELECT to_char(min(applied_at) AT TIME ZONE 'UTC',
+                                            'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+                                     FROM bitsd_schema_version), 'never')",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Which of `ids` have no session row (neither live nor a tombstone), in one query: the
@@ -380,76 +333,56 @@ impl PgStateStore {
             return Ok(Vec::new());
         }
         let ids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT u FROM unnest($1::uuid[]) AS u
-                     WHERE NOT EXISTS (SELECT 1 FROM bitsd_sessions s WHERE s.id = u)",
-                    &[&ids],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(rows
-                .iter()
-                .map(|r| SessionId::from_uuid(r.get(0)))
-                .collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "SELECT u FROM unnest($1::uuid[]) AS u
+                 WHERE NOT EXISTS (SELECT 1 FROM bitsd_sessions s WHERE s.id = u)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SessionId::from_uuid(r.get(0)))
+            .collect())
     }
 
     /// The fragment index of `id` in offset order: which object holds which bytes.
     pub async fn fragments(&self, id: &SessionId) -> Result<Vec<FragmentObject>, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
-                     WHERE session_id = $1 ORDER BY start_offset",
-                    &[id.as_uuid()],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(rows.iter().map(fragment_of).collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "SELECT start_offset, len, crc32c, object_key FROM bitsd_fragments
+                 WHERE session_id = $1 ORDER BY start_offset",
+                &[id.as_uuid()],
+            )
+            .await?;
+        Ok(rows.iter().map(fragment_of).collect())
     }
 
     /// Every object key `id` owns: its fragments' and its pending ones.
     pub async fn session_objects(&self, id: &SessionId) -> Result<Vec<String>, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT object_key FROM bitsd_fragments WHERE session_id = $1
-                     UNION ALL
-                     SELECT object_key FROM bitsd_pending_objects WHERE session_id = $1",
-                    &[id.as_uuid()],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "SELECT object_key FROM bitsd_fragments WHERE session_id = $1
+                 UNION ALL
+                 SELECT object_key FROM bitsd_pending_objects WHERE session_id = $1",
+                &[id.as_uuid()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Removes the session's record, fragment index and pending objects' rows (one
     /// transaction); `false` when there was no record. Delete its objects first.
     pub async fn remove(&self, id: &SessionId) -> Result<bool, StorageError> {
-        self.timed(async {
-            let conn = self.conn().await?;
-            let n = conn
-                .query_one(
-                    "WITH p AS (DELETE FROM bitsd_pending_objects WHERE session_id = $1),
-                          s AS (DELETE FROM bitsd_sessions WHERE id = $1 RETURNING id)
-                     SELECT count(*) FROM s",
-                    &[id.as_uuid()],
-                )
-                .await
-                .map_err(pg_error)?
-                .get::<_, i64>(0);
-            Ok(n == 1)
-        })
-        .await
+        let n = self
+            .query_one(
+                "WITH p AS (DELETE FROM bitsd_pending_objects WHERE session_id = $1),
+                      s AS (DELETE FROM bitsd_sessions WHERE id = $1 RETURNING id)
+                 SELECT count(*) FROM s",
+                &[id.as_uuid()],
+            )
+            .await?
+            .get::<_, i64>(0);
+        Ok(n == 1)
     }
 }

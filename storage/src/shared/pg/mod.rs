@@ -23,6 +23,7 @@
 //! (transient: the server answers the packet with a 5xx and the client retries).
 
 mod assembly;
+mod call;
 mod coalesce;
 mod fragment_commit;
 mod gc;

@@ -4,7 +4,7 @@
 use bitsd_protocol::SessionId;
 
 use super::sessions::{decode, to_i64, COLS};
-use super::{pg_error, PgStateStore, NO_FLUSH_CTE};
+use super::{PgStateStore, NO_FLUSH_CTE};
 use crate::{SessionRecord, StorageError};
 
 impl PgStateStore {
@@ -19,22 +19,17 @@ impl PgStateStore {
     ) -> Result<Option<u64>, StorageError> {
         let (s, e) = (to_i64(start, "range start")?, to_i64(end, "range end")?);
         let e = e.max(s);
-        self.timed(async {
-            let conn = self.conn().await?;
-            let row = conn
-                .query_opt(
-                    "UPDATE bitsd_sessions
-                        SET delivered = delivered + int8multirange(int8range($2, $3))
-                      WHERE id = $1
-                      RETURNING (SELECT coalesce(sum(upper(r) - lower(r)), 0)::bigint
-                                   FROM unnest(delivered) r)",
-                    &[id.as_uuid(), &s, &e],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
-        })
-        .await
+        let row = self
+            .query_opt(
+                "UPDATE bitsd_sessions
+                    SET delivered = delivered + int8multirange(int8range($2, $3))
+                  WHERE id = $1
+                  RETURNING (SELECT coalesce(sum(upper(r) - lower(r)), 0)::bigint
+                               FROM unnest(delivered) r)",
+                &[id.as_uuid(), &s, &e],
+            )
+            .await?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
 
     /// Adds `[start, end)` to the delivered ranges of the reply of `id` made at `created_ms`
@@ -67,15 +62,7 @@ impl PgStateStore {
               WHERE id = $1 AND (record -> 'reply' ->> 'created_ms')::bigint = $4
               RETURNING {COLS}"
         );
-        self.timed(async {
-            let conn = self.conn().await?;
-            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
-            let row = conn
-                .query_opt(&stmt, &[id.as_uuid(), &s, &e, &made])
-                .await
-                .map_err(pg_error)?;
-            row.as_ref().map(decode).transpose()
-        })
-        .await
+        let row = self.query_opt(&sql, &[id.as_uuid(), &s, &e, &made]).await?;
+        row.as_ref().map(decode).transpose()
     }
 }

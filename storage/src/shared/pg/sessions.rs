@@ -417,15 +417,8 @@ impl PgStateStore {
             "UPDATE bitsd_sessions SET updated_ms = greatest(updated_ms, $2)
              WHERE id = $1 AND {LIVE}"
         );
-        self.timed(async {
-            let conn = self.conn().await?;
-            let stmt = conn.prepare_cached(&sql).await.map_err(pg_error)?;
-            conn.execute(&stmt, &[id.as_uuid(), &updated])
-                .await
-                .map_err(pg_error)?;
-            Ok(())
-        })
-        .await
+        self.execute(&sql, &[id.as_uuid(), &updated]).await?;
+        Ok(())
     }
 
     /// Makes `id` a tombstone (`Closed` or `Cancelled`). `Raced` carries the record when it
