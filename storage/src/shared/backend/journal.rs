@@ -163,13 +163,19 @@ impl AssemblyJournal for PgJournal<'_> {
     }
 }
 
+/// Entries a [`ReplyJournals`] keeps at most (entries of sessions whose save failed and that
+/// ended on another node would otherwise stay for the node's life).
+const MAX_KEPT: usize = 10_000;
+
 /// Reply assemblies this node completed whose journals wait for the reply to be recorded in
 /// the session (the server stores the reply, then saves the record naming it). Another
 /// node's attempt at the same reply, waiting on the journal's lease, finds the reply
 /// recorded once the journal goes, and answers with it instead of a transient error. An
 /// entry goes when a record of its session is saved with its reply ready, or the session
 /// ends; one left by a failed save keeps its journal until the session ends (the next
-/// attempt finds its upload completed, forgets it and assembles afresh).
+/// attempt finds its upload completed, forgets it and assembles afresh). At most
+/// [`MAX_KEPT`] entries: a full table drops an arbitrary one, whose journal then stays until
+/// its session ends, as after a failed save.
 #[derive(Debug, Default)]
 pub(super) struct ReplyJournals(Mutex<HashMap<SessionId, String>>);
 
@@ -180,7 +186,13 @@ impl ReplyJournals {
 
     /// Keeps session `id`'s completed reply upload `upload_id` recorded for now.
     pub(super) fn keep(&self, id: SessionId, upload_id: String) {
-        self.table().insert(id, upload_id);
+        let mut table = self.table();
+        if table.len() >= MAX_KEPT && !table.contains_key(&id) {
+            if let Some(any) = table.keys().next().copied() {
+                table.remove(&any);
+            }
+        }
+        table.insert(id, upload_id);
     }
 
     /// The reply upload of `id` kept, if any (forgotten here).
@@ -214,5 +226,30 @@ impl SharedBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_journals_keep_at_most_max_kept_and_always_the_newest() {
+        let kept = ReplyJournals::default();
+        let ids: Vec<SessionId> = (0..MAX_KEPT + 5).map(|_| SessionId::random()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            kept.keep(*id, format!("upload-{i}"));
+        }
+        assert_eq!(kept.table().len(), MAX_KEPT);
+        let last = ids.last().copied().unwrap_or_else(SessionId::random);
+        assert_eq!(kept.take(&last), Some(format!("upload-{}", MAX_KEPT + 4)));
+        assert_eq!(kept.take(&last), None);
+        // Keeping an id again replaces its entry without dropping another.
+        let first_kept = kept.table().keys().next().copied();
+        if let Some(id) = first_kept {
+            kept.keep(id, "again".into());
+            assert_eq!(kept.table().len(), MAX_KEPT - 1);
+            assert_eq!(kept.take(&id), Some("again".into()));
+        }
     }
 }
