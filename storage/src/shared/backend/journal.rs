@@ -2,7 +2,6 @@
 //! re-sent final fragment go on with the multipart upload of a node killed while it
 //! assembled the upload (see `objects::resume`).
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -12,6 +11,7 @@ use uuid::Uuid;
 
 use super::super::objects::{AssemblyJournal, Claim, DonePart, Journal, ObjectKey, LEASE};
 use super::super::pg::{AssemblyClaim, PgStateStore, RecordedAssembly, RecordedPart};
+use super::session_map::SessionMap;
 use super::SharedBackend;
 use crate::StorageError;
 
@@ -176,28 +176,24 @@ const MAX_KEPT: usize = 10_000;
 /// attempt finds its upload completed, forgets it and assembles afresh). At most
 /// [`MAX_KEPT`] entries: a full table drops an arbitrary one, whose journal then stays until
 /// its session ends, as after a failed save.
-#[derive(Debug, Default)]
-pub(super) struct ReplyJournals(Mutex<HashMap<SessionId, String>>);
+#[derive(Clone, Debug)]
+pub(super) struct ReplyJournals(SessionMap<String>);
+
+impl Default for ReplyJournals {
+    fn default() -> Self {
+        ReplyJournals(SessionMap::new(MAX_KEPT))
+    }
+}
 
 impl ReplyJournals {
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, String>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Keeps session `id`'s completed reply upload `upload_id` recorded for now.
     pub(super) fn keep(&self, id: SessionId, upload_id: String) {
-        let mut table = self.table();
-        if table.len() >= MAX_KEPT && !table.contains_key(&id) {
-            if let Some(any) = table.keys().next().copied() {
-                table.remove(&any);
-            }
-        }
-        table.insert(id, upload_id);
+        self.0.insert(id, upload_id);
     }
 
     /// The reply upload of `id` kept, if any (forgotten here).
     pub(super) fn take(&self, id: &SessionId) -> Option<String> {
-        self.table().remove(id)
+        self.0.remove(id)
     }
 }
 
@@ -240,15 +236,15 @@ mod tests {
         for (i, id) in ids.iter().enumerate() {
             kept.keep(*id, format!("upload-{i}"));
         }
-        assert_eq!(kept.table().len(), MAX_KEPT);
+        assert_eq!(kept.0.len(), MAX_KEPT);
         let last = ids.last().copied().unwrap_or_else(SessionId::random);
         assert_eq!(kept.take(&last), Some(format!("upload-{}", MAX_KEPT + 4)));
         assert_eq!(kept.take(&last), None);
         // Keeping an id again replaces its entry without dropping another.
-        let first_kept = kept.table().keys().next().copied();
+        let first_kept = kept.0.ids().first().copied();
         if let Some(id) = first_kept {
             kept.keep(id, "again".into());
-            assert_eq!(kept.table().len(), MAX_KEPT - 1);
+            assert_eq!(kept.0.len(), MAX_KEPT - 1);
             assert_eq!(kept.take(&id), Some("again".into()));
         }
     }

@@ -44,6 +44,7 @@ mod journal;
 mod merge_rule;
 mod orphans;
 mod recent;
+mod session_map;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -78,7 +79,7 @@ pub struct SharedBackend {
     /// fragment's load; see `recent.rs`).
     recent: RecentSessions,
     /// Reply assemblies whose journals wait for their replies' records (`journal.rs`).
-    reply_journals: std::sync::Arc<ReplyJournals>,
+    reply_journals: ReplyJournals,
 }
 
 impl SharedBackend {

@@ -15,20 +15,26 @@
 //! would answer it. Owner, route and mode never change, so a remembered record cannot let a
 //! packet through that a loaded one would refuse.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
 use bitsd_protocol::SessionId;
 
+use super::session_map::SessionMap;
 use crate::{SessionRecord, SessionState};
 
 /// Sessions remembered at most; a full memory forgets an arbitrary one per new entry.
 const CAPACITY: usize = 4096;
 
 /// See the module docs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(super) struct RecentSessions {
-    inner: Arc<Mutex<HashMap<SessionId, SessionRecord>>>,
+    inner: SessionMap<SessionRecord>,
+}
+
+impl Default for RecentSessions {
+    fn default() -> Self {
+        RecentSessions {
+            inner: SessionMap::new(CAPACITY),
+        }
+    }
 }
 
 impl RecentSessions {
@@ -36,42 +42,35 @@ impl RecentSessions {
     /// to `first`: when the session was receiving and `first` is at or past its remembered
     /// `received` (and before its total, once known). `None` otherwise (the caller loads).
     pub(super) fn for_fragment(&self, id: &SessionId, first: u64) -> Option<SessionRecord> {
-        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let r = map.get(id)?;
-        // A receiving record's `received` is below its total, so `first == received` passes
-        // the last test too.
-        let continues = r.state == SessionState::Receiving
-            && first >= r.received
-            && r.total.is_none_or(|t| first < t);
-        continues.then(|| {
-            let mut r = r.clone();
-            r.received = first;
-            r
-        })
+        self.inner
+            .get_with(id, |r| {
+                // A receiving record's `received` is below its total, so `first == received`
+                // passes the last test too.
+                let continues = r.state == SessionState::Receiving
+                    && first >= r.received
+                    && r.total.is_none_or(|t| first < t);
+                continues.then(|| {
+                    let mut r = r.clone();
+                    r.received = first;
+                    r
+                })
+            })
+            .flatten()
     }
 
     /// Remembers `record` as this node last wrote it (only while it is receiving: a complete
     /// or ended session takes no more fragments, and is forgotten).
     pub(super) fn remember(&self, record: &SessionRecord) {
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if record.state != SessionState::Receiving {
-            map.remove(&record.id);
+            self.inner.remove(&record.id);
             return;
         }
-        if map.len() >= CAPACITY && !map.contains_key(&record.id) {
-            if let Some(old) = map.keys().next().copied() {
-                map.remove(&old);
-            }
-        }
-        map.insert(record.id, record.clone());
+        self.inner.insert(record.id, record.clone());
     }
 
     /// Forgets `id` (its commit lost, it ended, or it is gone).
     pub(super) fn forget(&self, id: &SessionId) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.inner.remove(id);
     }
 }
 
@@ -143,6 +142,6 @@ mod tests {
         for _ in 0..CAPACITY + 10 {
             recent.remember(&record(0, SessionState::Receiving));
         }
-        assert_eq!(recent.inner.lock().unwrap().len(), CAPACITY);
+        assert_eq!(recent.inner.len(), CAPACITY);
     }
 }
