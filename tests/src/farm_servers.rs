@@ -1,12 +1,13 @@
 //! The real servers of a farm test in one call: the shared PostgreSQL cluster of the test
-//! binary with a fresh database, and a single-node Garage, with the object-store settings
-//! that point bitsd at it.
+//! binary with a fresh database, and a single-node Garage (or moto, [`MotoServers`]), with
+//! the object-store settings that point bitsd at it.
 
 use std::sync::Arc;
 
 use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
 
 use crate::garage::Garage;
+use crate::moto::Moto;
 use crate::pg::{ClusterOptions, PgCluster};
 
 /// PostgreSQL and Garage for one farm test.
@@ -35,29 +36,101 @@ impl FarmServers {
     async fn start_on(
         cluster: impl FnOnce() -> Result<Arc<PgCluster>, String> + Send + 'static,
     ) -> Option<FarmServers> {
-        let pg = match tokio::task::spawn_blocking(cluster)
-            .await
-            .expect("PostgreSQL start task")
-        {
-            Ok(c) => c,
-            Err(why) => {
-                crate::skip::missing(crate::skip::Needs::Postgresql, why);
-                return None;
-            }
-        };
+        let pg = start_postgres(cluster).await?;
         let garage = tokio::task::spawn_blocking(Garage::start)
             .await
             .expect("Garage start task")?;
-        let postgres_url = {
-            let pg = Arc::clone(&pg);
-            tokio::task::spawn_blocking(move || pg.fresh_database())
-                .await
-                .expect("database task")
-        };
+        let postgres_url = fresh_database(&pg).await;
         Some(FarmServers {
             pg,
             postgres_url,
             garage,
+        })
+    }
+}
+
+/// Starts (or joins) a PostgreSQL cluster; `None` after printing why when it cannot run.
+async fn start_postgres(
+    cluster: impl FnOnce() -> Result<Arc<PgCluster>, String> + Send + 'static,
+) -> Option<Arc<PgCluster>> {
+    match tokio::task::spawn_blocking(cluster)
+        .await
+        .expect("PostgreSQL start task")
+    {
+        Ok(c) => Some(c),
+        Err(why) => {
+            crate::skip::missing(crate::skip::Needs::Postgresql, why);
+            None
+        }
+    }
+}
+
+/// A new database on `pg`, as a connection URL.
+async fn fresh_database(pg: &Arc<PgCluster>) -> String {
+    let pg = Arc::clone(pg);
+    tokio::task::spawn_blocking(move || pg.fresh_database())
+        .await
+        .expect("database task")
+}
+
+/// The S3 server a farm test runs on: Garage (the store the farm is measured and
+/// soak-tested on) or moto (a second implementation, see [`crate::moto`]).
+pub enum StoreServer {
+    /// A single-node Garage.
+    Garage(Garage),
+    /// A `moto_server`.
+    Moto(Moto),
+}
+
+impl StoreServer {
+    /// Object-store settings for the server's bucket under `prefix`.
+    pub fn object_store_config(&self, prefix: &str) -> ObjectStoreConfig {
+        match self {
+            StoreServer::Garage(g) => g.object_store_config(prefix),
+            StoreServer::Moto(m) => m.object_store_config(prefix),
+        }
+    }
+
+    /// The S3 API's address.
+    pub fn s3_addr(&self) -> std::net::SocketAddr {
+        match self {
+            StoreServer::Garage(g) => g.s3_addr(),
+            StoreServer::Moto(m) => m.s3_addr(),
+        }
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted in the bucket.
+    pub fn unfinished_uploads(&self) -> u64 {
+        match self {
+            StoreServer::Garage(g) => g.unfinished_uploads(),
+            StoreServer::Moto(m) => m.unfinished_uploads(),
+        }
+    }
+}
+
+/// PostgreSQL (the test binary's shared cluster, a fresh database) and moto, for a test
+/// against a second S3 implementation.
+pub struct MotoServers {
+    /// The cluster (shared by the test binary); keep it alive for the test.
+    pub pg: Arc<PgCluster>,
+    /// A new database on it, as a connection URL.
+    pub postgres_url: String,
+    /// The store.
+    pub moto: Moto,
+}
+
+impl MotoServers {
+    /// Starts (or joins) both; `None` after printing why when either cannot run.
+    pub async fn start() -> Option<MotoServers> {
+        let pg = start_postgres(PgCluster::shared).await?;
+        let moto = tokio::task::spawn_blocking(Moto::start)
+            .await
+            .expect("moto start task")?;
+        let postgres_url = fresh_database(&pg).await;
+        Some(MotoServers {
+            pg,
+            postgres_url,
+            moto,
         })
     }
 }

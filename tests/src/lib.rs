@@ -8,6 +8,7 @@ pub mod examples;
 pub mod farm_cluster;
 pub mod farm_servers;
 pub mod garage;
+pub mod moto;
 pub mod nginx;
 pub mod pg;
 pub mod relay;

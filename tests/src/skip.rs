@@ -7,7 +7,7 @@
 //!
 //! - `BITSD_TEST_SKIP_LOG=FILE`: every skip appends one line to `FILE` (the test's name and
 //!   the reason), which `.ci/run` prints at the end of the run.
-//! - `BITSD_TEST_REQUIRE=postgresql,garage,nginx,strace` (any of them, comma-separated, or
+//! - `BITSD_TEST_REQUIRE=postgresql,garage,nginx,strace,moto` (any of them, comma-separated, or
 //!   `all`): a test that would skip because one of these is missing or does not start fails
 //!   instead. `.ci/run` lists the tools it installed and checked, so a green CI run means
 //!   every test that needs one of them ran.
@@ -26,6 +26,8 @@ pub enum Needs {
     Nginx,
     /// strace, which injects failures and delays into the real binary.
     Strace,
+    /// moto, a second S3 implementation (`pip install 'moto[server]'`).
+    Moto,
 }
 
 impl Needs {
@@ -36,6 +38,7 @@ impl Needs {
             Needs::Garage => "garage",
             Needs::Nginx => "nginx",
             Needs::Strace => "strace",
+            Needs::Moto => "moto",
         }
     }
 

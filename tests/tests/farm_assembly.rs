@@ -3,14 +3,16 @@
 //! copied, runs of small ones streamed as parts, a large fragment lending its first bytes to
 //! the part before it), the bytes that pass through the node counted, the same shapes
 //! streamed when the switch is off or the store refuses part copies (nginx in front of Garage
-//! answering them 501), and a failed copy leaving no object and no unfinished upload. Skips
-//! with a printed reason when Garage (or nginx) is not installed.
+//! answering them 501), and a failed copy leaving no object and no unfinished upload; the
+//! shapes again on moto, a second S3 implementation. Skips with a printed reason when Garage
+//! (nginx, moto) is not installed.
 #![allow(clippy::unwrap_used)]
 
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::objects::{FragmentObject, ObjectStoreConfig, Objects};
 use bitsd_storage::StorageError;
 use bitsd_tests::garage::Garage;
+use bitsd_tests::moto::Moto;
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pattern;
 use bitsd_tests::shared_backend::read_object;
@@ -23,9 +25,16 @@ const MIB: usize = 1024 * 1024;
 fn config(garage: &Garage, endpoint: String, copies: bool) -> ObjectStoreConfig {
     ObjectStoreConfig {
         endpoint: Some(endpoint),
+        ..parts_of(garage.object_store_config("assembly"), copies)
+    }
+}
+
+/// `store` with 8 MiB parts and part copies on or off.
+fn parts_of(store: ObjectStoreConfig, copies: bool) -> ObjectStoreConfig {
+    ObjectStoreConfig {
         part_size: Some(8 * MIB as u64),
         server_side_copy: Some(copies),
-        ..garage.object_store_config("assembly")
+        ..store
     }
 }
 
@@ -103,8 +112,25 @@ async fn large_fragments_are_copied_by_the_store_and_every_shape_is_byte_exact()
     let Some(garage) = Garage::start() else {
         return;
     };
-    let with = Objects::new(&config(&garage, garage.endpoint(), true)).unwrap();
-    let without = Objects::new(&config(&garage, garage.endpoint(), false)).unwrap();
+    every_shape_copied_and_streamed(&garage.object_store_config("assembly")).await;
+    assert_eq!(garage.unfinished_uploads(), 0);
+}
+
+/// The same shapes on moto, a second S3 implementation (its own ETags and its own
+/// `UploadPartCopy`): the assembly keeps to what S3 promises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shape_is_byte_exact_on_a_second_s3_implementation() {
+    let Some(moto) = tokio::task::spawn_blocking(Moto::start).await.unwrap() else {
+        return;
+    };
+    every_shape_copied_and_streamed(&moto.object_store_config("assembly")).await;
+}
+
+/// Every shape of [`shapes`] assembled on `store` with part copies (the store copies what
+/// it should) and without (every byte through the node), each read back byte for byte.
+async fn every_shape_copied_and_streamed(store: &ObjectStoreConfig) {
+    let with = Objects::new(&parts_of(store.clone(), true)).unwrap();
+    let without = Objects::new(&parts_of(store.clone(), false)).unwrap();
     for (name, sizes, copies) in shapes() {
         let (fragments, data) = put_fragments(&with, &sizes, 3).await;
         let total = data.len() as u64;
@@ -137,7 +163,6 @@ async fn large_fragments_are_copied_by_the_store_and_every_shape_is_byte_exact()
             "{name}: streamed bytes differ"
         );
     }
-    assert_eq!(garage.unfinished_uploads(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

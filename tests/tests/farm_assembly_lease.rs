@@ -199,7 +199,7 @@ async fn an_attempt_whose_lease_was_taken_over_stops() {
     // Parts 1, 2 and 4; part 5 waits for part 3.
     setup.until_parts_recorded(3).await;
     assert!(relay_a.holding(), "part 3's answer is not held");
-    let pg = raw_client(&setup.servers.postgres_url).await;
+    let pg = raw_client(&setup.postgres_url).await;
     let holder: uuid::Uuid = pg
         .query_one("SELECT holder FROM bitsd_assemblies", &[])
         .await
@@ -244,7 +244,7 @@ async fn an_attempt_whose_lease_was_taken_over_stops() {
         Err(e) => assert!(e.is_transient(), "{e:?}"),
     }
     relay_a.release_held();
-    let objects = Objects::new(&setup.garage().object_store_config("resume")).unwrap();
+    let objects = Objects::new(&setup.store.object_store_config("resume")).unwrap();
     let file = read_object(&objects, &objects.file_key(path)).await;
     assert!(file == data, "the published file is not the upload");
     setup.assert_nothing_left("taken over").await;

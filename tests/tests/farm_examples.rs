@@ -4,7 +4,8 @@
 //! in-process nodes on one PostgreSQL database and one Garage bucket behind nginx round
 //! robin, with every packet of a scenario on another node than the one before (nginx's
 //! access log says which node took each request). Published files are checked in the bucket.
-//! Skips with a printed reason when PostgreSQL, Garage or nginx is not installed.
+//! The same suite runs once more on moto, a second S3 implementation. Skips with a printed
+//! reason when PostgreSQL, Garage (moto) or nginx is not installed.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -17,15 +18,19 @@ use bitsd::storage::shared::objects::{ObjectKey, Objects};
 use bitsd::storage::StorageError;
 use bitsd::StorageConfig;
 use bitsd_tests::examples::{replay, ScenarioConfig, Target, Targets};
-use bitsd_tests::farm_servers::{shared_storage, FarmServers};
+use bitsd_tests::farm_servers::{shared_storage, FarmServers, MotoServers, StoreServer};
 use bitsd_tests::nginx::Nginx;
+use bitsd_tests::pg::PgCluster;
 use bitsd_tests::{reply_suite, TestServer};
 use bytes::Bytes;
 
 /// One database and bucket for a fixture file; each scenario gets three fresh nodes under a
 /// prefix of its own (so its files and sessions' objects start empty) and its own nginx.
 struct Farms {
-    servers: FarmServers,
+    /// PostgreSQL, kept alive for the test.
+    _pg: Arc<PgCluster>,
+    postgres_url: String,
+    store: StoreServer,
     next: AtomicUsize,
     /// nginx keeps its upstream connections open between requests.
     keepalive: bool,
@@ -42,11 +47,8 @@ struct Farm {
 impl Targets for Farms {
     async fn start(&self, config: ScenarioConfig) -> Result<Box<dyn Target>, String> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let store = self
-            .servers
-            .garage
-            .object_store_config(&format!("examples-{n}"));
-        let shared = shared_storage(&self.servers.postgres_url, &store);
+        let store = self.store.object_store_config(&format!("examples-{n}"));
+        let shared = shared_storage(&self.postgres_url, &store);
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let s = shared.clone();
@@ -165,9 +167,24 @@ async fn farms_with(keepalive: bool) -> Option<Arc<Farms>> {
     bitsd_tests::nginx::nginx_binary()?;
     let servers = FarmServers::start().await?;
     Some(Arc::new(Farms {
-        servers,
+        _pg: servers.pg,
+        postgres_url: servers.postgres_url,
+        store: StoreServer::Garage(servers.garage),
         next: AtomicUsize::new(0),
         keepalive,
+    }))
+}
+
+/// The same farms on moto, a second S3 implementation (see `bitsd_tests::moto`).
+async fn moto_farms() -> Option<Arc<Farms>> {
+    bitsd_tests::nginx::nginx_binary()?;
+    let servers = MotoServers::start().await?;
+    Some(Arc::new(Farms {
+        _pg: servers.pg,
+        postgres_url: servers.postgres_url,
+        store: StoreServer::Moto(servers.moto),
+        next: AtomicUsize::new(0),
+        keepalive: false,
     }))
 }
 
@@ -221,5 +238,30 @@ async fn reply_progress_through_a_keepalive_balancer_is_counted_when_each_body_i
     let farm = farms.start(ScenarioConfig::default()).await.unwrap();
     let t = farm.as_ref();
     reply_suite::reply_progress_counts_distinct_bytes(t).await;
+    farm.finish(1).await.unwrap();
+}
+
+/// Every exchange of the fixtures and the reply-download checks on moto instead of Garage:
+/// the farm keeps to what S3 promises, not to what one store happens to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_suite_on_a_second_s3_implementation() {
+    let Some(farms) = moto_farms().await else {
+        return;
+    };
+    for (file, scenario) in [
+        ("a.json", "A"),
+        ("b.json", "B"),
+        ("c.json", "C"),
+        ("d.json", "D"),
+    ] {
+        replay(file, scenario, farms.clone()).await;
+    }
+    let farm = farms.start(ScenarioConfig::default()).await.unwrap();
+    let t = farm.as_ref();
+    reply_suite::head_full_ranged_resumed_and_past_end(t).await;
+    reply_suite::reply_progress_counts_distinct_bytes(t).await;
+    reply_suite::empty_reply_is_served_with_zero_length(t).await;
+    reply_suite::reply_urls_are_not_guessable_across_routes_or_ids(t).await;
+    reply_suite::multi_range_serves_the_first_satisfiable_range_and_huge_ends_are_clamped(t).await;
     farm.finish(1).await.unwrap();
 }

@@ -4,7 +4,8 @@
 //! the first talks to Garage through a relay that stops the request of one part, so it dies
 //! exactly there (its task aborted, its connections closed); the second's relay stops the
 //! request of a part the first finished, so an attempt that sends it again never finishes.
-//! Skips with a printed reason when PostgreSQL or Garage is not installed.
+//! Three of them run again on moto, a second S3 implementation. Skips with a printed reason
+//! when PostgreSQL or Garage (moto) is not installed.
 #![allow(clippy::unwrap_used)]
 
 mod assembly_support;
@@ -68,9 +69,12 @@ async fn publish_on_second_node(setup: &Setup, id: &SessionId, path: &str, data:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_whose_node_died_midway_goes_on_with_its_parts_on_another_node() {
-    let Some(setup) = Setup::start().await else {
-        return;
-    };
+    if let Some(setup) = Setup::start().await {
+        a_publish_whose_node_died_midway_goes_on_with_its_parts_on_another_node_on(setup).await;
+    }
+}
+
+async fn a_publish_whose_node_died_midway_goes_on_with_its_parts_on_another_node_on(setup: Setup) {
     let (a, relay_a) = setup.relayed_node("a").await;
     let (record, data) = complete_upload(&a, Some("resume/plain.bin"), 1).await;
     let id = record.id;
@@ -103,7 +107,7 @@ async fn an_echo_reply_whose_node_died_midway_is_finished_at_the_key_it_started(
         a.store_reply_file(&id, &upload.path).await
     })
     .await;
-    let started: String = raw_client(&setup.servers.postgres_url)
+    let started: String = raw_client(&setup.postgres_url)
         .await
         .query_one("SELECT object_key FROM bitsd_assemblies", &[])
         .await
@@ -151,9 +155,12 @@ async fn an_echo_reply_whose_node_died_midway_is_finished_at_the_key_it_started(
 /// assembles the file afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_whose_upload_was_completed_is_assembled_afresh() {
-    let Some(setup) = Setup::start().await else {
-        return;
-    };
+    if let Some(setup) = Setup::start().await {
+        a_journal_whose_upload_was_completed_is_assembled_afresh_on(setup).await;
+    }
+}
+
+async fn a_journal_whose_upload_was_completed_is_assembled_afresh_on(setup: Setup) {
     let (a, relay_a) = setup.relayed_node("a").await;
     let (record, data) = complete_upload(&a, Some("resume/completed.bin"), 3).await;
     let id = record.id;
@@ -170,7 +177,7 @@ async fn a_journal_whose_upload_was_completed_is_assembled_afresh() {
     until(
         "the store completed it",
         Duration::from_secs(20),
-        || async { setup.garage().unfinished_uploads() == 0 },
+        || async { setup.store.unfinished_uploads() == 0 },
     )
     .await;
     task.abort();
@@ -196,7 +203,7 @@ async fn a_journal_whose_upload_was_completed_is_assembled_afresh() {
         0
     );
     until("no unfinished upload", Duration::from_secs(20), || async {
-        setup.garage().unfinished_uploads() == 0
+        setup.store.unfinished_uploads() == 0
     })
     .await;
 }
@@ -206,9 +213,12 @@ async fn a_journal_whose_upload_was_completed_is_assembled_afresh() {
 /// rule removed them) and the journal goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_session_aborts_the_assembly_its_dead_node_left() {
-    let Some(setup) = Setup::start().await else {
-        return;
-    };
+    if let Some(setup) = Setup::start().await {
+        a_cancelled_session_aborts_the_assembly_its_dead_node_left_on(setup).await;
+    }
+}
+
+async fn a_cancelled_session_aborts_the_assembly_its_dead_node_left_on(setup: Setup) {
     let (a, relay_a) = setup.relayed_node("a").await;
     let (mut record, _) = complete_upload(&a, Some("resume/cancelled.bin"), 4).await;
     let id = record.id;
@@ -219,7 +229,7 @@ async fn a_cancelled_session_aborts_the_assembly_its_dead_node_left() {
     until(
         "the unfinished upload is counted",
         Duration::from_secs(20),
-        || async { setup.garage().unfinished_uploads() == 1 },
+        || async { setup.store.unfinished_uploads() == 1 },
     )
     .await;
 
@@ -228,7 +238,7 @@ async fn a_cancelled_session_aborts_the_assembly_its_dead_node_left() {
         .await
         .unwrap();
     until("the upload is aborted", Duration::from_secs(20), || async {
-        setup.garage().unfinished_uploads() == 0
+        setup.store.unfinished_uploads() == 0
     })
     .await;
     until("the journal is gone", Duration::from_secs(20), || async {
@@ -249,7 +259,7 @@ async fn a_store_that_stops_answering_mid_assembly_leaves_the_journal_to_the_ret
     let Some(setup) = Setup::start().await else {
         return;
     };
-    let relay_a = Relay::start(setup.garage().s3_addr()).await;
+    let relay_a = Relay::start(setup.store.s3_addr()).await;
     let a = setup
         .node_with(&relay_a, "a", |s| {
             s.request_timeout_secs = Some(2);
@@ -281,10 +291,29 @@ async fn a_store_that_stops_answering_mid_assembly_leaves_the_journal_to_the_ret
     until(
         "the unfinished upload is counted",
         Duration::from_secs(20),
-        || async { setup.garage().unfinished_uploads() == 1 },
+        || async { setup.store.unfinished_uploads() == 1 },
     )
     .await;
 
     publish_on_second_node(&setup, &id, "resume/timeout.bin", &data).await;
     setup.assert_nothing_left("resumed after a timeout").await;
+}
+
+/// The resumed publish, the journal of an upload the store completed, and the abort at a
+/// cancel, on moto, a second S3 implementation: the resumption keeps to what S3 promises (a
+/// part's ETag, `NoSuchUpload` for an upload that is gone), not to what Garage does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_assemblies_on_a_second_s3_implementation() {
+    let Some(setup) = Setup::start_moto().await else {
+        return;
+    };
+    a_publish_whose_node_died_midway_goes_on_with_its_parts_on_another_node_on(setup).await;
+    let Some(setup) = Setup::start_moto().await else {
+        return;
+    };
+    a_journal_whose_upload_was_completed_is_assembled_afresh_on(setup).await;
+    let Some(setup) = Setup::start_moto().await else {
+        return;
+    };
+    a_cancelled_session_aborts_the_assembly_its_dead_node_left_on(setup).await;
 }

@@ -1,15 +1,16 @@
 //! What the assembly tests share (`farm_resumed_assembly.rs`, `farm_assembly_lease.rs`): two
-//! shared backends on one real PostgreSQL and one real Garage, each talking to Garage through
-//! a relay, and an upload of [`TOTAL`] bytes completed on one of them.
+//! shared backends on one real PostgreSQL and one real Garage (or moto), each talking to the
+//! store through a relay, and an upload of [`TOTAL`] bytes completed on one of them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::objects::{ObjectKey, ObjectStoreConfig};
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{ReplyKind, SessionBackend, SessionState};
-use bitsd_tests::farm_servers::FarmServers;
-use bitsd_tests::garage::Garage;
+use bitsd_tests::farm_servers::{FarmServers, MotoServers, StoreServer};
+use bitsd_tests::pg::PgCluster;
 use bitsd_tests::pg::{raw_client, session_record};
 use bitsd_tests::relay::Relay;
 use bitsd_tests::shared_backend::{backend_on, send};
@@ -22,26 +23,41 @@ pub const MIB: usize = 1024 * 1024;
 pub const TOTAL: usize = 21 * MIB;
 
 pub struct Setup {
-    pub servers: FarmServers,
+    _pg: Arc<PgCluster>,
+    pub postgres_url: String,
+    /// The store: Garage, or moto for a test against a second S3 implementation.
+    pub store: StoreServer,
     scratch: tempfile::TempDir,
 }
 
 impl Setup {
+    /// PostgreSQL and Garage.
     pub async fn start() -> Option<Setup> {
+        let servers = FarmServers::start().await?;
         Some(Setup {
-            servers: FarmServers::start().await?,
+            _pg: servers.pg,
+            postgres_url: servers.postgres_url,
+            store: StoreServer::Garage(servers.garage),
             scratch: tempfile::tempdir().unwrap(),
         })
     }
 
-    pub fn garage(&self) -> &Garage {
-        &self.servers.garage
+    /// PostgreSQL and moto.
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub async fn start_moto() -> Option<Setup> {
+        let servers = MotoServers::start().await?;
+        Some(Setup {
+            _pg: servers.pg,
+            postgres_url: servers.postgres_url,
+            store: StoreServer::Moto(servers.moto),
+            scratch: tempfile::tempdir().unwrap(),
+        })
     }
 
     /// A node whose store requests go through a relay of its own to Garage, and that relay
     /// (kept for as long as the node is used).
     pub async fn relayed_node(&self, name: &str) -> (SharedBackend, Relay) {
-        let relay = Relay::start(self.garage().s3_addr()).await;
+        let relay = Relay::start(self.store.s3_addr()).await;
         (self.node(&relay, name).await, relay)
     }
 
@@ -57,7 +73,7 @@ impl Setup {
         name: &str,
         configure: impl FnOnce(&mut ObjectStoreConfig),
     ) -> SharedBackend {
-        let mut store: ObjectStoreConfig = self.garage().object_store_config("resume");
+        let mut store: ObjectStoreConfig = self.store.object_store_config("resume");
         store.endpoint = Some(format!("http://{}", relay.addr()));
         store.part_size = Some(5 * MIB as u64);
         store.coalesce_fragments = Some(false);
@@ -65,11 +81,11 @@ impl Setup {
         configure(&mut store);
         let scratch = self.scratch.path().join(name);
         std::fs::create_dir_all(&scratch).unwrap();
-        backend_on(&self.servers.postgres_url, &store, &scratch).await
+        backend_on(&self.postgres_url, &store, &scratch).await
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        raw_client(&self.servers.postgres_url)
+        raw_client(&self.postgres_url)
             .await
             .query_one(sql, &[])
             .await
@@ -96,7 +112,7 @@ impl Setup {
             "{context}: a journal is left"
         );
         until("no unfinished upload", Duration::from_secs(20), || async {
-            self.garage().unfinished_uploads() == 0
+            self.store.unfinished_uploads() == 0
         })
         .await;
     }

@@ -1,0 +1,175 @@
+//! [`Moto`]: a second S3 implementation for the farm tests, `moto_server` (the `moto`
+//! Python package, `pip install 'moto[server]'`), beside Garage.
+//!
+//! Moto is an emulator: it keeps objects in memory and checks no signature, so it proves
+//! nothing about durability. What it is for: the farm must not lean on what one store
+//! happens to do. Moto is another code base answering the same S3 calls (multipart uploads,
+//! `UploadPartCopy`, `CopyObject`, ranged GETs, listings, batch deletes, presigned URLs), with
+//! its own ETags, its own error bodies and its own ideas of what is optional; a test that
+//! passes on Garage and fails here has found a Garage-ism in bitsd.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bitsd_storage::shared::objects::ObjectStoreConfig;
+
+use crate::garage::free_port;
+use crate::skip::{missing, Needs};
+
+/// The bucket a test moto gets.
+pub const MOTO_BUCKET: &str = "bitsd-test";
+
+/// `moto_server` from `$MOTO_SERVER_BIN` or the `PATH`; `None` (printed, or a failure under
+/// `BITSD_TEST_REQUIRE=moto`) when it is not installed.
+pub fn moto_binary() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("MOTO_SERVER_BIN") {
+        return Some(PathBuf::from(bin));
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("moto_server"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        missing(
+            Needs::Moto,
+            "moto_server is not installed (pip install 'moto[server]==5.2.1'); \
+             the tests against a second S3 implementation skip",
+        );
+    }
+    found
+}
+
+/// One `moto_server` on a free loopback port with the bucket [`MOTO_BUCKET`]; killed when
+/// dropped.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    /// Starts the server, waits until it answers and creates the bucket; `None` (printed)
+    /// when moto is not installed or does not start.
+    pub fn start() -> Option<Self> {
+        let bin = moto_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("bitsd-moto-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let log = dir.path().join("moto.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                missing(Needs::Moto, format!("{} did not start: {e}", bin.display()));
+                return None;
+            }
+        };
+        let moto = Moto {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+            _dir: dir,
+        };
+        // Python's start-up takes a second or two; the bucket's creation is the readiness
+        // check (the server answers it once it serves S3).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match moto.request("PUT", &format!("/{MOTO_BUCKET}")).map(|r| r.0) {
+                Some(200) => return Some(moto),
+                Some(status) => panic!(
+                    "moto refused to create its bucket ({status}); its log:\n{}",
+                    moto.log_tail()
+                ),
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                None => {
+                    missing(
+                        Needs::Moto,
+                        format!(
+                            "moto_server did not answer in 30 s; its log:\n{}",
+                            moto.log_tail()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The S3 endpoint, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The S3 API's address.
+    pub fn s3_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted in the bucket
+    /// (`ListMultipartUploads`; fewer than 1,000 in a test).
+    pub fn unfinished_uploads(&self) -> u64 {
+        match self.request("GET", &format!("/{MOTO_BUCKET}?uploads")) {
+            Some((200, body)) => body.matches("<Upload>").count() as u64,
+            other => panic!("moto did not list its multipart uploads: {other:?}"),
+        }
+    }
+
+    /// Object-store settings for the bucket under `prefix` (any credentials: moto checks no
+    /// signature; timeouts and retries at their defaults).
+    pub fn object_store_config(&self, prefix: &str) -> ObjectStoreConfig {
+        ObjectStoreConfig {
+            bucket: MOTO_BUCKET.to_owned(),
+            prefix: prefix.into(),
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("bitsd-test".into()),
+            secret_access_key: Some("bitsd-test-secret".into()),
+            ..ObjectStoreConfig::default()
+        }
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// One unsigned request without a body (moto checks no signature); its status and
+    /// body (the whole answer after the status line), `None` when nothing answered.
+    fn request(&self, method: &str, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.addr
+        )
+        .ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        let status = answer.get(9..12)?.parse().ok()?;
+        Some((status, answer))
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
