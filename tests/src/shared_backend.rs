@@ -1,4 +1,4 @@
-//! A shared backend on a real PostgreSQL and a real Garage, driven directly (no server), and
+//! A shared backend on a real PostgreSQL and a real Garage (or moto), driven directly (no server), and
 //! what the tests that do so share: fragments committed one by one, the fragment index and
 //! the bucket looked at side by side, an upload or a published file read back.
 
@@ -15,8 +15,7 @@ use bitsd_storage::{
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::farm_servers::FarmServers;
-use crate::garage::Garage;
+use crate::farm_servers::{FarmServers, MotoServers, StoreServer};
 use crate::pg::{raw_client, PgCluster};
 
 /// A shared backend and the servers behind it (stopped when dropped).
@@ -25,8 +24,8 @@ pub struct Farm {
     pub backend: SharedBackend,
     /// Its PostgreSQL URL.
     pub url: String,
-    /// The Garage behind it.
-    pub garage: Garage,
+    /// The store behind it: Garage, or moto ([`farm_on_moto`]).
+    pub store: StoreServer,
     _pg: Arc<PgCluster>,
     _scratch: tempfile::TempDir,
 }
@@ -52,17 +51,41 @@ pub async fn farm(prefix: &str, configure: impl FnOnce(&mut ObjectStoreConfig)) 
         postgres_url: url,
         garage,
     } = FarmServers::start().await?;
-    let mut store = garage.object_store_config(prefix);
+    Some(farm_with(pg, url, StoreServer::Garage(garage), prefix, configure).await)
+}
+
+/// As [`farm`], on moto (a second S3 implementation, see [`crate::moto`]); `None` (with a
+/// printed reason) when PostgreSQL or moto is not installed.
+pub async fn farm_on_moto(
+    prefix: &str,
+    configure: impl FnOnce(&mut ObjectStoreConfig),
+) -> Option<Farm> {
+    let MotoServers {
+        pg,
+        postgres_url: url,
+        moto,
+    } = MotoServers::start().await?;
+    Some(farm_with(pg, url, StoreServer::Moto(moto), prefix, configure).await)
+}
+
+async fn farm_with(
+    pg: Arc<PgCluster>,
+    url: String,
+    server: StoreServer,
+    prefix: &str,
+    configure: impl FnOnce(&mut ObjectStoreConfig),
+) -> Farm {
+    let mut store = server.object_store_config(prefix);
     configure(&mut store);
     let scratch = tempfile::tempdir().unwrap();
     let backend = backend_on(&url, &store, scratch.path()).await;
-    Some(Farm {
+    Farm {
         backend,
         url,
-        garage,
+        store: server,
         _pg: pg,
         _scratch: scratch,
-    })
+    }
 }
 
 /// A fragment of `len` bytes of a session of its own, begun and never written: one that

@@ -305,7 +305,7 @@ async fn a_node_that_saw_the_store_refuse_a_part_copy_stops_merging_into_parts()
     let Some(farm) = parts_farm(1, true).await else {
         return;
     };
-    let garage = farm.garage.s3_addr();
+    let garage = farm.store.s3_addr();
     let Some(proxy) =
         tokio::task::spawn_blocking(move || Nginx::start_refusing_part_copies(&[garage]))
             .await
@@ -313,7 +313,7 @@ async fn a_node_that_saw_the_store_refuse_a_part_copy_stops_merging_into_parts()
     else {
         return;
     };
-    let mut store = farm.garage.object_store_config("parts");
+    let mut store = farm.store.object_store_config("parts");
     store.endpoint = Some(proxy.url());
     store.part_size = Some(MIN_PART_SIZE);
     store.merge_parts_from = Some(1);

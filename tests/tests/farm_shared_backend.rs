@@ -1,7 +1,8 @@
 //! `SharedBackend` itself on a real PostgreSQL and a real Garage: two writers racing on one
 //! offset (one wins, the loser is told the winner's record and its bytes are never read),
-//! publish (idempotent, a taken destination refused), end and purge. Skips with a printed
-//! reason when PostgreSQL or Garage is not installed.
+//! publish (idempotent, a taken destination refused), end and purge, the first two again on
+//! moto (a second S3 implementation). Skips with a printed reason when PostgreSQL or Garage
+//! (moto) is not installed.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use bitsd::storage::{
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::session_record;
-use bitsd_tests::shared_backend::{farm, read_all, read_object};
+use bitsd_tests::shared_backend::{farm, farm_on_moto, read_all, read_object, Farm};
 use bytes::Bytes;
 
 fn plan(write_at: u64, len: u64) -> FragmentPlan {
@@ -28,9 +29,12 @@ fn plan(write_at: u64, len: u64) -> FragmentPlan {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes() {
-    let Some(farm) = farm("backend", |_| {}).await else {
-        return;
-    };
+    if let Some(farm) = farm("backend", |_| {}).await {
+        racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes_on(farm).await;
+    }
+}
+
+async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes_on(farm: Farm) {
     let backend = farm.backend.clone();
     // Two "nodes" (one backend is as good: nothing is cached) write the same offset.
     let mut record = session_record(None);
@@ -152,9 +156,14 @@ async fn racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes
 /// them only until the sweeper expires the tombstone: `remove_expired` deletes them with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone() {
-    let Some(farm) = farm("backend", |_| {}).await else {
-        return;
-    };
+    if let Some(farm) = farm("backend", |_| {}).await {
+        objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone_on(farm).await;
+    }
+}
+
+async fn objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone_on(
+    farm: Farm,
+) {
     let backend = farm.backend.clone();
     let record = session_record(None);
     backend.create(&record).await.unwrap();
@@ -193,8 +202,23 @@ async fn objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tomb
         1
     );
     assert!(backend.load(&record.id).await.unwrap().is_none());
-    let shared = Objects::new(&farm.garage.object_store_config("backend")).unwrap();
+    let shared = Objects::new(&farm.store.object_store_config("backend")).unwrap();
     assert!(shared.list(&prefix).await.unwrap().is_empty());
+}
+
+/// The two tests above on moto, a second S3 implementation: racing writers, an idempotent
+/// publish, the bytes gone at the end, and the purge of an expired tombstone listing what a
+/// dead node left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_publish_and_purge_on_a_second_s3_implementation() {
+    let Some(farm) = farm_on_moto("backend", |_| {}).await else {
+        return;
+    };
+    racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes_on(farm).await;
+    let Some(farm) = farm_on_moto("backend", |_| {}).await else {
+        return;
+    };
+    objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone_on(farm).await;
 }
 
 /// A Close deletes what PostgreSQL knows of the session (its fragment objects, a merge's or a
