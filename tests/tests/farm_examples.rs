@@ -217,6 +217,11 @@ async fn d_error_cases_on_the_farm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_download_and_progress_on_the_farm() {
     let Some(farms) = farms().await else { return };
+    reply_downloads(&farms).await;
+}
+
+/// The checks of `reply_download.rs` on a new farm of `farms`.
+async fn reply_downloads(farms: &Farms) {
     let farm = farms.start(ScenarioConfig::default()).await.unwrap();
     let t = farm.as_ref();
     reply_suite::head_full_ranged_resumed_and_past_end(t).await;
@@ -256,12 +261,5 @@ async fn the_protocol_suite_on_a_second_s3_implementation() {
     ] {
         replay(file, scenario, farms.clone()).await;
     }
-    let farm = farms.start(ScenarioConfig::default()).await.unwrap();
-    let t = farm.as_ref();
-    reply_suite::head_full_ranged_resumed_and_past_end(t).await;
-    reply_suite::reply_progress_counts_distinct_bytes(t).await;
-    reply_suite::empty_reply_is_served_with_zero_length(t).await;
-    reply_suite::reply_urls_are_not_guessable_across_routes_or_ids(t).await;
-    reply_suite::multi_range_serves_the_first_satisfiable_range_and_huge_ends_are_clamped(t).await;
-    farm.finish(1).await.unwrap();
+    reply_downloads(&farms).await;
 }
