@@ -261,7 +261,9 @@ async fn lost_race(
             drop(guard);
             tracing::info!(
                 received = c.received,
-                "fragment lost the race for the offset"
+                "the session's offset had moved when this fragment came to commit (another \
+                 request committed first, an earlier attempt of this fragment whose Ack was \
+                 lost, or this node remembered an older record); answered with the offset held"
             );
             Ok(Ack::ok().session(&id).received(c.received))
         }

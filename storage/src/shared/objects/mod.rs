@@ -436,6 +436,20 @@ impl Objects {
             .map_err(map_err("list", prefix.as_str()))
     }
 
+    /// One listing request under the prefix (its first page): whether the store takes this
+    /// node's bucket and credentials. What a node asks at start, so that a wrong key, secret,
+    /// region or bucket stops it there instead of failing every fragment later.
+    pub async fn check_access(&self) -> Result<(), StorageError> {
+        let prefix = self.prefix();
+        self.store
+            .list(Some(prefix.path()))
+            .next()
+            .await
+            .transpose()
+            .map(|_| ())
+            .map_err(map_err("list", prefix.as_str()))
+    }
+
     /// Every object under `prefix`, as a stream (listing pages are fetched as it is read):
     /// what a sweep of a large bucket uses instead of [`Objects::list`].
     pub fn list_stream(
