@@ -368,7 +368,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.cleanup_interval,
         rx2,
     )));
-    tracing::info!(%addr, admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), data_dir = %config.data_dir.display(), storage = config.storage.name(), "bitsd listening");
+    tracing::info!(%addr, admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), data_dir = %config.data_dir.display(), storage = %config.storage.name(), "bitsd listening");
     Ok(RunningServer {
         addr,
         admin_addr,
