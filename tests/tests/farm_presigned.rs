@@ -2,8 +2,9 @@
 //! three in-process nodes on one PostgreSQL database and one Garage bucket. A node checks the
 //! session, its route and its owner, then answers `307` to a URL presigned for the request's
 //! method; the store serves the bytes (ranges included), and the node counts the redirected
-//! range as delivered. Skips with a printed reason when PostgreSQL, Garage or nginx is not
-//! installed (`.ci/run` installs them).
+//! range as delivered; the ranges again on moto (a second S3 implementation). Skips with a
+//! printed reason when PostgreSQL, Garage (moto) or nginx is not installed (`.ci/run`
+//! installs them).
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -13,8 +14,7 @@ use std::time::Duration;
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::{shared_nodes, FarmServers};
-use bitsd_tests::garage::Garage;
+use bitsd_tests::farm_servers::{shared_nodes, FarmServers, MotoServers, StoreServer};
 use bitsd_tests::nginx::Nginx;
 use bitsd_tests::pg::PgCluster;
 use bitsd_tests::{pattern, url_path, RawClient, RawResponse, TestServer};
@@ -24,29 +24,45 @@ struct Farm {
     state: PgStateStore,
     endpoint: String,
     _pg: Arc<PgCluster>,
-    _garage: Garage,
+    _store: StoreServer,
 }
 
+/// Three nodes on Garage.
 async fn farm() -> Option<Farm> {
     let FarmServers {
         pg,
         postgres_url: url,
         garage,
     } = FarmServers::start().await?;
-    let mut store = garage.object_store_config("presigned");
+    Some(farm_on(pg, url, StoreServer::Garage(garage)).await)
+}
+
+/// Three nodes on moto (a second S3 implementation; it checks no signature, so only what
+/// does not depend on the store refusing a URL runs there).
+async fn farm_on_moto() -> Option<Farm> {
+    let MotoServers {
+        pg,
+        postgres_url: url,
+        moto,
+    } = MotoServers::start().await?;
+    Some(farm_on(pg, url, StoreServer::Moto(moto)).await)
+}
+
+async fn farm_on(pg: Arc<PgCluster>, url: String, server: StoreServer) -> Farm {
+    let mut store = server.object_store_config("presigned");
     store.presigned_reply_secs = Some(300);
     let endpoint = store.endpoint.clone().unwrap();
     let nodes = shared_nodes(&url, &store, 3).await;
     let state = PgStateStore::connect(&url, PgOptions::default())
         .await
         .unwrap();
-    Some(Farm {
+    Farm {
         nodes,
         state,
         endpoint,
         _pg: pg,
-        _garage: garage,
-    })
+        _store: server,
+    }
 }
 
 impl Farm {
@@ -109,7 +125,20 @@ fn location(res: &RawResponse, endpoint: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_redirected_by_three_nodes_come_from_the_store_and_count_each_byte_once() {
-    let Some(farm) = farm().await else { return };
+    if let Some(farm) = farm().await {
+        ranges_redirected_by_three_nodes(farm).await;
+    }
+}
+
+/// The same on moto: its presigned GETs serve the ranges and the whole reply alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_redirected_to_a_second_s3_implementation_come_from_it() {
+    if let Some(farm) = farm_on_moto().await {
+        ranges_redirected_by_three_nodes(farm).await;
+    }
+}
+
+async fn ranges_redirected_by_three_nodes(farm: Farm) {
     let data = pattern(30_000, 7);
     let Some((sid, reply)) = farm.echo_job(&data).await else {
         return;
