@@ -1,5 +1,5 @@
 //! The real servers of a farm test in one call: the shared PostgreSQL cluster of the test
-//! binary with a fresh database, and a single-node Garage (or moto, [`MotoServers`]), with
+//! binary with a fresh database, and a single-node Garage (or either store, [`StoreServers`]), with
 //! the object-store settings that point bitsd at it.
 
 use std::sync::Arc;
@@ -108,29 +108,44 @@ impl StoreServer {
     }
 }
 
-/// PostgreSQL (the test binary's shared cluster, a fresh database) and moto, for a test
-/// against a second S3 implementation.
-pub struct MotoServers {
+/// PostgreSQL (the test binary's shared cluster, a fresh database) and a store of either
+/// kind, for a test that runs on Garage and again on moto.
+pub struct StoreServers {
     /// The cluster (shared by the test binary); keep it alive for the test.
     pub pg: Arc<PgCluster>,
     /// A new database on it, as a connection URL.
     pub postgres_url: String,
     /// The store.
-    pub moto: Moto,
+    pub store: StoreServer,
 }
 
-impl MotoServers {
-    /// Starts (or joins) both; `None` after printing why when either cannot run.
-    pub async fn start() -> Option<MotoServers> {
+impl StoreServers {
+    /// PostgreSQL and a single-node Garage ([`FarmServers::start`]); `None` after printing
+    /// why when either cannot run.
+    pub async fn garage() -> Option<StoreServers> {
+        let FarmServers {
+            pg,
+            postgres_url,
+            garage,
+        } = FarmServers::start().await?;
+        Some(StoreServers {
+            pg,
+            postgres_url,
+            store: StoreServer::Garage(garage),
+        })
+    }
+
+    /// PostgreSQL and moto; `None` after printing why when either cannot run.
+    pub async fn moto() -> Option<StoreServers> {
         let pg = start_postgres(PgCluster::shared).await?;
         let moto = tokio::task::spawn_blocking(Moto::start)
             .await
             .expect("moto start task")?;
         let postgres_url = fresh_database(&pg).await;
-        Some(MotoServers {
+        Some(StoreServers {
             pg,
             postgres_url,
-            moto,
+            store: StoreServer::Moto(moto),
         })
     }
 }

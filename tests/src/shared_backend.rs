@@ -15,7 +15,7 @@ use bitsd_storage::{
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::farm_servers::{FarmServers, MotoServers, StoreServer};
+use crate::farm_servers::{StoreServer, StoreServers};
 use crate::pg::{raw_client, PgCluster};
 
 /// A shared backend and the servers behind it (stopped when dropped).
@@ -46,12 +46,7 @@ pub async fn backend_on(
 /// A farm whose `[object_store]` table is Garage's under `prefix`, changed by `configure`;
 /// `None` (with a printed reason) when PostgreSQL or Garage is not installed.
 pub async fn farm(prefix: &str, configure: impl FnOnce(&mut ObjectStoreConfig)) -> Option<Farm> {
-    let FarmServers {
-        pg,
-        postgres_url: url,
-        garage,
-    } = FarmServers::start().await?;
-    Some(farm_with(pg, url, StoreServer::Garage(garage), prefix, configure).await)
+    Some(farm_with(StoreServers::garage().await?, prefix, configure).await)
 }
 
 /// As [`farm`], on moto (a second S3 implementation, see [`crate::moto`]); `None` (with a
@@ -60,21 +55,19 @@ pub async fn farm_on_moto(
     prefix: &str,
     configure: impl FnOnce(&mut ObjectStoreConfig),
 ) -> Option<Farm> {
-    let MotoServers {
-        pg,
-        postgres_url: url,
-        moto,
-    } = MotoServers::start().await?;
-    Some(farm_with(pg, url, StoreServer::Moto(moto), prefix, configure).await)
+    Some(farm_with(StoreServers::moto().await?, prefix, configure).await)
 }
 
 async fn farm_with(
-    pg: Arc<PgCluster>,
-    url: String,
-    server: StoreServer,
+    servers: StoreServers,
     prefix: &str,
     configure: impl FnOnce(&mut ObjectStoreConfig),
 ) -> Farm {
+    let StoreServers {
+        pg,
+        postgres_url: url,
+        store: server,
+    } = servers;
     let mut store = server.object_store_config(prefix);
     configure(&mut store);
     let scratch = tempfile::tempdir().unwrap();

@@ -18,19 +18,16 @@ use bitsd::storage::shared::objects::{ObjectKey, Objects};
 use bitsd::storage::StorageError;
 use bitsd::StorageConfig;
 use bitsd_tests::examples::{replay, ScenarioConfig, Target, Targets};
-use bitsd_tests::farm_servers::{shared_storage, FarmServers, MotoServers, StoreServer};
+use bitsd_tests::farm_servers::{shared_storage, StoreServers};
 use bitsd_tests::nginx::Nginx;
-use bitsd_tests::pg::PgCluster;
 use bitsd_tests::{reply_suite, TestServer};
 use bytes::Bytes;
 
 /// One database and bucket for a fixture file; each scenario gets three fresh nodes under a
 /// prefix of its own (so its files and sessions' objects start empty) and its own nginx.
 struct Farms {
-    /// PostgreSQL, kept alive for the test.
-    _pg: Arc<PgCluster>,
-    postgres_url: String,
-    store: StoreServer,
+    /// PostgreSQL and the store.
+    servers: StoreServers,
     next: AtomicUsize,
     /// nginx keeps its upstream connections open between requests.
     keepalive: bool,
@@ -47,8 +44,11 @@ struct Farm {
 impl Targets for Farms {
     async fn start(&self, config: ScenarioConfig) -> Result<Box<dyn Target>, String> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let store = self.store.object_store_config(&format!("examples-{n}"));
-        let shared = shared_storage(&self.postgres_url, &store);
+        let store = self
+            .servers
+            .store
+            .object_store_config(&format!("examples-{n}"));
+        let shared = shared_storage(&self.servers.postgres_url, &store);
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let s = shared.clone();
@@ -163,28 +163,24 @@ async fn farms() -> Option<Arc<Farms>> {
 }
 
 async fn farms_with(keepalive: bool) -> Option<Arc<Farms>> {
-    // nginx first: without it nothing here can run.
-    bitsd_tests::nginx::nginx_binary()?;
-    let servers = FarmServers::start().await?;
-    Some(Arc::new(Farms {
-        _pg: servers.pg,
-        postgres_url: servers.postgres_url,
-        store: StoreServer::Garage(servers.garage),
-        next: AtomicUsize::new(0),
-        keepalive,
-    }))
+    farms_on(StoreServers::garage(), keepalive).await
 }
 
 /// The same farms on moto, a second S3 implementation (see `bitsd_tests::moto`).
 async fn moto_farms() -> Option<Arc<Farms>> {
+    farms_on(StoreServers::moto(), false).await
+}
+
+async fn farms_on(
+    servers: impl std::future::Future<Output = Option<StoreServers>>,
+    keepalive: bool,
+) -> Option<Arc<Farms>> {
+    // nginx first: without it nothing here can run.
     bitsd_tests::nginx::nginx_binary()?;
-    let servers = MotoServers::start().await?;
     Some(Arc::new(Farms {
-        _pg: servers.pg,
-        postgres_url: servers.postgres_url,
-        store: StoreServer::Moto(servers.moto),
+        servers: servers.await?,
         next: AtomicUsize::new(0),
-        keepalive: false,
+        keepalive,
     }))
 }
 

@@ -8,60 +8,47 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd_protocol::SessionId;
-use bitsd_tests::farm_servers::{shared_nodes, FarmServers, MotoServers, StoreServer};
+use bitsd_tests::farm_servers::{shared_nodes, StoreServers};
 use bitsd_tests::nginx::Nginx;
-use bitsd_tests::pg::PgCluster;
 use bitsd_tests::{pattern, url_path, RawClient, RawResponse, TestServer};
 
 struct Farm {
     nodes: Vec<TestServer>,
     state: PgStateStore,
     endpoint: String,
-    _pg: Arc<PgCluster>,
-    _store: StoreServer,
+    /// PostgreSQL and the store, kept alive for the test.
+    _servers: StoreServers,
 }
 
 /// Three nodes on Garage.
 async fn farm() -> Option<Farm> {
-    let FarmServers {
-        pg,
-        postgres_url: url,
-        garage,
-    } = FarmServers::start().await?;
-    Some(farm_on(pg, url, StoreServer::Garage(garage)).await)
+    Some(farm_on(StoreServers::garage().await?).await)
 }
 
 /// Three nodes on moto (a second S3 implementation; it checks no signature, so only what
 /// does not depend on the store refusing a URL runs there).
 async fn farm_on_moto() -> Option<Farm> {
-    let MotoServers {
-        pg,
-        postgres_url: url,
-        moto,
-    } = MotoServers::start().await?;
-    Some(farm_on(pg, url, StoreServer::Moto(moto)).await)
+    Some(farm_on(StoreServers::moto().await?).await)
 }
 
-async fn farm_on(pg: Arc<PgCluster>, url: String, server: StoreServer) -> Farm {
-    let mut store = server.object_store_config("presigned");
+async fn farm_on(servers: StoreServers) -> Farm {
+    let mut store = servers.store.object_store_config("presigned");
     store.presigned_reply_secs = Some(300);
     let endpoint = store.endpoint.clone().unwrap();
-    let nodes = shared_nodes(&url, &store, 3).await;
-    let state = PgStateStore::connect(&url, PgOptions::default())
+    let nodes = shared_nodes(&servers.postgres_url, &store, 3).await;
+    let state = PgStateStore::connect(&servers.postgres_url, PgOptions::default())
         .await
         .unwrap();
     Farm {
         nodes,
         state,
         endpoint,
-        _pg: pg,
-        _store: server,
+        _servers: servers,
     }
 }
 

@@ -9,7 +9,7 @@ use bitsd_protocol::SessionId;
 use bitsd_storage::shared::objects::{ObjectKey, ObjectStoreConfig};
 use bitsd_storage::shared::SharedBackend;
 use bitsd_storage::{ReplyKind, SessionBackend, SessionState};
-use bitsd_tests::farm_servers::{FarmServers, MotoServers, StoreServer};
+use bitsd_tests::farm_servers::{StoreServer, StoreServers};
 use bitsd_tests::pg::PgCluster;
 use bitsd_tests::pg::{raw_client, session_record};
 use bitsd_tests::relay::Relay;
@@ -33,25 +33,22 @@ pub struct Setup {
 impl Setup {
     /// PostgreSQL and Garage.
     pub async fn start() -> Option<Setup> {
-        let servers = FarmServers::start().await?;
-        Some(Setup {
-            _pg: servers.pg,
-            postgres_url: servers.postgres_url,
-            store: StoreServer::Garage(servers.garage),
-            scratch: tempfile::tempdir().unwrap(),
-        })
+        Some(Setup::on(StoreServers::garage().await?))
     }
 
     /// PostgreSQL and moto.
     #[allow(dead_code)] // not every test binary that shares this module uses it
     pub async fn start_moto() -> Option<Setup> {
-        let servers = MotoServers::start().await?;
-        Some(Setup {
+        Some(Setup::on(StoreServers::moto().await?))
+    }
+
+    fn on(servers: StoreServers) -> Setup {
+        Setup {
             _pg: servers.pg,
             postgres_url: servers.postgres_url,
-            store: StoreServer::Moto(servers.moto),
+            store: servers.store,
             scratch: tempfile::tempdir().unwrap(),
-        })
+        }
     }
 
     /// A node whose store requests go through a relay of its own to Garage, and that relay
