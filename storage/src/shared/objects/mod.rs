@@ -440,14 +440,11 @@ impl Objects {
     /// node's bucket and credentials. What a node asks at start, so that a wrong key, secret,
     /// region or bucket stops it there instead of failing every fragment later.
     pub async fn check_access(&self) -> Result<(), StorageError> {
-        let prefix = self.prefix();
-        self.store
-            .list(Some(prefix.path()))
+        self.list_stream(self.prefix())
             .next()
             .await
             .transpose()
             .map(|_| ())
-            .map_err(map_err("list", prefix.as_str()))
     }
 
     /// Every object under `prefix`, as a stream (listing pages are fetched as it is read):
