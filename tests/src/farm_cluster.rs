@@ -192,10 +192,7 @@ impl FarmCluster {
     /// The last `lines` lines of every node's log and of nginx's error log, for a failure
     /// message.
     pub fn log_tails(&self, lines: usize) -> String {
-        let tail = |text: String| {
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        };
+        let tail = |text: String| crate::last_lines(&text, lines);
         let mut s = String::new();
         for i in 0..self.nodes.len() {
             s.push_str(&format!("--- node {i}\n{}\n", tail(self.log(i))));

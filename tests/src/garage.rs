@@ -262,8 +262,7 @@ impl Node {
 
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("garage.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        crate::last_lines(&log, 30)
     }
 
     /// Runs `garage -c <config> ARGS` against this node and returns its stdout.
@@ -292,16 +291,29 @@ impl Drop for Node {
 
 /// `GET path` over plain HTTP/1.1; the status code, or `None` if there was no answer.
 fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    plain_request(addr, "GET", path, Duration::from_secs(2)).map(|(status, _)| status)
+}
+
+/// `method path` without a body over plain HTTP/1.1 (unsigned: for a server's health or
+/// admin endpoint, or moto, which checks no signature), waiting up to `read_timeout` for the
+/// answer; its status and the whole answer after it, `None` if there was no answer.
+pub(crate) fn plain_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    read_timeout: Duration,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_read_timeout(Some(read_timeout)).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let status = answer.get(9..12)?.parse().ok()?;
+    Some((status, answer))
 }
 
 /// A single-node Garage (`garage server --single-node --default-bucket`): a ready bucket and

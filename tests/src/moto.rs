@@ -8,16 +8,18 @@
 //! its own ETags, its own error bodies and its own ideas of what is optional; a test that
 //! passes on Garage and fails here has found a Garage-ism in bitsd.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bitsd_storage::shared::objects::ObjectStoreConfig;
 
-use crate::garage::free_port;
+use crate::garage::{free_port, plain_request};
 use crate::skip::{missing, Needs};
+
+/// How long a request to moto may wait for its answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bucket a test moto gets.
 pub const MOTO_BUCKET: &str = "bitsd-test";
@@ -88,7 +90,8 @@ impl Moto {
         // check (the server answers it once it serves S3).
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match moto.request("PUT", &format!("/{MOTO_BUCKET}")).map(|r| r.0) {
+            match plain_request(moto.addr, "PUT", &format!("/{MOTO_BUCKET}"), TIMEOUT).map(|r| r.0)
+            {
                 Some(200) => return Some(moto),
                 Some(status) => panic!(
                     "moto refused to create its bucket ({status}); its log:\n{}",
@@ -122,7 +125,12 @@ impl Moto {
     /// Multipart uploads begun and neither completed nor aborted in the bucket
     /// (`ListMultipartUploads`; fewer than 1,000 in a test).
     pub fn unfinished_uploads(&self) -> u64 {
-        match self.request("GET", &format!("/{MOTO_BUCKET}?uploads")) {
+        match plain_request(
+            self.addr,
+            "GET",
+            &format!("/{MOTO_BUCKET}?uploads"),
+            TIMEOUT,
+        ) {
             Some((200, body)) => body.matches("<Upload>").count() as u64,
             other => panic!("moto did not list its multipart uploads: {other:?}"),
         }
@@ -145,25 +153,7 @@ impl Moto {
     /// The last lines of the server's log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// One unsigned request without a body (moto checks no signature); its status and
-    /// body (the whole answer after the status line), `None` when nothing answered.
-    fn request(&self, method: &str, path: &str) -> Option<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.addr
-        )
-        .ok()?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).ok()?;
-        let status = answer.get(9..12)?.parse().ok()?;
-        Some((status, answer))
+        crate::last_lines(&text, 40)
     }
 }
 
