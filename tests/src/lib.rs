@@ -95,6 +95,6 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
-pub use process::{bitsd_binary, strace, BitsdProcess};
+pub use process::{bitsd_binary, bitsd_refuses, strace, BitsdProcess};
 pub use raw_client::{bits_post_request, RawClient, RawResponse};
 pub use server::TestServer;

@@ -5,6 +5,32 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Runs `bitsd --data-dir DIR` with `args`, which must stop by itself, failing, within
+/// `within`: its stderr. A `bitsd` still running then is killed, and the panic says `what`
+/// it should not have done.
+pub fn bitsd_refuses(data_dir: &Path, args: &[&str], within: Duration, what: &str) -> String {
+    let mut child = std::process::Command::new(bitsd_binary())
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bitsd {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "bitsd exited successfully");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// The `bitsd` binary of this build, next to the test executable's `deps/` directory.
 ///
 /// The first call in a test process runs `cargo build -p bitsd --bin bitsd` for the same

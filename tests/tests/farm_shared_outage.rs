@@ -172,31 +172,6 @@ async fn binaries_from_a_shared_config_file_continue_a_session_after_one_is_sigk
     drop(n2);
 }
 
-/// A `bitsd` binary on `config` that must stop at start: its exit status and stderr, within
-/// 30 s (a node that starts anyway is killed and the test fails).
-fn start_refused(config: &std::path::Path, data: &std::path::Path) -> String {
-    let mut child = std::process::Command::new(bitsd_tests::bitsd_binary())
-        .args(["--config", config.to_str().unwrap()])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "off"])
-        .arg("--data-dir")
-        .arg(data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("bitsd started on an object store that refuses its settings");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
 /// A node asks the store once at start: a wrong secret or a bucket that does not exist stops
 /// it there, with a message naming the store and what to check (before, it started, said it
 /// was ready, and failed every fragment with a 500); a store that does not answer does not
@@ -234,9 +209,23 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
         let text = bitsd_tests::farm_cluster::shared_config("", &url, 2, 5, &store);
         std::fs::write(&config, text).unwrap();
         let data = dir.path().join(name);
-        let stderr = tokio::task::spawn_blocking(move || start_refused(&config, &data))
-            .await
-            .unwrap();
+        let stderr = tokio::task::spawn_blocking(move || {
+            bitsd_tests::bitsd_refuses(
+                &data,
+                &[
+                    "--config",
+                    config.to_str().unwrap(),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "off",
+                ],
+                Duration::from_secs(30),
+                "started on an object store that refuses its settings",
+            )
+        })
+        .await
+        .unwrap();
         println!("{name}: {stderr}");
         assert!(
             stderr.contains("opening the shared storage backend: object store list startcheck")

@@ -303,29 +303,12 @@ async fn admin_get(addr: SocketAddr, path: &str, token: Option<&str>) -> bitsd_t
 #[test]
 fn a_non_loopback_admin_listener_is_refused_without_the_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(bitsd_tests::bitsd_binary())
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("bitsd served an admin listener on 0.0.0.0 without being allowed to");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    let stderr = bitsd_tests::bitsd_refuses(
+        &dir.path().join("data"),
+        &["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"],
+        Duration::from_secs(10),
+        "served an admin listener on 0.0.0.0 without being allowed to",
+    );
     assert!(
         stderr.contains("not a loopback address") && stderr.contains("--admin-allow-non-loopback"),
         "{stderr}"
