@@ -416,6 +416,33 @@ impl Garage {
         self.node.cli(args)
     }
 
+    /// A new key that may read the bucket and list it, but not write to it (`garage key
+    /// import`, `garage bucket allow --read`).
+    pub fn read_only_key(&self) -> S3Access {
+        let access = S3Access {
+            bucket: self.bucket().to_string(),
+            ..S3Access::generate()
+        };
+        self.cli(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "bitsd-read-only",
+            &access.access_key,
+            &access.secret_key,
+        ]);
+        self.cli(&[
+            "bucket",
+            "allow",
+            "--read",
+            &access.bucket,
+            "--key",
+            &access.access_key,
+        ]);
+        access
+    }
+
     /// Unfinished uploads in the bucket (`garage bucket info`, which counts them
     /// asynchronously: allow a moment after a change).
     pub fn unfinished_uploads(&self) -> u64 {

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use bitsd::storage::shared::objects::ObjectStoreConfig;
+use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd::{SharedStorage, StorageConfig};
 use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
@@ -188,6 +188,7 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
     };
     let dir = tempfile::tempdir().unwrap();
     let good = garage.object_store_config("startcheck");
+    let read_only = garage.read_only_key();
     let cases = [
         (
             "wrong-secret",
@@ -200,6 +201,15 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
             "no-bucket",
             ObjectStoreConfig {
                 bucket: "no-such-bucket".into(),
+                ..good.clone()
+            },
+        ),
+        // It may list the bucket, so only the write at start finds it out.
+        (
+            "read-only-key",
+            ObjectStoreConfig {
+                access_key_id: Some(read_only.access_key.clone()),
+                secret_access_key: Some(read_only.secret_key.clone()),
                 ..good.clone()
             },
         ),
@@ -227,9 +237,15 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
         .await
         .unwrap();
         println!("{name}: {stderr}");
+        let op = if name == "read-only-key" {
+            "put startcheck/bitsd-access-check"
+        } else {
+            "list startcheck"
+        };
         assert!(
-            stderr.contains("opening the shared storage backend: object store list startcheck")
-                && stderr.contains("check the [object_store] bucket and credentials"),
+            stderr.contains(&format!(
+                "opening the shared storage backend: object store {op}"
+            )) && stderr.contains("check the [object_store] bucket and credentials"),
             "{name}: {stderr}"
         );
     }
@@ -240,7 +256,7 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
             bitsd_tests::garage::free_port()
         )),
         max_retries: Some(0),
-        ..good
+        ..good.clone()
     };
     let log = dir.path().join("down.log");
     let config = dir.path().join("down.toml");
@@ -264,5 +280,22 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
         logged.contains("the object store did not answer at start"),
         "{logged}"
     );
+    drop(node);
+    // With the right key the node starts, and its check leaves nothing in the bucket.
+    let config = dir.path().join("good.toml");
+    std::fs::write(
+        &config,
+        bitsd_tests::farm_cluster::shared_config("", &url, 2, 5, &good),
+    )
+    .unwrap();
+    let data = dir.path().join("good");
+    let node = tokio::task::spawn_blocking(move || {
+        bitsd_tests::BitsdProcess::start(&data, &["--config", config.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    let objects = Objects::new(&good).unwrap();
+    let left = objects.list(objects.prefix()).await.unwrap();
+    assert!(left.is_empty(), "left in the bucket: {left:?}");
     drop(node);
 }

@@ -92,6 +92,13 @@ impl Objects {
         (self.session_prefix(session).join(&name), name)
     }
 
+    /// `<prefix>/bitsd-access-check`: the object a node writes and deletes at start
+    /// ([`Objects::check_access`]); outside `sessions/` and `files/`, so no sweep and no
+    /// upload ever meets it.
+    pub fn access_check_key(&self) -> ObjectKey {
+        self.prefix.join("bitsd-access-check")
+    }
+
     /// The key of a committed plain upload: `<prefix>/files/<path>` (`path` is the route's
     /// relative file path, already checked by the caller; empty segments are dropped).
     pub fn file_key(&self, path: &str) -> ObjectKey {

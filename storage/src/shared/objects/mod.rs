@@ -58,6 +58,10 @@ pub const COUNT_REPLIES_FROM: u64 = 64 * 1024;
 use crate::StorageError;
 use error::map_err;
 
+/// What [`Objects::check_access`] writes (and deletes at once).
+const ACCESS_CHECK_BODY: &[u8] =
+    b"bitsd writes and deletes this object at start to check its access\n";
+
 /// A stream of an object's bytes; a failure midway is a [`StorageError`].
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StorageError>> + Send>>;
 
@@ -436,15 +440,19 @@ impl Objects {
             .map_err(map_err("list", prefix.as_str()))
     }
 
-    /// One listing request under the prefix (its first page): whether the store takes this
-    /// node's bucket and credentials. What a node asks at start, so that a wrong key, secret,
-    /// region or bucket stops it there instead of failing every fragment later.
+    /// Whether the store takes this node's bucket and credentials for what a node does: one
+    /// listing request under the prefix (its first page), then a small object written at
+    /// [`Objects::access_check_key`] and deleted again. What a node asks at start, so that a
+    /// wrong key, secret, region or bucket, or a key that may read but not write, stops it
+    /// there instead of failing every fragment later.
     pub async fn check_access(&self) -> Result<(), StorageError> {
-        self.list_stream(self.prefix())
-            .next()
+        self.list_stream(self.prefix()).next().await.transpose()?;
+        let key = self.access_check_key();
+        self.store
+            .put(key.path(), ACCESS_CHECK_BODY.into())
             .await
-            .transpose()
-            .map(|_| ())
+            .map_err(map_err("put", key.as_str()))?;
+        self.delete(std::slice::from_ref(&key)).await
     }
 
     /// Every object under `prefix`, as a stream (listing pages are fetched as it is read):
