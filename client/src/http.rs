@@ -172,7 +172,16 @@ impl Http {
     async fn connect(&self, target: &Target, request: Request) -> Result<Conn, ClientError> {
         let url = target.to_string();
         let (host, port) = target.connect_addr();
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port)))
+        let connect = async {
+            let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| unresolved(request, host, &e))?
+                .collect();
+            TcpStream::connect(&addrs[..])
+                .await
+                .map_err(|e| format!("connect failed: {e}"))
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| {
                 ClientError::transport(
@@ -181,7 +190,7 @@ impl Http {
                     format!("connect timed out after {:?}", self.connect_timeout),
                 )
             })?
-            .map_err(|e| ClientError::transport(request, &url, format!("connect failed: {e}")))?;
+            .map_err(|message| ClientError::transport(request, &url, message))?;
         let _ = stream.set_nodelay(true);
         let sender = if target.is_tls() {
             let connector = self
@@ -447,4 +456,21 @@ impl Http {
         }
         Ok(parts)
     }
+}
+
+/// What to say when `host` does not resolve. Still transient, as for Windows (a resolver can
+/// fail for a while); for a reply URL, which the server made, it also says where a wrong
+/// host usually comes from.
+fn unresolved(request: Request, host: &str, e: &std::io::Error) -> String {
+    let mut message = format!("cannot resolve the host name {host:?} ({e})");
+    if matches!(request, Request::ReplyHead | Request::ReplyGet) {
+        message.push_str(
+            "; the server gave this reply URL: a server behind a load balancer must be passed \
+             the client's Host header (nginx: proxy_set_header Host $http_host) or be told its \
+             public URL (bitsd: public_url)",
+        );
+    } else {
+        message.push_str("; check the host name in the URL");
+    }
+    message
 }

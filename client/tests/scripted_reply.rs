@@ -178,3 +178,37 @@ async fn reply_resumes_after_dropped_connections() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_reply_url_whose_host_does_not_resolve_says_where_such_a_host_comes_from() {
+    bounded(async {
+        let s = setup(
+            Script {
+                echo: true,
+                reply_host: Some("bitsd-test.invalid:1".into()),
+                ..Script::default()
+            },
+            500,
+        )
+        .await;
+        let (b, _) = quick_uploader();
+        let err = b
+            .retry_policy(bitsd_client::RetryPolicy {
+                max_retries: 1,
+                ..common::quick_retry()
+            })
+            .build()
+            .upload_reply(&s.url, &s.file, ReplyDestination::Memory)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(err.is_transient(), "{text}");
+        assert!(
+            text.contains("cannot resolve the host name \"bitsd-test.invalid\"")
+                && text.contains("proxy_set_header Host")
+                && text.contains("public_url"),
+            "{text}"
+        );
+    })
+    .await;
+}
