@@ -186,13 +186,17 @@ impl BitsService {
         self.shared.completions.idle().await;
     }
 
-    /// Whether the store answers (for `/readyz`).
+    /// Whether the storage backend can serve packets (for `/readyz`): the session store
+    /// answers, and on a farm the object store has not refused this node's key. A reason is
+    /// logged when not.
     pub async fn ready(&self) -> bool {
-        self.shared
-            .store
-            .load(&SessionId::from_uuid(uuid::Uuid::nil()))
-            .await
-            .is_ok()
+        match self.shared.store.ready().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "not ready");
+                false
+            }
+        }
     }
 
     /// Deletes what fragment writes left without a commit (a race lost to another node, a node

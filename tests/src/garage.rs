@@ -419,27 +419,30 @@ impl Garage {
     /// A new key that may read the bucket and list it, but not write to it (`garage key
     /// import`, `garage bucket allow --read`).
     pub fn read_only_key(&self) -> S3Access {
+        self.new_key(&["--read"])
+    }
+
+    /// A new key with the bucket permissions `allow` (`--read`, `--write`, `--owner`); change
+    /// them later with `garage bucket allow` / `deny` through [`Garage::cli`].
+    pub fn new_key(&self, allow: &[&str]) -> S3Access {
         let access = S3Access {
             bucket: self.bucket().to_string(),
             ..S3Access::generate()
         };
+        let name = format!("bitsd-{}", &access.access_key[2..10]);
         self.cli(&[
             "key",
             "import",
             "--yes",
             "-n",
-            "bitsd-read-only",
+            &name,
             &access.access_key,
             &access.secret_key,
         ]);
-        self.cli(&[
-            "bucket",
-            "allow",
-            "--read",
-            &access.bucket,
-            "--key",
-            &access.access_key,
-        ]);
+        let mut args = vec!["bucket", "allow"];
+        args.extend_from_slice(allow);
+        args.extend_from_slice(&[&access.bucket, "--key", &access.access_key]);
+        self.cli(&args);
         access
     }
 

@@ -263,6 +263,14 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// The record of `id`, if there is one (live or tombstone).
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError>;
 
+    /// Whether this node can serve packets now (what `/readyz` answers); `Err` says why not.
+    /// The default loads a session that does not exist, which asks the session store.
+    async fn ready(&self) -> Result<(), StorageError> {
+        self.load(&SessionId::from_uuid(uuid::Uuid::nil()))
+            .await
+            .map(|_| ())
+    }
+
     /// The record of `id` for a Fragment whose first byte is at upload offset `first`, and
     /// possibly a [`FragmentSlot`] the backend prepared in the same step for the fragment's
     /// bytes (the shared backend records the object key as pending in the same PostgreSQL

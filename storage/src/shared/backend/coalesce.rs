@@ -90,6 +90,30 @@ pub enum Coalesced {
     Lost,
 }
 
+impl super::SharedBackend {
+    /// Merges the run of small fragments of `id` that ends with its fragment `start..end`
+    /// into one object, now, under the rule a node uses for the session's upload: 1 MiB spans
+    /// of tiny fragments, or part-sized spans for an upload of `merge_parts_from` bytes or
+    /// more (a node does this by itself in the background after the commit of a fragment that
+    /// reaches a boundary ([`COALESCE_SPAN`](super::COALESCE_SPAN) or `part_size`), unless `coalesce_fragments` is
+    /// off); see [`Coalesced`] for the outcomes. Safe at any time: it changes the index only
+    /// while the session is receiving and the run is as it read it.
+    pub async fn coalesce(
+        &self,
+        id: &SessionId,
+        start: u64,
+        end: u64,
+    ) -> Result<Coalesced, StorageError> {
+        // The node's own merger when it has one, so that its limit counts this merge too.
+        let merger = self
+            .coalescer
+            .clone()
+            .unwrap_or_else(|| Coalescer::new(self.state.clone(), self.objects.clone()));
+        let total = self.state.load(id).await?.and_then(|r| r.total);
+        merger.merge_now(id, start, end, total).await
+    }
+}
+
 /// Merges a session's small fragments (see the module docs); one per backend, shared by its
 /// fragment sinks.
 #[derive(Clone, Debug)]

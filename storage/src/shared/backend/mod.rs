@@ -43,6 +43,7 @@ mod handler_files;
 mod journal;
 mod merge_rule;
 mod orphans;
+mod readiness;
 mod recent;
 mod session_map;
 mod sinks;
@@ -80,6 +81,8 @@ pub struct SharedBackend {
     recent: RecentSessions,
     /// Reply assemblies whose journals wait for their replies' records (`journal.rs`).
     reply_journals: ReplyJournals,
+    /// The store's last answer to `/readyz`'s access check (`readiness.rs`).
+    store_access: std::sync::Arc<readiness::StoreAccess>,
 }
 
 impl SharedBackend {
@@ -121,6 +124,7 @@ impl SharedBackend {
             coalescer,
             recent: RecentSessions::default(),
             reply_journals: Default::default(),
+            store_access: Default::default(),
         }
     }
 
@@ -132,28 +136,6 @@ impl SharedBackend {
     /// The object store.
     pub fn objects(&self) -> &Objects {
         &self.objects
-    }
-
-    /// Merges the run of small fragments of `id` that ends with its fragment `start..end`
-    /// into one object, now, under the rule a node uses for the session's upload: 1 MiB spans
-    /// of tiny fragments, or part-sized spans for an upload of `merge_parts_from` bytes or
-    /// more (a node does this by itself in the background after the commit of a fragment that
-    /// reaches a boundary ([`COALESCE_SPAN`] or `part_size`), unless `coalesce_fragments` is
-    /// off); see [`Coalesced`] for the outcomes. Safe at any time: it changes the index only
-    /// while the session is receiving and the run is as it read it.
-    pub async fn coalesce(
-        &self,
-        id: &SessionId,
-        start: u64,
-        end: u64,
-    ) -> Result<Coalesced, StorageError> {
-        // The node's own merger when it has one, so that its limit counts this merge too.
-        let merger = self
-            .coalescer
-            .clone()
-            .unwrap_or_else(|| Coalescer::new(self.state.clone(), self.objects.clone()));
-        let total = self.state.load(id).await?.and_then(|r| r.total);
-        merger.merge_now(id, start, end, total).await
     }
 
     /// The object of a stored reply, or why the record names none bitsd would give.
@@ -248,6 +230,15 @@ impl SessionBackend for SharedBackend {
 
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
         self.state.load(id).await
+    }
+
+    /// PostgreSQL answers, and the object store has not refused this node's key (see
+    /// `readiness.rs`: a store that does not answer leaves the node ready).
+    async fn ready(&self) -> Result<(), StorageError> {
+        self.state
+            .load(&SessionId::from_uuid(uuid::Uuid::nil()))
+            .await?;
+        self.store_access.check(&self.objects).await
     }
 
     /// No round trip when this node remembers the session and the fragment starts at or past
