@@ -15,6 +15,19 @@ use crate::garage::free_port;
 use crate::nginx::Nginx;
 use crate::BitsdProcess;
 
+/// Writes [`shared_config`] of one test node (no top-level keys, a pool of 2, a 5 s
+/// PostgreSQL timeout) to `dir/<name>.toml` and returns its path.
+pub fn write_shared_config(
+    dir: &Path,
+    name: &str,
+    postgres_url: &str,
+    store: &ObjectStoreConfig,
+) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, shared_config("", postgres_url, 2, 5, store)).unwrap();
+    path
+}
+
 /// The config file of a shared-backend node: `top` (top-level keys, verbatim; TOML wants them
 /// before the tables), `[storage]` on `postgres_url` with this pool size and timeout in
 /// seconds, and `[object_store]` from `store` (every field that is set).

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bitsd::storage::shared::objects::ObjectStoreConfig;
+use bitsd_tests::farm_cluster::write_shared_config;
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::{pattern, BitsdProcess, RawClient};
 
@@ -58,12 +59,7 @@ async fn readyz_follows_the_stores_refusal_of_the_key_and_not_its_outage() {
         ..garage.object_store_config("ready")
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("bitsd.toml");
-    std::fs::write(
-        &config,
-        bitsd_tests::farm_cluster::shared_config("", &url, 2, 5, &store),
-    )
-    .unwrap();
+    let config = write_shared_config(dir.path(), "bitsd", &url, &store);
     let log = dir.path().join("node.log");
     let (data, cfg, log_path) = (dir.path().join("node"), config.clone(), log.clone());
     let node = tokio::task::spawn_blocking(move || {

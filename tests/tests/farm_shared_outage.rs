@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd::{SharedStorage, StorageConfig};
+use bitsd_tests::farm_cluster::write_shared_config;
 use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
 
@@ -215,9 +216,7 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
         ),
     ];
     for (name, store) in cases {
-        let config = dir.path().join(format!("{name}.toml"));
-        let text = bitsd_tests::farm_cluster::shared_config("", &url, 2, 5, &store);
-        std::fs::write(&config, text).unwrap();
+        let config = write_shared_config(dir.path(), name, &url, &store);
         let data = dir.path().join(name);
         let stderr = tokio::task::spawn_blocking(move || {
             bitsd_tests::bitsd_refuses(
@@ -259,12 +258,7 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
         ..good.clone()
     };
     let log = dir.path().join("down.log");
-    let config = dir.path().join("down.toml");
-    std::fs::write(
-        &config,
-        bitsd_tests::farm_cluster::shared_config("", &url, 2, 5, &down),
-    )
-    .unwrap();
+    let config = write_shared_config(dir.path(), "down", &url, &down);
     let (data, cfg, log_path) = (dir.path().join("down"), config.clone(), log.clone());
     let node = tokio::task::spawn_blocking(move || {
         bitsd_tests::BitsdProcess::start_logging(
@@ -282,12 +276,7 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
     );
     drop(node);
     // With the right key the node starts, and its check leaves nothing in the bucket.
-    let config = dir.path().join("good.toml");
-    std::fs::write(
-        &config,
-        bitsd_tests::farm_cluster::shared_config("", &url, 2, 5, &good),
-    )
-    .unwrap();
+    let config = write_shared_config(dir.path(), "good", &url, &good);
     let data = dir.path().join("good");
     let node = tokio::task::spawn_blocking(move || {
         bitsd_tests::BitsdProcess::start(&data, &["--config", config.to_str().unwrap()])
