@@ -281,6 +281,24 @@ impl Node {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// Imports `access`'s key as `name` and gives it the permissions `allow` (`--read`,
+    /// `--write`, `--owner`) on its bucket, which must exist.
+    fn import_key(&self, name: &str, access: &S3Access, allow: &[&str]) {
+        self.cli(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            name,
+            &access.access_key,
+            &access.secret_key,
+        ]);
+        let mut args = vec!["bucket", "allow"];
+        args.extend_from_slice(allow);
+        args.extend_from_slice(&[&access.bucket, "--key", &access.access_key]);
+        self.cli(&args);
+    }
 }
 
 impl Drop for Node {
@@ -430,19 +448,7 @@ impl Garage {
             ..S3Access::generate()
         };
         let name = format!("bitsd-{}", &access.access_key[2..10]);
-        self.cli(&[
-            "key",
-            "import",
-            "--yes",
-            "-n",
-            &name,
-            &access.access_key,
-            &access.secret_key,
-        ]);
-        let mut args = vec!["bucket", "allow"];
-        args.extend_from_slice(allow);
-        args.extend_from_slice(&[&access.bucket, "--key", &access.access_key]);
-        self.cli(&args);
+        self.node.import_key(&name, &access, allow);
         access
     }
 
@@ -510,26 +516,8 @@ impl GarageCluster {
             node.wait_ready();
         }
         let access = S3Access::generate();
-        nodes[0].cli(&[
-            "key",
-            "import",
-            "--yes",
-            "-n",
-            "bitsd-test",
-            &access.access_key,
-            &access.secret_key,
-        ]);
         nodes[0].cli(&["bucket", "create", &access.bucket]);
-        nodes[0].cli(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            &access.bucket,
-            "--key",
-            &access.access_key,
-        ]);
+        nodes[0].import_key("bitsd-test", &access, &["--read", "--write", "--owner"]);
         Some(GarageCluster {
             nodes,
             access,
