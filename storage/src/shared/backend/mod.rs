@@ -53,7 +53,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bitsd_protocol::SessionId;
 
-use super::objects::{self, ObjectKey, ObjectStoreConfig, Objects};
+use super::objects::{self, Access, ObjectKey, ObjectStoreConfig, Objects};
 use super::pg::{CasOutcome, CreateOutcome, Limits, PgOptions, PgStateStore};
 use crate::backend::{
     ByteStream, CreateLimits, FragmentPlan, FragmentSink, FragmentSlot, LimitedCreate, LiveCounts,
@@ -88,7 +88,7 @@ pub struct SharedBackend {
 impl SharedBackend {
     /// Connects to PostgreSQL at `postgres_url` (creating or migrating the schema) and to the
     /// object store `store` describes, which is asked once whether it takes the bucket and
-    /// credentials ([`Objects::check_access`]): a refusal (a wrong key, secret, region or
+    /// credentials ([`Objects::access`]): a refusal (a wrong key, secret, region or
     /// bucket) is an error here; a store that does not answer is only logged, since packets
     /// get a transient error until it does. `scratch` is a local directory for temporary
     /// copies of uploads handed to reply handlers that need a file (created if missing).
@@ -100,13 +100,13 @@ impl SharedBackend {
     ) -> Result<Self, StorageError> {
         let objects = Objects::new(store)?;
         let state = PgStateStore::connect(postgres_url, pg).await?;
-        match objects.check_access().await {
-            Ok(()) => {}
-            Err(e) if e.is_transient() => tracing::warn!(
+        match objects.access().await {
+            Access::Granted => {}
+            Access::NoAnswer(e) => tracing::warn!(
                 error = %e,
                 "the object store did not answer at start; fragments get 503 until it does"
             ),
-            Err(e) => return Err(e),
+            Access::Refused(e) => return Err(e),
         }
         Ok(Self::from_parts(state, objects, scratch))
     }

@@ -3,7 +3,7 @@
 //! A node whose store refuses its key, secret or bucket fails every fragment (500): taken out
 //! of the balancer, it no longer gets them, while nodes with a working configuration (in a
 //! rolling change, say) go on. So readiness repeats the start-up check
-//! ([`Objects::check_access`]: a listing, a small write and its delete) at most every
+//! ([`Objects::access`]: a listing, a small write and its delete) at most every
 //! [`RECHECK_EVERY`], and a refusal makes the node not ready until a check passes. A store
 //! that does not answer leaves the node ready: an outage hits every node alike, and taking
 //! them all out of the balancer would not help (the clients retry their 503s).
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use super::super::objects::Objects;
+use super::super::objects::{Access, Objects};
 use crate::StorageError;
 
 /// How long a check's answer stands before the next `/readyz` asks the store again.
@@ -21,8 +21,36 @@ pub(super) const RECHECK_EVERY: Duration = Duration::from_secs(5);
 /// How long one check may take; longer counts as the store not answering.
 const CHECK_WITHIN: Duration = Duration::from_secs(3);
 
-/// A refusal as [`StorageError::ObjectStore`] carries it.
-type Refusal = (&'static str, String, String);
+/// A refusal, kept for the callers until the next check: what [`StorageError::ObjectStore`]
+/// carries (the error itself is not `Clone`).
+#[derive(Clone, Debug)]
+struct Refusal {
+    op: &'static str,
+    key: String,
+    why: String,
+}
+
+impl From<StorageError> for Refusal {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::ObjectStore { op, key, why } => Refusal { op, key, why },
+            // Whatever else the store's answer was, its text says it.
+            other => Refusal {
+                op: "check access",
+                key: String::new(),
+                why: other.to_string(),
+            },
+        }
+    }
+}
+
+impl Refusal {
+    /// The error callers get while this refusal stands.
+    fn error(self) -> StorageError {
+        let Refusal { op, key, why } = self;
+        StorageError::ObjectStore { op, key, why }
+    }
+}
 
 /// The last check and when it ran (see the module docs).
 #[derive(Debug, Default)]
@@ -38,20 +66,15 @@ impl StoreAccess {
         let refusal = match &*last {
             Some((at, refusal)) if at.elapsed() < RECHECK_EVERY => refusal.clone(),
             _ => {
-                let refusal = match tokio::time::timeout(CHECK_WITHIN, objects.check_access()).await
-                {
-                    Ok(Err(StorageError::ObjectStore { op, key, why })) => Some((op, key, why)),
-                    // Not answering, or answering that it is busy: ready (see the module
-                    // docs); so is any other error, which is no refusal of the key.
-                    _ => None,
+                let refusal = match tokio::time::timeout(CHECK_WITHIN, objects.access()).await {
+                    Ok(Access::Refused(e)) => Some(Refusal::from(e)),
+                    // Granted, or no answer in time or at all: ready (see the module docs).
+                    Ok(Access::Granted | Access::NoAnswer(_)) | Err(_) => None,
                 };
                 *last = Some((Instant::now(), refusal.clone()));
                 refusal
             }
         };
-        match refusal {
-            None => Ok(()),
-            Some((op, key, why)) => Err(StorageError::ObjectStore { op, key, why }),
-        }
+        refusal.map_or(Ok(()), |refused| Err(refused.error()))
     }
 }

@@ -93,7 +93,7 @@ impl Objects {
     }
 
     /// `<prefix>/bitsd-access-check`: the object a node writes and deletes at start
-    /// ([`Objects::check_access`]); outside `sessions/` and `files/`, so no sweep and no
+    /// ([`Objects::access`]); outside `sessions/` and `files/`, so no sweep and no
     /// upload ever meets it.
     pub fn access_check_key(&self) -> ObjectKey {
         self.prefix.join("bitsd-access-check")

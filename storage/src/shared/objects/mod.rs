@@ -58,9 +58,23 @@ pub const COUNT_REPLIES_FROM: u64 = 64 * 1024;
 use crate::StorageError;
 use error::map_err;
 
-/// What [`Objects::check_access`] writes (and deletes at once).
+/// What [`Objects::access`] writes (and deletes at once).
 const ACCESS_CHECK_BODY: &[u8] =
     b"bitsd writes and deletes this object at start to check its access\n";
+
+/// What the store answered to [`Objects::access`].
+#[derive(Debug)]
+pub enum Access {
+    /// It took the listing, the write and the delete.
+    Granted,
+    /// It refused one of them (a wrong key, secret, region or bucket, a missing permission:
+    /// any answer that is not transient). A node stops at start on it, and is not ready
+    /// while it lasts.
+    Refused(StorageError),
+    /// It did not answer, or answered that it cannot now (transient): a node starts and stays
+    /// ready, its packets getting 503 until the store is back.
+    NoAnswer(StorageError),
+}
 
 /// A stream of an object's bytes; a failure midway is a [`StorageError`].
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StorageError>> + Send>>;
@@ -444,8 +458,18 @@ impl Objects {
     /// listing request under the prefix (its first page), then a small object written at
     /// [`Objects::access_check_key`] and deleted again. What a node asks at start, so that a
     /// wrong key, secret, region or bucket, or a key that may read but not write, stops it
-    /// there instead of failing every fragment later.
-    pub async fn check_access(&self) -> Result<(), StorageError> {
+    /// there instead of failing every fragment later; and what `/readyz` asks again while it
+    /// runs. Which answers are a refusal is decided here, for both.
+    pub async fn access(&self) -> Access {
+        match self.check_access().await {
+            Ok(()) => Access::Granted,
+            Err(e) if e.is_transient() => Access::NoAnswer(e),
+            Err(e) => Access::Refused(e),
+        }
+    }
+
+    /// The requests of [`Objects::access`].
+    async fn check_access(&self) -> Result<(), StorageError> {
         self.list_stream(self.prefix()).next().await.transpose()?;
         let key = self.access_check_key();
         self.store
