@@ -227,9 +227,12 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 bitsd::StorageConfig::Local => println!("  storage       local"),
                 bitsd::StorageConfig::Shared(s) => {
                     let store = &s.object_store;
+                    let azure =
+                        store.service == bitsd::storage::shared::objects::StoreService::Azure;
                     println!(
-                        "  storage       shared (postgres {}, bucket {}{}{})",
+                        "  storage       shared (postgres {}, {} {}{}{})",
                         bitsd::storage_config::redact_url(&s.postgres_url),
+                        if azure { "Azure container" } else { "bucket" },
                         store.bucket,
                         if store.prefix.is_empty() {
                             String::new()
@@ -239,6 +242,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                         match (store.effective_endpoint(), &store.endpoint) {
                             (Some(e), Some(_)) => format!(" at {e}"),
                             (Some(e), None) => format!(" at {e} (from the environment)"),
+                            (None, _) if azure => " (account from the environment)".to_owned(),
                             (None, _) => " on AWS S3".to_owned(),
                         }
                     );

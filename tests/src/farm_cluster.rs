@@ -28,6 +28,33 @@ pub fn write_shared_config(
     path
 }
 
+/// Runs the real binary on [`write_shared_config`] of `store` (`dir/<name>.toml`, data in
+/// `dir/<name>`, no admin listener), which must refuse to start within 30 s; its standard
+/// error, printed too. Blocks.
+pub fn refused_start(
+    dir: &Path,
+    name: &str,
+    postgres_url: &str,
+    store: &ObjectStoreConfig,
+) -> String {
+    let config = write_shared_config(dir, name, postgres_url, store);
+    let stderr = crate::bitsd_refuses(
+        &dir.join(name),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+        ],
+        std::time::Duration::from_secs(30),
+        "started on object-store settings it cannot use",
+    );
+    println!("{name}: {stderr}");
+    stderr
+}
+
 /// The config file of a shared-backend node: `top` (top-level keys, verbatim; TOML wants them
 /// before the tables), `[storage]` on `postgres_url` with this pool size and timeout in
 /// seconds, and `[object_store]` from `store` (every field that is set).
@@ -44,7 +71,11 @@ pub fn shared_config(
          [object_store]\nbucket = \"{}\"\nprefix = \"{}\"\n",
         store.bucket, store.prefix
     );
+    if store.service == bitsd::storage::shared::objects::StoreService::Azure {
+        s.push_str("service = \"azure\"\n");
+    }
     let text = [
+        ("account", &store.account),
         ("endpoint", &store.endpoint),
         ("region", &store.region),
         ("access_key_id", &store.access_key_id),

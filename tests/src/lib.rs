@@ -3,7 +3,9 @@
 //! and parses exact responses.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod azurite;
 pub mod bits_job;
+mod emulator;
 pub mod examples;
 pub mod farm_cluster;
 pub mod farm_servers;

@@ -10,13 +10,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bitsd_storage::shared::objects::ObjectStoreConfig;
 
-use crate::garage::{free_port, plain_request};
-use crate::skip::{missing, Needs};
+use crate::emulator::{find_binary, Served};
+use crate::garage::plain_request;
+use crate::skip::Needs;
 
 /// How long a request to moto may wait for its answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,32 +27,21 @@ pub const MOTO_BUCKET: &str = "bitsd-test";
 /// `moto_server` from `$MOTO_SERVER_BIN` or the `PATH`; `None` (printed, or a failure under
 /// `BITSD_TEST_REQUIRE=moto`) when it is not installed.
 pub fn moto_binary() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("MOTO_SERVER_BIN") {
-        return Some(PathBuf::from(bin));
-    }
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("moto_server"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        missing(
-            Needs::Moto,
-            "moto_server is not installed (pip install 'moto[server]==5.2.1'); \
-             the tests against a second S3 implementation skip",
-        );
-    }
-    found
+    find_binary(
+        "MOTO_SERVER_BIN",
+        "moto_server",
+        Needs::Moto,
+        "moto_server is not installed (pip install 'moto[server]==5.2.1'); \
+         the tests against a second S3 implementation skip",
+    )
 }
 
 /// One `moto_server` on a free loopback port with the bucket [`MOTO_BUCKET`]; killed when
 /// dropped.
 #[derive(Debug)]
 pub struct Moto {
-    child: Child,
+    served: Served,
     addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Moto {
@@ -60,56 +49,30 @@ impl Moto {
     /// when moto is not installed or does not start.
     pub fn start() -> Option<Self> {
         let bin = moto_binary()?;
-        let dir = tempfile::Builder::new()
-            .prefix("bitsd-moto-")
-            .tempdir()
-            .unwrap();
-        let port = free_port();
-        let log = dir.path().join("moto.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn();
-        let child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                missing(Needs::Moto, format!("{} did not start: {e}", bin.display()));
-                return None;
-            }
-        };
-        let moto = Moto {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log,
-            _dir: dir,
-        };
         // Python's start-up takes a second or two; the bucket's creation is the readiness
         // check (the server answers it once it serves S3).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match plain_request(moto.addr, "PUT", &format!("/{MOTO_BUCKET}"), TIMEOUT).map(|r| r.0)
+        let served = Served::start(
+            &bin,
+            "bitsd-moto-",
+            Needs::Moto,
+            |port, _| {
+                vec![
+                    "-H".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    port.to_string().into(),
+                ]
+            },
+            |served| match plain_request(served.addr, "PUT", &format!("/{MOTO_BUCKET}"), TIMEOUT)
+                .map(|r| r.0)
             {
-                Some(200) => return Some(moto),
-                Some(status) => panic!(
-                    "moto refused to create its bucket ({status}); its log:\n{}",
-                    moto.log_tail()
-                ),
-                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-                None => {
-                    missing(
-                        Needs::Moto,
-                        format!(
-                            "moto_server did not answer in 30 s; its log:\n{}",
-                            moto.log_tail()
-                        ),
-                    );
-                    return None;
-                }
-            }
-        }
+                Some(200) => Some(Ok(())),
+                Some(status) => Some(Err(format!("moto refused to create its bucket ({status})"))),
+                None => None,
+            },
+        )?;
+        let addr = served.addr;
+        Some(Moto { served, addr })
     }
 
     /// The S3 endpoint, `http://127.0.0.1:PORT`.
@@ -152,14 +115,6 @@ impl Moto {
 
     /// The last lines of the server's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        crate::last_lines(&text, 40)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.served.log_tail()
     }
 }

@@ -33,6 +33,10 @@ struct Gates {
     stop: Option<Vec<Vec<u8>>>,
     /// Connections whose requests are stopped (the matching one included).
     stopped: HashSet<u64>,
+    /// Matching requests the stop lets through before it stops one.
+    stop_skip: usize,
+    /// Strings a request must all contain to be counted, and how many were.
+    count: Option<(Vec<Vec<u8>>, usize)>,
 }
 
 /// A relay on a loopback port to one upstream address.
@@ -93,8 +97,29 @@ impl Relay {
     /// reaches the upstream, and what follows it on its connection, until
     /// [`Relay::release_held`]: the node has sent it, the upstream never sees it.
     pub fn stop_request_to(&self, parts: &[&str]) {
+        self.stop_request_to_nth(1, parts);
+    }
+
+    /// As [`Relay::stop_request_to`], for the `n`-th next request (1-based) containing every
+    /// one of `parts`: the `n - 1` before it go through.
+    pub fn stop_request_to_nth(&self, n: usize, parts: &[&str]) {
         let parts = parts.iter().map(|p| p.as_bytes().to_vec()).collect();
-        self.gates.send_modify(|g| g.stop = Some(parts));
+        self.gates.send_modify(|g| {
+            g.stop = Some(parts);
+            g.stop_skip = n.saturating_sub(1);
+        });
+    }
+
+    /// Counts the requests from now on that contain every one of `parts` (in one read), for
+    /// [`Relay::counted`].
+    pub fn count_requests_to(&self, parts: &[&str]) {
+        let parts = parts.iter().map(|p| p.as_bytes().to_vec()).collect();
+        self.gates.send_modify(|g| g.count = Some((parts, 0)));
+    }
+
+    /// How many requests [`Relay::count_requests_to`] counted.
+    pub fn counted(&self) -> usize {
+        self.gates.borrow().count.as_ref().map_or(0, |(_, n)| *n)
     }
 
     /// Whether a stop asked for with [`Relay::stop_request_to`] still waits for its request
@@ -180,9 +205,20 @@ async fn pump(
                 if held {
                     g.held.insert(id);
                 }
-                let stopped = take_match(&mut g.stop, chunk);
-                if stopped {
-                    g.stopped.insert(id);
+                let mut stopped = false;
+                if matches(&g.stop, chunk) {
+                    if g.stop_skip > 0 {
+                        g.stop_skip -= 1;
+                    } else {
+                        g.stop = None;
+                        g.stopped.insert(id);
+                        stopped = true;
+                    }
+                }
+                if let Some((parts, n)) = &mut g.count {
+                    if parts.iter().all(|p| contains(chunk, p)) {
+                        *n += 1;
+                    }
                 }
                 held || stopped
             });
@@ -199,13 +235,18 @@ async fn pump(
 /// Whether `chunk` contains every one of the `wanted` strings; if so they are cleared (a
 /// hold or a stop matches one request).
 fn take_match(wanted: &mut Option<Vec<Vec<u8>>>, chunk: &[u8]) -> bool {
-    let matched = wanted
-        .as_ref()
-        .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)));
+    let matched = matches(wanted, chunk);
     if matched {
         *wanted = None;
     }
     matched
+}
+
+/// Whether `chunk` contains every one of the `wanted` strings (there are some).
+fn matches(wanted: &Option<Vec<Vec<u8>>>, chunk: &[u8]) -> bool {
+    wanted
+        .as_ref()
+        .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -58,6 +58,15 @@ pub async fn farm_on_moto(
     Some(farm_with(StoreServers::moto().await?, prefix, configure).await)
 }
 
+/// As [`farm`], on Azurite (`service = "azure"`, see [`crate::azurite`]); `None` (with a
+/// printed reason) when PostgreSQL or Azurite is not installed.
+pub async fn farm_on_azurite(
+    prefix: &str,
+    configure: impl FnOnce(&mut ObjectStoreConfig),
+) -> Option<Farm> {
+    Some(farm_with(StoreServers::azurite().await?, prefix, configure).await)
+}
+
 async fn farm_with(
     servers: StoreServers,
     prefix: &str,

@@ -28,6 +28,8 @@ pub enum Needs {
     Strace,
     /// moto, a second S3 implementation (`pip install 'moto[server]'`).
     Moto,
+    /// Azurite, the Azure Blob Storage emulator (`npm install -g azurite`).
+    Azurite,
 }
 
 impl Needs {
@@ -39,6 +41,7 @@ impl Needs {
             Needs::Nginx => "nginx",
             Needs::Strace => "strace",
             Needs::Moto => "moto",
+            Needs::Azurite => "azurite",
         }
     }
 

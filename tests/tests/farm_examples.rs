@@ -4,7 +4,8 @@
 //! in-process nodes on one PostgreSQL database and one Garage bucket behind nginx round
 //! robin, with every packet of a scenario on another node than the one before (nginx's
 //! access log says which node took each request). Published files are checked in the bucket.
-//! The same suite runs once more on moto, a second S3 implementation. Skips with a printed
+//! The same suite runs once more on moto, a second S3 implementation, and on Azurite (Azure
+//! Blob Storage's emulator). Skips with a printed
 //! reason when PostgreSQL, Garage (moto) or nginx is not installed.
 #![allow(clippy::unwrap_used)]
 
@@ -171,6 +172,11 @@ async fn moto_farms() -> Option<Arc<Farms>> {
     farms_on(StoreServers::moto(), false).await
 }
 
+/// The same farms on Azurite (`service = "azure"`, see `bitsd_tests::azurite`).
+async fn azure_farms() -> Option<Arc<Farms>> {
+    farms_on(StoreServers::azurite(), false).await
+}
+
 async fn farms_on(
     servers: impl std::future::Future<Output = Option<StoreServers>>,
     keepalive: bool,
@@ -246,9 +252,22 @@ async fn reply_progress_through_a_keepalive_balancer_is_counted_when_each_body_i
 /// the farm keeps to what S3 promises, not to what one store happens to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_protocol_suite_on_a_second_s3_implementation() {
-    let Some(farms) = moto_farms().await else {
-        return;
-    };
+    if let Some(farms) = moto_farms().await {
+        every_exchange_and_reply_download(farms).await;
+    }
+}
+
+/// Every exchange of the fixtures and the reply-download checks on Azure Blob Storage
+/// (Azurite): the same protocol, with a container's blobs and block lists for the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_suite_on_azure_blob_storage() {
+    if let Some(farms) = azure_farms().await {
+        every_exchange_and_reply_download(farms).await;
+    }
+}
+
+/// Every exchange of the fixtures, then the reply-download checks, on `farms`.
+async fn every_exchange_and_reply_download(farms: Arc<Farms>) {
     for (file, scenario) in [
         ("a.json", "A"),
         ("b.json", "B"),

@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use bitsd_protocol::SessionId;
 use bitsd_storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd_storage::StorageError;
+use bitsd_tests::azurite::Azurite;
 use bitsd_tests::garage::Garage;
 use bitsd_tests::moto::Moto;
 use bytes::Bytes;
@@ -87,4 +88,12 @@ async fn more_than_a_page_of_objects_is_listed_and_deleted_whole_on_a_second_s3_
         return;
     };
     many_objects_listed_and_deleted_whole(moto.object_store_config("listing")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_a_page_of_objects_is_listed_and_deleted_whole_on_azure_blob_storage() {
+    let Some(azurite) = tokio::task::spawn_blocking(Azurite::start).await.unwrap() else {
+        return;
+    };
+    many_objects_listed_and_deleted_whole(azurite.object_store_config("listing")).await;
 }

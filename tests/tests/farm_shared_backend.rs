@@ -16,7 +16,9 @@ use bitsd::storage::{
 use bitsd_tests::farm_servers::FarmServers;
 use bitsd_tests::pattern;
 use bitsd_tests::pg::session_record;
-use bitsd_tests::shared_backend::{farm, farm_on_moto, read_all, read_object, Farm};
+use bitsd_tests::shared_backend::{
+    farm, farm_on_azurite, farm_on_moto, read_all, read_object, Farm,
+};
 use bytes::Bytes;
 
 fn plan(write_at: u64, len: u64) -> FragmentPlan {
@@ -216,6 +218,19 @@ async fn racing_writers_publish_and_purge_on_a_second_s3_implementation() {
     };
     racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes_on(farm).await;
     let Some(farm) = farm_on_moto("backend", |_| {}).await else {
+        return;
+    };
+    objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone_on(farm).await;
+}
+
+/// The same on Azure Blob Storage (Azurite, `service = "azure"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_publish_and_purge_on_azure_blob_storage() {
+    let Some(farm) = farm_on_azurite("backend", |_| {}).await else {
+        return;
+    };
+    racing_writers_one_wins_publish_is_idempotent_and_end_removes_the_bytes_on(farm).await;
+    let Some(farm) = farm_on_azurite("backend", |_| {}).await else {
         return;
     };
     objects_a_dead_node_did_not_delete_after_close_go_with_the_expired_tombstone_on(farm).await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd::{SharedStorage, StorageConfig};
-use bitsd_tests::farm_cluster::write_shared_config;
+use bitsd_tests::farm_cluster::{refused_start, write_shared_config};
 use bitsd_tests::farm_servers::{shared_storage, FarmServers};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer};
 
@@ -216,26 +216,10 @@ async fn a_node_refuses_to_start_on_a_store_that_refuses_its_key_or_bucket() {
         ),
     ];
     for (name, store) in cases {
-        let config = write_shared_config(dir.path(), name, &url, &store);
-        let data = dir.path().join(name);
-        let stderr = tokio::task::spawn_blocking(move || {
-            bitsd_tests::bitsd_refuses(
-                &data,
-                &[
-                    "--config",
-                    config.to_str().unwrap(),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--admin-listen",
-                    "off",
-                ],
-                Duration::from_secs(30),
-                "started on an object store that refuses its settings",
-            )
-        })
-        .await
-        .unwrap();
-        println!("{name}: {stderr}");
+        let (dir, url) = (dir.path().to_owned(), url.clone());
+        let stderr = tokio::task::spawn_blocking(move || refused_start(&dir, name, &url, &store))
+            .await
+            .unwrap();
         let op = if name == "read-only-key" {
             "put startcheck/bitsd-access-check"
         } else {

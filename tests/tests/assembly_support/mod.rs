@@ -42,6 +42,12 @@ impl Setup {
         Some(Setup::on(StoreServers::moto().await?))
     }
 
+    /// PostgreSQL and Azurite.
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub async fn start_azurite() -> Option<Setup> {
+        Some(Setup::on(StoreServers::azurite().await?))
+    }
+
     fn on(servers: StoreServers) -> Setup {
         Setup {
             _pg: servers.pg,
@@ -71,7 +77,14 @@ impl Setup {
         configure: impl FnOnce(&mut ObjectStoreConfig),
     ) -> SharedBackend {
         let mut store: ObjectStoreConfig = self.store.object_store_config("resume");
-        store.endpoint = Some(format!("http://{}", relay.addr()));
+        // The relay's address in place of the store's (Azurite's endpoint goes on with the
+        // account's path).
+        let path = store
+            .endpoint
+            .as_deref()
+            .and_then(|e| e.splitn(4, '/').nth(3))
+            .unwrap_or_default();
+        store.endpoint = Some(format!("http://{}/{path}", relay.addr()));
         store.part_size = Some(5 * MIB as u64);
         store.coalesce_fragments = Some(false);
         store.server_side_copy = Some(false);
@@ -112,6 +125,63 @@ impl Setup {
             self.store.unfinished_uploads() == 0
         })
         .await;
+    }
+}
+
+/// What differs between the stores' requests (S3's multipart calls, Azure's block lists),
+/// for the tests that stop or count an assembly's requests.
+#[allow(dead_code)] // not every test binary that shares this module uses it
+impl Setup {
+    /// Whether the store is Azurite (`service = "azure"`).
+    pub fn on_azure(&self) -> bool {
+        matches!(self.store, StoreServer::Azurite(_))
+    }
+
+    /// Stops, before the store sees it, the request of part `n` (1-based) of the next
+    /// assembly through `relay`: S3's `partNumber=n`; on Azure, whose blocks have random ids,
+    /// the `n`-th block sent from now on (an assembly starts its parts in order).
+    pub fn stop_part(&self, relay: &Relay, n: usize) {
+        if self.on_azure() {
+            relay.stop_request_to_nth(n, &["PUT ", "comp=block&"]);
+        } else {
+            relay.stop_request_to(&["PUT ", &format!("partNumber={n}&")]);
+        }
+    }
+
+    /// What the request that completes a multipart upload contains: S3's
+    /// `POST ...?uploadId=`, Azure's `PUT ...?comp=blocklist`.
+    pub fn completion_request(&self) -> &'static [&'static str] {
+        if self.on_azure() {
+            &["PUT ", "comp=blocklist"]
+        } else {
+            &["POST ", "uploadId="]
+        }
+    }
+
+    /// Watches the parts sent through `relay` from now on, for
+    /// [`Setup::assert_only_unrecorded_parts_sent`]: on S3 part 1's request is stopped (an
+    /// attempt that sends it again then waits for its timeout), on Azure block requests are
+    /// counted.
+    pub fn watch_parts(&self, relay: &Relay) {
+        if self.on_azure() {
+            relay.count_requests_to(&["PUT ", "comp=block&"]);
+        } else {
+            relay.stop_request_to(&["PUT ", "partNumber=1&"]);
+        }
+    }
+
+    /// Checks that the attempt through `relay` ([`Setup::watch_parts`]) sent no recorded
+    /// part again: part 1 not sent (S3), or exactly the `unrecorded` parts sent (Azure).
+    pub fn assert_only_unrecorded_parts_sent(&self, relay: &Relay, unrecorded: usize) {
+        if self.on_azure() {
+            assert_eq!(
+                relay.counted(),
+                unrecorded,
+                "a recorded part was sent again"
+            );
+        } else {
+            assert!(relay.stop_armed(), "part 1 was sent again");
+        }
     }
 }
 

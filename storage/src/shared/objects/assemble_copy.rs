@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::multipart::{MultipartStore, PartId};
+use object_store::multipart::PartId;
 use object_store::{ObjectStoreExt, PutPayload};
 
 use super::assemble::{Assembled, FragmentObject};
@@ -78,7 +78,7 @@ impl Objects {
             let sent = while_held(journal, &upload.key, async {
                 let parts = self.send_parts(&upload, fragments, &plan, journal).await?;
                 Ok(self
-                    .s3
+                    .multipart
                     .complete_multipart(upload.key.path(), &upload.upload_id, parts)
                     .await
                     .map_err(map_err("complete multipart upload", upload.key.as_str()))?)
@@ -182,7 +182,7 @@ impl Objects {
     /// Starts a multipart upload at `dest`.
     async fn new_upload(&self, dest: &ObjectKey) -> Result<Journal, StorageError> {
         let upload_id = self
-            .s3
+            .multipart
             .create_multipart(dest.path())
             .await
             .map_err(map_err("start multipart upload", dest.as_str()))?;
@@ -222,7 +222,7 @@ impl Objects {
     /// fine).
     pub(crate) async fn abort_upload(&self, key: &ObjectKey, upload_id: &str) {
         match self
-            .s3
+            .multipart
             .abort_multipart(key.path(), &upload_id.to_string())
             .await
         {
@@ -339,7 +339,7 @@ impl Objects {
             .await?;
         let read = started.elapsed();
         let id = self
-            .s3
+            .multipart
             .put_part(
                 dest.path(),
                 &upload_id.to_string(),

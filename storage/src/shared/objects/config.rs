@@ -23,16 +23,36 @@ pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 /// machine (docs/farm-performance-log-2.md) before the final Ack.
 pub const DEFAULT_MERGE_PARTS_FROM: u64 = 1 << 30;
 
-/// Where the farm's bytes live: an S3-compatible bucket (the `[object_store]` table).
+/// Which API the store speaks (`[object_store] service`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreService {
+    /// S3 and the stores that speak it (AWS S3, Garage, MinIO, Ceph RGW, R2, ...): the
+    /// default.
+    #[default]
+    S3,
+    /// Azure Blob Storage (or Azurite): `bucket` names the container, `account` the storage
+    /// account, `secret_access_key` the account's key. Part copies, cut-through fragments,
+    /// payload signing and presigned replies are S3's and not available.
+    Azure,
+}
+
+/// Where the farm's bytes live: an S3-compatible bucket (the `[object_store]` table), or an
+/// Azure Blob Storage container (`service = "azure"`).
 ///
 /// Unset credentials and region come from the usual environment variables
 /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
-/// `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`), then from the instance's metadata service.
+/// `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`), then from the instance's metadata service;
+/// for Azure from `AZURE_STORAGE_ACCOUNT_NAME` and `AZURE_STORAGE_ACCOUNT_KEY`.
 #[derive(Clone, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ObjectStoreConfig {
-    /// The bucket (required).
+    /// The API the store speaks: `"s3"` (default) or `"azure"`.
+    pub service: StoreService,
+    /// The bucket (required); with `service = "azure"` the container.
     pub bucket: String,
+    /// The Azure storage account (`service = "azure"` only).
+    pub account: Option<String>,
     /// Every key starts with this (`/`-separated, may be empty).
     pub prefix: String,
     /// The S3 endpoint URL, for stores other than AWS (`http://127.0.0.1:3900` for a local
@@ -42,7 +62,7 @@ pub struct ObjectStoreConfig {
     pub region: Option<String>,
     /// Access key id.
     pub access_key_id: Option<String>,
-    /// Secret access key.
+    /// Secret access key; with `service = "azure"` the storage account's key.
     pub secret_access_key: Option<String>,
     /// Session token of temporary credentials.
     pub session_token: Option<String>,
@@ -131,7 +151,9 @@ impl std::fmt::Debug for ObjectStoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
         f.debug_struct("ObjectStoreConfig")
+            .field("service", &self.service)
             .field("bucket", &self.bucket)
+            .field("account", &self.account)
             .field("prefix", &self.prefix)
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
@@ -164,14 +186,15 @@ impl ObjectStoreConfig {
         usize::try_from(size).unwrap_or(usize::MAX)
     }
 
-    /// Whether uploads are assembled with server-side part copies where possible.
+    /// Whether uploads are assembled with server-side part copies where possible (S3 only).
     pub fn server_side_copy(&self) -> bool {
-        self.server_side_copy.unwrap_or(true)
+        self.service == StoreService::S3 && self.server_side_copy.unwrap_or(true)
     }
 
-    /// Whether fragments shorter than the part size are streamed while they arrive.
+    /// Whether fragments shorter than the part size are streamed while they arrive (S3
+    /// only).
     pub fn stream_fragments(&self) -> bool {
-        self.stream_fragments.unwrap_or(true)
+        self.service == StoreService::S3 && self.stream_fragments.unwrap_or(true)
     }
 
     /// The node's budget for fragment bytes in memory (`fragment_memory`).
@@ -244,13 +267,31 @@ impl ObjectStoreConfig {
                     .into(),
             );
         }
-        Ok(())
+        match self.service {
+            StoreService::S3 if self.account.is_some() => Err(
+                "[object_store] account is for service = \"azure\"; an S3 store's key goes in \
+                 access_key_id"
+                    .into(),
+            ),
+            StoreService::S3 => Ok(()),
+            StoreService::Azure => super::azure::check(self),
+        }
     }
 
     /// The endpoint requests go to, as the S3 client reads it: `endpoint`, else the one the
     /// environment names (`AWS_ENDPOINT_URL`); `None` for AWS S3 itself.
+    /// With `service = "azure"`: `endpoint`, else the account's blob URL.
     pub fn effective_endpoint(&self) -> Option<String> {
-        endpoint_of(&self.builder_from_env())
+        match self.service {
+            StoreService::S3 => endpoint_of(&self.builder_from_env()),
+            StoreService::Azure => self.endpoint.clone().or_else(|| {
+                let account = self
+                    .account
+                    .clone()
+                    .or_else(|| std::env::var("AZURE_STORAGE_ACCOUNT_NAME").ok())?;
+                Some(format!("https://{account}.blob.core.windows.net"))
+            }),
+        }
     }
 
     /// The client builder from the environment, with this table's bucket and endpoint.
@@ -264,27 +305,9 @@ impl ObjectStoreConfig {
 
     /// The S3 client, and where its bucket is (for the requests `object_store` cannot send).
     pub(crate) fn build(&self) -> Result<(AmazonS3, S3Location), StorageError> {
-        let refuse = |why: String| StorageError::ObjectStore {
-            op: "configure",
-            key: self.bucket.clone(),
-            why,
-        };
-        self.check().map_err(refuse)?;
-        // The HTTP client's TLS needs a process-wide rustls provider; bitsd uses ring
-        // everywhere (a provider installed earlier by the embedding program stays).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-
         let mut builder = self.builder_from_env();
         let endpoint = endpoint_of(&builder);
-        let plain_http = endpoint.as_deref().is_some_and(is_plain_http);
-        let allow_http = self.allow_http.unwrap_or(plain_http);
-        if plain_http && !allow_http {
-            return Err(refuse(format!(
-                "the endpoint {} is plain http:// but [object_store] allow_http = false: \
-                 use an https:// endpoint, or set allow_http = true",
-                endpoint.as_deref().unwrap_or_default()
-            )));
-        }
+        let (client, retry) = self.prepare(endpoint.as_deref())?;
         if let Some(region) = &self.region {
             builder = builder.with_region(region);
         }
@@ -297,16 +320,6 @@ impl ObjectStoreConfig {
         if let Some(token) = &self.session_token {
             builder = builder.with_token(token);
         }
-        let (connect_timeout, timeout, max_retries) = self.timeouts();
-        let client = ClientOptions::new()
-            .with_connect_timeout(connect_timeout)
-            .with_timeout(timeout)
-            .with_allow_http(allow_http);
-        let retry = RetryConfig {
-            max_retries,
-            retry_timeout: Duration::from_secs(self.retry_timeout_secs.unwrap_or(10)),
-            ..RetryConfig::default()
-        };
         // The bucket's URL as object_store forms it (endpoint from the config or AWS_ENDPOINT_URL).
         let region = builder
             .get_config_value(&AmazonS3ConfigKey::Region)
@@ -327,13 +340,68 @@ impl ObjectStoreConfig {
         };
         let s3 = builder
             .with_client_options(client)
-            .with_allow_http(allow_http)
             .with_virtual_hosted_style_request(self.virtual_hosted_style)
             .with_retry(retry)
             .with_unsigned_payload(!sign_payloads)
             .build()
-            .map_err(|e| refuse(e.to_string()))?;
+            .map_err(|e| self.refusal(e.to_string()))?;
         Ok((s3, location))
+    }
+}
+
+impl ObjectStoreConfig {
+    /// The Azure client of a `service = "azure"` table.
+    pub(crate) fn build_azure(&self) -> Result<object_store::azure::MicrosoftAzure, StorageError> {
+        let (client, retry) = self.prepare(self.endpoint.as_deref())?;
+        super::azure::build(self, client, retry).map_err(|why| self.refusal(why))
+    }
+
+    /// What every store's client is built with, once the table is checked: the HTTP
+    /// client's options (timeouts, and plain HTTP allowed for `endpoint`) and the retries.
+    fn prepare(
+        &self,
+        endpoint: Option<&str>,
+    ) -> Result<(ClientOptions, RetryConfig), StorageError> {
+        self.check().map_err(|why| self.refusal(why))?;
+        // The HTTP client's TLS needs a process-wide rustls provider; bitsd uses ring
+        // everywhere (a provider installed earlier by the embedding program stays).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let allow_http = self.allow_http(endpoint).map_err(|why| self.refusal(why))?;
+        let (connect_timeout, timeout, max_retries) = self.timeouts();
+        let client = ClientOptions::new()
+            .with_connect_timeout(connect_timeout)
+            .with_timeout(timeout)
+            .with_allow_http(allow_http);
+        let retry = RetryConfig {
+            max_retries,
+            retry_timeout: Duration::from_secs(self.retry_timeout_secs.unwrap_or(10)),
+            ..RetryConfig::default()
+        };
+        Ok((client, retry))
+    }
+
+    /// The error of a table a client cannot be built from, for `why`.
+    fn refusal(&self, why: String) -> StorageError {
+        StorageError::ObjectStore {
+            op: "configure",
+            key: self.bucket.clone(),
+            why,
+        }
+    }
+
+    /// `allow_http` as set, else whether `endpoint` is plain `http://`; refused when it is
+    /// and `allow_http = false`.
+    fn allow_http(&self, endpoint: Option<&str>) -> Result<bool, String> {
+        let plain_http = endpoint.is_some_and(is_plain_http);
+        let allow_http = self.allow_http.unwrap_or(plain_http);
+        if plain_http && !allow_http {
+            return Err(format!(
+                "the endpoint {} is plain http:// but [object_store] allow_http = false: \
+                 use an https:// endpoint, or set allow_http = true",
+                endpoint.unwrap_or_default()
+            ));
+        }
+        Ok(allow_http)
     }
 }
 

@@ -1,5 +1,5 @@
 //! The farm's bytes in an S3-compatible object store (AWS S3, Garage, MinIO, Ceph RGW, R2…)
-//! through the `object_store` crate.
+//! or an Azure Blob Storage container (`azure.rs`), through the `object_store` crate.
 //!
 //! The store only holds bytes; PostgreSQL decides what is acknowledged and committed. Nothing
 //! here relies on conditional writes (`If-Match` / `If-None-Match`: Garage ignores them):
@@ -20,11 +20,14 @@
 //! bucket should also have a lifecycle rule that aborts incomplete multipart uploads after a
 //! day, for a node killed mid-upload).
 
+mod access;
 mod assemble;
 mod assemble_copy;
+mod azure;
 mod budget;
 mod config;
 mod error;
+mod info;
 mod keys;
 mod part_copy;
 mod part_plan;
@@ -35,18 +38,22 @@ mod writer;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
+use object_store::multipart::MultipartStore;
+use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
+pub use access::Access;
 pub use assemble::{Assembled, FragmentObject};
 pub use budget::{FragmentMemory, DEFAULT_FRAGMENT_MEMORY};
 pub use config::{
-    ObjectStoreConfig, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PART_SIZE,
+    ObjectStoreConfig, StoreService, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PART_SIZE,
     MAX_PRESIGNED_SECS, MIN_PART_SIZE,
 };
+pub use info::{ByteStream, ObjectInfo, ObjectRead};
 pub use keys::{ObjectKey, MAX_KEY_LEN};
 pub use resume::{AssemblyJournal, Claim, DonePart, Journal, LEASE};
 pub use writer::{ObjectWriter, StoredObject};
@@ -58,94 +65,14 @@ pub const COUNT_REPLIES_FROM: u64 = 64 * 1024;
 use crate::StorageError;
 use error::map_err;
 
-/// What [`Objects::access`] writes (and deletes at once).
-const ACCESS_CHECK_BODY: &[u8] =
-    b"bitsd writes and deletes this object at start to check its access\n";
-
-/// What the store answered to [`Objects::access`].
-#[derive(Debug)]
-pub enum Access {
-    /// It took the listing, the write and the delete.
-    Granted,
-    /// It refused one of them (a wrong key, secret, region or bucket, a missing permission:
-    /// any answer that is not transient). A node stops at start on it, and is not ready
-    /// while it lasts.
-    Refused(StorageError),
-    /// It did not answer, or answered that it cannot now (transient): a node starts and stays
-    /// ready, its packets getting 503 until the store is back.
-    NoAnswer(StorageError),
-}
-
-/// A stream of an object's bytes; a failure midway is a [`StorageError`].
-pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StorageError>> + Send>>;
-
-/// What the store says about an object.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ObjectInfo {
-    /// Its key.
-    pub key: ObjectKey,
-    /// Its length in bytes.
-    pub len: u64,
-    /// When it was last written.
-    pub last_modified: SystemTime,
-    /// Its entity tag, if the store gave one.
-    pub e_tag: Option<String>,
-}
-
-impl From<object_store::ObjectMeta> for ObjectInfo {
-    fn from(meta: object_store::ObjectMeta) -> Self {
-        ObjectInfo {
-            key: ObjectKey::from_path(meta.location),
-            len: meta.size,
-            last_modified: meta.last_modified.into(),
-            e_tag: meta.e_tag,
-        }
-    }
-}
-
-/// An object (or a byte range of one) being read.
-pub struct ObjectRead {
-    /// The range of the object this read returns.
-    pub range: Range<u64>,
-    /// The object's whole length.
-    pub total: u64,
-    /// Its entity tag, if the store gave one.
-    pub e_tag: Option<String>,
-    /// When it was last written.
-    pub last_modified: SystemTime,
-    /// The bytes of `range`, in order.
-    pub stream: ByteStream,
-}
-
-impl std::fmt::Debug for ObjectRead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObjectRead")
-            .field("range", &self.range)
-            .field("total", &self.total)
-            .field("e_tag", &self.e_tag)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ObjectRead {
-    /// Reads the whole stream into memory (for tests and small objects).
-    pub async fn bytes(self) -> Result<Vec<u8>, StorageError> {
-        let mut out =
-            Vec::with_capacity(usize::try_from(self.range.end - self.range.start).unwrap_or(0));
-        let mut stream = self.stream;
-        while let Some(chunk) = stream.next().await {
-            out.extend_from_slice(&chunk?);
-        }
-        Ok(out)
-    }
-}
-
 /// The farm's object store: one bucket, every key under one prefix.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
-    /// The same client, for the multipart calls of assembly with part copies.
-    s3: Arc<object_store::aws::AmazonS3>,
+    /// The same client, for the multipart calls of an assembly.
+    multipart: Arc<dyn MultipartStore>,
+    /// The same client, for presigned reply URLs (`None`: a store without them).
+    signer: Option<Arc<dyn Signer>>,
     /// `UploadPartCopy` requests (`None`: `server_side_copy = false`).
     copier: Option<Arc<part_copy::PartCopier>>,
     /// Cut-through PUTs of fragments (`None`: `stream_fragments = false`).
@@ -162,9 +89,32 @@ pub struct Objects {
     fragment_memory: FragmentMemory,
 }
 
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Objects")
+            .field("store", &self.store)
+            .field("prefix", &self.prefix)
+            .field("part_size", &self.part_size)
+            .field("copies_parts", &self.copier.is_some())
+            .field("streams_fragments", &self.streamer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Objects {
     /// Connects to the store `config` describes (nothing is sent until the first request).
     pub fn new(config: &ObjectStoreConfig) -> Result<Self, StorageError> {
+        if config.service == StoreService::Azure {
+            let azure = Arc::new(config.build_azure()?);
+            return Ok(Self::with_parts(
+                config,
+                Arc::clone(&azure) as Arc<dyn ObjectStore>,
+                azure,
+                None,
+                None,
+                None,
+            ));
+        }
         let (s3, location) = config.build()?;
         let s3 = Arc::new(s3);
         let (connect, timeout, retries) = config.timeouts();
@@ -190,9 +140,29 @@ impl Objects {
         } else {
             None
         };
-        Ok(Objects {
-            store: Arc::clone(&s3) as Arc<dyn ObjectStore>,
-            s3,
+        Ok(Self::with_parts(
+            config,
+            Arc::clone(&s3) as Arc<dyn ObjectStore>,
+            Arc::clone(&s3) as Arc<dyn MultipartStore>,
+            Some(s3),
+            copier,
+            streamer,
+        ))
+    }
+
+    /// The store's clients and the table's settings, together.
+    fn with_parts(
+        config: &ObjectStoreConfig,
+        store: Arc<dyn ObjectStore>,
+        multipart: Arc<dyn MultipartStore>,
+        signer: Option<Arc<dyn Signer>>,
+        copier: Option<Arc<part_copy::PartCopier>>,
+        streamer: Option<Arc<stream_put::StreamPutter>>,
+    ) -> Self {
+        Objects {
+            store,
+            multipart,
+            signer,
             copier,
             streamer,
             prefix: ObjectKey::new(&config.prefix),
@@ -204,7 +174,7 @@ impl Objects {
                 config.fragment_memory(),
                 config.fragment_memory_wait(),
             ),
-        })
+        }
     }
 
     /// The prefix every key of this store starts with.
@@ -246,8 +216,14 @@ impl Objects {
         key: &ObjectKey,
         ttl: Duration,
     ) -> Result<String, StorageError> {
-        use object_store::signer::Signer;
-        self.s3
+        let Some(signer) = &self.signer else {
+            return Err(StorageError::ObjectStore {
+                op: "presign",
+                key: key.as_str().to_owned(),
+                why: "this store has no presigned URLs".into(),
+            });
+        };
+        signer
             .signed_url(method, key.path(), ttl)
             .await
             .map(String::from)
@@ -452,31 +428,6 @@ impl Objects {
             .try_collect()
             .await
             .map_err(map_err("list", prefix.as_str()))
-    }
-
-    /// Whether the store takes this node's bucket and credentials for what a node does: one
-    /// listing request under the prefix (its first page), then a small object written at
-    /// [`Objects::access_check_key`] and deleted again. What a node asks at start, so that a
-    /// wrong key, secret, region or bucket, or a key that may read but not write, stops it
-    /// there instead of failing every fragment later; and what `/readyz` asks again while it
-    /// runs. Which answers are a refusal is decided here, for both.
-    pub async fn access(&self) -> Access {
-        match self.check_access().await {
-            Ok(()) => Access::Granted,
-            Err(e) if e.is_transient() => Access::NoAnswer(e),
-            Err(e) => Access::Refused(e),
-        }
-    }
-
-    /// The requests of [`Objects::access`].
-    async fn check_access(&self) -> Result<(), StorageError> {
-        self.list_stream(self.prefix()).next().await.transpose()?;
-        let key = self.access_check_key();
-        self.store
-            .put(key.path(), ACCESS_CHECK_BODY.into())
-            .await
-            .map_err(map_err("put", key.as_str()))?;
-        self.delete(std::slice::from_ref(&key)).await
     }
 
     /// Every object under `prefix`, as a stream (listing pages are fetched as it is read):
