@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::farm_servers::{StoreServer, StoreServers};
+use crate::pattern;
 use crate::pg::{raw_client, PgCluster};
 
 /// A shared backend and the servers behind it (stopped when dropped).
@@ -256,4 +257,59 @@ pub async fn pending_rows(url: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Two sessions uploading `count` fragments of `frag` bytes each to the same destination, on
+/// `nodes[0]` and `nodes[1]`, whose final fragments arrive together (three rounds): exactly
+/// one publishes (the other gets 403 `E_ACCESSDENIED`, as when the file existed), and the
+/// file in `objects` holds the winner's bytes.
+pub async fn two_sessions_race_for_one_destination(
+    nodes: &[crate::TestServer],
+    objects: &Objects,
+    frag: usize,
+    count: usize,
+) {
+    for round in 0..3 {
+        let path = format!("/upload/race-{round}.bin");
+        let data = [
+            pattern(count * frag, 2 * round as u64),
+            pattern(count * frag, 2 * round as u64 + 1),
+        ];
+        let mut clients = Vec::new();
+        let mut sids = Vec::new();
+        for (i, node) in nodes.iter().take(2).enumerate() {
+            let mut c = node.connect().await;
+            let sid = c.create_session(&path).await;
+            // Everything but the last fragment.
+            for at in (0..data[i].len() - frag).step_by(frag) {
+                let res = c.fragment(&path, &sid, &data[i], at, frag).await;
+                assert_eq!(res.status, 200, "{res:?}");
+            }
+            clients.push(c);
+            sids.push(sid);
+        }
+        let last = data[0].len() - frag;
+        let finals = clients
+            .into_iter()
+            .zip(sids)
+            .zip(data.clone())
+            .map(|((mut c, sid), d)| {
+                let path = path.clone();
+                tokio::spawn(async move { c.fragment(&path, &sid, &d, last, frag).await })
+            })
+            .collect::<Vec<_>>();
+        let mut answers = Vec::new();
+        for f in finals {
+            answers.push(f.await.unwrap());
+        }
+        let won: Vec<usize> = (0..2).filter(|&i| answers[i].status == 200).collect();
+        assert_eq!(won.len(), 1, "round {round}: {answers:?}");
+        let lost = 1 - won[0];
+        answers[lost].assert_error(403, "0x80070005");
+        let key = objects.file_key(&format!("race-{round}.bin"));
+        assert!(
+            read_object(objects, &key).await == data[won[0]],
+            "round {round}: the published file is not the winner's upload"
+        );
+    }
 }

@@ -10,8 +10,8 @@
 
 use bitsd::storage::shared::objects::{ObjectStoreConfig, Objects};
 use bitsd_tests::farm_cluster::{refused_start, write_shared_config};
-use bitsd_tests::farm_servers::StoreServers;
-use bitsd_tests::shared_backend::read_object;
+use bitsd_tests::farm_servers::{shared_nodes, StoreServers};
+use bitsd_tests::shared_backend::{read_object, two_sessions_race_for_one_destination};
 use bitsd_tests::{pattern, BitsdProcess, RawClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,6 +103,25 @@ async fn a_node_on_an_azure_container_takes_an_upload_and_refuses_s3_only_settin
             .unwrap();
         assert!(stderr.contains(expected), "{name}: {stderr}");
     }
+}
+
+/// Two sessions racing for one destination on two nodes, their uploads large enough to be
+/// assembled as block lists of the same blob (11 MiB in 1 MiB fragments, 5 MiB parts):
+/// exactly one publishes, and the blob holds the winner's bytes. (Azure keeps uncommitted
+/// blocks by the blob's name, so two assemblies of one destination at once would commit or
+/// drop each other's blocks; the publish marker lets only one session assemble it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_completing_one_destination_on_azure_publish_it_once() {
+    let Some(servers) = StoreServers::azurite().await else {
+        return;
+    };
+    let store = ObjectStoreConfig {
+        part_size: Some(5 << 20),
+        ..servers.store.object_store_config("race")
+    };
+    let nodes = shared_nodes(&servers.postgres_url, &store, 2).await;
+    let objects = Objects::new(&store).unwrap();
+    two_sessions_race_for_one_destination(&nodes, &objects, 1 << 20, 11).await;
 }
 
 /// Standard base64 of `bytes` (an account key is 64 bytes so encoded).

@@ -14,7 +14,9 @@ use bitsd::storage::shared::pg::{PgOptions, PgStateStore};
 use bitsd::{CredentialsAuthenticator, SharedAuthenticator, StorageConfig};
 use bitsd_protocol::SessionId;
 use bitsd_tests::farm_servers::{shared_nodes, shared_storage, Farm, FarmServers};
-use bitsd_tests::shared_backend::{listed_keys, read_object};
+use bitsd_tests::shared_backend::{
+    listed_keys, read_object, two_sessions_race_for_one_destination,
+};
 use bitsd_tests::{pattern, url_path, RawClient, TestServer, PROTOCOL};
 
 async fn farm(n: usize) -> Option<Farm> {
@@ -29,50 +31,7 @@ async fn farm(n: usize) -> Option<Farm> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sessions_completing_one_destination_together_publish_it_once() {
     let Some(farm) = farm(2).await else { return };
-    let frag = 64 * 1024;
-    for round in 0..3 {
-        let path = format!("/upload/race-{round}.bin");
-        let data = [
-            pattern(16 * frag, 2 * round),
-            pattern(16 * frag, 2 * round + 1),
-        ];
-        let mut clients = Vec::new();
-        let mut sids = Vec::new();
-        for (i, node) in farm.nodes.iter().enumerate() {
-            let mut c = node.connect().await;
-            let sid = c.create_session(&path).await;
-            // Everything but the last fragment.
-            for at in (0..data[i].len() - frag).step_by(frag) {
-                let res = c.fragment(&path, &sid, &data[i], at, frag).await;
-                assert_eq!(res.status, 200, "{res:?}");
-            }
-            clients.push(c);
-            sids.push(sid);
-        }
-        let last = data[0].len() - frag;
-        let finals = clients
-            .into_iter()
-            .zip(sids)
-            .zip(data.clone())
-            .map(|((mut c, sid), d)| {
-                let path = path.clone();
-                tokio::spawn(async move { c.fragment(&path, &sid, &d, last, frag).await })
-            })
-            .collect::<Vec<_>>();
-        let mut answers = Vec::new();
-        for f in finals {
-            answers.push(f.await.unwrap());
-        }
-        let won: Vec<usize> = (0..2).filter(|&i| answers[i].status == 200).collect();
-        assert_eq!(won.len(), 1, "round {round}: {answers:?}");
-        let lost = 1 - won[0];
-        answers[lost].assert_error(403, "0x80070005");
-        let key = farm.objects.file_key(&format!("race-{round}.bin"));
-        assert!(
-            read_object(&farm.objects, &key).await == data[won[0]],
-            "round {round}: the published file is not the winner's upload"
-        );
-    }
+    two_sessions_race_for_one_destination(&farm.nodes, &farm.objects, 64 * 1024, 16).await;
 }
 
 /// S3 keys hold at most 1024 bytes. A destination whose key (`<prefix>/files/<path>`, with
