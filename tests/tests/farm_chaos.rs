@@ -1,5 +1,5 @@
 //! The farm's failures under load: real `bitsd` binaries on one PostgreSQL database and one
-//! Garage bucket behind nginx round robin, driven by clients that retry like BITS
+//! Garage bucket (the node kills also on an Azurite container) behind nginx round robin, driven by clients that retry like BITS
 //! (`bitsd_tests::bits_job`), while nodes are SIGKILLed and restarted, a Garage node dies,
 //! PostgreSQL stops, or a node dies while a fragment's body is streaming. Every job must
 //! finish byte-exact without a session ever restarting from zero and without an acknowledged
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bitsd::storage::shared::objects::Objects;
 use bitsd_tests::bits_job::RetryPolicy;
 use bitsd_tests::farm_cluster::FarmCluster;
-use bitsd_tests::farm_servers::FarmServers;
+use bitsd_tests::farm_servers::StoreServers;
 
 use chaos_support::{check_plain_uploads, run_jobs, tally, JobPlan, Rng, MIB};
 
@@ -49,17 +49,29 @@ fn scale() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkilled() {
-    let Some(FarmServers {
+    if let Some(servers) = StoreServers::garage().await {
+        sixty_four_jobs_while_nodes_are_sigkilled_on(servers).await;
+    }
+}
+
+/// The same on Azure Blob Storage (Azurite, `service = "azure"`): fragments, merges,
+/// assemblies as block lists and their resumption, under the same kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_jobs_on_azure_complete_byte_exact_while_nodes_are_sigkilled() {
+    if let Some(servers) = StoreServers::azurite().await {
+        sixty_four_jobs_while_nodes_are_sigkilled_on(servers).await;
+    }
+}
+
+async fn sixty_four_jobs_while_nodes_are_sigkilled_on(servers: StoreServers) {
+    let StoreServers {
         pg: _pg,
         postgres_url,
-        garage,
-    }) = FarmServers::start().await
-    else {
-        return;
-    };
+        store: server,
+    } = servers;
     let seed = seed();
     let scale = scale();
-    let store = garage.object_store_config("chaos");
+    let store = server.object_store_config("chaos");
     let config = bitsd_tests::farm_cluster::shared_config("", &postgres_url, 8, 5, &store);
     let Some(cluster) = tokio::task::spawn_blocking(move || {
         FarmCluster::start(&[config.clone(), config.clone(), config])
@@ -169,5 +181,5 @@ async fn sixty_four_concurrent_jobs_complete_byte_exact_while_nodes_are_sigkille
         merged > 0,
         "seed {seed}: no run of tiny fragments was merged"
     );
-    drop(garage);
+    drop(server);
 }
