@@ -39,6 +39,20 @@ fn seed() -> u64 {
     seed
 }
 
+/// With `BITSD_CHAOS_LOGS=DIR`, a failed run's node logs are copied to `DIR/node<i>.log`
+/// (the cluster's own directory goes with the test).
+fn keep_node_logs(cluster: &FarmCluster) {
+    let Some(dir) = std::env::var_os("BITSD_CHAOS_LOGS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..cluster.len() {
+        std::fs::write(dir.join(format!("node{i}.log")), cluster.log(i)).unwrap();
+    }
+    println!("node logs kept in {}", dir.display());
+}
+
 fn scale() -> usize {
     std::env::var("BITSD_CHAOS_SCALE")
         .ok()
@@ -163,6 +177,9 @@ async fn sixty_four_jobs_while_nodes_are_sigkilled_on(servers: StoreServers) {
     );
     let objects = Objects::new(&store).unwrap();
     failures.extend(check_plain_uploads(&objects, &jobs).await);
+    if !failures.is_empty() {
+        keep_node_logs(&cluster.lock().unwrap());
+    }
     assert!(
         failures.is_empty(),
         "seed {seed}: {failures:#?}\n{}",
