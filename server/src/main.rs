@@ -241,8 +241,14 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                         },
                         match (store.effective_endpoint(), &store.endpoint) {
                             (Some(e), Some(_)) => format!(" at {e}"),
+                            (Some(e), None) if azure && store.account.is_some() => {
+                                format!(" at {e}")
+                            }
                             (Some(e), None) => format!(" at {e} (from the environment)"),
-                            (None, _) if azure => " (account from the environment)".to_owned(),
+                            (None, _) if azure => {
+                                " (no account: set account or AZURE_STORAGE_ACCOUNT_NAME)"
+                                    .to_owned()
+                            }
                             (None, _) => " on AWS S3".to_owned(),
                         }
                     );
