@@ -175,10 +175,14 @@ impl BitsdProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            // Warnings, and a farm node's merges of tiny fragments (tests count them).
+            // Warnings, and a farm node's merges of tiny fragments (tests count them); more with
+            // `BITSD_TEST_NODE_LOG` (a `RUST_LOG` filter that keeps the merges, for a run whose
+            // node logs are kept, e.g. `BITSD_CHAOS_LOGS`).
             .env(
                 "RUST_LOG",
-                "warn,bitsd_storage::shared::backend::coalesce=debug",
+                std::env::var("BITSD_TEST_NODE_LOG").unwrap_or_else(|_| {
+                    "warn,bitsd_storage::shared::backend::coalesce=debug".into()
+                }),
             )
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)
