@@ -227,30 +227,10 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 bitsd::StorageConfig::Local => println!("  storage       local"),
                 bitsd::StorageConfig::Shared(s) => {
                     let store = &s.object_store;
-                    let azure =
-                        store.service == bitsd::storage::shared::objects::StoreService::Azure;
                     println!(
-                        "  storage       shared (postgres {}, {} {}{}{})",
+                        "  storage       shared (postgres {}, {})",
                         bitsd::storage_config::redact_url(&s.postgres_url),
-                        if azure { "Azure container" } else { "bucket" },
-                        store.bucket,
-                        if store.prefix.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", prefix {}", store.prefix)
-                        },
-                        match (store.effective_endpoint(), &store.endpoint) {
-                            (Some(e), Some(_)) => format!(" at {e}"),
-                            (Some(e), None) if azure && store.account.is_some() => {
-                                format!(" at {e}")
-                            }
-                            (Some(e), None) => format!(" at {e} (from the environment)"),
-                            (None, _) if azure => {
-                                " (no account: set account or AZURE_STORAGE_ACCOUNT_NAME)"
-                                    .to_owned()
-                            }
-                            (None, _) => " on AWS S3".to_owned(),
-                        }
+                        store.describe()
                     );
                     println!(
                         "  fragments     at most {} bytes in memory (fragment_memory)",

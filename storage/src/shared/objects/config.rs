@@ -294,6 +294,34 @@ impl ObjectStoreConfig {
         }
     }
 
+    /// Where the bytes go, as `bitsd check-config` shows it: `bucket B` (`Azure container B`),
+    /// `, prefix P` when there is one, then ` at URL` ([`ObjectStoreConfig::effective_endpoint`];
+    /// `(from the environment)` when no key of the table named it), ` on AWS S3` for S3
+    /// without an endpoint, or for Azure without an account what to set.
+    pub fn describe(&self) -> String {
+        let (noun, named_here) = match self.service {
+            StoreService::S3 => ("bucket", self.endpoint.is_some()),
+            StoreService::Azure => (
+                "Azure container",
+                self.endpoint.is_some() || self.account.is_some(),
+            ),
+        };
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!(", prefix {}", self.prefix)
+        };
+        let place = match self.effective_endpoint() {
+            Some(e) if named_here => format!(" at {e}"),
+            Some(e) => format!(" at {e} (from the environment)"),
+            None if self.service == StoreService::Azure => {
+                " (no account: set account or AZURE_STORAGE_ACCOUNT_NAME)".to_owned()
+            }
+            None => " on AWS S3".to_owned(),
+        };
+        format!("{noun} {}{prefix}{place}", self.bucket)
+    }
+
     /// The client builder from the environment, with this table's bucket and endpoint.
     fn builder_from_env(&self) -> AmazonS3Builder {
         let builder = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
@@ -347,9 +375,7 @@ impl ObjectStoreConfig {
             .map_err(|e| self.refusal(e.to_string()))?;
         Ok((s3, location))
     }
-}
 
-impl ObjectStoreConfig {
     /// The Azure client of a `service = "azure"` table.
     pub(crate) fn build_azure(&self) -> Result<object_store::azure::MicrosoftAzure, StorageError> {
         let (client, retry) = self.prepare(self.endpoint.as_deref())?;
@@ -458,6 +484,35 @@ mod tests {
         assert!(with("http://127.0.0.1:3900", None).build().is_ok());
         assert!(with("https://s3.internal", Some(false)).build().is_ok());
         assert!(is_plain_http(" HTTP://x") && !is_plain_http("https://x") && !is_plain_http("ht"));
+    }
+
+    #[test]
+    fn the_description_names_the_store_and_its_url() {
+        let s3 = ObjectStoreConfig {
+            bucket: "b".into(),
+            prefix: "p".into(),
+            endpoint: Some("http://127.0.0.1:3900".into()),
+            ..ObjectStoreConfig::default()
+        };
+        assert_eq!(s3.describe(), "bucket b, prefix p at http://127.0.0.1:3900");
+        let azure = ObjectStoreConfig {
+            service: StoreService::Azure,
+            bucket: "c".into(),
+            account: Some("acct".into()),
+            ..ObjectStoreConfig::default()
+        };
+        assert_eq!(
+            azure.describe(),
+            "Azure container c at https://acct.blob.core.windows.net"
+        );
+        let azurite = ObjectStoreConfig {
+            endpoint: Some("http://127.0.0.1:10000/devstoreaccount1".into()),
+            ..azure
+        };
+        assert_eq!(
+            azurite.describe(),
+            "Azure container c at http://127.0.0.1:10000/devstoreaccount1"
+        );
     }
 
     #[test]
