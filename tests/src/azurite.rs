@@ -47,7 +47,6 @@ pub fn azurite_binary() -> Option<PathBuf> {
 #[derive(Debug)]
 pub struct Azurite {
     served: Served,
-    addr: SocketAddr,
 }
 
 impl Azurite {
@@ -80,18 +79,17 @@ impl Azurite {
                 None => None,
             },
         )?;
-        let addr = served.addr;
-        Some(Azurite { served, addr })
+        Some(Azurite { served })
     }
 
     /// The blob endpoint of the development account, `http://127.0.0.1:PORT/devstoreaccount1`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}/{ACCOUNT}", self.addr)
+        format!("http://{}/{ACCOUNT}", self.served.addr)
     }
 
     /// The blob API's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.served.addr
     }
 
     /// Object-store settings for the container under `prefix` (`service = "azure"`, the

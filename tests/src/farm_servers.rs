@@ -145,32 +145,29 @@ impl StoreServers {
 
     /// PostgreSQL and moto; `None` after printing why when either cannot run.
     pub async fn moto() -> Option<StoreServers> {
-        let pg = start_postgres(PgCluster::shared).await?;
-        let moto = tokio::task::spawn_blocking(Moto::start)
-            .await
-            .expect("moto start task")?;
-        let postgres_url = fresh_database(&pg).await;
-        Some(StoreServers {
-            pg,
-            postgres_url,
-            store: StoreServer::Moto(moto),
-        })
+        Self::with_store(|| Moto::start().map(StoreServer::Moto)).await
     }
-}
 
-impl StoreServers {
     /// PostgreSQL and Azurite (the farm on `service = "azure"`); `None` after printing why
     /// when either cannot run.
     pub async fn azurite() -> Option<StoreServers> {
+        Self::with_store(|| Azurite::start().map(StoreServer::Azurite)).await
+    }
+
+    /// PostgreSQL (the test binary's shared cluster, a fresh database) and the store `start`
+    /// starts (a blocking call).
+    async fn with_store(
+        start: impl FnOnce() -> Option<StoreServer> + Send + 'static,
+    ) -> Option<StoreServers> {
         let pg = start_postgres(PgCluster::shared).await?;
-        let azurite = tokio::task::spawn_blocking(Azurite::start)
+        let store = tokio::task::spawn_blocking(start)
             .await
-            .expect("Azurite start task")?;
+            .expect("store start task")?;
         let postgres_url = fresh_database(&pg).await;
         Some(StoreServers {
             pg,
             postgres_url,
-            store: StoreServer::Azurite(azurite),
+            store,
         })
     }
 }

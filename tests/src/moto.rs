@@ -41,7 +41,6 @@ pub fn moto_binary() -> Option<PathBuf> {
 #[derive(Debug)]
 pub struct Moto {
     served: Served,
-    addr: SocketAddr,
 }
 
 impl Moto {
@@ -71,25 +70,24 @@ impl Moto {
                 None => None,
             },
         )?;
-        let addr = served.addr;
-        Some(Moto { served, addr })
+        Some(Moto { served })
     }
 
     /// The S3 endpoint, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.served.addr)
     }
 
     /// The S3 API's address.
     pub fn s3_addr(&self) -> SocketAddr {
-        self.addr
+        self.served.addr
     }
 
     /// Multipart uploads begun and neither completed nor aborted in the bucket
     /// (`ListMultipartUploads`; fewer than 1,000 in a test).
     pub fn unfinished_uploads(&self) -> u64 {
         match plain_request(
-            self.addr,
+            self.served.addr,
             "GET",
             &format!("/{MOTO_BUCKET}?uploads"),
             TIMEOUT,

@@ -5,6 +5,23 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// `bitsd check-config FILE`, which must accept the file: what it printed.
+pub fn check_config_ok(file: &Path) -> String {
+    let out = std::process::Command::new(bitsd_binary())
+        .arg("check-config")
+        .arg(file)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "check-config refused {}: {shown}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shown
+}
+
 /// Runs `bitsd --data-dir DIR` with `args`, which must stop by itself, failing, within
 /// `within`: its stderr. A `bitsd` still running then is killed, and the panic says `what`
 /// it should not have done.

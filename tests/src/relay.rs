@@ -216,7 +216,7 @@ async fn pump(
                     }
                 }
                 if let Some((parts, n)) = &mut g.count {
-                    if parts.iter().all(|p| contains(chunk, p)) {
+                    if contains_all(chunk, parts) {
                         *n += 1;
                     }
                 }
@@ -246,7 +246,12 @@ fn take_match(wanted: &mut Option<Vec<Vec<u8>>>, chunk: &[u8]) -> bool {
 fn matches(wanted: &Option<Vec<Vec<u8>>>, chunk: &[u8]) -> bool {
     wanted
         .as_ref()
-        .is_some_and(|parts| parts.iter().all(|p| contains(chunk, p)))
+        .is_some_and(|parts| contains_all(chunk, parts))
+}
+
+/// Whether `chunk` contains every one of `parts`.
+fn contains_all(chunk: &[u8], parts: &[Vec<u8>]) -> bool {
+    parts.iter().all(|p| contains(chunk, p))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

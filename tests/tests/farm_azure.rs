@@ -25,13 +25,7 @@ async fn a_node_on_an_azure_container_takes_an_upload_and_refuses_s3_only_settin
 
     // A node on the container: an upload of two fragments, published in the container.
     let config = write_shared_config(dir.path(), "azure", &url, &store);
-    let check = std::process::Command::new(bitsd_tests::bitsd_binary())
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&check.stdout).to_string();
-    assert!(check.status.success(), "{shown}");
+    let shown = bitsd_tests::check_config_ok(&config);
     assert!(
         shown.contains(&format!(
             "Azure container bitsd-test, prefix bin at {})",
@@ -45,12 +39,7 @@ async fn a_node_on_an_azure_container_takes_an_upload_and_refuses_s3_only_settin
         ..store.clone()
     };
     let config_account = write_shared_config(dir.path(), "account-only", &url, &account_only);
-    let check = std::process::Command::new(bitsd_tests::bitsd_binary())
-        .arg("check-config")
-        .arg(&config_account)
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&check.stdout).to_string();
+    let shown = bitsd_tests::check_config_ok(&config_account);
     assert!(
         shown.contains("at https://devstoreaccount1.blob.core.windows.net)"),
         "{shown}"

@@ -1,9 +1,9 @@
 //! The farm's failures under load: real `bitsd` binaries on one PostgreSQL database and one
-//! Garage bucket (the node kills also on an Azurite container) behind nginx round robin, driven by clients that retry like BITS
-//! (`bitsd_tests::bits_job`), while nodes are SIGKILLed and restarted, a Garage node dies,
-//! PostgreSQL stops, or a node dies while a fragment's body is streaming. Every job must
-//! finish byte-exact without a session ever restarting from zero and without an acknowledged
-//! offset going back.
+//! Garage bucket (the node kills also on an Azurite container) behind nginx round robin,
+//! driven by clients that retry like BITS (`bitsd_tests::bits_job`), while nodes are
+//! SIGKILLed and restarted, a Garage node dies, PostgreSQL stops, or a node dies while a
+//! fragment's body is streaming. Every job must finish byte-exact without a session ever
+//! restarting from zero and without an acknowledged offset going back.
 //!
 //! `BITSD_CHAOS_SEED=N` replays a run of the soak (its seed is printed);
 //! `BITSD_CHAOS_SCALE=K` runs K times the jobs and volume (a longer soak). Skips with a

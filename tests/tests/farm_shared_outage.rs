@@ -127,13 +127,7 @@ async fn binaries_from_a_shared_config_file_continue_a_session_after_one_is_sigk
         ),
     )
     .unwrap();
-    let check = std::process::Command::new(bitsd_tests::bitsd_binary())
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&check.stdout).to_string();
-    assert!(check.status.success(), "{shown}");
+    let shown = bitsd_tests::check_config_ok(&config);
     assert!(shown.contains("storage       shared"), "{shown}");
     assert!(shown.contains(", prefix bin at http://"), "{shown}");
     assert!(
