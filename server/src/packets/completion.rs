@@ -385,5 +385,9 @@ async fn produce_reply(
     record.state = SessionState::ReplyReady;
     record.touch();
     store.save(record).await.map_err(storage_failure)?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "reply stored and recorded"
+    );
     Ok(())
 }

@@ -138,6 +138,7 @@ impl Objects {
             _ => None,
         };
         if let Some(only) = single {
+            tracing::debug!(key = %dest, len = total, "assembling: a server-side copy of the one fragment");
             self.store
                 .copy(only.key.path(), dest.path())
                 .await
@@ -155,6 +156,7 @@ impl Objects {
             .iter()
             .any(|p| matches!(p, super::part_plan::PlannedPart::Copy(_)));
         if total >= self.part_size as u64 || copies {
+            tracing::debug!(key = %dest, len = total, parts = plan.len(), fragments = fragments.len(), resumable = journal.is_some(), "assembling: a multipart upload");
             return self
                 .assemble_parts(dest, &fragments, plan, total, journal)
                 .await;
@@ -162,6 +164,8 @@ impl Objects {
         // One PUT, streamed through the node: its memory counts in the node's budget (a
         // burst of completions waits for room, or answers 503, instead of holding it all at
         // once).
+        tracing::debug!(key = %dest, len = total, fragments = fragments.len(), "assembling: one PUT streamed through the node");
+        let started = std::time::Instant::now();
         let stored = self
             .put_stream_counted(
                 dest.clone(),
@@ -170,6 +174,7 @@ impl Objects {
                 self.read_fragments_checked(&fragments),
             )
             .await?;
+        tracing::debug!(key = %dest, len = total, elapsed_ms = started.elapsed().as_millis() as u64, "assembled with one PUT");
         Ok(Assembled {
             key: stored.key,
             len: stored.len,

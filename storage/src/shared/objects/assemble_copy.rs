@@ -77,6 +77,7 @@ impl Objects {
             // The lease is renewed while the parts go out and the store completes them.
             let sent = while_held(journal, &upload.key, async {
                 let parts = self.send_parts(&upload, fragments, &plan, journal).await?;
+                tracing::debug!(key = %upload.key, parts = parts.len(), "every part is in: completing the multipart upload");
                 Ok(self
                     .multipart
                     .complete_multipart(upload.key.path(), &upload.upload_id, parts)
@@ -149,9 +150,13 @@ impl Objects {
         let waiting_since = tokio::time::Instant::now();
         let mut waited = false;
         loop {
-            match j.claim().await? {
+            let claim = j.claim().await?;
+            if !waited && claim == Claim::Held {
+                tracing::debug!(key = %dest, "another attempt holds this assembly: waiting for its lease to end");
+            }
+            match claim {
                 Claim::Taken(found) => {
-                    tracing::info!(key = %found.key, parts = found.parts.len(), "going on with an assembly an earlier attempt started");
+                    tracing::info!(key = %found.key, parts = found.parts.len(), waited_ms = waiting_since.elapsed().as_millis() as u64, "going on with an assembly an earlier attempt started");
                     return Ok((found, true));
                 }
                 Claim::None if waited => {
@@ -162,6 +167,7 @@ impl Objects {
                 }
                 Claim::None => {
                     if let Some(mine) = self.start_upload(dest, j).await? {
+                        tracing::debug!(key = %dest, "started a new multipart upload for this assembly");
                         return Ok((mine, false));
                     }
                     // Another attempt recorded its upload first: wait for it.
@@ -269,6 +275,7 @@ impl Objects {
                     });
                 }
                 let index = number as usize - 1;
+                tracing::debug!(key = %upload.key, part = number, len = range.end - range.start, "sending an assembly's part");
                 let id = match &part {
                     PlannedPart::Copy(piece) => {
                         let Some(copier) = self.copier.as_ref() else {
@@ -326,6 +333,7 @@ impl Objects {
     ) -> Result<PartId, StorageError> {
         let len = pieces.iter().map(|p| p.range.end - p.range.start).sum();
         let _held = self.fragment_memory.reserve(len, dest.as_str()).await?;
+        tracing::debug!(key = %dest, part = index + 1, len, "reserved an assembly's part's memory; reading it");
         let started = std::time::Instant::now();
         // Owned items: a stream of references makes the future not `Send` for every lifetime.
         let owned: Vec<(usize, Range<u64>)> = pieces
@@ -338,6 +346,7 @@ impl Objects {
             .try_collect()
             .await?;
         let read = started.elapsed();
+        tracing::debug!(key = %dest, part = index + 1, len, read_ms = read.as_millis() as u64, "read an assembly's part; sending it");
         let id = self
             .multipart
             .put_part(
@@ -368,7 +377,9 @@ impl Objects {
         range: Range<u64>,
     ) -> Result<Bytes, StorageError> {
         let want = range.end - range.start;
-        let bytes = if range.start == 0 && range.end == f.len {
+        let started = std::time::Instant::now();
+        let whole = range.start == 0 && range.end == f.len;
+        let bytes = if whole {
             let got = self
                 .store
                 .get(f.key.path())
@@ -380,10 +391,11 @@ impl Objects {
                 .map_err(map_err("read fragment", f.key.as_str()))?
         } else {
             self.store
-                .get_range(f.key.path(), range)
+                .get_range(f.key.path(), range.clone())
                 .await
                 .map_err(map_err("read fragment", f.key.as_str()))?
         };
+        tracing::trace!(key = %f.key, ?range, whole, elapsed_ms = started.elapsed().as_millis() as u64, "read a piece of a fragment");
         if bytes.len() as u64 != want {
             return Err(StorageError::Corrupt {
                 key: f.key.to_string(),

@@ -15,6 +15,19 @@ pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 /// S3's largest part of a multipart upload (5 GiB).
 pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 
+/// The smallest part (block) bitsd writes to Azure Blob Storage, which has no minimum.
+pub const MIN_AZURE_BLOCK_SIZE: u64 = 1024 * 1024;
+
+/// Azure Blob Storage's largest block (4000 MiB).
+pub const MAX_AZURE_BLOCK_SIZE: u64 = 4000 * 1024 * 1024;
+
+/// Default part (block) size on Azure Blob Storage, whose blocks have no 5 MiB minimum.
+/// Smaller than S3's default: a streamed assembly's progress is recorded part by part, and a
+/// completion resumed after its node died sends again only the part it was sending; with
+/// 8 MiB blocks, a four-times chaos soak on a loaded Azurite left some completions that never
+/// finished a part between two kills of their node (docs/farm-internals.md).
+pub const DEFAULT_AZURE_BLOCK_SIZE: u64 = 4 * 1024 * 1024;
+
 /// Default part size, and the size below which an object is written with one PUT.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
@@ -73,8 +86,9 @@ pub struct ObjectStoreConfig {
     /// Address buckets as `https://<bucket>.<endpoint>` instead of `<endpoint>/<bucket>`.
     pub virtual_hosted_style: bool,
     /// Part size of multipart uploads in bytes, also the size from which one object is
-    /// written as a multipart upload (default 8 MiB, at least 5 MiB, at most 5 GiB). A
-    /// fragment writer holds up to this much in memory.
+    /// written as a multipart upload (default 8 MiB, at least 5 MiB, at most 5 GiB; on Azure
+    /// 4 MiB, at least 1 MiB, at most 4000 MiB). A fragment writer holds up to this much in
+    /// memory.
     pub part_size: Option<u64>,
     /// Connect timeout in milliseconds (default 2000).
     pub connect_timeout_ms: Option<u64>,
@@ -176,13 +190,20 @@ impl std::fmt::Debug for ObjectStoreConfig {
 }
 
 impl ObjectStoreConfig {
-    /// The effective part size (the configured one, at least [`MIN_PART_SIZE`], at most
-    /// [`MAX_PART_SIZE`]).
+    /// The effective part size: the configured one, else [`DEFAULT_PART_SIZE`]
+    /// ([`DEFAULT_AZURE_BLOCK_SIZE`] on Azure), kept within the store's limits
+    /// ([`MIN_PART_SIZE`] to [`MAX_PART_SIZE`] on S3, [`MIN_AZURE_BLOCK_SIZE`] to
+    /// [`MAX_AZURE_BLOCK_SIZE`] on Azure).
     pub fn part_size(&self) -> usize {
-        let size = self
-            .part_size
-            .unwrap_or(DEFAULT_PART_SIZE)
-            .clamp(MIN_PART_SIZE, MAX_PART_SIZE);
+        let (default, min, max) = match self.service {
+            StoreService::S3 => (DEFAULT_PART_SIZE, MIN_PART_SIZE, MAX_PART_SIZE),
+            StoreService::Azure => (
+                DEFAULT_AZURE_BLOCK_SIZE,
+                MIN_AZURE_BLOCK_SIZE,
+                MAX_AZURE_BLOCK_SIZE,
+            ),
+        };
+        let size = self.part_size.unwrap_or(default).clamp(min, max);
         usize::try_from(size).unwrap_or(usize::MAX)
     }
 
@@ -528,6 +549,22 @@ mod tests {
             ObjectStoreConfig::default().part_size() as u64,
             DEFAULT_PART_SIZE
         );
+    }
+
+    #[test]
+    fn on_azure_the_part_size_stays_within_its_block_limits() {
+        let with = |n| ObjectStoreConfig {
+            service: StoreService::Azure,
+            part_size: n,
+            ..ObjectStoreConfig::default()
+        };
+        assert_eq!(with(Some(1)).part_size() as u64, MIN_AZURE_BLOCK_SIZE);
+        assert_eq!(with(Some(2 << 20)).part_size() as u64, 2 << 20);
+        assert_eq!(
+            with(Some(u64::MAX)).part_size() as u64,
+            MAX_AZURE_BLOCK_SIZE
+        );
+        assert_eq!(with(None).part_size() as u64, DEFAULT_AZURE_BLOCK_SIZE);
     }
 
     #[test]
