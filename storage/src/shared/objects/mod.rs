@@ -50,8 +50,9 @@ pub use access::Access;
 pub use assemble::{Assembled, FragmentObject};
 pub use budget::{FragmentMemory, DEFAULT_FRAGMENT_MEMORY};
 pub use config::{
-    ObjectStoreConfig, StoreService, DEFAULT_MERGE_PARTS_FROM, DEFAULT_PART_SIZE, MAX_PART_SIZE,
-    MAX_PRESIGNED_SECS, MIN_PART_SIZE,
+    ObjectStoreConfig, StoreService, DEFAULT_AZURE_BLOCK_SIZE, DEFAULT_MERGE_PARTS_FROM,
+    DEFAULT_PART_SIZE, MAX_AZURE_BLOCK_SIZE, MAX_PART_SIZE, MAX_PRESIGNED_SECS,
+    MIN_AZURE_BLOCK_SIZE, MIN_PART_SIZE,
 };
 pub use info::{ByteStream, ObjectInfo, ObjectRead};
 pub use keys::{ObjectKey, MAX_KEY_LEN};
