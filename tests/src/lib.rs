@@ -97,6 +97,8 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
-pub use process::{bitsd_binary, bitsd_refuses, check_config_ok, strace, BitsdProcess};
+pub use process::{
+    bitsd_binary, bitsd_refuses, check_config_ok, check_config_ok_with_env, strace, BitsdProcess,
+};
 pub use raw_client::{bits_post_request, RawClient, RawResponse};
 pub use server::TestServer;

@@ -7,9 +7,15 @@ use std::time::Duration;
 
 /// `bitsd check-config FILE`, which must accept the file: what it printed.
 pub fn check_config_ok(file: &Path) -> String {
+    check_config_ok_with_env(file, &[])
+}
+
+/// [`check_config_ok`] with `env` added to the environment of `bitsd check-config`.
+pub fn check_config_ok_with_env(file: &Path, env: &[(&str, &str)]) -> String {
     let out = std::process::Command::new(bitsd_binary())
         .arg("check-config")
         .arg(file)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let shown = String::from_utf8_lossy(&out.stdout).into_owned();

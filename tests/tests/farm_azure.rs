@@ -44,6 +44,18 @@ async fn a_node_on_an_azure_container_takes_an_upload_and_refuses_s3_only_settin
         shown.contains("at https://devstoreaccount1.blob.core.windows.net)"),
         "{shown}"
     );
+    // An endpoint from the environment is where the client goes: shown, and said so.
+    let shown = bitsd_tests::check_config_ok_with_env(
+        &config_account,
+        &[(
+            "AZURE_STORAGE_ENDPOINT",
+            "http://127.0.0.1:9/devstoreaccount1",
+        )],
+    );
+    assert!(
+        shown.contains("at http://127.0.0.1:9/devstoreaccount1 (from the environment))"),
+        "{shown}"
+    );
     let data_dir = dir.path().join("node");
     let node = tokio::task::spawn_blocking(move || {
         BitsdProcess::start(
@@ -76,6 +88,30 @@ async fn a_node_on_an_azure_container_takes_an_upload_and_refuses_s3_only_settin
     let objects = Objects::new(&store).unwrap();
     let file = read_object(&objects, &objects.file_key("azure/one.bin")).await;
     assert!(file == data, "the file in the container is not the upload");
+    drop(node);
+
+    // The endpoint from the environment alone (plain http://, as Azurite's): the node
+    // reaches the container there (plain HTTP allowed for it, as for one the table names).
+    let env_endpoint = format!(
+        "AZURE_STORAGE_ENDPOINT={}",
+        store.endpoint.as_deref().unwrap()
+    );
+    let data_dir = dir.path().join("node-env");
+    let node = tokio::task::spawn_blocking(move || {
+        BitsdProcess::start_wrapped(
+            &["env", &env_endpoint],
+            &data_dir,
+            &["--config", config_account.to_str().unwrap()],
+            None,
+        )
+    })
+    .await
+    .unwrap();
+    let ready = RawClient::connect(node.admin_addr.unwrap())
+        .await
+        .get("GET", "/readyz", &[])
+        .await;
+    assert_eq!(ready.status, 200, "{ready:?}");
     drop(node);
 
     // Settings a node cannot start with: a wrong account key (asked of the store at start),

@@ -11,7 +11,7 @@
 //! part copies (`UploadPartCopy`), cut-through fragment PUTs, payload signing and presigned
 //! reply URLs; a table that asks for one of them is refused at start.
 
-use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
+use object_store::azure::{AzureConfigKey, MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::{ClientOptions, RetryConfig};
 
 use super::config::ObjectStoreConfig;
@@ -66,15 +66,11 @@ pub(super) fn check(config: &ObjectStoreConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// The Azure client `config` describes (container `bucket`, storage account `account` or
-/// `AZURE_STORAGE_ACCOUNT_NAME`, its key `secret_access_key` or `AZURE_STORAGE_ACCOUNT_KEY`,
-/// `endpoint` for Azurite or another cloud), with `client` and `retry`; the error says why
-/// not.
-pub(super) fn build(
-    config: &ObjectStoreConfig,
-    client: ClientOptions,
-    retry: RetryConfig,
-) -> Result<MicrosoftAzure, String> {
+/// The Azure client builder `config` describes: the environment's settings
+/// (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_ENDPOINT`, ...),
+/// then the table's (container `bucket`, storage account `account`, its key
+/// `secret_access_key`, `endpoint` for Azurite or another cloud) over them.
+fn builder(config: &ObjectStoreConfig) -> MicrosoftAzureBuilder {
     let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(&config.bucket);
     if let Some(account) = &config.account {
         builder = builder.with_account(account);
@@ -86,6 +82,31 @@ pub(super) fn build(
         builder = builder.with_endpoint(endpoint.clone());
     }
     builder
+}
+
+/// The blob endpoint the client of `config` sends to, as its builder reads it: the
+/// endpoint (the table's, else the environment's), else the account's URL; and whether the
+/// table named it (`false`: it came from the environment). `None` without an account.
+pub(super) fn endpoint(config: &ObjectStoreConfig) -> Option<(String, bool)> {
+    let builder = builder(config);
+    if let Some(endpoint) = builder.get_config_value(&AzureConfigKey::Endpoint) {
+        return Some((endpoint, config.endpoint.is_some()));
+    }
+    let account = builder.get_config_value(&AzureConfigKey::AccountName)?;
+    Some((
+        format!("https://{account}.blob.core.windows.net"),
+        config.account.is_some(),
+    ))
+}
+
+/// The Azure client `config` describes ([`builder`]), with `client` and `retry`; the error
+/// says why not.
+pub(super) fn build(
+    config: &ObjectStoreConfig,
+    client: ClientOptions,
+    retry: RetryConfig,
+) -> Result<MicrosoftAzure, String> {
+    builder(config)
         .with_client_options(client)
         .with_retry(retry)
         .build()

@@ -301,17 +301,19 @@ impl ObjectStoreConfig {
 
     /// The endpoint requests go to, as the S3 client reads it: `endpoint`, else the one the
     /// environment names (`AWS_ENDPOINT_URL`); `None` for AWS S3 itself.
-    /// With `service = "azure"`: `endpoint`, else the account's blob URL.
+    /// With `service = "azure"`: `endpoint`, else `AZURE_STORAGE_ENDPOINT`, else the
+    /// account's blob URL.
     pub fn effective_endpoint(&self) -> Option<String> {
+        self.endpoint_and_whence().map(|(endpoint, _)| endpoint)
+    }
+
+    /// [`ObjectStoreConfig::effective_endpoint`], and whether a key of this table named it
+    /// (`false`: the environment did).
+    fn endpoint_and_whence(&self) -> Option<(String, bool)> {
         match self.service {
-            StoreService::S3 => endpoint_of(&self.builder_from_env()),
-            StoreService::Azure => self.endpoint.clone().or_else(|| {
-                let account = self
-                    .account
-                    .clone()
-                    .or_else(|| std::env::var("AZURE_STORAGE_ACCOUNT_NAME").ok())?;
-                Some(format!("https://{account}.blob.core.windows.net"))
-            }),
+            StoreService::S3 => endpoint_of(&self.builder_from_env())
+                .map(|endpoint| (endpoint, self.endpoint.is_some())),
+            StoreService::Azure => super::azure::endpoint(self),
         }
     }
 
@@ -320,21 +322,18 @@ impl ObjectStoreConfig {
     /// `(from the environment)` when no key of the table named it), ` on AWS S3` for S3
     /// without an endpoint, or for Azure without an account what to set.
     pub fn describe(&self) -> String {
-        let (noun, named_here) = match self.service {
-            StoreService::S3 => ("bucket", self.endpoint.is_some()),
-            StoreService::Azure => (
-                "Azure container",
-                self.endpoint.is_some() || self.account.is_some(),
-            ),
+        let noun = match self.service {
+            StoreService::S3 => "bucket",
+            StoreService::Azure => "Azure container",
         };
         let prefix = if self.prefix.is_empty() {
             String::new()
         } else {
             format!(", prefix {}", self.prefix)
         };
-        let place = match self.effective_endpoint() {
-            Some(e) if named_here => format!(" at {e}"),
-            Some(e) => format!(" at {e} (from the environment)"),
+        let place = match self.endpoint_and_whence() {
+            Some((e, true)) => format!(" at {e}"),
+            Some((e, false)) => format!(" at {e} (from the environment)"),
             None if self.service == StoreService::Azure => {
                 " (no account: set account or AZURE_STORAGE_ACCOUNT_NAME)".to_owned()
             }
@@ -397,9 +396,10 @@ impl ObjectStoreConfig {
         Ok((s3, location))
     }
 
-    /// The Azure client of a `service = "azure"` table.
+    /// The Azure client of a `service = "azure"` table (plain HTTP allowed, unless the table
+    /// says otherwise, when the endpoint it sends to is `http://`, wherever it came from).
     pub(crate) fn build_azure(&self) -> Result<object_store::azure::MicrosoftAzure, StorageError> {
-        let (client, retry) = self.prepare(self.endpoint.as_deref())?;
+        let (client, retry) = self.prepare(self.effective_endpoint().as_deref())?;
         super::azure::build(self, client, retry).map_err(|why| self.refusal(why))
     }
 
