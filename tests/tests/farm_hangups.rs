@@ -1,0 +1,128 @@
+//! Clients that hang up in the middle of a fragment's body on a farm node. A node streams a
+//! fragment to the store while it arrives (one PUT below `part_size`, a multipart upload
+//! above it), so a body cut off must leave nothing the session or the bucket would later
+//! take for bytes: no acknowledged offset moves, no object appears at the fragment's key, no
+//! multipart upload stays unfinished, and the client's next attempt, on another node,
+//! resumes from the last Ack. Real in-process nodes on one PostgreSQL database and one
+//! Garage bucket, raw TCP clients; skips with a printed reason when PostgreSQL or Garage is
+//! not installed (`.ci/run` installs them).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bitsd_tests::farm_servers::Farm;
+use bitsd_tests::shared_backend::{listed_keys, read_object};
+use bitsd_tests::{pattern, TestServer};
+
+const MIB: usize = 1024 * 1024;
+
+/// The session's acknowledged offset as node `node`'s admin API reads it from PostgreSQL.
+async fn received(node: &TestServer, sid: &str) -> u64 {
+    let (status, json) = node.admin_get(&format!("/sessions/{sid}")).await;
+    assert_eq!(status, 200, "{json}");
+    json["upload"]["bytes_received"].as_u64().unwrap()
+}
+
+/// Sends the head of a Fragment promising `data[first..first + promised]`, then `sent` bytes
+/// of its body, waits for the node to pass them on, and hangs up.
+async fn cut_off(
+    node: &TestServer,
+    path: &str,
+    sid: &str,
+    data: &[u8],
+    first: usize,
+    promised: usize,
+    sent: usize,
+) {
+    let mut bad = node.connect().await;
+    let head = format!(
+        "BITS_POST {path} HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\nBITS-Session-Id: {sid}\r\n\
+         Content-Range: bytes {first}-{}/{}\r\nContent-Length: {promised}\r\n\r\n",
+        first + promised - 1,
+        data.len()
+    );
+    bad.write(head.as_bytes()).await;
+    bad.write(&data[first..first + sent]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(bad);
+}
+
+/// Three fragments cut off on two nodes after the first 4096 bytes were acknowledged: one
+/// below `part_size` (the default 8 MiB: a single PUT opened at its first byte) after 1000 of
+/// its 10,000 bytes, the same with all but its last byte sent, and one of 9 MiB (a multipart
+/// upload) after 8.5 MiB, when its first part is in the store. None moves the offset on
+/// either node; the session's objects are the first fragment's alone; Garage has no
+/// unfinished upload left; the rest of the upload, sent to the other node from 4096, is
+/// published byte-exact. Without the writer's abort on drop the multipart case leaves an
+/// unfinished upload, and a node that completed a cut-off PUT would leave a second object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_cut_off_mid_body_acknowledges_nothing_and_leaves_nothing_in_the_bucket() {
+    let Some(farm) = Farm::start("hang", 2, |_, _| {}).await else {
+        return;
+    };
+    let data = pattern(12 * MIB, 31);
+    let path = "/upload/hangup.bin";
+    let mut c = farm.nodes[0].connect().await;
+    let sid = c.create_session(path).await;
+    let res = c.fragment(path, &sid, &data, 0, 4096).await;
+    res.assert_ack();
+    assert_eq!(res.status, 200, "{res:?}");
+
+    for (i, (promised, sent)) in [
+        (10_000, 1000),
+        (10_000, 9_999),
+        (9 * MIB, 8 * MIB + MIB / 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cut_off(&farm.nodes[i % 2], path, &sid, &data, 4096, promised, sent).await;
+    }
+
+    // Each node notices its client is gone and drops the fragment's writer; the abort of the
+    // multipart upload runs in the background.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while farm.servers.garage.unfinished_uploads() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a cut-off fragment's multipart upload was left unfinished"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for node in &farm.nodes {
+        assert_eq!(
+            received(node, &sid).await,
+            4096,
+            "a cut-off body moved the offset"
+        );
+    }
+    let id: bitsd_protocol::SessionId = sid.parse().unwrap();
+    let session_objects = listed_keys(&farm.objects, &farm.objects.session_prefix(&id)).await;
+    assert_eq!(
+        session_objects.len(),
+        1,
+        "only the acknowledged fragment's object may be in the bucket: {session_objects:?}"
+    );
+    assert!(
+        session_objects[0].contains("/frag/00000000000000000000-"),
+        "{session_objects:?}"
+    );
+
+    // The client's next attempt, on the other node, resumes from the last Ack.
+    let mut other = farm.nodes[1].connect().await;
+    let mut at = 4096;
+    while at < data.len() {
+        let len = (2 * MIB).min(data.len() - at);
+        let res = other.fragment(path, &sid, &data, at, len).await;
+        res.assert_ack();
+        assert_eq!(res.status, 200, "{res:?}");
+        at += len;
+        assert_eq!(
+            res.header("bits-received-content-range"),
+            Some(at.to_string().as_str())
+        );
+    }
+    let file = farm.objects.file_key("hangup.bin");
+    assert!(read_object(&farm.objects, &file).await == data);
+    assert_eq!(farm.servers.garage.unfinished_uploads(), 0);
+}
