@@ -261,3 +261,66 @@ pub async fn multi_range_serves_the_first_satisfiable_range_and_huge_ends_are_cl
     );
     assert_eq!(huge.body, &data[99990..]);
 }
+
+/// The check of the same name in `reply_download.rs`: an 8 MiB echo reply uploaded through
+/// `upload` and downloaded from `download` (another node of a farm, or the same server) by a
+/// client with a small receive buffer that reads about 1,000 bytes of the body, waits, and
+/// resets the connection. What it read counts as transferred; the megabytes that sat in the
+/// server's buffers and the socket's send queue do not, on whichever node reads progress.
+pub async fn progress_of_an_aborted_download_counts_what_the_client_acknowledged_not_what_was_sent(
+    upload: &dyn Target,
+    download: &dyn Target,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let len = 8usize << 20;
+    let data = crate::pattern(len, 13);
+    let mut c = RawClient::connect(upload.addr()).await;
+    let (sid, fin) = c.upload("/echo/big.bin", &data, 4 << 20).await;
+    let path = url_path(
+        fin.header("bits-reply-url")
+            .expect("final Ack carries BITS-Reply-URL"),
+    );
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8192).unwrap();
+    let mut s = socket.connect(download.addr()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    let body_read = loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = buf.len() - (end + 4);
+            if body >= 1000 {
+                assert_eq!(&buf[end + 4..], &data[..body]);
+                break body;
+            }
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    // Delivery is recorded by a task spawned when the response body or its connection ends.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for t in [upload, download] {
+        let (status, p) = admin_get(t, &format!("/sessions/{sid}")).await;
+        assert_eq!(status, 200, "{p}");
+        let transferred = p["reply"]["bytes_transferred"].as_u64().unwrap();
+        assert!(
+            transferred >= body_read as u64,
+            "what the client read was delivered: {transferred} < {body_read}"
+        );
+        assert!(
+            transferred < 1 << 20,
+            "{transferred} of {len} counted for a client that acknowledged a few KiB"
+        );
+        assert_ne!(p["state"], "complete");
+    }
+}

@@ -1,11 +1,11 @@
-//! Clients that hang up in the middle of a fragment's body on a farm node. A node streams a
-//! fragment to the store while it arrives (one PUT below `part_size`, a multipart upload
-//! above it), so a body cut off must leave nothing the session or the bucket would later
-//! take for bytes: no acknowledged offset moves, no object appears at the fragment's key, no
-//! multipart upload stays unfinished, and the client's next attempt, on another node,
-//! resumes from the last Ack. Real in-process nodes on one PostgreSQL database and one
-//! Garage bucket, raw TCP clients; skips with a printed reason when PostgreSQL or Garage is
-//! not installed (`.ci/run` installs them).
+//! Clients that hang up in the middle of a body on a farm node. A node streams a fragment to
+//! the store while it arrives (one PUT below `part_size`, a multipart upload above it), so a
+//! body cut off must leave nothing the session or the bucket would later take for bytes: no
+//! acknowledged offset moves, no object appears at the fragment's key, no multipart upload
+//! stays unfinished, and the client's next attempt, on another node, resumes from the last
+//! Ack. A reply download cut off counts only what the client read. Real in-process nodes on
+//! one PostgreSQL database and one Garage bucket, raw TCP clients; skips with a printed
+//! reason when PostgreSQL or Garage is not installed (`.ci/run` installs them).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -125,4 +125,21 @@ async fn a_fragment_cut_off_mid_body_acknowledges_nothing_and_leaves_nothing_in_
     let file = farm.objects.file_key("hangup.bin");
     assert!(read_object(&farm.objects, &file).await == data);
     assert_eq!(farm.servers.garage.unfinished_uploads(), 0);
+}
+
+/// A client that hangs up in the middle of a reply download on a farm node: the reply was
+/// made on node 0, node 1 streams it from the store, and the client reads about 1,000 bytes
+/// and resets the connection. Both nodes report what the client read as transferred and not
+/// the megabytes node 1 had read from the store or queued on the socket (the single node's
+/// check, `reply_download.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_download_cut_off_on_another_node_counts_what_the_client_acknowledged() {
+    let Some(farm) = Farm::start("hangreply", 2, |_, _| {}).await else {
+        return;
+    };
+    bitsd_tests::reply_suite::progress_of_an_aborted_download_counts_what_the_client_acknowledged_not_what_was_sent(
+        &farm.nodes[0],
+        &farm.nodes[1],
+    )
+    .await;
 }

@@ -2,7 +2,7 @@
 //! checks that also run on a farm are in `bitsd_tests::reply_suite`).
 #![allow(clippy::unwrap_used)]
 
-use bitsd_tests::{pattern, reply_suite, url_path, TestServer};
+use bitsd_tests::{pattern, reply_suite, TestServer};
 
 async fn progress(server: &TestServer, sid: &str) -> serde_json::Value {
     // Delivery is recorded by a task spawned when the response body ends; give it a moment.
@@ -87,53 +87,9 @@ async fn multi_range_serves_the_first_satisfiable_range_and_huge_ends_are_clampe
 
 #[tokio::test]
 async fn progress_of_an_aborted_download_counts_what_the_client_acknowledged_not_what_was_sent() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = TestServer::start().await;
-    let len = 8usize << 20;
-    let data = pattern(len, 13);
-    let mut c = server.connect().await;
-    let (sid, fin) = c.upload("/echo/big.bin", &data, 4 << 20).await;
-    let path = url_path(fin.header("bits-reply-url").unwrap());
-
-    // A client with a small receive buffer reads about 1,000 bytes of the body...
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(8192).unwrap();
-    let mut s = socket.connect(server.addr()).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 256];
-    let body_read = loop {
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0);
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let body = buf.len() - (end + 4);
-            if body >= 1000 {
-                assert_eq!(&buf[end + 4..], &data[..body]);
-                break body;
-            }
-        }
-    };
-    // ... waits a little, then resets the connection.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-    socket2::SockRef::from(&s)
-        .set_linger(Some(std::time::Duration::ZERO))
-        .unwrap();
-    drop(s);
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-
-    let p = progress(&server, &sid).await;
-    let transferred = p["reply"]["bytes_transferred"].as_u64().unwrap();
-    assert!(
-        transferred >= body_read as u64,
-        "what the client read was delivered: {transferred} < {body_read}"
-    );
-    // Megabytes sat in the server's buffers and the socket's send queue: they do not count.
-    assert!(
-        transferred < 1 << 20,
-        "{transferred} of {len} counted for a client that acknowledged a few KiB"
-    );
-    assert_ne!(p["state"], "complete");
+    reply_suite::progress_of_an_aborted_download_counts_what_the_client_acknowledged_not_what_was_sent(
+        &server, &server,
+    )
+    .await;
 }
