@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use bitsd_storage::BackendResources;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     packet: String,
@@ -28,6 +30,61 @@ struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
+}
+
+/// Gauges of the backend's pooled resources, registered only for those the backend has
+/// ([`BackendResources`]).
+#[derive(Default)]
+struct ResourceGauges {
+    /// `postgres_connections{state}`: `max`, `open`, `idle`, `waiting`.
+    pool: Option<Family<StateLabels, Gauge>>,
+    /// `fragment_memory_bytes{state}`: `limit`, `used`.
+    memory: Option<Family<StateLabels, Gauge>>,
+}
+
+impl ResourceGauges {
+    fn register(registry: &mut Registry, resources: &BackendResources) -> Self {
+        let mut gauges = ResourceGauges::default();
+        if resources.state_connections.is_some() {
+            let family = Family::<StateLabels, Gauge>::default();
+            registry.register(
+                "postgres_connections",
+                "This node's PostgreSQL pool: its limit (max), connections open, of those idle, \
+                 and requests waiting for one",
+                family.clone(),
+            );
+            gauges.pool = Some(family);
+        }
+        if resources.fragment_memory.is_some() {
+            let family = Family::<StateLabels, Gauge>::default();
+            registry.register(
+                "fragment_memory_bytes",
+                "This node's budget for fragment bytes in memory (limit) and what is held now \
+                 (used)",
+                family.clone(),
+            );
+            gauges.memory = Some(family);
+        }
+        gauges
+    }
+
+    fn set(&self, resources: &BackendResources) {
+        let set = |family: &Family<StateLabels, Gauge>, state: &'static str, v: u64| {
+            family
+                .get_or_create(&StateLabels { state })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        if let (Some(family), Some(pool)) = (&self.pool, resources.state_connections) {
+            set(family, "max", pool.max);
+            set(family, "open", pool.open);
+            set(family, "idle", pool.idle);
+            set(family, "waiting", pool.waiting);
+        }
+        if let (Some(family), Some(memory)) = (&self.memory, resources.fragment_memory) {
+            set(family, "limit", memory.limit);
+            set(family, "used", memory.used);
+        }
+    }
 }
 
 /// What a fragment did.
@@ -54,10 +111,13 @@ pub(crate) struct Metrics {
     handler_seconds: Histogram,
     sessions: Family<StateLabels, Gauge>,
     meta_bytes: Gauge,
+    resources: ResourceGauges,
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    /// The counters, with gauges for the pooled resources `resources` shows the backend to
+    /// have.
+    pub(crate) fn new(resources: &BackendResources) -> Self {
         let mut registry = Registry::with_prefix("bitsd");
         let packets = Family::<PacketLabels, Counter>::default();
         registry.register(
@@ -103,6 +163,7 @@ impl Metrics {
             "Size of the meta store (sled) on disk",
             meta_bytes.clone(),
         );
+        let resources = ResourceGauges::register(&mut registry, resources);
         Metrics {
             registry,
             packets,
@@ -113,6 +174,7 @@ impl Metrics {
             handler_seconds,
             sessions,
             meta_bytes,
+            resources,
         }
     }
 
@@ -153,8 +215,15 @@ impl Metrics {
         self.handler_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The text exposition, after setting the gauges from `states` and `meta_bytes`.
-    pub(crate) fn render(&self, states: &[(&'static str, i64)], meta_bytes: Option<u64>) -> String {
+    /// The text exposition, after setting the gauges from `states`, `meta_bytes` and
+    /// `resources`.
+    pub(crate) fn render(
+        &self,
+        states: &[(&'static str, i64)],
+        meta_bytes: Option<u64>,
+        resources: &BackendResources,
+    ) -> String {
+        self.resources.set(resources);
         for (state, n) in states {
             self.sessions.get_or_create(&StateLabels { state }).set(*n);
         }

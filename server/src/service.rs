@@ -173,10 +173,11 @@ impl BitsService {
                 i64::try_from(counts.get(&st).copied().unwrap_or(0)).unwrap_or(i64::MAX),
             )
         });
-        Ok(self
-            .shared
-            .metrics
-            .render(&states, self.shared.store.size_on_disk()))
+        Ok(self.shared.metrics.render(
+            &states,
+            self.shared.store.size_on_disk(),
+            &self.shared.store.resources(),
+        ))
     }
 
     /// Waits until no completion step runs. A completion (the reply handler's run, the storing

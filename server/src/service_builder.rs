@@ -191,6 +191,7 @@ impl BitsServiceBuilder {
         // Never more than the backend can record: a larger total is the client's error.
         let mut limits = self.limits;
         limits.max_upload_size = limits.max_upload_size.min(self.store.max_upload_size());
+        let metrics = crate::metrics::Metrics::new(&self.store.resources());
         Ok(BitsService {
             shared: Arc::new(Shared {
                 store: self.store,
@@ -203,7 +204,7 @@ impl BitsServiceBuilder {
                 auth: self.auth,
                 session_limits: self.session_limits,
                 counts,
-                metrics: crate::metrics::Metrics::new(),
+                metrics,
                 fsync: self.fsync,
             }),
         })

@@ -41,8 +41,9 @@ pub mod shared;
 mod sled_meta;
 
 pub use backend::{
-    ByteStream, CreateLimits, FragmentCommit, FragmentPlan, FragmentSink, FragmentSlot,
-    LimitedCreate, LiveCounts, LocalUpload, ReplySink, SessionBackend, SweepLock,
+    BackendResources, ByteStream, ConnectionPool, CreateLimits, FragmentCommit, FragmentPlan,
+    FragmentSink, FragmentSlot, LimitedCreate, LiveCounts, LocalUpload, MemoryBudget, ReplySink,
+    SessionBackend, SweepLock,
 };
 pub use error::StorageError;
 pub use fragment_writer::{FragmentDurability, FragmentWriter, COPY_BELOW, GATHER_BYTES};

@@ -143,3 +143,85 @@ async fn a_reply_download_cut_off_on_another_node_counts_what_the_client_acknowl
     )
     .await;
 }
+
+/// The value of the gauge `name{state="state"}` in a node's `/metrics`, if it is there.
+async fn gauge(node: &TestServer, name: &str, state: &str) -> Option<u64> {
+    let (status, text) = node.admin_text("/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let prefix = format!("{name}{{state=\"{state}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// A fragment of 9 MiB (a multipart upload: it reserves what it can hold, its 9 MiB, of the
+/// node's `fragment_memory` before its body is read) whose client sends 1 MiB and then stalls: the
+/// node's `/metrics` shows the reservation (`bitsd_fragment_memory_bytes{state="used"}`)
+/// while it waits, and nothing held once the client hung up, so a client that gives up never
+/// keeps a share of the budget. The PostgreSQL pool's gauges are there (`max` as configured,
+/// 7 here; at least one connection open); a node on the local backend shows neither metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_fragments_memory_shows_in_metrics_and_goes_when_its_client_hangs_up() {
+    let Some(farm) = Farm::start("hangmem", 1, |_, c| {
+        if let bitsd::StorageConfig::Shared(s) = &mut c.storage {
+            s.postgres_max_connections = 7;
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let node = &farm.nodes[0];
+    let memory = "bitsd_fragment_memory_bytes";
+    assert_eq!(gauge(node, memory, "limit").await, Some(1 << 30));
+    assert_eq!(gauge(node, memory, "used").await, Some(0));
+    let pool = "bitsd_postgres_connections";
+    assert_eq!(gauge(node, pool, "max").await, Some(7));
+    assert!(gauge(node, pool, "open").await.unwrap() >= 1);
+    assert_eq!(gauge(node, pool, "waiting").await, Some(0));
+
+    let data = pattern(10 * MIB, 41);
+    let path = "/upload/stalled.bin";
+    let mut c = node.connect().await;
+    let sid = c.create_session(path).await;
+    let mut stalled = node.connect().await;
+    let head = format!(
+        "BITS_POST {path} HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\nBITS-Session-Id: {sid}\r\n\
+         Content-Range: bytes 0-{}/{}\r\nContent-Length: {}\r\n\r\n",
+        9 * MIB - 1,
+        data.len(),
+        9 * MIB
+    );
+    stalled.write(head.as_bytes()).await;
+    stalled.write(&data[..MIB]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let used = gauge(node, memory, "used").await.unwrap();
+        if used >= 9 * MIB as u64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled fragment's reservation never showed: used {used}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stalled);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gauge(node, memory, "used").await != Some(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a hung-up fragment kept its memory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(received(node, &sid).await, 0);
+
+    let local = TestServer::start().await;
+    let (_, text) = local.admin_text("/metrics").await;
+    assert!(text.contains("bitsd_sessions"), "{text}");
+    assert!(
+        !text.contains(memory) && !text.contains(pool),
+        "a local node shows the farm's gauges:\n{text}"
+    );
+}

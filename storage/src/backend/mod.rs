@@ -16,6 +16,9 @@
 //! never both advance it.
 
 mod local;
+mod resources;
+
+pub use resources::{BackendResources, ConnectionPool, MemoryBudget};
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -515,5 +518,11 @@ pub trait SessionBackend: Send + Sync + Debug + 'static {
     /// Bytes the backend's state takes on disk, if it can tell (metrics).
     fn size_on_disk(&self) -> Option<u64> {
         None
+    }
+
+    /// What this node holds now of the backend's pooled resources (metrics); the default
+    /// has none.
+    fn resources(&self) -> BackendResources {
+        BackendResources::default()
     }
 }

@@ -177,6 +177,10 @@ impl Objects {
             ),
         }
     }
+    /// The node's budget for fragment bytes in memory (`fragment_memory`).
+    pub fn fragment_memory(&self) -> &FragmentMemory {
+        &self.fragment_memory
+    }
 
     /// The prefix every key of this store starts with.
     pub fn prefix(&self) -> &ObjectKey {

@@ -147,6 +147,18 @@ impl PgStateStore {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// This node's pool of connections now.
+    pub fn pool(&self) -> crate::ConnectionPool {
+        let status = self.pool.status();
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        crate::ConnectionPool {
+            max: n(status.max_size),
+            open: n(status.size),
+            idle: n(status.available),
+            waiting: n(status.waiting),
+        }
+    }
+
     /// Runs `fut` under the call timeout.
     async fn timed<T>(
         &self,
