@@ -18,6 +18,16 @@ struct PacketLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketKindLabels {
+    packet: &'static str,
+}
+
+/// Buckets of `packet_seconds`: 0.5 ms to about 75 s, each 2.5 times the one before.
+fn packet_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.5, 14))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: String,
 }
@@ -104,6 +114,7 @@ pub(crate) enum FragmentOutcome {
 pub(crate) struct Metrics {
     registry: Registry,
     packets: Family<PacketLabels, Counter>,
+    packet_seconds: Family<PacketKindLabels, Histogram, fn() -> Histogram>,
     errors: Family<CodeLabels, Counter>,
     fragments: Family<OutcomeLabels, Counter>,
     upload_bytes: Counter,
@@ -124,6 +135,16 @@ impl Metrics {
             "packets",
             "BITS_POST packets answered, by packet type and status",
             packets.clone(),
+        );
+        let packet_seconds =
+            Family::<PacketKindLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                packet_buckets,
+            );
+        registry.register(
+            "packet_seconds",
+            "Time from a BITS_POST request's arrival to its Ack, body read included, by packet \
+             type",
+            packet_seconds.clone(),
         );
         let errors = Family::<CodeLabels, Counter>::default();
         registry.register(
@@ -167,6 +188,7 @@ impl Metrics {
         Metrics {
             registry,
             packets,
+            packet_seconds,
             errors,
             fragments,
             upload_bytes,
@@ -192,6 +214,13 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// One `BITS_POST` of type `packet` answered `elapsed` after it arrived.
+    pub(crate) fn packet_latency(&self, packet: &'static str, elapsed: Duration) {
+        self.packet_seconds
+            .get_or_create(&PacketKindLabels { packet })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub(crate) fn fragment(&self, outcome: FragmentOutcome, stored_bytes: u64) {

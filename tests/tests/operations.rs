@@ -50,6 +50,19 @@ async fn metrics_health_and_readiness() {
         metric(&text, "bitsd_fragments_total{outcome=\"already_held\"}"),
         1.0
     );
+    // Every BITS_POST is timed, the refused one too.
+    assert_eq!(
+        metric(&text, "bitsd_packet_seconds_count{packet=\"Fragment\"}"),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "bitsd_packet_seconds_count{packet=\"Create-Session\"}"
+        ),
+        1.0
+    );
+    assert!(metric(&text, "bitsd_packet_seconds_sum{packet=\"Fragment\"}") > 0.0);
     assert_eq!(metric(&text, "bitsd_upload_bytes_received_total"), 10_000.0);
     assert_eq!(metric(&text, "bitsd_reply_bytes_served_total"), 10_000.0);
     assert_eq!(metric(&text, "bitsd_reply_handler_seconds_count"), 1.0);

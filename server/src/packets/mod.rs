@@ -30,6 +30,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let started = std::time::Instant::now();
     let raw_sid = raw_session(&parts.headers);
     let mut body = Some(body);
     let ack = dispatch(shared, route, user, &parts, raw_sid.as_ref(), &mut body).await;
@@ -48,6 +49,7 @@ where
         .get(bitsd_protocol::header::BITS_ERROR_CODE)
         .and_then(|v| v.to_str().ok());
     shared.metrics.packet(kind, ack.status().as_u16(), code);
+    shared.metrics.packet_latency(kind, started.elapsed());
     ack.into_response()
 }
 
