@@ -291,10 +291,24 @@ impl RawClient {
         fragment: usize,
     ) -> (String, RawResponse) {
         let sid = self.create_session(path).await;
-        let mut at = 0;
+        let res = self.upload_from(path, &sid, data, 0, fragment).await;
+        (sid, res)
+    }
+
+    /// Sends `data[from..]` of session `sid` in fragments of `fragment` bytes, each
+    /// acknowledged up to its end; returns the final Ack.
+    pub async fn upload_from(
+        &mut self,
+        path: &str,
+        sid: &str,
+        data: &[u8],
+        from: usize,
+        fragment: usize,
+    ) -> RawResponse {
+        let mut at = from;
         loop {
             let len = fragment.min(data.len() - at);
-            let res = self.fragment(path, &sid, data, at, len).await;
+            let res = self.fragment(path, sid, data, at, len).await;
             res.assert_ack();
             assert_eq!(res.status, 200, "{res:?}");
             at += len;
@@ -303,7 +317,7 @@ impl RawClient {
                 Some(at.to_string().as_str())
             );
             if at == data.len() {
-                return (sid, res);
+                return res;
             }
         }
     }
