@@ -4,13 +4,15 @@
 //! acknowledged offset moves, no object appears at the fragment's key, no multipart upload
 //! stays unfinished, and the client's next attempt, on another node, resumes from the last
 //! Ack. A reply download cut off counts only what the client read. Real in-process nodes on
-//! one PostgreSQL database and one Garage bucket, raw TCP clients; skips with a printed
-//! reason when PostgreSQL or Garage is not installed (`.ci/run` installs them).
+//! one PostgreSQL database and one Garage bucket (the cut-off fragments again on Azurite),
+//! raw TCP clients; skips with a printed reason when PostgreSQL, Garage or Azurite is not
+//! installed (`.ci/run` installs them).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use bitsd_tests::farm_servers::Farm;
+use bitsd::storage::shared::objects::Objects;
+use bitsd_tests::farm_servers::{shared_nodes, Farm, StoreServers};
 use bitsd_tests::shared_backend::{listed_keys, read_object};
 use bitsd_tests::{pattern, TestServer};
 
@@ -24,7 +26,8 @@ async fn received(node: &TestServer, sid: &str) -> u64 {
 }
 
 /// Sends the head of a Fragment promising `data[first..first + promised]`, then `sent` bytes
-/// of its body, waits for the node to pass them on, and hangs up.
+/// of its body, and waits for the node to take them; the connection is returned to be
+/// dropped (the client hanging up).
 async fn cut_off(
     node: &TestServer,
     path: &str,
@@ -33,7 +36,7 @@ async fn cut_off(
     first: usize,
     promised: usize,
     sent: usize,
-) {
+) -> bitsd_tests::RawClient {
     let mut bad = node.connect().await;
     let head = format!(
         "BITS_POST {path} HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\nBITS-Session-Id: {sid}\r\n\
@@ -44,7 +47,7 @@ async fn cut_off(
     bad.write(head.as_bytes()).await;
     bad.write(&data[first..first + sent]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    drop(bad);
+    bad
 }
 
 /// Three fragments cut off on two nodes after the first 4096 bytes were acknowledged: one
@@ -76,7 +79,7 @@ async fn a_fragment_cut_off_mid_body_acknowledges_nothing_and_leaves_nothing_in_
     .into_iter()
     .enumerate()
     {
-        cut_off(&farm.nodes[i % 2], path, &sid, &data, 4096, promised, sent).await;
+        drop(cut_off(&farm.nodes[i % 2], path, &sid, &data, 4096, promised, sent).await);
     }
 
     // Each node notices its client is gone and drops the fragment's writer; the abort of the
@@ -213,4 +216,65 @@ async fn a_stalled_fragments_memory_shows_in_metrics_and_goes_when_its_client_ha
         !text.contains(memory) && !text.contains(pool),
         "a local node shows the farm's gauges:\n{text}"
     );
+}
+
+/// The cut-off fragments on Azure Blob Storage (Azurite), where nothing is streamed: a
+/// fragment is held in the node's fragment memory until its last byte and then sent, one
+/// PUT below `part_size` (4 MiB there) and a block list above it. After 4096 acknowledged
+/// bytes, one of 10,000 bytes cut off after 1000 on node 0 and one of 6 MiB cut off after
+/// 5 MiB on node 1 (its first 4 MiB block staged): each holds fragment memory while its
+/// client stalls and none once it hung up, the offset stays 4096, the session's only blob is the acknowledged fragment's,
+/// and the rest, sent to node 1 from 4096, is published byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_azure_a_fragment_cut_off_mid_body_acknowledges_nothing_and_frees_its_memory() {
+    let Some(servers) = StoreServers::azurite().await else {
+        return;
+    };
+    let store = servers.store.object_store_config("hangaz");
+    let nodes = shared_nodes(&servers.postgres_url, &store, 2).await;
+    let objects = Objects::new(&store).unwrap();
+    let data = pattern(8 * MIB, 43);
+    let path = "/upload/hangup-azure.bin";
+    let mut c = nodes[0].connect().await;
+    let sid = c.create_session(path).await;
+    let res = c.fragment(path, &sid, &data, 0, 4096).await;
+    res.assert_ack();
+    assert_eq!(res.status, 200, "{res:?}");
+
+    let small = cut_off(&nodes[0], path, &sid, &data, 4096, 10_000, 1000).await;
+    let large = cut_off(&nodes[1], path, &sid, &data, 4096, 6 * MIB, 5 * MIB).await;
+    // Both hold memory while their clients stall: the small one its 10,000 bytes, the large
+    // one two 4 MiB blocks' worth.
+    let memory = "bitsd_fragment_memory_bytes";
+    assert!(gauge(&nodes[0], memory, "used").await.unwrap() >= 10_000);
+    assert!(gauge(&nodes[1], memory, "used").await.unwrap() >= 5 * MIB as u64);
+    drop((small, large));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        while gauge(node, memory, "used").await != Some(0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a hung-up fragment kept its memory"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            received(node, &sid).await,
+            4096,
+            "a cut-off body moved the offset"
+        );
+    }
+    let id: bitsd_protocol::SessionId = sid.parse().unwrap();
+    let blobs = listed_keys(&objects, &objects.session_prefix(&id)).await;
+    assert_eq!(
+        blobs.len(),
+        1,
+        "only the acknowledged fragment's blob may be in the container: {blobs:?}"
+    );
+
+    let mut other = nodes[1].connect().await;
+    other.upload_from(path, &sid, &data, 4096, 2 * MIB).await;
+    let file = objects.file_key("hangup-azure.bin");
+    assert!(read_object(&objects, &file).await == data);
 }
