@@ -14,7 +14,7 @@ use std::time::Duration;
 use bitsd::storage::shared::objects::Objects;
 use bitsd_tests::farm_servers::{shared_nodes, Farm, StoreServers};
 use bitsd_tests::shared_backend::{listed_keys, read_object};
-use bitsd_tests::{pattern, TestServer};
+use bitsd_tests::{metric, pattern, TestServer};
 
 const MIB: usize = 1024 * 1024;
 
@@ -136,21 +136,18 @@ async fn a_reply_download_cut_off_on_another_node_counts_what_the_client_acknowl
     .await;
 }
 
-/// The value of the gauge `name{state="state"}` in a node's `/metrics`, if it is there.
-async fn gauge(node: &TestServer, name: &str, state: &str) -> Option<u64> {
+/// The value of the gauge `name{state="state"}` in a node's `/metrics` (it must be there).
+async fn gauge(node: &TestServer, name: &str, state: &str) -> u64 {
     let (status, text) = node.admin_text("/metrics").await;
     assert_eq!(status, 200, "{text}");
-    let prefix = format!("{name}{{state=\"{state}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().unwrap())
+    metric(&text, &format!("{name}{{state=\"{state}\"}}")) as u64
 }
 
 /// A fragment of 9 MiB (a multipart upload: it reserves what it can hold, its 9 MiB, of the
-/// node's `fragment_memory` before its body is read) whose client sends 1 MiB and then stalls: the
-/// node's `/metrics` shows the reservation (`bitsd_fragment_memory_bytes{state="used"}`)
-/// while it waits, and nothing held once the client hung up, so a client that gives up never
-/// keeps a share of the budget. The PostgreSQL pool's gauges are there (`max` as configured,
+/// node's `fragment_memory` before its body is read) whose client sends 1 MiB and then
+/// stalls: the node's `/metrics` shows the reservation
+/// (`bitsd_fragment_memory_bytes{state="used"}`) while it waits, and nothing held once the
+/// client hung up, so a client that gives up never keeps a share of the budget. The PostgreSQL pool's gauges are there (`max` as configured,
 /// 7 here; at least one connection open); a node on the local backend shows neither metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_fragments_memory_shows_in_metrics_and_goes_when_its_client_hangs_up() {
@@ -165,30 +162,21 @@ async fn a_stalled_fragments_memory_shows_in_metrics_and_goes_when_its_client_ha
     };
     let node = &farm.nodes[0];
     let memory = "bitsd_fragment_memory_bytes";
-    assert_eq!(gauge(node, memory, "limit").await, Some(1 << 30));
-    assert_eq!(gauge(node, memory, "used").await, Some(0));
+    assert_eq!(gauge(node, memory, "limit").await, 1 << 30);
+    assert_eq!(gauge(node, memory, "used").await, 0);
     let pool = "bitsd_postgres_connections";
-    assert_eq!(gauge(node, pool, "max").await, Some(7));
-    assert!(gauge(node, pool, "open").await.unwrap() >= 1);
-    assert_eq!(gauge(node, pool, "waiting").await, Some(0));
+    assert_eq!(gauge(node, pool, "max").await, 7);
+    assert!(gauge(node, pool, "open").await >= 1);
+    assert_eq!(gauge(node, pool, "waiting").await, 0);
 
     let data = pattern(10 * MIB, 41);
     let path = "/upload/stalled.bin";
     let mut c = node.connect().await;
     let sid = c.create_session(path).await;
-    let mut stalled = node.connect().await;
-    let head = format!(
-        "BITS_POST {path} HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\nBITS-Session-Id: {sid}\r\n\
-         Content-Range: bytes 0-{}/{}\r\nContent-Length: {}\r\n\r\n",
-        9 * MIB - 1,
-        data.len(),
-        9 * MIB
-    );
-    stalled.write(head.as_bytes()).await;
-    stalled.write(&data[..MIB]).await;
+    let stalled = cut_off(node, path, &sid, &data, 0, 9 * MIB, MIB).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let used = gauge(node, memory, "used").await.unwrap();
+        let used = gauge(node, memory, "used").await;
         if used >= 9 * MIB as u64 {
             break;
         }
@@ -200,7 +188,7 @@ async fn a_stalled_fragments_memory_shows_in_metrics_and_goes_when_its_client_ha
     }
     drop(stalled);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while gauge(node, memory, "used").await != Some(0) {
+    while gauge(node, memory, "used").await != 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "a hung-up fragment kept its memory"
@@ -223,8 +211,9 @@ async fn a_stalled_fragments_memory_shows_in_metrics_and_goes_when_its_client_ha
 /// PUT below `part_size` (4 MiB there) and a block list above it. After 4096 acknowledged
 /// bytes, one of 10,000 bytes cut off after 1000 on node 0 and one of 6 MiB cut off after
 /// 5 MiB on node 1 (its first 4 MiB block staged): each holds fragment memory while its
-/// client stalls and none once it hung up, the offset stays 4096, the session's only blob is the acknowledged fragment's,
-/// and the rest, sent to node 1 from 4096, is published byte-exact.
+/// client stalls and none once it hung up, the offset stays 4096, the session's only blob
+/// is the acknowledged fragment's, and the rest, sent to node 1 from 4096, is published
+/// byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_azure_a_fragment_cut_off_mid_body_acknowledges_nothing_and_frees_its_memory() {
     let Some(servers) = StoreServers::azurite().await else {
@@ -246,13 +235,13 @@ async fn on_azure_a_fragment_cut_off_mid_body_acknowledges_nothing_and_frees_its
     // Both hold memory while their clients stall: the small one its 10,000 bytes, the large
     // one two 4 MiB blocks' worth.
     let memory = "bitsd_fragment_memory_bytes";
-    assert!(gauge(&nodes[0], memory, "used").await.unwrap() >= 10_000);
-    assert!(gauge(&nodes[1], memory, "used").await.unwrap() >= 5 * MIB as u64);
+    assert!(gauge(&nodes[0], memory, "used").await >= 10_000);
+    assert!(gauge(&nodes[1], memory, "used").await >= 5 * MIB as u64);
     drop((small, large));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     for node in &nodes {
-        while gauge(node, memory, "used").await != Some(0) {
+        while gauge(node, memory, "used").await != 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "a hung-up fragment kept its memory"

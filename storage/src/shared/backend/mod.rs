@@ -231,15 +231,12 @@ impl SessionBackend for SharedBackend {
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, StorageError> {
         self.state.load(id).await
     }
+
     /// The PostgreSQL pool and the fragment memory budget of this node.
     fn resources(&self) -> crate::BackendResources {
-        let memory = self.objects.fragment_memory();
         crate::BackendResources {
             state_connections: Some(self.state.pool()),
-            fragment_memory: Some(crate::MemoryBudget {
-                limit: memory.bytes(),
-                used: memory.bytes().saturating_sub(memory.free()),
-            }),
+            fragment_memory: Some(self.objects.fragment_memory().budget()),
         }
     }
 

@@ -86,6 +86,14 @@ impl FragmentMemory {
         self.room.available_permits() as u64 * UNIT
     }
 
+    /// The budget and the bytes reserved or held now.
+    pub fn budget(&self) -> crate::MemoryBudget {
+        crate::MemoryBudget {
+            limit: self.bytes(),
+            used: self.bytes().saturating_sub(self.free()),
+        }
+    }
+
     /// Reserves `bytes` (at most the whole budget), waiting up to the budget's wait (10 s by
     /// default) for room; a transient error when there is none by then. `key` names the fragment in
     /// the error.
